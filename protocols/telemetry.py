@@ -243,12 +243,16 @@ def decode_frames(frames: Sequence[bytes]) -> DecodedFrames:
             field="type/format",
             data=frames[index],
         )
+    # Copy the sample bytes as plain uint8 rows (a memcpy per row) and view them
+    # with the sample dtype: much faster than reshaping the strided structured view.
+    raw = np.frombuffer(joined, dtype=np.uint8).reshape(len(frames), length)
+    samples = raw[:, BATCH_HEADER_BYTES:].copy().view(SAMPLE_DTYPES[sample_format]).reshape(-1)
     return DecodedFrames(
         sample_format,
         records["first_sequence"],
         records["device_time_ms"],
         (records["format"] & BACKFILL_FLAG) != 0,
-        records["samples"].reshape(-1),
+        samples,
     )
 
 

@@ -1,0 +1,25 @@
+"""``python -m bench [NAME ...]``: run the benchmarks and print their tables."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "decode": "bench.bench_decode",
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        return 2
+    results = {name: importlib.import_module(BENCHMARKS[name]).run() for name in names}
+    print("\nsummary: " + ", ".join(f"{n} {'met' if ok else 'MISSED'}" for n, ok in results.items()))
+    return 0 if all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
