@@ -17,7 +17,8 @@ def main(argv: list[str]) -> int:
         print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
         return 2
     results = {name: importlib.import_module(BENCHMARKS[name]).run() for name in names}
-    print("\nsummary: " + ", ".join(f"{n} {'met' if ok else 'MISSED'}" for n, ok in results.items()))
+    verdicts = (f"{name} {'met' if ok else 'MISSED'}" for name, ok in results.items())
+    print("\nsummary: " + ", ".join(verdicts))
     return 0 if all(results.values()) else 1
 
 
