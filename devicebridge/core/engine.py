@@ -1,0 +1,732 @@
+"""The enforcement engine: telemetry samples in, decisions out. Pure and deterministic.
+
+Time is the device's sample clock: a sample's session time is its sequence distance from
+the session's first sample divided by the sample rate, so decisions land at the same
+virtual times on every run and do not depend on when batches reach the host.
+
+Massage rules, per sample:
+- no skin contact: nothing is counted; after ``no_contact_pause_s`` the motor pauses, and it
+  resumes on contact;
+- pressure above the policy cap of the zone under the head: pause at once (the host stops
+  the motor with STOP_ALL); resume when back in band; the third time in a session: stop;
+- pressure outside the step's band: a warning on each entry (too low / too high), and the
+  time in band is counted;
+- effective contact time counts only with the head on the skin, per zone and per step; the
+  step's time done: next zone (guidance); a zone held past its pass cap: pause until moved;
+- skin temperature at the warn level: lower intensity; at the stop level: the step ends;
+- session length over the cap: stop.
+
+LED rules, per sample: the dose per wavelength is integrated from the reported irradiance
+(J/cm² = mW/cm² x s / 1000); at the per-session or remaining daily cap the step stops at the
+cap; temperature warn lowers the irradiance, the stop level ends the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
+from devicebridge.core.routine import J_PER_MJ, LedStep, MassageStep, Routine
+
+# Zone codes of the wire protocol (protocols.constants.Zone), as names used by routines.
+ZONE_NAMES: Final[Mapping[int, str]] = {
+    1: "forehead",
+    2: "eye_area_left",
+    3: "eye_area_right",
+    4: "cheek_left",
+    5: "cheek_right",
+    6: "nasolabial_left",
+    7: "nasolabial_right",
+    8: "jawline_left",
+    9: "jawline_right",
+    10: "chin",
+    11: "neck",
+    12: "masseter_left",
+    13: "masseter_right",
+}
+ZONE_CODES: Final[Mapping[str, int]] = {name: code for code, name in ZONE_NAMES.items()}
+CONTACT_FLAG: Final = 0x01  # protocols.telemetry.MASSAGER_FLAG_CONTACT
+KPA_PER_UNIT: Final = 0.01
+CELSIUS_PER_UNIT: Final = 0.01
+MW_CM2_PER_UNIT: Final = 0.01
+CAP_EVENTS_BEFORE_STOP: Final = 3
+LOWERED_IRRADIANCE_FRACTION: Final = 0.5
+
+
+class DecisionKind(StrEnum):
+    GUIDANCE = "guidance"  # what to do now (start of a step, move to the step's zone)
+    WARNING = "warning"  # pressure out of band, temperature warn
+    LOWER_INTENSITY = "lower_intensity"
+    PAUSE = "pause"  # actuators off until RESUME
+    RESUME = "resume"
+    NEXT_STEP = "next_step"
+    STOP_STEP = "stop_step"  # the step ends early (dose cap, temperature)
+    STOP = "stop"  # the session ends now
+    COMPLETE = "complete"
+
+
+class PressureState(IntEnum):
+    NO_CONTACT = 0
+    TOO_LOW = 1
+    IN_BAND = 2
+    TOO_HIGH = 3
+    ABOVE_CAP = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: DecisionKind
+    at_s: float  # session time, from the device's sample clock
+    step: int  # 1-based step number
+    reason: str  # short machine-readable code
+    message: str  # for the user
+    rule: str | None = None  # the policy rule that decided it, with its source
+    sequence: int | None = None  # the sample that triggered it
+    zone: str | None = None
+    intensity: int | None = None  # for LOWER_INTENSITY / RESUME / GUIDANCE on massagers
+    irradiance_mw_cm2: Mapping[str, float] | None = None  # for LED steps
+
+
+@dataclass
+class MassageSummary:
+    contact_s_by_zone: dict[str, float] = field(default_factory=dict)
+    time_in_band_s: float = 0.0
+    contact_s: float = 0.0
+    out_of_band_events: int = 0
+    cap_events: int = 0
+    steps_done: int = 0
+    steps_total: int = 0
+    completed: bool = False
+    stopped_reason: str | None = None
+
+    @property
+    def completion(self) -> float:
+        return self.steps_done / self.steps_total if self.steps_total else 0.0
+
+    @property
+    def in_band_fraction(self) -> float:
+        return self.time_in_band_s / self.contact_s if self.contact_s else 0.0
+
+
+class MassageEngine:
+    """Enforces a massager routine over a stream of massager samples."""
+
+    def __init__(self, routine: Routine, policy: SafetyPolicy, *, sample_rate_hz: float) -> None:
+        self._steps = [s for s in routine.steps if isinstance(s, MassageStep)]
+        if not self._steps:
+            raise ValueError(f"routine {routine.name!r} has no massage steps")
+        self.routine = routine
+        self.policy = policy
+        self.dt_s = 1.0 / sample_rate_hz
+        self.summary = MassageSummary(steps_total=len(self._steps))
+        self.decisions: list[Decision] = []
+        self.state = PressureState.NO_CONTACT
+        self._index = 0
+        self._first_sequence: int | None = None
+        # Thresholds are compared in whole samples: summing 0.01 s a hundred times does not
+        # give exactly 1.0 s, and decisions must land on the same sample every run.
+        self._rate_hz = sample_rate_hz
+        self._step_contact_samples = 0
+        self._no_contact_samples = 0
+        self._pass_zone: str | None = None
+        self._pass_samples = 0
+        self._pause_reason: str | None = None
+        self._temperature_warned = False
+        self._off_zone_warned = False
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def step_number(self) -> int:
+        return self._index + 1
+
+    @property
+    def current_step(self) -> MassageStep:
+        return self._steps[min(self._index, len(self._steps) - 1)]
+
+    @property
+    def paused(self) -> bool:
+        return self._pause_reason is not None
+
+    @property
+    def step_remaining_s(self) -> float:
+        done_s = self._step_contact_samples * self.dt_s
+        return max(0.0, self.current_step.contact_time_s - done_s)
+
+    def _samples_for(self, duration_s: float) -> int:
+        return max(1, round(duration_s * self._rate_hz))
+
+    def start(self) -> list[Decision]:
+        return self._emit([self._guidance(0.0, None)])
+
+    def feed(self, samples: npt.NDArray[np.void], first_sequence: int) -> list[Decision]:
+        """Process a contiguous batch; returns the decisions it produced, in order."""
+        out: list[Decision] = []
+        if self._finished or samples.shape[0] == 0:
+            return out
+        if self._first_sequence is None:
+            self._first_sequence = first_sequence
+        pressure = (samples["pressure_dapa"] * KPA_PER_UNIT).tolist()
+        temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
+        contact = ((samples["flags"] & CONTACT_FLAG) != 0).tolist()
+        zones = samples["zone"].tolist()
+        for i in range(len(pressure)):
+            sequence = first_sequence + i
+            at_s = (sequence - self._first_sequence) * self.dt_s
+            self._sample(at_s, sequence, pressure[i], temperature[i], contact[i], zones[i], out)
+            if self.finished:
+                break
+        return self._emit(out)
+
+    # ------------------------------------------------------------------ one sample
+    def _sample(
+        self,
+        at_s: float,
+        sequence: int,
+        pressure_kpa: float,
+        temperature_c: float,
+        contact: bool,
+        zone_code: int,
+        out: list[Decision],
+    ) -> None:
+        policy = self.policy
+        step = self.current_step
+        cap = policy.massage_length_cap_s
+        if at_s >= cap.value:
+            self._stop(
+                out, at_s, sequence, "session_length", "Session time is up.", policy.cite(cap)
+            )
+            return
+        if (
+            temperature_c >= policy.temperature_stop_c.value
+            and self._pause_reason != "over_temperature"
+        ):
+            self._end_step(out, at_s, sequence, temperature_c)
+            return
+        if temperature_c >= policy.temperature_warn_c.value and not self._temperature_warned:
+            self._temperature_warned = True
+            lowered = max(1, step.intensity // 2)
+            out.append(
+                self._decision(
+                    DecisionKind.LOWER_INTENSITY,
+                    at_s,
+                    "temperature_warn",
+                    f"Skin temperature {temperature_c:.1f} °C: lowering intensity to {lowered}.",
+                    policy.cite(policy.temperature_warn_c),
+                    sequence,
+                    intensity=lowered,
+                )
+            )
+        if self._pause_reason == "over_temperature":
+            if temperature_c >= policy.temperature_warn_c.value:
+                return  # wait for the skin to cool below the warn level
+            self._resume(out, at_s, sequence)
+        if not contact:
+            self.state = PressureState.NO_CONTACT
+            self._no_contact_samples += 1
+            pause_s = policy.no_contact_pause_s
+            if self._no_contact_samples >= self._samples_for(pause_s.value) and not self.paused:
+                self._pause(
+                    out,
+                    at_s,
+                    sequence,
+                    "no_contact",
+                    "No skin contact: motor paused. Place the head on the skin.",
+                    policy.cite(pause_s),
+                )
+            return
+        self._no_contact_samples = 0
+        zone = ZONE_NAMES.get(zone_code, step.zone)
+        limits = policy.zones[policy_zone(zone)]
+        if pressure_kpa > limits.cap_kpa.value:
+            if self.state is not PressureState.ABOVE_CAP:
+                self.summary.cap_events += 1
+                self.state = PressureState.ABOVE_CAP
+                if self.summary.cap_events >= CAP_EVENTS_BEFORE_STOP:
+                    self._stop(
+                        out,
+                        at_s,
+                        sequence,
+                        "pressure_cap_repeated",
+                        f"Pressure went above the {zone} cap {self.summary.cap_events} times: "
+                        "session stopped.",
+                        policy.cite(limits.cap_kpa),
+                    )
+                    return
+                if self._pause_reason != "pressure_cap":
+                    self._pause(
+                        out,
+                        at_s,
+                        sequence,
+                        "pressure_cap",
+                        f"{pressure_kpa:.1f} kPa is above the {zone} cap of "
+                        f"{limits.cap_kpa.value:g} kPa: motor stopped. Press lighter.",
+                        policy.cite(limits.cap_kpa),
+                        zone,
+                    )
+            return
+        if self._pause_reason in ("no_contact", "pressure_cap"):
+            self._resume(out, at_s, sequence)
+        if self._pause_reason == "zone_time":
+            if zone == self._pass_zone:
+                return
+            self._resume(out, at_s, sequence)
+        # Time on the skin counts from here on.
+        if zone != self._pass_zone:
+            self._pass_zone, self._pass_samples = zone, 0
+        self._pass_samples += 1
+        self.summary.contact_s += self.dt_s
+        self.summary.contact_s_by_zone[zone] = (
+            self.summary.contact_s_by_zone.get(zone, 0.0) + self.dt_s
+        )
+        low, high = (
+            (step.pressure_min_kpa, step.pressure_max_kpa)
+            if zone == step.zone
+            else (limits.band_kpa.min, limits.band_kpa.max)
+        )
+        new_state = (
+            PressureState.TOO_LOW
+            if pressure_kpa < low
+            else PressureState.TOO_HIGH
+            if pressure_kpa > high
+            else PressureState.IN_BAND
+        )
+        if new_state is not self.state and new_state in (
+            PressureState.TOO_LOW,
+            PressureState.TOO_HIGH,
+        ):
+            self.summary.out_of_band_events += 1
+            advice = (
+                "press lighter" if new_state is PressureState.TOO_HIGH else "press a little firmer"
+            )
+            out.append(
+                self._decision(
+                    DecisionKind.WARNING,
+                    at_s,
+                    "pressure_" + new_state.name.lower(),
+                    f"{pressure_kpa:.1f} kPa on {zone}, target {low:g}-{high:g} kPa: {advice}.",
+                    None,
+                    sequence,
+                    zone,
+                )
+            )
+        self.state = new_state
+        if new_state is PressureState.IN_BAND:
+            self.summary.time_in_band_s += self.dt_s
+        if zone != step.zone and not self._off_zone_warned:
+            self._off_zone_warned = True
+            out.append(
+                self._decision(
+                    DecisionKind.GUIDANCE,
+                    at_s,
+                    "wrong_zone",
+                    f"This step is for {step.zone}, the head is on {zone}.",
+                    None,
+                    sequence,
+                    step.zone,
+                )
+            )
+        if self._pass_samples > self._samples_for(limits.pass_cap_s.value):
+            self._pause(
+                out,
+                at_s,
+                sequence,
+                "zone_time",
+                f"{limits.pass_cap_s.value:g} s on {zone} is the most for one pass: move on.",
+                policy.cite(limits.pass_cap_s),
+                zone,
+            )
+            return
+        if zone != step.zone:
+            return
+        self._off_zone_warned = False
+        self._step_contact_samples += 1
+        if self._step_contact_samples >= self._samples_for(step.contact_time_s):
+            self._advance(out, at_s, sequence)
+
+    # ------------------------------------------------------------------ transitions
+    def _decision(
+        self,
+        kind: DecisionKind,
+        at_s: float,
+        reason: str,
+        message: str,
+        rule: str | None,
+        sequence: int | None,
+        zone: str | None = None,
+        intensity: int | None = None,
+    ) -> Decision:
+        return Decision(
+            kind,
+            round(at_s, 6),
+            self.step_number,
+            reason,
+            message,
+            rule,
+            sequence,
+            zone or self.current_step.zone,
+            intensity,
+        )
+
+    def _guidance(self, at_s: float, sequence: int | None) -> Decision:
+        step = self.current_step
+        text = (
+            f"Step {self.step_number}/{len(self._steps)}: {step.zone}, {step.contact_time_s:g} s, "
+            f"{step.pressure_min_kpa:g}-{step.pressure_max_kpa:g} kPa. {step.guidance}".strip()
+        )
+        return self._decision(
+            DecisionKind.GUIDANCE,
+            at_s,
+            "step_start",
+            text,
+            None,
+            sequence,
+            intensity=step.intensity,
+        )
+
+    def _pause(
+        self,
+        out: list[Decision],
+        at_s: float,
+        sequence: int,
+        reason: str,
+        message: str,
+        rule: str | None,
+        zone: str | None = None,
+    ) -> None:
+        self._pause_reason = reason
+        out.append(self._decision(DecisionKind.PAUSE, at_s, reason, message, rule, sequence, zone))
+
+    def _resume(self, out: list[Decision], at_s: float, sequence: int) -> None:
+        reason = self._pause_reason or ""
+        self._pause_reason = None
+        out.append(
+            self._decision(
+                DecisionKind.RESUME,
+                at_s,
+                reason,
+                "Resuming.",
+                None,
+                sequence,
+                intensity=self.current_step.intensity,
+            )
+        )
+
+    def _advance(self, out: list[Decision], at_s: float, sequence: int) -> None:
+        self.summary.steps_done += 1
+        self._index += 1
+        self._step_contact_samples = 0
+        self._temperature_warned = False
+        if self._index >= len(self._steps):
+            self._index = len(self._steps) - 1
+            self._finished = True
+            self.summary.completed = True
+            out.append(
+                self._decision(
+                    DecisionKind.COMPLETE, at_s, "complete", "Routine complete.", None, sequence
+                )
+            )
+            return
+        nxt = self._guidance(at_s, sequence)
+        out.append(
+            Decision(
+                DecisionKind.NEXT_STEP,
+                nxt.at_s,
+                nxt.step,
+                "step_done",
+                nxt.message,
+                None,
+                sequence,
+                nxt.zone,
+                nxt.intensity,
+            )
+        )
+
+    def _end_step(
+        self, out: list[Decision], at_s: float, sequence: int, temperature_c: float
+    ) -> None:
+        policy = self.policy
+        out.append(
+            self._decision(
+                DecisionKind.STOP_STEP,
+                at_s,
+                "over_temperature",
+                f"Skin temperature {temperature_c:.1f} °C reached the stop level: step ended.",
+                policy.cite(policy.temperature_stop_c),
+                sequence,
+            )
+        )
+        self._index += 1
+        self._step_contact_samples = 0
+        self._temperature_warned = False
+        if self._index >= len(self._steps):
+            self._index = len(self._steps) - 1
+            self._finish("over_temperature")
+            return
+        # Actuators stay off until the skin cools below the warn level.
+        self._pause_reason = "over_temperature"
+        out.append(self._guidance(at_s, sequence))
+
+    def _stop(
+        self,
+        out: list[Decision],
+        at_s: float,
+        sequence: int,
+        reason: str,
+        message: str,
+        rule: str | None,
+    ) -> None:
+        out.append(self._decision(DecisionKind.STOP, at_s, reason, message, rule, sequence))
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        self._finished = True
+        self.summary.stopped_reason = reason
+
+    def _emit(self, decisions: list[Decision]) -> list[Decision]:
+        self.decisions.extend(decisions)
+        return decisions
+
+
+@dataclass
+class LedSummary:
+    dose_j_cm2: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LED_CHANNELS, 0.0))
+    light_s: float = 0.0
+    max_temperature_c: float = float("-inf")
+    steps_done: int = 0
+    steps_total: int = 0
+    completed: bool = False
+    stopped_reason: str | None = None
+
+    @property
+    def completion(self) -> float:
+        return self.steps_done / self.steps_total if self.steps_total else 0.0
+
+
+class LedEngine:
+    """Enforces an LED mask routine: dose per wavelength, temperature, step timing."""
+
+    def __init__(
+        self,
+        routine: Routine,
+        policy: SafetyPolicy,
+        *,
+        sample_rate_hz: float,
+        dose_today_j_cm2: Mapping[str, float] | None = None,
+    ) -> None:
+        self._steps = [s for s in routine.steps if isinstance(s, LedStep)]
+        if not self._steps:
+            raise ValueError(f"routine {routine.name!r} has no LED steps")
+        self.routine = routine
+        self.policy = policy
+        self.dt_s = 1.0 / sample_rate_hz
+        self.summary = LedSummary(steps_total=len(self._steps))
+        self.decisions: list[Decision] = []
+        today = dict(dose_today_j_cm2 or {})
+        # The dose this session may still deliver per channel: the smaller of the per-session
+        # cap and what is left of the daily cap.
+        self.dose_allowed_j_cm2 = {
+            ch: max(
+                0.0,
+                min(
+                    policy.led[ch].dose_cap_session_j_cm2.value,
+                    policy.led[ch].dose_cap_day_j_cm2.value - today.get(ch, 0.0),
+                ),
+            )
+            for ch in LED_CHANNELS
+        }
+        self._index = 0
+        self._first_sequence: int | None = None
+        self._step_started_s = 0.0
+        self._temperature_warned = False
+        self._scale = 1.0
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def step_number(self) -> int:
+        return self._index + 1
+
+    @property
+    def current_step(self) -> LedStep:
+        return self._steps[min(self._index, len(self._steps) - 1)]
+
+    def setpoints_mw_cm2(self) -> dict[str, float]:
+        """Irradiance to command for the current step (after any lowering)."""
+        return {ch: self.current_step.irradiance_mw_cm2(ch) * self._scale for ch in LED_CHANNELS}
+
+    def start(self) -> list[Decision]:
+        return self._emit([self._guidance(0.0, None)])
+
+    def feed(self, samples: npt.NDArray[np.void], first_sequence: int) -> list[Decision]:
+        out: list[Decision] = []
+        if self._finished or samples.shape[0] == 0:
+            return out
+        if self._first_sequence is None:
+            self._first_sequence = first_sequence
+        irradiance = {
+            ch: (samples[f"{ch}_centi_mw_cm2"] * MW_CM2_PER_UNIT).tolist() for ch in LED_CHANNELS
+        }
+        temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
+        policy = self.policy
+        for i in range(samples.shape[0]):
+            sequence = first_sequence + i
+            at_s = (sequence - self._first_sequence) * self.dt_s
+            self.summary.max_temperature_c = max(self.summary.max_temperature_c, temperature[i])
+            lit = False
+            for ch in LED_CHANNELS:
+                level = irradiance[ch][i]
+                if level > 0:
+                    lit = True
+                    self.summary.dose_j_cm2[ch] += level * self.dt_s / J_PER_MJ
+            if lit:
+                self.summary.light_s += self.dt_s
+            capped = [
+                ch
+                for ch in LED_CHANNELS
+                if self.summary.dose_j_cm2[ch] >= self.dose_allowed_j_cm2[ch] - 1e-12
+                and irradiance[ch][i] > 0
+            ]
+            if capped:
+                ch = capped[0]
+                limit = policy.led[ch]
+                out.append(
+                    self._decision(
+                        DecisionKind.STOP_STEP,
+                        at_s,
+                        "dose_cap",
+                        f"{ch.replace('_', '-')} dose reached "
+                        f"{self.summary.dose_j_cm2[ch]:.2f} J/cm², the most allowed now "
+                        f"({self.dose_allowed_j_cm2[ch]:.2f} J/cm²): light off.",
+                        policy.cite(limit.dose_cap_session_j_cm2),
+                        sequence,
+                    )
+                )
+                self._next(out, at_s, sequence, ended_early=True, reason="dose_cap")
+            elif temperature[i] >= policy.temperature_stop_c.value:
+                out.append(
+                    self._decision(
+                        DecisionKind.STOP_STEP,
+                        at_s,
+                        "over_temperature",
+                        f"Skin temperature {temperature[i]:.1f} °C reached the stop level: "
+                        "step ended.",
+                        policy.cite(policy.temperature_stop_c),
+                        sequence,
+                    )
+                )
+                self._next(out, at_s, sequence, ended_early=True, reason="over_temperature")
+            elif temperature[i] >= policy.temperature_warn_c.value and not self._temperature_warned:
+                self._temperature_warned = True
+                self._scale = LOWERED_IRRADIANCE_FRACTION
+                out.append(
+                    self._decision(
+                        DecisionKind.LOWER_INTENSITY,
+                        at_s,
+                        "temperature_warn",
+                        f"Skin temperature {temperature[i]:.1f} °C: irradiance halved.",
+                        policy.cite(policy.temperature_warn_c),
+                        sequence,
+                        irradiance=self.setpoints_mw_cm2(),
+                    )
+                )
+            elif at_s - self._step_started_s + self.dt_s >= self.current_step.duration_s - 1e-9:
+                self._next(out, at_s, sequence, ended_early=False, reason="step_done")
+            if self.finished:
+                break
+        return self._emit(out)
+
+    def _decision(
+        self,
+        kind: DecisionKind,
+        at_s: float,
+        reason: str,
+        message: str,
+        rule: str | None,
+        sequence: int | None,
+        irradiance: Mapping[str, float] | None = None,
+    ) -> Decision:
+        return Decision(
+            kind,
+            round(at_s, 6),
+            self.step_number,
+            reason,
+            message,
+            rule,
+            sequence,
+            "face",
+            None,
+            irradiance,
+        )
+
+    def _guidance(self, at_s: float, sequence: int | None) -> Decision:
+        step = self.current_step
+        levels = ", ".join(
+            f"{ch.replace('_', '-')} {step.irradiance_mw_cm2(ch):g}"
+            for ch in LED_CHANNELS
+            if step.irradiance_mw_cm2(ch) > 0
+        )
+        text = (
+            f"Step {self.step_number}/{len(self._steps)}: {levels} mW/cm² for "
+            f"{step.duration_s:g} s. {step.guidance}".strip()
+        )
+        return self._decision(
+            DecisionKind.GUIDANCE, at_s, "step_start", text, None, sequence, self.setpoints_mw_cm2()
+        )
+
+    def _next(
+        self, out: list[Decision], at_s: float, sequence: int, *, ended_early: bool, reason: str
+    ) -> None:
+        if not ended_early:
+            self.summary.steps_done += 1
+        self._index += 1
+        self._step_started_s = at_s + self.dt_s
+        self._temperature_warned = False
+        self._scale = 1.0
+        if self._index >= len(self._steps):
+            self._index = len(self._steps) - 1
+            self._finished = True
+            self.summary.completed = not ended_early
+            self.summary.stopped_reason = reason if ended_early else None
+            out.append(
+                self._decision(
+                    DecisionKind.COMPLETE if not ended_early else DecisionKind.STOP,
+                    at_s,
+                    reason,
+                    "Routine complete." if not ended_early else "Routine ended early.",
+                    None,
+                    sequence,
+                )
+            )
+            return
+        nxt = self._guidance(at_s, sequence)
+        out.append(
+            Decision(
+                DecisionKind.NEXT_STEP,
+                nxt.at_s,
+                nxt.step,
+                reason,
+                nxt.message,
+                None,
+                sequence,
+                nxt.zone,
+                None,
+                nxt.irradiance_mw_cm2,
+            )
+        )
+
+    def _emit(self, decisions: list[Decision]) -> list[Decision]:
+        self.decisions.extend(decisions)
+        return decisions

@@ -1,0 +1,278 @@
+"""The enforcement engine on synthetic telemetry: decisions at exact sample times."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+import pytest
+
+import protocols as p
+from devicebridge.core.engine import DecisionKind, LedEngine, MassageEngine
+from devicebridge.core.policy import default_policy
+from devicebridge.core.routine import Routine, parse_routine
+
+RATE_HZ = 100
+DT_S = 1 / RATE_HZ
+ROUTINES = resources.files("devicebridge") / "data" / "routines"
+
+
+def routine(name: str) -> Routine:
+    return parse_routine((ROUTINES / name).read_text("utf-8"), default_policy(), label=name)
+
+
+def massager_samples(
+    seconds: float,
+    *,
+    pressure_kpa: float,
+    zone: p.Zone,
+    contact: bool = True,
+    temperature_c: float = 33.4,
+) -> np.ndarray:
+    count = round(seconds * RATE_HZ)
+    samples = np.zeros(count, dtype=p.MASSAGER_SAMPLE_DTYPE)
+    samples["pressure_dapa"] = round(pressure_kpa * 100)
+    samples["skin_temperature_centi_c"] = round(temperature_c * 100)
+    samples["zone"] = int(zone)
+    samples["flags"] = 0x03 if contact else 0x02
+    samples["battery_percent"] = 90
+    return samples
+
+
+class Feeder:
+    """Feeds 10-sample batches with contiguous sequence numbers, like a device would."""
+
+    def __init__(self, engine: MassageEngine | LedEngine) -> None:
+        self.engine = engine
+        self.sequence = 1000
+
+    def feed(self, samples: np.ndarray) -> list:
+        decisions = []
+        for start in range(0, samples.shape[0], 10):
+            batch = samples[start : start + 10]
+            decisions += self.engine.feed(batch, self.sequence)
+            self.sequence += batch.shape[0]
+        return decisions
+
+
+def test_in_band_contact_completes_each_step_at_its_contact_time() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    start = engine.start()
+    assert start[0].kind is DecisionKind.GUIDANCE
+    assert start[0].zone == "cheek_left"
+    feeder = Feeder(engine)
+    decisions = feeder.feed(massager_samples(60, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    assert [(d.kind, d.at_s, d.zone) for d in decisions] == [
+        (DecisionKind.NEXT_STEP, pytest.approx(59.99), "cheek_right")
+    ]
+    assert engine.summary.time_in_band_s == pytest.approx(60)
+
+
+def test_contact_time_counts_only_on_the_skin() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    feeder.feed(massager_samples(30, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    lifted = feeder.feed(massager_samples(2, pressure_kpa=0, zone=p.Zone.CHEEK_LEFT, contact=False))
+    assert lifted == []  # 2 s off the skin: under the 3 s pause threshold
+    decisions = feeder.feed(massager_samples(30, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    # 30 s + 30 s of contact: the step ends 2 s later in session time than without the lift.
+    assert decisions[-1].kind is DecisionKind.NEXT_STEP
+    assert decisions[-1].at_s == pytest.approx(61.99)
+    assert engine.summary.contact_s_by_zone["cheek_left"] == pytest.approx(60)
+
+
+def test_drifting_out_of_contact_pauses_after_three_seconds_and_resumes() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    feeder.feed(massager_samples(10, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    off = feeder.feed(massager_samples(5, pressure_kpa=0, zone=p.Zone.CHEEK_LEFT, contact=False))
+    assert [(d.kind, d.reason) for d in off] == [(DecisionKind.PAUSE, "no_contact")]
+    assert off[0].at_s == pytest.approx(10 + 3 - DT_S)
+    assert off[0].rule is not None
+    assert "session.no_contact_pause_s" in off[0].rule
+    back = feeder.feed(massager_samples(1, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    assert [(d.kind, d.at_s) for d in back] == [(DecisionKind.RESUME, pytest.approx(15.0))]
+
+
+def test_pressing_too_hard_on_the_eye_area_stops_the_motor_at_once() -> None:
+    engine = MassageEngine(
+        routine("lymphatic_drainage.toml"), default_policy(), sample_rate_hz=RATE_HZ
+    )
+    feeder = Feeder(engine)
+    feeder.feed(massager_samples(45, pressure_kpa=2, zone=p.Zone.FOREHEAD))
+    assert engine.current_step.zone == "eye_area_left"
+    feeder.feed(massager_samples(5, pressure_kpa=1.5, zone=p.Zone.EYE_AREA_LEFT))
+    too_hard = feeder.feed(massager_samples(0.5, pressure_kpa=6, zone=p.Zone.EYE_AREA_LEFT))
+    assert [(d.kind, d.reason) for d in too_hard] == [(DecisionKind.PAUSE, "pressure_cap")]
+    assert too_hard[0].at_s == pytest.approx(50.0)  # the very first sample above the cap
+    assert too_hard[0].sequence == 1000 + 5000
+    assert too_hard[0].rule is not None
+    assert too_hard[0].rule.startswith("zones.eye_area.cap_kpa = 4")
+    lighter = feeder.feed(massager_samples(1, pressure_kpa=1.5, zone=p.Zone.EYE_AREA_LEFT))
+    assert lighter[0].kind is DecisionKind.RESUME
+    # The third time above the cap ends the session.
+    feeder.feed(massager_samples(0.1, pressure_kpa=6, zone=p.Zone.EYE_AREA_LEFT))
+    feeder.feed(massager_samples(0.1, pressure_kpa=1.5, zone=p.Zone.EYE_AREA_LEFT))
+    third = feeder.feed(massager_samples(0.1, pressure_kpa=6, zone=p.Zone.EYE_AREA_LEFT))
+    assert third[0].kind is DecisionKind.STOP
+    assert third[0].reason == "pressure_cap_repeated"
+    assert engine.finished
+    assert engine.summary.cap_events == 3
+
+
+def test_out_of_band_pressure_warns_on_each_entry() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    low = feeder.feed(massager_samples(2, pressure_kpa=2, zone=p.Zone.CHEEK_LEFT))
+    high = feeder.feed(massager_samples(2, pressure_kpa=14, zone=p.Zone.CHEEK_LEFT))
+    assert [d.reason for d in low] == ["pressure_too_low"]
+    assert [d.reason for d in high] == ["pressure_too_high"]
+    assert "press lighter" in high[0].message
+    assert engine.summary.out_of_band_events == 2
+    assert engine.summary.time_in_band_s == 0
+
+
+def test_staying_too_long_on_one_zone_pauses_until_the_head_moves() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    feeder.feed(massager_samples(60, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    # The routine moved on to cheek_right but the hand stays on the left cheek.
+    stay = feeder.feed(massager_samples(5, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    assert [(d.kind, d.reason) for d in stay] == [
+        (DecisionKind.GUIDANCE, "wrong_zone"),
+        (DecisionKind.PAUSE, "zone_time"),
+    ]
+    assert stay[1].at_s == pytest.approx(60.0)  # the 61st second on the left cheek
+    moved = feeder.feed(massager_samples(1, pressure_kpa=8, zone=p.Zone.CHEEK_RIGHT))
+    assert moved[0].kind is DecisionKind.RESUME
+
+
+def test_skin_temperature_warn_lowers_intensity_and_stop_ends_the_step() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    warm = feeder.feed(
+        massager_samples(1, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT, temperature_c=41.5)
+    )
+    assert [(d.kind, d.intensity) for d in warm] == [(DecisionKind.LOWER_INTENSITY, 2)]
+    hot = feeder.feed(
+        massager_samples(1, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT, temperature_c=43.2)
+    )
+    assert hot[0].kind is DecisionKind.STOP_STEP
+    assert hot[0].reason == "over_temperature"
+    assert engine.current_step.zone == "cheek_right"
+
+
+def test_session_length_cap_stops() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    decisions = feeder.feed(
+        massager_samples(1201, pressure_kpa=0, zone=p.Zone.CHEEK_LEFT, contact=False)
+    )
+    assert decisions[-1].kind is DecisionKind.STOP
+    assert decisions[-1].reason == "session_length"
+    assert decisions[-1].at_s == pytest.approx(1200)
+
+
+def test_whole_routine_completes() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    zones = [
+        p.Zone.CHEEK_LEFT,
+        p.Zone.CHEEK_RIGHT,
+        p.Zone.JAWLINE_LEFT,
+        p.Zone.JAWLINE_RIGHT,
+        p.Zone.CHIN,
+    ]
+    for zone, seconds, kpa in zip(zones, (60, 60, 60, 60, 45), (8, 8, 10, 10, 10), strict=True):
+        feeder.feed(massager_samples(seconds, pressure_kpa=kpa, zone=zone))
+    assert engine.finished
+    assert engine.summary.completed
+    assert engine.summary.completion == 1.0
+    assert engine.decisions[-1].kind is DecisionKind.COMPLETE
+
+
+def mask_samples(
+    seconds: float, *, red: float, nir: float = 0, blue: float = 0, temperature_c: float = 34
+) -> np.ndarray:
+    count = round(seconds * RATE_HZ)
+    samples = np.zeros(count, dtype=p.LED_MASK_SAMPLE_DTYPE)
+    samples["red_centi_mw_cm2"] = round(red * 100)
+    samples["near_infrared_centi_mw_cm2"] = round(nir * 100)
+    samples["blue_centi_mw_cm2"] = round(blue * 100)
+    samples["skin_temperature_centi_c"] = round(temperature_c * 100)
+    samples["flags"] = 0x03
+    return samples
+
+
+def test_led_dose_is_integrated_and_the_step_completes() -> None:
+    engine = LedEngine(
+        routine("led_red_near_infrared.toml"), default_policy(), sample_rate_hz=RATE_HZ
+    )
+    engine.start()
+    decisions = Feeder(engine).feed(mask_samples(600, red=15, nir=10))
+    assert decisions[-1].kind is DecisionKind.COMPLETE
+    assert engine.summary.dose_j_cm2["red"] == pytest.approx(9.0)
+    assert engine.summary.dose_j_cm2["near_infrared"] == pytest.approx(6.0)
+
+
+def test_led_step_that_would_exceed_the_daily_cap_stops_at_the_cap() -> None:
+    # 55 J/cm² of red already today: 5 J/cm² are left of the 60 J/cm² daily cap.
+    engine = LedEngine(
+        routine("led_red_near_infrared.toml"),
+        default_policy(),
+        sample_rate_hz=RATE_HZ,
+        dose_today_j_cm2={"red": 55.0},
+    )
+    decisions = Feeder(engine).feed(mask_samples(600, red=15, nir=10))
+    stop = next(d for d in decisions if d.kind is DecisionKind.STOP_STEP)
+    assert stop.reason == "dose_cap"
+    assert stop.at_s == pytest.approx(5.0 / 15 * 1000 - DT_S, abs=DT_S)  # 333.3 s
+    assert engine.summary.dose_j_cm2["red"] == pytest.approx(5.0, abs=0.02)
+    assert stop.rule is not None
+    assert "led.red.dose_cap_session_j_cm2" in stop.rule
+
+
+def test_mask_reporting_more_light_than_commanded_stops_at_the_session_cap() -> None:
+    engine = LedEngine(
+        routine("led_red_near_infrared.toml"), default_policy(), sample_rate_hz=RATE_HZ
+    )
+    decisions = Feeder(engine).feed(
+        mask_samples(600, red=150)
+    )  # a faulty driver: 10x the set point
+    stop = next(d for d in decisions if d.kind is DecisionKind.STOP_STEP)
+    assert stop.at_s == pytest.approx(400 - DT_S, abs=DT_S)  # 60 J/cm² at 150 mW/cm²
+    assert engine.summary.dose_j_cm2["red"] == pytest.approx(60, abs=0.2)
+
+
+def test_mask_over_the_stop_temperature_ends_the_step() -> None:
+    engine = LedEngine(
+        routine("led_red_near_infrared.toml"), default_policy(), sample_rate_hz=RATE_HZ
+    )
+    feeder = Feeder(engine)
+    feeder.feed(mask_samples(100, red=15, nir=10, temperature_c=38))
+    warm = feeder.feed(mask_samples(10, red=15, nir=10, temperature_c=41.2))
+    assert warm[0].kind is DecisionKind.LOWER_INTENSITY
+    assert warm[0].irradiance_mw_cm2 == {"red": 7.5, "near_infrared": 5.0, "blue": 0.0}
+    hot = feeder.feed(mask_samples(10, red=7.5, nir=5, temperature_c=43.1))
+    assert hot[0].kind is DecisionKind.STOP_STEP
+    assert hot[0].reason == "over_temperature"
+    assert hot[0].at_s == pytest.approx(110)
+    assert engine.finished
+    assert not engine.summary.completed
+
+
+def test_same_input_gives_the_same_decisions() -> None:
+    def run() -> list:
+        engine = MassageEngine(
+            routine("masseter_relaxation.toml"), default_policy(), sample_rate_hz=RATE_HZ
+        )
+        rng = np.random.default_rng(5)
+        samples = massager_samples(120, pressure_kpa=40, zone=p.Zone.MASSETER_LEFT)
+        samples["pressure_dapa"] = (
+            rng.normal(4000, 2500, samples.shape[0]).clip(0, 65535).astype(np.uint16)
+        )
+        return Feeder(engine).feed(samples)
+
+    first = run()
+    assert first
+    assert first == run()
