@@ -1,0 +1,396 @@
+"""Session records and their telemetry, stored so that an abrupt stop loses nothing.
+
+One SQLite file (WAL) holds the session records, the decisions the engine took, the
+treatments the user recorded, and the telemetry as compact arrays: each batch that
+reaches the host is written as one BLOB of raw protocol samples (9 or 10 bytes each)
+and committed at once, so a killed process keeps every sample it had received. On the
+next start :meth:`SessionStore.recover` marks sessions left ``running`` as
+``interrupted``; their samples are all there.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from devicebridge.errors import DeviceBridgeError
+from protocols import SampleFormat
+from protocols.telemetry import SAMPLE_DTYPES
+
+SESSIONS_FILENAME: Final = "sessions.sqlite3"
+BUSY_TIMEOUT_S: Final = 5.0
+SessionStatus = Literal["running", "completed", "stopped", "interrupted", "refused"]
+
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE sessions (
+        id             INTEGER PRIMARY KEY,
+        routine_name   TEXT NOT NULL,
+        category       TEXT NOT NULL,
+        device_serial  TEXT NOT NULL,
+        device_kind    TEXT NOT NULL,
+        sample_format  INTEGER NOT NULL,
+        sample_rate_hz REAL NOT NULL,
+        started_at     TEXT NOT NULL,
+        ended_at       TEXT,
+        status         TEXT NOT NULL CHECK (status IN
+                           ('running', 'completed', 'stopped', 'interrupted', 'refused')),
+        end_reason     TEXT,
+        summary_json   TEXT NOT NULL DEFAULT '{}',
+        routine_text   TEXT NOT NULL DEFAULT '',
+        program_id     TEXT
+    );
+    CREATE TABLE telemetry_chunks (
+        session_id     INTEGER NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        first_sequence INTEGER NOT NULL,
+        sample_count   INTEGER NOT NULL,
+        received_at    TEXT NOT NULL,
+        samples        BLOB NOT NULL,
+        PRIMARY KEY (session_id, first_sequence)
+    );
+    CREATE TABLE decisions (
+        session_id INTEGER NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+        position   INTEGER NOT NULL,
+        at_s       REAL NOT NULL,
+        kind       TEXT NOT NULL,
+        step       INTEGER NOT NULL,
+        reason     TEXT NOT NULL,
+        message    TEXT NOT NULL,
+        rule       TEXT,
+        sequence   INTEGER,
+        PRIMARY KEY (session_id, position)
+    );
+    CREATE TABLE treatments (
+        id           INTEGER PRIMARY KEY,
+        kind         TEXT NOT NULL,
+        performed_at TEXT NOT NULL,
+        zones        TEXT NOT NULL,
+        note         TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX sessions_by_start ON sessions (started_at);
+    """,
+)
+
+
+class SessionStoreError(DeviceBridgeError):
+    """The session store could not be read or written; ``path`` says which file."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    id: int
+    routine_name: str
+    category: str
+    device_serial: str
+    device_kind: str
+    sample_format: SampleFormat
+    sample_rate_hz: float
+    started_at: datetime
+    ended_at: datetime | None
+    status: SessionStatus
+    end_reason: str | None
+    summary: Mapping[str, Any]
+    routine_text: str
+    program_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    at_s: float
+    kind: str
+    step: int
+    reason: str
+    message: str
+    rule: str | None
+    sequence: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTreatment:
+    id: int
+    kind: str
+    performed_at: datetime
+    zones: tuple[str, ...]
+    note: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SessionStore:
+    """Owns one connection; use from one thread (the event loop's)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a committed transaction survives a killed process
+            # (it is in the WAL file); only an OS crash or power cut may lose the last ones.
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise SessionStoreError(f"cannot open the session store: {exc}", path=path) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SessionStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise SessionStoreError(str(exc), path=self.path) from exc
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > len(_MIGRATIONS):
+            raise SessionStoreError(
+                f"schema version {version} is newer than this devicebridge knows "
+                f"({len(_MIGRATIONS)}); upgrade devicebridge",
+                path=self.path,
+            )
+        for target in range(version, len(_MIGRATIONS)):
+            # executescript commits any open transaction itself, so each migration is one
+            # script that carries its own BEGIN/COMMIT (atomic, version bump included).
+            self._db.executescript(
+                f"BEGIN IMMEDIATE;{_MIGRATIONS[target]};PRAGMA user_version = {target + 1};COMMIT;"
+            )
+
+    # ------------------------------------------------------------------ sessions
+    def start_session(
+        self,
+        *,
+        routine_name: str,
+        category: str,
+        device_serial: str,
+        device_kind: str,
+        sample_format: SampleFormat,
+        sample_rate_hz: float,
+        routine_text: str = "",
+        program_id: str | None = None,
+        started_at: datetime | None = None,
+    ) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO sessions (routine_name, category, device_serial, device_kind,"
+                " sample_format, sample_rate_hz, started_at, status, routine_text, program_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (
+                    routine_name,
+                    category,
+                    device_serial,
+                    device_kind,
+                    int(sample_format),
+                    sample_rate_hz,
+                    (started_at or _now()).isoformat(),
+                    routine_text,
+                    program_id,
+                ),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def append_samples(
+        self, session_id: int, first_sequence: int, samples: npt.NDArray[np.void]
+    ) -> None:
+        """Store one batch at once (committed before returning). Re-sent batches are ignored."""
+        if samples.shape[0] == 0:
+            return
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO telemetry_chunks"
+                " (session_id, first_sequence, sample_count, received_at, samples)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    first_sequence,
+                    int(samples.shape[0]),
+                    _now().isoformat(),
+                    np.ascontiguousarray(samples).tobytes(),
+                ),
+            )
+
+    def append_decisions(self, session_id: int, decisions: Sequence[Any]) -> None:
+        """Store engine decisions (objects with the fields of StoredDecision)."""
+        if not decisions:
+            return
+        with self._transaction() as db:
+            (position,) = db.execute(
+                "SELECT COALESCE(MAX(position), -1) + 1 FROM decisions WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+            db.executemany(
+                "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        session_id,
+                        position + i,
+                        d.at_s,
+                        str(d.kind),
+                        d.step,
+                        d.reason,
+                        d.message,
+                        d.rule,
+                        d.sequence,
+                    )
+                    for i, d in enumerate(decisions)
+                ],
+            )
+
+    def finish_session(
+        self,
+        session_id: int,
+        *,
+        status: SessionStatus,
+        end_reason: str | None,
+        summary: Mapping[str, Any],
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE sessions SET status = ?, end_reason = ?, ended_at = ?, summary_json = ?"
+                " WHERE id = ?",
+                (
+                    status,
+                    end_reason,
+                    _now().isoformat(),
+                    json.dumps(summary, sort_keys=True),
+                    session_id,
+                ),
+            )
+
+    def recover(self) -> list[int]:
+        """Mark sessions left ``running`` by a stopped process as ``interrupted``."""
+        with self._transaction() as db:
+            ids = [row[0] for row in db.execute("SELECT id FROM sessions WHERE status = 'running'")]
+            db.execute(
+                "UPDATE sessions SET status = 'interrupted',"
+                " end_reason = COALESCE(end_reason, 'bridge stopped during the session')"
+                " WHERE status = 'running'"
+            )
+        return ids
+
+    def session(self, session_id: int) -> SessionRecord:
+        row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise SessionStoreError(f"no session {session_id}", path=self.path)
+        return _record(row)
+
+    def sessions(self, *, limit: int | None = None) -> list[SessionRecord]:
+        query = "SELECT * FROM sessions ORDER BY started_at DESC, id DESC"
+        rows = self._db.execute(query + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
+        return [_record(r) for r in rows]
+
+    def telemetry(self, session_id: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.void]]:
+        """(sequences, samples) of a session, in sequence order, each sample once."""
+        record = self.session(session_id)
+        dtype = SAMPLE_DTYPES[record.sample_format]
+        chunks = self._db.execute(
+            "SELECT first_sequence, samples FROM telemetry_chunks WHERE session_id = ?"
+            " ORDER BY first_sequence",
+            (session_id,),
+        ).fetchall()
+        if not chunks:
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=dtype)
+        sequences = np.concatenate(
+            [
+                np.arange(first, first + len(blob) // dtype.itemsize, dtype=np.uint64)
+                for first, blob in chunks
+            ]
+        )
+        samples = np.concatenate([np.frombuffer(blob, dtype=dtype) for _, blob in chunks])
+        # Overlapping chunks (a backfill that re-sent samples) keep the first copy.
+        unique, index = np.unique(sequences, return_index=True)
+        return unique, samples[index]
+
+    def decisions(self, session_id: int) -> list[StoredDecision]:
+        rows = self._db.execute(
+            "SELECT at_s, kind, step, reason, message, rule, sequence FROM decisions"
+            " WHERE session_id = ? ORDER BY position",
+            (session_id,),
+        ).fetchall()
+        return [StoredDecision(*row) for row in rows]
+
+    # ------------------------------------------------------------------ treatments
+    def add_treatment(
+        self, kind: str, performed_at: datetime, zones: Sequence[str], note: str = ""
+    ) -> int:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO treatments (kind, performed_at, zones, note) VALUES (?, ?, ?, ?)",
+                (kind, performed_at.isoformat(), json.dumps(list(zones)), note),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def treatments(self) -> list[StoredTreatment]:
+        rows = self._db.execute(
+            "SELECT id, kind, performed_at, zones, note FROM treatments ORDER BY performed_at"
+        ).fetchall()
+        return [
+            StoredTreatment(i, k, datetime.fromisoformat(at), tuple(json.loads(z)), n)
+            for i, k, at, z, n in rows
+        ]
+
+
+def _record(row: tuple[Any, ...]) -> SessionRecord:
+    (
+        id_,
+        routine_name,
+        category,
+        serial,
+        kind,
+        fmt,
+        rate,
+        started,
+        ended,
+        status,
+        reason,
+        summary,
+        routine_text,
+        program_id,
+    ) = row
+    return SessionRecord(
+        id_,
+        routine_name,
+        category,
+        serial,
+        kind,
+        SampleFormat(fmt),
+        rate,
+        datetime.fromisoformat(started),
+        datetime.fromisoformat(ended) if ended else None,
+        status,
+        reason,
+        json.loads(summary),
+        routine_text,
+        program_id,
+    )
