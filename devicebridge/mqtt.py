@@ -1,0 +1,280 @@
+"""The MQTT link: aiomqtt (``>=2.5,<3``) behind one small module.
+
+aiomqtt 3 is an alpha with a different API, so nothing else in devicebridge imports it.
+The link connects (MQTT 5, falling back to 3.1.1 when the broker refuses it), announces
+availability with a retained ``online`` and a last will ``offline``, drains the outbox in
+order at QoS 1 (a message leaves the outbox only after the broker's PUBACK), subscribes to
+the bridge's command topics, and reconnects with exponential backoff and jitter on the
+injected clock. The topic contract is ``docs/mqtt.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from devicebridge.clock import Clock
+from devicebridge.core.backoff import Backoff, BackoffPolicy
+from devicebridge.storage.outbox import Outbox
+
+LOG = logging.getLogger(__name__)
+TOPIC_ROOT: Final = "devicebridge/v1"
+AVAILABILITY_ONLINE: Final = b"online"
+AVAILABILITY_OFFLINE: Final = b"offline"
+OUTBOX_BATCH: Final = 200
+CONNACK_UNSUPPORTED_PROTOCOL: Final = (1, 132)  # 3.1.1 and 5 codes for "unsupported version"
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+
+
+class Topics:
+    """Every topic of one bridge (see docs/mqtt.md)."""
+
+    def __init__(self, bridge_id: str, root: str = TOPIC_ROOT) -> None:
+        if not bridge_id or any(c in bridge_id for c in "/+#"):
+            raise ValueError(f"bridge id {bridge_id!r} must be non-empty without '/', '+' or '#'")
+        self.bridge_id = bridge_id
+        self.base = f"{root}/{bridge_id}"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.base}/availability"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    def device_state(self, serial: str) -> str:
+        return f"{self.base}/devices/{serial}/state"
+
+    def telemetry(self, serial: str) -> str:
+        return f"{self.base}/devices/{serial}/telemetry"
+
+    def events(self, serial: str) -> str:
+        return f"{self.base}/devices/{serial}/events"
+
+    @property
+    def session_summaries(self) -> str:
+        return f"{self.base}/sessions/summary"
+
+    @property
+    def program_push(self) -> str:
+        return f"{self.base}/programs/push"
+
+    @property
+    def program_ack(self) -> str:
+        return f"{self.base}/programs/ack"
+
+    @property
+    def programs_installed(self) -> str:
+        return f"{self.base}/programs/installed"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_insecure_skip_verify: bool = False
+    keepalive_s: int = 30
+    client_id: str | None = None
+    topic_root: str = TOPIC_ROOT
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.tls_ca_file is None and self.tls_cert_file is None:
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.tls_ca_file) if self.tls_ca_file else None
+        )
+        if self.tls_cert_file is not None:
+            context.load_cert_chain(
+                str(self.tls_cert_file), str(self.tls_key_file) if self.tls_key_file else None
+            )
+        if self.tls_insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+def make_client(
+    settings: MqttSettings,
+    *,
+    protocol: aiomqtt.ProtocolVersion,
+    will: aiomqtt.Will | None = None,
+    identifier: str | None = None,
+) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=identifier or settings.client_id,
+        protocol=protocol,
+        will=will,
+        keepalive=settings.keepalive_s,
+        tls_context=settings.tls_context(),
+    )
+
+
+def message_properties(message_id: str, protocol: aiomqtt.ProtocolVersion) -> Properties | None:
+    if protocol is not aiomqtt.ProtocolVersion.V5:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.UserProperty = [("message-id", message_id)]
+    return properties
+
+
+class MqttLink:
+    """Keeps the bridge's connection to the broker and drains the outbox through it."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        topics: Topics,
+        outbox: Outbox,
+        *,
+        clock: Clock,
+        subscriptions: Sequence[str] = (),
+        on_message: MessageHandler | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.outbox = outbox
+        self.clock = clock
+        self.subscriptions = tuple(subscriptions)
+        self.on_message = on_message
+        self._backoff = Backoff(
+            BackoffPolicy(initial_s=settings.reconnect_initial_s, max_s=settings.reconnect_max_s),
+            rng or random.Random(),
+        )
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
+        self.protocol = aiomqtt.ProtocolVersion.V5
+        self.connections = 0
+        self.published = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def wait_disconnected(self) -> None:
+        await self._disconnected.wait()
+
+    def notify(self) -> None:
+        """New messages are in the outbox."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, publish, receive; reconnect forever until cancelled."""
+        will = aiomqtt.Will(self.topics.availability, AVAILABILITY_OFFLINE, qos=1, retain=True)
+        while True:
+            try:
+                client = make_client(self.settings, protocol=self.protocol, will=will)
+                async with client:
+                    await self._session(client)
+            except aiomqtt.MqttCodeError as exc:
+                if (
+                    exc.rc in CONNACK_UNSUPPORTED_PROTOCOL
+                    and self.protocol is aiomqtt.ProtocolVersion.V5
+                ):
+                    LOG.info("broker refuses MQTT 5; falling back to 3.1.1")
+                    self.protocol = aiomqtt.ProtocolVersion.V311
+                    continue
+                await self._lost(exc)
+            except aiomqtt.MqttError as exc:
+                await self._lost(exc)
+
+    def _mark_disconnected(self) -> None:
+        self._connected.clear()
+        self._disconnected.set()
+
+    async def _lost(self, exc: Exception) -> None:
+        self._mark_disconnected()
+        delay_s = self._backoff.next_delay_s()
+        LOG.warning(
+            "MQTT broker %s:%d unreachable (%s); retrying in %.2f s",
+            self.settings.host,
+            self.settings.port,
+            exc,
+            delay_s,
+        )
+        await self.clock.sleep(delay_s)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        self.connections += 1
+        await client.publish(self.topics.availability, AVAILABILITY_ONLINE, qos=1, retain=True)
+        for topic in self.subscriptions:
+            await client.subscribe(topic, qos=1)
+        self._backoff.reset()
+        self._disconnected.clear()
+        self._connected.set()
+        LOG.info("MQTT connected to %s:%d", self.settings.host, self.settings.port)
+        pump = asyncio.create_task(self._pump(client), name="mqtt-outbox")
+        receive = asyncio.create_task(self._receive(client), name="mqtt-receive")
+        try:
+            done, _ = await asyncio.wait({pump, receive}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise what ended it (usually the link going down)
+            raise aiomqtt.MqttError("the MQTT session ended")
+        except asyncio.CancelledError:
+            # A clean shutdown: say so now instead of leaving it to the last will.
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(
+                    self.topics.availability, AVAILABILITY_OFFLINE, qos=1, retain=True, timeout=2
+                )
+            self._mark_disconnected()
+            raise
+        finally:
+            for task in (pump, receive):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if self.on_message is not None:
+                payload = message.payload
+                data = payload if isinstance(payload, bytes) else str(payload).encode()
+                await self.on_message(str(message.topic), data)
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        while True:
+            batch = self.outbox.pending(OUTBOX_BATCH)
+            if not batch:
+                self._wake.clear()
+                if not self.outbox.pending(1):
+                    await self._wake.wait()
+                continue
+            for message in batch:
+                await client.publish(
+                    message.topic,
+                    message.payload,
+                    qos=message.qos,
+                    retain=message.retain,
+                    properties=message_properties(message.message_id, self.protocol),
+                )
+                self.outbox.delivered(message.sequence)
+                self.published += 1

@@ -1,0 +1,120 @@
+"""The MQTT outbox: what the bridge would publish, kept in SQLite until the broker has it.
+
+Messages are appended in order and removed only after the broker acknowledged them
+(QoS 1 PUBACK), so a broker outage or a killed bridge loses nothing and delivery resumes
+in order. Each message carries a ``message_id`` (``<bridge>:<sequence>``) that is also in
+its payload and its MQTT 5 user properties: a message re-sent after a crash between the
+broker's PUBACK and the local delete has the same id, so a subscriber that keeps the ids
+it has seen processes it once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from devicebridge.errors import DeviceBridgeError
+
+OUTBOX_FILENAME: Final = "outbox.sqlite3"
+BUSY_TIMEOUT_S: Final = 5.0
+DEFAULT_MAX_MESSAGES: Final = 1_000_000
+
+
+class OutboxError(DeviceBridgeError):
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class OutboxFullError(OutboxError):
+    """The outbox reached its size limit; the oldest telemetry was not dropped silently."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    sequence: int
+    message_id: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Outbox:
+    def __init__(
+        self, path: Path, *, bridge_id: str, max_messages: int = DEFAULT_MAX_MESSAGES
+    ) -> None:
+        self.path = path
+        self.bridge_id = bridge_id
+        self.max_messages = max_messages
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(
+                "CREATE TABLE IF NOT EXISTS outbox ("
+                " sequence INTEGER PRIMARY KEY AUTOINCREMENT,"
+                " topic TEXT NOT NULL, payload BLOB NOT NULL,"
+                " qos INTEGER NOT NULL, retain INTEGER NOT NULL, created_at TEXT NOT NULL)"
+            )
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the outbox: {exc}", path=path) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def message_id(self, sequence: int) -> str:
+        return f"{self.bridge_id}:{sequence}"
+
+    def next_sequence(self) -> int:
+        """The sequence the next appended message will get (to put its id in the payload)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return (row[0] if row else 0) + 1
+
+    def append(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            if count >= self.max_messages:
+                self._db.execute("ROLLBACK")
+                raise OutboxFullError(
+                    f"{count} messages waiting for the broker (limit {self.max_messages})",
+                    path=self.path,
+                )
+            cursor = self._db.execute(
+                "INSERT INTO outbox (topic, payload, qos, retain, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (topic, payload, qos, int(retain), datetime.now(UTC).isoformat()),
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise OutboxError(str(exc), path=self.path) from exc
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def pending(self, limit: int = 100) -> list[OutgoingMessage]:
+        rows = self._db.execute(
+            "SELECT sequence, topic, payload, qos, retain FROM outbox ORDER BY sequence LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            OutgoingMessage(seq, self.message_id(seq), topic, bytes(payload), qos, bool(retain))
+            for seq, topic, payload, qos, retain in rows
+        ]
+
+    def delivered(self, sequence: int) -> None:
+        """The broker acknowledged this message (and, MQTT keeping order, all before it)."""
+        try:
+            self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (sequence,))
+        except sqlite3.Error as exc:
+            raise OutboxError(str(exc), path=self.path) from exc
+
+    def __len__(self) -> int:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(count)

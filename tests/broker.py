@@ -1,0 +1,79 @@
+"""A private Mosquitto broker on a free port, for tests that talk MQTT over real TCP.
+
+The machines this project is tested on have the ``mosquitto`` binary; where it is
+missing, tests that need a broker are skipped with the command that installs it
+(``.ci/run`` installs it, so CI never skips them).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+INSTALL_HINT = (
+    "MQTT tests need the mosquitto broker: apt-get install mosquitto (or brew install mosquitto)"
+)
+READY_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    for candidate in ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        found = shutil.which(candidate)
+        if found:
+            return found
+    pytest.skip(INSTALL_HINT)
+
+
+class Mosquitto:
+    """One broker process; ``stop()`` and ``start()`` simulate an outage on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = mosquitto_binary()
+        self.port = free_port()
+        self.config = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.log}\n"
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [self.binary, "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self._process.returncode}; see {self.log}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)  # readiness polling, not timing a result
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {READY_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
