@@ -1,0 +1,37 @@
+"""Simulated facial-care devices that plug in where hardware would.
+
+The devices run real firmware behaviour (commands, events, sampling, a ring
+buffer) on a :class:`VirtualClock`; a host reaches them through the real bleak
+API with ``backend=world.scanner_backend`` / ``world.client_backend``, or over
+a real pty (:class:`simulators.serial_port.PtySerialPort`). Nothing here
+imports ``devicebridge``: a simulator that reused the host's code would hide
+the host's bugs.
+"""
+
+from simulators.bleak_backend import SimulatedBleakClient, SimulatedBleakScanner
+from simulators.clock import VirtualClock
+from simulators.device import Button, Press, ShutdownReason, SimulatedDevice
+from simulators.hand import HandScript, HandSegment
+from simulators.link import Channel, DeviceLink
+from simulators.mask import SimulatedLedMask
+from simulators.massager import SimulatedMassager
+from simulators.ring import TelemetryRing
+from simulators.world import SimulatedWorld
+
+__all__ = [
+    "Button",
+    "Channel",
+    "DeviceLink",
+    "HandScript",
+    "HandSegment",
+    "Press",
+    "ShutdownReason",
+    "SimulatedBleakClient",
+    "SimulatedBleakScanner",
+    "SimulatedDevice",
+    "SimulatedLedMask",
+    "SimulatedMassager",
+    "SimulatedWorld",
+    "TelemetryRing",
+    "VirtualClock",
+]

@@ -1,0 +1,636 @@
+"""Firmware behaviour shared by every simulated device.
+
+:class:`SimulatedDevice` is the part of a device's firmware that does not
+depend on what the device is: boot, the sampling loop on the virtual clock,
+the telemetry ring, live streaming sized to the link, paced backfill, the
+command dispatcher with its result codes, events, and the battery. Subclasses
+(:class:`~simulators.massager.SimulatedMassager`,
+:class:`~simulators.mask.SimulatedLedMask`) produce the samples and implement
+their own commands.
+
+Output goes through a :class:`~simulators.link.DeviceLink`, so one model serves
+the bleak backend and the pty alike.
+
+Event payloads (the protocol leaves them to the device; little-endian):
+
+=====================  ===================================================
+BOOT                   empty
+BUTTON                 u8 button (:class:`Button`), u8 press (:class:`Press`)
+CONTACT_CHANGED        u8 1 contact / worn, 0 none
+ZONE_CHANGED           u8 zone
+BATTERY_LOW            u8 battery percent
+SHUTDOWN               u8 :class:`ShutdownReason`
+TREATMENT_STARTED      the START_LED parameters (5 x u16)
+TREATMENT_FINISHED     u8 :class:`protocols.TreatmentEndReason`
+OVER_TEMPERATURE       i16 skin temperature in 0.01 degC
+=====================  ===================================================
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import enum
+import math
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Final, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from protocols import (
+    PROTOCOL_VERSION,
+    Ack,
+    AdvertisedIdentity,
+    BackfillReply,
+    Capability,
+    Command,
+    CommandBody,
+    DeviceKind,
+    DeviceProfile,
+    Event,
+    EventCode,
+    GetInfo,
+    Opcode,
+    Ping,
+    ProtocolError,
+    RequestBackfill,
+    ResultCode,
+    SampleFormat,
+    StartStream,
+    StopAll,
+    StopStream,
+    TelemetryBatch,
+    max_samples_per_batch,
+)
+from protocols.telemetry import SAMPLE_DTYPES
+from simulators.clock import VirtualClock
+from simulators.link import Channel, DeviceLink
+from simulators.ring import TelemetryRing
+
+DEFAULT_MTU_SIZE: Final = 247  # ATT MTU with data length extension (ble-and-ecosystem.md)
+ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
+DEFAULT_BATCH_INTERVAL_S: Final = 0.1
+DEFAULT_RING_DURATION_S: Final = 120.0  # the contract asks for at least 60 s
+# Backfill shares the radio with live data: about 0.8 Mbps of application
+# throughput with data length extension (ble-and-ecosystem.md, BLE link numbers).
+BACKFILL_BYTES_PER_S: Final = 100_000
+BATTERY_LOW_PERCENT: Final = 10.0
+INITIAL_BATTERY_RANGE_PERCENT: Final = (60.0, 100.0)
+MS_PER_S: Final = 1000
+DEVICE_TIME_MODULUS: Final = 1 << 32
+EVENT_SEQUENCE_MODULUS: Final = 1 << 16
+EVENT_LOG_LENGTH: Final = 1000
+# Guards the sample count against float error in (now - boot) * rate.
+SAMPLE_TIME_EPSILON: Final = 1e-6
+
+MANUFACTURER_NAME: Final = "devicebridge simulator"
+HARDWARE_REVISION: Final = "sim-B"
+FIRMWARE_REVISION: Final = "1.0.0-sim"
+
+_SIGNED_CENTI: Final = struct.Struct("<h")
+
+
+class RandomStream(enum.IntEnum):
+    """Independent random streams of one device, so that one never shifts another."""
+
+    IDENTITY = 0
+    SENSOR = 1
+    RADIO = 2
+    HAND = 3
+    BATTERY = 4
+
+
+def device_rng(seed: int, index: int, stream: RandomStream) -> np.random.Generator:
+    """The generator of one stream of device ``index`` in a world seeded with ``seed``."""
+    return np.random.default_rng([seed, index, int(stream)])
+
+
+def derived_seed(seed: int, index: int, stream: RandomStream) -> int:
+    """A plain integer seed for a helper (such as a hand script) of one device."""
+    return int(device_rng(seed, index, stream).integers(0, 2**63 - 1))
+
+
+class Button(enum.IntEnum):
+    POWER = 1
+    MODE = 2
+
+
+class Press(enum.IntEnum):
+    SHORT = 1
+    LONG = 2
+
+
+class ShutdownReason(enum.IntEnum):
+    BATTERY_EMPTY = 0
+    BUTTON = 1
+    HOST = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """What a device is called; stable for a (seed, index) pair."""
+
+    index: int
+    address: str
+    serial_number: str
+    name: str
+    base_rssi_dbm: float
+
+
+RSSI_RANGE_DBM: Final = (-80.0, -45.0)
+SERIAL_TAG_LIMIT: Final = 16**6
+NAME_TAG_MASK: Final = 0xFFFF
+MAX_DEVICE_INDEX: Final = 0xFFFF
+
+
+def derive_identity(seed: int, index: int, serial_prefix: str, name_prefix: str) -> DeviceIdentity:
+    if not 0 <= index <= MAX_DEVICE_INDEX:
+        raise ValueError(f"device index {index} outside 0..{MAX_DEVICE_INDEX}")
+    rng = device_rng(seed, index, RandomStream.IDENTITY)
+    tag = int(rng.integers(0, SERIAL_TAG_LIMIT))
+    low_bytes = rng.integers(0, 256, 2)
+    # The index is part of both, so devices of one world never collide.
+    address = ":".join(
+        ["SI", "MU", *(f"{b:02X}" for b in (index >> 8, index & 0xFF, *map(int, low_bytes)))]
+    )
+    serial = f"{serial_prefix}{index:02d}{tag:06X}"
+    name = f"{name_prefix}-{tag & NAME_TAG_MASK:04X}"
+    rssi = float(rng.uniform(*RSSI_RANGE_DBM))
+    return DeviceIdentity(index, address, serial, name, rssi)
+
+
+class DeviceOptions(TypedDict, total=False):
+    """Keyword options every device model accepts (see :class:`SimulatedDevice`)."""
+
+    seed: int
+    index: int
+    sample_rate_hz: int | None
+    batch_interval_s: float
+    ring_duration_s: float
+    mtu_size: int
+    battery_percent: float | None
+
+
+class SimulatedDevice(abc.ABC):
+    """One device's firmware, running on a :class:`VirtualClock`.
+
+    Lifecycle: :meth:`start` boots it (sequence numbers restart at 0, a BOOT
+    event is emitted, sampling starts); :meth:`stop` ends its task. A transport
+    attaches with :meth:`attach_link` and feeds host writes to :meth:`receive`.
+    """
+
+    kind: ClassVar[DeviceKind]
+    sample_format: ClassVar[SampleFormat]
+    model_number: ClassVar[str]
+    serial_prefix: ClassVar[str]
+    name_prefix: ClassVar[str]
+    capabilities: ClassVar[Capability]
+    default_sample_rate_hz: ClassVar[int]
+    # Opcodes this kind implements beyond the common ones.
+    kind_opcodes: ClassVar[frozenset[Opcode]]
+
+    COMMON_OPCODES: ClassVar[frozenset[Opcode]] = frozenset(
+        {
+            Opcode.GET_INFO,
+            Opcode.START_STREAM,
+            Opcode.STOP_STREAM,
+            Opcode.REQUEST_BACKFILL,
+            Opcode.PING,
+            Opcode.STOP_ALL,
+        }
+    )
+
+    def __init__(
+        self,
+        clock: VirtualClock,
+        *,
+        seed: int = 0,
+        index: int = 0,
+        sample_rate_hz: int | None = None,
+        batch_interval_s: float = DEFAULT_BATCH_INTERVAL_S,
+        ring_duration_s: float = DEFAULT_RING_DURATION_S,
+        mtu_size: int = DEFAULT_MTU_SIZE,
+        battery_percent: float | None = None,
+    ) -> None:
+        if batch_interval_s <= 0:
+            raise ValueError(f"batch interval must be positive, got {batch_interval_s}")
+        self.clock = clock
+        self.seed = seed
+        self.index = index
+        self.identity = derive_identity(seed, index, self.serial_prefix, self.name_prefix)
+        self.sample_rate_hz = sample_rate_hz or self.default_sample_rate_hz
+        self.batch_interval_s = batch_interval_s
+        self.mtu_size = mtu_size
+        self.sample_dtype: np.dtype[np.void] = SAMPLE_DTYPES[self.sample_format]
+        self.ring = TelemetryRing(
+            self.sample_dtype, max(1, math.ceil(ring_duration_s * self.sample_rate_hz))
+        )
+        self.sensor_rng = device_rng(seed, index, RandomStream.SENSOR)
+        self.radio_rng = device_rng(seed, index, RandomStream.RADIO)
+        if battery_percent is None:
+            battery_rng = device_rng(seed, index, RandomStream.BATTERY)
+            battery_percent = float(battery_rng.uniform(*INITIAL_BATTERY_RANGE_PERCENT))
+        if not 0 < battery_percent <= 100:
+            raise ValueError(f"battery must be in (0, 100] percent, got {battery_percent}")
+        self._battery_charge_percent = float(battery_percent)
+        self._battery_low_sent = self._battery_charge_percent <= BATTERY_LOW_PERCENT
+        self._powered = False
+        self._boot_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._link: DeviceLink | None = None
+        self._streaming = False
+        self._stream_next_sequence = 0
+        self._backfill_queue: collections.deque[tuple[int, npt.NDArray[np.void]]] = (
+            collections.deque()
+        )
+        self._event_sequence = 0
+        self._deferred: list[tuple[Channel, bytes]] | None = None
+        self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_LOG_LENGTH)
+        self.ignored_frames = 0
+        self.commands_received = 0
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def address(self) -> str:
+        return self.identity.address
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+    @property
+    def serial_number(self) -> str:
+        return self.identity.serial_number
+
+    @property
+    def profile(self) -> DeviceProfile:
+        return DeviceProfile(
+            protocol_version=PROTOCOL_VERSION,
+            device_kind=self.kind,
+            capabilities=self.capabilities,
+            sample_rate_hz=self.sample_rate_hz,
+            ring_capacity_samples=self.ring.capacity,
+            serial_number=self.serial_number,
+            model_number=self.model_number,
+            firmware_revision=FIRMWARE_REVISION,
+            hardware_revision=HARDWARE_REVISION,
+            manufacturer_name=MANUFACTURER_NAME,
+        )
+
+    @property
+    def device_information(self) -> dict[str, str]:
+        """Device Information Service strings, by field name."""
+        return {
+            "manufacturer_name": MANUFACTURER_NAME,
+            "model_number": self.model_number,
+            "serial_number": self.serial_number,
+            "hardware_revision": HARDWARE_REVISION,
+            "firmware_revision": FIRMWARE_REVISION,
+        }
+
+    def advertised_identity(self) -> AdvertisedIdentity:
+        return AdvertisedIdentity(
+            protocol_version=PROTOCOL_VERSION,
+            device_kind=self.kind,
+            battery_percent=self.battery_percent,
+            busy=self.busy,
+            pairing_mode=False,
+            serial_number=self.serial_number,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def next_sequence(self) -> int:
+        return self.ring.next_sequence
+
+    @property
+    def battery_percent(self) -> int:
+        """Battery as the device reports it (rounded up: 0 only when empty)."""
+        return min(100, math.ceil(self._battery_charge_percent))
+
+    @property
+    def battery_charge_percent(self) -> float:
+        """The exact model charge (for tests; the device reports :attr:`battery_percent`)."""
+        return self._battery_charge_percent
+
+    @property
+    def is_connected(self) -> bool:
+        return self._link is not None
+
+    @property
+    def link(self) -> DeviceLink | None:
+        """The transport attached now (a BLE connection or a serial port)."""
+        return self._link
+
+    @property
+    def is_powered(self) -> bool:
+        return self._powered
+
+    @property
+    def is_streaming(self) -> bool:
+        return self._streaming
+
+    @property
+    def uptime_s(self) -> float:
+        return self.clock.now_s() - self._boot_s
+
+    @property
+    @abc.abstractmethod
+    def busy(self) -> bool:
+        """An actuator or treatment is running (advertised as the busy flag)."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Boot: sequence numbers from 0, BOOT event, sampling on the clock."""
+        if self._task is not None and not self._task.done():
+            return
+        self._powered = True
+        self._boot_s = self.clock.now_s()
+        self.ring = TelemetryRing(self.sample_dtype, self.ring.capacity)
+        self._stream_next_sequence = 0
+        self._emit(EventCode.BOOT)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"simulated {self.kind.name.lower()} {self.serial_number}"
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        # The cancellation we asked for; a crash is reported by task_exception().
+        await asyncio.gather(task, return_exceptions=True)
+
+    def task_exception(self) -> BaseException | None:
+        """The exception that ended the sampling task, if it crashed."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    def power_off(self, reason: ShutdownReason) -> None:
+        """Emit SHUTDOWN, stop sampling and drop the link (the radio goes off)."""
+        if not self.is_powered:
+            return
+        self._on_power_off(reason)
+        self._emit(EventCode.SHUTDOWN, bytes([reason]))
+        self._powered = False
+        link = self._link
+        self.detach_link()
+        if link is not None:
+            link.device_closed()
+
+    async def _run(self) -> None:
+        tick = 0
+        while self.is_powered:
+            tick += 1
+            # Multiply rather than accumulate, so float error never drifts the rate.
+            await self.clock.sleep_until(self._boot_s + tick * self.batch_interval_s)
+            self._tick()
+
+    def _tick(self) -> None:
+        if not self.catch_up():
+            return
+        self._flush_stream()
+        self._flush_backfill()
+
+    # ------------------------------------------------------------------ links
+
+    def attach_link(self, link: DeviceLink) -> None:
+        if self._link is not None:
+            raise RuntimeError(f"{self.serial_number} is already connected")
+        if not self.is_powered:
+            raise RuntimeError(f"{self.serial_number} is powered off")
+        self._link = link
+        self._reset_session()
+
+    def detach_link(self) -> None:
+        """The link is gone: firmware forgets streaming and pending backfill."""
+        self._link = None
+        self._reset_session()
+
+    def _reset_session(self) -> None:
+        self._streaming = False
+        self._backfill_queue.clear()
+
+    def receive(self, channel: Channel, data: bytes) -> None:
+        """A write from the host on ``channel``."""
+        if not self.is_powered:
+            return
+        if channel is not Channel.CONTROL:
+            # Program transfer arrives with issue 3; until then a chunk is noise.
+            self.ignored_frames += 1
+            return
+        try:
+            command = Command.decode(bytes(data))
+        except ProtocolError:
+            self.ignored_frames += 1
+            return
+        self.commands_received += 1
+        # Samples up to now were taken under the old state: take them first.
+        if not self.catch_up():
+            return
+        self._deferred = []
+        try:
+            ack = self.execute(command)
+        finally:
+            deferred, self._deferred = self._deferred, None
+        self._send(Channel.CONTROL, ack.encode())
+        for channel_out, message in deferred:
+            self._send(channel_out, message)
+
+    def _send(self, channel: Channel, message: bytes) -> None:
+        if self._deferred is not None:
+            # Inside a command: the ack goes first, then what the command caused.
+            self._deferred.append((channel, message))
+            return
+        if self._link is not None:
+            self._link.send(channel, message)
+
+    def _max_payload_bytes(self) -> int:
+        link = self._link
+        if link is None:
+            return self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+        return link.max_payload_bytes
+
+    # ------------------------------------------------------------------ commands
+
+    @property
+    def supported_opcodes(self) -> frozenset[Opcode]:
+        return self.COMMON_OPCODES | self.kind_opcodes
+
+    def execute(self, command: Command) -> Ack:
+        """Run one command and return its acknowledgement."""
+        opcode = command.opcode
+        if not isinstance(opcode, Opcode):
+            return Ack(command.command_id, opcode, ResultCode.UNKNOWN_OPCODE)
+        if opcode not in self.supported_opcodes:
+            return Ack(command.command_id, opcode, ResultCode.NOT_SUPPORTED)
+        try:
+            body = command.body()
+        except ProtocolError:
+            return Ack(command.command_id, opcode, ResultCode.INVALID_PARAMETER)
+        result, payload = self._execute_body(body)
+        return Ack(command.command_id, opcode, result, payload)
+
+    def _execute_body(self, body: CommandBody) -> tuple[ResultCode, bytes]:
+        match body:
+            case GetInfo():
+                return ResultCode.OK, self.profile.encode()
+            case Ping():
+                return ResultCode.OK, b""
+            case StartStream():
+                if not self._streaming:
+                    self._streaming = True
+                    self._stream_next_sequence = self.ring.next_sequence
+                return ResultCode.OK, b""
+            case StopStream():
+                self._streaming = False
+                return ResultCode.OK, b""
+            case RequestBackfill(first_sequence=first, sample_count=count):
+                return self._start_backfill(first, count)
+            case StopAll():
+                self._stop_all()
+                return ResultCode.OK, b""
+            case _:
+                return self._execute_kind(body)
+
+    @abc.abstractmethod
+    def _execute_kind(self, body: CommandBody) -> tuple[ResultCode, bytes]:
+        """Commands of this device kind (only opcodes in ``kind_opcodes`` arrive here)."""
+
+    @abc.abstractmethod
+    def _stop_all(self) -> None:
+        """Every actuator off at once."""
+
+    def _on_power_off(self, reason: ShutdownReason) -> None:  # noqa: B027 - optional hook
+        """Hook: the device is about to power off (actuators stop here)."""
+
+    # ------------------------------------------------------------------ backfill and streaming
+
+    def _start_backfill(self, first_sequence: int, sample_count: int) -> tuple[ResultCode, bytes]:
+        if sample_count == 0:
+            return ResultCode.INVALID_PARAMETER, b""
+        first_available, samples = self.ring.range(first_sequence, sample_count)
+        if samples.shape[0] == 0:
+            reply = BackfillReply(self.ring.oldest_sequence, 0)
+            return ResultCode.DATA_UNAVAILABLE, reply.encode()
+        # A snapshot: what the ack promises is what gets sent, even if the ring
+        # moves on while the backfill is paced out.
+        self._backfill_queue.append((first_available, samples))
+        return ResultCode.OK, BackfillReply(first_available, int(samples.shape[0])).encode()
+
+    def _samples_per_batch(self) -> int:
+        return max(1, max_samples_per_batch(self.sample_format, self._max_payload_bytes()))
+
+    def _batch(self, first_sequence: int, samples: npt.NDArray[np.void], backfill: bool) -> bytes:
+        return TelemetryBatch(
+            self.sample_format,
+            first_sequence,
+            self.device_time_ms_of_sequence(first_sequence),
+            samples,
+            backfill,
+        ).encode()
+
+    def _flush_stream(self) -> None:
+        if not self._streaming or self._link is None:
+            return
+        # Never older than the ring holds (a stream that fell behind skips ahead).
+        start = max(self._stream_next_sequence, self.ring.oldest_sequence)
+        count = self.ring.next_sequence - start
+        if count <= 0:
+            return
+        first, samples = self.ring.range(start, count)
+        per_batch = self._samples_per_batch()
+        for offset in range(0, samples.shape[0], per_batch):
+            chunk = samples[offset : offset + per_batch]
+            self._send(Channel.TELEMETRY, self._batch(first + offset, chunk, backfill=False))
+        self._stream_next_sequence = first + int(samples.shape[0])
+
+    def _flush_backfill(self) -> None:
+        if self._link is None:
+            self._backfill_queue.clear()
+            return
+        budget_bytes = BACKFILL_BYTES_PER_S * self.batch_interval_s
+        per_batch = self._samples_per_batch()
+        while self._backfill_queue and budget_bytes > 0:
+            first, samples = self._backfill_queue[0]
+            chunk = samples[:per_batch]
+            message = self._batch(first, chunk, backfill=True)
+            self._send(Channel.TELEMETRY, message)
+            budget_bytes -= len(message)
+            remaining = samples[per_batch:]
+            if remaining.shape[0]:
+                self._backfill_queue[0] = (first + per_batch, remaining)
+            else:
+                self._backfill_queue.popleft()
+
+    @property
+    def backfill_pending_samples(self) -> int:
+        return sum(int(samples.shape[0]) for _, samples in self._backfill_queue)
+
+    # ------------------------------------------------------------------ sampling
+
+    def device_time_ms_of_sequence(self, sequence: int) -> int:
+        return round(sequence * MS_PER_S / self.sample_rate_hz) % DEVICE_TIME_MODULUS
+
+    def device_time_ms(self, t_s: float | None = None) -> int:
+        """Milliseconds since boot (of ``t_s`` seconds since boot, or of now)."""
+        elapsed_s = self.uptime_s if t_s is None else t_s
+        return round(elapsed_s * MS_PER_S) % DEVICE_TIME_MODULUS
+
+    def catch_up(self) -> bool:
+        """Take every sample due by now (sample ``s`` is taken at ``s / rate`` after boot).
+
+        Returns whether the device is still powered afterwards.
+        """
+        if not self.is_powered:
+            return False
+        due = math.ceil(self.uptime_s * self.sample_rate_hz - SAMPLE_TIME_EPSILON)
+        start = self.ring.next_sequence
+        if due <= start:
+            return True
+        times_s = np.arange(start, due, dtype=np.float64) / self.sample_rate_hz
+        samples = self._generate(times_s)
+        self.ring.extend(samples)
+        if samples.shape[0] < times_s.shape[0]:
+            self.power_off(ShutdownReason.BATTERY_EMPTY)
+            return False
+        return True
+
+    @abc.abstractmethod
+    def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
+        """Samples at ``times_s`` (seconds since boot), updating firmware state.
+
+        Returns fewer samples than asked when the battery ran out on the way.
+        """
+
+    # ------------------------------------------------------------------ events and battery
+
+    def _emit(self, code: EventCode, payload: bytes = b"", t_s: float | None = None) -> None:
+        event = Event(self._event_sequence, self.device_time_ms(t_s), code, payload)
+        self._event_sequence = (self._event_sequence + 1) % EVENT_SEQUENCE_MODULUS
+        self.events.append(event)
+        self._send(Channel.EVENTS, event.encode())
+
+    def _drain_battery(self, drain_percent: float, t_s: float) -> bool:
+        """Use ``drain_percent`` of charge at ``t_s``; ``False`` when the battery is empty."""
+        reported_before = self.battery_percent
+        self._battery_charge_percent = max(0.0, self._battery_charge_percent - drain_percent)
+        reported = self.battery_percent
+        if reported != reported_before:
+            self._send(Channel.BATTERY, bytes([reported]))
+        if not self._battery_low_sent and self._battery_charge_percent <= BATTERY_LOW_PERCENT:
+            self._battery_low_sent = True
+            self._emit(EventCode.BATTERY_LOW, bytes([reported]), t_s)
+        return self._battery_charge_percent > 0
+
+    @staticmethod
+    def encode_centi_celsius(temperature_c: float) -> bytes:
+        return _SIGNED_CENTI.pack(round(temperature_c * 100))
