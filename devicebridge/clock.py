@@ -1,0 +1,63 @@
+"""Time as the host sees it: an injectable clock.
+
+Every wait in devicebridge (command timeouts, reconnect backoff, scan windows)
+goes through a :class:`Clock`, so tests run on the simulator's virtual clock
+and never depend on wall-clock sleeps. ``simulators.VirtualClock`` satisfies
+the protocol structurally; the host never imports it outside the composition
+root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar, runtime_checkable
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Clock(Protocol):
+    def now_s(self) -> float:
+        """Seconds on this clock's monotonic time line."""
+        ...
+
+    async def sleep(self, delay_s: float) -> None:
+        """Return when ``delay_s`` seconds of this clock's time have passed."""
+        ...
+
+
+class SystemClock:
+    """Wall-clock time (monotonic) and :func:`asyncio.sleep`."""
+
+    def now_s(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, delay_s: float) -> None:
+        await asyncio.sleep(max(0.0, delay_s))
+
+
+async def wait_for(clock: Clock, awaitable: Awaitable[T], timeout_s: float | None) -> T:
+    """Like :func:`asyncio.wait_for`, but the timeout runs on ``clock``.
+
+    Raises :class:`TimeoutError` when ``timeout_s`` of clock time pass first;
+    the awaitable is then cancelled. ``None`` waits without a limit.
+    """
+    task = asyncio.ensure_future(awaitable)
+    if timeout_s is None:
+        return await task
+    timer = asyncio.ensure_future(clock.sleep(timeout_s))
+    try:
+        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        timer.cancel()
+        raise
+    if task.done():
+        timer.cancel()
+        return task.result()
+    task.cancel()
+    # Let the cancellation land so the awaitable's cleanup runs before we report.
+    await asyncio.gather(task, return_exceptions=True)
+    raise TimeoutError(f"timed out after {timeout_s:g} s")

@@ -1,0 +1,129 @@
+"""Settings from a TOML file, and where devicebridge keeps its files.
+
+The file lives under the platform's user config directory (``config.toml``);
+``DEVICEBRIDGE_CONFIG`` or ``--config`` point elsewhere. Every key is optional::
+
+    simulate = false        # use the in-process simulator instead of Bluetooth
+    sim_seed = 1234         # same seed -> same simulated devices (serial numbers)
+    sim_massagers = 2
+    sim_masks = 1
+    data_dir = "/path"      # where the registry lives
+    scan_timeout_s = 5.0
+    command_timeout_s = 2.0
+
+Errors name the file and the key, so a typo is found at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+import platformdirs
+
+from devicebridge.errors import ConfigError
+
+APP_NAME: Final = "devicebridge"
+CONFIG_FILENAME: Final = "config.toml"
+CONFIG_ENV: Final = "DEVICEBRIDGE_CONFIG"
+DATA_DIR_ENV: Final = "DEVICEBRIDGE_DATA_DIR"
+MAX_SIMULATED_DEVICES: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    simulate: bool = False
+    sim_seed: int = 1234
+    sim_massagers: int = 2
+    sim_masks: int = 1
+    data_dir: Path | None = None
+    scan_timeout_s: float = 5.0
+    command_timeout_s: float = 2.0
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / CONFIG_FILENAME
+
+
+def config_path(override: Path | None = None) -> tuple[Path, bool]:
+    """The config file to read and whether it was asked for explicitly (then it must exist)."""
+    if override is not None:
+        return override, True
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env), True
+    return default_config_path(), False
+
+
+def data_dir(override: Path | None = None, settings: Settings | None = None) -> Path:
+    """Where the registry lives: parameter, then ``DEVICEBRIDGE_DATA_DIR``, then config, then
+    the platform's user data directory."""
+    if override is not None:
+        return override
+    from_env = os.environ.get(DATA_DIR_ENV)
+    if from_env:
+        return Path(from_env)
+    if settings is not None and settings.data_dir is not None:
+        return settings.data_dir
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def _check_int(value: Any, key: str, path: Path, low: int, high: int) -> int:
+    # bool is an int in Python; "simulate = 1" style mix-ups should be reported.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"must be an integer, got {value!r}", path=path, key=key)
+    if not low <= value <= high:
+        raise ConfigError(f"must be in {low}..{high}, got {value}", path=path, key=key)
+    return value
+
+
+def _check_positive_float(value: Any, key: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"must be a positive number, got {value!r}", path=path, key=key)
+    return float(value)
+
+
+def parse_settings(document: dict[str, Any], path: Path) -> Settings:
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown setting (known: {', '.join(sorted(known))})", path=path, key=key
+            )
+        if key == "simulate":
+            if not isinstance(value, bool):
+                raise ConfigError(f"must be true or false, got {value!r}", path=path, key=key)
+            values[key] = value
+        elif key == "sim_seed":
+            values[key] = _check_int(value, key, path, 0, 2**63 - 1)
+        elif key in ("sim_massagers", "sim_masks"):
+            values[key] = _check_int(value, key, path, 0, MAX_SIMULATED_DEVICES)
+        elif key == "data_dir":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"must be a path string, got {value!r}", path=path, key=key)
+            values[key] = Path(value).expanduser()
+        else:
+            values[key] = _check_positive_float(value, key, path)
+    return replace(Settings(), **values)
+
+
+def load_settings(override: Path | None = None) -> tuple[Settings, Path]:
+    """Read the config file; a missing default file means default settings."""
+    path, explicit = config_path(override)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("config file not found", path=path) from None
+        return Settings(), path
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from exc
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}", path=path) from exc
+    return parse_settings(document, path), path

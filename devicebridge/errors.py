@@ -1,0 +1,202 @@
+"""Errors raised by the host side of devicebridge.
+
+Every error devicebridge raises on purpose derives from :class:`DeviceBridgeError`;
+errors of bleak, pyserial, sqlite3 and tomllib are translated where they are
+caught (``raise X(...) from exc``), so callers need to know only this tree::
+
+    DeviceBridgeError
+    ├── TransportError                 the link to a device failed (device: where)
+    │   ├── DeviceNotFoundError        no device answered to an identifier in time
+    │   ├── ConnectionLostError        the link went down while in use
+    │   └── NotConnectedError          an operation that needs a link, without one
+    ├── CommandError                   a command did not succeed (command_id, opcode)
+    │   ├── CommandTimeoutError        no acknowledgement within timeout_s
+    │   └── CommandRejectedError       the device answered with a non-OK result
+    ├── DeviceProtocolError            the device sent something the protocol forbids
+    ├── InvalidStateTransitionError    a connection state change the state machine forbids
+    ├── SessionClosedError             the session was closed
+    ├── RegistryError                  the paired-device registry (path)
+    │   ├── UnknownDeviceError         no paired device with that name
+    │   ├── DuplicateNameError         the name is already used by another device
+    │   ├── AlreadyPairedError         the serial number is paired under another name
+    │   └── RegistrySchemaError        a database this version cannot read
+    └── ConfigError                    an invalid configuration file (path, key)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devicebridge.core.states import ConnectionState
+    from protocols import Opcode, ResultCode
+
+
+class DeviceBridgeError(Exception):
+    """Root of every error raised by devicebridge."""
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class TransportError(DeviceBridgeError):
+    """The link to a device failed; ``device`` says which link (address or port)."""
+
+    def __init__(self, message: str, *, device: str) -> None:
+        super().__init__(f"{device}: {message}")
+        self.device = device
+
+
+class DeviceNotFoundError(TransportError):
+    """No device matching ``identifier`` was seen within ``timeout_s``."""
+
+    def __init__(self, identifier: str, *, timeout_s: float | None = None, where: str = "") -> None:
+        within = f" within {timeout_s:g} s" if timeout_s is not None else ""
+        place = f" ({where})" if where else ""
+        super().__init__(f"no device found{within}{place}", device=identifier)
+        self.identifier = identifier
+        self.timeout_s = timeout_s
+
+
+class ConnectionLostError(TransportError):
+    """The link went down while an operation was using it."""
+
+
+class NotConnectedError(TransportError):
+    """An operation needs a connected link and there is none."""
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class CommandError(DeviceBridgeError):
+    """A command did not complete successfully."""
+
+    def __init__(self, message: str, *, command_id: int, opcode: Opcode | int) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.opcode = opcode
+
+
+def _opcode_name(opcode: Opcode | int) -> str:
+    return getattr(opcode, "name", None) or f"0x{int(opcode):02x}"
+
+
+class CommandTimeoutError(CommandError):
+    """No acknowledgement arrived within ``timeout_s`` (on the session's clock)."""
+
+    def __init__(
+        self, *, command_id: int, opcode: Opcode | int, timeout_s: float, device: str
+    ) -> None:
+        super().__init__(
+            f"{device}: {_opcode_name(opcode)} (command {command_id}) "
+            f"not acknowledged within {timeout_s:g} s",
+            command_id=command_id,
+            opcode=opcode,
+        )
+        self.timeout_s = timeout_s
+        self.device = device
+
+
+class CommandRejectedError(CommandError):
+    """The device acknowledged the command with a non-OK ``result``."""
+
+    def __init__(
+        self,
+        *,
+        command_id: int,
+        opcode: Opcode | int,
+        result: ResultCode | int,
+        device: str,
+        payload: bytes = b"",
+    ) -> None:
+        result_name = getattr(result, "name", None) or str(int(result))
+        super().__init__(
+            f"{device}: {_opcode_name(opcode)} (command {command_id}) rejected: {result_name}",
+            command_id=command_id,
+            opcode=opcode,
+        )
+        self.result = result
+        self.device = device
+        self.payload = payload
+
+
+class DeviceProtocolError(DeviceBridgeError):
+    """The device sent a message that is well-formed but not allowed here."""
+
+    def __init__(self, message: str, *, device: str) -> None:
+        super().__init__(f"{device}: {message}")
+        self.device = device
+
+
+# --------------------------------------------------------------------------- session
+
+
+class InvalidStateTransitionError(DeviceBridgeError):
+    """The connection state machine does not allow ``current`` -> ``requested``."""
+
+    def __init__(self, current: ConnectionState, requested: ConnectionState) -> None:
+        super().__init__(f"illegal connection state change {current.name} -> {requested.name}")
+        self.current = current
+        self.requested = requested
+
+
+class SessionClosedError(DeviceBridgeError):
+    """The session was closed; it cannot be used again."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class RegistryError(DeviceBridgeError):
+    """The paired-device registry at ``path`` could not do what was asked."""
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(f"{message} (registry {path})" if path is not None else message)
+        self.path = path
+
+
+class UnknownDeviceError(RegistryError):
+    def __init__(self, name: str, *, path: Path | None = None) -> None:
+        super().__init__(f"no paired device named {name!r}", path=path)
+        self.name = name
+
+
+class DuplicateNameError(RegistryError):
+    def __init__(self, name: str, *, existing_serial: str, path: Path | None = None) -> None:
+        super().__init__(
+            f"the name {name!r} is already used by the device with serial {existing_serial}",
+            path=path,
+        )
+        self.name = name
+        self.existing_serial = existing_serial
+
+
+class AlreadyPairedError(RegistryError):
+    def __init__(self, serial_number: str, *, existing_name: str, path: Path | None = None) -> None:
+        super().__init__(
+            f"the device with serial {serial_number} is already paired as {existing_name!r}",
+            path=path,
+        )
+        self.serial_number = serial_number
+        self.existing_name = existing_name
+
+
+class RegistrySchemaError(RegistryError):
+    def __init__(self, message: str, *, found_version: int, path: Path | None = None) -> None:
+        super().__init__(message, path=path)
+        self.found_version = found_version
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class ConfigError(DeviceBridgeError):
+    """The configuration file is invalid; ``key`` names the setting when one is at fault."""
+
+    def __init__(self, message: str, *, path: Path, key: str | None = None) -> None:
+        where = f"{path}: {key}" if key else str(path)
+        super().__init__(f"{where}: {message}")
+        self.path = path
+        self.key = key

@@ -1,0 +1,604 @@
+"""A live session with one device, over any :class:`~devicebridge.transport.base.Transport`.
+
+The session owns the connection state machine (:mod:`devicebridge.core.states`),
+matches command acknowledgements to commands by a 16-bit command id, and turns
+the telemetry notifications into an ordered stream in which every sample
+arrives exactly once (:mod:`devicebridge.core.reassembly`): when the link drops
+it reconnects by itself with exponential backoff and jitter, restarts the
+stream, and asks the device to resend what was missed.
+
+Transports call the session back with plain functions on the event loop, so
+messages are handled in arrival order without a task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from devicebridge.clock import Clock, wait_for
+from devicebridge.core.backoff import Backoff, BackoffPolicy
+from devicebridge.core.reassembly import (
+    GapReason,
+    TelemetryGap,
+    TelemetryItem,
+    TelemetryReassembler,
+)
+from devicebridge.core.sequencing import SEQUENCE_MODULUS, SequenceRange
+from devicebridge.core.states import LINK_UP_STATES, ConnectionState, ConnectionStateMachine
+from devicebridge.errors import (
+    CommandRejectedError,
+    CommandTimeoutError,
+    ConnectionLostError,
+    DeviceBridgeError,
+    DeviceNotFoundError,
+    NotConnectedError,
+    SessionClosedError,
+)
+from devicebridge.transport.base import TRANSPORT_COMMAND_ID, DeviceInfo, Transport
+from protocols import (
+    Ack,
+    BackfillReply,
+    Command,
+    CommandBody,
+    DeviceKind,
+    Event,
+    FrameError,
+    MassageMode,
+    ProtocolError,
+    RequestBackfill,
+    ResultCode,
+    SetIntensity,
+    SetMode,
+    SetZone,
+    StartLed,
+    StartStream,
+    StopAll,
+    StopLed,
+    TelemetryBatch,
+    Zone,
+    decode_message,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_COMMAND_TIMEOUT_S: Final = 2.0
+DEFAULT_FIND_TIMEOUT_S: Final = 10.0
+# Without progress for this long (device time), a backfill is given up as a gap.
+DEFAULT_BACKFILL_STALL_S: Final = 5.0
+MAX_BACKFILL_REQUEST_SAMPLES: Final = 0xFFFF_FFFF
+_FIRST_COMMAND_ID: Final = 1
+_LAST_COMMAND_ID: Final = TRANSPORT_COMMAND_ID - 1  # that id is the transport's own
+
+S = ConnectionState
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStats:
+    """Counters of one session (a snapshot; read ``session.stats`` again for fresh ones)."""
+
+    frames_ok: int = 0  # messages decoded
+    malformed: int = 0  # frames or messages that could not be decoded (skipped)
+    unexpected: int = 0  # decodable messages the host does not expect (ignored)
+    gaps: int = 0  # sequence gaps detected in the live stream
+    gap_records: int = 0  # TelemetryGap items emitted (samples lost for good)
+    lost_samples: int = 0
+    backfilled_samples: int = 0
+    duplicates: int = 0
+    samples_delivered: int = 0
+    reconnects: int = 0
+    command_timeouts: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Ack]
+    body: CommandBody
+    # Runs synchronously when the ack arrives, before any later message is handled
+    # (the backfill reply must be known before the backfilled samples arrive).
+    on_ack: Callable[[Ack], None] | None = None
+
+
+class _End:
+    """Marks the end of a subscription."""
+
+
+_END: Final = _End()
+
+
+class Subscription(Generic[T]):
+    """An async iterator over a session's items, registered when it is created.
+
+    Creating it before :meth:`DeviceSession.start` sees everything from the
+    first message. It ends when the session closes; :meth:`aclose` stops it
+    earlier.
+    """
+
+    def __init__(self, registry: list[Subscription[T]]) -> None:
+        self._registry = registry
+        self._queue: asyncio.Queue[T | _End] = asyncio.Queue()
+        registry.append(self)
+
+    def _put(self, item: T | _End) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._queue.put_nowait(item)  # stay ended for further calls
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        if self in self._registry:
+            self._registry.remove(self)
+        self._put(_END)
+
+    def pending(self) -> int:
+        """Items queued and not yet consumed."""
+        return self._queue.qsize()
+
+
+class DeviceSession:
+    """One device: commands, telemetry, events, and automatic reconnection."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+        backoff_policy: BackoffPolicy | None = None,
+        command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+        find_timeout_s: float = DEFAULT_FIND_TIMEOUT_S,
+        backfill_stall_s: float = DEFAULT_BACKFILL_STALL_S,
+        auto_reconnect: bool = True,
+        stream_telemetry: bool = True,
+        name: str | None = None,
+    ) -> None:
+        self.transport = transport
+        self.clock = clock
+        self.name = name or transport.description
+        self._command_timeout_s = command_timeout_s
+        self._find_timeout_s = find_timeout_s
+        self._backfill_stall_s = backfill_stall_s
+        self._auto_reconnect = auto_reconnect
+        self._stream_telemetry = stream_telemetry
+        self._machine = ConnectionStateMachine()
+        self._machine.add_listener(self._on_state_change)
+        self._backoff = Backoff(backoff_policy or BackoffPolicy(), rng or random.Random())
+        self._reassembler = TelemetryReassembler()
+        self._pending: dict[int, _Pending] = {}
+        self._next_command_id = _FIRST_COMMAND_ID
+        self._telemetry_subs: list[Subscription[TelemetryItem]] = []
+        self._event_subs: list[Subscription[Event]] = []
+        self._ready = asyncio.Event()
+        self._started = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._backfill_task: asyncio.Task[None] | None = None
+        self._backfill_progress = asyncio.Event()
+        self._device_info: DeviceInfo | None = None
+        self.last_batch: TelemetryBatch | None = None
+        self._counts = dict.fromkeys(SessionStats.__dataclass_fields__, 0)
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._machine.state
+
+    @property
+    def state_history(self) -> list[ConnectionState]:
+        return list(self._machine.history)
+
+    @property
+    def device_info(self) -> DeviceInfo:
+        if self._device_info is None:
+            raise NotConnectedError("device info not read yet", device=self.name)
+        return self._device_info
+
+    @property
+    def battery_percent(self) -> int | None:
+        """From the latest telemetry sample, else from the Battery Service read at connect."""
+        if self.last_batch is not None and len(self.last_batch):
+            return int(self.last_batch.samples["battery_percent"][-1])
+        return self._device_info.battery_percent if self._device_info else None
+
+    @property
+    def stats(self) -> SessionStats:
+        counters = self._reassembler.counters
+        return SessionStats(
+            frames_ok=self._counts["frames_ok"],
+            malformed=self._counts["malformed"],
+            unexpected=self._counts["unexpected"],
+            gaps=counters.gaps_detected,
+            gap_records=counters.gap_records,
+            lost_samples=counters.lost_samples,
+            backfilled_samples=counters.backfilled_samples,
+            duplicates=counters.duplicates_dropped,
+            samples_delivered=counters.delivered_samples,
+            reconnects=self._counts["reconnects"],
+            command_timeouts=self._counts["command_timeouts"],
+        )
+
+    def telemetry(self) -> Subscription[TelemetryItem]:
+        """Telemetry batches and gap records in sequence order (``async for``)."""
+        return Subscription(self._telemetry_subs)
+
+    def events(self) -> Subscription[Event]:
+        return Subscription(self._event_subs)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Return once the session is READY (again); timeout on the session's clock."""
+        if self.state is S.CLOSED:
+            raise SessionClosedError(f"{self.name}: session closed")
+        try:
+            await wait_for(self.clock, self._ready.wait(), timeout_s)
+        except TimeoutError:
+            raise DeviceNotFoundError(self.name, timeout_s=timeout_s, where="not ready") from None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def __aenter__(self) -> DeviceSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, read the device info, start the stream; raises if the first connect fails."""
+        if self.state is S.CLOSED:
+            raise SessionClosedError(f"{self.name}: session closed")
+        self.transport.set_receivers(self._on_message, self._on_link_lost, self._on_malformed)
+        self._machine.transition(S.CONNECTING)
+        try:
+            await self.transport.connect()
+            await self._initialize()
+        except BaseException:
+            # close() may have run meanwhile (a different expression from the
+            # check above on purpose: mypy would keep the narrowed type across awaits).
+            if self._machine.state is not S.CLOSED:
+                await self._disconnect_quietly()
+                self._machine.transition(S.DISCONNECTED)
+            raise
+        self._started = True
+
+    async def close(self) -> None:
+        """Stop reconnecting, disconnect, and end every subscription. Idempotent."""
+        if self.state is S.CLOSED:
+            return
+        self._machine.transition(S.CLOSED)
+        for task in (self._reconnect_task, self._backfill_task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._fail_pending(SessionClosedError(f"{self.name}: session closed"))
+        await self._disconnect_quietly()
+        for telemetry in self._telemetry_subs:
+            telemetry._put(_END)
+        for events in self._event_subs:
+            events._put(_END)
+        self._telemetry_subs.clear()
+        self._event_subs.clear()
+
+    async def _disconnect_quietly(self) -> None:
+        try:
+            await self.transport.disconnect()
+        except DeviceBridgeError as exc:
+            _LOGGER.debug("%s: disconnect: %s", self.name, exc)
+
+    async def _initialize(self) -> None:
+        self._machine.transition(S.INITIALIZING)
+        info = await self.transport.read_device_info()
+        self._device_info = info
+        self._reassembler.set_sample_rate(info.profile.sample_rate_hz)
+        if self._stream_telemetry:
+            await self._command(StartStream())
+        self._machine.transition(S.READY)
+        self._backoff.on_connected(self.clock.now_s())
+        self._kick_backfill()
+
+    def _on_state_change(self, old: ConnectionState, new: ConnectionState) -> None:
+        _LOGGER.debug("%s: %s -> %s", self.name, old.name, new.name)
+        if new is S.READY:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    # ------------------------------------------------------------------ link loss
+
+    def _on_link_lost(self) -> None:
+        if self.state not in LINK_UP_STATES:
+            return  # a connect in progress reports its own failure
+        self._machine.transition(S.RECONNECT_WAIT)
+        self._backoff.on_link_lost(self.clock.now_s())
+        self._fail_pending(ConnectionLostError("link lost", device=self.name))
+        self._reassembler.on_link_reset()
+        if self._backfill_task is not None:
+            self._backfill_task.cancel()
+            self._backfill_task = None
+        reconnecting = self._reconnect_task is not None and not self._reconnect_task.done()
+        if not self._started:
+            return  # start() is still running and reports the failure itself
+        if not self._auto_reconnect:
+            self._machine.transition(S.DISCONNECTED)
+        elif not reconnecting:
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(), name=f"reconnect {self.name}"
+            )
+
+    async def _reconnect_loop(self) -> None:
+        while self.state is not S.CLOSED:
+            delay_s = self._backoff.next_delay_s()
+            _LOGGER.info("%s: reconnecting in %.2f s", self.name, delay_s)
+            await self.clock.sleep(delay_s)
+            self._machine.transition(S.WAITING_FOR_DEVICE)
+            try:
+                await self.transport.wait_for_device(self._find_timeout_s)
+            except DeviceBridgeError as exc:
+                _LOGGER.info("%s: %s", self.name, exc)
+                self._machine.transition(S.RECONNECT_WAIT)
+                continue
+            self._machine.transition(S.CONNECTING)
+            try:
+                await self.transport.connect()
+                await self._initialize()
+            except DeviceBridgeError as exc:
+                _LOGGER.info("%s: reconnect failed: %s", self.name, exc)
+                await self._disconnect_quietly()
+                if self.state is not S.RECONNECT_WAIT:
+                    self._machine.transition(S.RECONNECT_WAIT)
+                continue
+            self._counts["reconnects"] += 1
+            _LOGGER.info("%s: reconnected", self.name)
+            return
+
+    # ------------------------------------------------------------------ commands
+
+    def _allocate_command_id(self) -> int:
+        for _ in range(_LAST_COMMAND_ID):
+            command_id = self._next_command_id
+            self._next_command_id += 1
+            if self._next_command_id > _LAST_COMMAND_ID:
+                self._next_command_id = _FIRST_COMMAND_ID
+            if command_id not in self._pending:
+                return command_id
+        raise RuntimeError("every command id is in use")
+
+    async def send(self, body: CommandBody, *, timeout_s: float | None = None) -> Ack:
+        """Send a command and wait for its acknowledgement.
+
+        Raises :class:`CommandTimeoutError` after ``timeout_s`` (clock time),
+        :class:`CommandRejectedError` for a non-OK result, and
+        :class:`NotConnectedError` / :class:`ConnectionLostError` without a link.
+        """
+        if self.state is S.CLOSED:
+            raise SessionClosedError(f"{self.name}: session closed")
+        if self.state not in LINK_UP_STATES:
+            raise NotConnectedError(f"not connected ({self.state.value})", device=self.name)
+        return await self._command(body, timeout_s=timeout_s)
+
+    async def _command(
+        self,
+        body: CommandBody,
+        *,
+        timeout_s: float | None = None,
+        on_ack: Callable[[Ack], None] | None = None,
+        accept: frozenset[ResultCode] = frozenset({ResultCode.OK}),
+    ) -> Ack:
+        timeout_s = self._command_timeout_s if timeout_s is None else timeout_s
+        command_id = self._allocate_command_id()
+        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._pending[command_id] = _Pending(future, body, on_ack)
+        try:
+            await self.transport.write_control(Command.of(command_id, body).encode())
+            ack = await wait_for(self.clock, asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            self._counts["command_timeouts"] += 1
+            raise CommandTimeoutError(
+                command_id=command_id, opcode=body.opcode, timeout_s=timeout_s, device=self.name
+            ) from None
+        finally:
+            self._pending.pop(command_id, None)
+            if not future.done():
+                future.cancel()
+        if ack.result not in accept:
+            raise CommandRejectedError(
+                command_id=command_id,
+                opcode=ack.opcode,
+                result=ack.result,
+                device=self.name,
+                payload=ack.payload,
+            )
+        return ack
+
+    def _fail_pending(self, error: DeviceBridgeError) -> None:
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.future.done():
+                entry.future.set_exception(error)
+                # Mark it retrieved: a waiter that already timed out never will.
+                entry.future.exception()
+
+    async def stop_all(self) -> None:
+        """Safety stop: every actuator off. Devices always accept it."""
+        await self.send(StopAll())
+
+    # ------------------------------------------------------------------ receive
+
+    def _on_malformed(self, error: FrameError) -> None:
+        self._counts["malformed"] += 1
+        _LOGGER.warning("%s: malformed frame skipped: %s", self.name, error)
+
+    def _on_message(self, data: bytes) -> None:
+        if self.state is S.CLOSED:
+            return
+        try:
+            message = decode_message(data)
+        except ProtocolError as exc:
+            self._counts["malformed"] += 1
+            _LOGGER.warning("%s: malformed message skipped: %s", self.name, exc)
+            return
+        self._counts["frames_ok"] += 1
+        if isinstance(message, TelemetryBatch):
+            self._on_batch(message)
+        elif isinstance(message, Ack):
+            self._on_ack(message)
+        elif isinstance(message, Event):
+            for events in self._event_subs:
+                events._put(message)
+        else:
+            self._counts["unexpected"] += 1
+            _LOGGER.debug("%s: ignored unexpected %s", self.name, type(message).__name__)
+
+    def _on_ack(self, ack: Ack) -> None:
+        pending = self._pending.pop(ack.command_id, None)
+        if pending is None or pending.future.done():
+            self._counts["unexpected"] += 1
+            _LOGGER.debug("%s: ack for no pending command: %s", self.name, ack)
+            return
+        if pending.on_ack is not None:
+            pending.on_ack(ack)
+        pending.future.set_result(ack)
+
+    def _on_batch(self, batch: TelemetryBatch) -> None:
+        if batch.backfill:
+            items = self._reassembler.on_backfill(batch)
+            self._backfill_progress.set()
+        else:
+            self.last_batch = batch
+            items = self._reassembler.on_live(batch)
+        self._deliver(items)
+        self._kick_backfill()
+
+    def _deliver(self, items: list[TelemetryItem]) -> None:
+        for item in items:
+            if isinstance(item, TelemetryGap):
+                _LOGGER.warning(
+                    "%s: samples %d..%d lost (%s)",
+                    self.name,
+                    item.first_sequence,
+                    item.end_sequence - 1,
+                    item.reason.value,
+                )
+            for sub in self._telemetry_subs:
+                sub._put(item)
+
+    # ------------------------------------------------------------------ backfill
+
+    def _kick_backfill(self) -> None:
+        if self.state is not S.READY:
+            return
+        if self._backfill_task is not None and not self._backfill_task.done():
+            return
+        request = self._reassembler.next_request()
+        if request is None:
+            return
+        self._backfill_task = asyncio.get_running_loop().create_task(
+            self._run_backfill(request), name=f"backfill {self.name}"
+        )
+
+    def _on_backfill_ack(self, ack: Ack) -> None:
+        if ack.result not in (ResultCode.OK, ResultCode.DATA_UNAVAILABLE):
+            return  # _run_backfill gives the range up
+        try:
+            reply = BackfillReply.decode(ack.payload)
+        except ProtocolError as exc:
+            _LOGGER.warning("%s: unreadable backfill reply: %s", self.name, exc)
+            self._deliver(self._reassembler.abandon_active(GapReason.BACKFILL_FAILED))
+            return
+        self._deliver(
+            self._reassembler.on_backfill_reply(
+                reply.first_sequence, reply.sample_count, available=ack.ok
+            )
+        )
+
+    async def _run_backfill(self, request: SequenceRange) -> None:
+        _LOGGER.info(
+            "%s: requesting backfill of samples %d..%d", self.name, request.first, request.end - 1
+        )
+        body = RequestBackfill(
+            request.first % SEQUENCE_MODULUS, min(request.count, MAX_BACKFILL_REQUEST_SAMPLES)
+        )
+        try:
+            await self._command(
+                body,
+                on_ack=self._on_backfill_ack,
+                accept=frozenset({ResultCode.OK, ResultCode.DATA_UNAVAILABLE}),
+            )
+            # Wait for the samples while they keep coming.
+            while self._reassembler.awaiting_backfill:
+                self._backfill_progress.clear()
+                try:
+                    await wait_for(
+                        self.clock, self._backfill_progress.wait(), self._backfill_stall_s
+                    )
+                except TimeoutError:
+                    _LOGGER.warning("%s: backfill stalled; giving the rest up", self.name)
+                    self._deliver(self._reassembler.abandon_active(GapReason.BACKFILL_FAILED))
+        except (CommandRejectedError, CommandTimeoutError) as exc:
+            _LOGGER.warning("%s: backfill failed: %s", self.name, exc)
+            if self.state is S.READY:
+                self._deliver(self._reassembler.abandon_active(GapReason.BACKFILL_FAILED))
+        except (ConnectionLostError, NotConnectedError, SessionClosedError):
+            return  # after a reconnect the rest is requested again
+        self._backfill_task = None
+        self._kick_backfill()
+
+
+class MassagerSession(DeviceSession):
+    """A handheld facial massager."""
+
+    async def set_intensity(self, level: int) -> None:
+        await self.send(SetIntensity(level))
+
+    async def set_mode(self, mode: MassageMode) -> None:
+        await self.send(SetMode(mode))
+
+    async def set_zone(self, zone: Zone) -> None:
+        await self.send(SetZone(zone))
+
+
+class MaskSession(DeviceSession):
+    """An LED face mask."""
+
+    async def start_led(
+        self,
+        red_mw_cm2: float,
+        near_infrared_mw_cm2: float,
+        blue_mw_cm2: float,
+        duration_s: int,
+        pulse_hz: float = 0.0,
+    ) -> None:
+        await self.send(
+            StartLed(red_mw_cm2, near_infrared_mw_cm2, blue_mw_cm2, duration_s, pulse_hz)
+        )
+
+    async def stop_led(self) -> None:
+        await self.send(StopLed())
+
+
+def session_class_for(kind: DeviceKind | int | None) -> type[DeviceSession]:
+    if kind == DeviceKind.MASSAGER:
+        return MassagerSession
+    if kind == DeviceKind.LED_MASK:
+        return MaskSession
+    return DeviceSession
+
+
+async def iterate_batches(
+    subscription: Subscription[TelemetryItem],
+) -> AsyncIterator[TelemetryBatch]:
+    """Only the batches of a telemetry subscription (gaps skipped)."""
+    async for item in subscription:
+        if isinstance(item, TelemetryBatch):
+            yield item

@@ -1,0 +1,86 @@
+"""The transport seam: what a device session needs from a link, whatever carries it.
+
+A session does not care whether messages travel over GATT notifications or a
+serial line; like smpclient's ``SMPTransport`` this is a :class:`typing.Protocol`
+that each link implements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from protocols import DeviceKind, DeviceProfile, FrameError
+
+MessageReceiver = Callable[[bytes], None]
+LinkLostReceiver = Callable[[], None]
+MalformedReceiver = Callable[[FrameError], None]
+
+# Command id a transport may use for its own requests (serial GET_INFO); sessions
+# never allocate it, so the transport can take that acknowledgement for itself.
+TRANSPORT_COMMAND_ID: Final = 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """Identity and state of a connected device."""
+
+    serial_number: str
+    model_number: str
+    firmware_revision: str
+    hardware_revision: str
+    manufacturer_name: str
+    battery_percent: int | None
+    profile: DeviceProfile
+
+    @property
+    def kind(self) -> DeviceKind | int:
+        return self.profile.device_kind
+
+
+class Transport(Protocol):
+    """One link to one device. Callbacks are plain functions called on the event loop."""
+
+    @property
+    def description(self) -> str:
+        """Where the device is, for messages: ``"BLE AA:BB:.."`` or ``"serial /dev/ttyUSB0"``."""
+        ...
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def max_message_bytes(self) -> int:
+        """Largest message the link carries in one piece (ATT MTU - 3 on BLE)."""
+        ...
+
+    def set_receivers(
+        self,
+        on_message: MessageReceiver,
+        on_link_lost: LinkLostReceiver,
+        on_malformed: MalformedReceiver | None = None,
+    ) -> None:
+        """Register where received messages, an unexpected link loss and bad frames go."""
+        ...
+
+    async def wait_for_device(self, timeout_s: float) -> None:
+        """Return once the device can be connected (it advertises, the port exists).
+
+        Raises :class:`devicebridge.errors.DeviceNotFoundError` after ``timeout_s``.
+        """
+        ...
+
+    async def connect(self) -> None:
+        """Connect and enable every notification (again after each reconnect)."""
+        ...
+
+    async def disconnect(self) -> None:
+        """Close the link on purpose; ``on_link_lost`` is not called."""
+        ...
+
+    async def write_control(self, data: bytes) -> None:
+        """Send one command message to the device."""
+        ...
+
+    async def read_device_info(self) -> DeviceInfo: ...

@@ -1,0 +1,370 @@
+"""Bluetooth LE transport over bleak, and scanning.
+
+Devices are identified by the serial number they advertise in their
+manufacturer data, not by their address: macOS shows UUIDs instead of MAC
+addresses and some devices rotate addresses. ``backends`` passes bleak's
+``backend=`` through (``None`` is the platform backend); the simulator plugs in
+there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from bleak import BleakClient, BleakScanner
+from bleak.backends.characteristic import BleakGATTCharacteristic
+from bleak.backends.client import BaseBleakClient
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
+from bleak.exc import BleakError
+from bleak_retry_connector import BleakNotFoundError, establish_connection
+
+from devicebridge.clock import Clock, wait_for
+from devicebridge.errors import (
+    ConnectionLostError,
+    DeviceNotFoundError,
+    NotConnectedError,
+    TransportError,
+)
+from devicebridge.transport.base import (
+    DeviceInfo,
+    LinkLostReceiver,
+    MalformedReceiver,
+    MessageReceiver,
+)
+from protocols import (
+    BATTERY_LEVEL_CHAR_UUID,
+    CONTROL_CHAR_UUID,
+    DEVICE_PROFILE_CHAR_UUID,
+    EVENTS_CHAR_UUID,
+    FACIAL_CARE_SERVICE_UUID,
+    FIRMWARE_REVISION_CHAR_UUID,
+    HARDWARE_REVISION_CHAR_UUID,
+    MANUFACTURER_ID,
+    MANUFACTURER_NAME_CHAR_UUID,
+    MODEL_NUMBER_CHAR_UUID,
+    SERIAL_NUMBER_CHAR_UUID,
+    TELEMETRY_CHAR_UUID,
+    AdvertisedIdentity,
+    DeviceKind,
+    DeviceProfile,
+    ProtocolError,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
+DEFAULT_FIND_TIMEOUT_S: Final = 10.0
+# Connect attempts inside bleak-retry-connector; our session retries on top with
+# its own backoff on the injected clock, so keep the library's own loop short.
+CONNECT_ATTEMPTS: Final = 2
+NOTIFY_CHAR_UUIDS: Final = (CONTROL_CHAR_UUID, TELEMETRY_CHAR_UUID, EVENTS_CHAR_UUID)
+
+
+@dataclass(frozen=True, slots=True)
+class BleBackends:
+    """bleak ``backend=`` classes for scanning and connecting (``None``: the platform's)."""
+
+    scanner: type[BaseBleakScanner] | None = None
+    client: type[BaseBleakClient] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveredDevice:
+    """One device seen advertising the facial-care service."""
+
+    address: str
+    name: str
+    serial_number: str | None
+    kind: DeviceKind | int | None
+    battery_percent: int | None
+    rssi: int
+    busy: bool = False
+    pairing_mode: bool = False
+    ble_device: BLEDevice | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def kind_label(self) -> str:
+        return kind_label(self.kind)
+
+
+def kind_label(kind: DeviceKind | int | None) -> str:
+    if isinstance(kind, DeviceKind):
+        return {DeviceKind.MASSAGER: "massager", DeviceKind.LED_MASK: "led_mask"}[kind]
+    return "unknown" if kind is None else f"kind-{kind}"
+
+
+def _discovered(device: BLEDevice, adv: AdvertisementData) -> DiscoveredDevice | None:
+    """The device if it speaks our profile, else ``None`` (other BLE devices are ignored)."""
+    raw = adv.manufacturer_data.get(MANUFACTURER_ID)
+    identity: AdvertisedIdentity | None = None
+    if raw is not None:
+        try:
+            identity = AdvertisedIdentity.decode(bytes(raw))
+        except ProtocolError as exc:
+            _LOGGER.debug("%s: unreadable manufacturer data: %s", device.address, exc)
+    service_uuids = {uuid.lower() for uuid in adv.service_uuids}
+    if identity is None and FACIAL_CARE_SERVICE_UUID not in service_uuids:
+        return None
+    return DiscoveredDevice(
+        address=device.address,
+        name=adv.local_name or device.name or device.address,
+        serial_number=identity.serial_number if identity else None,
+        kind=identity.device_kind if identity else None,
+        battery_percent=identity.battery_percent if identity else None,
+        rssi=adv.rssi,
+        busy=identity.busy if identity else False,
+        pairing_mode=identity.pairing_mode if identity else False,
+        ble_device=device,
+    )
+
+
+async def scan(
+    clock: Clock, duration_s: float, backend: type[BaseBleakScanner] | None = None
+) -> list[DiscoveredDevice]:
+    """Listen for ``duration_s`` (on ``clock``) and return every facial-care device seen."""
+    seen: dict[str, DiscoveredDevice] = {}
+
+    def on_advertisement(device: BLEDevice, adv: AdvertisementData) -> None:
+        found = _discovered(device, adv)
+        if found is not None:
+            seen[found.serial_number or found.address] = found
+
+    scanner = BleakScanner(detection_callback=on_advertisement, backend=backend)
+    try:
+        await scanner.start()
+        try:
+            await clock.sleep(duration_s)
+        finally:
+            await scanner.stop()
+    except BleakError as exc:
+        raise TransportError(f"scan failed: {exc}", device="BLE adapter") from exc
+    return sorted(seen.values(), key=lambda d: (d.name, d.address))
+
+
+def matches(device: DiscoveredDevice, identifier: str) -> bool:
+    """Does ``identifier`` (serial number, address or advertised name) name ``device``?"""
+    wanted = identifier.casefold()
+    return wanted in {
+        (device.serial_number or "").casefold(),
+        device.address.casefold(),
+        device.name.casefold(),
+    }
+
+
+async def find_device(
+    clock: Clock,
+    predicate: Callable[[DiscoveredDevice], bool],
+    timeout_s: float,
+    backend: type[BaseBleakScanner] | None = None,
+    *,
+    description: str = "device",
+) -> DiscoveredDevice:
+    """Scan until an advertisement satisfies ``predicate``; stop as soon as one does."""
+    found: asyncio.Future[DiscoveredDevice] = asyncio.get_running_loop().create_future()
+
+    def on_advertisement(device: BLEDevice, adv: AdvertisementData) -> None:
+        if found.done():
+            return
+        candidate = _discovered(device, adv)
+        if candidate is not None and predicate(candidate):
+            found.set_result(candidate)
+
+    scanner = BleakScanner(detection_callback=on_advertisement, backend=backend)
+    try:
+        await scanner.start()
+        try:
+            return await wait_for(clock, asyncio.shield(found), timeout_s)
+        except TimeoutError:
+            raise DeviceNotFoundError(description, timeout_s=timeout_s, where="BLE") from None
+        finally:
+            await scanner.stop()
+    except BleakError as exc:
+        raise TransportError(f"scan failed: {exc}", device="BLE adapter") from exc
+
+
+class BleTransport:
+    """One device over GATT; satisfies :class:`devicebridge.transport.base.Transport`.
+
+    ``serial_number`` identifies the device in advertisements; ``address`` is a
+    fallback for devices that do not advertise one. ``device`` (a fresh scan
+    result) saves the first scan.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        serial_number: str | None = None,
+        address: str | None = None,
+        device: DiscoveredDevice | None = None,
+        backends: BleBackends | None = None,
+        find_timeout_s: float = DEFAULT_FIND_TIMEOUT_S,
+    ) -> None:
+        if serial_number is None and address is None and device is None:
+            raise ValueError("BleTransport needs a serial number, an address or a scanned device")
+        self._clock = clock
+        self._serial_number = serial_number or (device.serial_number if device else None)
+        self._address = address or (device.address if device else None)
+        self._ble_device = device.ble_device if device else None
+        self._backends = backends or BleBackends()
+        self._find_timeout_s = find_timeout_s
+        self._client: BleakClient | None = None
+        self._on_message: MessageReceiver | None = None
+        self._on_link_lost: LinkLostReceiver | None = None
+        self._closing = False
+        self._mtu_size = 23
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def description(self) -> str:
+        who = self._serial_number or self._address or "?"
+        return f"BLE {who}" if self._address in (None, who) else f"BLE {who} ({self._address})"
+
+    @property
+    def address(self) -> str | None:
+        """The last address the device was seen at."""
+        return self._address
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client is not None and self._client.is_connected
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+
+    def set_receivers(
+        self,
+        on_message: MessageReceiver,
+        on_link_lost: LinkLostReceiver,
+        on_malformed: MalformedReceiver | None = None,
+    ) -> None:
+        # GATT delivers whole messages, so there are no framing errors to report.
+        del on_malformed
+        self._on_message = on_message
+        self._on_link_lost = on_link_lost
+
+    # ------------------------------------------------------------------ link
+
+    def _is_target(self, device: DiscoveredDevice) -> bool:
+        if self._serial_number is not None and device.serial_number is not None:
+            return device.serial_number == self._serial_number
+        return self._address is not None and device.address.casefold() == self._address.casefold()
+
+    async def wait_for_device(self, timeout_s: float) -> None:
+        found = await find_device(
+            self._clock,
+            self._is_target,
+            timeout_s,
+            self._backends.scanner,
+            description=self._serial_number or self._address or "device",
+        )
+        self._ble_device = found.ble_device
+        self._address = found.address
+
+    async def connect(self) -> None:
+        if self._ble_device is None:
+            await self.wait_for_device(self._find_timeout_s)
+        assert self._ble_device is not None
+        device, self._ble_device = self._ble_device, None  # an advertisement is used once
+        self._closing = False
+        try:
+            client = await establish_connection(
+                BleakClient,
+                device,
+                self.description,
+                disconnected_callback=self._on_disconnected,
+                max_attempts=CONNECT_ATTEMPTS,
+                backend=self._backends.client,
+            )
+        except BleakNotFoundError as exc:
+            raise DeviceNotFoundError(self.description, where=f"connect: {exc}") from exc
+        except (BleakError, TimeoutError) as exc:
+            raise TransportError(f"connect failed: {exc}", device=self.description) from exc
+        self._client = client
+        self._mtu_size = client.mtu_size
+        try:
+            # Notifications do not survive a reconnect: enable them on every connect.
+            for uuid in NOTIFY_CHAR_UUIDS:
+                await client.start_notify(uuid, self._on_notification)
+        except BleakError as exc:
+            await self.disconnect()
+            raise TransportError(
+                f"enabling notifications failed: {exc}", device=self.description
+            ) from exc
+
+    async def disconnect(self) -> None:
+        self._closing = True
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await client.disconnect()
+        except BleakError as exc:
+            # The link is going away either way; a failed goodbye is not worth raising.
+            _LOGGER.debug("%s: disconnect: %s", self.description, exc)
+
+    def _on_disconnected(self, client: BleakClient) -> None:
+        if client is not self._client or self._closing:
+            return  # a stale client, or a disconnect we asked for
+        self._client = None
+        _LOGGER.info("%s: link lost", self.description)
+        if self._on_link_lost is not None:
+            self._on_link_lost()
+
+    def _on_notification(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
+        # A plain callback: bleak runs an async one as one task per notification,
+        # which does not keep their order.
+        if self._on_message is not None:
+            self._on_message(bytes(data))
+
+    # ------------------------------------------------------------------ I/O
+
+    def _connected_client(self) -> BleakClient:
+        if self._client is None or not self._client.is_connected:
+            raise NotConnectedError("not connected", device=self.description)
+        return self._client
+
+    async def write_control(self, data: bytes) -> None:
+        client = self._connected_client()
+        try:
+            await client.write_gatt_char(CONTROL_CHAR_UUID, data, response=True)
+        except BleakError as exc:
+            raise ConnectionLostError(f"write failed: {exc}", device=self.description) from exc
+
+    async def _read(self, client: BleakClient, uuid: str) -> bytes:
+        try:
+            return bytes(await client.read_gatt_char(uuid))
+        except BleakError as exc:
+            raise TransportError(f"reading {uuid} failed: {exc}", device=self.description) from exc
+
+    async def _read_text(self, client: BleakClient, uuid: str) -> str:
+        return (await self._read(client, uuid)).decode("utf-8", errors="replace")
+
+    async def read_device_info(self) -> DeviceInfo:
+        client = self._connected_client()
+        raw_profile = await self._read(client, DEVICE_PROFILE_CHAR_UUID)
+        try:
+            profile = DeviceProfile.decode(raw_profile)
+        except ProtocolError as exc:
+            raise TransportError(
+                f"unreadable device profile: {exc}", device=self.description
+            ) from exc
+        battery = await self._read(client, BATTERY_LEVEL_CHAR_UUID)
+        info = DeviceInfo(
+            serial_number=await self._read_text(client, SERIAL_NUMBER_CHAR_UUID),
+            model_number=await self._read_text(client, MODEL_NUMBER_CHAR_UUID),
+            firmware_revision=await self._read_text(client, FIRMWARE_REVISION_CHAR_UUID),
+            hardware_revision=await self._read_text(client, HARDWARE_REVISION_CHAR_UUID),
+            manufacturer_name=await self._read_text(client, MANUFACTURER_NAME_CHAR_UUID),
+            battery_percent=battery[0] if battery else None,
+            profile=profile,
+        )
+        self._serial_number = self._serial_number or info.serial_number
+        return info

@@ -1,0 +1,97 @@
+"""The clock helpers, the error tree, and session behaviour around link loss."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import devicebridge.errors as errors_module
+from devicebridge.clock import Clock, SystemClock, wait_for
+from devicebridge.core.states import ConnectionState
+from devicebridge.errors import ConnectionLostError, DeviceBridgeError, NotConnectedError
+from devicebridge.session import MassagerSession
+from devicebridge.transport.ble import find_device
+from protocols import Ping
+from simulators import SimulatedWorld, VirtualClock
+
+from .conftest import ble_session
+
+
+async def test_wait_for_times_out_on_virtual_time(clock: VirtualClock) -> None:
+    assert isinstance(clock, Clock)
+    never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    clock.start()
+    with pytest.raises(TimeoutError):
+        await wait_for(clock, never, 30.0)
+    assert clock.now_s() == pytest.approx(30.0)
+    assert never.cancelled()
+
+    async def soon() -> int:
+        await clock.sleep(1.0)
+        return 7
+
+    assert await wait_for(clock, soon(), 5.0) == 7
+    assert await wait_for(clock, soon(), None) == 7
+    await clock.stop()
+
+
+async def test_system_clock_satisfies_the_protocol() -> None:
+    system = SystemClock()
+    assert isinstance(system, Clock)
+    before = system.now_s()
+    await system.sleep(0)
+    assert system.now_s() >= before
+
+
+def test_every_error_derives_from_the_root() -> None:
+    classes = [
+        value
+        for value in vars(errors_module).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    ]
+    assert len(classes) >= 15
+    assert all(issubclass(cls, DeviceBridgeError) for cls in classes)
+    for cls in classes:
+        assert cls.__name__ in (errors_module.__doc__ or ""), f"{cls.__name__} not in the tree"
+
+
+async def test_pending_command_fails_fast_when_the_link_drops(
+    world: SimulatedWorld, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    massager = world.add_massager()
+    async with world:
+        clock.start()
+        found = await find_device(clock, lambda d: True, 2.0, world.scanner_backend)
+        session = ble_session(world, found, command_timeout_s=30.0)
+        assert isinstance(session, MassagerSession)
+        await session.start()
+        with monkeypatch.context() as patch:
+            patch.setattr(massager, "receive", lambda channel, data: None)
+            pending = asyncio.ensure_future(session.send(Ping()))
+            await clock.sleep(0.5)
+            world.drop_link(massager, out_of_range_s=1.0)
+            with pytest.raises(ConnectionLostError):
+                await pending
+        with pytest.raises(NotConnectedError):
+            await session.send(Ping())
+        await session.wait_ready(timeout_s=10.0)
+        assert (await session.send(Ping())).ok
+        await session.close()
+        assert session.state is ConnectionState.CLOSED
+
+
+async def test_session_without_auto_reconnect_goes_disconnected(
+    world: SimulatedWorld, clock: VirtualClock
+) -> None:
+    massager = world.add_massager()
+    async with world:
+        clock.start()
+        found = await find_device(clock, lambda d: True, 2.0, world.scanner_backend)
+        session = ble_session(world, found, auto_reconnect=False)
+        await session.start()
+        world.drop_link(massager)
+        assert session.state is ConnectionState.DISCONNECTED
+        await clock.sleep(2.0)
+        assert session.state is ConnectionState.DISCONNECTED
+        await session.close()
