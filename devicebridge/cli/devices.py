@@ -1,133 +1,28 @@
-"""The ``devicebridge`` command line (click + rich).
-
-Errors of devicebridge (device not found, unknown name, bad config, ...) print
-one line that says what failed and where, and exit with status 1; only bugs
-show a traceback. Output is plain text when stdout is not a terminal.
-"""
+"""Device commands: scan, pair, devices, forget, watch, and the demo."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
-import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from functools import update_wrapper
-from pathlib import Path
-from typing import Any, Final, ParamSpec, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import click
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from devicebridge.app import App, AppOptions, run_demo
-from devicebridge.config import Settings, load_settings
-from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
+from devicebridge.app import App, run_demo
+from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
+from devicebridge.config import Settings
+from devicebridge.errors import DeviceNotFoundError
 from devicebridge.monitor import DeviceSnapshot, TelemetryMonitor
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import kind_label
 
-EXIT_ERROR: Final = 1
-PLAIN_WIDTH_COLUMNS: Final = 160
 WATCH_REFRESH_S: Final = 0.5
 PLAIN_PRINT_INTERVAL_S: Final = 1.0
 DEFAULT_PAIR_TIMEOUT_S: Final = 10.0
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CliContext:
-    options: AppOptions
-    console: Console
-    error_console: Console
-
-
-def _fmt(value: float | int | bool | str | None, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return format(value, spec) if spec else str(value)
-
-
-def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn a DeviceBridgeError into one line on stderr and exit status 1."""
-
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except DeviceBridgeError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise click.exceptions.Exit(EXIT_ERROR) from None
-
-    return update_wrapper(wrapper, func)
-
-
-def run(coro: Coroutine[Any, Any, R]) -> R:
-    return asyncio.run(coro)
-
-
-@click.group()
-@click.option(
-    "--simulate/--no-simulate",
-    default=None,
-    help="Use in-process simulated devices (default: 'simulate' in the config).",
-)
-@click.option("--sim-seed", type=int, default=None, help="Seed of the simulated devices.")
-@click.option(
-    "--sim-fast",
-    is_flag=True,
-    help="Run the simulated devices as fast as the CPU allows (scripts and tests).",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Where the device registry lives (env DEVICEBRIDGE_DATA_DIR).",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Config file (env DEVICEBRIDGE_CONFIG).",
-)
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.pass_context
-@reports_errors
-def main(
-    ctx: click.Context,
-    simulate: bool | None,
-    sim_seed: int | None,
-    sim_fast: bool,
-    data_dir: Path | None,
-    config_file: Path | None,
-    verbose: int,
-) -> None:
-    """Bridge between this computer and facial-care devices (BLE and serial)."""
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    settings, _ = load_settings(config_file)
-    options = AppOptions(
-        settings=settings,
-        simulate=settings.simulate if simulate is None else simulate,
-        sim_seed=settings.sim_seed if sim_seed is None else sim_seed,
-        data_dir=data_dir,
-        sim_fast=sim_fast,
-    )
-    console = Console()
-    if not console.is_terminal:
-        # Piped or captured: no terminal width to honour, so do not truncate tables
-        # or wrap log-style lines at rich's default of 80 columns.
-        console = Console(width=PLAIN_WIDTH_COLUMNS, soft_wrap=True)
-    ctx.obj = CliContext(options, console, Console(stderr=True))
-
-
-pass_cli = click.make_pass_decorator(CliContext)
 
 
 # --------------------------------------------------------------------------- scan
@@ -183,10 +78,10 @@ def scan_command(cli: CliContext, timeout_s: float | None, as_json: bool) -> Non
         table.add_row(
             row["name"],
             row["kind"],
-            _fmt(row["model"]),
-            _fmt(row["firmware"]),
-            _fmt(row["serial_number"]),
-            _fmt(row["battery_percent"], "d") + ("%" if row["battery_percent"] is not None else ""),
+            fmt(row["model"]),
+            fmt(row["firmware"]),
+            fmt(row["serial_number"]),
+            fmt(row["battery_percent"], "d") + ("%" if row["battery_percent"] is not None else ""),
             f"{row['rssi_dbm']} dBm",
             f"yes ({row['paired_name']})" if row["paired"] else "no",
         )
@@ -298,9 +193,9 @@ def devices_command(cli: CliContext, as_json: bool) -> None:
             row["kind"],
             row["model"],
             row["serial_number"],
-            _fmt(row["firmware"]),
+            fmt(row["firmware"]),
             link,
-            _fmt(row["paired_at"]),
+            fmt(row["paired_at"]),
         )
     cli.console.print(table)
 
@@ -336,8 +231,8 @@ def _led(snapshot: DeviceSnapshot) -> str:
     if snapshot.red_mw_cm2 is None:
         return "-"
     return (
-        f"{snapshot.red_mw_cm2:.1f}/{_fmt(snapshot.near_infrared_mw_cm2, '.1f')}"
-        f"/{_fmt(snapshot.blue_mw_cm2, '.1f')}"
+        f"{snapshot.red_mw_cm2:.1f}/{fmt(snapshot.near_infrared_mw_cm2, '.1f')}"
+        f"/{fmt(snapshot.blue_mw_cm2, '.1f')}"
     )
 
 
@@ -349,11 +244,11 @@ def live_table(snapshots: Sequence[DeviceSnapshot], title: str) -> Table:
         table.add_row(
             s.name,
             s.state,
-            _fmt(s.pressure_kpa, ".2f"),
-            _fmt(s.contact),
-            _fmt(s.zone),
-            _fmt(s.battery_percent),
-            _fmt(s.skin_temperature_c, ".1f"),
+            fmt(s.pressure_kpa, ".2f"),
+            fmt(s.contact),
+            fmt(s.zone),
+            fmt(s.battery_percent),
+            fmt(s.skin_temperature_c, ".1f"),
             _led(s),
             str(s.samples),
             f"{s.gaps} ({s.lost_samples} lost)" if s.lost_samples else str(s.gaps),
@@ -366,13 +261,13 @@ def plain_line(s: DeviceSnapshot) -> str:
         f"{s.name}: state={s.state}",
         f"samples={s.samples}",
         f"gaps={s.gaps}",
-        f"battery={_fmt(s.battery_percent)}%",
-        f"skin={_fmt(s.skin_temperature_c, '.1f')}C",
+        f"battery={fmt(s.battery_percent)}%",
+        f"skin={fmt(s.skin_temperature_c, '.1f')}C",
     ]
     if s.pressure_kpa is not None:
         parts += [
             f"pressure={s.pressure_kpa:.2f}kPa",
-            f"contact={_fmt(s.contact)}",
+            f"contact={fmt(s.contact)}",
             f"zone={s.zone}",
         ]
     if s.red_mw_cm2 is not None:
@@ -405,8 +300,8 @@ def summary_table(snapshots: Sequence[DeviceSnapshot]) -> Table:
             str(s.backfilled_samples),
             str(s.reconnects),
             str(s.malformed),
-            _fmt(s.mean_pressure_kpa, ".2f"),
-            _fmt(s.max_skin_temperature_c, ".1f"),
+            fmt(s.mean_pressure_kpa, ".2f"),
+            fmt(s.max_skin_temperature_c, ".1f"),
         )
     return table
 

@@ -1,0 +1,10 @@
+"""The ``devicebridge`` command line.
+
+``main`` is the click group (:mod:`devicebridge.cli.base`); each module below adds one
+family of commands to it when imported.
+"""
+
+from devicebridge.cli import devices as _devices  # noqa: F401  (registers commands)
+from devicebridge.cli.base import main
+
+__all__ = ["main"]
