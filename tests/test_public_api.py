@@ -34,5 +34,7 @@ def test_pure_cores_import_without_the_edges() -> None:
         "edges = ('bleak', 'serial', 'sqlite3', 'aiomqtt');"
         "print(sorted(m for m in edges if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
