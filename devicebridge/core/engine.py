@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -114,31 +114,24 @@ class MassageSummary:
         return self.time_in_band_s / self.contact_s if self.contact_s else 0.0
 
 
-class MassageEngine:
-    """Enforces a massager routine over a stream of massager samples."""
+StepT = TypeVar("StepT", MassageStep, LedStep)
 
-    def __init__(self, routine: Routine, policy: SafetyPolicy, *, sample_rate_hz: float) -> None:
-        self._steps = [s for s in routine.steps if isinstance(s, MassageStep)]
+
+class _Engine(Generic[StepT]):
+    """What both engines share: the step list, the sample clock, and the decision log."""
+
+    def __init__(
+        self, routine: Routine, policy: SafetyPolicy, step_type: type[StepT], sample_rate_hz: float
+    ) -> None:
+        self._steps: list[StepT] = [s for s in routine.steps if isinstance(s, step_type)]
         if not self._steps:
-            raise ValueError(f"routine {routine.name!r} has no massage steps")
+            raise ValueError(f"routine {routine.name!r} has no {step_type.__name__} steps")
         self.routine = routine
         self.policy = policy
         self.dt_s = 1.0 / sample_rate_hz
-        self.summary = MassageSummary(steps_total=len(self._steps))
         self.decisions: list[Decision] = []
-        self.state = PressureState.NO_CONTACT
         self._index = 0
         self._first_sequence: int | None = None
-        # Thresholds are compared in whole samples: summing 0.01 s a hundred times does not
-        # give exactly 1.0 s, and decisions must land on the same sample every run.
-        self._rate_hz = sample_rate_hz
-        self._step_contact_samples = 0
-        self._no_contact_samples = 0
-        self._pass_zone: str | None = None
-        self._pass_samples = 0
-        self._pause_reason: str | None = None
-        self._temperature_warned = False
-        self._off_zone_warned = False
         self._finished = False
 
     @property
@@ -150,8 +143,37 @@ class MassageEngine:
         return self._index + 1
 
     @property
-    def current_step(self) -> MassageStep:
+    def current_step(self) -> StepT:
         return self._steps[min(self._index, len(self._steps) - 1)]
+
+    def _session_time_s(self, sequence: int) -> float:
+        """Session time of a sample, from the device's sample clock."""
+        if self._first_sequence is None:
+            self._first_sequence = sequence
+        return (sequence - self._first_sequence) * self.dt_s
+
+    def _emit(self, decisions: list[Decision]) -> list[Decision]:
+        self.decisions.extend(decisions)
+        return decisions
+
+
+class MassageEngine(_Engine[MassageStep]):
+    """Enforces a massager routine over a stream of massager samples."""
+
+    def __init__(self, routine: Routine, policy: SafetyPolicy, *, sample_rate_hz: float) -> None:
+        super().__init__(routine, policy, MassageStep, sample_rate_hz)
+        self.summary = MassageSummary(steps_total=len(self._steps))
+        self.state = PressureState.NO_CONTACT
+        # Thresholds are compared in whole samples: summing 0.01 s a hundred times does not
+        # give exactly 1.0 s, and decisions must land on the same sample every run.
+        self._rate_hz = sample_rate_hz
+        self._step_contact_samples = 0
+        self._no_contact_samples = 0
+        self._pass_zone: str | None = None
+        self._pass_samples = 0
+        self._pause_reason: str | None = None
+        self._temperature_warned = False
+        self._off_zone_warned = False
 
     @property
     def paused(self) -> bool:
@@ -173,15 +195,13 @@ class MassageEngine:
         out: list[Decision] = []
         if self._finished or samples.shape[0] == 0:
             return out
-        if self._first_sequence is None:
-            self._first_sequence = first_sequence
         pressure = (samples["pressure_dapa"] * KPA_PER_UNIT).tolist()
         temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
         contact = ((samples["flags"] & CONTACT_FLAG) != 0).tolist()
         zones = samples["zone"].tolist()
         for i in range(len(pressure)):
             sequence = first_sequence + i
-            at_s = (sequence - self._first_sequence) * self.dt_s
+            at_s = self._session_time_s(sequence)
             self._sample(at_s, sequence, pressure[i], temperature[i], contact[i], zones[i], out)
             if self.finished:
                 break
@@ -492,10 +512,6 @@ class MassageEngine:
         self._finished = True
         self.summary.stopped_reason = reason
 
-    def _emit(self, decisions: list[Decision]) -> list[Decision]:
-        self.decisions.extend(decisions)
-        return decisions
-
 
 @dataclass
 class LedSummary:
@@ -512,7 +528,7 @@ class LedSummary:
         return self.steps_done / self.steps_total if self.steps_total else 0.0
 
 
-class LedEngine:
+class LedEngine(_Engine[LedStep]):
     """Enforces an LED mask routine: dose per wavelength, temperature, step timing."""
 
     def __init__(
@@ -523,14 +539,8 @@ class LedEngine:
         sample_rate_hz: float,
         dose_today_j_cm2: Mapping[str, float] | None = None,
     ) -> None:
-        self._steps = [s for s in routine.steps if isinstance(s, LedStep)]
-        if not self._steps:
-            raise ValueError(f"routine {routine.name!r} has no LED steps")
-        self.routine = routine
-        self.policy = policy
-        self.dt_s = 1.0 / sample_rate_hz
+        super().__init__(routine, policy, LedStep, sample_rate_hz)
         self.summary = LedSummary(steps_total=len(self._steps))
-        self.decisions: list[Decision] = []
         today = dict(dose_today_j_cm2 or {})
         # The dose this session may still deliver per channel: the smaller of the per-session
         # cap and what is left of the daily cap.
@@ -544,24 +554,9 @@ class LedEngine:
             )
             for ch in LED_CHANNELS
         }
-        self._index = 0
-        self._first_sequence: int | None = None
         self._step_started_s = 0.0
         self._temperature_warned = False
         self._scale = 1.0
-        self._finished = False
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @property
-    def step_number(self) -> int:
-        return self._index + 1
-
-    @property
-    def current_step(self) -> LedStep:
-        return self._steps[min(self._index, len(self._steps) - 1)]
 
     def setpoints_mw_cm2(self) -> dict[str, float]:
         """Irradiance to command for the current step (after any lowering)."""
@@ -574,8 +569,6 @@ class LedEngine:
         out: list[Decision] = []
         if self._finished or samples.shape[0] == 0:
             return out
-        if self._first_sequence is None:
-            self._first_sequence = first_sequence
         irradiance = {
             ch: (samples[f"{ch}_centi_mw_cm2"] * MW_CM2_PER_UNIT).tolist() for ch in LED_CHANNELS
         }
@@ -583,7 +576,7 @@ class LedEngine:
         policy = self.policy
         for i in range(samples.shape[0]):
             sequence = first_sequence + i
-            at_s = (sequence - self._first_sequence) * self.dt_s
+            at_s = self._session_time_s(sequence)
             self.summary.max_temperature_c = max(self.summary.max_temperature_c, temperature[i])
             lit = False
             for ch in LED_CHANNELS:
@@ -726,7 +719,3 @@ class LedEngine:
                 nxt.irradiance_mw_cm2,
             )
         )
-
-    def _emit(self, decisions: list[Decision]) -> list[Decision]:
-        self.decisions.extend(decisions)
-        return decisions

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Final
 
 from devicebridge.errors import DeviceBridgeError
+from devicebridge.storage.sqlite import connect
 
 OUTBOX_FILENAME: Final = "outbox.sqlite3"
-BUSY_TIMEOUT_S: Final = 5.0
 DEFAULT_MAX_MESSAGES: Final = 1_000_000
 
 
@@ -51,17 +51,14 @@ class Outbox:
         self.bridge_id = bridge_id
         self.max_messages = max_messages
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db = connect(path)
             self._db.executescript(
                 "CREATE TABLE IF NOT EXISTS outbox ("
                 " sequence INTEGER PRIMARY KEY AUTOINCREMENT,"
                 " topic TEXT NOT NULL, payload BLOB NOT NULL,"
                 " qos INTEGER NOT NULL, retain INTEGER NOT NULL, created_at TEXT NOT NULL)"
             )
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open the outbox: {exc}", path=path) from exc
 
     def close(self) -> None:

@@ -27,9 +27,9 @@ from devicebridge.errors import (
     RegistrySchemaError,
     UnknownDeviceError,
 )
+from devicebridge.storage.sqlite import connect
 
 REGISTRY_FILENAME: Final = "registry.sqlite3"
-BUSY_TIMEOUT_S: Final = 5.0
 
 TransportKind = Literal["ble", "serial"]
 
@@ -87,15 +87,10 @@ class DeviceRegistry:
         self.path = path
         self._now = now
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each
-            # operation is exactly one transaction.
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._db = connect(path)
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(f"cannot open the registry: {exc}", path=path) from exc
         try:
-            self._db.execute("PRAGMA foreign_keys = ON")
-            self._db.execute("PRAGMA journal_mode = WAL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
             self._db.close()

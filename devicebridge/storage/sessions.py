@@ -23,11 +23,11 @@ import numpy as np
 import numpy.typing as npt
 
 from devicebridge.errors import DeviceBridgeError
+from devicebridge.storage.sqlite import connect
 from protocols import SampleFormat
 from protocols.telemetry import SAMPLE_DTYPES
 
 SESSIONS_FILENAME: Final = "sessions.sqlite3"
-BUSY_TIMEOUT_S: Final = 5.0
 SessionStatus = Literal["running", "completed", "stopped", "interrupted", "refused"]
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -137,15 +137,9 @@ class SessionStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a committed transaction survives a killed process
-            # (it is in the WAL file); only an OS crash or power cut may lose the last ones.
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db = connect(path)
             self._migrate()
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise SessionStoreError(f"cannot open the session store: {exc}", path=path) from exc
 
     def close(self) -> None:
