@@ -13,6 +13,7 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     │   ├── CommandTimeoutError        no acknowledgement within timeout_s
     │   └── CommandRejectedError       the device answered with a non-OK result
     ├── DeviceProtocolError            the device sent something the protocol forbids
+    ├── ProgramTransferError           a device program was not installed or started (stage)
     ├── InvalidStateTransitionError    a connection state change the state machine forbids
     ├── SessionClosedError             the session was closed
     ├── RegistryError                  the paired-device registry (path)
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from devicebridge.core.states import ConnectionState
-    from protocols import Opcode, ResultCode
+    from protocols import Opcode, ProgramRejectReason, ResultCode
 
 
 class DeviceBridgeError(Exception):
@@ -128,6 +129,36 @@ class DeviceProtocolError(DeviceBridgeError):
     def __init__(self, message: str, *, device: str) -> None:
         super().__init__(f"{device}: {message}")
         self.device = device
+
+
+class ProgramTransferError(DeviceBridgeError):
+    """A device program could not be installed or started.
+
+    ``stage`` is where it failed (``"begin"``, ``"chunk"``, ``"commit"``, ``"start"``,
+    ``"abort"``); ``result`` is the device's result code when it refused, ``reason`` and
+    ``detail`` the refusal's reason code and detail (``protocols.ProgramRejection``), e.g.
+    ``INCOMPLETE`` with the first missing byte offset.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        device: str,
+        stage: str,
+        transfer_id: int | None = None,
+        result: ResultCode | int | None = None,
+        reason: ProgramRejectReason | int | None = None,
+        detail: int | None = None,
+    ) -> None:
+        where = f"transfer {transfer_id}, " if transfer_id is not None else ""
+        super().__init__(f"{device}: program {stage} failed ({where}{message})")
+        self.device = device
+        self.stage = stage
+        self.transfer_id = transfer_id
+        self.result = result
+        self.reason = reason
+        self.detail = detail
 
 
 # --------------------------------------------------------------------------- session

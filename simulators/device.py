@@ -23,7 +23,17 @@ SHUTDOWN               u8 :class:`ShutdownReason`
 TREATMENT_STARTED      the START_LED parameters (5 x u16)
 TREATMENT_FINISHED     u8 :class:`protocols.TreatmentEndReason`
 OVER_TEMPERATURE       i16 skin temperature in 0.01 degC
+HARD_LIMIT             :class:`protocols.HardLimitEvent` (while a program runs)
+PROGRAM_STEP           :class:`protocols.ProgramStepEvent`
+PROGRAM_FINISHED       :class:`protocols.ProgramFinishedEvent`
 =====================  ===================================================
+
+Programs (``PROGRAM_BEGIN`` .. ``PROGRAM_START``, see :mod:`simulators.program_runner`)
+run inside the sampling loop, whether or not a host is connected. Events a running
+program causes while no host can hear them (no link, or a new link on which the host has
+not sent its first command yet, so its notifications may not be enabled) are kept in a
+small backlog and sent right after the acknowledgement of the host's first command on
+the next link, so the host's record of the session is complete.
 """
 
 from __future__ import annotations
@@ -53,8 +63,17 @@ from protocols import (
     Event,
     EventCode,
     GetInfo,
+    MessageType,
     Opcode,
     Ping,
+    Program,
+    ProgramAbort,
+    ProgramBegin,
+    ProgramChunk,
+    ProgramCommit,
+    ProgramEndReason,
+    ProgramRejection,
+    ProgramStart,
     ProtocolError,
     RequestBackfill,
     ResultCode,
@@ -68,6 +87,7 @@ from protocols import (
 from protocols.telemetry import SAMPLE_DTYPES
 from simulators.clock import VirtualClock
 from simulators.link import Channel, DeviceLink
+from simulators.program_runner import ProgramReceiver
 from simulators.ring import TelemetryRing
 
 DEFAULT_MTU_SIZE: Final = 247  # ATT MTU with data length extension (ble-and-ecosystem.md)
@@ -83,6 +103,8 @@ MS_PER_S: Final = 1000
 DEVICE_TIME_MODULUS: Final = 1 << 32
 EVENT_SEQUENCE_MODULUS: Final = 1 << 16
 EVENT_LOG_LENGTH: Final = 1000
+# Events of a running program kept while no host listens (a routine emits a few dozen).
+EVENT_BACKLOG_LENGTH: Final = 256
 # Guards the sample count against float error in (now - boot) * rate.
 SAMPLE_TIME_EPSILON: Final = 1e-6
 
@@ -202,6 +224,15 @@ class SimulatedDevice(abc.ABC):
             Opcode.STOP_ALL,
         }
     )
+    # Opcodes of devices with Capability.PROGRAM_TRANSFER.
+    PROGRAM_OPCODES: ClassVar[frozenset[Opcode]] = frozenset(
+        {
+            Opcode.PROGRAM_BEGIN,
+            Opcode.PROGRAM_COMMIT,
+            Opcode.PROGRAM_START,
+            Opcode.PROGRAM_ABORT,
+        }
+    )
 
     def __init__(
         self,
@@ -249,8 +280,16 @@ class SimulatedDevice(abc.ABC):
         self._event_sequence = 0
         self._deferred: list[tuple[Channel, bytes]] | None = None
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_LOG_LENGTH)
+        self._event_backlog: collections.deque[Event] = collections.deque(
+            maxlen=EVENT_BACKLOG_LENGTH
+        )
+        # The host on this link has sent a command, so it listens to notifications.
+        self._host_listening = False
+        self.program_receiver = ProgramReceiver(self.kind)
         self.ignored_frames = 0
         self.commands_received = 0
+        # What the running image reports; simulators.smp changes it after an update.
+        self.firmware_revision: str = FIRMWARE_REVISION
 
     # ------------------------------------------------------------------ identity
 
@@ -276,7 +315,7 @@ class SimulatedDevice(abc.ABC):
             ring_capacity_samples=self.ring.capacity,
             serial_number=self.serial_number,
             model_number=self.model_number,
-            firmware_revision=FIRMWARE_REVISION,
+            firmware_revision=self.firmware_revision,
             hardware_revision=HARDWARE_REVISION,
             manufacturer_name=MANUFACTURER_NAME,
         )
@@ -289,7 +328,7 @@ class SimulatedDevice(abc.ABC):
             "model_number": self.model_number,
             "serial_number": self.serial_number,
             "hardware_revision": HARDWARE_REVISION,
-            "firmware_revision": FIRMWARE_REVISION,
+            "firmware_revision": self.firmware_revision,
         }
 
     def advertised_identity(self) -> AdvertisedIdentity:
@@ -343,6 +382,11 @@ class SimulatedDevice(abc.ABC):
     @abc.abstractmethod
     def busy(self) -> bool:
         """An actuator or treatment is running (advertised as the busy flag)."""
+
+    @property
+    def program_running(self) -> bool:
+        """A committed program is running on the device's own clock."""
+        return False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -418,13 +462,17 @@ class SimulatedDevice(abc.ABC):
     def _reset_session(self) -> None:
         self._streaming = False
         self._backfill_queue.clear()
+        self._host_listening = False
 
     def receive(self, channel: Channel, data: bytes) -> None:
         """A write from the host on ``channel``."""
         if not self.is_powered:
             return
+        # Over serial every message shares one line: a chunk is told apart by its type.
+        if channel is Channel.PROGRAM or (data[:1] == bytes([MessageType.PROGRAM_CHUNK])):
+            self._receive_chunk(bytes(data))
+            return
         if channel is not Channel.CONTROL:
-            # Program transfer arrives with issue 3; until then a chunk is noise.
             self.ignored_frames += 1
             return
         try:
@@ -442,8 +490,26 @@ class SimulatedDevice(abc.ABC):
         finally:
             deferred, self._deferred = self._deferred, None
         self._send(Channel.CONTROL, ack.encode())
+        if not self._host_listening and self._link is not None:
+            self._host_listening = True
+            backlog = list(self._event_backlog)
+            self._event_backlog.clear()
+            for event in backlog:
+                self._send(Channel.EVENTS, event.encode())
         for channel_out, message in deferred:
             self._send(channel_out, message)
+
+    def _receive_chunk(self, data: bytes) -> None:
+        if Capability.PROGRAM_TRANSFER not in self.capabilities:
+            self.ignored_frames += 1
+            return
+        try:
+            chunk = ProgramChunk.decode(data)
+        except ProtocolError:
+            self.ignored_frames += 1
+            return
+        if not self.program_receiver.chunk(chunk):
+            self.ignored_frames += 1
 
     def _send(self, channel: Channel, message: bytes) -> None:
         if self._deferred is not None:
@@ -463,7 +529,10 @@ class SimulatedDevice(abc.ABC):
 
     @property
     def supported_opcodes(self) -> frozenset[Opcode]:
-        return self.COMMON_OPCODES | self.kind_opcodes
+        opcodes = self.COMMON_OPCODES | self.kind_opcodes
+        if Capability.PROGRAM_TRANSFER in self.capabilities:
+            opcodes |= self.PROGRAM_OPCODES
+        return opcodes
 
     def execute(self, command: Command) -> Ack:
         """Run one command and return its acknowledgement."""
@@ -498,8 +567,40 @@ class SimulatedDevice(abc.ABC):
             case StopAll():
                 self._stop_all()
                 return ResultCode.OK, b""
+            case ProgramBegin():
+                if self.program_running:
+                    return ResultCode.BUSY, b""
+                return self.program_receiver.begin(body)
+            case ProgramCommit():
+                if self.program_running:
+                    return ResultCode.BUSY, b""
+                return self.program_receiver.commit(body, self._check_program)
+            case ProgramStart():
+                if self.program_running:
+                    return ResultCode.BUSY, b""
+                program = self.program_receiver.committed
+                if program is None:
+                    return ResultCode.INVALID_PARAMETER, b""  # nothing committed to run
+                return self._start_program(program), b""
+            case ProgramAbort():
+                self.program_receiver.discard_transfer()
+                self._stop_program(ProgramEndReason.STOPPED_BY_HOST)
+                return ResultCode.OK, b""
             case _:
                 return self._execute_kind(body)
+
+    def _check_program(self, program: Program) -> ProgramRejection | None:
+        """Hook: refuse a decoded program beyond this device's hardware (kind checked)."""
+        del program
+        return None
+
+    def _start_program(self, program: Program) -> ResultCode:
+        """Hook: start running ``program`` now (only devices with PROGRAM_TRANSFER)."""
+        del program
+        return ResultCode.NOT_SUPPORTED
+
+    def _stop_program(self, reason: ProgramEndReason) -> None:  # noqa: B027 - optional hook
+        """Hook: end a running program now (``PROGRAM_FINISHED`` with ``reason``)."""
 
     @abc.abstractmethod
     def _execute_kind(self, body: CommandBody) -> tuple[ResultCode, bytes]:
@@ -617,7 +718,15 @@ class SimulatedDevice(abc.ABC):
         event = Event(self._event_sequence, self.device_time_ms(t_s), code, payload)
         self._event_sequence = (self._event_sequence + 1) % EVENT_SEQUENCE_MODULUS
         self.events.append(event)
+        if self.program_running and (self._link is None or not self._host_listening):
+            self._event_backlog.append(event)
+            return
         self._send(Channel.EVENTS, event.encode())
+
+    @property
+    def event_backlog(self) -> list[Event]:
+        """Program events waiting for a host to listen (oldest first)."""
+        return list(self._event_backlog)
 
     def _drain_battery(self, drain_percent: float, t_s: float) -> bool:
         """Use ``drain_percent`` of charge at ``t_s``; ``False`` when the battery is empty."""

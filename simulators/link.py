@@ -20,6 +20,7 @@ class Channel(enum.Enum):
     EVENTS = "events"
     PROGRAM = "program"
     BATTERY = "battery"  # Battery Level notifications (BLE only)
+    SMP = "smp"  # MCUmgr/SMP requests and responses (simulators.smp)
 
 
 class DeviceLink(Protocol):

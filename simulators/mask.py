@@ -14,21 +14,34 @@ from protocols import (
     CommandBody,
     DeviceKind,
     EventCode,
+    LedProgramStep,
     Opcode,
+    Program,
+    ProgramEndReason,
+    ProgramRejection,
+    ProgramRejectReason,
     ResultCode,
     SampleFormat,
     StartLed,
     StopLed,
     TreatmentEndReason,
 )
+from protocols.program import (
+    CENTI_C_PER_C,
+    CENTI_MW_CM2_PER_MW_CM2,
+    DECI_HZ_PER_HZ,
+    LED_CHANNEL_NAMES,
+)
 from protocols.telemetry import (
     IRRADIANCE_MW_CM2_PER_UNIT,
+    LED_MASK_FLAG_PROGRAM_RUNNING,
     LED_MASK_FLAG_TREATMENT_RUNNING,
     LED_MASK_FLAG_WORN,
     TEMPERATURE_C_PER_UNIT,
 )
 from simulators.clock import VirtualClock
 from simulators.device import Button, DeviceOptions, Press, ShutdownReason, SimulatedDevice
+from simulators.program_runner import MaskProgramRun
 
 LED_MASK_SAMPLE_RATE_HZ: Final = 10
 # Wavelengths of FDA-cleared masks (domain-safety.md, LED photobiomodulation [A]).
@@ -70,6 +83,11 @@ _END_REASON_OF_SHUTDOWN: Final = {
     ShutdownReason.BATTERY_EMPTY: TreatmentEndReason.LOW_BATTERY,
     ShutdownReason.BUTTON: TreatmentEndReason.BUTTON,
     ShutdownReason.HOST: TreatmentEndReason.STOPPED_BY_HOST,
+}
+_PROGRAM_END_OF_SHUTDOWN: Final = {
+    ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
+    ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
+    ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
 }
 
 
@@ -116,6 +134,7 @@ class SimulatedLedMask(SimulatedDevice):
         | Capability.BUTTONS
         | Capability.BACKFILL
         | Capability.AUTO_SHUTOFF
+        | Capability.PROGRAM_TRANSFER
     )
     default_sample_rate_hz: ClassVar[int] = LED_MASK_SAMPLE_RATE_HZ
     kind_opcodes: ClassVar[frozenset[Opcode]] = frozenset({Opcode.START_LED, Opcode.STOP_LED})
@@ -127,18 +146,74 @@ class SimulatedLedMask(SimulatedDevice):
         self.worn = worn
         self.treatment: Treatment | None = None
         self.skin_temperature_c = SKIN_BASELINE_C if worn else AMBIENT_C
+        self._program_run: MaskProgramRun | None = None
 
     @property
     def busy(self) -> bool:
-        return self.treatment is not None
+        return self.treatment is not None or self.program_running
+
+    @property
+    def program_running(self) -> bool:
+        return self._program_run is not None
+
+    @property
+    def program_run(self) -> MaskProgramRun | None:
+        """The program running now (for tests: its step index and integrated dose)."""
+        return self._program_run
+
+    # ------------------------------------------------------------------ programs
+
+    def _check_program(self, program: Program) -> ProgramRejection | None:
+        for index, step in enumerate(program.steps):
+            if not isinstance(step, LedProgramStep):
+                continue
+            too_bright = any(
+                step.irradiance_centi_mw_cm2(ch) / CENTI_MW_CM2_PER_MW_CM2
+                > HARDWARE_MAX_IRRADIANCE_MW_CM2
+                for ch in range(len(LED_CHANNEL_NAMES))
+            )
+            too_long = step.duration_s > MAX_TREATMENT_S
+            too_fast = step.pulse_deci_hz / DECI_HZ_PER_HZ > MAX_PULSE_HZ
+            if too_bright or too_long or too_fast:
+                return ProgramRejection(ProgramRejectReason.HARDWARE_LIMIT, index)
+        return None
+
+    def _start_program(self, program: Program) -> ResultCode:
+        if self.treatment is not None:
+            return ResultCode.BUSY  # STOP_LED first: no silent change of a running dose
+        # The firmware's own temperature stop holds whatever the program says.
+        stop_centi_c = min(
+            program.limits.skin_temperature_stop_centi_c,
+            round(HARD_STOP_TEMPERATURE_C * CENTI_C_PER_C),
+        )
+        run = MaskProgramRun(
+            program,
+            self.sample_rate_hz,
+            self._emit,
+            self.uptime_s,
+            temperature_stop_centi_c=stop_centi_c,
+        )
+        self._program_run = run
+        run.begin(self.uptime_s)
+        return ResultCode.OK
+
+    def _stop_program(self, reason: ProgramEndReason) -> None:
+        run = self._program_run
+        if run is not None:
+            # Emitted while still running: a host that is away gets it from the backlog.
+            run.stop(reason, self.uptime_s)
+            self._program_run = None
 
     # ------------------------------------------------------------------ commands
 
     def _execute_kind(self, body: CommandBody) -> tuple[ResultCode, bytes]:
         match body:
             case StartLed():
+                if self.program_running:
+                    return ResultCode.BUSY, b""
                 return self._start_led(body)
             case StopLed():
+                self._stop_program(ProgramEndReason.STOPPED_BY_HOST)
                 self._finish(TreatmentEndReason.STOPPED_BY_HOST, None)
                 return ResultCode.OK, b""
             case _:
@@ -168,6 +243,7 @@ class SimulatedLedMask(SimulatedDevice):
         return ResultCode.OK, b""
 
     def _stop_all(self) -> None:
+        self._stop_program(ProgramEndReason.STOPPED_BY_HOST)
         self._finish(TreatmentEndReason.STOPPED_BY_HOST, None)
 
     def _finish(self, reason: TreatmentEndReason, t_s: float | None) -> None:
@@ -177,6 +253,7 @@ class SimulatedLedMask(SimulatedDevice):
         self._emit(EventCode.TREATMENT_FINISHED, bytes([reason]), t_s)
 
     def _on_power_off(self, reason: ShutdownReason) -> None:
+        self._stop_program(_PROGRAM_END_OF_SHUTDOWN[reason])
         self._finish(_END_REASON_OF_SHUTDOWN[reason], None)
 
     # ------------------------------------------------------------------ user actions
@@ -189,6 +266,7 @@ class SimulatedLedMask(SimulatedDevice):
         self._emit(
             EventCode.BUTTON, bytes([Button.POWER, Press.LONG if long_press else Press.SHORT])
         )
+        self._stop_program(ProgramEndReason.BUTTON)
         self._finish(TreatmentEndReason.BUTTON, None)
 
     def put_on(self) -> None:
@@ -232,6 +310,16 @@ class SimulatedLedMask(SimulatedDevice):
                         treatment.near_infrared_mw_cm2,
                         treatment.blue_mw_cm2,
                     )
+            run = self._program_run
+            program_lit = False
+            if run is not None:
+                # The firmware decides each sample's light from the last skin reading.
+                run.on_sample(t_s, round(self.skin_temperature_c * CENTI_C_PER_C), self.worn)
+                irradiance[i] = run.levels_mw_cm2
+                mean_mw_cm2 = run.mean_total_mw_cm2
+                program_lit = run.lit
+                if run.finished:
+                    self._program_run = None
             base_c = SKIN_BASELINE_C if self.worn else AMBIENT_C
             target_c = base_c + THERMAL_GAIN_C_PER_MW_CM2 * mean_mw_cm2
             self.skin_temperature_c += (target_c - self.skin_temperature_c) * thermal_alpha
@@ -251,8 +339,14 @@ class SimulatedLedMask(SimulatedDevice):
                 break
             temperatures[i] = self.skin_temperature_c
             batteries[i] = self.battery_percent
-            flags[i] = (LED_MASK_FLAG_WORN if self.worn else 0) | (
-                LED_MASK_FLAG_TREATMENT_RUNNING if self.treatment is not None else 0
+            flags[i] = (
+                (LED_MASK_FLAG_WORN if self.worn else 0)
+                | (
+                    LED_MASK_FLAG_TREATMENT_RUNNING
+                    if self.treatment is not None or program_lit
+                    else 0
+                )
+                | (LED_MASK_FLAG_PROGRAM_RUNNING if self._program_run is not None else 0)
             )
 
         lit = irradiance[:count] * (1.0 + irradiance_noise[:count])

@@ -14,7 +14,10 @@ from protocols import (
     DeviceKind,
     EventCode,
     MassageMode,
+    MassageProgramStep,
     Opcode,
+    Program,
+    ProgramEndReason,
     ResultCode,
     SampleFormat,
     SetIntensity,
@@ -26,6 +29,7 @@ from protocols.messages import MAX_INTENSITY_LEVEL
 from protocols.telemetry import (
     MASSAGER_FLAG_CONTACT,
     MASSAGER_FLAG_MOTOR_ON,
+    MASSAGER_FLAG_PROGRAM_RUNNING,
     PRESSURE_KPA_PER_UNIT,
     TEMPERATURE_C_PER_UNIT,
 )
@@ -40,6 +44,7 @@ from simulators.device import (
     derived_seed,
 )
 from simulators.hand import HandScript
+from simulators.program_runner import MassagerProgramRun
 
 MASSAGER_SAMPLE_RATE_HZ: Final = 100
 # Contact detection with hysteresis, so sensor noise at the threshold does not
@@ -65,6 +70,11 @@ MOTOR_DRAIN_PERCENT_PER_S_PER_LEVEL: Final = 100.0 / (MOTOR_LIFE_AT_MAX_S * MAX_
 # The level a short press of the power button starts at (firmware default).
 DEFAULT_BUTTON_INTENSITY: Final = 3
 MODE_CYCLE: Final = (MassageMode.VIBRATION, MassageMode.PERCUSSION, MassageMode.PULSE)
+_PROGRAM_END_OF_SHUTDOWN: Final = {
+    ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
+    ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
+    ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
+}
 
 
 class SimulatedMassager(SimulatedDevice):
@@ -83,6 +93,7 @@ class SimulatedMassager(SimulatedDevice):
         | Capability.SKIN_TEMPERATURE
         | Capability.BUTTONS
         | Capability.BACKFILL
+        | Capability.PROGRAM_TRANSFER
     )
     default_sample_rate_hz: ClassVar[int] = MASSAGER_SAMPLE_RATE_HZ
     kind_opcodes: ClassVar[frozenset[Opcode]] = frozenset(
@@ -112,6 +123,7 @@ class SimulatedMassager(SimulatedDevice):
         spread_c = float(self.sensor_rng.uniform(-1.0, 1.0)) * SKIN_BASELINE_SPREAD_C / 2
         self.skin_baseline_c = SKIN_BASELINE_C + spread_c
         self.sensor_temperature_c = AMBIENT_C
+        self._program_run: MassagerProgramRun | None = None
 
     @property
     def motor_on(self) -> bool:
@@ -119,11 +131,50 @@ class SimulatedMassager(SimulatedDevice):
 
     @property
     def busy(self) -> bool:
-        return self.motor_on
+        return self.motor_on or self.program_running
+
+    @property
+    def program_running(self) -> bool:
+        return self._program_run is not None
+
+    @property
+    def program_run(self) -> MassagerProgramRun | None:
+        """The program running now (for tests: its step index and counters)."""
+        return self._program_run
+
+    # ------------------------------------------------------------------ programs
+
+    def _start_program(self, program: Program) -> ResultCode:
+        run = MassagerProgramRun(
+            program, self.sample_rate_hz, self._emit, self.uptime_s, self._apply_program_step
+        )
+        self._program_run = run
+        run.begin(self.uptime_s)
+        return ResultCode.OK
+
+    def _apply_program_step(self, step: MassageProgramStep | None, t_s: float) -> None:
+        """The program drives the motor: the step's settings, or off (``None``)."""
+        if step is None:
+            self.intensity = 0
+            return
+        self._set_zone(step.zone, t_s)
+        self.mode = step.mode
+        self.intensity = step.intensity
+
+    def _stop_program(self, reason: ProgramEndReason) -> None:
+        run = self._program_run
+        if run is not None:
+            # PROGRAM_FINISHED goes out while the program still counts as running, so a
+            # host that is away gets it from the event backlog.
+            run.stop(reason, self.uptime_s)
+            self._program_run = None
+        self._stop_all_actuators()
 
     # ------------------------------------------------------------------ commands
 
     def _execute_kind(self, body: CommandBody) -> tuple[ResultCode, bytes]:
+        if self.program_running:
+            return ResultCode.BUSY, b""  # the program drives the motor until it ends
         match body:
             case SetIntensity(level=level):
                 self.intensity = level
@@ -142,6 +193,9 @@ class SimulatedMassager(SimulatedDevice):
                 return ResultCode.NOT_SUPPORTED, b""
 
     def _stop_all(self) -> None:
+        self._stop_program(ProgramEndReason.STOPPED_BY_HOST)
+
+    def _stop_all_actuators(self) -> None:
         self.intensity = 0
         self.mode = MassageMode.OFF
 
@@ -160,10 +214,14 @@ class SimulatedMassager(SimulatedDevice):
         self._emit(
             EventCode.BUTTON, bytes([Button.POWER, Press.LONG if long_press else Press.SHORT])
         )
+        if self.program_running:
+            # Any press of the power button is the user's stop for a running program.
+            self._stop_program(ProgramEndReason.BUTTON)
+            return
         if long_press:
             if self.motor_on:
                 self._last_on_intensity, self._last_on_mode = self.intensity, self.mode
-            self._stop_all()
+            self._stop_all_actuators()
         elif not self.motor_on:
             self.intensity = self._last_on_intensity
             self.mode = self._last_on_mode
@@ -177,6 +235,8 @@ class SimulatedMassager(SimulatedDevice):
             return
         self.catch_up()
         self._emit(EventCode.BUTTON, bytes([Button.MODE, Press.SHORT]))
+        if self.program_running:
+            return  # the program sets the mode per step
         if self.mode in MODE_CYCLE:
             self.mode = MODE_CYCLE[(MODE_CYCLE.index(self.mode) + 1) % len(MODE_CYCLE)]
         else:
@@ -193,27 +253,24 @@ class SimulatedMassager(SimulatedDevice):
         pressure_noise = self.sensor_rng.standard_normal(count)
         ripple_noise = self.sensor_rng.standard_normal(count)
         temperature_noise = self.sensor_rng.standard_normal(count) * TEMPERATURE_NOISE_C
-        motor_on = self.motor_on
-        ripple_kpa = MOTOR_RIPPLE_KPA_PER_LEVEL * self.intensity if motor_on else 0.0
-        pressure_kpa = np.clip(
-            hand.pressure_kpa
-            + pressure_noise * self.hand.noise_sigma_kpa(hand.pressure_kpa)
-            + ripple_noise * ripple_kpa * hand.touching,
-            0.0,
-            SENSOR_MAX_KPA,
-        )
+        # Commands and buttons take the samples due before they act, so the motor holds
+        # its state over a block, except when a running program switches it mid-block:
+        # then the pressure of the following samples is worked out again, one by one,
+        # with the same float operations in the same order.
+        base_kpa = hand.pressure_kpa + pressure_noise * self.hand.noise_sigma_kpa(hand.pressure_kpa)
+        touching = hand.touching
+        motor_on, ripple_kpa, drain_percent = self._motor_state()
+        block_ripple_kpa = ripple_kpa
+        pressure_kpa = np.clip(base_kpa + ripple_noise * ripple_kpa * touching, 0.0, SENSOR_MAX_KPA)
         period_s = 1.0 / self.sample_rate_hz
         thermal_alpha = 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
-        drain_percent = (
-            IDLE_DRAIN_PERCENT_PER_S
-            + (MOTOR_DRAIN_PERCENT_PER_S_PER_LEVEL * self.intensity if motor_on else 0.0)
-        ) * period_s
-        motor_flag = MASSAGER_FLAG_MOTOR_ON if motor_on else 0
 
         zones: list[int] = []
         flags: list[int] = []
         temperatures: list[float] = []
         batteries: list[int] = []
+        intensities: list[int] = []
+        modes: list[int] = []
         for i in range(count):
             t_s = float(times_s[i])
             hand_zone = int(hand.zone[i])
@@ -221,6 +278,10 @@ class SimulatedMassager(SimulatedDevice):
                 # The hand moved to another zone: that wins over an earlier SET_ZONE.
                 self._last_hand_zone = hand_zone
                 self._set_zone(Zone(hand_zone), t_s)
+            if ripple_kpa != block_ripple_kpa:
+                pressure_kpa[i] = np.clip(
+                    base_kpa[i] + ripple_noise[i] * ripple_kpa * touching[i], 0.0, SENSOR_MAX_KPA
+                )
             pressure = float(pressure_kpa[i])
             if not self.contact and pressure >= CONTACT_ON_KPA:
                 self.contact = True
@@ -230,13 +291,42 @@ class SimulatedMassager(SimulatedDevice):
                 self._emit(EventCode.CONTACT_CHANGED, b"\x00", t_s)
             target_c = self.skin_baseline_c if self.contact else AMBIENT_C
             self.sensor_temperature_c += (target_c - self.sensor_temperature_c) * thermal_alpha
+            program_flag = 0
+            # The reading was taken on the zone the device was on before the program
+            # (possibly) moves to its next step on this very sample: label it with that one,
+            # or the sample that completes a step would count toward the next zone.
+            sample_zone = int(self.zone)
+            run = self._program_run
+            if run is not None:
+                # The firmware's control loop sees each reading before it is logged, so
+                # a hard-limit stop shows in the very sample that crossed the limit.
+                run.on_sample(
+                    t_s,
+                    round(pressure / PRESSURE_KPA_PER_UNIT),
+                    self.contact,
+                    round(
+                        (self.sensor_temperature_c + float(temperature_noise[i]))
+                        / TEMPERATURE_C_PER_UNIT
+                    ),
+                )
+                if run.finished:
+                    self._program_run = None
+                else:
+                    program_flag = MASSAGER_FLAG_PROGRAM_RUNNING
+                motor_on, ripple_kpa, drain_percent = self._motor_state()
             if not self._drain_battery(drain_percent, t_s):
                 count = i
                 break
-            zones.append(int(self.zone))
-            flags.append((MASSAGER_FLAG_CONTACT if self.contact else 0) | motor_flag)
+            zones.append(sample_zone)
+            flags.append(
+                (MASSAGER_FLAG_CONTACT if self.contact else 0)
+                | (MASSAGER_FLAG_MOTOR_ON if motor_on else 0)
+                | program_flag
+            )
             temperatures.append(self.sensor_temperature_c)
             batteries.append(self.battery_percent)
+            intensities.append(self.intensity)
+            modes.append(int(self.mode))
 
         samples = np.zeros(count, dtype=self.sample_dtype)
         samples["pressure_dapa"] = np.round(pressure_kpa[:count] / PRESSURE_KPA_PER_UNIT)
@@ -245,13 +335,23 @@ class SimulatedMassager(SimulatedDevice):
         )
         samples["battery_percent"] = batteries
         samples["zone"] = zones
-        samples["intensity"] = self.intensity
-        samples["mode"] = int(self.mode)
+        samples["intensity"] = intensities
+        samples["mode"] = modes
         samples["flags"] = flags
         return samples
 
+    def _motor_state(self) -> tuple[bool, float, float]:
+        """Motor on, its ripple on the load cell (kPa), battery use per sample (percent)."""
+        motor_on = self.motor_on
+        ripple_kpa = MOTOR_RIPPLE_KPA_PER_LEVEL * self.intensity if motor_on else 0.0
+        drain_percent = (
+            IDLE_DRAIN_PERCENT_PER_S
+            + (MOTOR_DRAIN_PERCENT_PER_S_PER_LEVEL * self.intensity if motor_on else 0.0)
+        ) * (1.0 / self.sample_rate_hz)
+        return motor_on, ripple_kpa, drain_percent
+
     def _on_power_off(self, reason: ShutdownReason) -> None:
-        self._stop_all()
+        self._stop_program(_PROGRAM_END_OF_SHUTDOWN[reason])
 
     def shutdown(self) -> None:
         """A long press that powers the device off (SHUTDOWN with reason BUTTON)."""

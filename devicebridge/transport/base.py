@@ -40,7 +40,12 @@ class DeviceInfo:
 
 
 class Transport(Protocol):
-    """One link to one device. Callbacks are plain functions called on the event loop."""
+    """One link to one device. Callbacks are plain functions called on the event loop.
+
+    Optional: ``write_control_nowait(data: bytes) -> None``, the write of
+    :meth:`write_control` done synchronously (serial has it; a bleak write is a coroutine).
+    :meth:`devicebridge.session.DeviceSession.send_soon` uses it when present.
+    """
 
     @property
     def description(self) -> str:
@@ -81,6 +86,15 @@ class Transport(Protocol):
 
     async def write_control(self, data: bytes) -> None:
         """Send one command message to the device."""
+        ...
+
+    @property
+    def max_program_chunk_bytes(self) -> int:
+        """Largest program chunk message (header included) that one write carries."""
+        ...
+
+    async def write_program_chunk(self, data: bytes) -> None:
+        """Send one program chunk message (BLE: the Program Transfer characteristic)."""
         ...
 
     async def read_device_info(self) -> DeviceInfo: ...

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.backends.client import BaseBleakClient
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
-from bleak.exc import BleakError
+from bleak.exc import BleakError, BleakGATTProtocolError, BleakGATTProtocolErrorCode
 from bleak_retry_connector import BleakNotFoundError, establish_connection
 
 from devicebridge.clock import Clock, wait_for
@@ -47,6 +47,7 @@ from protocols import (
     MANUFACTURER_ID,
     MANUFACTURER_NAME_CHAR_UUID,
     MODEL_NUMBER_CHAR_UUID,
+    PROGRAM_CHAR_UUID,
     SERIAL_NUMBER_CHAR_UUID,
     TELEMETRY_CHAR_UUID,
     AdvertisedIdentity,
@@ -63,6 +64,18 @@ DEFAULT_FIND_TIMEOUT_S: Final = 10.0
 # its own backoff on the injected clock, so keep the library's own loop short.
 CONNECT_ATTEMPTS: Final = 2
 NOTIFY_CHAR_UUIDS: Final = (CONTROL_CHAR_UUID, TELEMETRY_CHAR_UUID, EVENTS_CHAR_UUID)
+# A write with response carries at most one attribute value (docs/protocol.md 1.3).
+MAX_ATTRIBUTE_WRITE_BYTES: Final = 512
+# ATT errors that mean "pair first": the host pairs and retries the operation once.
+PAIRING_REQUIRED_ERRORS: Final = frozenset(
+    {
+        BleakGATTProtocolErrorCode.INSUFFICIENT_AUTHENTICATION,
+        BleakGATTProtocolErrorCode.INSUFFICIENT_ENCRYPTION,
+        BleakGATTProtocolErrorCode.INSUFFICIENT_ENCRYPTION_KEY_SIZE,
+    }
+)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +249,21 @@ class BleTransport:
         return self._client is not None and self._client.is_connected
 
     @property
+    def mtu_size(self) -> int:
+        """The ATT MTU negotiated on the current link (23 until an exchange)."""
+        client = self._client
+        if client is not None and client.is_connected:
+            # Some stacks exchange the MTU after connect returns: ask every time.
+            self._mtu_size = client.mtu_size
+        return self._mtu_size
+
+    @property
     def max_message_bytes(self) -> int:
-        return self._mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+        return self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+
+    @property
+    def max_program_chunk_bytes(self) -> int:
+        return min(MAX_ATTRIBUTE_WRITE_BYTES, self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES)
 
     def set_receivers(
         self,
@@ -331,16 +357,57 @@ class BleTransport:
             raise NotConnectedError("not connected", device=self.description)
         return self._client
 
+    async def _paired_if_needed(
+        self, client: BleakClient, operation: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run ``operation``; if the device wants an encrypted link, pair and retry once."""
+        try:
+            return await operation()
+        except BleakGATTProtocolError as exc:
+            if exc.code not in PAIRING_REQUIRED_ERRORS:
+                raise
+            _LOGGER.info("%s: %s; pairing", self.description, exc.code.name)
+        try:
+            await client.pair()
+        except BleakError as exc:
+            raise TransportError(f"pairing failed: {exc}", device=self.description) from exc
+        return await operation()
+
+    def _check_write_size(self, data: bytes, what: str) -> None:
+        # With response, the stack splits a long value into prepared writes up to
+        # one attribute value; beyond that no stack can carry it.
+        if len(data) > MAX_ATTRIBUTE_WRITE_BYTES:
+            raise TransportError(
+                f"{what} of {len(data)} bytes exceeds the {MAX_ATTRIBUTE_WRITE_BYTES}-byte "
+                "attribute limit",
+                device=self.description,
+            )
+
     async def write_control(self, data: bytes) -> None:
         client = self._connected_client()
+        self._check_write_size(data, "command")
         try:
-            await client.write_gatt_char(CONTROL_CHAR_UUID, data, response=True)
+            await self._paired_if_needed(
+                client, lambda: client.write_gatt_char(CONTROL_CHAR_UUID, data, response=True)
+            )
         except BleakError as exc:
             raise ConnectionLostError(f"write failed: {exc}", device=self.description) from exc
 
+    async def write_program_chunk(self, data: bytes) -> None:
+        client = self._connected_client()
+        self._check_write_size(data, "program chunk")
+        try:
+            await self._paired_if_needed(
+                client, lambda: client.write_gatt_char(PROGRAM_CHAR_UUID, data, response=True)
+            )
+        except BleakError as exc:
+            raise ConnectionLostError(
+                f"program chunk write failed: {exc}", device=self.description
+            ) from exc
+
     async def _read(self, client: BleakClient, uuid: str) -> bytes:
         try:
-            return bytes(await client.read_gatt_char(uuid))
+            return bytes(await self._paired_if_needed(client, lambda: client.read_gatt_char(uuid)))
         except BleakError as exc:
             raise TransportError(f"reading {uuid} failed: {exc}", device=self.description) from exc
 

@@ -98,6 +98,10 @@ class SerialTransport:
     def max_message_bytes(self) -> int:
         return MAX_MESSAGE_BYTES
 
+    @property
+    def max_program_chunk_bytes(self) -> int:
+        return MAX_MESSAGE_BYTES
+
     def set_receivers(
         self,
         on_message: MessageReceiver,
@@ -209,6 +213,18 @@ class SerialTransport:
     # ------------------------------------------------------------------ send
 
     async def write_control(self, data: bytes) -> None:
+        self._write(encode_frame(data))
+
+    def write_control_nowait(self, data: bytes) -> None:
+        """The same write from synchronous code: the frame goes to the fd before returning.
+
+        (What is left when the kernel buffer is full goes out when the port is writable.)
+        A safety stop decided inside a receive callback is on the line at once.
+        """
+        self._write(encode_frame(data))
+
+    async def write_program_chunk(self, data: bytes) -> None:
+        # One line carries every message; the device tells a chunk apart by its type.
         self._write(encode_frame(data))
 
     def _write(self, frame: bytes) -> None:

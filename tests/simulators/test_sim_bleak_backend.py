@@ -42,6 +42,7 @@ from protocols import (
 )
 from protocols.constants import CLIENT_CHARACTERISTIC_CONFIG_UUID
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock
+from simulators.smp import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
 
 
 class HostSide:
@@ -176,6 +177,7 @@ async def test_gatt_database_properties_and_cccds(
             FACIAL_CARE_SERVICE_UUID,
             BATTERY_SERVICE_UUID,
             DEVICE_INFORMATION_SERVICE_UUID,
+            SMP_SERVICE_UUID,  # MCUmgr (simulators.smp)
         }
         expected = {
             DEVICE_PROFILE_CHAR_UUID: ["read"],
@@ -185,6 +187,7 @@ async def test_gatt_database_properties_and_cccds(
             PROGRAM_CHAR_UUID: ["write", "notify"],
             BATTERY_LEVEL_CHAR_UUID: ["read", "notify"],
             SERIAL_NUMBER_CHAR_UUID: ["read"],
+            SMP_CHARACTERISTIC_UUID: ["write-without-response", "notify"],
         }
         for uuid, properties in expected.items():
             characteristic = services.get_characteristic(uuid)

@@ -70,12 +70,14 @@ async def test_common_commands_ok(device: SimulatedDevice, body: CommandBody) ->
         assert ack.payload == b""
 
 
-@pytest.mark.parametrize("body", PROGRAM_COMMANDS, ids=lambda b: b.opcode.name)
-async def test_program_commands_not_supported_yet(
-    device: SimulatedDevice, body: CommandBody
-) -> None:
+async def test_program_commands_without_a_whole_program(device: SimulatedDevice) -> None:
+    # Issue 3: both kinds take programs (tests/programs/ covers the transfer in full).
     _, command = connect(device)
-    assert command(body).result == ResultCode.NOT_SUPPORTED
+    begin, commit, start, abort = PROGRAM_COMMANDS
+    assert command(begin).result == ResultCode.OK
+    assert command(commit).result == ResultCode.INVALID_PARAMETER  # no byte arrived
+    assert command(start).result == ResultCode.INVALID_PARAMETER  # nothing committed
+    assert command(abort).result == ResultCode.OK
 
 
 async def test_kind_specific_commands_are_not_supported_on_the_other_kind(
