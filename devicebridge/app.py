@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from devicebridge.clock import Clock, SystemClock
 from devicebridge.config import Settings, data_dir
+from devicebridge.core.engine import ZONE_CODES, Decision
+from devicebridge.core.policy import SafetyPolicy, default_policy
+from devicebridge.core.routine import MassageStep, Routine, parse_routine
 from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
 from devicebridge.monitor import DeviceSnapshot, TelemetryMonitor
+from devicebridge.runner import RoutineRunner, RunMode, RunnerState, RunSummary
 from devicebridge.session import DeviceSession, MaskSession, MassagerSession, session_class_for
 from devicebridge.storage.registry import DeviceRegistry, PairedDevice
 from devicebridge.transport.base import DeviceInfo, Transport
@@ -33,7 +38,10 @@ from devicebridge.transport.ble import (
     scan,
 )
 from devicebridge.transport.serial import SerialTransport
-from protocols import MassageMode, Zone
+from protocols import DeviceKind, MassageMode, Zone
+
+if TYPE_CHECKING:
+    from simulators import HandScript, SimulatedWorld
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -176,6 +184,83 @@ class App:
     async def sleep(self, duration_s: float) -> None:
         await self.clock.sleep(duration_s)
 
+    def script_simulated_hand(
+        self, serial_number: str, routine: Routine, policy: SafetyPolicy, *, lead_in_s: float
+    ) -> bool:
+        """With ``--simulate``: the simulated massager's hand follows ``routine`` from now on."""
+        from simulators import SimulatedMassager, SimulatedWorld
+
+        world = self._world
+        if not isinstance(world, SimulatedWorld):
+            return False
+        for device in world.devices:
+            if isinstance(device, SimulatedMassager) and device.serial_number == serial_number:
+                start_s = device.uptime_s + lead_in_s
+                device.hand = routine_hand_script(routine, policy, start_s=start_s)
+                return True
+        return False
+
+
+# --------------------------------------------------------------------------- simulated hands
+
+HAND_STROKE_S: Final = 10.0  # longest stroke before the hand lifts briefly
+HAND_LIFT_S: Final = 0.5  # between strokes (well below the no-contact pause)
+HAND_MOVE_S: Final = 1.5  # from one zone to the next
+HAND_SAMPLE_HZ: Final = 100  # the simulated massager's rate: strokes start between samples
+HAND_EDGE_S: Final = 1e-6
+
+
+def routine_hand_script(
+    routine: Routine,
+    policy: SafetyPolicy,
+    *,
+    start_s: float,
+    events: Sequence[tuple[int, float, float]] = (),
+) -> HandScript:
+    """A simulated hand that follows ``routine`` from ``start_s`` (seconds since boot).
+
+    Each step's zone gets exactly the step's contact time, in strokes at the middle of the
+    step's pressure band, so a correct host completes the routine. ``events`` adds scripted
+    mistakes as ``(step number, offset_s, pressure_kpa)``: one second at that pressure,
+    ``offset_s`` into the step (a press too light or too hard, for demos). Time above the
+    zone's cap does not count as contact time, so the hand makes it up.
+    """
+    from simulators import HandScript, HandSegment
+
+    hz = HAND_SAMPLE_HZ
+    stroke_ticks = round(HAND_STROKE_S * hz)
+    by_step = {step: (offset_s, kpa) for step, offset_s, kpa in events}
+    segments: list[HandSegment] = []
+    # Whole samples plus half a sample: no sample ever sits on a stroke boundary.
+    t_ticks = math.ceil(start_s * hz)
+    steps = [s for s in routine.steps if isinstance(s, MassageStep)]
+    for number, step in enumerate(steps, start=1):
+        zone = Zone(ZONE_CODES[step.zone])
+        middle_kpa = (step.pressure_min_kpa + step.pressure_max_kpa) / 2
+        contact_ticks = round(step.contact_time_s * hz)
+        pieces = [(contact_ticks, middle_kpa)]
+        if number in by_step:
+            offset_s, kpa = by_step[number]
+            before = min(contact_ticks, round(offset_s * hz))
+            counted = 0 if kpa > policy.zones[step.policy_zone].cap_kpa.value else hz
+            after = max(0, contact_ticks - before - counted)
+            pieces = [(before, middle_kpa), (hz, kpa), (after, middle_kpa)]
+        on_skin = 0  # ticks since the hand last lifted
+        for ticks, kpa in pieces:
+            while ticks > 0:
+                if on_skin == stroke_ticks:
+                    t_ticks += round(HAND_LIFT_S * hz)
+                    on_skin = 0
+                chunk = min(ticks, stroke_ticks - on_skin)
+                # A hair short, so float rounding never makes neighbours overlap.
+                duration_s = chunk / hz - HAND_EDGE_S
+                segments.append(HandSegment((t_ticks + 0.5) / hz, duration_s, zone, kpa))
+                t_ticks += chunk
+                on_skin += chunk
+                ticks -= chunk
+        t_ticks += round(HAND_MOVE_S * hz)
+    return HandScript(segments)
+
 
 # --------------------------------------------------------------------------- demo
 
@@ -184,6 +269,44 @@ class App:
 class DemoResult:
     snapshots: list[DeviceSnapshot]
     sequences_ok: bool
+    routines: list[RunSummary] = field(default_factory=list)
+
+
+# The demo routines: short, so that they show guidance, a warning and a safety stop within
+# the demo's duration. The hand of the first massager presses too lightly on the cheek,
+# then too hard on the forehead (above its cap: the motor stops, then resumes).
+DEMO_STEP_FRACTION: Final = 0.25  # of the demo duration per massage step
+DEMO_MIN_STEP_S: Final = 2
+DEMO_HAND_LEAD_IN_S: Final = 0.3
+DEMO_TOO_LIGHT_KPA: Final = 1.5
+DEMO_TOO_HARD_KPA: Final = 17.0  # above the 15 kPa forehead cap of the default policy
+DEMO_MISTAKE_AFTER_S: Final = 0.5
+
+
+def demo_routines(duration_s: float) -> tuple[str, str]:
+    """(massage routine, LED routine) as TOML, scaled to the demo's duration."""
+    step_s = max(DEMO_MIN_STEP_S, round(duration_s * DEMO_STEP_FRACTION))
+    led_s = max(1, round(duration_s * DEMO_LED_FRACTION))
+    header = 'author = "devicebridge demo"\nversion = "1"\ncategory = "demo"\n'
+    massage = (
+        f'[routine]\nname = "Demo massage"\n{header}device_kind = "massager"\n'
+        + "".join(
+            f'\n[[steps]]\nzone = "{zone}"\ncontact_time_s = {step_s}\nmode = "vibration"\n'
+            f"intensity = {DEMO_INTENSITY}\npressure_kpa = {{ min = 4.0, max = 12.0 }}\n"
+            f'guidance = "{text}"\n'
+            for zone, text in (
+                ("cheek_left", "Upward strokes on the left cheek."),
+                ("forehead", "Strokes from the brow up to the hairline."),
+            )
+        )
+    )
+    led = (
+        f'[routine]\nname = "Demo light"\n{header}device_kind = "led_mask"\n'
+        f"\n[[steps]]\nred_mw_cm2 = {DEMO_LED_RED_MW_CM2}\n"
+        f"near_infrared_mw_cm2 = {DEMO_LED_NIR_MW_CM2}\nduration_s = {led_s}\n"
+        'guidance = "Close your eyes; keep the eye shields in place."\n'
+    )
+    return massage, led
 
 
 async def run_demo(
@@ -195,10 +318,22 @@ async def run_demo(
     masks: int = 1,
     on_update: Callable[[float, Sequence[DeviceSnapshot]], None] | None = None,
     refresh_s: float = DEMO_REFRESH_S,
+    on_routine_state: Callable[[RunnerState], None] | None = None,
+    on_routine_decision: Callable[[str, Decision], None] | None = None,
 ) -> DemoResult:
-    """Simulated devices in-process, found and driven through the real bleak API."""
+    """Simulated devices in-process, found and driven through the real bleak API.
+
+    The first massager and the first mask run a short routine under the default policy
+    (guidance, pressure warnings, a safety stop); the other devices only stream.
+    """
     from simulators import SimulatedWorld, VirtualClock
 
+    policy = default_policy()
+    massage_text, led_text = demo_routines(duration_s)
+    routines = {
+        DeviceKind.MASSAGER: parse_routine(massage_text, policy, label="demo massage"),
+        DeviceKind.LED_MASK: parse_routine(led_text, policy, label="demo light"),
+    }
     clock = VirtualClock(realtime=not fast)
     world = SimulatedWorld(seed=seed, clock=clock)
     for _ in range(massagers):
@@ -233,15 +368,33 @@ async def run_demo(
                 monitors.append(monitor)
             # Connect to all of them at once.
             await asyncio.gather(*(session.start() for session in sessions))
-            await asyncio.gather(
-                *(_start_demo_routine(s, i, duration_s) for i, s in enumerate(sessions))
-            )
+            runners: list[RoutineRunner] = []
+            for index, session in enumerate(sessions):
+                routine = routines.get(DeviceKind(session.device_info.kind))
+                if routine is None or any(r.routine is routine for r in runners):
+                    await _start_demo_routine(session, index, duration_s)
+                    continue
+                _script_demo_hand(world, session.device_info.serial_number, routine, policy)
+                runners.append(
+                    RoutineRunner(
+                        session,
+                        routine,
+                        policy,
+                        mode=RunMode.HOST,
+                        on_update=on_routine_state,
+                        on_decision=_bound(on_routine_decision, session.name),
+                    )
+                )
             start_s = clock.now_s()
             end_s = start_s + duration_s
+            routine_tasks = [
+                asyncio.ensure_future(runner.run(max_duration_s=duration_s)) for runner in runners
+            ]
             while clock.now_s() < end_s:
                 await clock.sleep(min(refresh_s, end_s - clock.now_s()))
                 if on_update is not None:
                     on_update(clock.now_s() - start_s, [m.snapshot() for m in monitors])
+            summaries = list(await asyncio.gather(*routine_tasks))
             for session in sessions:
                 try:
                     await session.stop_all()
@@ -253,7 +406,35 @@ async def run_demo(
             for monitor in monitors:
                 await monitor.stop()
             await clock.stop()
-    return DemoResult([m.snapshot() for m in monitors], all(m.sequences_ok for m in monitors))
+    return DemoResult(
+        [m.snapshot() for m in monitors], all(m.sequences_ok for m in monitors), summaries
+    )
+
+
+def _bound(
+    callback: Callable[[str, Decision], None] | None, name: str
+) -> Callable[[Decision], None] | None:
+    if callback is None:
+        return None
+    return lambda decision: callback(name, decision)
+
+
+def _script_demo_hand(
+    world: SimulatedWorld, serial_number: str, routine: Routine, policy: SafetyPolicy
+) -> None:
+    from simulators import SimulatedMassager
+
+    for device in world.devices:
+        if isinstance(device, SimulatedMassager) and device.serial_number == serial_number:
+            device.hand = routine_hand_script(
+                routine,
+                policy,
+                start_s=device.uptime_s + DEMO_HAND_LEAD_IN_S,
+                events=[
+                    (1, DEMO_MISTAKE_AFTER_S, DEMO_TOO_LIGHT_KPA),
+                    (2, DEMO_MISTAKE_AFTER_S, DEMO_TOO_HARD_KPA),
+                ],
+            )
 
 
 async def _start_demo_routine(session: DeviceSession, index: int, duration_s: float) -> None:

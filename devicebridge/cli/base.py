@@ -51,7 +51,9 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except DeviceBridgeError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+            # soft_wrap: one error, one line, whatever the width (scripts grep for it).
+            errors = Console(stderr=True, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise click.exceptions.Exit(EXIT_ERROR) from None
 
     return update_wrapper(wrapper, func)
@@ -114,7 +116,7 @@ def main(
         # Piped or captured: no terminal width to honour, so do not truncate tables
         # or wrap log-style lines at rich's default of 80 columns.
         console = Console(width=PLAIN_WIDTH_COLUMNS, soft_wrap=True)
-    ctx.obj = CliContext(options, console, Console(stderr=True))
+    ctx.obj = CliContext(options, console, Console(stderr=True, soft_wrap=True))
 
 
 pass_cli = click.make_pass_decorator(CliContext)

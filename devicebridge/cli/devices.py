@@ -8,15 +8,18 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
 from devicebridge.app import App, run_demo
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
+from devicebridge.cli.routines import GuidanceView, state_panel
+from devicebridge.cli.routines import summary_table as routine_summary_table
 from devicebridge.config import Settings
 from devicebridge.errors import DeviceNotFoundError
 from devicebridge.monitor import DeviceSnapshot, TelemetryMonitor
+from devicebridge.runner import RunnerState
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import kind_label
 
@@ -326,9 +329,12 @@ class LiveView:
         if self._live is not None:
             self._live.__exit__(None, None, None)
 
-    def update(self, snapshots: Sequence[DeviceSnapshot]) -> None:
+    def update(
+        self, snapshots: Sequence[DeviceSnapshot], extra: Sequence[RenderableType] = ()
+    ) -> None:
         if self._live is not None:
-            self._live.update(live_table(snapshots, self.title))
+            table = live_table(snapshots, self.title)
+            self._live.update(Group(table, *extra) if extra else table)
             return
         now_s = self._now_s()
         if self._last_plain_s is None or now_s - self._last_plain_s >= PLAIN_PRINT_INTERVAL_S:
@@ -405,13 +411,22 @@ def demo_command(cli: CliContext, fast: bool, duration_s: float) -> None:
     """Two simulated massagers and an LED mask, found and streamed over the real bleak API."""
     settings: Settings = cli.options.settings
     elapsed_s = [0.0]
+    # Routine guidance: panels inside the live table on a terminal, plain lines elsewhere.
+    guidance = GuidanceView(cli.console)
+    states: dict[str, RunnerState] = {}
+
+    def on_routine_state(state: RunnerState) -> None:
+        states[state.device] = state
+        if not cli.console.is_terminal:
+            guidance.on_state(state)
+
     with LiveView(
         cli.console, "devicebridge demo (simulated devices)", lambda: elapsed_s[0]
     ) as view:
 
         def on_update(now_s: float, snapshots: Sequence[DeviceSnapshot]) -> None:
             elapsed_s[0] = now_s
-            view.update(snapshots)
+            view.update(snapshots, [state_panel(s) for s in states.values()])
 
         result = run(
             run_demo(
@@ -421,9 +436,13 @@ def demo_command(cli: CliContext, fast: bool, duration_s: float) -> None:
                 massagers=max(1, settings.sim_massagers),
                 masks=max(1, settings.sim_masks),
                 on_update=on_update,
+                on_routine_state=on_routine_state,
+                on_routine_decision=guidance.on_decision,
             )
         )
     cli.console.print(summary_table(result.snapshots))
+    for routine in result.routines:
+        cli.console.print(routine_summary_table(routine))
     if not result.sequences_ok:
         cli.error_console.print("warning: telemetry arrived out of order")
 

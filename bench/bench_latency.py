@@ -1,0 +1,543 @@
+"""Safety-stop latency: a too-high pressure sample reaching the bridge -> STOP_ALL written.
+
+Simulated massagers stream at 100 Hz (10 batches a second) in real time, each held by a
+hand that presses above the cheek cap for 0.2 s of every second. Devices boot staggered
+across one batch interval, as independent radios would be (with aligned boots every
+batch of every device would arrive in the same instant). Each device runs the real
+:class:`~devicebridge.runner.RoutineRunner` (host mode, engine, a real SQLite store
+shared by all runs, as ``devicebridge serve`` has) over a real transport.
+
+Two setups, each measured in the same run against baselines:
+
+* **serial, devices in another process** (the headline): a child process
+  (``python -m bench.bench_latency serve N``) runs the simulated devices on ptys, so the
+  bridge's process does nothing but bridge. The sample "reaches the bridge" when the
+  device's frame is written into the pty (stamped in the device process with
+  CLOCK_MONOTONIC, which both processes share); the clock stops when the STOP_ALL frame
+  has been written to the bridge's fd. The time the bridge's event loop takes to get
+  to a readable fd is therefore included. Also shown: from the bridge's read of that
+  frame (``read ->``), the part spent in the bridge's code alone.
+* **BLE, devices in the bridge's process** (the old setup): the bleak simulator backend
+  only works in-process, so simulator work and the realtime clock's catch-up share the
+  bridge's loop. From the telemetry notification entering the transport's callback to the
+  STOP_ALL entering ``write_control``.
+
+Baselines, same devices and transport, no engine and no store:
+
+* ``observer``: a bare telemetry observer that compares the pressure with the cap and
+  starts STOP_ALL (:meth:`DeviceSession.send_soon`): the floor of the runner's path.
+* ``queued``: a bare consumer of the session's telemetry subscription that awaits
+  STOP_ALL: the floor of the path the runner used before (callback -> queue -> task).
+
+Target (issue 3): p99 under 2 ms with 100 devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from bench.report import print_table
+from devicebridge.clock import SystemClock
+from devicebridge.core.engine import DecisionKind
+from devicebridge.core.policy import default_policy
+from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
+from devicebridge.core.routine import parse_routine
+from devicebridge.errors import DeviceBridgeError
+from devicebridge.runner import RoutineRunner, RunMode
+from devicebridge.session import DeviceSession, MassagerSession
+from devicebridge.storage.sessions import SessionStore
+from devicebridge.transport.base import LinkLostReceiver, MalformedReceiver, MessageReceiver
+from devicebridge.transport.ble import BleBackends, BleTransport, scan
+from devicebridge.transport.serial import SerialTransport
+from protocols import Command, MessageType, Opcode, StopAll, TelemetryBatch, Zone
+from protocols.telemetry import BATCH_HEADER, MASSAGER_SAMPLE_DTYPE
+from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
+from simulators.link import Channel
+from simulators.serial_port import PtySerialPort
+
+DEVICE_COUNTS: Final = (1, 10, 100)
+MEASURE_S: Final = float(os.environ.get("BENCH_LATENCY_S", "8"))
+BATCH_INTERVAL_S: Final = 0.1
+TARGET_P99_MS: Final = 2.0
+TARGET_DEVICES: Final = 100
+CHEEK_CAP_KPA: Final = 15.0
+IN_BAND_KPA: Final = 7.0
+TOO_HIGH_KPA: Final = 20.0
+SCAN_S: Final = 1.0
+SETTLE_S: Final = 1.0  # wall seconds of running before the window opens
+SEED: Final = 99
+MS_PER_S: Final = 1000.0
+SAMPLE_BYTES: Final = MASSAGER_SAMPLE_DTYPE.itemsize
+VARIANTS: Final = ("runner", "observer", "queued")
+
+ROUTINE = """
+[routine]
+name = "latency bench"
+author = "bench"
+version = "1"
+device_kind = "massager"
+category = "bench"
+""" + "".join(
+    f"""
+[[steps]]
+zone = "{zone}"
+contact_time_s = 60
+mode = "vibration"
+intensity = 4
+pressure_kpa = {{ min = 4.0, max = 12.0 }}
+"""
+    for zone in ("cheek_left", "cheek_right", "cheek_left", "cheek_right")
+)
+
+
+def now_s() -> float:
+    """CLOCK_MONOTONIC: one time line for the bench and the device process."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def hand() -> HandScript:
+    """Every second: 0.6 s in band, 0.2 s above the cheek cap, 0.2 s lifted."""
+    return HandScript(
+        [
+            HandSegment(0.005, 0.6, Zone.CHEEK_LEFT, IN_BAND_KPA),
+            HandSegment(0.605, 0.2, Zone.CHEEK_LEFT, TOO_HIGH_KPA),
+        ],
+        loop=True,
+        period_s=1.0,
+    )
+
+
+def _telemetry_span(data: bytes) -> tuple[int, int]:
+    _, _, first, _ = BATCH_HEADER.unpack_from(data)
+    return first, (len(data) - BATCH_HEADER.size) // SAMPLE_BYTES
+
+
+# --------------------------------------------------------------------------- device process
+
+
+class StampedPort(PtySerialPort):
+    """Stamps every telemetry frame as it goes into the pty (the sample reaches the host)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.stamps: list[tuple[int, int, float]] = []
+
+    def send(self, channel: Channel, message: bytes) -> None:
+        super().send(channel, message)
+        if message and message[0] == MessageType.TELEMETRY:
+            first, count = _telemetry_span(message)
+            self.stamps.append((first, count, now_s()))
+
+
+async def _serve(count: int) -> None:
+    """Devices on ptys until SIGTERM; then their frame stamps as JSON on stdout."""
+    clock = VirtualClock(realtime=True)
+    world = SimulatedWorld(seed=SEED, clock=clock)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    ports: list[StampedPort] = []
+    async with world:
+        clock.start()
+        for _ in range(count):
+            port = StampedPort(world.add_massager(hand=hand()))
+            await port.start()
+            ports.append(port)
+            print(port.path, flush=True)
+            await clock.sleep(BATCH_INTERVAL_S / count)
+        await stop.wait()
+        await clock.stop()
+        for port in ports:
+            await port.stop()
+    print(json.dumps({port.path: port.stamps for port in ports}), flush=True)
+
+
+# --------------------------------------------------------------------------- bridge side
+
+
+@dataclass
+class Stop:
+    """One measured safety stop: the sample that triggered it and when STOP_ALL went out."""
+
+    device: str
+    sequence: int
+    read_s: float  # the bridge got the frame (read / notification callback)
+    written_s: float  # STOP_ALL written (serial) / entering the write (BLE)
+
+
+@dataclass
+class Probe:
+    """Arrival stamps of one device's telemetry and the stops measured on it."""
+
+    device: str
+    arrivals: deque[tuple[int, int, float]] = field(default_factory=lambda: deque(maxlen=64))
+    stops: list[Stop] = field(default_factory=list)
+    trigger: Callable[[], int | None] | None = None  # the sequence the next STOP_ALL is for
+
+    def arrived(self, data: bytes, stamp_s: float) -> None:
+        if data and data[0] == MessageType.TELEMETRY:
+            first, count = _telemetry_span(data)
+            self.arrivals.append((first, count, stamp_s))
+
+    def stop_written(self, data: bytes, stamp_s: float) -> None:
+        if self.trigger is None or Command.decode(data).opcode != Opcode.STOP_ALL:
+            return
+        sequence = self.trigger()
+        if sequence is None:
+            return
+        for first, count, read_s in self.arrivals:
+            if first <= sequence < first + count:
+                self.stops.append(Stop(self.device, sequence, read_s, stamp_s))
+                return
+
+
+class TimedSerialTransport(SerialTransport):
+    def __init__(self, port: str, probe: Probe) -> None:
+        super().__init__(port, SystemClock())
+        self.probe = probe
+        self._read_s = 0.0
+
+    def set_receivers(
+        self,
+        on_message: MessageReceiver,
+        on_link_lost: LinkLostReceiver,
+        on_malformed: MalformedReceiver | None = None,
+    ) -> None:
+        def stamped(data: bytes) -> None:
+            self.probe.arrived(data, self._read_s)
+            on_message(data)
+
+        super().set_receivers(stamped, on_link_lost, on_malformed)
+
+    def _on_readable(self) -> None:
+        self._read_s = now_s()
+        super()._on_readable()
+
+    def write_control_nowait(self, data: bytes) -> None:
+        super().write_control_nowait(data)
+        self.probe.stop_written(data, now_s())
+
+    async def write_control(self, data: bytes) -> None:
+        await super().write_control(data)
+        self.probe.stop_written(data, now_s())
+
+
+class TimedBleTransport(BleTransport):
+    def __init__(self, *args: object, probe: Probe, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.probe = probe
+
+    def _on_notification(self, char: object, data: bytearray) -> None:
+        self.probe.arrived(bytes(data), now_s())
+        super()._on_notification(char, data)  # type: ignore[arg-type]
+
+    async def write_control(self, data: bytes) -> None:
+        self.probe.stop_written(data, now_s())
+        await super().write_control(data)
+
+
+# ------------------------------------------------------------------ what runs on each device
+
+Until = Callable[[], bool]
+
+
+async def _runner_loop(
+    session: DeviceSession, probe: Probe, store: SessionStore, until: Until
+) -> None:
+    policy = default_policy()
+    routine = parse_routine(ROUTINE, policy, label="bench")
+    while not until():
+        runner = RoutineRunner(session, routine, policy, store=store, mode=RunMode.HOST)
+        measured: set[int] = set()
+
+        def trigger(runner: RoutineRunner = runner, measured: set[int] = measured) -> int | None:
+            engine = runner.engine
+            if engine is None:
+                return None
+            for decision in reversed(engine.decisions):
+                if decision.kind in (DecisionKind.PAUSE, DecisionKind.STOP):
+                    if decision.sequence is None or decision.sequence in measured:
+                        return None  # the final STOP_ALL of a run, not a safety stop
+                    measured.add(decision.sequence)
+                    return decision.sequence
+            return None
+
+        probe.trigger = trigger
+        await runner.run()
+    probe.trigger = None
+
+
+def _over_cap(batch: TelemetryBatch, above: bool) -> tuple[int | None, bool]:
+    """The first sample of a new excursion above the cap, and whether the batch ends above."""
+    pressure = batch.samples["pressure_dapa"]
+    over = np.flatnonzero(pressure > round(CHEEK_CAP_KPA * 100))
+    first = batch.first_sequence + int(over[0]) if over.size and not above else None
+    return first, bool(over.size) and bool(pressure[-1] > round(CHEEK_CAP_KPA * 100))
+
+
+async def _observer_loop(session: DeviceSession, probe: Probe, until: Until) -> None:
+    state = {"above": False}
+    pending: list[int] = []
+
+    def observe(item: TelemetryItem) -> None:
+        if isinstance(item, TelemetryGap):
+            return
+        first, state["above"] = _over_cap(item, state["above"])
+        if first is not None:
+            pending.append(first)
+            with contextlib.suppress(DeviceBridgeError):
+                session.send_soon(StopAll()).add_done_callback(_quiet)
+
+    probe.trigger = lambda: pending.pop() if pending else None
+    remove = session.observe_telemetry(observe)
+    del until  # the observer works inside the session's callbacks: wait to be cancelled
+    try:
+        await asyncio.get_running_loop().create_future()
+    finally:
+        remove()
+        probe.trigger = None
+
+
+def _quiet(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _queued_loop(session: DeviceSession, probe: Probe, until: Until) -> None:
+    subscription = session.telemetry()
+    above = False
+    pending: list[int] = []
+    probe.trigger = lambda: pending.pop() if pending else None
+    try:
+        async for item in subscription:
+            if until():
+                break
+            if isinstance(item, TelemetryGap):
+                continue
+            first, above = _over_cap(item, above)
+            if first is not None:
+                pending.append(first)
+                with contextlib.suppress(DeviceBridgeError):
+                    await session.send(StopAll())
+    finally:
+        probe.trigger = None
+        await subscription.aclose()
+
+
+async def _drive(
+    pairs: list[tuple[DeviceSession, Probe]], variant: str, store_folder: Path
+) -> None:
+    """Run ``variant`` on every device; measure MEASURE_S wall seconds of steady state.
+
+    Wall time on purpose: the window is real time. The window opens after every device
+    runs its variant (100 runners starting in the same instant are not a steady state).
+    """
+    deadline_s = float("inf")
+
+    def until() -> bool:
+        return now_s() >= deadline_s
+
+    store = SessionStore(store_folder / "bench.sqlite3")
+    tasks: list[Awaitable[None]]
+    if variant == "runner":
+        tasks = [_runner_loop(s, p, store, until) for s, p in pairs]
+    elif variant == "observer":
+        tasks = [_observer_loop(s, p, until) for s, p in pairs]
+    else:
+        tasks = [_queued_loop(s, p, until) for s, p in pairs]
+    runs = [asyncio.ensure_future(task) for task in tasks]
+    await asyncio.sleep(SETTLE_S)
+    for _, probe in pairs:
+        probe.stops.clear()
+    deadline_s = now_s() + MEASURE_S
+    await asyncio.sleep(MEASURE_S)
+    measured = {id(probe): list(probe.stops) for _, probe in pairs}
+    for run in runs:
+        run.cancel()
+    await asyncio.gather(*runs, return_exceptions=True)
+    for _, probe in pairs:
+        probe.stops[:] = measured[id(probe)]  # not the stops of the shutdown
+    store.close()
+
+
+async def _measure_serial(count: int, variant: str) -> tuple[list[float], list[float]]:
+    """(device write -> STOP written, bridge read -> STOP written) in seconds."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.bench_latency",
+        "serve",
+        str(count),
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    try:
+        paths = [(await child.stdout.readline()).decode().strip() for _ in range(count)]
+        pairs: list[tuple[DeviceSession, Probe]] = []
+        rng = random.Random(SEED)
+        for path in paths:
+            probe = Probe(path)
+            transport = TimedSerialTransport(path, probe)
+            session = MassagerSession(
+                transport, SystemClock(), rng=random.Random(rng.random()), name=path
+            )
+            pairs.append((session, probe))
+        await asyncio.gather(*(session.start() for session, _ in pairs))
+        with tempfile.TemporaryDirectory() as folder:
+            await _drive(pairs, variant, Path(folder))
+        for opened, _ in pairs:
+            await opened.close()
+    finally:
+        if child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+        out, _ = await child.communicate()
+    stamps: dict[str, list[list[float]]] = json.loads(out.decode().strip().splitlines()[-1])
+    total, bridge = [], []
+    for _, probe in pairs:
+        sent = stamps[probe.device]
+        for stop in probe.stops:
+            for first, samples, sent_s in sent:
+                if first <= stop.sequence < first + samples:
+                    total.append(stop.written_s - sent_s)
+                    bridge.append(stop.written_s - stop.read_s)
+                    break
+    return total, bridge
+
+
+async def _measure_ble(count: int, variant: str) -> list[float]:
+    clock = VirtualClock(realtime=True)
+    world = SimulatedWorld(seed=SEED, clock=clock)
+    async with world:
+        clock.start()
+        for _ in range(count):
+            world.add_massager(hand=hand())
+            await clock.sleep(BATCH_INTERVAL_S / count)
+        backends = BleBackends(world.scanner_backend, world.client_backend)
+        found = await scan(clock, SCAN_S, backends.scanner)
+        rng = random.Random(SEED)
+        pairs: list[tuple[DeviceSession, Probe]] = []
+        for device in found:
+            probe = Probe(device.address)
+            transport = TimedBleTransport(clock, device=device, backends=backends, probe=probe)
+            session = MassagerSession(transport, clock, rng=random.Random(rng.random()))
+            pairs.append((session, probe))
+        await asyncio.gather(*(session.start() for session, _ in pairs))
+        with tempfile.TemporaryDirectory() as folder:
+            await _drive(pairs, variant, Path(folder))
+        for opened, _ in pairs:
+            await opened.close()
+        await clock.stop()
+    return [stop.written_s - stop.read_s for _, probe in pairs for stop in probe.stops]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) * MS_PER_S if values else float("nan")
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b == b and b > 0 else float("nan")
+
+
+def run() -> bool:
+    met = True
+    serial_rows, ble_rows = [], []
+    for count in DEVICE_COUNTS:
+        serial = {v: asyncio.run(_measure_serial(count, v)) for v in VARIANTS}
+        total, bridge = serial["runner"]
+        p99 = _ms(total, 99)
+        verdict = "-"
+        if count == TARGET_DEVICES:
+            ok = bool(total) and p99 < TARGET_P99_MS
+            met = met and ok
+            verdict = "met" if ok else "MISSED"
+        serial_rows.append(
+            [
+                count,
+                len(total),
+                round(_ms(total, 50), 3),
+                round(p99, 3),
+                round(max(total) * MS_PER_S, 3) if total else float("nan"),
+                round(_ms(bridge, 99), 3),
+                round(_ms(serial["observer"][0], 99), 3),
+                round(_ms(serial["queued"][0], 99), 3),
+                _ratio(p99, _ms(serial["observer"][0], 99)),
+                _ratio(p99, _ms(serial["queued"][0], 99)),
+                verdict,
+            ]
+        )
+        ble = {v: asyncio.run(_measure_ble(count, v)) for v in VARIANTS}
+        full = ble["runner"]
+        ble_p99 = _ms(full, 99)
+        ble_rows.append(
+            [
+                count,
+                len(full),
+                round(_ms(full, 50), 3),
+                round(ble_p99, 3),
+                round(max(full) * MS_PER_S, 3) if full else float("nan"),
+                round(_ms(ble["observer"], 99), 3),
+                round(_ms(ble["queued"], 99), 3),
+                _ratio(ble_p99, _ms(ble["observer"], 99)),
+                _ratio(ble_p99, _ms(ble["queued"], 99)),
+            ]
+        )
+    print_table(
+        f"Safety-stop latency, serial, devices in another process: device's frame written -> "
+        f"STOP_ALL written ({MEASURE_S:g} s per case, 100 Hz per device; target p99 < "
+        f"{TARGET_P99_MS:g} ms at {TARGET_DEVICES} devices)",
+        [
+            "devices",
+            "stops",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "read-> p99",
+            "observer p99",
+            "queued p99",
+            "p99/observer",
+            "p99/queued",
+            "target",
+        ],
+        serial_rows,
+    )
+    print_table(
+        "Safety-stop latency, BLE, devices in the bridge's process: notification -> "
+        "STOP_ALL write (simulator work shares the loop; for comparison)",
+        [
+            "devices",
+            "stops",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "observer p99",
+            "queued p99",
+            "p99/observer",
+            "p99/queued",
+        ],
+        ble_rows,
+    )
+    return met
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["serve"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m bench.bench_latency serve DEVICES")
+    asyncio.run(_serve(int(sys.argv[2])))
