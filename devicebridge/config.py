@@ -10,6 +10,17 @@ The file lives under the platform's user config directory (``config.toml``);
     data_dir = "/path"      # where the registry lives
     scan_timeout_s = 5.0
     command_timeout_s = 2.0
+    bridge_id = "bridge-7"  # this installation's name in MQTT topics (no '/', '+', '#')
+    policy_file = "/path/policy.toml"  # the safety policy (default: the shipped one)
+    log_json = false        # `serve` logs JSON lines instead of text
+
+    [mqtt]                  # optional: without it `serve` works locally only
+    host = "broker.example" # required in the table
+    port = 1883
+    username = "bridge-7"
+    password = "..."
+    tls_ca_file = "/path/ca.pem"      # TLS when set (and tls_cert_file/tls_key_file)
+    home_assistant_discovery = false
 
 Errors name the file and the key, so a typo is found at once.
 """
@@ -31,6 +42,22 @@ CONFIG_FILENAME: Final = "config.toml"
 CONFIG_ENV: Final = "DEVICEBRIDGE_CONFIG"
 DATA_DIR_ENV: Final = "DEVICEBRIDGE_DATA_DIR"
 MAX_SIMULATED_DEVICES: Final = 64
+MAX_PORT: Final = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """The ``[mqtt]`` table (docs/mqtt.md)."""
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    keepalive_s: int = 30
+    home_assistant_discovery: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +69,10 @@ class Settings:
     data_dir: Path | None = None
     scan_timeout_s: float = 5.0
     command_timeout_s: float = 2.0
+    bridge_id: str | None = None
+    policy_file: Path | None = None
+    log_json: bool = False
+    mqtt: MqttConfig | None = None
 
 
 def default_config_path() -> Path:
@@ -94,7 +125,17 @@ def parse_settings(document: dict[str, Any], path: Path) -> Settings:
             raise ConfigError(
                 f"unknown setting (known: {', '.join(sorted(known))})", path=path, key=key
             )
-        if key == "simulate":
+        if key == "mqtt":
+            values[key] = _parse_mqtt(value, path)
+        elif key == "bridge_id":
+            if not isinstance(value, str) or not value or any(c in value for c in "/+#"):
+                raise ConfigError(
+                    f"must be a non-empty string without '/', '+' or '#', got {value!r}",
+                    path=path,
+                    key=key,
+                )
+            values[key] = value
+        elif key in ("simulate", "log_json"):
             if not isinstance(value, bool):
                 raise ConfigError(f"must be true or false, got {value!r}", path=path, key=key)
             values[key] = value
@@ -102,13 +143,45 @@ def parse_settings(document: dict[str, Any], path: Path) -> Settings:
             values[key] = _check_int(value, key, path, 0, 2**63 - 1)
         elif key in ("sim_massagers", "sim_masks"):
             values[key] = _check_int(value, key, path, 0, MAX_SIMULATED_DEVICES)
-        elif key == "data_dir":
+        elif key in ("data_dir", "policy_file"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"must be a path string, got {value!r}", path=path, key=key)
             values[key] = Path(value).expanduser()
         else:
             values[key] = _check_positive_float(value, key, path)
     return replace(Settings(), **values)
+
+
+def _parse_mqtt(table: Any, path: Path) -> MqttConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("must be a table ([mqtt])", path=path, key="mqtt")
+    known = {f.name for f in fields(MqttConfig)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"mqtt.{key}"
+        if key not in known:
+            raise ConfigError(
+                f"unknown setting (known: {', '.join(sorted(known))})", path=path, key=where
+            )
+        if key in ("host", "username", "password"):
+            if not isinstance(value, str) or (key == "host" and not value):
+                raise ConfigError(f"must be a string, got {value!r}", path=path, key=where)
+            values[key] = value
+        elif key == "port":
+            values[key] = _check_int(value, where, path, 1, MAX_PORT)
+        elif key == "keepalive_s":
+            values[key] = _check_int(value, where, path, 1, 3600)
+        elif key == "home_assistant_discovery":
+            if not isinstance(value, bool):
+                raise ConfigError(f"must be true or false, got {value!r}", path=path, key=where)
+            values[key] = value
+        else:  # the TLS files
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"must be a path string, got {value!r}", path=path, key=where)
+            values[key] = Path(value).expanduser()
+    if "host" not in values:
+        raise ConfigError("missing (the broker's host name)", path=path, key="mqtt.host")
+    return MqttConfig(**values)
 
 
 def load_settings(override: Path | None = None) -> tuple[Settings, Path]:

@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from devicebridge.clock import Clock
 from devicebridge.core.backoff import Backoff, BackoffPolicy
+from devicebridge.errors import DeviceBridgeError
 from devicebridge.storage.outbox import Outbox
 
 LOG = logging.getLogger(__name__)
@@ -278,3 +279,71 @@ class MqttLink:
                 )
                 self.outbox.delivered(message.sequence)
                 self.published += 1
+
+
+# --------------------------------------------------------------------------- one-shot clients
+
+
+async def request_reply(
+    settings: MqttSettings,
+    *,
+    topic: str,
+    payload: bytes,
+    reply_topic: str,
+    is_reply: Callable[[bytes], bool],
+    timeout_s: float,
+) -> bytes | None:
+    """Publish once (QoS 1) and wait for the first matching message on ``reply_topic``.
+
+    Subscribes before publishing so that a fast answer is not missed. Returns ``None``
+    when nothing matched within ``timeout_s`` (wall time); raises :class:`MqttUnavailableError`
+    when the broker cannot be reached.
+    """
+    try:
+        async with make_client(settings, protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe(reply_topic, qos=1)
+            await client.publish(topic, payload, qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    async for message in client.messages:
+                        data = _payload_bytes(message.payload)
+                        if is_reply(data):
+                            return data
+    except aiomqtt.MqttError as exc:
+        raise MqttUnavailableError(settings.host, settings.port, str(exc)) from exc
+    return None
+
+
+async def read_retained(
+    settings: MqttSettings, topics: Sequence[str], *, wait_for: str, timeout_s: float
+) -> dict[str, bytes]:
+    """The retained messages of ``topics`` (until ``wait_for`` arrived or ``timeout_s``)."""
+    found: dict[str, bytes] = {}
+    try:
+        async with make_client(settings, protocol=aiomqtt.ProtocolVersion.V5) as client:
+            for topic in topics:
+                await client.subscribe(topic, qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    async for message in client.messages:
+                        found[str(message.topic)] = _payload_bytes(message.payload)
+                        if wait_for in found and all(t in found or "#" in t for t in topics):
+                            break
+    except aiomqtt.MqttError as exc:
+        raise MqttUnavailableError(settings.host, settings.port, str(exc)) from exc
+    return found
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    return str(payload).encode()
+
+
+class MqttUnavailableError(DeviceBridgeError):
+    """The broker could not be reached or dropped the connection."""
+
+    def __init__(self, host: str, port: int, detail: str) -> None:
+        super().__init__(f"MQTT broker {host}:{port}: {detail}")
+        self.host = host
+        self.port = port

@@ -60,6 +60,9 @@ class Outbox:
             )
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open the outbox: {exc}", path=path) from exc
+        # Counted once here and kept up to date, instead of COUNT(*) on every append:
+        # after a long outage the table is large, exactly when appends must stay cheap.
+        (self._count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
 
     def close(self) -> None:
         self._db.close()
@@ -73,25 +76,20 @@ class Outbox:
         return (row[0] if row else 0) + 1
 
     def append(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        if self._count >= self.max_messages:
+            raise OutboxFullError(
+                f"{self._count} messages waiting for the broker (limit {self.max_messages})",
+                path=self.path,
+            )
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-            if count >= self.max_messages:
-                self._db.execute("ROLLBACK")
-                raise OutboxFullError(
-                    f"{count} messages waiting for the broker (limit {self.max_messages})",
-                    path=self.path,
-                )
             cursor = self._db.execute(
                 "INSERT INTO outbox (topic, payload, qos, retain, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (topic, payload, qos, int(retain), datetime.now(UTC).isoformat()),
             )
-            self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
             raise OutboxError(str(exc), path=self.path) from exc
+        self._count += 1
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
@@ -108,10 +106,10 @@ class Outbox:
     def delivered(self, sequence: int) -> None:
         """The broker acknowledged this message (and, MQTT keeping order, all before it)."""
         try:
-            self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (sequence,))
+            removed = self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (sequence,))
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
+        self._count -= removed.rowcount
 
     def __len__(self) -> int:
-        (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-        return int(count)
+        return int(self._count)

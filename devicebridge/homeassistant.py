@@ -1,0 +1,92 @@
+"""Home Assistant MQTT discovery for the bridge's devices (battery and connection state).
+
+Discovery configurations are retained under
+``homeassistant/sensor/<bridge_id>_<serial>/<object>/config``; the entities read the
+device's retained ``devices/<serial>/state`` topic and use the bridge's ``availability``
+topic (its last will), so they turn unavailable when the bridge goes away. Home Assistant
+announces ``online`` on ``homeassistant/status`` when it restarts; the bridge publishes
+the configurations again then (docs/mqtt.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+from devicebridge.mqtt import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, Topics
+
+DISCOVERY_PREFIX: Final = "homeassistant"
+HOME_ASSISTANT_STATUS_TOPIC: Final = f"{DISCOVERY_PREFIX}/status"
+MANUFACTURER: Final = "devicebridge"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveredEntity:
+    """One device as Home Assistant sees it."""
+
+    serial: str
+    name: str
+    kind: str
+    model: str | None = None
+    firmware: str | None = None
+
+
+def node_id(topics: Topics, serial: str) -> str:
+    """``<bridge_id>_<serial>`` with only the characters discovery allows in a node id."""
+    raw = f"{topics.bridge_id}_{serial}"
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in raw)
+
+
+def discovery_topic(topics: Topics, serial: str, object_id: str) -> str:
+    return f"{DISCOVERY_PREFIX}/sensor/{node_id(topics, serial)}/{object_id}/config"
+
+
+def discovery_messages(topics: Topics, entity: DiscoveredEntity) -> list[tuple[str, bytes]]:
+    """The retained discovery configurations of one device: (topic, JSON payload)."""
+    node = node_id(topics, entity.serial)
+    device: dict[str, Any] = {
+        "identifiers": [f"devicebridge_{entity.serial}"],
+        "name": entity.name,
+        "manufacturer": MANUFACTURER,
+        "model": entity.model or entity.kind,
+        "via_device": f"devicebridge_{topics.bridge_id}",
+    }
+    if entity.firmware:
+        device["sw_version"] = entity.firmware
+    common: dict[str, Any] = {
+        "state_topic": topics.device_state(entity.serial),
+        "availability_topic": topics.availability,
+        "payload_available": AVAILABILITY_ONLINE.decode(),
+        "payload_not_available": AVAILABILITY_OFFLINE.decode(),
+        "device": device,
+    }
+    battery = {
+        **common,
+        "name": "Battery",
+        "unique_id": f"{node}_battery",
+        "device_class": "battery",
+        "state_class": "measurement",
+        "unit_of_measurement": "%",
+        "value_template": "{{ value_json.battery_percent }}",
+    }
+    connection = {
+        **common,
+        "name": "Connection",
+        "unique_id": f"{node}_connection",
+        "icon": "mdi:bluetooth-connect",
+        "value_template": "{{ value_json.state }}",
+    }
+    return [
+        (discovery_topic(topics, entity.serial, "battery"), _encode(battery)),
+        (discovery_topic(topics, entity.serial, "connection"), _encode(connection)),
+    ]
+
+
+def removal_messages(topics: Topics, serial: str) -> list[tuple[str, bytes]]:
+    """Empty retained payloads: Home Assistant deletes the entities."""
+    return [(discovery_topic(topics, serial, obj), b"") for obj in ("battery", "connection")]
+
+
+def _encode(config: dict[str, Any]) -> bytes:
+    return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
