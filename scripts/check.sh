@@ -14,6 +14,16 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 
+# The stock smpmgr CLI referees the firmware tests. It lives in a venv of its own, as a
+# user's pipx install would: it pins smpclient[all] -> bumble 0.0.228, which would clash
+# with the bumble pin of our link-level mode if both shared one environment.
+SMPMGR_VENV="${SMPMGR_VENV:-.venv-smpmgr}"
+if [ ! -x "$SMPMGR_VENV/bin/smpmgr" ]; then
+    "$PYTHON" -m venv "$SMPMGR_VENV"
+    "$SMPMGR_VENV/bin/python" -m pip install --quiet "smpmgr>=0.19,<1"
+fi
+export PATH="$PWD/$SMPMGR_VENV/bin:$PATH"
+
 echo "== ruff"
 "$VENV/bin/ruff" check protocols simulators devicebridge tests bench
 echo "== mypy --strict (protocols, devicebridge)"

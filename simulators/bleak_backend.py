@@ -59,6 +59,7 @@ from protocols.constants import (
 )
 from simulators.device import SimulatedDevice
 from simulators.link import Channel
+from simulators.smp.constants import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
 
 if TYPE_CHECKING:
     from simulators.world import SimulatedWorld
@@ -125,6 +126,15 @@ GATT_DATABASE: Final[tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]] = (
             ),
             CharacteristicSpec(
                 FIRMWARE_REVISION_CHAR_UUID, ("read",), read=_utf8("firmware_revision")
+            ),
+        ),
+    ),
+    # MCUmgr: the world routes this characteristic to the device's SMP server.
+    (
+        SMP_SERVICE_UUID,
+        (
+            CharacteristicSpec(
+                SMP_CHARACTERISTIC_UUID, ("write-without-response", "notify"), Channel.SMP
             ),
         ),
     ),
@@ -386,6 +396,9 @@ class SimulatedBleakClient(BaseBleakClient):
                 f"{len(payload)} bytes exceed max_write_without_response_size "
                 f"{characteristic.max_write_without_response_size}"
             )
+        if spec.channel is Channel.SMP:
+            self.world.smp_firmware(device).receive_ble(self, payload)
+            return
         device.receive(spec.channel, payload)
 
     async def read_gatt_descriptor(

@@ -21,6 +21,7 @@ from simulators.device import DeviceOptions, SimulatedDevice
 from simulators.hand import HandScript
 from simulators.mask import SimulatedLedMask
 from simulators.massager import SimulatedMassager
+from simulators.smp.firmware import SmpFirmware
 
 ADVERTISING_INTERVAL_S: Final = 0.1
 RSSI_NOISE_DB: Final = 3.0
@@ -56,6 +57,7 @@ class SimulatedWorld:
         self.connect_latency_s = connect_latency_s
         self.devices: list[SimulatedDevice] = []
         self._by_address: dict[str, SimulatedDevice] = {}
+        self._smp: dict[str, SmpFirmware] = {}
         self._scanners: list[SimulatedBleakScanner] = []
         self._connections: dict[str, SimulatedBleakClient] = {}
         self._out_of_range_until_s: dict[str, float] = {}
@@ -83,12 +85,17 @@ class SimulatedWorld:
             raise ValueError(f"a device with address {device.address} is already in the world")
         self.devices.append(device)
         self._by_address[device.address] = device
+        self._smp[device.address] = SmpFirmware(device)
         if self._running:
             device.start()
         return device
 
     def device_by_address(self, address: str) -> SimulatedDevice | None:
         return self._by_address.get(address.upper())
+
+    def smp_firmware(self, device: SimulatedDevice) -> SmpFirmware:
+        """The device's MCUboot slots and SMP server (reached over GATT, a pty or UDP)."""
+        return self._smp[device.address]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,8 +138,15 @@ class SimulatedWorld:
                 crashed.append(advertiser.exception())
             advertiser.cancel()
             await asyncio.gather(advertiser, return_exceptions=True)
+        smp_errors: list[BaseException] = []
+        for firmware in self._smp.values():
+            try:
+                await firmware.stop()
+            except RuntimeError as exc:
+                smp_errors.append(exc)
         for device in self.devices:
             await device.stop()
+        crashed.extend(smp_errors)
         for error in crashed:
             if error is not None:
                 raise RuntimeError("a simulator task crashed") from error

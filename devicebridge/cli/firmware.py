@@ -1,10 +1,252 @@
-"""Firmware commands: ``firmware info`` and ``firmware update`` (MCUmgr/SMP)."""
+"""Firmware commands: ``firmware info`` and ``firmware update`` (MCUmgr/SMP).
+
+``update`` checks the image (MCUboot format, hash, model) before it connects,
+so a bad image never costs a byte on the link. On a terminal the upload shows a
+rich progress bar (bytes, rate, time left); elsewhere one plain line per tenth.
+"""
 
 from __future__ import annotations
 
-from devicebridge.cli.base import main
+import json
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from devicebridge.app import App
+from devicebridge.cli.base import EXIT_ERROR, CliContext, fmt, main, pass_cli, reports_errors, run
+from devicebridge.firmware import (
+    FirmwareImage,
+    Phase,
+    SlotState,
+    UpdateOutcome,
+    UpdateResult,
+    UploadProgress,
+    load_image,
+)
+from devicebridge.firmware.connect import updater_for
+
+PLAIN_PROGRESS_STEPS: Final = 10
+HASH_SHOWN_CHARS: Final = 16
+
+_smp_port_option = click.option(
+    "--smp-port",
+    default=None,
+    help="The device's SMP console port (serial devices; not the OFCP port).",
+)
+_smp_udp_option = click.option(
+    "--smp-udp", default=None, metavar="HOST[:PORT]", help="Reach the SMP server over UDP."
+)
 
 
 @main.group("firmware")
 def firmware_group() -> None:
     """Device firmware over the standard MCUmgr/SMP protocol (BLE or serial)."""
+
+
+def _slot_rows(states: list[SlotState]) -> list[dict[str, Any]]:
+    return [
+        {
+            "image": s.image,
+            "slot": s.slot,
+            "version": s.version,
+            "hash": s.hash_hex,
+            "active": s.active,
+            "pending": s.pending,
+            "confirmed": s.confirmed,
+            "permanent": s.permanent,
+            "bootable": s.bootable,
+        }
+        for s in states
+    ]
+
+
+@firmware_group.command("info")
+@click.argument("name")
+@_smp_port_option
+@_smp_udp_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_cli
+@reports_errors
+def info_command(
+    cli: CliContext, name: str, smp_port: str | None, smp_udp: str | None, as_json: bool
+) -> None:
+    """The image slots of the paired device NAME: version, hash, active, pending, confirmed."""
+
+    async def go() -> list[SlotState]:
+        async with App(cli.options) as app:
+            with app.open_registry() as registry:
+                paired = registry.get(name)
+            updater = updater_for(app, paired, smp_port=smp_port, smp_udp=smp_udp)
+            try:
+                return await updater.read_states()
+            finally:
+                await updater.close()
+
+    rows = _slot_rows(run(go()))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Firmware slots of {name}")
+    for column in ("image", "slot", "version", "hash", "active", "pending", "confirmed"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["image"]),
+            str(row["slot"]),
+            row["version"],
+            row["hash"][:HASH_SHOWN_CHARS],
+            fmt(row["active"]),
+            fmt(row["pending"]) + (" (permanent)" if row["permanent"] else ""),
+            fmt(row["confirmed"]),
+        )
+    cli.console.print(table)
+
+
+class _ProgressView:
+    """A rich progress bar on a terminal; plain lines (every tenth, and phases) elsewhere."""
+
+    def __init__(self, console: Console, image: FirmwareImage) -> None:
+        self.console = console
+        self.image = image
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._next_plain_step = 1
+        self._started_s = time.monotonic()
+        self._start_offset = 0
+
+    def __enter__(self) -> _ProgressView:
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(
+                f"upload {self.image.version_text}", total=self.image.size_bytes
+            )
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+
+    def phase(self, phase: Phase) -> None:
+        if phase is Phase.UPLOADING:
+            self._started_s = time.monotonic()
+        if self._progress is not None:
+            self._progress.console.print(f"- {phase.value}", highlight=False)
+        else:
+            self.console.print(f"{phase.value}...", highlight=False)
+
+    def progress(self, update: UploadProgress) -> None:
+        total = update.total_bytes
+        if update.resumed:
+            self._start_offset = update.offset_bytes
+            self._started_s = time.monotonic()
+            self._say(
+                f"resuming at {update.offset_bytes} of {total} bytes "
+                "(kept by the device from an earlier attempt)"
+            )
+        if self._progress is not None:
+            self._progress.update(self._task, completed=update.offset_bytes)
+            return
+        while update.offset_bytes * PLAIN_PROGRESS_STEPS >= self._next_plain_step * total:
+            elapsed_s = max(time.monotonic() - self._started_s, 1e-6)
+            rate = (update.offset_bytes - self._start_offset) / elapsed_s
+            left_s = (total - update.offset_bytes) / rate if rate > 0 else float("inf")
+            self.console.print(
+                f"uploaded {update.offset_bytes}/{total} bytes "
+                f"({100 * update.offset_bytes // total}%), {rate / 1024:.1f} KiB/s, "
+                f"{left_s:.1f} s left",
+                highlight=False,
+            )
+            self._next_plain_step += 1
+
+    def _say(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False)
+        else:
+            self.console.print(text, highlight=False)
+
+
+@firmware_group.command("update")
+@click.argument("name")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(dir_okay=False, path_type=Path))
+@_smp_port_option
+@_smp_udp_option
+@pass_cli
+@reports_errors
+def update_command(
+    cli: CliContext, name: str, image_path: Path, smp_port: str | None, smp_udp: str | None
+) -> None:
+    """Upload IMAGE to NAME, test it, reset, check the new version runs, and confirm it.
+
+    An interrupted update resumes where it stopped when run again.
+    """
+    image = load_image(image_path)
+    app = App(cli.options)
+    with app.open_registry() as registry:
+        paired = registry.get(name)
+    # Refused here, before anything connects: a wrong image never costs a byte.
+    image.check_model(paired.model, device=paired.name)
+    cli.console.print(
+        f"{paired.name}: updating to {image.version_text} ({image.size_bytes} bytes, "
+        f"sha256 {image.hash.hex()[:HASH_SHOWN_CHARS]}...)",
+        highlight=False,
+    )
+
+    async def go() -> UpdateResult:
+        async with App(cli.options) as app:
+            updater = updater_for(app, paired, smp_port=smp_port, smp_udp=smp_udp)
+            try:
+                with _ProgressView(cli.console, image) as view:
+                    result = await updater.update(
+                        image, on_progress=view.progress, on_phase=view.phase
+                    )
+            finally:
+                await updater.close()
+            if result.outcome is not UpdateOutcome.REVERTED:
+                with app.open_registry() as registry:
+                    registry.record_firmware(paired.serial_number, result.running_version)
+            return result
+
+    result = run(go())
+    cost = (
+        f"{result.wire_bytes_sent} bytes sent for a {result.image_bytes}-byte image, "
+        f"{result.reconnects} reconnect(s)"
+    )
+    if result.outcome is UpdateOutcome.ALREADY_RUNNING:
+        cli.console.print(
+            f"{paired.name} already runs {result.running_version} (this image); nothing to do.",
+            highlight=False,
+        )
+    elif result.outcome is UpdateOutcome.UPDATED:
+        cli.console.print(
+            f"{paired.name} now runs {result.running_version} (was {result.old_version}), "
+            f"confirmed; {cost}.",
+            highlight=False,
+        )
+    else:
+        cli.error_console.print(
+            f"{paired.name} came back on its OLD firmware {result.running_version}: the new "
+            f"image {result.new_version} did not boot and MCUboot restored the old one. "
+            "Nothing was confirmed; the new image stays in the secondary slot.",
+            highlight=False,
+        )
+        raise click.exceptions.Exit(EXIT_ERROR)

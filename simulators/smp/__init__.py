@@ -1,0 +1,38 @@
+"""The device side of MCUmgr/SMP: MCUboot slots, an SMP server, and its transports.
+
+Every simulated device runs an SMP server (:class:`SmpFirmware`) reached over
+the SMP GATT service (the bleak backend routes it), a second pty speaking the
+SMP console framing (:class:`SmpSerialPort`), or UDP (:class:`SmpUdpServer`).
+The server is written from the SMP specification with ``cbor2`` and ``struct``,
+not with the ``smp`` package the host uses, so the two check each other; the
+stock ``smpmgr`` client is the referee in the tests.
+"""
+
+from simulators.smp.constants import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
+from simulators.smp.firmware import Slot, SmpFirmware, SwapKind
+from simulators.smp.image import (
+    MODEL_TLV,
+    ImageCheckError,
+    ImageDefect,
+    ImageVersion,
+    build_image,
+    check_image,
+)
+from simulators.smp.serial_port import SmpSerialPort
+from simulators.smp.udp import SmpUdpServer
+
+__all__ = [
+    "MODEL_TLV",
+    "SMP_CHARACTERISTIC_UUID",
+    "SMP_SERVICE_UUID",
+    "ImageCheckError",
+    "ImageDefect",
+    "ImageVersion",
+    "Slot",
+    "SmpFirmware",
+    "SmpSerialPort",
+    "SmpUdpServer",
+    "SwapKind",
+    "build_image",
+    "check_image",
+]
