@@ -22,6 +22,7 @@ from typing import Final, Generic, TypeVar
 
 from devicebridge.clock import Clock, wait_for
 from devicebridge.core.backoff import Backoff, BackoffPolicy
+from devicebridge.core.faults_detect import ClockDriftEstimator, RestartDetector
 from devicebridge.core.reassembly import (
     GapReason,
     TelemetryGap,
@@ -47,6 +48,7 @@ from protocols import (
     CommandBody,
     DeviceKind,
     Event,
+    EventCode,
     FrameError,
     MassageMode,
     ProtocolError,
@@ -93,6 +95,7 @@ class SessionStats:
     samples_delivered: int = 0
     reconnects: int = 0
     command_timeouts: int = 0
+    device_restarts: int = 0  # reboots, brown-outs and shutdowns seen (telemetry restarted)
 
 
 @dataclass(slots=True)
@@ -179,6 +182,7 @@ class DeviceSession:
         self._pending: dict[int, _Pending] = {}
         self._next_command_id = _FIRST_COMMAND_ID
         self._telemetry_subs: list[Subscription[TelemetryItem]] = []
+        self._telemetry_observers: list[Callable[[TelemetryItem], None]] = []
         self._event_subs: list[Subscription[Event]] = []
         self._ready = asyncio.Event()
         self._started = False
@@ -188,6 +192,9 @@ class DeviceSession:
         self._device_info: DeviceInfo | None = None
         self.last_batch: TelemetryBatch | None = None
         self._counts = dict.fromkeys(SessionStats.__dataclass_fields__, 0)
+        self._restarts = RestartDetector()
+        self._drift: ClockDriftEstimator | None = None
+        self._drift_reported = False
 
     # ------------------------------------------------------------------ public state
 
@@ -227,11 +234,34 @@ class DeviceSession:
             samples_delivered=counters.delivered_samples,
             reconnects=self._counts["reconnects"],
             command_timeouts=self._counts["command_timeouts"],
+            device_restarts=self._counts["device_restarts"],
         )
+
+    @property
+    def clock_drift_ppm(self) -> float | None:
+        """How much faster (+) the device's sample clock runs than this session's clock."""
+        return self._drift.drift_ppm if self._drift is not None else None
 
     def telemetry(self) -> Subscription[TelemetryItem]:
         """Telemetry batches and gap records in sequence order (``async for``)."""
         return Subscription(self._telemetry_subs)
+
+    def observe_telemetry(self, observer: Callable[[TelemetryItem], None]) -> Callable[[], None]:
+        """Call ``observer`` synchronously with every telemetry item; returns the remover.
+
+        Observers see exactly what subscriptions see (batches and gap records, each once,
+        in sequence order), but at once, inside the transport's receive callback and before
+        any subscription queues the item: a safety check there does not wait behind the
+        tasks of other devices. Keep observers short and non-blocking; an exception is
+        logged and does not stop delivery.
+        """
+        self._telemetry_observers.append(observer)
+
+        def remove() -> None:
+            if observer in self._telemetry_observers:
+                self._telemetry_observers.remove(observer)
+
+        return remove
 
     def events(self) -> Subscription[Event]:
         return Subscription(self._event_subs)
@@ -288,6 +318,7 @@ class DeviceSession:
         for events in self._event_subs:
             events._put(_END)
         self._telemetry_subs.clear()
+        self._telemetry_observers.clear()
         self._event_subs.clear()
 
     async def _disconnect_quietly(self) -> None:
@@ -301,6 +332,9 @@ class DeviceSession:
         info = await self.transport.read_device_info()
         self._device_info = info
         self._reassembler.set_sample_rate(info.profile.sample_rate_hz)
+        self._restarts.set_sample_rate(info.profile.sample_rate_hz)
+        if self._drift is None:
+            self._drift = ClockDriftEstimator(info.profile.sample_rate_hz)
         if self._stream_telemetry:
             await self._command(StartStream())
         self._machine.transition(S.READY)
@@ -323,6 +357,7 @@ class DeviceSession:
         self._backoff.on_link_lost(self.clock.now_s())
         self._fail_pending(ConnectionLostError("link lost", device=self.name))
         self._reassembler.on_link_reset()
+        self._restarts.on_link_reset()
         if self._backfill_task is not None:
             self._backfill_task.cancel()
             self._backfill_task = None
@@ -386,6 +421,65 @@ class DeviceSession:
         if self.state not in LINK_UP_STATES:
             raise NotConnectedError(f"not connected ({self.state.value})", device=self.name)
         return await self._command(body, timeout_s=timeout_s)
+
+    def send_soon(self, body: CommandBody, *, timeout_s: float | None = None) -> asyncio.Task[Ack]:
+        """Start a command from synchronous code (a telemetry observer); returns its task.
+
+        On a transport with ``write_control_nowait`` (serial) the command is written before
+        this returns; otherwise (bleak writes are coroutines) the task starts the write in
+        the next loop iteration. The task gives the ack or raises like :meth:`send`.
+        """
+        if self.state is S.CLOSED:
+            raise SessionClosedError(f"{self.name}: session closed")
+        if self.state not in LINK_UP_STATES:
+            raise NotConnectedError(f"not connected ({self.state.value})", device=self.name)
+        loop = asyncio.get_running_loop()
+        name = f"{body.opcode.name} {self.name}"
+        write_now: Callable[[bytes], None] | None = getattr(
+            self.transport, "write_control_nowait", None
+        )
+        if write_now is None:
+            return loop.create_task(self._command(body, timeout_s=timeout_s), name=name)
+        timeout_s = self._command_timeout_s if timeout_s is None else timeout_s
+        command_id = self._allocate_command_id()
+        entry = _Pending(loop.create_future(), body)
+        self._pending[command_id] = entry
+        try:
+            write_now(Command.of(command_id, body).encode())
+        except BaseException:
+            self._forget_pending(command_id, entry)
+            raise
+        task = loop.create_task(self._await_ack(command_id, entry, timeout_s), name=name)
+        # Also when the task is cancelled before it ever ran.
+        task.add_done_callback(lambda _: self._forget_pending(command_id, entry))
+        return task
+
+    def _forget_pending(self, command_id: int, entry: _Pending) -> None:
+        if self._pending.get(command_id) is entry:
+            del self._pending[command_id]
+        if not entry.future.done():
+            entry.future.cancel()
+
+    async def _await_ack(self, command_id: int, entry: _Pending, timeout_s: float) -> Ack:
+        try:
+            ack = await wait_for(self.clock, asyncio.shield(entry.future), timeout_s)
+        except TimeoutError:
+            self._counts["command_timeouts"] += 1
+            raise CommandTimeoutError(
+                command_id=command_id,
+                opcode=entry.body.opcode,
+                timeout_s=timeout_s,
+                device=self.name,
+            ) from None
+        if ack.result is not ResultCode.OK:
+            raise CommandRejectedError(
+                command_id=command_id,
+                opcode=ack.opcode,
+                result=ack.result,
+                device=self.name,
+                payload=ack.payload,
+            )
+        return ack
 
     async def _command(
         self,
@@ -454,6 +548,9 @@ class DeviceSession:
         elif isinstance(message, Ack):
             self._on_ack(message)
         elif isinstance(message, Event):
+            restart = _RESTART_EVENTS.get(message.code)
+            if restart is not None and self._reassembler.next_live_sequence is not None:
+                self._on_device_restart(restart)
             for events in self._event_subs:
                 events._put(message)
         else:
@@ -475,10 +572,38 @@ class DeviceSession:
             items = self._reassembler.on_backfill(batch)
             self._backfill_progress.set()
         else:
+            if self._restarts.restarted(batch.first_sequence, self._reassembler.next_live_sequence):
+                self._on_device_restart(GapReason.DEVICE_REBOOTED)
             self.last_batch = batch
             items = self._reassembler.on_live(batch)
+            self._track_drift()
         self._deliver(items)
         self._kick_backfill()
+
+    def _on_device_restart(self, reason: GapReason) -> None:
+        """The device rebooted or shut down: what it held is gone, its counter restarts."""
+        self._counts["device_restarts"] += 1
+        _LOGGER.warning("%s: %s", self.name, reason.value.replace("_", " "))
+        if self._backfill_task is not None:
+            self._backfill_task.cancel()
+            self._backfill_task = None
+        info = self._device_info
+        self._drift = ClockDriftEstimator(info.profile.sample_rate_hz) if info else None
+        self._deliver(self._reassembler.on_device_restart(reason))
+
+    def _track_drift(self) -> None:
+        end = self._reassembler.next_live_sequence
+        if self._drift is None or end is None:
+            return
+        self._drift.feed(self.clock.now_s(), end)
+        if self._drift.significant and not self._drift_reported:
+            self._drift_reported = True
+            _LOGGER.warning(
+                "%s: the device clock runs %+.1f %% off this host's: device-timed steps "
+                "are off by as much",
+                self.name,
+                (self._drift.drift_ppm or 0.0) / 1e4,
+            )
 
     def _deliver(self, items: list[TelemetryItem]) -> None:
         for item in items:
@@ -490,6 +615,11 @@ class DeviceSession:
                     item.end_sequence - 1,
                     item.reason.value,
                 )
+            for observer in tuple(self._telemetry_observers):
+                try:
+                    observer(item)
+                except Exception:  # one broken observer must not starve the others
+                    _LOGGER.exception("%s: telemetry observer failed", self.name)
             for sub in self._telemetry_subs:
                 sub._put(item)
 
@@ -553,6 +683,12 @@ class DeviceSession:
             return  # after a reconnect the rest is requested again
         self._backfill_task = None
         self._kick_backfill()
+
+
+_RESTART_EVENTS: Final[dict[int, GapReason]] = {
+    EventCode.BOOT: GapReason.DEVICE_REBOOTED,
+    EventCode.SHUTDOWN: GapReason.DEVICE_SHUT_DOWN,
+}
 
 
 class MassagerSession(DeviceSession):

@@ -31,6 +31,12 @@ from typing import Final, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from devicebridge.core.faults_detect import (
+    ActuatorWatch,
+    FaultChecks,
+    SensorVerdict,
+    StuckSensorDetector,
+)
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.routine import J_PER_MJ, LedStep, MassageStep, Routine
 
@@ -52,6 +58,7 @@ ZONE_NAMES: Final[Mapping[int, str]] = {
 }
 ZONE_CODES: Final[Mapping[str, int]] = {name: code for code, name in ZONE_NAMES.items()}
 CONTACT_FLAG: Final = 0x01  # protocols.telemetry.MASSAGER_FLAG_CONTACT
+MOTOR_FLAG: Final = 0x02  # protocols.telemetry.MASSAGER_FLAG_MOTOR_ON
 KPA_PER_UNIT: Final = 0.01
 CELSIUS_PER_UNIT: Final = 0.01
 MW_CM2_PER_UNIT: Final = 0.01
@@ -160,8 +167,25 @@ class _Engine(Generic[StepT]):
 class MassageEngine(_Engine[MassageStep]):
     """Enforces a massager routine over a stream of massager samples."""
 
-    def __init__(self, routine: Routine, policy: SafetyPolicy, *, sample_rate_hz: float) -> None:
+    def __init__(
+        self,
+        routine: Routine,
+        policy: SafetyPolicy,
+        *,
+        sample_rate_hz: float,
+        fault_checks: FaultChecks | None = None,
+    ) -> None:
         super().__init__(routine, policy, MassageStep, sample_rate_hz)
+        # Device-fault checks (a stuck sensor, commands not applied): off unless asked,
+        # so a replay of synthetic or stored samples is judged on the policy alone.
+        self._stuck = (
+            StuckSensorDetector(sample_rate_hz, fault_checks.stuck_sensor_s)
+            if fault_checks
+            else None
+        )
+        self._actuators = (
+            ActuatorWatch(sample_rate_hz, fault_checks.actuator_grace_s) if fault_checks else None
+        )
         self.summary = MassageSummary(steps_total=len(self._steps))
         self.state = PressureState.NO_CONTACT
         # Thresholds are compared in whole samples: summing 0.01 s a hundred times does not
@@ -199,9 +223,16 @@ class MassageEngine(_Engine[MassageStep]):
         temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
         contact = ((samples["flags"] & CONTACT_FLAG) != 0).tolist()
         zones = samples["zone"].tolist()
+        checks = self._stuck is not None
+        raw = samples["pressure_dapa"].tolist() if checks else []
+        motor = ((samples["flags"] & MOTOR_FLAG) != 0).tolist() if checks else []
         for i in range(len(pressure)):
             sequence = first_sequence + i
             at_s = self._session_time_s(sequence)
+            if checks and self._device_fault(at_s, sequence, raw[i], motor[i], contact[i], out):
+                if self.finished:
+                    break
+                continue
             self._sample(at_s, sequence, pressure[i], temperature[i], contact[i], zones[i], out)
             if self.finished:
                 break
@@ -372,6 +403,51 @@ class MassageEngine(_Engine[MassageStep]):
         self._step_contact_samples += 1
         if self._step_contact_samples >= self._samples_for(step.contact_time_s):
             self._advance(out, at_s, sequence)
+
+    def _device_fault(
+        self,
+        at_s: float,
+        sequence: int,
+        raw_pressure: int,
+        motor_on: bool,
+        contact: bool,
+        out: list[Decision],
+    ) -> bool:
+        """Stuck sensor and unapplied commands; ``True`` when the sample must not count."""
+        assert self._stuck is not None
+        assert self._actuators is not None
+        verdict = self._stuck.update(raw_pressure, motor_on and contact)
+        if verdict is SensorVerdict.STUCK:
+            self._pause(
+                out,
+                at_s,
+                sequence,
+                "sensor_stuck",
+                f"The pressure sensor has read {raw_pressure * KPA_PER_UNIT:.2f} kPa without "
+                f"any change for {self._stuck.stuck_after_s:g} s while the motor runs: it seems "
+                "stuck, so pressure cannot be watched. Motor paused; restart the device. The "
+                "routine goes on when the sensor reads again.",
+                None,
+            )
+            return True
+        if self._pause_reason == "sensor_stuck":
+            if verdict is SensorVerdict.RECOVERED:
+                self._resume(out, at_s, sequence)
+                return False
+            return True
+        if self._actuators.update(not self.paused and contact, motor_on):
+            self._stop(
+                out,
+                at_s,
+                sequence,
+                "command_not_applied",
+                "The massager acknowledged its commands but its motor has stayed off for "
+                f"{self._actuators.grace_s:g} s: the device does not do what it is told. "
+                "Session stopped; restart the device.",
+                None,
+            )
+            return True
+        return False
 
     # ------------------------------------------------------------------ transitions
     def _decision(

@@ -36,6 +36,10 @@ class GapReason(enum.Enum):
     NOT_HELD_BY_DEVICE = "not_held_by_device"  # left the device's ring buffer
     BACKFILL_FAILED = "backfill_failed"  # request rejected, timed out, or given up
     BACKFILL_INCOMPLETE = "backfill_incomplete"  # the device skipped samples it promised
+    # The device restarted or powered off: its counter starts again after this record
+    # (a zero-length gap marks the place; what it had not sent yet is gone with its RAM).
+    DEVICE_REBOOTED = "device_rebooted"
+    DEVICE_SHUT_DOWN = "device_shut_down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +216,24 @@ class TelemetryReassembler:
             head.requested = False
             head.reply_end = None
             head.early.clear()
+
+    def on_device_restart(self, reason: GapReason) -> list[TelemetryItem]:
+        """The device rebooted or shut down: nothing missing can be backfilled any more.
+
+        Every missing range becomes a gap, the live batches held behind them are delivered,
+        a zero-length gap with ``reason`` marks the restart, and the next live batch starts
+        a new sequence baseline.
+        """
+        out: list[TelemetryItem] = []
+        for entry in list(self._queue):
+            if isinstance(entry, _Missing):
+                out += self._lose(entry, entry.range.end, reason)
+        out += self._drain()
+        marker = TelemetryGap(self._tracker.next_expected or 0, 0, reason)
+        self.counters.gap_records += 1
+        out.append(marker)
+        self._tracker = SequenceTracker()
+        return out
 
     def abandon_active(self, reason: GapReason = GapReason.BACKFILL_FAILED) -> list[TelemetryItem]:
         """Give up on the range being backfilled: report what is left as a gap."""

@@ -1,0 +1,111 @@
+"""How much faster than real time a 15-minute routine runs on the virtual clock.
+
+Every row is the whole bridge against simulated massagers (100 Hz telemetry) on a fast
+virtual clock: bleak over the simulator backend, sessions, the routine engine with its
+fault checks, SQLite stores, commands back to the devices, hands that follow the bridge's
+guidance. The baseline is real time (ratio 1). One device runs the whole 15-minute
+routine; 100 devices run its first ``FLEET_WINDOW_S`` (the rate is steady: every device
+costs the same per virtual second all through the routine). A second pair of rows runs
+the devices and the bridge's sessions without the routine (streaming only), to show the
+share of the routine engine and the store.
+
+Targets (issue 5): at least 1000 x real time for one device, 100 x for 100 devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Final
+
+from bench.report import print_table
+from devicebridge.qa import run_scenario
+from simulators.scenario import parse_scenario
+
+ROUTINE_S: Final = 15 * 60
+FLEET: Final = 100
+FLEET_WINDOW_S: Final = 60.0
+TARGET_ONE: Final = 1000.0
+TARGET_FLEET: Final = 100.0
+ZONES: Final = ("cheek_left", "cheek_right", "jawline_left", "jawline_right", "chin")
+STEP_S: Final = 50  # under the 60 s pass cap, so that a clean run never pauses
+
+
+def routine_text() -> str:
+    steps = []
+    for index in range(ROUTINE_S // STEP_S):
+        steps.append(
+            f"""
+[[steps]]
+zone = "{ZONES[index % len(ZONES)]}"
+contact_time_s = {STEP_S}
+mode = "vibration"
+intensity = 4
+pressure_kpa = {{ min = 6.0, max = 12.0 }}
+"""
+        )
+    head = """[routine]
+name = "bench: 15 minutes"
+author = "bench"
+version = "1"
+device_kind = "massager"
+category = "relaxation"
+rationale = "A long clean routine for timing."
+"""
+    return head + "".join(steps)
+
+
+def scenario(devices: int, duration_s: float, with_routine: bool) -> str:
+    routine = f"routine_text = {json.dumps(routine_text())}" if with_routine else ""
+    return f"""
+[scenario]
+name = "bench {devices}"
+seed = 1
+duration_s = {duration_s}
+{routine}
+
+[[devices]]
+name = "m"
+count = {devices}
+"""
+
+
+def measure(devices: int, duration_s: float, with_routine: bool) -> tuple[float, float, str]:
+    parsed = parse_scenario(scenario(devices, duration_s, with_routine))
+    with tempfile.TemporaryDirectory(prefix="bench-virtual-") as tmp:
+        started = time.perf_counter()
+        result = asyncio.run(run_scenario(parsed, workdir=Path(tmp)))
+        wall_s = time.perf_counter() - started
+    statuses = {o.run.status for o in result.devices.values() if o.run is not None}
+    return result.virtual_s, wall_s, ",".join(sorted(statuses)) or "streamed"
+
+
+def run() -> bool:
+    logging.disable(logging.WARNING)
+    rows = []
+    verdicts = []
+    cases = (
+        ("1 device, whole routine", 1, ROUTINE_S + 30.0, True, TARGET_ONE),
+        (f"{FLEET} devices, first {FLEET_WINDOW_S:g} s", FLEET, FLEET_WINDOW_S, True, TARGET_FLEET),
+        ("1 device, streaming only", 1, ROUTINE_S, False, None),
+        (f"{FLEET} devices, streaming only", FLEET, FLEET_WINDOW_S, False, None),
+    )
+    for label, devices, duration_s, with_routine, target in cases:
+        virtual_s, wall_s, status = measure(devices, duration_s, with_routine)
+        ratio = virtual_s / wall_s
+        met = "" if target is None else ("met" if ratio >= target else "MISSED")
+        if target is not None:
+            verdicts.append(ratio >= target)
+        rows.append(
+            (label, status, virtual_s, wall_s, ratio, "" if target is None else f"{target:g}", met)
+        )
+    print_table(
+        "Virtual time: a 15-minute routine through the whole bridge (baseline: real time = 1)",
+        ("case", "session", "virtual s", "wall s", "x real time", "target", ""),
+        rows,
+    )
+    return all(verdicts)

@@ -1,0 +1,180 @@
+"""Signs that a device is faulty, read from its telemetry. Pure: samples and times in, verdicts out.
+
+- :class:`StuckSensorDetector`: the pressure reading has not changed by a single count for
+  ``stuck_after_s`` while the motor runs on the skin. A live load cell never does that: its
+  noise floor and the motor's ripple move the raw value many times a second.
+- :class:`ActuatorWatch`: the host wants the motor running (it was told to, and
+  acknowledged) but the device reports it off for ``grace_s``: a command acknowledged but
+  not applied.
+- :class:`RestartDetector`: the device's sequence numbers started again (after a reboot or
+  a brown-out the ring buffer and the counter are gone).
+- :class:`ClockDriftEstimator`: how fast the device's sample clock runs against the host's,
+  from a least-squares fit of sample time on host time.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from devicebridge.core.sequencing import unwrap_sequence
+
+# A live sensor changes its raw reading several times a second (noise floor 0.03 kPa is 3
+# counts, and the motor shakes the load cell); 3 s of one value is far outside that.
+STUCK_SENSOR_S: Final = 3.0
+# Commands take a few milliseconds; a motor still off 2 s after it was told to run is not
+# going to start.
+ACTUATOR_GRACE_S: Final = 2.0
+# A reordered or duplicated batch is at most this far behind; further back, the counter restarted.
+MAX_REORDER_S: Final = 10.0
+# Fit the drift only over this much host time, and report it only beyond the threshold:
+# batches reach the host on 100 ms ticks, which blurs shorter windows.
+DRIFT_MIN_WINDOW_S: Final = 20.0
+DRIFT_REPORT_PPM: Final = 10_000.0  # 1 %
+PPM: Final = 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class FaultChecks:
+    """Which device-fault checks the massage engine runs, and their thresholds."""
+
+    stuck_sensor_s: float = STUCK_SENSOR_S
+    actuator_grace_s: float = ACTUATOR_GRACE_S
+
+
+class SensorVerdict(enum.Enum):
+    OK = "ok"
+    STUCK = "stuck"  # became stuck with this sample
+    STILL_STUCK = "still_stuck"
+    RECOVERED = "recovered"  # the reading moved again
+
+
+class StuckSensorDetector:
+    """Feed every sample's raw pressure and whether the motor runs on the skin."""
+
+    def __init__(self, sample_rate_hz: float, stuck_after_s: float = STUCK_SENSOR_S) -> None:
+        if sample_rate_hz <= 0 or stuck_after_s <= 0:
+            raise ValueError("sample rate and stuck time must be positive")
+        self.threshold_samples = max(2, round(stuck_after_s * sample_rate_hz))
+        self.stuck_after_s = stuck_after_s
+        self._value: int | None = None
+        self._run = 0
+        self.stuck = False
+
+    @property
+    def value(self) -> int | None:
+        """The raw reading the sensor is stuck at (or repeating now)."""
+        return self._value
+
+    def update(self, raw: int, motor_on_skin: bool) -> SensorVerdict:
+        if self.stuck:
+            if raw != self._value:
+                self.stuck = False
+                self._value, self._run = raw, 1
+                return SensorVerdict.RECOVERED
+            return SensorVerdict.STILL_STUCK
+        if not motor_on_skin or raw == 0:
+            # Off the skin (or a motor at rest) a steady reading is normal.
+            self._value, self._run = None, 0
+            return SensorVerdict.OK
+        if raw == self._value:
+            self._run += 1
+        else:
+            self._value, self._run = raw, 1
+        if self._run >= self.threshold_samples:
+            self.stuck = True
+            return SensorVerdict.STUCK
+        return SensorVerdict.OK
+
+
+class ActuatorWatch:
+    """Reports once when the motor stays off for ``grace_s`` while it should run."""
+
+    def __init__(self, sample_rate_hz: float, grace_s: float = ACTUATOR_GRACE_S) -> None:
+        self.grace_samples = max(1, round(grace_s * sample_rate_hz))
+        self.grace_s = grace_s
+        self._mismatch = 0
+        self.reported = False
+
+    def update(self, wanted_on: bool, motor_on: bool) -> bool:
+        if not wanted_on or motor_on:
+            self._mismatch = 0
+            return False
+        self._mismatch += 1
+        if self._mismatch >= self.grace_samples and not self.reported:
+            self.reported = True
+            return True
+        return False
+
+
+class RestartDetector:
+    """Tells a restarted device counter from loss, duplication and reordering."""
+
+    def __init__(self, sample_rate_hz: float | None = None) -> None:
+        self._rate_hz = sample_rate_hz
+        self._after_reset = False
+
+    def set_sample_rate(self, sample_rate_hz: float) -> None:
+        self._rate_hz = sample_rate_hz
+
+    def on_link_reset(self) -> None:
+        """The link went down; the device streams from its current counter when it is back."""
+        self._after_reset = True
+
+    def restarted(self, raw_first_sequence: int, next_expected: int | None) -> bool:
+        """Whether a live batch starting at ``raw_first_sequence`` comes from a restarted counter.
+
+        After a reconnection the device streams from where its counter is, never from
+        before what it already sent: a batch behind the expected sequence means the
+        counter restarted. Otherwise only a jump further back than any reordering is.
+        """
+        after_reset, self._after_reset = self._after_reset, False
+        if next_expected is None:
+            return False
+        first = unwrap_sequence(raw_first_sequence, next_expected)
+        if after_reset and first < next_expected:
+            return True
+        if self._rate_hz is None:
+            return False
+        return next_expected - first > MAX_REORDER_S * self._rate_hz
+
+
+class ClockDriftEstimator:
+    """Least-squares slope of device sample time against host time, as parts per million."""
+
+    def __init__(self, sample_rate_hz: float) -> None:
+        self._rate_hz = sample_rate_hz
+        self._origin: tuple[float, int] | None = None
+        self._n = 0
+        self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._span_s = 0.0
+
+    def feed(self, host_s: float, end_sequence: int) -> None:
+        """A live batch whose last sample (exclusive end ``end_sequence``) arrived at ``host_s``."""
+        if self._origin is None:
+            self._origin = (host_s, end_sequence)
+        x = host_s - self._origin[0]
+        y = (end_sequence - self._origin[1]) / self._rate_hz
+        self._n += 1
+        self._sx += x
+        self._sy += y
+        self._sxx += x * x
+        self._sxy += x * y
+        self._span_s = max(self._span_s, x)
+
+    @property
+    def drift_ppm(self) -> float | None:
+        """How much faster (+) or slower (-) the device clock runs; ``None`` until enough data."""
+        if self._n < 2 or self._span_s < DRIFT_MIN_WINDOW_S:
+            return None
+        denominator = self._n * self._sxx - self._sx * self._sx
+        if denominator <= 0:
+            return None
+        slope = (self._n * self._sxy - self._sx * self._sy) / denominator
+        return (slope - 1.0) * PPM
+
+    @property
+    def significant(self) -> bool:
+        drift = self.drift_ppm
+        return drift is not None and abs(drift) >= DRIFT_REPORT_PPM

@@ -1,0 +1,96 @@
+"""``devicebridge-sim scenario``: run scenarios against the bridge, record sessions as scenarios.
+
+devicebridge registers this group with ``devicebridge-sim`` through the entry-point group
+``devicebridge_sim.commands``, so the simulators never import the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from devicebridge.errors import DeviceBridgeError
+from devicebridge.qa.record import record_scenario
+from devicebridge.qa.scenario import ScenarioResult, run_scenario
+from devicebridge.storage.sessions import SessionStore
+from simulators.scenario import ScenarioError, load_scenario
+
+
+@click.group("scenario")
+def scenario_group() -> None:
+    """Scenarios: devices, hand, faults and what the bridge must do, in one TOML file."""
+
+
+@scenario_group.command("run")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Override the file's seed.")
+@click.option(
+    "--artifacts",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("sim-artifacts"),
+    show_default=True,
+    help="Where a failing scenario leaves its seed, timeline and telemetry.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON too.")
+def run_command(files: tuple[Path, ...], seed: int | None, artifacts: Path, as_json: bool) -> None:
+    """Run scenario FILES against the bridge and print a verdict for each (exit 1 on a failure)."""
+    failed = 0
+    for path in files:
+        try:
+            scenario = load_scenario(path)
+        except ScenarioError as exc:
+            click.echo(f"ERROR {path}\n{exc}", err=True)
+            failed += 1
+            continue
+        with tempfile.TemporaryDirectory(prefix="devicebridge-qa-") as tmp:
+            try:
+                result = asyncio.run(run_scenario(scenario, seed=seed, workdir=Path(tmp)))
+            except DeviceBridgeError as exc:
+                click.echo(f"ERROR {path}: {exc}", err=True)
+                failed += 1
+                continue
+            click.echo(result.verdict())
+            if not result.passed:
+                failed += 1
+                folder = result.write_artifacts(artifacts / scenario.name.replace(" ", "_"))
+                click.echo(f"  artifacts: {folder}")
+        if as_json:
+            click.echo(json.dumps(_json(result), indent=2))
+    sys.exit(1 if failed else 0)
+
+
+def _json(result: ScenarioResult) -> dict[str, object]:
+    return {
+        "scenario": result.scenario.name,
+        "seed": result.seed,
+        "passed": result.passed,
+        "failures": result.failures,
+        "devices": {label: o.to_json() for label, o in result.devices.items()},
+    }
+
+
+@scenario_group.command("record")
+@click.option(
+    "--store",
+    "store_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A session store (sessions.sqlite3).",
+)
+@click.option("--session", "session_id", type=int, required=True, help="The session to record.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+def record_command(store_path: Path, session_id: int, output: Path, seed: int) -> None:
+    """Write a scenario that replays stored session SESSION: its hand, routine and decisions."""
+    try:
+        with SessionStore(store_path) as store:
+            text = record_scenario(store, session_id, seed=seed)
+    except DeviceBridgeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    output.write_text(text, "utf-8")
+    click.echo(f"{output}: scenario replaying session {session_id} of {store_path}")

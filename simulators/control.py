@@ -1,0 +1,376 @@
+"""Standalone simulated devices for other apps, with faults switched at run time.
+
+``devicebridge-sim qa serve`` runs devices on ptys and/or TCP ports (one per device) and a
+control port; ``devicebridge-sim qa fault`` (or any client writing one JSON object per
+line) adds, lists and clears faults while the devices run::
+
+    {"op": "add", "device": "*", "fault": {"kind": "drop", "rate": 0.2, "burst": 3}}
+    {"op": "clear", "device": "FM00A1B2C3", "kind": "drop"}
+    {"op": "list"}
+
+Every answer is one JSON line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+A fault's ``at_s`` and ``duration_s`` count from when it is added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import click
+
+from simulators.clock import VirtualClock
+from simulators.device import SimulatedDevice
+from simulators.faults import FaultError, FaultInjector, FaultKind, FaultyLink, make_fault
+from simulators.link import Channel
+from simulators.serial_port import PtySerialPort
+from simulators.tcp_port import TcpDevicePort
+from simulators.world import SimulatedWorld
+
+KIND_LABELS: Final = {"MASSAGER": "massager", "LED_MASK": "mask"}
+REATTACH_POLL_S: Final = 0.1
+MAX_REQUEST_BYTES: Final = 64 * 1024
+
+
+class FaultablePtySerialPort(PtySerialPort):
+    """A pty port that takes pre-framed (possibly damaged) frames and survives reboots."""
+
+    def send_frame(self, channel: Channel, frame: bytes) -> None:
+        if channel is Channel.BATTERY:
+            return
+        self._write(frame)
+
+    def device_closed(self) -> None:
+        # A pty has no link to lose: when the device is back, the line carries it again.
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self._reattach(), name="pty reattach")
+
+    async def _reattach(self) -> None:
+        while self._master_fd is not None:
+            if self.device.is_powered and not self.device.is_connected:
+                self.device.attach_link(self)
+                return
+            await self.device.clock.sleep(REATTACH_POLL_S)
+
+    async def stop(self) -> None:
+        link = self.device.link
+        if isinstance(link, FaultyLink) and link.inner is self:
+            self.device.detach_link()
+        await super().stop()
+
+
+class FaultController:
+    """Applies control requests to the injectors of the served devices."""
+
+    def __init__(self, injectors: Sequence[FaultInjector], clock: VirtualClock) -> None:
+        self.injectors = {i.device.serial_number: i for i in injectors}
+        self.clock = clock
+
+    def _select(self, selector: str) -> list[FaultInjector]:
+        if selector == "*":
+            return list(self.injectors.values())
+        injector = self.injectors.get(selector)
+        if injector is None:
+            known = ", ".join(self.injectors)
+            raise FaultError(f"no device {selector!r} (serve has: {known}, or '*')")
+        return [injector]
+
+    def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        try:
+            if op == "list":
+                return {"ok": True, "devices": self.describe()}
+            if op == "add":
+                fault_spec = dict(request.get("fault") or {})
+                if "kind" not in fault_spec:
+                    raise FaultError("add: the fault needs a kind")
+                now_s = self.clock.now_s()
+                fault_spec["at_s"] = now_s + float(fault_spec.get("at_s", 0.0))
+                added = []
+                for injector in self._select(str(request.get("device", "*"))):
+                    fault = make_fault(where="add", **fault_spec)
+                    injector.add(fault)
+                    added.append(
+                        {"device": injector.device.serial_number, "fault": fault.describe()}
+                    )
+                return {"ok": True, "added": added}
+            if op == "clear":
+                kind = request.get("kind")
+                fault_kind = FaultKind(kind) if kind else None
+                removed = sum(
+                    injector.clear(fault_kind)
+                    for injector in self._select(str(request.get("device", "*")))
+                )
+                return {"ok": True, "removed": removed}
+            raise FaultError(f"unknown op {op!r} (add, clear, list)")
+        except (FaultError, ValueError, TypeError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "device": serial,
+                "faults": [f.describe() for f in injector.faults],
+                "counts": dict(injector.counts),
+            }
+            for serial, injector in self.injectors.items()
+        ]
+
+
+class ControlServer:
+    """One JSON request per line in, one JSON answer per line out."""
+
+    def __init__(self, controller: FaultController, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.controller = controller
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("the control server is not started")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._on_client, self.host, self.port, limit=MAX_REQUEST_BYTES
+        )
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request is a JSON object")
+                    answer = self.controller.handle(request)
+                except ValueError as exc:
+                    answer = {"ok": False, "error": f"bad request: {exc}"}
+                writer.write((json.dumps(answer) + "\n").encode())
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+
+async def control_request(host: str, port: int, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Send one request to a control port and return the answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write((json.dumps(request) + "\n").encode())
+        await writer.drain()
+        answer: dict[str, Any] = json.loads(await reader.readline())
+        return answer
+    finally:
+        writer.close()
+
+
+def parse_fault_option(text: str) -> tuple[str, dict[str, Any]]:
+    """``kind[:key=value,...][@device]`` -> (device selector, fault fields)."""
+    device = "*"
+    if "@" in text:
+        text, device = text.rsplit("@", 1)
+    kind, _, rest = text.partition(":")
+    fields: dict[str, Any] = {"kind": kind.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not key=value (in {text!r})")
+        fields[key.strip()] = _value(value.strip())
+    return device, fields
+
+
+def _value(text: str) -> Any:
+    if "|" in text:
+        return [_value(part) for part in text.split("|")]
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            continue
+    return text
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group("qa")
+def qa_group() -> None:
+    """Serve simulated devices to other apps, with faults switchable at run time."""
+
+
+@qa_group.command("serve")
+@click.option("--massagers", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--masks", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--serial", "use_serial", is_flag=True, help="Serve each device on a pty.")
+@click.option(
+    "--tcp",
+    "tcp_port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="Serve each device on TCP from this port on (0: any free ports).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--control",
+    "control_port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    show_default=True,
+    help="Control port for run-time faults (0: any free port).",
+)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    help="A fault from the start: kind[:key=value,...][@serial], e.g. drop:rate=0.1,burst=3.",
+)
+@click.option("--fast", is_flag=True, help="Run virtual time as fast as the CPU allows.")
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0)
+def serve_command(
+    massagers: int,
+    masks: int,
+    seed: int,
+    use_serial: bool,
+    tcp_port: int | None,
+    host: str,
+    control_port: int,
+    faults: tuple[str, ...],
+    fast: bool,
+    speed: float,
+) -> None:
+    """Run devices until Ctrl-C; print one line per device and link, and the control address."""
+    if not use_serial and tcp_port is None:
+        raise click.UsageError("choose --serial, --tcp PORT or both")
+    parsed = [parse_fault_option(text) for text in faults]
+    asyncio.run(
+        serve(
+            massagers,
+            masks,
+            seed,
+            use_serial=use_serial,
+            tcp_port=tcp_port,
+            host=host,
+            control_port=control_port,
+            faults=parsed,
+            fast=fast,
+            speed=speed,
+        )
+    )
+
+
+async def serve(
+    massagers: int,
+    masks: int,
+    seed: int,
+    *,
+    use_serial: bool,
+    tcp_port: int | None,
+    host: str = "127.0.0.1",
+    control_port: int = 0,
+    faults: Sequence[tuple[str, dict[str, Any]]] = (),
+    fast: bool = False,
+    speed: float = 1.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    clock = VirtualClock(realtime=not fast, speed=speed)
+    world = SimulatedWorld(seed=seed, clock=clock)
+    for _ in range(massagers):
+        world.add_massager()
+    for _ in range(masks):
+        world.add_mask()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+    injectors = [FaultInjector(d, seed=seed, world=world).install() for d in world.devices]
+    controller = FaultController(injectors, clock)
+    for device, fields in faults:
+        answer = controller.handle({"op": "add", "device": device, "fault": fields})
+        if not answer["ok"]:
+            raise click.BadParameter(answer["error"], param_hint="--fault")
+    control = ControlServer(controller, host, control_port)
+    ports: list[FaultablePtySerialPort | TcpDevicePort] = []
+    try:
+        async with world:
+            for injector in injectors:
+                injector.start()
+            for index, device in enumerate(world.devices):
+                ports += await _serve_device(device, index, use_serial, tcp_port, host)
+            await control.start()
+            control_host, control_port_used = control.address
+            click.echo(f"control {control_host}:{control_port_used}")
+            sys.stdout.flush()  # the other app waits for these lines
+            clock.start()
+            await stop.wait()
+            await clock.stop()
+            for injector in injectors:
+                injector.stop()
+            for port in ports:
+                await port.stop()
+            await control.stop()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.remove_signal_handler(signum)
+
+
+async def _serve_device(
+    device: SimulatedDevice, index: int, use_serial: bool, tcp_port: int | None, host: str
+) -> list[FaultablePtySerialPort | TcpDevicePort]:
+    label = KIND_LABELS.get(device.kind.name, device.kind.name.lower())
+    ports: list[FaultablePtySerialPort | TcpDevicePort] = []
+    if use_serial:
+        pty = FaultablePtySerialPort(device)
+        await pty.start()
+        ports.append(pty)
+        click.echo(f"{label} {device.serial_number} serial {pty.path}")
+    if tcp_port is not None:
+        tcp = TcpDevicePort(device, host=host, port=tcp_port + index if tcp_port else 0)
+        await tcp.start()
+        ports.append(tcp)
+        tcp_host, port = tcp.address
+        click.echo(f"{label} {device.serial_number} tcp {tcp_host}:{port}")
+    return ports
+
+
+@qa_group.command("fault")
+@click.option("--control", "address", required=True, help="HOST:PORT printed by 'qa serve'.")
+@click.argument("op", type=click.Choice(["add", "clear", "list"]))
+@click.argument("spec", required=False)
+@click.option("--device", default="*", show_default=True, help="Serial number, or '*' for all.")
+def fault_command(address: str, op: str, spec: str | None, device: str) -> None:
+    """Switch faults of a running 'qa serve': add SPEC, clear [KIND], or list."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint="--control")
+    request: dict[str, Any] = {"op": op, "device": device}
+    if op == "add":
+        if spec is None:
+            raise click.UsageError("add needs a fault: kind[:key=value,...]")
+        selector, fields = parse_fault_option(spec)
+        request["fault"] = fields
+        if selector != "*":
+            request["device"] = selector
+    elif op == "clear" and spec:
+        request["kind"] = spec
+    answer = asyncio.run(control_request(host or "127.0.0.1", int(port), request))
+    click.echo(json.dumps(answer, indent=2))
+    if not answer.get("ok"):
+        sys.exit(1)
