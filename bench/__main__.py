@@ -7,6 +7,11 @@ import sys
 
 BENCHMARKS = {
     "decode": "bench.bench_decode",
+    "firmware": "bench.bench_firmware",
+    "latency": "bench.bench_latency",
+    "linklevel": "bench.bench_linklevel",
+    "service": "bench.bench_service",
+    "virtual_time": "bench.bench_virtual_time",
 }
 
 

@@ -26,7 +26,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -79,6 +79,7 @@ class VirtualClock:
         # rounding errors of individual waits never accumulate into drift.
         self._anchor_wall_s = 0.0
         self._anchor_virtual_s = 0.0
+        self._settle_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # ------------------------------------------------------------------ the Clock protocol
 
@@ -182,6 +183,19 @@ class VirtualClock:
         if isinstance(error, BaseException) and not isinstance(error, asyncio.CancelledError):
             raise error
 
+    def add_settle_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Await ``hook()`` before waking the sleepers of every deadline.
+
+        A transport whose deliveries take loop turns and wall time (the link-level
+        mode's virtual controllers) returns from its hook once nothing is in
+        flight, so that virtual time never overtakes its traffic.
+        """
+        self._settle_hooks.append(hook)
+
+    def remove_settle_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        if hook in self._settle_hooks:
+            self._settle_hooks.remove(hook)
+
     # ------------------------------------------------------------------ internals
 
     def _require_not_running(self, what: str) -> None:
@@ -240,6 +254,12 @@ class VirtualClock:
             return False
         if self.realtime and not await self._wait_until(deadline_s):
             return True  # an earlier sleeper arrived while waiting: re-plan
+        if self._settle_hooks:
+            for hook in tuple(self._settle_hooks):
+                await hook()
+            next_deadline_s = self._next_deadline_s()
+            if next_deadline_s is not None and next_deadline_s < deadline_s:
+                return True  # an earlier sleeper arrived while settling: re-plan
         self._now_s = max(self._now_s, deadline_s)
         while self._heap and self._heap[0].deadline_s <= self._now_s:
             sleeper = heapq.heappop(self._heap)

@@ -21,17 +21,40 @@ from protocols import TelemetryBatch
 from simulators import SimulatedWorld, VirtualClock
 
 SEED = 20250101
+IN_PROCESS = "in-process"
+LINK_LEVEL = "link-level"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A test marked both_link_modes runs unchanged a second time with the devices
+    # behind virtual Bluetooth controllers (simulators.linklevel, docs/qa.md).
+    if metafunc.definition.get_closest_marker("both_link_modes") is not None:
+        metafunc.parametrize("link_mode", [IN_PROCESS, LINK_LEVEL], indirect=True)
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
+def link_mode(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", IN_PROCESS))
+
+
+@pytest.fixture
+def clock(link_mode: str) -> VirtualClock:
+    if link_mode == LINK_LEVEL:
+        from simulators.linklevel import link_level_clock
+
+        return link_level_clock()  # bumble runs on the wall clock: realtime, sped up
     return VirtualClock()
 
 
 @pytest.fixture
-async def world(clock: VirtualClock) -> AsyncIterator[SimulatedWorld]:
+async def world(clock: VirtualClock, link_mode: str) -> AsyncIterator[SimulatedWorld]:
     """An empty world; tests add devices before entering it with ``started_world``."""
-    yield SimulatedWorld(seed=SEED, clock=clock)
+    if link_mode == LINK_LEVEL:
+        from simulators.linklevel import LinkLevelWorld
+
+        yield LinkLevelWorld(seed=SEED, clock=clock)
+    else:
+        yield SimulatedWorld(seed=SEED, clock=clock)
     if clock.is_running:
         await clock.stop()
 

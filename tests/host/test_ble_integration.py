@@ -26,6 +26,7 @@ RATE_HZ = 100
 STREAM_S = 60.0
 
 
+@pytest.mark.both_link_modes
 async def test_discover_connect_all_read_info_and_stream_every_sample(
     world: SimulatedWorld, clock: VirtualClock
 ) -> None:
@@ -68,6 +69,7 @@ async def test_discover_connect_all_read_info_and_stream_every_sample(
         assert not any(d.is_connected for d in devices)
 
 
+@pytest.mark.both_link_modes
 async def test_link_loss_reconnects_and_backfills_every_sample_once_in_order(
     world: SimulatedWorld, clock: VirtualClock
 ) -> None:
@@ -102,6 +104,7 @@ async def test_link_loss_reconnects_and_backfills_every_sample_once_in_order(
         await session.close()
 
 
+@pytest.mark.both_link_modes
 async def test_outage_longer_than_the_ring_gives_a_gap_record_and_the_stream_goes_on(
     world: SimulatedWorld, clock: VirtualClock
 ) -> None:
