@@ -70,9 +70,12 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_COMMAND_TIMEOUT_S: Final = 2.0
 DEFAULT_FIND_TIMEOUT_S: Final = 10.0
-# Without progress for this long (device time), a backfill is given up as a gap.
-DEFAULT_BACKFILL_STALL_S: Final = 5.0
+# Without progress for this long (device time), a backfill is asked again (a device
+# resends batches every few ms, so a second of silence means something was lost).
+DEFAULT_BACKFILL_STALL_S: Final = 1.0
 MAX_BACKFILL_REQUEST_SAMPLES: Final = 0xFFFF_FFFF
+# A stalled backfill is asked again this many times before what is left becomes a gap.
+MAX_BACKFILL_RETRIES: Final = 3
 _FIRST_COMMAND_ID: Final = 1
 _LAST_COMMAND_ID: Final = TRANSPORT_COMMAND_ID - 1  # that id is the transport's own
 
@@ -189,6 +192,7 @@ class DeviceSession:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._backfill_task: asyncio.Task[None] | None = None
         self._backfill_progress = asyncio.Event()
+        self._backfill_stalls = 0  # consecutive stalls of the active backfill
         self._device_info: DeviceInfo | None = None
         self.last_batch: TelemetryBatch | None = None
         self._counts = dict.fromkeys(SessionStats.__dataclass_fields__, 0)
@@ -672,9 +676,20 @@ class DeviceSession:
                     await wait_for(
                         self.clock, self._backfill_progress.wait(), self._backfill_stall_s
                     )
+                    self._backfill_stalls = 0  # samples arrived: the link carries them again
                 except TimeoutError:
+                    self._backfill_stalls += 1
+                    if self._backfill_stalls <= MAX_BACKFILL_RETRIES:
+                        # Part of the answer was lost on the way: ask again for the rest.
+                        _LOGGER.warning(
+                            "%s: backfill stalled; asking again (%d/%d)",
+                            self.name, self._backfill_stalls, MAX_BACKFILL_RETRIES,
+                        )
+                        self._reassembler.retry_active()
+                        break
                     _LOGGER.warning("%s: backfill stalled; giving the rest up", self.name)
                     self._deliver(self._reassembler.abandon_active(GapReason.BACKFILL_FAILED))
+                    self._backfill_stalls = 0
         except (CommandRejectedError, CommandTimeoutError) as exc:
             _LOGGER.warning("%s: backfill failed: %s", self.name, exc)
             if self.state is S.READY:

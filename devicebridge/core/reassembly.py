@@ -235,6 +235,21 @@ class TelemetryReassembler:
         self._tracker = SequenceTracker()
         return out
 
+    def retry_active(self) -> bool:
+        """Arm the active range to be requested again (after a stall); False when none.
+
+        A notification lost on the way (the last backfill batch, say) would otherwise turn
+        samples the device still holds into a gap; asking again for what is still missing
+        recovers them, and late copies of the first answer are dropped as duplicates.
+        """
+        head = self._head_missing()
+        if head is None:
+            return False
+        head.requested = False
+        head.reply_end = None
+        head.early.clear()
+        return True
+
     def abandon_active(self, reason: GapReason = GapReason.BACKFILL_FAILED) -> list[TelemetryItem]:
         """Give up on the range being backfilled: report what is left as a gap."""
         head = self._head_missing()

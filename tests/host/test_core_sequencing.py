@@ -182,3 +182,28 @@ def test_every_sample_exactly_once_in_order_or_reported_lost(
     covered = sequences_of(out)
     assert covered == list(range(start, start + len(covered)))
     assert r.counters.delivered_samples + r.counters.lost_samples == len(covered)
+
+
+def test_a_stalled_backfill_can_be_asked_again_for_what_is_missing() -> None:
+    reassembler = TelemetryReassembler(sample_rate_hz=100)
+    samples = np.zeros(10, dtype=MASSAGER_SAMPLE_DTYPE)
+    reassembler.on_live(TelemetryBatch(SampleFormat.MASSAGER_V1, 0, 0, samples))
+    reassembler.on_live(TelemetryBatch(SampleFormat.MASSAGER_V1, 30, 300, samples))
+    request = reassembler.next_request()
+    assert (request.first, request.end) == (10, 30)  # type: ignore[union-attr]
+    assert reassembler.next_request() is None  # asked once
+    reassembler.on_backfill_reply(10, 20, available=True)
+    reassembler.on_backfill(
+        TelemetryBatch(SampleFormat.MASSAGER_V1, 10, 100, samples, backfill=True)
+    )
+    # The batch with 20..29 was lost on the way: ask again for exactly what is missing.
+    assert reassembler.retry_active()
+    again = reassembler.next_request()
+    assert (again.first, again.end) == (20, 30)  # type: ignore[union-attr]
+    reassembler.on_backfill_reply(20, 10, available=True)
+    items = reassembler.on_backfill(
+        TelemetryBatch(SampleFormat.MASSAGER_V1, 20, 200, samples, backfill=True)
+    )
+    delivered = [item.first_sequence for item in items]
+    assert delivered == [20, 30]
+    assert reassembler.counters.lost_samples == 0
