@@ -2,10 +2,13 @@
 
 One SQLite file (WAL) holds the session records, the decisions the engine took, the
 treatments the user recorded, and the telemetry as compact arrays: each batch that
-reaches the host is written as one BLOB of raw protocol samples (9 or 10 bytes each)
-and committed at once, so a killed process keeps every sample it had received. On the
+reaches the host is written as one BLOB of raw protocol samples (9 or 10 bytes each).
+:meth:`SessionStore.append_samples` commits each batch before it returns, so a killed
+process keeps every sample stored so far; :meth:`SessionStore.append_many` commits many
+batches in one transaction for a writer that groups commits (the routine runner commits
+every 150 ms, off the event loop: a killed bridge loses at most that last window). On the
 next start :meth:`SessionStore.recover` marks sessions left ``running`` as
-``interrupted``; their samples are all there.
+``interrupted``; their committed samples are all there.
 """
 
 from __future__ import annotations
@@ -127,6 +130,16 @@ class StoredTreatment:
     note: str
 
 
+@dataclass(frozen=True, slots=True)
+class SampleChunk:
+    """One batch for :meth:`SessionStore.append_many`."""
+
+    session_id: int
+    first_sequence: int
+    samples: npt.NDArray[np.void]
+    received_at: datetime
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -233,32 +246,71 @@ class SessionStore:
                 ),
             )
 
+    def append_many(
+        self,
+        chunks: Sequence[SampleChunk],
+        decisions: Sequence[tuple[int, Sequence[Any]]] = (),
+    ) -> None:
+        """Batches and decision lists (in order, per session) in one transaction.
+
+        The same rows as :meth:`append_samples` and :meth:`append_decisions`, one commit.
+        """
+        rows = [
+            (
+                c.session_id,
+                c.first_sequence,
+                int(c.samples.shape[0]),
+                c.received_at.isoformat(),
+                np.ascontiguousarray(c.samples).tobytes(),
+            )
+            for c in chunks
+            if c.samples.shape[0]
+        ]
+        if not rows and not any(items for _, items in decisions):
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO telemetry_chunks"
+                " (session_id, first_sequence, sample_count, received_at, samples)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            for session_id, items in decisions:
+                if items:
+                    self._insert_decisions(db, session_id, items)
+
     def append_decisions(self, session_id: int, decisions: Sequence[Any]) -> None:
         """Store engine decisions (objects with the fields of StoredDecision)."""
         if not decisions:
             return
         with self._transaction() as db:
-            (position,) = db.execute(
-                "SELECT COALESCE(MAX(position), -1) + 1 FROM decisions WHERE session_id = ?",
-                (session_id,),
-            ).fetchone()
-            db.executemany(
-                "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        session_id,
-                        position + i,
-                        d.at_s,
-                        str(d.kind),
-                        d.step,
-                        d.reason,
-                        d.message,
-                        d.rule,
-                        d.sequence,
-                    )
-                    for i, d in enumerate(decisions)
-                ],
-            )
+            self._insert_decisions(db, session_id, decisions)
+
+    @staticmethod
+    def _insert_decisions(
+        db: sqlite3.Connection, session_id: int, decisions: Sequence[Any]
+    ) -> None:
+        (position,) = db.execute(
+            "SELECT COALESCE(MAX(position), -1) + 1 FROM decisions WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        db.executemany(
+            "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    session_id,
+                    position + i,
+                    d.at_s,
+                    str(d.kind),
+                    d.step,
+                    d.reason,
+                    d.message,
+                    d.rule,
+                    d.sequence,
+                )
+                for i, d in enumerate(decisions)
+            ],
+        )
 
     def finish_session(
         self,
