@@ -169,6 +169,37 @@ class EventCode(enum.IntEnum):
     FAULT = 0x7F
 
 
+class ResetReason(enum.IntEnum):
+    """Optional payload byte of ``BOOT`` (an empty payload means unknown)."""
+
+    POWER_ON = 0
+    WATCHDOG = 1
+    BROWN_OUT = 2
+    SOFTWARE = 3
+
+
+class ButtonId(enum.IntEnum):
+    """First payload byte of ``BUTTON``."""
+
+    POWER = 1
+    MODE = 2
+
+
+class ButtonPress(enum.IntEnum):
+    """Second payload byte of ``BUTTON``."""
+
+    SHORT = 1
+    LONG = 2
+
+
+class ShutdownReason(enum.IntEnum):
+    """Payload byte of ``SHUTDOWN``."""
+
+    BATTERY_EMPTY = 0
+    BUTTON = 1
+    HOST = 2
+
+
 class TreatmentEndReason(enum.IntEnum):
     """Payload byte of ``TREATMENT_FINISHED``."""
 
