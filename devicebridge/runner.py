@@ -26,10 +26,11 @@ the :class:`~devicebridge.storage.sessions.SessionStore` and a clock:
 4. The session ends with a summary (completion, time in band, out-of-band events, contact
    time per zone, dose per wavelength), stored with the session.
 
-Storage stays off the safety path: telemetry and decisions of every run on one store are
-committed together every :data:`FLUSH_INTERVAL_S` (wall time) by one writer thread with
-its own SQLite connection, and always before the run stores its summary. A killed bridge
-loses at most the last interval; :meth:`SessionStore.recover` marks the run interrupted.
+Storage stays off the safety path: telemetry and decisions go to one writer thread with
+its own SQLite connection, which commits as soon as it has work and groups whatever
+arrived while its previous commit ran (group commit), and always before the run stores
+its summary. A killed bridge loses at most the batches of the commit in flight (a few
+milliseconds); :meth:`SessionStore.recover` marks the run interrupted.
 
 The engine is timed by the device's sample clock, so a link that drops and comes back
 (the session reconnects and backfills on its own) only delays decisions; after a
@@ -54,9 +55,9 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 
@@ -108,6 +109,7 @@ from protocols import (
 from protocols.telemetry import SAMPLE_DTYPES
 
 _LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SAFETY_KINDS: Final = frozenset({DecisionKind.PAUSE, DecisionKind.STOP, DecisionKind.STOP_STEP})
 SAMPLE_FORMAT_OF: Final = {
@@ -121,8 +123,12 @@ DEVICE_KIND_OF: Final = {
 # How long the final STOP_ALL may wait for a link that is down (clock seconds).
 FINAL_STOP_WAIT_S: Final = 5.0
 PROGRAM_TRANSFER_MODULE: Final = "devicebridge.program_transfer"
-# How often the store writer commits (wall seconds): the most a killed bridge can lose.
-FLUSH_INTERVAL_S: Final = 0.15
+# Extra delay before the store writer commits (wall seconds). 0: group commit, i.e. commit
+# at once and batch only what piles up during a commit, so a killed bridge loses at most
+# the commit in flight. A positive value trades that window for fewer transactions.
+FLUSH_INTERVAL_S: Final = 0.0
+# Admission looks back at least a day (the daily LED dose), longer for frequency rules.
+ADMISSION_MIN_LOOKBACK_DAYS: Final = 1.0
 
 
 class RunMode(StrEnum):
@@ -237,14 +243,14 @@ def led_dose_of_samples(samples: np.ndarray[Any, Any], sample_rate_hz: float) ->
     }
 
 
-def admission_history(store: SessionStore) -> list[PastSession]:
+def admission_history(store: SessionStore, *, since: datetime | None = None) -> list[PastSession]:
     """Past sessions as admission sees them; refused attempts are not sessions.
 
     A session that ended without a summary (the bridge was stopped) gets its LED dose from
     its stored telemetry, so a crash never hides light from the daily cap.
     """
     history: list[PastSession] = []
-    for record in store.sessions():
+    for record in store.sessions(since=since):
         if record.status == "refused":
             continue
         try:
@@ -274,7 +280,15 @@ def recorded_treatments(store: SessionStore) -> list[Treatment]:
 def check_routine_admission(
     routine: Routine, policy: SafetyPolicy, store: SessionStore | None, *, now: datetime
 ) -> Admission:
-    history = admission_history(store) if store is not None else []
+    # Only the longest window any rule looks back over: reading every session ever stored
+    # made each admission slower as the history grew (and held the event loop meanwhile).
+    lookback_days = max(
+        [ADMISSION_MIN_LOOKBACK_DAYS]
+        + [rule.per_days.value for rule in policy.frequency.values()]
+        + ([routine.schedule.per_days] if routine.schedule else [])
+    )
+    since = now - timedelta(days=lookback_days)
+    history = admission_history(store, since=since) if store is not None else []
     treatments = recorded_treatments(store) if store is not None else []
     return check_admission(routine, policy, now=now, history=history, treatments=treatments)
 
@@ -285,7 +299,8 @@ def check_routine_admission(
 class StoreWriter:
     """Groups the telemetry and decisions of every run on one store into one commit.
 
-    Commits every :data:`FLUSH_INTERVAL_S` while there is something to write, through a
+    Commits as soon as there is something to write and the previous commit is done (or
+    after ``interval_s`` when positive), through a
     connection of its own on a thread of its own, so neither the commits nor SQLite's
     checkpoints (fsync) hold up the event loop. :meth:`commit_session` writes what is left
     of one run at once, on the caller's thread and without yielding (so the end of a run
@@ -302,7 +317,7 @@ class StoreWriter:
         self._chunks: list[SampleChunk] = []
         self._decisions: list[tuple[int, Sequence[Decision]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._users = 0
 
     def add_samples(
@@ -316,8 +331,19 @@ class StoreWriter:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._submit)
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.interval_s > 0:
+            self._timer = loop.call_later(self.interval_s, self._submit)
+        elif not any(not job.done() for job, _ in self._in_flight):
+            # Group commit: at the end of this loop iteration, so what arrives together
+            # commits together; while a commit runs, work waits for its completion.
+            self._timer = loop.call_soon(self._submit)
+
+    def _after_commit(self) -> None:
+        if self._chunks or self._decisions:
+            self._schedule()
 
     def _submit(self) -> None:
         """Hand everything added so far to the thread (its jobs run in order)."""
@@ -330,14 +356,29 @@ class StoreWriter:
         sessions = frozenset(c.session_id for c in chunks) | {d[0] for d in decisions}
         job = self._executor.submit(self._write, chunks, decisions)
         self._in_flight.append((job, sessions))
+        if self.interval_s <= 0:
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._after_commit))
 
     def _write(
         self, chunks: list[SampleChunk], decisions: list[tuple[int, Sequence[Decision]]]
     ) -> None:
+        self._store_of_thread().append_many(chunks, decisions)
+        self.commits += 1
+
+    def _store_of_thread(self) -> SessionStore:
         if self._thread_store is None:
             self._thread_store = SessionStore(self.path)
-        self._thread_store.append_many(chunks, decisions)
-        self.commits += 1
+        return self._thread_store
+
+    def run_now(self, operation: Callable[[SessionStore], T]) -> T:
+        """``operation`` on the writer's connection, after the writes before it; blocks.
+
+        A run's own writes go this way too, so the two connections never wait for each
+        other's lock (SQLite's busy wait sleeps in steps of milliseconds).
+        """
+        self._prune()
+        return self._executor.submit(lambda: operation(self._store_of_thread())).result()
 
     def _prune(self) -> None:
         still: list[tuple[Future[None], frozenset[int]]] = []
@@ -353,12 +394,12 @@ class StoreWriter:
                 )
         self._in_flight = still
 
-    def commit_session(self, session_id: int, store: SessionStore) -> None:
-        """Everything of session ``session_id`` committed before this returns.
+    def commit_session(self, session_id: int) -> None:
+        """Everything of session ``session_id`` committed before this returns (blocks).
 
-        Its rows still waiting go through ``store`` (the caller's connection); a thread
-        write that holds some of them is waited for first (decisions keep their order).
-        Raises :class:`SessionStoreError` if any of its rows could not be stored.
+        Its rows still waiting are written after the thread's earlier writes (decisions
+        keep their order). Raises :class:`SessionStoreError` if any of its rows could not
+        be stored.
         """
         chunks = [c for c in self._chunks if c.session_id == session_id]
         decisions = [d for d in self._decisions if d[0] == session_id]
@@ -371,7 +412,7 @@ class StoreWriter:
         self._prune()
         if failure is not None:
             raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
-        store.append_many(chunks, decisions)
+        self.run_now(lambda thread_store: thread_store.append_many(chunks, decisions))
 
     def close(self) -> None:
         """Stop the thread once its last write is done (without waiting here)."""
@@ -399,16 +440,12 @@ def _acquire_writer(store: SessionStore) -> StoreWriter:
     return writer
 
 
-def _release_writer(store: SessionStore, writer: StoreWriter, session_id: int | None) -> None:
-    try:
-        if session_id is not None:
-            writer.commit_session(session_id, store)
-    finally:
-        writer._users -= 1
-        if writer._users <= 0:
-            if _WRITERS.get(store) is writer:
-                del _WRITERS[store]
-            writer.close()
+def _release_writer(store: SessionStore, writer: StoreWriter) -> None:
+    writer._users -= 1
+    if writer._users <= 0:
+        if _WRITERS.get(store) is writer:
+            del _WRITERS[store]
+        writer.close()
 
 
 @dataclass(slots=True)
@@ -643,17 +680,25 @@ class RoutineRunner:
                 dose_today_j_cm2=self.admission.dose_today_j_cm2,
             )
         if self.store is not None:
-            self.session_id = self.store.start_session(
-                routine_name=self.routine.name,
-                category=self.routine.category,
-                device_serial=self._device_serial or info.serial_number,
-                device_kind=self.routine.device_kind.value,
-                sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-                sample_rate_hz=rate_hz,
-                routine_text=self.routine.source_text,
-                started_at=self._now(),
-            )
-            self._writer = _acquire_writer(self.store)
+            store = self.store
+            self._writer = writer = _acquire_writer(store)
+            started_at = self._now()
+            try:
+                self.session_id = writer.run_now(
+                    lambda thread_store: thread_store.start_session(
+                        routine_name=self.routine.name,
+                        category=self.routine.category,
+                        device_serial=self._device_serial or info.serial_number,
+                        device_kind=self.routine.device_kind.value,
+                        sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
+                        sample_rate_hz=rate_hz,
+                        routine_text=self.routine.source_text,
+                        started_at=started_at,
+                    )
+                )
+            except BaseException:
+                self._release_writer()
+                raise
         self._reconnects_seen = self.session.stats.reconnects
         self._worker = asyncio.get_running_loop().create_task(
             self._command_worker(), name=f"routine commands {self.session.name}"
@@ -682,16 +727,20 @@ class RoutineRunner:
             self._observing = self._armed = False
             await self._shutdown()
             try:
-                self._close_writer()
+                if self._writer is not None and self.session_id is not None:
+                    # Everything of this run committed before its summary is.
+                    self._writer.commit_session(self.session_id)
             finally:
-                result = self._finish(status, end_reason)
+                try:
+                    result = self._finish(status, end_reason)
+                finally:
+                    self._release_writer()
         return result
 
-    def _close_writer(self) -> None:
-        """Everything of this run committed before its summary is (and before returning)."""
+    def _release_writer(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None and self.store is not None:
-            _release_writer(self.store, writer, self.session_id)
+            _release_writer(self.store, writer)
 
     async def _consume(
         self, subscription: Subscription[TelemetryItem], max_duration_s: float | None
@@ -997,9 +1046,16 @@ class RoutineRunner:
         engine = self.engine
         assert engine is not None
         summary = self.summary_dict()
-        if self.store is not None and self.session_id is not None:
+        session_id, writer = self.session_id, self._writer
+        if writer is not None and session_id is not None:
+            writer.run_now(
+                lambda store: store.finish_session(
+                    session_id, status=status, end_reason=end_reason, summary=summary
+                )
+            )
+        elif self.store is not None and session_id is not None:
             self.store.finish_session(
-                self.session_id, status=status, end_reason=end_reason, summary=summary
+                session_id, status=status, end_reason=end_reason, summary=summary
             )
         if status != "completed":
             self._guidance = f"Session {status}: {end_reason}" if end_reason else self._guidance

@@ -5,8 +5,9 @@ treatments the user recorded, and the telemetry as compact arrays: each batch th
 reaches the host is written as one BLOB of raw protocol samples (9 or 10 bytes each).
 :meth:`SessionStore.append_samples` commits each batch before it returns, so a killed
 process keeps every sample stored so far; :meth:`SessionStore.append_many` commits many
-batches in one transaction for a writer that groups commits (the routine runner commits
-every 150 ms, off the event loop: a killed bridge loses at most that last window). On the
+batches in one transaction for a writer that groups commits (the routine runner's writer
+thread commits at once and groups what arrives during a commit: a killed bridge loses at
+most the commit in flight, a few milliseconds of telemetry). On the
 next start :meth:`SessionStore.recover` marks sessions left ``running`` as
 ``interrupted``; their committed samples are all there.
 """
@@ -350,10 +351,20 @@ class SessionStore:
             raise SessionStoreError(f"no session {session_id}", path=self.path)
         return _record(row)
 
-    def sessions(self, *, limit: int | None = None) -> list[SessionRecord]:
-        query = "SELECT * FROM sessions ORDER BY started_at DESC, id DESC"
-        rows = self._db.execute(query + (f" LIMIT {int(limit)}" if limit else "")).fetchall()
-        return [_record(r) for r in rows]
+    def sessions(
+        self, *, limit: int | None = None, since: datetime | None = None
+    ) -> list[SessionRecord]:
+        """Newest first; ``since`` keeps those started at or after it (a UTC time)."""
+        query = "SELECT * FROM sessions"
+        params: tuple[str, ...] = ()
+        if since is not None:
+            # Start times are stored as UTC ISO 8601 strings, which sort like the times.
+            query += " WHERE started_at >= ?"
+            params = (since.astimezone(UTC).isoformat(),)
+        query += " ORDER BY started_at DESC, id DESC"
+        if limit:
+            query += f" LIMIT {int(limit)}"
+        return [_record(r) for r in self._db.execute(query, params).fetchall()]
 
     def telemetry(self, session_id: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.void]]:
         """(sequences, samples) of a session, in sequence order, each sample once."""

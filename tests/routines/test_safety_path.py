@@ -162,7 +162,7 @@ async def test_store_writer_groups_commits_and_commits_a_session_on_demand(
                 samples["pressure_dapa"] = np.arange(first, first + 10)
                 writer.add_samples(session_id, first, samples)
         assert store.telemetry(ids[0])[0].size == 0  # nothing committed yet
-        writer.commit_session(ids[0], store)
+        writer.commit_session(ids[0])
         assert store.telemetry(ids[0])[0].tolist() == list(range(50))
         assert store.telemetry(ids[1])[0].size == 0  # the other run is not this one's
         writer.close()

@@ -147,3 +147,23 @@ def test_a_killed_bridge_leaves_an_interrupted_session_with_every_received_sampl
         assert sequences.tolist() == list(range(sequences.shape[0]))
         assert samples["pressure_dapa"].tolist() == [s % 65536 for s in range(sequences.shape[0])]
         assert store.recover() == []
+
+
+def test_sessions_since_keeps_only_the_window(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        for days_ago in (30, 8, 6, 1):
+            store.start_session(
+                routine_name=f"{days_ago} days ago",
+                category="firming",
+                device_serial="SN-1",
+                device_kind="massager",
+                sample_format=p.SampleFormat.MASSAGER_V1,
+                sample_rate_hz=100,
+                started_at=now - timedelta(days=days_ago),
+            )
+        recent = store.sessions(since=now - timedelta(days=7))
+        assert [r.routine_name for r in recent] == ["1 days ago", "6 days ago"]
+        assert len(store.sessions()) == 4
