@@ -64,6 +64,7 @@ CELSIUS_PER_UNIT: Final = 0.01
 MW_CM2_PER_UNIT: Final = 0.01
 CAP_EVENTS_BEFORE_STOP: Final = 3
 LOWERED_IRRADIANCE_FRACTION: Final = 0.5
+BULK_MIN_SAMPLES: Final = 48
 
 
 class DecisionKind(StrEnum):
@@ -122,6 +123,21 @@ class MassageSummary:
 
 
 StepT = TypeVar("StepT", MassageStep, LedStep)
+_COUNTED_STATES: Final = frozenset(
+    {PressureState.TOO_LOW, PressureState.IN_BAND, PressureState.TOO_HIGH}
+)
+_MIN_ZONE: Final = min(ZONE_NAMES)
+_MAX_ZONE: Final = max(ZONE_NAMES)
+
+
+def _leading_true(mask: npt.NDArray[np.bool_], limit: int) -> int:
+    """How many leading entries of ``mask`` are true, at most ``limit``."""
+    if limit <= 0:
+        return 0
+    head = mask[:limit]
+    if head.all():
+        return int(head.shape[0])
+    return int(np.argmin(head))
 
 
 class _Engine(Generic[StepT]):
@@ -164,6 +180,71 @@ class _Engine(Generic[StepT]):
         return decisions
 
 
+def _run_lengths(
+    initial: int, reset: npt.NDArray[np.bool_], restart: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.int64]:
+    """A run counter over samples: 0 on ``reset``, 1 on ``restart``, else one more.
+
+    ``initial`` is the counter before the first sample.
+    """
+    count = reset.shape[0]
+    index = np.arange(count, dtype=np.int64)
+    last = np.maximum.accumulate(np.where(reset | restart, index, -1))
+    base = np.where(reset[np.maximum(last, 0)], 0, 1)
+    return np.where(last < 0, initial + index + 1, index - last + base)
+
+
+class _BulkStuckSensorDetector(StuckSensorDetector):
+    """The stuck-sensor check, able to take a run of samples at once."""
+
+    def scan(
+        self, raw: npt.NDArray[np.integer], motor_on_skin: npt.NDArray[np.bool_]
+    ) -> tuple[int, npt.NDArray[np.int64]]:
+        """How many leading samples get an OK verdict, and the run counter after each.
+
+        Changes nothing; :meth:`commit` applies a prefix. Must not be called while stuck.
+        """
+        active = motor_on_skin & (raw != 0)
+        same = np.empty(raw.shape[0], dtype=np.bool_)
+        same[1:] = active[:-1] & (raw[1:] == raw[:-1])
+        same[0] = self._value is not None and int(raw[0]) == self._value
+        runs = _run_lengths(self._run, ~active, active & ~same)
+        over = runs >= self.threshold_samples
+        return (int(np.argmax(over)) if over.any() else int(raw.shape[0])), runs
+
+    def commit(
+        self,
+        raw: npt.NDArray[np.integer],
+        motor_on_skin: npt.NDArray[np.bool_],
+        runs: npt.NDArray[np.int64],
+        count: int,
+    ) -> None:
+        """The state after the first ``count`` samples of a :meth:`scan` (all OK)."""
+        last = count - 1
+        self._run = int(runs[last])
+        active = bool(motor_on_skin[last]) and int(raw[last]) != 0
+        self._value = int(raw[last]) if active else None
+
+
+class _BulkActuatorWatch(ActuatorWatch):
+    """The actuator check, able to take a run of samples at once."""
+
+    def scan(
+        self, wanted_on: bool, motor_on: npt.NDArray[np.bool_]
+    ) -> tuple[int, npt.NDArray[np.int64]]:
+        """How many leading samples report nothing, and the mismatch counter after each."""
+        reset = motor_on | (not wanted_on)
+        runs = _run_lengths(self._mismatch, reset, np.zeros_like(reset))
+        if not self.reported:
+            over = runs >= self.grace_samples
+            if over.any():
+                return int(np.argmax(over)), runs
+        return int(motor_on.shape[0]), runs
+
+    def commit(self, runs: npt.NDArray[np.int64], count: int) -> None:
+        self._mismatch = int(runs[count - 1])
+
+
 class MassageEngine(_Engine[MassageStep]):
     """Enforces a massager routine over a stream of massager samples."""
 
@@ -174,17 +255,26 @@ class MassageEngine(_Engine[MassageStep]):
         *,
         sample_rate_hz: float,
         fault_checks: FaultChecks | None = None,
+        vectorised: bool = True,
     ) -> None:
         super().__init__(routine, policy, MassageStep, sample_rate_hz)
+        # ``vectorised=False`` judges every sample one by one: the reference the bulk path
+        # is tested against (tests/core/test_engine_vectorised.py).
+        self._vectorised = vectorised
+        # Below this many samples a batch costs less one sample at a time than in numpy
+        # calls (live batches are about 10 samples; replays and backfill are larger).
+        self.bulk_min_samples = BULK_MIN_SAMPLES
         # Device-fault checks (a stuck sensor, commands not applied): off unless asked,
         # so a replay of synthetic or stored samples is judged on the policy alone.
         self._stuck = (
-            StuckSensorDetector(sample_rate_hz, fault_checks.stuck_sensor_s)
+            _BulkStuckSensorDetector(sample_rate_hz, fault_checks.stuck_sensor_s)
             if fault_checks
             else None
         )
         self._actuators = (
-            ActuatorWatch(sample_rate_hz, fault_checks.actuator_grace_s) if fault_checks else None
+            _BulkActuatorWatch(sample_rate_hz, fault_checks.actuator_grace_s)
+            if fault_checks
+            else None
         )
         self.summary = MassageSummary(steps_total=len(self._steps))
         self.state = PressureState.NO_CONTACT
@@ -219,6 +309,9 @@ class MassageEngine(_Engine[MassageStep]):
         out: list[Decision] = []
         if self._finished or samples.shape[0] == 0:
             return out
+        if self._vectorised and samples.shape[0] >= self.bulk_min_samples:
+            self._feed_bulk(samples, first_sequence, out)
+            return self._emit(out)
         pressure = (samples["pressure_dapa"] * KPA_PER_UNIT).tolist()
         temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
         contact = ((samples["flags"] & CONTACT_FLAG) != 0).tolist()
@@ -237,6 +330,161 @@ class MassageEngine(_Engine[MassageStep]):
             if self.finished:
                 break
         return self._emit(out)
+
+    # ------------------------------------------------------------------ bulk path
+    def _feed_bulk(
+        self, samples: npt.NDArray[np.void], first_sequence: int, out: list[Decision]
+    ) -> None:
+        """The same decisions as the sample-by-sample path, with runs of quiet samples in bulk.
+
+        A sample is quiet when the per-sample rules would only count it: no threshold, step
+        end, state change or fault on it. Runs of quiet samples update the counters at once
+        (float sums added one by one in the same order, so summaries match to the bit);
+        every other sample goes through :meth:`_sample` exactly as on the reference path.
+        """
+        count = int(samples.shape[0])
+        raw = samples["pressure_dapa"]
+        pressure = raw * KPA_PER_UNIT
+        temperature = samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT
+        flags = samples["flags"]
+        contact = (flags & CONTACT_FLAG) != 0
+        motor = (flags & MOTOR_FLAG) != 0
+        zones = samples["zone"]
+        self._session_time_s(first_sequence)
+        assert self._first_sequence is not None
+        # Session time of each sample, as _session_time_s computes it.
+        at_s = (np.arange(count, dtype=np.int64) + (first_sequence - self._first_sequence)) * (
+            self.dt_s
+        )
+        policy = self.policy
+        # Samples past the session cap or at the temperature stop level always need the
+        # per-sample rules; so do warm samples until the warning went out.
+        in_time = at_s < policy.massage_length_cap_s.value
+        below_stop = temperature < policy.temperature_stop_c.value
+        below_warn = temperature < policy.temperature_warn_c.value
+        checks = self._stuck is not None
+        i = 0
+        while i < count and not self._finished:
+            run = self._quiet_run(
+                i, pressure, raw, contact, motor, zones, in_time, below_stop, below_warn
+            )
+            if run:
+                i += run
+                continue
+            sequence = first_sequence + i
+            at = self._session_time_s(sequence)
+            contact_i = bool(contact[i])
+            if checks and self._device_fault(
+                at, sequence, int(raw[i]), bool(motor[i]), contact_i, out
+            ):
+                i += 1
+                continue
+            self._sample(
+                at,
+                sequence,
+                float(pressure[i]),
+                float(temperature[i]),
+                contact_i,
+                int(zones[i]),
+                out,
+            )
+            i += 1
+
+    def _quiet_run(
+        self,
+        i: int,
+        pressure: npt.NDArray[np.float64],
+        raw: npt.NDArray[np.integer],
+        contact: npt.NDArray[np.bool_],
+        motor: npt.NDArray[np.bool_],
+        zones: npt.NDArray[np.integer],
+        in_time: npt.NDArray[np.bool_],
+        below_stop: npt.NDArray[np.bool_],
+        below_warn: npt.NDArray[np.bool_],
+    ) -> int:
+        """Count (and apply) the quiet samples from ``i`` on; 0 when sample ``i`` is not quiet."""
+        reason = self._pause_reason
+        if self._stuck is not None and self._stuck.stuck:
+            return 0
+        on_skin = bool(contact[i])
+        if on_skin:
+            if reason is not None or self.state not in _COUNTED_STATES:
+                return 0
+        elif reason in ("over_temperature", "sensor_stuck"):
+            return 0
+        temperature_ok = below_stop[i:] if self._temperature_warned else below_warn[i:]
+        quiet = in_time[i:] & temperature_ok
+        step = self.current_step
+        if on_skin:
+            if self._pass_zone != step.zone:
+                return 0
+            limits = self.policy.zones[policy_zone(step.zone)]
+            code = ZONE_CODES[step.zone]
+            z = zones[i:]
+            p = pressure[i:]
+            # Unknown zone codes count as the step's zone (ZONE_NAMES.get default).
+            quiet &= contact[i:] & ((z == code) | (z < _MIN_ZONE) | (z > _MAX_ZONE))
+            quiet &= p <= limits.cap_kpa.value
+            low, high = step.pressure_min_kpa, step.pressure_max_kpa
+            if self.state is PressureState.IN_BAND:
+                quiet &= (p >= low) & (p <= high)
+            elif self.state is PressureState.TOO_LOW:
+                quiet &= p < low
+            else:
+                quiet &= p > high
+            limit = min(
+                self._samples_for(limits.pass_cap_s.value) - self._pass_samples,
+                self._samples_for(step.contact_time_s) - 1 - self._step_contact_samples,
+            )
+        else:
+            quiet &= ~contact[i:]
+            limit = (
+                quiet.shape[0]
+                if reason is not None
+                else self._samples_for(self.policy.no_contact_pause_s.value)
+                - 1
+                - self._no_contact_samples
+            )
+        run = _leading_true(quiet, limit)
+        if run <= 0:
+            return 0
+        if self._stuck is not None:
+            assert self._actuators is not None
+            raw_run = raw[i : i + run]
+            motor_run = motor[i : i + run]
+            motor_on_skin = motor_run if on_skin else np.zeros(run, dtype=np.bool_)
+            ok_stuck, stuck_runs = self._stuck.scan(raw_run, motor_on_skin)
+            ok_motor, motor_runs = self._actuators.scan(on_skin, motor_run)
+            run = min(ok_stuck, ok_motor)
+            if run <= 0:
+                return 0
+            self._stuck.commit(raw_run, motor_on_skin, stuck_runs, run)
+            self._actuators.commit(motor_runs, run)
+        if on_skin:
+            self._no_contact_samples = 0
+            self._pass_samples += run
+            self._step_contact_samples += run
+            self._off_zone_warned = False
+            summary = self.summary
+            dt_s = self.dt_s
+            zone = step.zone
+            contact_s = summary.contact_s
+            zone_s = summary.contact_s_by_zone.get(zone, 0.0)
+            # One addition per sample, as the per-sample path does: the same float sums.
+            for _ in range(run):
+                contact_s += dt_s
+                zone_s += dt_s
+            summary.contact_s = contact_s
+            summary.contact_s_by_zone[zone] = zone_s
+            if self.state is PressureState.IN_BAND:
+                in_band_s = summary.time_in_band_s
+                for _ in range(run):
+                    in_band_s += dt_s
+                summary.time_in_band_s = in_band_s
+        else:
+            self.state = PressureState.NO_CONTACT
+            self._no_contact_samples += run
+        return run
 
     # ------------------------------------------------------------------ one sample
     def _sample(
