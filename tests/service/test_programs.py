@@ -107,6 +107,8 @@ async def test_every_bad_program_is_rejected_with_its_reason_and_never_stored(
         await rig.start()
         worker = next(iter(rig.service.workers.values()))
         await rig.wait(lambda: worker.batcher is not None)
+        # A push published before the bridge subscribed would be dropped by the broker.
+        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
 
         answers = [(expected, await push(mosquitto.port, data)) for expected, data in cases]
         for expected, ack in answers:
