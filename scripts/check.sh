@@ -26,7 +26,7 @@ export PATH="$PWD/$SMPMGR_VENV/bin:$PATH"
 
 echo "== ruff"
 "$VENV/bin/ruff" check protocols simulators devicebridge tests bench
-echo "== mypy --strict (protocols, devicebridge)"
+echo "== mypy --strict (protocols, devicebridge, simulators)"
 "$VENV/bin/mypy"
 echo "== import-linter"
 "$VENV/bin/lint-imports"

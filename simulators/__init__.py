@@ -8,9 +8,10 @@ imports ``devicebridge``: a simulator that reused the host's code would hide
 the host's bugs.
 """
 
+from protocols import ShutdownReason
 from simulators.bleak_backend import SimulatedBleakClient, SimulatedBleakScanner
 from simulators.clock import VirtualClock
-from simulators.device import Button, Press, ShutdownReason, SimulatedDevice
+from simulators.device import Button, Press, SimulatedDevice
 from simulators.hand import HandScript, HandSegment
 from simulators.link import Channel, DeviceLink
 from simulators.mask import SimulatedLedMask

@@ -162,8 +162,8 @@ async def _serve(
             clock.start()
             await stop.wait()
             await clock.stop()
-            for port in ports:
-                await port.stop()
+            for served in ports:
+                await served.stop()
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError, RuntimeError):

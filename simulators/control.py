@@ -311,8 +311,8 @@ async def serve(
         async with world:
             for injector in injectors:
                 injector.start()
-            for index, device in enumerate(world.devices):
-                ports += await _serve_device(device, index, use_serial, tcp_port, host)
+            for index, served in enumerate(world.devices):
+                ports += await _serve_device(served, index, use_serial, tcp_port, host)
             await control.start()
             control_host, control_port_used = control.address
             click.echo(f"control {control_host}:{control_port_used}")

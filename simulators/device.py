@@ -55,6 +55,8 @@ from protocols import (
     Ack,
     AdvertisedIdentity,
     BackfillReply,
+    ButtonId,
+    ButtonPress,
     Capability,
     Command,
     CommandBody,
@@ -78,6 +80,7 @@ from protocols import (
     RequestBackfill,
     ResultCode,
     SampleFormat,
+    ShutdownReason,
     StartStream,
     StopAll,
     StopStream,
@@ -135,20 +138,9 @@ def derived_seed(seed: int, index: int, stream: RandomStream) -> int:
     return int(device_rng(seed, index, stream).integers(0, 2**63 - 1))
 
 
-class Button(enum.IntEnum):
-    POWER = 1
-    MODE = 2
-
-
-class Press(enum.IntEnum):
-    SHORT = 1
-    LONG = 2
-
-
-class ShutdownReason(enum.IntEnum):
-    BATTERY_EMPTY = 0
-    BUTTON = 1
-    HOST = 2
+# The event payload codes are the protocol's (docs/protocol.md section 6).
+Button = ButtonId
+Press = ButtonPress
 
 
 @dataclass(frozen=True, slots=True)

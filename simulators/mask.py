@@ -22,6 +22,7 @@ from protocols import (
     ProgramRejectReason,
     ResultCode,
     SampleFormat,
+    ShutdownReason,
     StartLed,
     StopLed,
     TreatmentEndReason,
@@ -40,7 +41,7 @@ from protocols.telemetry import (
     TEMPERATURE_C_PER_UNIT,
 )
 from simulators.clock import VirtualClock
-from simulators.device import Button, DeviceOptions, Press, ShutdownReason, SimulatedDevice
+from simulators.device import Button, DeviceOptions, Press, SimulatedDevice
 from simulators.program_runner import MaskProgramRun
 
 LED_MASK_SAMPLE_RATE_HZ: Final = 10

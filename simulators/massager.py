@@ -23,6 +23,7 @@ from protocols import (
     SetIntensity,
     SetMode,
     SetZone,
+    ShutdownReason,
     Zone,
 )
 from protocols.messages import MAX_INTENSITY_LEVEL
@@ -39,7 +40,6 @@ from simulators.device import (
     DeviceOptions,
     Press,
     RandomStream,
-    ShutdownReason,
     SimulatedDevice,
     derived_seed,
 )

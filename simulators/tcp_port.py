@@ -79,7 +79,7 @@ class TcpDevicePort:
         self._decoder = FrameDecoder()
         self.connections += 1
         self.device.attach_link(self)
-        self._reader_task = asyncio.current_task()  # type: ignore[assignment]
+        self._reader_task = asyncio.current_task()
         try:
             while True:
                 data = await reader.read(READ_CHUNK_BYTES)

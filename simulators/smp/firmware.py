@@ -31,7 +31,8 @@ from typing import Any, Final, Protocol
 
 import cbor2
 
-from simulators.device import FIRMWARE_REVISION, ShutdownReason, SimulatedDevice
+from protocols import ShutdownReason
+from simulators.device import FIRMWARE_REVISION, SimulatedDevice
 from simulators.link import Channel
 from simulators.smp.constants import (
     IMAGE_MAGIC_BYTES,
