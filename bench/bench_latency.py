@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -264,7 +265,16 @@ Until = Callable[[], bool]
 async def _runner_loop(
     session: DeviceSession, probe: Probe, store: SessionStore, until: Until
 ) -> None:
-    policy = default_policy()
+    # Every over-cap event pauses (STOP_ALL written at once, which is what is measured);
+    # the default policy ends a session at the third, which would make every device start
+    # a new run every few seconds and measure run start-up instead of the safety path.
+    default = default_policy()
+    policy = dataclasses.replace(
+        default,
+        pressure_cap_events_before_stop=dataclasses.replace(
+            default.pressure_cap_events_before_stop, value=float(10**9)
+        ),
+    )
     routine = parse_routine(ROUTINE, policy, label="bench")
     while not until():
         runner = RoutineRunner(session, routine, policy, store=store, mode=RunMode.HOST)

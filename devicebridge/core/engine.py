@@ -62,7 +62,6 @@ MOTOR_FLAG: Final = 0x02  # protocols.telemetry.MASSAGER_FLAG_MOTOR_ON
 KPA_PER_UNIT: Final = 0.01
 CELSIUS_PER_UNIT: Final = 0.01
 MW_CM2_PER_UNIT: Final = 0.01
-CAP_EVENTS_BEFORE_STOP: Final = 3
 LOWERED_IRRADIANCE_FRACTION: Final = 0.5
 BULK_MIN_SAMPLES: Final = 48
 
@@ -550,7 +549,7 @@ class MassageEngine(_Engine[MassageStep]):
             if self.state is not PressureState.ABOVE_CAP:
                 self.summary.cap_events += 1
                 self.state = PressureState.ABOVE_CAP
-                if self.summary.cap_events >= CAP_EVENTS_BEFORE_STOP:
+                if self.summary.cap_events >= policy.pressure_cap_events_before_stop.value:
                     self._stop(
                         out,
                         at_s,
@@ -558,7 +557,7 @@ class MassageEngine(_Engine[MassageStep]):
                         "pressure_cap_repeated",
                         f"Pressure went above the {zone} cap {self.summary.cap_events} times: "
                         "session stopped.",
-                        policy.cite(limits.cap_kpa),
+                        policy.cite(policy.pressure_cap_events_before_stop),
                     )
                     return
                 if self._pause_reason != "pressure_cap":

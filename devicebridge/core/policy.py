@@ -97,6 +97,7 @@ class SafetyPolicy:
     massage_length_cap_s: Limit
     led_length_cap_s: Limit
     no_contact_pause_s: Limit
+    pressure_cap_events_before_stop: Limit
     led: Mapping[str, LedChannelLimits]
     flicker_forbidden_hz: Band
     temperature_warn_c: Limit
@@ -256,6 +257,11 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
     massage_cap = reader.limit(data, "session.massage_length_cap_s")
     led_cap = reader.limit(data, "session.led_length_cap_s")
     no_contact = reader.limit(data, "session.no_contact_pause_s")
+    cap_events = reader.limit(data, "session.pressure_cap_events_before_stop")
+    if cap_events is not None and (
+        cap_events.value < 1 or cap_events.value != int(cap_events.value)
+    ):
+        reader.problem("session.pressure_cap_events_before_stop", "must be a whole number >= 1")
 
     if reader.problems:
         raise PolicyError(label, reader.problems)
@@ -266,6 +272,7 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
     assert massage_cap is not None
     assert led_cap is not None
     assert no_contact is not None
+    assert cap_events is not None
     return SafetyPolicy(
         name=str(name),
         version=int(version),
@@ -274,6 +281,7 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
         massage_length_cap_s=massage_cap,
         led_length_cap_s=led_cap,
         no_contact_pause_s=no_contact,
+        pressure_cap_events_before_stop=cap_events,
         led=led,
         flicker_forbidden_hz=flicker,
         temperature_warn_c=warn,
