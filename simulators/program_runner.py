@@ -15,6 +15,7 @@ what they do with ``PROGRAM_STEP``, ``HARD_LIMIT``, ``OVER_TEMPERATURE`` and
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import struct
@@ -177,7 +178,7 @@ class ProgramReceiver:
         self._refused_offset = None
 
 
-class _ProgramRun:
+class _ProgramRun(abc.ABC):
     """What both kinds share: step index, session cap, events, the end."""
 
     def __init__(
@@ -222,8 +223,9 @@ class _ProgramRun:
         self.emit(EventCode.PROGRAM_FINISHED, ProgramFinishedEvent(reason).encode(), t_s)
         self.end_reason = reason
 
+    @abc.abstractmethod
     def _actuators_off(self) -> None:
-        raise NotImplementedError
+        """Switch every actuator of the device off (motor, or every LED channel)."""
 
 
 class MassagerProgramRun(_ProgramRun):
