@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import logging
+import math
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -134,10 +137,17 @@ def make_client(
     )
 
 
+@functools.cache
+def _properties_template() -> Properties:
+    return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
 def message_properties(message_id: str, protocol: aiomqtt.ProtocolVersion) -> Properties | None:
     if protocol is not aiomqtt.ProtocolVersion.V5:
         return None
-    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    # A shallow copy of an empty template: paho's Properties() builds its name and type
+    # tables on every construction, which cost more than the rest of a publish.
+    properties = copy.copy(_properties_template())
     properties.UserProperty = [("message-id", message_id)]
     return properties
 
@@ -263,11 +273,13 @@ class MqttLink:
 
     async def _pump(self, client: aiomqtt.Client) -> None:
         while True:
-            batch = self.outbox.pending(OUTBOX_BATCH)
+            # The outbox counts its messages in memory: an empty one costs no query.
+            batch = self.outbox.pending(OUTBOX_BATCH) if len(self.outbox) else []
             if not batch:
+                # Nothing can be appended between the check above and clear() (no await
+                # in between), so a notify() is never missed.
                 self._wake.clear()
-                if not self.outbox.pending(1):
-                    await self._wake.wait()
+                await self._wake.wait()
                 continue
             for message in batch:
                 await client.publish(
@@ -276,6 +288,10 @@ class MqttLink:
                     qos=message.qos,
                     retain=message.retain,
                     properties=message_properties(message.message_id, self.protocol),
+                    # No per-publish timer: asyncio.wait_for with a timeout wraps every
+                    # PUBACK wait in a task and a timer. A broker that stops answering is
+                    # caught by the keepalive, which ends the session (and this pump).
+                    timeout=math.inf,
                 )
                 self.outbox.delivered(message.sequence)
                 self.published += 1

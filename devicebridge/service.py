@@ -192,7 +192,11 @@ class TelemetryBatcher:
         self.sample_format = sample_format
         self.sample_rate_hz = sample_rate_hz
         self.samples_per_message = max(1, round(sample_rate_hz * batch_s))
-        self._parts: list[npt.NDArray[np.void]] = []
+        # The samples are kept as their raw wire bytes in one growing buffer: a message
+        # is then one slice and one base64 call, with no per-batch numpy concatenation
+        # (structured-dtype concatenation costs more than the copy itself).
+        self._format_name = sample_format.name.lower()
+        self._buffer = bytearray()
         self._count = 0
         self._first_sequence = 0
         self._device_time_ms = 0
@@ -206,17 +210,24 @@ class TelemetryBatcher:
         if not self._count:
             self._first_sequence = batch.first_sequence
             self._device_time_ms = batch.device_time_ms
-        self._parts.append(batch.samples)
-        self._count += len(batch)
-        while self._count >= self.samples_per_message:
-            samples = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-            head, rest = samples[: self.samples_per_message], samples[self.samples_per_message :]
-            out.append(self._message(self._first_sequence, self._device_time_ms, head))
-            advanced = self.samples_per_message
-            self._first_sequence += advanced
-            self._device_time_ms += round(advanced * 1000 / self.sample_rate_hz)
-            self._parts = [rest] if len(rest) else []
-            self._count = len(rest)
+        samples = batch.samples
+        self._buffer += samples.data if samples.flags.c_contiguous else samples.tobytes()
+        self._count += int(samples.shape[0])
+        if self._count >= self.samples_per_message:
+            per_message = self.samples_per_message
+            message_bytes = per_message * samples.dtype.itemsize
+            buffer = self._buffer
+            offset = 0
+            while self._count >= per_message:
+                raw = bytes(buffer[offset : offset + message_bytes])
+                out.append(
+                    self._message(self._first_sequence, self._device_time_ms, per_message, raw)
+                )
+                offset += message_bytes
+                self._first_sequence += per_message
+                self._device_time_ms += round(per_message * 1000 / self.sample_rate_hz)
+                self._count -= per_message
+            del buffer[:offset]
         return out
 
     def gap(self, gap: TelemetryGap) -> list[dict[str, Any]]:
@@ -232,29 +243,28 @@ class TelemetryBatcher:
 
     def flush(self, *, final: bool = False) -> list[dict[str, Any]]:
         if self._count:
-            samples = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-            message = self._message(self._first_sequence, self._device_time_ms, samples)
-            self._parts, self._count = [], 0
+            raw = bytes(self._buffer)
+            message = self._message(self._first_sequence, self._device_time_ms, self._count, raw)
+            self._buffer.clear()
+            self._count = 0
             return [message]
         if final and self._gaps:
-            return [self._message(self._first_sequence, self._device_time_ms, None)]
+            return [self._message(self._first_sequence, self._device_time_ms, 0, b"")]
         return []
 
     def _message(
-        self, first_sequence: int, device_time_ms: int, samples: npt.NDArray[np.void] | None
+        self, first_sequence: int, device_time_ms: int, count: int, raw: bytes
     ) -> dict[str, Any]:
-        count = 0 if samples is None else int(samples.shape[0])
-        raw = b"" if samples is None else np.ascontiguousarray(samples).tobytes()
         gaps, self._gaps = self._gaps, []
         self.samples_published += count
         return {
             "serial": self.serial,
-            "sample_format": self.sample_format.name.lower(),
+            "sample_format": self._format_name,
             "sample_rate_hz": self.sample_rate_hz,
             "first_sequence": first_sequence,
             "device_time_ms": device_time_ms,
             "count": count,
-            "samples_b64": base64.b64encode(raw).decode(),
+            "samples_b64": base64.b64encode(raw).decode("ascii"),
             "gaps": gaps,
         }
 
@@ -353,6 +363,9 @@ class DeviceWorker:
         self._telemetry = session.telemetry()
         self._events = session.events()
         self._ready_count = 0
+        # Connection states are polled by the service's one status loop for all devices
+        # (one timer instead of one per device); a stopping worker is left out of it.
+        self.stopping = False
 
     @property
     def state(self) -> ConnectionState:
@@ -364,7 +377,6 @@ class DeviceWorker:
             (self._connect(), "connect"),
             (self._consume_telemetry(), "telemetry"),
             (self._consume_events(), "events"),
-            (self._watch_state(), "state"),
             (self._run_commands(), "commands"),
         ):
             self._tasks.append(loop.create_task(coro, name=f"{self.serial} {name}"))
@@ -383,11 +395,6 @@ class DeviceWorker:
             return  # from now on the session reconnects by itself
 
     # ------------------------------------------------------------------ state
-
-    async def _watch_state(self) -> None:
-        while True:
-            self.check_state()
-            await self.service.clock.sleep(STATE_POLL_S)
 
     def check_state(self) -> None:
         state = self.session.state
@@ -619,6 +626,7 @@ class DeviceWorker:
 
     async def stop(self) -> None:
         """STOP_ALL, finish the running session as ``stopped``, close the link."""
+        self.stopping = True
         if self.session.state is ConnectionState.READY:
             try:
                 await self.session.send(StopAll(), timeout_s=STOP_ALL_TIMEOUT_S)
@@ -1015,6 +1023,9 @@ class BridgeService:
     async def _status_loop(self) -> None:
         last_s = -math.inf
         while True:
+            for worker in list(self.workers.values()):
+                if not worker.stopping:
+                    worker.check_state()
             due = self.clock.now_s() - last_s >= self.status_interval_s
             if self._status_dirty or due:
                 self.write_status_file("running")

@@ -11,6 +11,7 @@ it has seen processes it once.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,12 @@ from devicebridge.storage.sqlite import connect
 
 OUTBOX_FILENAME: Final = "outbox.sqlite3"
 DEFAULT_MAX_MESSAGES: Final = 1_000_000
+
+
+_INSERT: Final = (
+    "INSERT INTO outbox (sequence, topic, payload, qos, retain, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
 class OutboxError(DeviceBridgeError):
@@ -63,6 +70,13 @@ class Outbox:
         # Counted once here and kept up to date, instead of COUNT(*) on every append:
         # after a long outage the table is large, exactly when appends must stay cheap.
         (self._count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        # The next sequence is kept in memory too (this bridge is the outbox's only writer):
+        # every published message needs its id before it is appended.
+        row = self._db.execute(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " COALESCE((SELECT MAX(sequence) FROM outbox), 0))"
+        ).fetchone()
+        self._next_sequence = int(row[0]) + 1
 
     def close(self) -> None:
         self._db.close()
@@ -72,26 +86,42 @@ class Outbox:
 
     def next_sequence(self) -> int:
         """The sequence the next appended message will get (to put its id in the payload)."""
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-        return (row[0] if row else 0) + 1
+        return self._next_sequence
 
     def append(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
-        if self._count >= self.max_messages:
+        return self.append_many([(topic, payload, qos, retain)])[0]
+
+    def append_many(self, messages: Sequence[tuple[str, bytes, int, bool]]) -> list[int]:
+        """Append ``(topic, payload, qos, retain)`` messages in order, in one transaction.
+
+        All of them are stored or none (a full outbox refuses the whole group): one commit
+        for a group of messages instead of one per message.
+        """
+        if not messages:
+            return []
+        if self._count + len(messages) > self.max_messages:
             raise OutboxFullError(
                 f"{self._count} messages waiting for the broker (limit {self.max_messages})",
                 path=self.path,
             )
+        first = self._next_sequence
+        created_at = datetime.now(UTC).isoformat()
+        rows = [
+            (first + i, topic, payload, qos, int(retain), created_at)
+            for i, (topic, payload, qos, retain) in enumerate(messages)
+        ]
         try:
-            cursor = self._db.execute(
-                "INSERT INTO outbox (topic, payload, qos, retain, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (topic, payload, qos, int(retain), datetime.now(UTC).isoformat()),
-            )
+            if len(rows) == 1:
+                self._db.execute(_INSERT, rows[0])  # autocommit: one statement, one transaction
+            else:
+                with self._db:  # sqlite3 commits (or rolls back) the group as one transaction
+                    self._db.execute("BEGIN")
+                    self._db.executemany(_INSERT, rows)
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
-        self._count += 1
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        self._next_sequence = first + len(rows)
+        self._count += len(rows)
+        return [row[0] for row in rows]
 
     def pending(self, limit: int = 100) -> list[OutgoingMessage]:
         rows = self._db.execute(

@@ -1,0 +1,85 @@
+"""The streaming path's building blocks: the telemetry batcher's raw-byte buffer and
+grouped outbox appends (one transaction, ids in order, nothing half-stored)."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devicebridge.core.reassembly import GapReason, TelemetryGap
+from devicebridge.service import TelemetryBatcher, decode_telemetry_message
+from devicebridge.storage.outbox import Outbox, OutboxFullError
+from protocols import SampleFormat, TelemetryBatch
+from protocols.telemetry import SAMPLE_DTYPES
+
+
+def _batch(first_sequence: int, count: int) -> TelemetryBatch:
+    dtype = SAMPLE_DTYPES[SampleFormat.MASSAGER_V1]
+    raw = np.arange(first_sequence * dtype.itemsize, (first_sequence + count) * dtype.itemsize)
+    samples = np.frombuffer((raw % 251).astype(np.uint8).tobytes(), dtype=dtype)
+    return TelemetryBatch(SampleFormat.MASSAGER_V1, first_sequence, first_sequence * 10, samples)
+
+
+def test_batcher_cuts_contiguous_messages_with_the_exact_sample_bytes() -> None:
+    batcher = TelemetryBatcher("SN1", SampleFormat.MASSAGER_V1, 100.0, 1.0)
+    batches = [_batch(first, 7) for first in range(0, 350, 7)]
+    messages = [m for b in batches for m in batcher.add(b)]
+    messages += batcher.flush()
+    assert [(m["first_sequence"], m["count"]) for m in messages] == [
+        (0, 100),
+        (100, 100),
+        (200, 100),
+        (300, 50),
+    ]
+    assert [m["device_time_ms"] for m in messages] == [0, 1000, 2000, 3000]
+    sent = np.concatenate([b.samples for b in batches])
+    received = np.concatenate([decode_telemetry_message(m) for m in messages])
+    assert received.tobytes() == sent.tobytes()
+    assert batcher.samples_published == 350
+
+
+def test_a_gap_ends_the_message_and_is_reported_in_the_next() -> None:
+    batcher = TelemetryBatcher("SN1", SampleFormat.MASSAGER_V1, 100.0, 1.0)
+    assert batcher.add(_batch(0, 30)) == []
+    reason = next(iter(GapReason))
+    cut = batcher.gap(TelemetryGap(30, 5, reason))
+    assert [(m["first_sequence"], m["count"], m["gaps"]) for m in cut] == [(0, 30, [])]
+    assert batcher.add(_batch(35, 100))[0]["gaps"] == [
+        {"first_sequence": 30, "count": 5, "reason": reason.value}
+    ]
+
+
+def test_grouped_appends_are_one_transaction_in_order(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite3", bridge_id="b")
+    assert outbox.next_sequence() == 1
+    sequences = outbox.append_many([("t/a", b"1", 1, False), ("t/b", b"2", 1, True)])
+    assert sequences == [1, 2]
+    assert outbox.append("t/c", b"3") == 3
+    pending = outbox.pending()
+    assert [(m.message_id, m.topic, m.payload, m.retain) for m in pending] == [
+        ("b:1", "t/a", b"1", False),
+        ("b:2", "t/b", b"2", True),
+        ("b:3", "t/c", b"3", False),
+    ]
+    outbox.delivered(3)
+    outbox.close()
+    # Ids never go back, even with an empty outbox after a restart.
+    reopened = Outbox(tmp_path / "o.sqlite3", bridge_id="b")
+    assert len(reopened) == 0
+    assert reopened.next_sequence() == 4
+    assert reopened.append("t", b"x") == 4
+
+
+def test_a_group_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite3", bridge_id="b", max_messages=3)
+    outbox.append("t", b"x")
+    with pytest.raises(OutboxFullError, match="limit 3"):
+        outbox.append_many([("t", b"y", 1, False)] * 3)
+    assert len(outbox) == 1
+    assert outbox.next_sequence() == 2
+    with contextlib.closing(sqlite3.connect(tmp_path / "o.sqlite3")) as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (1,)
