@@ -296,6 +296,8 @@ async def serve(
         world.add_mask()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Windows' event loops have no add_signal_handler (NotImplementedError): Ctrl-C then
+    # ends the run through KeyboardInterrupt instead.
     with contextlib.suppress(NotImplementedError, RuntimeError):
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
