@@ -23,6 +23,7 @@ cap; temperature warn lowers the irradiance, the stop level ends the step.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -139,7 +140,7 @@ def _leading_true(mask: npt.NDArray[np.bool_], limit: int) -> int:
     return int(np.argmin(head))
 
 
-class _Engine(Generic[StepT]):
+class _Engine(abc.ABC, Generic[StepT]):
     """What both engines share: the step list, the sample clock, and the decision log."""
 
     def __init__(
@@ -177,6 +178,36 @@ class _Engine(Generic[StepT]):
     def _emit(self, decisions: list[Decision]) -> list[Decision]:
         self.decisions.extend(decisions)
         return decisions
+
+    @abc.abstractmethod
+    def _default_zone(self) -> str:
+        """The zone a decision names when the caller gives none."""
+
+    def _decision(
+        self,
+        kind: DecisionKind,
+        at_s: float,
+        reason: str,
+        message: str,
+        rule: str | None,
+        sequence: int | None,
+        *,
+        zone: str | None = None,
+        intensity: int | None = None,
+        irradiance: Mapping[str, float] | None = None,
+    ) -> Decision:
+        return Decision(
+            kind,
+            round(at_s, 6),
+            self.step_number,
+            reason,
+            message,
+            rule,
+            sequence,
+            zone or self._default_zone(),
+            intensity,
+            irradiance,
+        )
 
 
 def _run_lengths(
@@ -614,7 +645,7 @@ class MassageEngine(_Engine[MassageStep]):
                     f"{pressure_kpa:.1f} kPa on {zone}, target {low:g}-{high:g} kPa: {advice}.",
                     None,
                     sequence,
-                    zone,
+                    zone=zone,
                 )
             )
         self.state = new_state
@@ -630,7 +661,7 @@ class MassageEngine(_Engine[MassageStep]):
                     f"This step is for {step.zone}, the head is on {zone}.",
                     None,
                     sequence,
-                    step.zone,
+                    zone=step.zone,
                 )
             )
         if self._pass_samples > self._samples_for(limits.pass_cap_s.value):
@@ -697,28 +728,8 @@ class MassageEngine(_Engine[MassageStep]):
         return False
 
     # ------------------------------------------------------------------ transitions
-    def _decision(
-        self,
-        kind: DecisionKind,
-        at_s: float,
-        reason: str,
-        message: str,
-        rule: str | None,
-        sequence: int | None,
-        zone: str | None = None,
-        intensity: int | None = None,
-    ) -> Decision:
-        return Decision(
-            kind,
-            round(at_s, 6),
-            self.step_number,
-            reason,
-            message,
-            rule,
-            sequence,
-            zone or self.current_step.zone,
-            intensity,
-        )
+    def _default_zone(self) -> str:
+        return self.current_step.zone
 
     def _guidance(self, at_s: float, sequence: int | None) -> Decision:
         step = self.current_step
@@ -747,7 +758,9 @@ class MassageEngine(_Engine[MassageStep]):
         zone: str | None = None,
     ) -> None:
         self._pause_reason = reason
-        out.append(self._decision(DecisionKind.PAUSE, at_s, reason, message, rule, sequence, zone))
+        out.append(
+            self._decision(DecisionKind.PAUSE, at_s, reason, message, rule, sequence, zone=zone)
+        )
 
     def _resume(self, out: list[Decision], at_s: float, sequence: int) -> None:
         reason = self._pause_reason or ""
@@ -964,28 +977,8 @@ class LedEngine(_Engine[LedStep]):
                 break
         return self._emit(out)
 
-    def _decision(
-        self,
-        kind: DecisionKind,
-        at_s: float,
-        reason: str,
-        message: str,
-        rule: str | None,
-        sequence: int | None,
-        irradiance: Mapping[str, float] | None = None,
-    ) -> Decision:
-        return Decision(
-            kind,
-            round(at_s, 6),
-            self.step_number,
-            reason,
-            message,
-            rule,
-            sequence,
-            "face",
-            None,
-            irradiance,
-        )
+    def _default_zone(self) -> str:
+        return "face"  # a mask covers the whole face
 
     def _guidance(self, at_s: float, sequence: int | None) -> Decision:
         step = self.current_step
@@ -999,7 +992,13 @@ class LedEngine(_Engine[LedStep]):
             f"{step.duration_s:g} s. {step.guidance}".strip()
         )
         return self._decision(
-            DecisionKind.GUIDANCE, at_s, "step_start", text, None, sequence, self.setpoints_mw_cm2()
+            DecisionKind.GUIDANCE,
+            at_s,
+            "step_start",
+            text,
+            None,
+            sequence,
+            irradiance=self.setpoints_mw_cm2(),
         )
 
     def _next(
