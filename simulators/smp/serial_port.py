@@ -8,14 +8,12 @@ This is not the OFCP serial framing (COBS), hence a second pty per device.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import os
 import struct
-import tty
 from typing import Final
 
+from simulators.pty import RawPty
 from simulators.smp.constants import (
     SERIAL_CONTINUE,
     SERIAL_LINE_BYTES,
@@ -24,7 +22,6 @@ from simulators.smp.constants import (
 )
 from simulators.smp.firmware import SmpFirmware
 
-READ_CHUNK_BYTES: Final = 4096
 _U16: Final = struct.Struct("!H")
 MAX_LINE_BYTES: Final = 4096  # a console line longer than this is noise: drop it
 
@@ -92,81 +89,22 @@ class ConsoleFrameDecoder:
         return message
 
 
-class SmpSerialPort:
+class SmpSerialPort(RawPty):
     """The SMP console of one device on a pty: ``await start()``, open ``path``, ``stop()``."""
 
     def __init__(self, firmware: SmpFirmware, *, line_bytes: int = SERIAL_LINE_BYTES) -> None:
+        super().__init__("SMP port")
         self.firmware = firmware
         self.line_bytes = line_bytes
-        self._master_fd: int | None = None
-        self._slave_fd: int | None = None
-        self._path: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._decoder = ConsoleFrameDecoder()
-        self._outgoing = bytearray()
-        self._writer_registered = False
-
-    @property
-    def path(self) -> str:
-        if self._path is None:
-            raise RuntimeError("the SMP port is not started")
-        return self._path
 
     @property
     def frame_errors(self) -> int:
         return self._decoder.errors
 
-    async def start(self) -> None:
-        if self._master_fd is not None:
-            return
-        master_fd, slave_fd = os.openpty()
-        tty.setraw(slave_fd)
-        os.set_blocking(master_fd, False)
-        self._master_fd, self._slave_fd = master_fd, slave_fd
-        self._path = os.ttyname(slave_fd)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(master_fd, self._on_readable)
-
-    async def stop(self) -> None:
-        master_fd, self._master_fd = self._master_fd, None
-        if master_fd is None:
-            return
-        assert self._loop is not None
-        self._loop.remove_reader(master_fd)
-        if self._writer_registered:
-            self._loop.remove_writer(master_fd)
-            self._writer_registered = False
-        os.close(master_fd)
-        if self._slave_fd is not None:
-            os.close(self._slave_fd)
-            self._slave_fd = None
-
-    def _on_readable(self) -> None:
-        if self._master_fd is None:
-            return
-        try:
-            data = os.read(self._master_fd, READ_CHUNK_BYTES)
-        except OSError:
-            return  # EAGAIN, or EIO while nobody has the port open
+    def _received(self, data: bytes) -> None:
         for message in self._decoder.feed(data):
             self.firmware.handle(message, self._send)
 
     def _send(self, response: bytes) -> None:
-        self._outgoing += encode_console_frame(response, self.line_bytes)
-        self._on_writable()
-
-    def _on_writable(self) -> None:
-        master_fd = self._master_fd
-        if master_fd is None or self._loop is None:
-            return
-        try:
-            written = os.write(master_fd, self._outgoing) if self._outgoing else 0
-        except BlockingIOError:
-            written = 0
-        del self._outgoing[:written]
-        if self._outgoing and not self._writer_registered:
-            self._loop.add_writer(master_fd, self._on_writable)
-            self._writer_registered = True
-        elif not self._outgoing and self._writer_registered:
-            self._loop.remove_writer(master_fd)
-            self._writer_registered = False
+        self._send_bytes(encode_console_frame(response, self.line_bytes))
