@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, cast
 
 from bleak.args import SizedBuffer
 from bleak.assigned_numbers import CharacteristicPropertyName
@@ -438,23 +438,22 @@ def _spec(characteristic: BleakGATTCharacteristic) -> CharacteristicSpec:
     return spec
 
 
+B = TypeVar("B", bound=type)
+
+
+def bound_backend(backend: B, **attributes: object) -> B:
+    """A subclass of ``backend`` carrying ``attributes`` (bleak instantiates backends by
+    class, so a class per world is how a backend finds its world)."""
+    bound = type(backend.__name__, (backend,), dict(attributes))
+    bound.__qualname__ = backend.__qualname__
+    return cast(B, bound)
+
+
 def bind_scanner(world: SimulatedWorld) -> type[SimulatedBleakScanner]:
-    """A scanner backend class bound to ``world`` (bleak instantiates backends by class)."""
-
-    class BoundScanner(SimulatedBleakScanner):
-        pass
-
-    BoundScanner.world = world
-    BoundScanner.__name__ = BoundScanner.__qualname__ = SimulatedBleakScanner.__name__
-    return BoundScanner
+    """A scanner backend class bound to ``world``."""
+    return bound_backend(SimulatedBleakScanner, world=world)
 
 
 def bind_client(world: SimulatedWorld) -> type[SimulatedBleakClient]:
     """A client backend class bound to ``world``."""
-
-    class BoundClient(SimulatedBleakClient):
-        pass
-
-    BoundClient.world = world
-    BoundClient.__name__ = BoundClient.__qualname__ = SimulatedBleakClient.__name__
-    return BoundClient
+    return bound_backend(SimulatedBleakClient, world=world)

@@ -47,6 +47,7 @@ from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink, Transport
 
+from simulators.bleak_backend import bound_backend
 from simulators.linklevel.gatt import bleak_uuid, parse_advertising_data, property_names
 from simulators.linklevel.peripheral import virtual_controller
 
@@ -517,22 +518,10 @@ def _proxy(characteristic: BleakGATTCharacteristic) -> CharacteristicProxy[bytes
 
 
 def bind_scanner(central: LinkLevelCentral) -> type[LinkLevelBleakScanner]:
-    """A scanner backend class bound to ``central`` (bleak instantiates backends by class)."""
-
-    class BoundScanner(LinkLevelBleakScanner):
-        pass
-
-    BoundScanner.central = central
-    BoundScanner.__name__ = BoundScanner.__qualname__ = LinkLevelBleakScanner.__name__
-    return BoundScanner
+    """A scanner backend class bound to ``central``."""
+    return bound_backend(LinkLevelBleakScanner, central=central)
 
 
 def bind_client(central: LinkLevelCentral) -> type[LinkLevelBleakClient]:
     """A client backend class bound to ``central``."""
-
-    class BoundClient(LinkLevelBleakClient):
-        pass
-
-    BoundClient.central = central
-    BoundClient.__name__ = BoundClient.__qualname__ = LinkLevelBleakClient.__name__
-    return BoundClient
+    return bound_backend(LinkLevelBleakClient, central=central)
