@@ -12,7 +12,6 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     ├── CommandError                   a command did not succeed (command_id, opcode)
     │   ├── CommandTimeoutError        no acknowledgement within timeout_s
     │   └── CommandRejectedError       the device answered with a non-OK result
-    ├── DeviceProtocolError            the device sent something the protocol forbids
     ├── ProgramTransferError           a device program was not installed or started (stage)
     ├── InvalidStateTransitionError    a connection state change the state machine forbids
     ├── SessionClosedError             the session was closed
@@ -121,14 +120,6 @@ class CommandRejectedError(CommandError):
         self.result = result
         self.device = device
         self.payload = payload
-
-
-class DeviceProtocolError(DeviceBridgeError):
-    """The device sent a message that is well-formed but not allowed here."""
-
-    def __init__(self, message: str, *, device: str) -> None:
-        super().__init__(f"{device}: {message}")
-        self.device = device
 
 
 class ProgramTransferError(DeviceBridgeError):

@@ -83,10 +83,5 @@ def discovery_messages(topics: Topics, entity: DiscoveredEntity) -> list[tuple[s
     ]
 
 
-def removal_messages(topics: Topics, serial: str) -> list[tuple[str, bytes]]:
-    """Empty retained payloads: Home Assistant deletes the entities."""
-    return [(discovery_topic(topics, serial, obj), b"") for obj in ("battery", "connection")]
-
-
 def _encode(config: dict[str, Any]) -> bytes:
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()

@@ -106,7 +106,6 @@ from protocols import (
     TelemetryBatch,
     Zone,
 )
-from protocols.telemetry import SAMPLE_DTYPES
 
 _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1191,5 +1190,3 @@ def _refusal_json(refusal: Any) -> dict[str, Any]:
     }
 
 
-def sample_dtype_for(kind: DeviceKindName) -> np.dtype[np.void]:
-    return SAMPLE_DTYPES[SAMPLE_FORMAT_OF[kind]]

@@ -358,7 +358,6 @@ class DeviceWorker:
         self.samples_received = 0
         self._commands: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._run_finished = asyncio.Event()
         self._pending_runs: list[tuple[Routine, int | None]] = []
         self._telemetry = session.telemetry()
         self._events = session.events()
@@ -594,7 +593,6 @@ class DeviceWorker:
         )
         run = RoutineRun(session_id, routine, engine, program_id, self.service.now())
         self.run = run
-        self._run_finished.clear()
         LOG.info("%s: session %d started (%s)", self.serial, session_id, routine.name)
         decisions = engine.start()
         self.service.sessions.append_decisions(session_id, decisions)
@@ -616,11 +614,7 @@ class DeviceWorker:
         self.service.publish_summary(
             run.session_id, self.serial, status, reason, summary, run.program_id, run.started_at
         )
-        self._run_finished.set()
         self.publish_state()
-
-    async def wait_run_finished(self) -> None:
-        await self._run_finished.wait()
 
     # ------------------------------------------------------------------ stop
 

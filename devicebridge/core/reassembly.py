@@ -137,11 +137,6 @@ class TelemetryReassembler:
     def set_sample_rate(self, sample_rate_hz: float) -> None:
         self._rate_hz = sample_rate_hz
 
-    def active_range(self) -> SequenceRange | None:
-        """What is still missing of the range being backfilled now, if any."""
-        head = self._head_missing()
-        return None if head is None else SequenceRange(head.cursor, head.range.end)
-
     def next_request(self) -> SequenceRange | None:
         """The range to request now, once; ``None`` when nothing new needs asking."""
         head = self._head_missing()
@@ -176,7 +171,7 @@ class TelemetryReassembler:
     def on_backfill_reply(
         self, raw_first_sequence: int, sample_count: int, *, available: bool
     ) -> list[TelemetryItem]:
-        """The device's answer to the request for :meth:`active_range`."""
+        """The device's answer to the request for the range being backfilled."""
         head = self._head_missing()
         if head is None or not head.requested or head.reply_end is not None:
             return []
