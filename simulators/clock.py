@@ -26,13 +26,15 @@ import asyncio
 import heapq
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from dataclasses import dataclass, field
 from typing import Final
 
 # Enough loop iterations for a chain like "device notifies -> host callback queues
 # -> host task decodes -> host task resolves a future -> waiting task resumes".
 DEFAULT_YIELDS_PER_STEP: Final = 8
+# Loop turns in a row with nothing else to run after which a step counts as settled.
+IDLE_TURNS_TO_SETTLE: Final = 2
 # Deadlines this close past a target count as due: 5.0 + 0.1 is 5.1 but 51 * 0.1
 # is 5.1000000000000005, and advance(0.1) must still reach that tick.
 TIME_RESOLUTION_S: Final = 1e-9
@@ -304,5 +306,21 @@ class VirtualClock:
             heapq.heappop(self._heap)
 
     async def _yield(self) -> None:
+        """Let woken tasks, their callbacks and ready I/O run before time moves on.
+
+        Up to ``yields_per_step`` loop turns, but no more once the loop is idle: when
+        two turns in a row found nothing else ready to run (each turn also polls for
+        I/O, such as a pty write of the turn before), every chain has finished. The
+        asyncio event loop keeps its run queue in ``_ready``; a loop without one (not
+        the standard loop) always gets every turn.
+        """
+        ready: Sized | None = getattr(asyncio.get_running_loop(), "_ready", None)
+        idle_turns = 0
         for _ in range(self.yields_per_step):
             await asyncio.sleep(0)
+            if ready is None or len(ready):
+                idle_turns = 0
+                continue
+            idle_turns += 1
+            if idle_turns == IDLE_TURNS_TO_SETTLE:
+                return
