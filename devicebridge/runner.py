@@ -517,6 +517,7 @@ class RoutineRunner:
         self._last_batch: TelemetryBatch | None = None
         self._reconnects_seen = 0
         self._state: RunnerState | None = None
+        self._state_stale = False  # something changed since ``_state`` was built
         self._first_sequence: int | None = None
         self._program_active = False
         self._program_watch: asyncio.Task[None] | None = None
@@ -559,12 +560,24 @@ class RoutineRunner:
 
     @property
     def state(self) -> RunnerState | None:
+        """What a live view shows: built when asked for, not on every batch."""
+        if self._state_stale:
+            self._state_stale = False
+            self._state = self._build_state()
         return self._state
 
     def _publish(self) -> None:
-        engine = self.engine
-        if engine is None:
+        if self.engine is None:
             return
+        self._state_stale = True
+        if self._on_update is not None:
+            state = self.state
+            assert state is not None  # built: the engine exists
+            self._on_update(state)
+
+    def _build_state(self) -> RunnerState:
+        engine = self.engine
+        assert engine is not None  # marked stale only once the engine exists
         batch = self._last_batch
         last = batch.samples[-1] if batch is not None and len(batch) else None
         elapsed_s = 0.0
@@ -628,9 +641,7 @@ class RoutineRunner:
                 values["skin_temperature_c"] = (
                     float(last["skin_temperature_centi_c"]) * CELSIUS_PER_UNIT
                 )
-        self._state = RunnerState(**common, **values)
-        if self._on_update is not None:
-            self._on_update(self._state)
+        return RunnerState(**common, **values)
 
     # ------------------------------------------------------------------ running
 
