@@ -48,7 +48,7 @@ from devicebridge.core.engine import (
     MassageEngine,
 )
 from devicebridge.core.policy import SafetyPolicy
-from devicebridge.core.reassembly import TelemetryGap
+from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
 from devicebridge.core.routine import (
     DeviceKindName,
     LedStep,
@@ -73,6 +73,7 @@ from devicebridge.homeassistant import (
 )
 from devicebridge.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.program_transfer import install_program, program_from_routine
+from devicebridge.runner import StoreWriter
 from devicebridge.session import DeviceSession, MaskSession, MassagerSession
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, StoredProgram
@@ -359,7 +360,10 @@ class DeviceWorker:
         self._commands: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._pending_runs: list[tuple[Routine, int | None]] = []
-        self._telemetry = session.telemetry()
+        # Telemetry is handled inside the session's receive callback (an observer), not by
+        # a task reading a queue: one task hand-off per batch per device cost more than
+        # the recording and batching together.
+        self._remove_telemetry_observer: Callable[[], None] | None = None
         self._events = session.events()
         self._ready_count = 0
         # Connection states are polled by the service's one status loop for all devices
@@ -372,9 +376,9 @@ class DeviceWorker:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._remove_telemetry_observer = self.session.observe_telemetry(self._on_telemetry)
         for coro, name in (
             (self._connect(), "connect"),
-            (self._consume_telemetry(), "telemetry"),
             (self._consume_events(), "events"),
             (self._run_commands(), "commands"),
         ):
@@ -453,19 +457,18 @@ class DeviceWorker:
 
     # ------------------------------------------------------------------ telemetry
 
-    async def _consume_telemetry(self) -> None:
-        async for item in self._telemetry:
-            if isinstance(item, TelemetryGap):
-                if self.run is not None:
-                    self.run.lost_samples += item.sample_count
-                if self.batcher is not None:
-                    self._publish_telemetry(self.batcher.gap(item))
-                continue
-            self.samples_received += len(item)
+    def _on_telemetry(self, item: TelemetryItem) -> None:
+        if isinstance(item, TelemetryGap):
             if self.run is not None:
-                self._record(self.run, item)
+                self.run.lost_samples += item.sample_count
             if self.batcher is not None:
-                self._publish_telemetry(self.batcher.add(item))
+                self._publish_telemetry(self.batcher.gap(item))
+            return
+        self.samples_received += len(item)
+        if self.run is not None:
+            self._record(self.run, item)
+        if self.batcher is not None:
+            self._publish_telemetry(self.batcher.add(item))
 
     def _publish_telemetry(self, messages: list[dict[str, Any]]) -> None:
         topic = self.service.topics.telemetry(self.serial)
@@ -476,12 +479,12 @@ class DeviceWorker:
             self.publish_state()
 
     def _record(self, run: RoutineRun, batch: TelemetryBatch) -> None:
-        store = self.service.sessions
-        store.append_samples(run.session_id, batch.first_sequence, batch.samples)
+        writer = self.service.session_writer
+        writer.add_samples(run.session_id, batch.first_sequence, batch.samples)
         run.samples += len(batch)
         decisions = run.engine.feed(batch.samples, batch.first_sequence)
         if decisions:
-            store.append_decisions(run.session_id, decisions)
+            writer.add_decisions(run.session_id, decisions)
             for decision in decisions:
                 self._publish_decision(run, decision)
                 self._commands.put_nowait(functools.partial(self._apply, run, decision))
@@ -595,7 +598,7 @@ class DeviceWorker:
         self.run = run
         LOG.info("%s: session %d started (%s)", self.serial, session_id, routine.name)
         decisions = engine.start()
-        self.service.sessions.append_decisions(session_id, decisions)
+        self.service.session_writer.add_decisions(session_id, decisions)
         for decision in decisions:
             self._publish_decision(run, decision)
             await self._apply(run, decision)
@@ -607,6 +610,8 @@ class DeviceWorker:
             return
         self.run = None
         summary = summary_of(run)
+        # Its telemetry and decisions first, so the record is whole once it says finished.
+        self.service.session_writer.commit_session(run.session_id)
         self.service.sessions.finish_session(
             run.session_id, status=status, end_reason=reason, summary=summary
         )
@@ -630,6 +635,8 @@ class DeviceWorker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._remove_telemetry_observer is not None:
+            self._remove_telemetry_observer()
         if self.batcher is not None:
             self._publish_telemetry(self.batcher.flush(final=True))
         await self.session.close()
@@ -688,6 +695,9 @@ class BridgeService:
         self.status_interval_s = status_interval_s
         self.rng = rng or random.Random()
         self.sessions = SessionStore(data_dir / SESSIONS_FILENAME)
+        # Telemetry and decisions of running sessions: group-committed on a thread of
+        # their own, so a hundred devices cost a few commits a second, not a thousand.
+        self.session_writer = StoreWriter(self.sessions)
         self.programs = ProgramStore(data_dir / PROGRAMS_FILENAME)
         self.outbox = Outbox(data_dir / OUTBOX_FILENAME, bridge_id=bridge_id) if mqtt else None
         self.link: MqttLink | None = None
@@ -799,6 +809,7 @@ class BridgeService:
         if link_task is not None:
             LOG.info("MQTT link closed (offline announced)")
         self.write_status_file("stopped")
+        self.session_writer.close()
         self.sessions.close()
         self.programs.close()
         if self.outbox is not None:
