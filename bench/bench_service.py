@@ -2,10 +2,13 @@
 (recorder, SQLite session store, batching, outbox) -> a private Mosquitto -> a subscriber
 in another process.
 
-Each device runs a routine (so every sample is also recorded and checked by the engine)
-at 100 Hz on a realtime virtual clock for ``DURATION_S`` wall seconds. The baseline is
-the same devices and sessions with the telemetry only consumed (no service), measured in
-the same run; the difference is the service's own CPU cost. Targets (issue 4): 100
+Massagers stream at 100 Hz on a realtime virtual clock for ``DURATION_S`` wall seconds,
+once with telemetry only and once with a routine on every device (so every sample is
+also recorded and checked by the engine). The baseline is the same devices and sessions
+with the telemetry only counted by an observer (no service), measured in the same run;
+the difference in CPU per sample is the service's own cost. Baseline and service runs
+are interleaved ``REPEATS`` times and each row shows its median run: these machines are
+shared, and one noisy window must not decide a verdict. Targets (issue 4): 100
 devices at 100 samples/s each on one core with no loss, and the bridge's cost per sample
 at least 10 times below what one BLE radio can deliver (about 1.4 Mbit/s of 9-byte
 samples, so at least 14 Mbit/s-equivalent of samples per CPU second).
@@ -25,17 +28,19 @@ from typing import Any, Final
 
 from bench.report import print_table
 from devicebridge.core.policy import default_policy
+from devicebridge.core.reassembly import TelemetryItem
 from devicebridge.core.routine import parse_routine
 from devicebridge.mqtt import MqttSettings
 from devicebridge.service import BridgeService
-from devicebridge.session import DeviceSession, iterate_batches, session_class_for
+from devicebridge.session import DeviceSession, session_class_for
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import BleBackends, BleTransport
-from protocols import DeviceKind
+from protocols import DeviceKind, TelemetryBatch
 from simulators import SimulatedWorld, VirtualClock
 
 DEVICE_COUNTS: Final = (1, 10, 100)
 DURATION_S: Final = 5.0
+REPEATS: Final = 3
 SAMPLE_RATE_HZ: Final = 100
 BYTES_PER_SAMPLE: Final = 9
 BLE_RADIO_BITS_PER_S: Final = 1.4e6
@@ -142,12 +147,15 @@ async def _baseline(count: int) -> dict[str, float]:
         clock.start()
         sessions = [_session(world, d, rng) for d in devices]
 
-        async def consume(session: DeviceSession) -> None:
+        def count_samples(item: TelemetryItem) -> None:
+            # The cheapest consumer (an observer, as the service uses): the baseline must
+            # not charge the service for a hand-off it does not make.
             nonlocal received
-            async for batch in iterate_batches(session.telemetry()):
-                received += len(batch)
+            if isinstance(item, TelemetryBatch):
+                received += len(item)
 
-        consumers = [asyncio.create_task(consume(s)) for s in sessions]
+        for s in sessions:
+            s.observe_telemetry(count_samples)
         await asyncio.gather(*(s.start() for s in sessions))
         cpu0, wall0, received0 = time.process_time(), time.perf_counter(), received
         await asyncio.sleep(DURATION_S)  # measuring a realtime stream
@@ -155,8 +163,6 @@ async def _baseline(count: int) -> dict[str, float]:
         samples = received - received0
         for s in sessions:
             await s.close()
-        for c in consumers:
-            c.cancel()
         await clock.stop()
     return {"cpu_s": cpu, "wall_s": wall, "samples": samples}
 
@@ -231,10 +237,22 @@ async def _service(
     }
 
 
-def _row(count: int, label: str, served: dict[str, Any], base_cpu_s: float) -> dict[str, Any]:
+def _per_sample_s(run: dict[str, Any]) -> float:
+    return float(run["cpu_s"]) / max(int(run["samples"]), 1)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose CPU per sample is the median (its own figures, not a blend)."""
+    return sorted(runs, key=_per_sample_s)[len(runs) // 2]
+
+
+def _row(
+    count: int, label: str, runs: list[dict[str, Any]], base_per_sample_s: float
+) -> dict[str, Any]:
+    served = _median_run(runs)
     rate = served["samples"] / served["wall_s"]
-    own_per_sample_s = max(served["cpu_s"] - base_cpu_s, 1e-9) / max(served["samples"], 1)
-    whole_per_sample_s = served["cpu_s"] / max(served["samples"], 1)
+    whole_per_sample_s = _per_sample_s(served)
+    own_per_sample_s = max(whole_per_sample_s - base_per_sample_s, 1e-9)
     capacity_bits = BYTES_PER_SAMPLE * 8 / own_per_sample_s
     loss = 1 - served["received"] / served["expected"] if served["expected"] else 1.0
     return {
@@ -247,9 +265,13 @@ def _row(count: int, label: str, served: dict[str, Any], base_cpu_s: float) -> d
             f"{capacity_bits / 1e6:.1f} ({capacity_bits / BLE_RADIO_BITS_PER_S:.1f}x)",
             f"{loss:.2%} ({served['received']}/{served['expected']})",
         ),
-        "on_time": rate >= 0.95 * count * SAMPLE_RATE_HZ,
-        "one_core": served["cpu_s"] / served["wall_s"] < 1.0,
-        "lossless": loss == 0 and served["ordered"] and served["lost_on_links"] == 0,
+        "on_time": all(r["samples"] / r["wall_s"] >= 0.95 * count * SAMPLE_RATE_HZ for r in runs),
+        "one_core": all(r["cpu_s"] / r["wall_s"] < 1.0 for r in runs),
+        # Every repetition, not only the median one, must deliver everything in order.
+        "lossless": all(
+            r["received"] == r["expected"] and r["ordered"] and r["lost_on_links"] == 0
+            for r in runs
+        ),
         "radio_ratio": capacity_bits / BLE_RADIO_BITS_PER_S,
     }
 
@@ -263,29 +285,34 @@ async def _run() -> bool:
     verdict: dict[str, bool] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for count in DEVICE_COUNTS:
+            bases: list[dict[str, Any]] = []
+            streams: list[dict[str, Any]] = []
+            routines: list[dict[str, Any]] = []
             broker = Broker(Path(tmp))
             await broker.start(binary)
             try:
-                base = await _baseline(count)
-                streaming = await _service(
-                    count, broker, Path(tmp) / f"s-{count}", with_routine=False
-                )
-                routine = await _service(count, broker, Path(tmp) / f"r-{count}", with_routine=True)
+                # Interleaved, so that a noisy stretch of the machine hits every path alike.
+                for repeat in range(REPEATS):
+                    bases.append(await _baseline(count))
+                    folder = Path(tmp) / f"{count}-{repeat}"
+                    streams.append(await _service(count, broker, folder / "s", with_routine=False))
+                    routines.append(await _service(count, broker, folder / "r", with_routine=True))
             finally:
                 await broker.stop()
+            base = _median_run(bases)
             rows.append(
                 (
                     count,
                     "devices+sessions (baseline)",
                     base["samples"] / base["wall_s"],
                     base["cpu_s"] / base["wall_s"] / count,
-                    "-",
+                    f"- ({_per_sample_s(base) * 1e6:.1f})",
                     "-",
                     "-",
                 )
             )
-            plain = _row(count, "service: stream to MQTT", streaming, base["cpu_s"])
-            full = _row(count, "service: + routine recorded", routine, base["cpu_s"])
+            plain = _row(count, "service: stream to MQTT", streams, _per_sample_s(base))
+            full = _row(count, "service: + routine recorded", routines, _per_sample_s(base))
             rows += [plain["row"], full["row"]]
             if count == TARGET_DEVICES:
                 verdict = {
@@ -305,7 +332,8 @@ async def _run() -> bool:
                 }
     print_table(
         f"service end to end: massagers at {SAMPLE_RATE_HZ} Hz, {DURATION_S:g} s realtime, "
-        "through Mosquitto to a subscriber process; own = CPU above the baseline",
+        "through Mosquitto to a subscriber process; own = CPU per sample above the baseline's; "
+        f"median of {REPEATS} interleaved runs",
         [
             "devices",
             "path",
