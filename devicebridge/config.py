@@ -43,6 +43,8 @@ CONFIG_ENV: Final = "DEVICEBRIDGE_CONFIG"
 DATA_DIR_ENV: Final = "DEVICEBRIDGE_DATA_DIR"
 MAX_SIMULATED_DEVICES: Final = 64
 MAX_PORT: Final = 65535
+# MQTT 5 session expiry is a four-byte interval in seconds.
+MQTT_MAX_SESSION_EXPIRY_S: Final = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class MqttConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
     home_assistant_discovery: bool = False
 
 
@@ -171,6 +174,8 @@ def _parse_mqtt(table: Any, path: Path) -> MqttConfig:
             values[key] = _check_int(value, where, path, 1, MAX_PORT)
         elif key == "keepalive_s":
             values[key] = _check_int(value, where, path, 1, 3600)
+        elif key == "session_expiry_s":
+            values[key] = _check_int(value, where, path, 0, MQTT_MAX_SESSION_EXPIRY_S)
         elif key == "home_assistant_discovery":
             if not isinstance(value, bool):
                 raise ConfigError(f"must be true or false, got {value!r}", path=path, key=where)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Final
 
 import aiomqtt
+from paho.mqtt import client as paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -97,6 +98,9 @@ class MqttSettings:
     tls_insecure_skip_verify: bool = False
     keepalive_s: int = 30
     client_id: str | None = None
+    # How long the broker keeps the bridge's subscriptions, and the program pushes that
+    # arrive meanwhile, while the bridge is offline (0: forget them at once).
+    session_expiry_s: int = 7 * 24 * 3600
     topic_root: str = TOPIC_ROOT
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
@@ -123,17 +127,38 @@ def make_client(
     protocol: aiomqtt.ProtocolVersion,
     will: aiomqtt.Will | None = None,
     identifier: str | None = None,
+    persistent: bool = False,
 ) -> aiomqtt.Client:
+    """A client for ``settings``; ``persistent`` resumes the broker's session of ``identifier``.
+
+    A persistent session (MQTT 5: clean start off and a session expiry interval; 3.1.1:
+    clean session off) makes the broker keep the client's subscriptions and queue the
+    QoS 1 messages sent to them while it is offline, for ``settings.session_expiry_s``.
+    """
+    identifier = identifier or settings.client_id
+    persistent = persistent and settings.session_expiry_s > 0 and bool(identifier)
+    clean_start: paho_client.CleanStartOption = paho_client.MQTT_CLEAN_START_FIRST_ONLY
+    clean_session: bool | None = None
+    properties: Properties | None = None
+    if persistent and protocol is aiomqtt.ProtocolVersion.V5:
+        clean_start = False
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = settings.session_expiry_s
+    elif persistent:
+        clean_session = False
     return aiomqtt.Client(
         settings.host,
         settings.port,
         username=settings.username,
         password=settings.password,
-        identifier=identifier or settings.client_id,
+        identifier=identifier,
         protocol=protocol,
         will=will,
         keepalive=settings.keepalive_s,
         tls_context=settings.tls_context(),
+        clean_start=clean_start,
+        clean_session=clean_session,
+        properties=properties,
     )
 
 
@@ -203,7 +228,13 @@ class MqttLink:
         will = aiomqtt.Will(self.topics.availability, AVAILABILITY_OFFLINE, qos=1, retain=True)
         while True:
             try:
-                client = make_client(self.settings, protocol=self.protocol, will=will)
+                client = make_client(
+                    self.settings,
+                    protocol=self.protocol,
+                    will=will,
+                    identifier=self.settings.client_id or f"devicebridge-{self.topics.bridge_id}",
+                    persistent=True,
+                )
                 async with client:
                     await self._session(client)
             except aiomqtt.MqttCodeError as exc:

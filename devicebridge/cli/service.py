@@ -140,6 +140,7 @@ def mqtt_settings(
         tls_cert_file=base.tls_cert_file,
         tls_key_file=base.tls_key_file,
         keepalive_s=base.keepalive_s,
+        session_expiry_s=base.session_expiry_s,
     )
 
 
@@ -629,7 +630,10 @@ def push_command(
     assert settings is not None
     ack = run(push_envelope(settings, client, data, timeout_s=timeout_s))
     if ack is None:
-        click.echo(f"no answer from bridge {client} within {timeout_s:g} s (is it online?)")
+        click.echo(
+            f"no answer from bridge {client} within {timeout_s:g} s: if it is offline, the"
+            " broker keeps the push until it reconnects (see `devicebridge therapist status`)"
+        )
         raise click.exceptions.Exit(1)
     if ack["status"] == "accepted":
         click.echo(

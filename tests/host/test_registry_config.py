@@ -109,6 +109,10 @@ def test_settings_from_toml_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings == Settings(simulate=True, sim_seed=7, sim_masks=2, data_dir=Path("/tmp/x"))
     monkeypatch.setenv("DEVICEBRIDGE_CONFIG", str(config))
     assert load_settings()[0].sim_seed == 7
+    config.write_text('[mqtt]\nhost = "broker"\nsession_expiry_s = 3600\n')
+    mqtt = load_settings(config)[0].mqtt
+    assert mqtt is not None
+    assert mqtt.session_expiry_s == 3600
     monkeypatch.setenv("DEVICEBRIDGE_DATA_DIR", str(tmp_path / "env"))
     assert data_dir(None, settings) == tmp_path / "env"
     assert data_dir(tmp_path / "param", settings) == tmp_path / "param"
@@ -122,6 +126,7 @@ def test_settings_from_toml_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("sim_masks = 1000\n", "sim_masks", "0..64"),
         ("simulte = true\n", "simulte", "unknown setting"),
         ("scan_timeout_s = -1\n", "scan_timeout_s", "positive"),
+        ('[mqtt]\nhost = "b"\nsession_expiry_s = -5\n', "mqtt.session_expiry_s", "0.."),
     ],
 )
 def test_config_errors_name_the_key_and_the_file(

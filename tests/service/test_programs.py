@@ -8,6 +8,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiomqtt
+
 from devicebridge.cli.service import push_envelope
 from devicebridge.core.signed_program import MAX_ENVELOPE_BYTES
 from devicebridge.mqtt import MqttSettings, Topics, read_retained
@@ -159,3 +161,30 @@ async def test_no_answer_for_another_bridge_and_acks_stay_on_their_bridge(
         assert rig.service.acks == []
         await asyncio.sleep(0)
         await rig.stop()
+
+
+async def test_a_push_made_while_the_bridge_is_offline_waits_at_the_broker(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    therapist = Therapist()
+    therapist.trust_on(tmp_path)
+    # A first run opens the bridge's persistent session (with its subscription) at the broker.
+    async with service_rig(tmp_path, broker_port=mosquitto.port) as rig:
+        await rig.start()
+        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
+        await rig.stop()
+
+    # The therapist pushes while the bridge is off: the broker acknowledges and keeps it.
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as therapist_client:
+        await therapist_client.publish(
+            Topics(BRIDGE).program_push, therapist.sign(routine_text("firming")), qos=1
+        )
+    assert stored_programs(tmp_path) == 0
+
+    async with service_rig(tmp_path, broker_port=mosquitto.port) as rig:
+        await rig.start()
+        await rig.wait(lambda: bool(rig.service.acks))
+        assert [ack["status"] for ack in rig.service.acks] == ["accepted"], rig.service.acks
+        await rig.wait(lambda: bool(rig.service.programs.programs()[0].installed_on))
+        await rig.stop()
+    assert stored_programs(tmp_path) == 1
