@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery for the bridge's devices (battery and connection state).
 
 Discovery configurations are retained under
-``homeassistant/sensor/<bridge_id>_<serial>/<object>/config``; the entities read the
+``homeassistant/sensor/<bridge_id>/<serial>_<object>/config`` (the bridge is the
+discovery node, so a broker ACL can give each bridge its own subtree); the entities read the
 device's retained ``devices/<serial>/state`` topic and use the bridge's ``availability``
 topic (its last will), so they turn unavailable when the bridge goes away. Home Assistant
 announces ``online`` on ``homeassistant/status`` when it restarts; the bridge publishes
@@ -32,19 +33,23 @@ class DiscoveredEntity:
     firmware: str | None = None
 
 
-def node_id(topics: Topics, serial: str) -> str:
-    """``<bridge_id>_<serial>`` with only the characters discovery allows in a node id."""
-    raw = f"{topics.bridge_id}_{serial}"
+def _discovery_id(raw: str) -> str:
+    """``raw`` with only the characters discovery allows in node and object ids."""
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in raw)
 
 
+def unique_id(topics: Topics, serial: str, object_id: str) -> str:
+    return _discovery_id(f"{topics.bridge_id}_{serial}_{object_id}")
+
+
 def discovery_topic(topics: Topics, serial: str, object_id: str) -> str:
-    return f"{DISCOVERY_PREFIX}/sensor/{node_id(topics, serial)}/{object_id}/config"
+    """``homeassistant/sensor/<bridge_id>/<serial>_<object>/config``."""
+    node = _discovery_id(topics.bridge_id)
+    return f"{DISCOVERY_PREFIX}/sensor/{node}/{_discovery_id(f'{serial}_{object_id}')}/config"
 
 
 def discovery_messages(topics: Topics, entity: DiscoveredEntity) -> list[tuple[str, bytes]]:
     """The retained discovery configurations of one device: (topic, JSON payload)."""
-    node = node_id(topics, entity.serial)
     device: dict[str, Any] = {
         "identifiers": [f"devicebridge_{entity.serial}"],
         "name": entity.name,
@@ -64,7 +69,7 @@ def discovery_messages(topics: Topics, entity: DiscoveredEntity) -> list[tuple[s
     battery = {
         **common,
         "name": "Battery",
-        "unique_id": f"{node}_battery",
+        "unique_id": unique_id(topics, entity.serial, "battery"),
         "device_class": "battery",
         "state_class": "measurement",
         "unit_of_measurement": "%",
@@ -73,7 +78,7 @@ def discovery_messages(topics: Topics, entity: DiscoveredEntity) -> list[tuple[s
     connection = {
         **common,
         "name": "Connection",
-        "unique_id": f"{node}_connection",
+        "unique_id": unique_id(topics, entity.serial, "connection"),
         "icon": "mdi:bluetooth-connect",
         "value_template": "{{ value_json.state }}",
     }

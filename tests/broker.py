@@ -7,6 +7,7 @@ missing, tests that need a broker are skipped with the command that installs it
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -38,15 +39,26 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """One broker process; ``stop()`` and ``start()`` simulate an outage on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, acl: str | None = None) -> None:
+        """``acl``: the text of a Mosquitto ACL file to enforce (clients name themselves
+        with a user name and no password)."""
         self.binary = mosquitto_binary()
         self.port = free_port()
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
-        self.config.write_text(
+        config = (
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             f"log_dest file {self.log}\n"
         )
+        if os.geteuid() == 0:
+            # Run as root, Mosquitto drops to its own user after reading this file and then
+            # cannot open the log or the ACL file in a private temporary folder.
+            config += "user root\n"
+        if acl is not None:
+            acl_file = workdir / "mosquitto.acl"
+            acl_file.write_text(acl)
+            config += f"acl_file {acl_file}\n"
+        self.config.write_text(config)
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

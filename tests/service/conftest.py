@@ -101,13 +101,20 @@ async def service_rig(
     home_assistant: bool = False,
     now: Callable[[], datetime] | None = None,
     with_devices: bool = True,
+    mqtt_username: str | None = None,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock()
     world = SimulatedWorld(seed=SEED, clock=clock)
     sims: list[SimulatedDevice] = [world.add_massager() for _ in range(massagers)]
     sims += [world.add_mask() for _ in range(masks)]
     mqtt = (
-        MqttSettings("127.0.0.1", broker_port, reconnect_initial_s=0.5, reconnect_max_s=2.0)
+        MqttSettings(
+            "127.0.0.1",
+            broker_port,
+            username=mqtt_username,
+            reconnect_initial_s=0.5,
+            reconnect_max_s=2.0,
+        )
         if broker_port
         else None
     )

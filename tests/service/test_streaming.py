@@ -165,8 +165,8 @@ async def test_home_assistant_discovery_is_retained_and_republished(
         topics = sorted(t for t, _, _ in subscriber.raw)
         serial = rig.devices[0].serial_number
         assert topics == [
-            f"homeassistant/sensor/{BRIDGE}_{serial}/battery/config",
-            f"homeassistant/sensor/{BRIDGE}_{serial}/connection/config",
+            f"homeassistant/sensor/{BRIDGE}/{serial}_battery/config",
+            f"homeassistant/sensor/{BRIDGE}/{serial}_connection/config",
         ]
         battery = json.loads(next(p for t, p, _ in subscriber.raw if "battery" in t))
         assert battery["availability_topic"] == TOPICS.availability
