@@ -24,10 +24,11 @@ cap; temperature warn lowers the irradiance, the stop level ends the step.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +39,7 @@ from devicebridge.core.faults_detect import (
     SensorVerdict,
     StuckSensorDetector,
 )
-from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
+from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, ZoneLimits, policy_zone
 from devicebridge.core.routine import J_PER_MJ, LedStep, MassageStep, Routine
 
 # Zone codes of the wire protocol (protocols.constants.Zone), as names used by routines.
@@ -64,7 +65,7 @@ KPA_PER_UNIT: Final = 0.01
 CELSIUS_PER_UNIT: Final = 0.01
 MW_CM2_PER_UNIT: Final = 0.01
 LOWERED_IRRADIANCE_FRACTION: Final = 0.5
-BULK_MIN_SAMPLES: Final = 48
+BULK_MIN_SAMPLES: Final = 256
 
 
 class DecisionKind(StrEnum):
@@ -128,6 +129,70 @@ _COUNTED_STATES: Final = frozenset(
 )
 _MIN_ZONE: Final = min(ZONE_NAMES)
 _MAX_ZONE: Final = max(ZONE_NAMES)
+
+
+def _first_count_at_least(threshold: float, unit: float) -> int:
+    """The smallest whole count ``n`` with ``n * unit >= threshold``, compared as floats.
+
+    ``n * unit`` never decreases as ``n`` grows (``unit > 0``), so a raw reading ``r``
+    gives ``r * unit >= threshold`` exactly when ``r >= n``: the quiet-run checks compare
+    raw integer readings with such counts and decide as the float comparisons would.
+    """
+    n = math.ceil(threshold / unit)
+    while (n - 1) * unit >= threshold:
+        n -= 1
+    while n * unit < threshold:
+        n += 1
+    return n
+
+
+def _first_count_above(threshold: float, unit: float) -> int:
+    """The smallest whole count ``n`` with ``n * unit > threshold`` (see above)."""
+    n = math.floor(threshold / unit)
+    while (n - 1) * unit > threshold:
+        n -= 1
+    while n * unit <= threshold:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class _ZoneRules:
+    """A zone's policy limits, with its pass cap in samples."""
+
+    limits: ZoneLimits
+    pass_cap_samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class _StepRules:
+    """What the quiet-run checks need of a step, worked out once per step."""
+
+    zone_name: str
+    zone: _ZoneRules  # the step zone's
+    zone_code: int
+    contact_samples: int  # the step's contact time
+    # Raw pressures (whole counts, inclusive) that keep each counted pressure state as it is,
+    # below the zone's cap.
+    quiet_pressure: Mapping[PressureState, tuple[int, int]]
+
+
+class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
+    """Which of the next samples the per-sample rules would only count.
+
+    From the engine's state before them, a sample is quiet when it has this contact flag,
+    a raw skin temperature below ``temperature_below`` and, on the skin, a raw pressure in
+    ``pressure_min..pressure_max`` on the step's zone (or an unknown zone, which counts as
+    it); and not more than ``limit`` in a row are: the next would reach a threshold (pass
+    cap, step end, no-contact pause, session cap). The fault checks are on top of this.
+    """
+
+    on_skin: bool
+    limit: int
+    temperature_below: int
+    zone_code: int = 0
+    pressure_min: int = 0
+    pressure_max: int = -1
 
 
 def _leading_true(mask: npt.NDArray[np.bool_], limit: int) -> int:
@@ -275,6 +340,140 @@ class _BulkActuatorWatch(ActuatorWatch):
         self._mismatch = int(runs[count - 1])
 
 
+class _Batch(abc.ABC):
+    """A batch's columns as the quiet-run checks read them: lists or numpy arrays."""
+
+    count: int
+
+    @abc.abstractmethod
+    def sample(self, index: int) -> tuple[int, int, int, int]:
+        """Raw pressure, raw skin temperature, zone code and flags of one sample."""
+
+    @abc.abstractmethod
+    def quiet_count(self, window: _QuietWindow, start: int, end: int) -> int:
+        """How many samples from ``start`` (before ``end``) are in ``window``."""
+
+    @abc.abstractmethod
+    def faults_quiet(
+        self,
+        stuck: _BulkStuckSensorDetector,
+        actuators: _BulkActuatorWatch,
+        on_skin: bool,
+        start: int,
+        run: int,
+    ) -> int:
+        """How many of the ``run`` samples from ``start`` (all quiet so far) get no fault
+        verdict; the checks take those samples in."""
+
+
+class _ListBatch(_Batch):
+    """A short batch, in plain Python: cheaper than numpy calls for a few samples."""
+
+    def __init__(self, samples: npt.NDArray[np.void]) -> None:
+        self.count = int(samples.shape[0])
+        self.raw: list[int] = samples["pressure_dapa"].tolist()
+        self.temperature: list[int] = samples["skin_temperature_centi_c"].tolist()
+        self.zones: list[int] = samples["zone"].tolist()
+        self.flags: list[int] = samples["flags"].tolist()
+
+    def sample(self, index: int) -> tuple[int, int, int, int]:
+        return self.raw[index], self.temperature[index], self.zones[index], self.flags[index]
+
+    def quiet_count(self, window: _QuietWindow, start: int, end: int) -> int:
+        temperature, flags = self.temperature, self.flags
+        below = window.temperature_below
+        if not window.on_skin:
+            for index in range(start, end):
+                if flags[index] & CONTACT_FLAG or temperature[index] >= below:
+                    return index - start
+            return end - start
+        raw, zones = self.raw, self.zones
+        low, high, code = window.pressure_min, window.pressure_max, window.zone_code
+        for index in range(start, end):
+            zone = zones[index]
+            if not (
+                flags[index] & CONTACT_FLAG
+                and low <= raw[index] <= high
+                and temperature[index] < below
+                and (zone == code or not _MIN_ZONE <= zone <= _MAX_ZONE)
+            ):
+                return index - start
+        return end - start
+
+    def faults_quiet(
+        self,
+        stuck: _BulkStuckSensorDetector,
+        actuators: _BulkActuatorWatch,
+        on_skin: bool,
+        start: int,
+        run: int,
+    ) -> int:
+        end = start + run
+        raw = self.raw[start:end]
+        # Off the skin the motor state does not matter to either check.
+        motor_on_skin = (
+            [flags & MOTOR_FLAG != 0 for flags in self.flags[start:end]]
+            if on_skin
+            else [False] * run
+        )
+        ok = min(stuck.ok_count(raw, motor_on_skin), actuators.ok_count(on_skin, motor_on_skin))
+        if ok:
+            stuck.skip(raw[:ok], motor_on_skin[:ok])
+            actuators.skip(on_skin, motor_on_skin[:ok])
+        return ok
+
+
+class _ArrayBatch(_Batch):
+    """A long batch, in numpy."""
+
+    def __init__(self, samples: npt.NDArray[np.void]) -> None:
+        self.count = int(samples.shape[0])
+        self.raw: npt.NDArray[np.integer] = samples["pressure_dapa"]
+        self.temperature: npt.NDArray[np.integer] = samples["skin_temperature_centi_c"]
+        self.zones: npt.NDArray[np.integer] = samples["zone"]
+        self.flags: npt.NDArray[np.integer] = samples["flags"]
+
+    def sample(self, index: int) -> tuple[int, int, int, int]:
+        return (
+            int(self.raw[index]),
+            int(self.temperature[index]),
+            int(self.zones[index]),
+            int(self.flags[index]),
+        )
+
+    def quiet_count(self, window: _QuietWindow, start: int, end: int) -> int:
+        contact = (self.flags[start:end] & CONTACT_FLAG) != 0
+        quiet = self.temperature[start:end] < window.temperature_below
+        if window.on_skin:
+            z = self.zones[start:end]
+            p = self.raw[start:end]
+            quiet &= contact & ((z == window.zone_code) | (z < _MIN_ZONE) | (z > _MAX_ZONE))
+            quiet &= (p >= window.pressure_min) & (p <= window.pressure_max)
+        else:
+            quiet &= ~contact
+        return _leading_true(quiet, end - start)
+
+    def faults_quiet(
+        self,
+        stuck: _BulkStuckSensorDetector,
+        actuators: _BulkActuatorWatch,
+        on_skin: bool,
+        start: int,
+        run: int,
+    ) -> int:
+        end = start + run
+        raw = self.raw[start:end]
+        motor = (self.flags[start:end] & MOTOR_FLAG) != 0
+        motor_on_skin = motor if on_skin else np.zeros(run, dtype=np.bool_)
+        ok_stuck, stuck_runs = stuck.scan(raw, motor_on_skin)
+        ok_motor, motor_runs = actuators.scan(on_skin, motor)
+        ok = min(ok_stuck, ok_motor)
+        if ok:
+            stuck.commit(raw, motor_on_skin, stuck_runs, ok)
+            actuators.commit(motor_runs, ok)
+        return ok
+
+
 class MassageEngine(_Engine[MassageStep]):
     """Enforces a massager routine over a stream of massager samples."""
 
@@ -288,11 +487,12 @@ class MassageEngine(_Engine[MassageStep]):
         vectorised: bool = True,
     ) -> None:
         super().__init__(routine, policy, MassageStep, sample_rate_hz)
-        # ``vectorised=False`` judges every sample one by one: the reference the bulk path
-        # is tested against (tests/core/test_engine_vectorised.py).
+        # ``vectorised=False`` judges every sample one by one: the reference the quiet-run
+        # paths are tested against (tests/core/test_engine_vectorised.py).
         self._vectorised = vectorised
-        # Below this many samples a batch costs less one sample at a time than in numpy
-        # calls (live batches are about 10 samples; replays and backfill are larger).
+        # From this many samples on (replays, backfill), a batch is checked for quiet runs
+        # in numpy; shorter ones (live notifications carry 10 to 55) in plain Python, which
+        # costs less there: the two cost the same at about 250 samples of a clean stream.
         self.bulk_min_samples = BULK_MIN_SAMPLES
         # Device-fault checks (a stuck sensor, commands not applied): off unless asked,
         # so a replay of synthetic or stored samples is judged on the policy alone.
@@ -318,6 +518,21 @@ class MassageEngine(_Engine[MassageStep]):
         self._pause_reason: str | None = None
         self._temperature_warned = False
         self._off_zone_warned = False
+        # Per-step and per-zone thresholds, worked out once (the policy is frozen).
+        self._contact_samples = [self._samples_for(s.contact_time_s) for s in self._steps]
+        self._no_contact_pause_samples = self._samples_for(policy.no_contact_pause_s.value)
+        self._zone_rules_cache: dict[str, _ZoneRules] = {}
+        self._step_rules_cache: dict[int, _StepRules] = {}
+        # The quiet-run checks compare raw readings: samples from this sequence distance on
+        # are at or past the session cap, and a quiet sample is below these raw temperatures
+        # (before and after the temperature warning).
+        self._session_cap_offset = _first_count_at_least(
+            policy.massage_length_cap_s.value, self.dt_s
+        )
+        stop_centi_c = _first_count_at_least(policy.temperature_stop_c.value, CELSIUS_PER_UNIT)
+        warn_centi_c = _first_count_at_least(policy.temperature_warn_c.value, CELSIUS_PER_UNIT)
+        self._cool_below_centi_c = min(warn_centi_c, stop_centi_c)
+        self._warned_below_centi_c = stop_centi_c
 
     @property
     def paused(self) -> bool:
@@ -331,6 +546,37 @@ class MassageEngine(_Engine[MassageStep]):
     def _samples_for(self, duration_s: float) -> int:
         return max(1, round(duration_s * self._rate_hz))
 
+    def _zone_rules(self, zone: str) -> _ZoneRules:
+        rules = self._zone_rules_cache.get(zone)
+        if rules is None:
+            limits = self.policy.zones[policy_zone(zone)]
+            rules = _ZoneRules(limits, self._samples_for(limits.pass_cap_s.value))
+            self._zone_rules_cache[zone] = rules
+        return rules
+
+    def _step_rules(self) -> _StepRules:
+        rules = self._step_rules_cache.get(self._index)
+        if rules is None:
+            step = self.current_step
+            zone = self._zone_rules(step.zone)
+            # Raw pressure r reads r * KPA_PER_UNIT kPa; the whole counts at each boundary:
+            at_least_low = _first_count_at_least(step.pressure_min_kpa, KPA_PER_UNIT)
+            above_high = _first_count_above(step.pressure_max_kpa, KPA_PER_UNIT)
+            above_cap = _first_count_above(zone.limits.cap_kpa.value, KPA_PER_UNIT)
+            rules = _StepRules(
+                step.zone,
+                zone,
+                ZONE_CODES[step.zone],
+                self._contact_samples[self._index],
+                {
+                    PressureState.TOO_LOW: (0, min(at_least_low, above_cap) - 1),
+                    PressureState.IN_BAND: (at_least_low, min(above_high, above_cap) - 1),
+                    PressureState.TOO_HIGH: (above_high, above_cap - 1),
+                },
+            )
+            self._step_rules_cache[self._index] = rules
+        return rules
+
     def start(self) -> list[Decision]:
         return self._emit([self._guidance(0.0, None)])
 
@@ -339,9 +585,16 @@ class MassageEngine(_Engine[MassageStep]):
         out: list[Decision] = []
         if self._finished or samples.shape[0] == 0:
             return out
-        if self._vectorised and samples.shape[0] >= self.bulk_min_samples:
-            self._feed_bulk(samples, first_sequence, out)
-            return self._emit(out)
+        if self._vectorised:
+            self._feed_runs(samples, first_sequence, out)
+        else:
+            self._feed_each(samples, first_sequence, out)
+        return self._emit(out)
+
+    def _feed_each(
+        self, samples: npt.NDArray[np.void], first_sequence: int, out: list[Decision]
+    ) -> None:
+        """Every sample through the per-sample rules: the reference."""
         pressure = (samples["pressure_dapa"] * KPA_PER_UNIT).tolist()
         temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
         contact = ((samples["flags"] & CONTACT_FLAG) != 0).tolist()
@@ -359,162 +612,121 @@ class MassageEngine(_Engine[MassageStep]):
             self._sample(at_s, sequence, pressure[i], temperature[i], contact[i], zones[i], out)
             if self.finished:
                 break
-        return self._emit(out)
 
-    # ------------------------------------------------------------------ bulk path
-    def _feed_bulk(
+    # ------------------------------------------------------------------ quiet runs
+    def _feed_runs(
         self, samples: npt.NDArray[np.void], first_sequence: int, out: list[Decision]
     ) -> None:
-        """The same decisions as the sample-by-sample path, with runs of quiet samples in bulk.
+        """The same decisions as :meth:`_feed_each`, with runs of quiet samples at once.
 
         A sample is quiet when the per-sample rules would only count it: no threshold, step
-        end, state change or fault on it. Runs of quiet samples update the counters at once
-        (float sums added one by one in the same order, so summaries match to the bit);
-        every other sample goes through :meth:`_sample` exactly as on the reference path.
+        end, state change or fault on it (:meth:`_quiet_window`). Runs of quiet samples
+        update the counters at once (:meth:`_count_quiet`); every other sample goes through
+        :meth:`_sample` exactly as on the reference path. Short batches are read as lists,
+        long ones as numpy arrays.
         """
         count = int(samples.shape[0])
-        raw = samples["pressure_dapa"]
-        pressure = raw * KPA_PER_UNIT
-        temperature = samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT
-        flags = samples["flags"]
-        contact = (flags & CONTACT_FLAG) != 0
-        motor = (flags & MOTOR_FLAG) != 0
-        zones = samples["zone"]
-        self._session_time_s(first_sequence)
-        assert self._first_sequence is not None
-        # Session time of each sample, as _session_time_s computes it.
-        at_s = (np.arange(count, dtype=np.int64) + (first_sequence - self._first_sequence)) * (
-            self.dt_s
+        batch: _Batch = (
+            _ArrayBatch(samples) if count >= self.bulk_min_samples else _ListBatch(samples)
         )
-        policy = self.policy
-        # Samples past the session cap or at the temperature stop level always need the
-        # per-sample rules; so do warm samples until the warning went out.
-        in_time = at_s < policy.massage_length_cap_s.value
-        below_stop = temperature < policy.temperature_stop_c.value
-        below_warn = temperature < policy.temperature_warn_c.value
-        checks = self._stuck is not None
+        self._session_time_s(first_sequence)
+        stuck, actuators = self._stuck, self._actuators
         i = 0
         while i < count and not self._finished:
-            run = self._quiet_run(
-                i, pressure, raw, contact, motor, zones, in_time, below_stop, below_warn
-            )
-            if run:
-                i += run
-                continue
+            raw, centi_c, zone_code, flags = batch.sample(i)
+            contact = flags & CONTACT_FLAG != 0
+            window = self._quiet_window(contact, first_sequence + i)
+            if window is not None:
+                run = batch.quiet_count(window, i, min(count, i + window.limit))
+                if run and stuck is not None:
+                    assert actuators is not None
+                    run = batch.faults_quiet(stuck, actuators, contact, i, run)
+                if run:
+                    self._count_quiet(contact, run)
+                    i += run
+                    continue
             sequence = first_sequence + i
-            at = self._session_time_s(sequence)
-            contact_i = bool(contact[i])
-            if checks and self._device_fault(
-                at, sequence, int(raw[i]), bool(motor[i]), contact_i, out
+            at_s = self._session_time_s(sequence)
+            motor_on = flags & MOTOR_FLAG != 0
+            if stuck is not None and self._device_fault(
+                at_s, sequence, raw, motor_on, contact, out
             ):
                 i += 1
                 continue
             self._sample(
-                at,
+                at_s,
                 sequence,
-                float(pressure[i]),
-                float(temperature[i]),
-                contact_i,
-                int(zones[i]),
+                raw * KPA_PER_UNIT,
+                centi_c * CELSIUS_PER_UNIT,
+                contact,
+                zone_code,
                 out,
             )
             i += 1
 
-    def _quiet_run(
-        self,
-        i: int,
-        pressure: npt.NDArray[np.float64],
-        raw: npt.NDArray[np.integer],
-        contact: npt.NDArray[np.bool_],
-        motor: npt.NDArray[np.bool_],
-        zones: npt.NDArray[np.integer],
-        in_time: npt.NDArray[np.bool_],
-        below_stop: npt.NDArray[np.bool_],
-        below_warn: npt.NDArray[np.bool_],
-    ) -> int:
-        """Count (and apply) the quiet samples from ``i`` on; 0 when sample ``i`` is not quiet."""
-        reason = self._pause_reason
+    def _quiet_window(self, on_skin: bool, sequence: int) -> _QuietWindow | None:
+        """Which samples from ``sequence`` on would be quiet, given their contact flag.
+
+        ``None`` when no such sample can be: the engine's state alone sends it through the
+        per-sample rules.
+        """
         if self._stuck is not None and self._stuck.stuck:
-            return 0
-        on_skin = bool(contact[i])
-        if on_skin:
-            if reason is not None or self.state not in _COUNTED_STATES:
-                return 0
-        elif reason in ("over_temperature", "sensor_stuck"):
-            return 0
-        temperature_ok = below_stop[i:] if self._temperature_warned else below_warn[i:]
-        quiet = in_time[i:] & temperature_ok
-        step = self.current_step
-        if on_skin:
-            if self._pass_zone != step.zone:
-                return 0
-            limits = self.policy.zones[policy_zone(step.zone)]
-            code = ZONE_CODES[step.zone]
-            z = zones[i:]
-            p = pressure[i:]
-            # Unknown zone codes count as the step's zone (ZONE_NAMES.get default).
-            quiet &= contact[i:] & ((z == code) | (z < _MIN_ZONE) | (z > _MAX_ZONE))
-            quiet &= p <= limits.cap_kpa.value
-            low, high = step.pressure_min_kpa, step.pressure_max_kpa
-            if self.state is PressureState.IN_BAND:
-                quiet &= (p >= low) & (p <= high)
-            elif self.state is PressureState.TOO_LOW:
-                quiet &= p < low
-            else:
-                quiet &= p > high
-            limit = min(
-                self._samples_for(limits.pass_cap_s.value) - self._pass_samples,
-                self._samples_for(step.contact_time_s) - 1 - self._step_contact_samples,
-            )
-        else:
-            quiet &= ~contact[i:]
-            limit = (
-                quiet.shape[0]
-                if reason is not None
-                else self._samples_for(self.policy.no_contact_pause_s.value)
-                - 1
-                - self._no_contact_samples
-            )
-        run = _leading_true(quiet, limit)
-        if run <= 0:
-            return 0
-        if self._stuck is not None:
-            assert self._actuators is not None
-            raw_run = raw[i : i + run]
-            motor_run = motor[i : i + run]
-            motor_on_skin = motor_run if on_skin else np.zeros(run, dtype=np.bool_)
-            ok_stuck, stuck_runs = self._stuck.scan(raw_run, motor_on_skin)
-            ok_motor, motor_runs = self._actuators.scan(on_skin, motor_run)
-            run = min(ok_stuck, ok_motor)
-            if run <= 0:
-                return 0
-            self._stuck.commit(raw_run, motor_on_skin, stuck_runs, run)
-            self._actuators.commit(motor_runs, run)
-        if on_skin:
-            self._no_contact_samples = 0
-            self._pass_samples += run
-            self._step_contact_samples += run
-            self._off_zone_warned = False
-            summary = self.summary
-            dt_s = self.dt_s
-            zone = step.zone
-            contact_s = summary.contact_s
-            zone_s = summary.contact_s_by_zone.get(zone, 0.0)
-            # One addition per sample, as the per-sample path does: the same float sums.
+            return None
+        reason = self._pause_reason
+        assert self._first_sequence is not None
+        limit = self._session_cap_offset - (sequence - self._first_sequence)
+        below = self._warned_below_centi_c if self._temperature_warned else self._cool_below_centi_c
+        if not on_skin:
+            if reason in ("over_temperature", "sensor_stuck"):
+                return None
+            if reason is None:
+                # The last sample before the no-contact pause.
+                limit = min(limit, self._no_contact_pause_samples - 1 - self._no_contact_samples)
+            return _QuietWindow(False, limit, below) if limit > 0 else None
+        if reason is not None or self.state not in _COUNTED_STATES:
+            return None
+        rules = self._step_rules()
+        if self._pass_zone != rules.zone_name:
+            return None
+        limit = min(
+            limit,
+            rules.zone.pass_cap_samples - self._pass_samples,  # up to the pass cap
+            rules.contact_samples - 1 - self._step_contact_samples,  # up to the step end
+        )
+        if limit <= 0:
+            return None
+        low, high = rules.quiet_pressure[self.state]
+        return _QuietWindow(True, limit, below, rules.zone_code, low, high)
+
+    def _count_quiet(self, on_skin: bool, run: int) -> None:
+        """What :meth:`_sample` does to ``run`` quiet samples, at once."""
+        if not on_skin:
+            self.state = PressureState.NO_CONTACT
+            self._no_contact_samples += run
+            return
+        self._no_contact_samples = 0
+        self._pass_samples += run
+        self._step_contact_samples += run
+        self._off_zone_warned = False
+        summary = self.summary
+        dt_s = self.dt_s
+        zone = self.current_step.zone
+        contact_s = summary.contact_s
+        zone_s = summary.contact_s_by_zone.get(zone, 0.0)
+        # One addition per sample, as the per-sample path does: the same float sums.
+        if self.state is PressureState.IN_BAND:
+            in_band_s = summary.time_in_band_s
             for _ in range(run):
                 contact_s += dt_s
                 zone_s += dt_s
-            summary.contact_s = contact_s
-            summary.contact_s_by_zone[zone] = zone_s
-            if self.state is PressureState.IN_BAND:
-                in_band_s = summary.time_in_band_s
-                for _ in range(run):
-                    in_band_s += dt_s
-                summary.time_in_band_s = in_band_s
+                in_band_s += dt_s
+            summary.time_in_band_s = in_band_s
         else:
-            self.state = PressureState.NO_CONTACT
-            self._no_contact_samples += run
-        return run
+            for _ in range(run):
+                contact_s += dt_s
+                zone_s += dt_s
+        summary.contact_s = contact_s
+        summary.contact_s_by_zone[zone] = zone_s
 
     # ------------------------------------------------------------------ one sample
     def _sample(
@@ -562,20 +774,20 @@ class MassageEngine(_Engine[MassageStep]):
         if not contact:
             self.state = PressureState.NO_CONTACT
             self._no_contact_samples += 1
-            pause_s = policy.no_contact_pause_s
-            if self._no_contact_samples >= self._samples_for(pause_s.value) and not self.paused:
+            if self._no_contact_samples >= self._no_contact_pause_samples and not self.paused:
                 self._pause(
                     out,
                     at_s,
                     sequence,
                     "no_contact",
                     "No skin contact: motor paused. Place the head on the skin.",
-                    policy.cite(pause_s),
+                    policy.cite(policy.no_contact_pause_s),
                 )
             return
         self._no_contact_samples = 0
         zone = ZONE_NAMES.get(zone_code, step.zone)
-        limits = policy.zones[policy_zone(zone)]
+        zone_rules = self._zone_rules(zone)
+        limits = zone_rules.limits
         if pressure_kpa > limits.cap_kpa.value:
             if self.state is not PressureState.ABOVE_CAP:
                 self.summary.cap_events += 1
@@ -664,7 +876,7 @@ class MassageEngine(_Engine[MassageStep]):
                     zone=step.zone,
                 )
             )
-        if self._pass_samples > self._samples_for(limits.pass_cap_s.value):
+        if self._pass_samples > zone_rules.pass_cap_samples:
             self._pause(
                 out,
                 at_s,
@@ -679,7 +891,7 @@ class MassageEngine(_Engine[MassageStep]):
             return
         self._off_zone_warned = False
         self._step_contact_samples += 1
-        if self._step_contact_samples >= self._samples_for(step.contact_time_s):
+        if self._step_contact_samples >= self._contact_samples[self._index]:
             self._advance(out, at_s, sequence)
 
     def _device_fault(

@@ -1,25 +1,42 @@
-"""The engine's bulk path against its per-sample reference: the very same decisions and sums.
+"""The engine's quiet-run paths against its per-sample reference: the very same decisions and sums.
 
 Random telemetry made of regimes (steady runs, as real hands give, with random pressure,
 contact, zone, temperature and motor flags, and noisy stretches that change every sample)
 is cut into random batches and fed to ``MassageEngine(vectorised=True)`` and to the
-sample-by-sample reference ``MassageEngine(vectorised=False)``. A policy with short caps
-makes every rule fire inside a few thousand samples: pass caps, no-contact pauses, the
-session cap, step ends, temperature warn and stop, the stuck sensor and the actuator watch.
+sample-by-sample reference ``MassageEngine(vectorised=False)``. Batches are of 1 to 60
+samples (live notifications) or longer (replays, backfill), and go through the plain-Python
+path for short batches, the numpy path for long ones, or a mix as in production. A policy
+with short caps makes every rule fire inside a few thousand samples: pass caps, no-contact
+pauses, the session cap, step ends, temperature warn and stop, the stuck sensor and the
+actuator watch.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protocols as p
-from devicebridge.core.engine import CONTACT_FLAG, MOTOR_FLAG, MassageEngine
-from devicebridge.core.faults_detect import FaultChecks
+from devicebridge.core.engine import (
+    BULK_MIN_SAMPLES,
+    CONTACT_FLAG,
+    MOTOR_FLAG,
+    MassageEngine,
+    _first_count_above,
+    _first_count_at_least,
+)
+from devicebridge.core.faults_detect import (
+    ActuatorWatch,
+    FaultChecks,
+    SensorVerdict,
+    StuckSensorDetector,
+)
 from devicebridge.core.policy import SafetyPolicy, default_policy_text, parse_policy
 from devicebridge.core.routine import Routine, parse_routine
 
@@ -68,10 +85,13 @@ rationale = "Short steps so that every rule fires."
 ZONE_CODES = [0, int(p.Zone.CHEEK_LEFT), int(p.Zone.CHIN), int(p.Zone.FOREHEAD), 11, 14]
 regime = st.tuples(
     st.integers(1, 400),  # length in samples
-    st.sampled_from([0, 300, 550, 600, 601, 800, 900, 1000, 1200, 1201, 1400, 1600, 2600]),  # dapa
+    # dapa: around the step band (6-12 kPa) and the zone caps (15 kPa; 25 kPa on the chin)
+    st.sampled_from(
+        [0, 300, 550, 599, 600, 601, 800, 900, 1000, 1200, 1201, 1400, 1500, 1501, 1600, 2500, 2600]
+    ),
     st.sampled_from([True, True, True, False]),  # contact
     st.sampled_from(ZONE_CODES),
-    st.sampled_from([3340, 3340, 4100, 4150, 4300]),  # centi-degC
+    st.sampled_from([3340, 3340, 4099, 4100, 4150, 4299, 4300]),  # centi-degC: warn 41, stop 43
     st.sampled_from([True, True, False]),  # motor on
     st.sampled_from(["steady", "jitter", "noisy"]),  # how the pressure and flags move
 )
@@ -97,8 +117,18 @@ def telemetry(regimes: list[tuple[int, int, bool, int, int, bool, str]], seed: i
     return np.concatenate(parts)
 
 
+# Which batches the numpy path takes: all of them, the long ones (as in production), none.
+ALL_BULK, NO_BULK = 1, 10**9
+PATHS = (ALL_BULK, BULK_MIN_SAMPLES, NO_BULK)
+
+
 def run(
-    samples: np.ndarray, cuts: list[int], vectorised: bool, step_s: float, checks: bool
+    samples: np.ndarray,
+    bounds: list[int],
+    vectorised: bool,
+    step_s: float,
+    checks: bool,
+    bulk_min_samples: int = ALL_BULK,
 ) -> MassageEngine:
     engine = MassageEngine(
         short_routine(step_s),
@@ -107,13 +137,35 @@ def run(
         fault_checks=FaultChecks(stuck_sensor_s=0.3, actuator_grace_s=0.2) if checks else None,
         vectorised=vectorised,
     )
-    engine.bulk_min_samples = 1  # every batch through the bulk path, however small
+    engine.bulk_min_samples = bulk_min_samples
     engine.start()
     sequence = 5000
-    bounds = [0, *sorted(c % (samples.shape[0] + 1) for c in cuts), samples.shape[0]]
     for start, end in itertools.pairwise(bounds):
         engine.feed(samples[start:end], sequence + start)
     return engine
+
+
+def at_cuts(count: int, cuts: list[int]) -> list[int]:
+    """Batch bounds: the stream cut at ``cuts`` (taken modulo its length)."""
+    return [0, *sorted(c % (count + 1) for c in cuts), count]
+
+
+def in_sizes(count: int, sizes: list[int]) -> list[int]:
+    """Batch bounds: batches of ``sizes``, over and over, to the end of the stream."""
+    bounds = [0]
+    for size in itertools.cycle(sizes):
+        if bounds[-1] >= count:
+            break
+        bounds.append(min(count, bounds[-1] + size))
+    return bounds
+
+
+def assert_same(engine: MassageEngine, reference: MassageEngine) -> None:
+    assert engine.decisions == reference.decisions
+    assert asdict(engine.summary) == asdict(reference.summary)
+    assert engine.state is reference.state
+    assert engine.finished == reference.finished
+    assert engine.step_number == reference.step_number
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,17 +184,124 @@ def test_bulk_path_decides_exactly_as_the_per_sample_path(
     checks: bool,
 ) -> None:
     samples = telemetry(regimes, seed)
-    reference = run(samples, cuts, False, step_s, checks)
-    bulk = run(samples, cuts, True, step_s, checks)
-    assert bulk.decisions == reference.decisions
-    assert asdict(bulk.summary) == asdict(reference.summary)
-    assert bulk.state is reference.state
-    assert bulk.finished == reference.finished
-    assert bulk.step_number == reference.step_number
+    bounds = at_cuts(samples.shape[0], cuts)
+    reference = run(samples, bounds, False, step_s, checks)
+    assert_same(run(samples, bounds, True, step_s, checks), reference)
 
 
-def test_a_clean_stream_takes_the_bulk_path_and_matches() -> None:
-    # Long in-band runs on each step's zone: the common case the bulk path is for.
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    regimes=st.lists(regime, min_size=1, max_size=14),
+    # Mostly notification-sized batches (live streams: 10, 26 or 55 samples), some longer.
+    sizes=st.lists(
+        st.integers(1, 60) | st.sampled_from([10, 26, 55]) | st.integers(61, 1000),
+        min_size=1,
+        max_size=12,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+    step_s=st.sampled_from([1.0, 2.5]),
+    checks=st.booleans(),
+    bulk_min_samples=st.sampled_from(PATHS),
+)
+def test_small_batches_decide_exactly_as_the_per_sample_path(
+    regimes: list[tuple[int, int, bool, int, int, bool, str]],
+    sizes: list[int],
+    seed: int,
+    step_s: float,
+    checks: bool,
+    bulk_min_samples: int,
+) -> None:
+    samples = telemetry(regimes, seed)
+    bounds = in_sizes(samples.shape[0], sizes)
+    reference = run(samples, bounds, False, step_s, checks)
+    assert_same(run(samples, bounds, True, step_s, checks, bulk_min_samples), reference)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    threshold=st.floats(-1e4, 1e4, allow_nan=False)
+    | st.integers(-10_000, 10_000).map(lambda n: n / 100),
+    unit=st.sampled_from([0.01, 1 / 100, 1 / 50, 1 / 128, 1 / 3, 0.1]),
+    offset=st.integers(-3, 3),
+)
+def test_raw_counts_compare_as_the_float_readings(
+    threshold: float, unit: float, offset: int
+) -> None:
+    # The quiet-run checks compare raw readings with these counts instead of readings in
+    # units with the policy's limits: the same answers for every count around the boundary.
+    for first, holds in (
+        (_first_count_at_least(threshold, unit), lambda n: n * unit >= threshold),
+        (_first_count_above(threshold, unit), lambda n: n * unit > threshold),
+    ):
+        assert holds(first)
+        assert not holds(first - 1)
+        n = first + offset
+        assert holds(n) == (n >= first)
+
+
+# Samples for the fault checks: a few raw readings (0 is a motor at rest) and flags.
+fault_samples = st.lists(st.tuples(st.sampled_from([0, 7, 7, 8]), st.booleans()), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(before=fault_samples, after=fault_samples, threshold_s=st.sampled_from([0.02, 0.05, 0.1]))
+def test_the_stuck_sensor_takes_a_quiet_run_as_sample_by_sample(
+    before: list[tuple[int, bool]], after: list[tuple[int, bool]], threshold_s: float
+) -> None:
+    # ok_count and skip, as the short-batch path uses them, against update on each sample.
+    detector = StuckSensorDetector(RATE_HZ, threshold_s)
+    for raw, active in before:
+        detector.update(raw, active)
+        if detector.stuck:
+            return  # never called while stuck
+    reference = StuckSensorDetector(RATE_HZ, threshold_s)
+    reference._value, reference._run = detector._value, detector._run
+    raw = [r for r, _ in after]
+    active = [a for _, a in after]
+    ok = detector.ok_count(raw, active)
+    verdicts = [reference.update(r, a) for r, a in after]
+    assert SensorVerdict.STUCK not in verdicts[:ok]
+    assert ok == len(after) or verdicts[ok] is SensorVerdict.STUCK
+    replay = StuckSensorDetector(RATE_HZ, threshold_s)
+    replay._value, replay._run = detector._value, detector._run
+    for r, a in after[:ok]:
+        replay.update(r, a)
+    detector.skip(raw[:ok], active[:ok])
+    assert (detector._value, detector._run, detector.stuck) == (replay._value, replay._run, False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    before=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=40),
+    motor=st.lists(st.booleans(), max_size=40),
+    wanted_on=st.booleans(),
+    grace_s=st.sampled_from([0.01, 0.05, 0.1]),
+)
+def test_the_actuator_watch_takes_a_quiet_run_as_sample_by_sample(
+    before: list[tuple[bool, bool]], motor: list[bool], wanted_on: bool, grace_s: float
+) -> None:
+    watch = ActuatorWatch(RATE_HZ, grace_s)
+    for wanted, on in before:
+        watch.update(wanted, on)
+    replay = ActuatorWatch(RATE_HZ, grace_s)
+    replay._mismatch, replay.reported = watch._mismatch, watch.reported
+    ok = watch.ok_count(wanted_on, motor)
+    reports = [replay.update(wanted_on, on) for on in motor]
+    assert not any(reports[:ok])
+    assert ok == len(motor) or reports[ok]
+    replay = ActuatorWatch(RATE_HZ, grace_s)
+    replay._mismatch, replay.reported = watch._mismatch, watch.reported
+    for on in motor[:ok]:
+        replay.update(wanted_on, on)
+    watch.skip(wanted_on, motor[:ok])
+    assert (watch._mismatch, watch.reported) == (replay._mismatch, replay.reported)
+
+
+@pytest.mark.parametrize("bulk_min_samples", PATHS)
+def test_a_clean_stream_takes_quiet_runs_and_matches(
+    bulk_min_samples: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Long in-band runs on each step's zone, in live 10-sample batches: the common case.
     # A short stroke on the neck between the two cheek_left steps starts a new pass.
     regimes = [
         (260, 900, True, 4, 3340, True, "jitter"),
@@ -150,33 +309,47 @@ def test_a_clean_stream_takes_the_bulk_path_and_matches() -> None:
         *((260, 900, True, code, 3340, True, "jitter") for code in (4, 10, 1, 9)),
     ]
     samples = telemetry(regimes, 1)
-    cuts = list(range(10, samples.shape[0], 10))
-    reference = run(samples, cuts, False, 2.5, True)
-    bulk = run(samples, cuts, True, 2.5, True)
-    reasons = [d.reason for d in bulk.decisions]
+    bounds = in_sizes(samples.shape[0], [10])
+    reference = run(samples, bounds, False, 2.5, True)
+    judged_one_by_one = 0
+    one_sample = MassageEngine._sample
+
+    def counted(engine: MassageEngine, *args: Any) -> None:
+        nonlocal judged_one_by_one
+        judged_one_by_one += 1
+        one_sample(engine, *args)
+
+    monkeypatch.setattr(MassageEngine, "_sample", counted)
+    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    reasons = [d.reason for d in engine.decisions]
     assert reasons.count("step_done") == 4
     assert reasons[-1] == "complete"
-    assert bulk.decisions == reference.decisions
-    assert bulk.summary == reference.summary
+    assert_same(engine, reference)
+    # Of the 1565 samples, only those where something happens go through the per-sample
+    # rules: each step's first and last, the neck stroke, and the ones still on the last
+    # step's zone (10 to 20 after each step end, as the regimes run 260 samples).
+    assert judged_one_by_one <= 60
 
 
-def test_the_session_cap_stops_a_quiet_run_at_its_sample() -> None:
+@pytest.mark.parametrize("bulk_min_samples", PATHS)
+def test_the_session_cap_stops_a_quiet_run_at_its_sample(bulk_min_samples: int) -> None:
     # Paused off the skin until just before the 15 s cap, then in band on the step's zone.
     regimes = [(1490, 0, False, 4, 3340, True, "steady"), (40, 900, True, 4, 3340, True, "jitter")]
     samples = telemetry(regimes, 2)
-    reference = run(samples, [700, 1495], False, 2.5, True)
-    bulk = run(samples, [700, 1495], True, 2.5, True)
-    assert bulk.decisions[-1].reason == "session_length"
-    assert bulk.decisions == reference.decisions
-    assert bulk.summary == reference.summary
+    bounds = at_cuts(samples.shape[0], [700, 1495])
+    reference = run(samples, bounds, False, 2.5, True)
+    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    assert engine.decisions[-1].reason == "session_length"
+    assert_same(engine, reference)
 
 
-def test_the_pass_cap_ends_a_quiet_run_at_its_sample() -> None:
+@pytest.mark.parametrize("bulk_min_samples", PATHS)
+def test_the_pass_cap_ends_a_quiet_run_at_its_sample(bulk_min_samples: int) -> None:
     # Steps 1 and 2 are both on cheek_left: one pass of 3 s spans them.
     regimes = [(400, 900, True, 4, 3340, True, "jitter")]
     samples = telemetry(regimes, 3)
-    reference = run(samples, [100, 290, 305], False, 2.5, True)
-    bulk = run(samples, [100, 290, 305], True, 2.5, True)
-    assert [d.reason for d in bulk.decisions][-1] == "zone_time"
-    assert bulk.decisions == reference.decisions
-    assert bulk.summary == reference.summary
+    bounds = at_cuts(samples.shape[0], [100, 290, 305])
+    reference = run(samples, bounds, False, 2.5, True)
+    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    assert [d.reason for d in engine.decisions][-1] == "zone_time"
+    assert_same(engine, reference)
