@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from devicebridge.clock import Clock
 from devicebridge.core.backoff import Backoff, BackoffPolicy
 from devicebridge.errors import DeviceBridgeError
-from devicebridge.storage.outbox import Outbox
+from devicebridge.storage.outbox import Outbox, OutgoingMessage
 
 LOG = logging.getLogger(__name__)
 TOPIC_ROOT: Final = "devicebridge/v1"
@@ -162,18 +162,56 @@ def make_client(
     )
 
 
+# MQTT 5 property identifier of a user property (a UTF-8 string pair), section 3.3.2.3.7.
+USER_PROPERTY_ID: Final = 0x26
+
+
+def _utf8_string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return len(data).to_bytes(2, "big") + data
+
+
+def _variable_byte_integer(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+class _MessageIdProperties(Properties):
+    """PUBLISH properties holding one user property, ``message-id``, packed once.
+
+    paho's generic ``Properties`` scans every property name with string operations on
+    each assignment and again when packing: more CPU than the rest of a publish. These
+    bytes are what paho would send for the same property.
+    """
+
+    _packed: bytes
+    _message_id: str
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def __str__(self) -> str:  # paho's debug log of a PUBLISH
+        return f"[UserProperty : [('message-id', {self._message_id!r})]]"
+
+
 @functools.cache
-def _properties_template() -> Properties:
-    return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+def _properties_template() -> _MessageIdProperties:
+    return _MessageIdProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 
 
 def message_properties(message_id: str, protocol: aiomqtt.ProtocolVersion) -> Properties | None:
     if protocol is not aiomqtt.ProtocolVersion.V5:
         return None
-    # A shallow copy of an empty template: paho's Properties() builds its name and type
-    # tables on every construction, which cost more than the rest of a publish.
+    # A shallow copy of an empty template: Properties() builds its name and type tables
+    # on every construction. object.__setattr__ passes by paho's name checks.
     properties = copy.copy(_properties_template())
-    properties.UserProperty = [("message-id", message_id)]
+    body = bytes([USER_PROPERTY_ID]) + _utf8_string("message-id") + _utf8_string(message_id)
+    object.__setattr__(properties, "_packed", _variable_byte_integer(len(body)) + body)
+    object.__setattr__(properties, "_message_id", message_id)
     return properties
 
 
@@ -312,20 +350,27 @@ class MqttLink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            for message in batch:
-                await client.publish(
-                    message.topic,
-                    message.payload,
-                    qos=message.qos,
-                    retain=message.retain,
-                    properties=message_properties(message.message_id, self.protocol),
-                    # No per-publish timer: asyncio.wait_for with a timeout wraps every
-                    # PUBACK wait in a task and a timer. A broker that stops answering is
-                    # caught by the keepalive, which ends the session (and this pump).
-                    timeout=math.inf,
-                )
-                self.outbox.delivered(message.sequence)
-                self.published += 1
+            acknowledged: OutgoingMessage | None = None
+            try:
+                for message in batch:
+                    await client.publish(
+                        message.topic,
+                        message.payload,
+                        qos=message.qos,
+                        retain=message.retain,
+                        properties=message_properties(message.message_id, self.protocol),
+                        # No per-publish timer: asyncio.wait_for with a timeout wraps every
+                        # PUBACK wait in a task and a timer. A broker that stops answering
+                        # is caught by the keepalive, which ends the session (and the pump).
+                        timeout=math.inf,
+                    )
+                    acknowledged = message
+                    self.published += 1
+            finally:
+                # One delete for what the broker acknowledged of the batch (MQTT keeps
+                # order); a crash before it only re-sends messages with the same ids.
+                if acknowledged is not None:
+                    self.outbox.delivered(acknowledged.sequence)
 
 
 # --------------------------------------------------------------------------- one-shot clients

@@ -10,7 +10,9 @@ it has seen processes it once.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +24,10 @@ from devicebridge.storage.sqlite import connect
 
 OUTBOX_FILENAME: Final = "outbox.sqlite3"
 DEFAULT_MAX_MESSAGES: Final = 1_000_000
+# While no more than this many messages wait, they are also kept in memory, so that the
+# link does not read back from SQLite what was just written (the usual case: the broker
+# keeps up). After a long outage the waiting messages are read from SQLite again.
+MIRROR_MAX_MESSAGES: Final = 10_000
 
 
 _INSERT: Final = (
@@ -77,6 +83,8 @@ class Outbox:
             " COALESCE((SELECT MAX(sequence) FROM outbox), 0))"
         ).fetchone()
         self._next_sequence = int(row[0]) + 1
+        # Every waiting message, in order, or None while SQLite alone holds them all.
+        self._mirror: deque[OutgoingMessage] | None = deque() if self._count == 0 else None
 
     def close(self) -> None:
         self._db.close()
@@ -121,17 +129,32 @@ class Outbox:
             raise OutboxError(str(exc), path=self.path) from exc
         self._next_sequence = first + len(rows)
         self._count += len(rows)
+        mirror = self._mirror
+        if mirror is not None:
+            if len(mirror) + len(rows) > MIRROR_MAX_MESSAGES:
+                self._mirror = None  # SQLite holds them; read from there until drained
+            else:
+                mirror.extend(
+                    OutgoingMessage(seq, self.message_id(seq), topic, payload, qos, bool(retain))
+                    for seq, topic, payload, qos, retain, _ in rows
+                )
         return [row[0] for row in rows]
 
     def pending(self, limit: int = 100) -> list[OutgoingMessage]:
+        """The oldest ``limit`` messages not yet acknowledged, in order."""
+        if self._mirror is not None:
+            return list(itertools.islice(self._mirror, limit))
         rows = self._db.execute(
             "SELECT sequence, topic, payload, qos, retain FROM outbox ORDER BY sequence LIMIT ?",
             (limit,),
         ).fetchall()
-        return [
+        messages = [
             OutgoingMessage(seq, self.message_id(seq), topic, bytes(payload), qos, bool(retain))
             for seq, topic, payload, qos, retain in rows
         ]
+        if len(messages) == self._count and self._count <= MIRROR_MAX_MESSAGES:
+            self._mirror = deque(messages)  # all of them: mirror again from here on
+        return messages
 
     def delivered(self, sequence: int) -> None:
         """The broker acknowledged this message (and, MQTT keeping order, all before it)."""
@@ -140,6 +163,9 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
         self._count -= removed.rowcount
+        mirror = self._mirror
+        while mirror and mirror[0].sequence <= sequence:
+            mirror.popleft()
 
     def __len__(self) -> int:
         return int(self._count)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from devicebridge.mqtt import MqttLink, MqttSettings, Topics
-from devicebridge.storage.outbox import Outbox, OutboxFullError
+from devicebridge.mqtt import MqttLink, MqttSettings, Topics, message_properties
+from devicebridge.storage.outbox import Outbox, OutboxFullError, OutgoingMessage
 from simulators import VirtualClock
 from tests.broker import Mosquitto
 
@@ -219,3 +221,50 @@ def test_outbox_refuses_past_its_limit_instead_of_dropping(tmp_path: Path) -> No
 def test_bridge_ids_that_would_break_topics_are_refused() -> None:
     with pytest.raises(ValueError, match="without '/'"):
         Topics("a/b")
+
+
+def test_pending_reads_the_same_from_memory_and_from_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small mirror limit, so that appends overflow it and the outbox falls back to SQLite,
+    # then mirrors again once what waits fits.
+    monkeypatch.setattr("devicebridge.storage.outbox.MIRROR_MAX_MESSAGES", 5)
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, bridge_id="b")
+    appended = [outbox.append(f"t/{i}", bytes([i]), retain=i % 2 == 0) for i in range(8)]
+
+    def as_read_back() -> list[tuple[int, str, str, bytes, int, bool]]:
+        fresh = Outbox(path, bridge_id="b")  # reads SQLite only
+        try:
+            return [astuple_of(m) for m in fresh.pending(100)]
+        finally:
+            fresh.close()
+
+    assert [m.sequence for m in outbox.pending(100)] == appended
+    for delivered in (2, 4, 7):
+        outbox.delivered(appended[delivered])
+        outbox.append("t/late", b"late")  # mirrored again once few enough wait
+        assert [astuple_of(m) for m in outbox.pending(100)] == as_read_back()
+        assert [astuple_of(m) for m in outbox.pending(2)] == as_read_back()[:2]
+        assert len(outbox) == len(as_read_back())
+
+
+def astuple_of(message: OutgoingMessage) -> tuple[int, str, str, bytes, int, bool]:
+    return (
+        message.sequence,
+        message.message_id,
+        message.topic,
+        bytes(message.payload),
+        message.qos,
+        message.retain,
+    )
+
+
+@pytest.mark.parametrize("message_id", ["b:1", "bridge-7:123456789", "é" * 70])
+def test_message_id_properties_pack_as_paho_does(message_id: str) -> None:
+    reference = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    reference.UserProperty = [("message-id", message_id)]
+    ours = message_properties(message_id, aiomqtt.ProtocolVersion.V5)
+    assert ours is not None
+    assert ours.pack() == reference.pack()  # type: ignore[no-untyped-call]
+    assert message_properties(message_id, aiomqtt.ProtocolVersion.V311) is None
