@@ -447,15 +447,6 @@ def _release_writer(store: SessionStore, writer: StoreWriter) -> None:
         writer.close()
 
 
-@dataclass(slots=True)
-class _Judged:
-    """A telemetry item and what the engine decided on it (None: not judged yet)."""
-
-    item: TelemetryItem
-    decisions: list[Decision] | None = None
-    error: BaseException | None = None
-
-
 # --------------------------------------------------------------------------- the runner
 
 
@@ -522,8 +513,12 @@ class RoutineRunner:
         self._program_active = False
         self._program_watch: asyncio.Task[None] | None = None
         self._steps: tuple[MassageStep | LedStep, ...] = routine.steps
-        self._judged: deque[_Judged] = deque()
-        self._armed = False  # the engine started: the observer judges batches as they come
+        # Telemetry that came before the engine started, taken in order when it has.
+        self._backlog: deque[TelemetryItem] = deque()
+        self._armed = False  # the engine started: the observer takes batches as they come
+        self._ended: str | None = None  # why the run ended: "finished", "device", "error"
+        self._ended_event = asyncio.Event()
+        self._failure: Exception | None = None  # raised again in the runner's task
         self._observing = False
         self._stops: set[asyncio.Task[Ack]] = set()  # STOP_ALL commands in flight
         self._writer: StoreWriter | None = None
@@ -653,25 +648,21 @@ class RoutineRunner:
         """
         if self.admission is None:
             self.admit()
-        # Both see the same items in the same order: the observer judges, the
-        # subscription carries the rest of the work to this task.
-        subscription = self.session.telemetry()
+        # Every item is judged and recorded by the observer, inside the transport's receive
+        # callback: no hand-off to this task per batch (see _take).
         remove_observer = self.session.observe_telemetry(self._observe)
         self._observing = True
         try:
             if self.session.state is ConnectionState.DISCONNECTED:
                 await self.session.start()
             await self.session.wait_ready()
-            return await self._run(subscription, max_duration_s)
+            return await self._run(max_duration_s)
         finally:
             self._observing = self._armed = False
             remove_observer()
-            self._judged.clear()
-            await subscription.aclose()
+            self._backlog.clear()
 
-    async def _run(
-        self, subscription: Subscription[TelemetryItem], max_duration_s: float | None
-    ) -> RunSummary:
+    async def _run(self, max_duration_s: float | None) -> RunSummary:
         info = self.session.device_info
         expected = DEVICE_KIND_OF[self.routine.device_kind]
         if info.kind != expected:
@@ -720,7 +711,7 @@ class RoutineRunner:
                 await self._install_device_program()
             self._handle(self.engine.start(), None)
             self._arm()
-            ended = await self._consume(subscription, max_duration_s)
+            ended = await self._until_ended(max_duration_s)
             summary = self.engine.summary
             if summary.completed:
                 status, end_reason = "completed", None
@@ -752,40 +743,30 @@ class RoutineRunner:
         if writer is not None and self.store is not None:
             _release_writer(self.store, writer)
 
-    async def _consume(
-        self, subscription: Subscription[TelemetryItem], max_duration_s: float | None
-    ) -> str:
-        """Feed items until the engine finishes; returns why it ended."""
-        consumer = asyncio.ensure_future(self._consume_all(subscription))
-        timer = asyncio.ensure_future(
-            self.clock.sleep(max_duration_s) if max_duration_s is not None else asyncio.Future()
-        )
+    async def _until_ended(self, max_duration_s: float | None) -> str:
+        """Wait until the observer ends the run, the session closes or time is up; why."""
+        waits = [
+            asyncio.ensure_future(self._ended_event.wait()),
+            asyncio.ensure_future(self.session.wait_closed()),
+        ]
+        if max_duration_s is not None:
+            waits.append(asyncio.ensure_future(self.clock.sleep(max_duration_s)))
         try:
-            await asyncio.wait({consumer, timer}, return_when=asyncio.FIRST_COMPLETED)
-            if consumer.done():
-                return consumer.result()
-            return "duration"
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (consumer, timer):
-                task.cancel()
-            await asyncio.gather(consumer, timer, return_exceptions=True)
-
-    async def _consume_all(self, subscription: Subscription[TelemetryItem]) -> str:
-        engine = self.engine
-        assert engine is not None
-        async for item in subscription:
-            self._record(item, self._judgement_of(item))
-            if engine.finished:
-                return "finished"
-            if self.device_ended is not None:
-                return "device"
-        return "closed"
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
+        if self._ended is not None:
+            return self._ended
+        return "closed" if waits[1].done() and not waits[1].cancelled() else "duration"
 
     async def feed(self, item: TelemetryItem) -> list[Decision]:
         """One telemetry item by hand: engine first, safety stop at once, then the rest.
 
-        :meth:`run` does the same in two parts: the observer judges (:meth:`_judge`) as
-        the item arrives, the runner's task records it (:meth:`_record`).
+        :meth:`run` does the same in the session's telemetry observer (:meth:`_take`).
         """
         decisions = self._judge(item)
         self._record(item, decisions)
@@ -797,36 +778,38 @@ class RoutineRunner:
         """The session's telemetry observer: runs inside the transport's receive callback."""
         if not self._observing:
             return
-        entry = _Judged(item)
-        self._judged.append(entry)
         if self._armed:
-            self._judge_entry(entry)
+            self._take(item)
+        else:
+            self._backlog.append(item)
 
     def _arm(self) -> None:
-        """The engine has started: judge what came meanwhile, in order, then live."""
+        """The engine has started: take what came meanwhile, in order, then live."""
         self._armed = True
-        for entry in self._judged:
-            if entry.decisions is None and entry.error is None:
-                self._judge_entry(entry)
+        while self._backlog:
+            self._take(self._backlog.popleft())
 
-    def _judge_entry(self, entry: _Judged) -> None:
+    def _take(self, item: TelemetryItem) -> None:
+        """Judge (a safety stop starts at once), then record one item; end the run if due."""
+        if self._ended is not None:
+            return  # the run is over: nothing after its end belongs to it
+        engine = self.engine
+        assert engine is not None
         try:
-            entry.decisions = self._judge(entry.item)
+            self._record(item, self._judge(item))
         except Exception as exc:  # raised again in the runner's task, which ends the run
-            entry.error = exc
+            self._failure = exc
+            self._end("error")
+            return
+        if engine.finished:
+            self._end("finished")
+        elif self.device_ended is not None:
+            self._end("device")
 
-    def _judgement_of(self, item: TelemetryItem) -> list[Decision]:
-        """The decisions the observer took on ``item`` (judged here if it could not)."""
-        while self._judged:
-            entry = self._judged.popleft()
-            if entry.item is not item:
-                continue  # cannot happen: both paths see every item in the same order
-            if entry.error is not None:
-                raise entry.error
-            if entry.decisions is not None:
-                return entry.decisions
-            break
-        return self._judge(item)
+    def _end(self, reason: str) -> None:
+        if self._ended is None:
+            self._ended = reason
+            self._ended_event.set()
 
     def _judge(self, item: TelemetryItem) -> list[Decision]:
         """Engine on one item; a safety decision starts STOP_ALL before this returns."""

@@ -188,6 +188,7 @@ class DeviceSession:
         self._telemetry_observers: list[Callable[[TelemetryItem], None]] = []
         self._event_subs: list[Subscription[Event]] = []
         self._ready = asyncio.Event()
+        self._closed = asyncio.Event()
         self._started = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self._backfill_task: asyncio.Task[None] | None = None
@@ -270,6 +271,10 @@ class DeviceSession:
     def events(self) -> Subscription[Event]:
         return Subscription(self._event_subs)
 
+    async def wait_closed(self) -> None:
+        """Return once the session is closed (its subscriptions have ended)."""
+        await self._closed.wait()
+
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Return once the session is READY (again); timeout on the session's clock."""
         if self.state is S.CLOSED:
@@ -324,6 +329,7 @@ class DeviceSession:
         self._telemetry_subs.clear()
         self._telemetry_observers.clear()
         self._event_subs.clear()
+        self._closed.set()
 
     async def _disconnect_quietly(self) -> None:
         try:
