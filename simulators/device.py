@@ -732,9 +732,21 @@ class SimulatedDevice(abc.ABC):
             self._emit(EventCode.BATTERY_LOW, bytes([reported]), t_s)
         return self._battery_charge_percent > 0
 
+    def _battery_quiet_floor_percent(self) -> float:
+        """The charge above which :meth:`_drain_battery` reports nothing: no new percent, no
+        BATTERY_LOW, not empty.
+
+        The charge only goes down, so the reported percent changes when the charge reaches
+        that percent minus one.
+        """
+        floor_percent = float(max(self.battery_percent - 1, 0))
+        if not self._battery_low_sent:
+            floor_percent = max(floor_percent, BATTERY_LOW_PERCENT)
+        return floor_percent
+
     def _drain_battery_quietly(self, drain_percent: float, count: int) -> int:
         """Drain up to ``count`` samples' worth at once while :meth:`_drain_battery` would
-        report nothing (no new percent, no BATTERY_LOW, not empty); how many samples it took.
+        report nothing (see :meth:`_battery_quiet_floor_percent`); how many samples it took.
 
         The charge goes down by one subtraction per sample, in order, as it does sample by
         sample, so the charge (and when the next report comes) is the same to the bit.
@@ -744,9 +756,7 @@ class SimulatedDevice(abc.ABC):
         steps = np.full(count + 1, drain_percent, dtype=np.float64)
         steps[0] = self._battery_charge_percent
         charges = np.subtract.accumulate(steps)[1:]
-        quiet = (charges > 0) & (np.minimum(100.0, np.ceil(charges)) == self.battery_percent)
-        if not self._battery_low_sent:
-            quiet &= charges > BATTERY_LOW_PERCENT
+        quiet = charges > self._battery_quiet_floor_percent()
         taken = count if bool(quiet.all()) else int(np.argmin(quiet))
         if taken:
             self._battery_charge_percent = float(charges[taken - 1])

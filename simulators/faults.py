@@ -159,6 +159,16 @@ MESSAGE_FAULTS: Final = frozenset(
 EVENT_FAULTS: Final = frozenset(
     {FaultKind.DISCONNECT, FaultKind.BROWNOUT, FaultKind.REBOOT, FaultKind.LOW_BATTERY}
 )
+# Faults that change the samples the firmware takes.
+SAMPLE_FAULTS: Final = frozenset(
+    {
+        FaultKind.STUCK_SENSOR,
+        FaultKind.NOISE,
+        FaultKind.DRIFT,
+        FaultKind.SATURATION,
+        FaultKind.DROPOUT,
+    }
+)
 SENSOR_FIELDS: Final[Mapping[str, tuple[str, float]]] = {
     # field name -> (sample column, units per raw count)
     "pressure": ("pressure_dapa", PRESSURE_KPA_PER_UNIT),
@@ -808,22 +818,14 @@ class FaultInjector:
         self, times_s: npt.NDArray[np.float64], samples: npt.NDArray[np.void]
     ) -> npt.NDArray[np.void]:
         count = int(samples.shape[0])
-        if count == 0:
+        distorting = [a for a in self._faults if a.fault.kind in SAMPLE_FAULTS]
+        if count == 0 or not distorting:
             return samples
         device = self.device
         boot_s = self.clock.now_s() - device.uptime_s
         clock_times = times_s[:count] + boot_s
-        kinds = {
-            FaultKind.STUCK_SENSOR,
-            FaultKind.NOISE,
-            FaultKind.DRIFT,
-            FaultKind.SATURATION,
-            FaultKind.DROPOUT,
-        }
-        for active in self._faults:
+        for active in distorting:
             fault = active.fault
-            if fault.kind not in kinds:
-                continue
             mask = (clock_times >= fault.at_s) & (clock_times < fault.end_s)
             if not mask.any():
                 continue

@@ -12,11 +12,12 @@ inside them with a margin so that a correct host never warns on it.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +45,11 @@ ZONE_PRESSURE_BANDS_KPA: Final[dict[Zone, tuple[float, float]]] = {
     Zone.MASSETER_LEFT: (20.0, 80.0),
     Zone.MASSETER_RIGHT: (20.0, 80.0),
 }
+# Zone.NONE as a plain int, for the zone lists of evaluate_each.
+NO_ZONE: Final = int(Zone.NONE)
+# A pressure in kPa: one value, or an array of them.
+Kpa = TypeVar("Kpa", float, npt.NDArray[np.float64])
+
 # The default hand keeps this fraction of each band's width away from its edges.
 BAND_MARGIN_FRACTION: Final = 0.15
 
@@ -104,6 +110,19 @@ class HandState:
     touching: npt.NDArray[np.bool_]
 
 
+class HandSamples(NamedTuple):
+    """The hand at a few times, in plain lists (what ``evaluate_each`` returns)."""
+
+    pressure_kpa: list[float]
+    zone: list[int]  # Zone.NONE where the script says nothing
+    touching: list[bool]
+
+    @classmethod
+    def of(cls, state: HandState) -> HandSamples:
+        """The same values as ``state``, in lists."""
+        return cls(state.pressure_kpa.tolist(), state.zone.tolist(), state.touching.tolist())
+
+
 class HandScript:
     """A timeline of hand segments (times in seconds since the device booted)."""
 
@@ -141,6 +160,19 @@ class HandScript:
         self._to = np.array([s.final_pressure_kpa for s in ordered], dtype=np.float64)
         self._zones = np.array([int(s.zone) for s in ordered], dtype=np.uint8)
         self._contact = np.array([s.contact for s in ordered], dtype=np.bool_)
+        # The same values as plain floats and ints, for evaluate_each.
+        self._start_list: list[float] = self._starts.tolist()
+        self._rows: list[tuple[float, float, float, float, int, bool]] = list(
+            zip(
+                self._start_list,
+                self._durations.tolist(),
+                self._from.tolist(),
+                self._to.tolist(),
+                self._zones.tolist(),
+                self._contact.tolist(),
+                strict=True,
+            )
+        )
 
     # ------------------------------------------------------------------ constructors
 
@@ -201,6 +233,40 @@ class HandScript:
             touching,
         )
 
-    def noise_sigma_kpa(self, pressure_kpa: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    def evaluate_each(self, times_s: Sequence[float]) -> HandSamples:
+        """:meth:`evaluate` one time after another, on plain floats.
+
+        For a few times (a live tick) this costs less than the numpy calls of
+        :meth:`evaluate`; it does the same float operations on the same values, so the
+        results are the same.
+        """
+        count = len(times_s)
+        if not self._rows:
+            return HandSamples([0.0] * count, [NO_ZONE] * count, [False] * count)
+        pressure: list[float] = []
+        zone: list[int] = []
+        touching: list[bool] = []
+        period_s = self.period_s if self.loop and self.period_s > 0 else None
+        starts, rows, find = self._start_list, self._rows, bisect.bisect_right
+        for t_s in times_s:
+            if period_s is not None:
+                t_s %= period_s
+            index = find(starts, t_s) - 1
+            # Before the first segment (index -1) the row is not used.
+            start_s, duration_s, from_kpa, to_kpa, segment_zone, contact = rows[index]
+            elapsed_s = t_s - start_s
+            if index < 0 or elapsed_s >= duration_s:
+                pressure.append(0.0)
+                zone.append(NO_ZONE)
+                touching.append(False)
+                continue
+            # Inside the segment 0 <= elapsed < duration: the fraction needs no clipping.
+            fraction = elapsed_s / duration_s
+            pressure.append(from_kpa + (to_kpa - from_kpa) * fraction if contact else 0.0)
+            zone.append(segment_zone)
+            touching.append(contact)
+        return HandSamples(pressure, zone, touching)
+
+    def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa:
         """Standard deviation of the sensor reading around ``pressure_kpa``."""
         return self.noise_floor_kpa + self.noise_fraction * pressure_kpa

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Final, Unpack
+from typing import ClassVar, Final, NamedTuple, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -43,7 +43,7 @@ from simulators.device import (
     SimulatedDevice,
     derived_seed,
 )
-from simulators.hand import HandScript
+from simulators.hand import NO_ZONE, HandScript
 from simulators.program_runner import MassagerProgramRun
 
 MASSAGER_SAMPLE_RATE_HZ: Final = 100
@@ -71,12 +71,32 @@ MOTOR_DRAIN_PERCENT_PER_S_PER_LEVEL: Final = 100.0 / (MOTOR_LIFE_AT_MAX_S * MAX_
 DEFAULT_BUTTON_INTENSITY: Final = 3
 # Blocks at least this long are generated in bulk between events (see _generate).
 BULK_MIN_SAMPLES: Final = 48
+# The sample fields that _generate keeps as runs of equal values.
+_RUN_FIELDS: Final = ("battery_percent", "zone", "intensity", "mode", "flags")
 MODE_CYCLE: Final = (MassageMode.VIBRATION, MassageMode.PERCUSSION, MassageMode.PULSE)
 _PROGRAM_END_OF_SHUTDOWN: Final = {
     ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
     ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
     ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
 }
+
+
+class _Reading(NamedTuple):
+    """What the sensor reads over a block of samples, before the firmware acts on it.
+
+    Numpy arrays for a block generated in bulk, plain lists for a few samples; an element
+    has the same value either way.
+    """
+
+    times_s: npt.NDArray[np.float64] | list[float]
+    hand_kpa: npt.NDArray[np.float64] | list[float]  # the true pressure
+    hand_zones: npt.NDArray[np.uint8] | list[int]
+    touching: npt.NDArray[np.bool_] | list[bool]
+    # Standard normal draws: the load cell's noise and the motor's ripple.
+    pressure_noise: npt.NDArray[np.float64] | list[float]
+    ripple_noise: npt.NDArray[np.float64] | list[float]
+    # The reading with the block's motor ripple (see _sensor_reading_kpa).
+    pressure_kpa: npt.NDArray[np.float64] | list[float]
 
 
 class SimulatedMassager(SimulatedDevice):
@@ -249,92 +269,93 @@ class SimulatedMassager(SimulatedDevice):
 
     def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
         count = int(times_s.shape[0])
-        hand = self.hand.evaluate(times_s)
-        # Draw every random number of the block up front, always the same amount,
-        # so that the stream (and so the telemetry) depends only on the seed.
-        pressure_noise = self.sensor_rng.standard_normal(count)
-        ripple_noise = self.sensor_rng.standard_normal(count)
-        temperature_noise = self.sensor_rng.standard_normal(count) * TEMPERATURE_NOISE_C
+        # Draw every random number of the block up front, always the same amount, so that
+        # the stream (and so the telemetry) depends only on the seed. One draw of 3 x count
+        # gives the numbers of three draws of count (pressure, ripple, temperature), in order.
+        noise = self.sensor_rng.standard_normal(3 * count)
+        temperature_noise = noise[2 * count :] * TEMPERATURE_NOISE_C
         # Commands and buttons take the samples due before they act, so the motor holds
         # its state over a block, except when a running program switches it mid-block:
         # then the pressure of the following samples is worked out again, one by one,
         # with the same float operations in the same order.
-        base_kpa = hand.pressure_kpa + pressure_noise * self.hand.noise_sigma_kpa(hand.pressure_kpa)
-        touching = hand.touching
         motor_on, ripple_kpa, drain_percent = self._motor_state()
         block_ripple_kpa = ripple_kpa
-        pressure_kpa = np.clip(base_kpa + ripple_noise * ripple_kpa * touching, 0.0, SENSOR_MAX_KPA)
-        period_s = 1.0 / self.sample_rate_hz
-        thermal_alpha = 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
-
-        zones = np.empty(count, dtype=np.uint8)
-        flags = np.empty(count, dtype=np.uint8)
-        temperatures = np.empty(count, dtype=np.float64)
-        batteries = np.empty(count, dtype=np.uint8)
-        intensities = np.empty(count, dtype=np.uint8)
-        modes = np.empty(count, dtype=np.uint8)
         # Where something happens that the firmware must react to one sample at a time: the
         # hand reaching another zone, contact going on or off (with hysteresis). In between,
         # without a program, every sample is the same but for pressure and temperature, and
         # is written in bulk.
-        # Small blocks (live ticks of about 10 samples) cost less one sample at a time than
-        # in the numpy calls that find the events; both ways give the same samples.
-        hand_zones = hand.zone
+        # Small blocks (live ticks of about 10 samples) cost less one sample at a time, in
+        # plain floats, than in the numpy calls that find the events and work out the block;
+        # both ways do the same float operations, so they give the same samples.
         bulk = count >= BULK_MIN_SAMPLES
+        read = self._read_block if bulk else self._read_each
+        times, hand_kpa, hand_zones, touching, pressure_noise, ripple_noise, pressure_kpa = read(
+            times_s, noise, ripple_kpa
+        )
+        noise_sigma_kpa = self.hand.noise_sigma_kpa
         if bulk:
-            zone_events = self._hand_zone_events(hand_zones)
-            contact_on = np.flatnonzero(pressure_kpa >= CONTACT_ON_KPA)
-            contact_off = np.flatnonzero(pressure_kpa < CONTACT_OFF_KPA)
+            zone_events = self._hand_zone_events(np.asarray(hand_zones))
+            contact_on = np.flatnonzero(np.greater_equal(pressure_kpa, CONTACT_ON_KPA))
+            contact_off = np.flatnonzero(np.less(pressure_kpa, CONTACT_OFF_KPA))
+        period_s = 1.0 / self.sample_rate_hz
+        thermal_alpha = 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
+
+        # The sensor's first-order lag and the contact state, kept in locals over the block.
+        sensor_c = self.sensor_temperature_c
+        contact = self.contact
+        target_c = self.skin_baseline_c if contact else AMBIENT_C
+        temperatures: list[float] = []
+        # Every other field changes only when something happens: kept as runs.
+        runs = _Runs()
+        changed = True  # the run values of this sample must be worked out again
+        # Draining reports nothing while the charge stays above this floor.
+        battery_floor_percent = self._battery_quiet_floor_percent()
+        battery_percent = self.battery_percent
         i = 0
         while i < count:
             if bulk and self._program_run is None and ripple_kpa == block_ripple_kpa:
                 quiet_end = min(
                     _next_at(zone_events, i, count),
-                    _next_at(contact_off if self.contact else contact_on, i, count),
+                    _next_at(contact_off if contact else contact_on, i, count),
                 )
                 quiet = self._drain_battery_quietly(drain_percent, quiet_end - i)
                 if quiet:
-                    end = i + quiet
-                    zones[i:end] = int(self.zone)
-                    flags[i:end] = (MASSAGER_FLAG_CONTACT if self.contact else 0) | (
-                        MASSAGER_FLAG_MOTOR_ON if motor_on else 0
-                    )
+                    runs.add(i, self._run_values(battery_percent, self.zone, contact, motor_on, 0))
                     # The sensor's first-order lag, one step per sample as below.
-                    target_c = self.skin_baseline_c if self.contact else AMBIENT_C
-                    sensor_c = self.sensor_temperature_c
-                    for j in range(i, end):
+                    for _ in range(quiet):
                         sensor_c += (target_c - sensor_c) * thermal_alpha
-                        temperatures[j] = sensor_c
-                    self.sensor_temperature_c = sensor_c
-                    batteries[i:end] = self.battery_percent
-                    intensities[i:end] = self.intensity
-                    modes[i:end] = int(self.mode)
-                    i = end
+                        temperatures.append(sensor_c)
+                    i += quiet
                     continue
-            t_s = float(times_s[i])
+            t_s = float(times[i])
             hand_zone = int(hand_zones[i])
-            if hand_zone != Zone.NONE and hand_zone != self._last_hand_zone:
+            if hand_zone != NO_ZONE and hand_zone != self._last_hand_zone:
                 # The hand moved to another zone: that wins over an earlier SET_ZONE.
                 self._last_hand_zone = hand_zone
                 self._set_zone(Zone(hand_zone), t_s)
+                changed = True
             if ripple_kpa != block_ripple_kpa:
-                pressure_kpa[i] = np.clip(
-                    base_kpa[i] + ripple_noise[i] * ripple_kpa * touching[i], 0.0, SENSOR_MAX_KPA
+                true_kpa = float(hand_kpa[i])
+                pressure_kpa[i] = _sensor_reading_kpa(
+                    true_kpa,
+                    noise_sigma_kpa(true_kpa),
+                    float(pressure_noise[i]),
+                    float(ripple_noise[i]),
+                    ripple_kpa,
+                    bool(touching[i]),
                 )
             pressure = float(pressure_kpa[i])
-            if not self.contact and pressure >= CONTACT_ON_KPA:
-                self.contact = True
-                self._emit(EventCode.CONTACT_CHANGED, b"\x01", t_s)
-            elif self.contact and pressure < CONTACT_OFF_KPA:
-                self.contact = False
-                self._emit(EventCode.CONTACT_CHANGED, b"\x00", t_s)
-            target_c = self.skin_baseline_c if self.contact else AMBIENT_C
-            self.sensor_temperature_c += (target_c - self.sensor_temperature_c) * thermal_alpha
-            program_flag = 0
+            if pressure < CONTACT_OFF_KPA if contact else pressure >= CONTACT_ON_KPA:
+                contact = self.contact = not contact
+                self._emit(EventCode.CONTACT_CHANGED, b"\x01" if contact else b"\x00", t_s)
+                target_c = self.skin_baseline_c if contact else AMBIENT_C
+                changed = True
+            sensor_c += (target_c - sensor_c) * thermal_alpha
             # The reading was taken on the zone the device was on before the program
             # (possibly) moves to its next step on this very sample: label it with that one,
             # or the sample that completes a step would count toward the next zone.
-            sample_zone = int(self.zone)
+            sample_zone = self.zone
+            program_flag = 0
             run = self._program_run
             if run is not None:
                 # The firmware's control loop sees each reading before it is logged, so
@@ -342,43 +363,102 @@ class SimulatedMassager(SimulatedDevice):
                 run.on_sample(
                     t_s,
                     round(pressure / PRESSURE_KPA_PER_UNIT),
-                    self.contact,
-                    round(
-                        (self.sensor_temperature_c + float(temperature_noise[i]))
-                        / TEMPERATURE_C_PER_UNIT
-                    ),
+                    contact,
+                    round((sensor_c + float(temperature_noise[i])) / TEMPERATURE_C_PER_UNIT),
                 )
                 if run.finished:
                     self._program_run = None
                 else:
                     program_flag = MASSAGER_FLAG_PROGRAM_RUNNING
                 motor_on, ripple_kpa, drain_percent = self._motor_state()
-            if not self._drain_battery(drain_percent, t_s):
+                changed = True
+            charge_percent = self._battery_charge_percent - drain_percent
+            if charge_percent > battery_floor_percent:
+                self._battery_charge_percent = charge_percent  # all _drain_battery does here
+            elif not self._drain_battery(drain_percent, t_s):
                 count = i
                 break
-            zones[i] = sample_zone
-            flags[i] = (
-                (MASSAGER_FLAG_CONTACT if self.contact else 0)
-                | (MASSAGER_FLAG_MOTOR_ON if motor_on else 0)
-                | program_flag
-            )
-            temperatures[i] = self.sensor_temperature_c
-            batteries[i] = self.battery_percent
-            intensities[i] = self.intensity
-            modes[i] = int(self.mode)
+            else:
+                battery_floor_percent = self._battery_quiet_floor_percent()
+                battery_percent = self.battery_percent
+                changed = True
+            temperatures.append(sensor_c)
+            if changed:
+                runs.add(
+                    i,
+                    self._run_values(battery_percent, sample_zone, contact, motor_on, program_flag),
+                )
+                # A program may change the next sample's zone, motor or flags.
+                changed = run is not None
             i += 1
+        self.sensor_temperature_c = sensor_c
 
         samples = np.zeros(count, dtype=self.sample_dtype)
-        samples["pressure_dapa"] = np.round(pressure_kpa[:count] / PRESSURE_KPA_PER_UNIT)
-        samples["skin_temperature_centi_c"] = np.round(
-            (temperatures[:count] + temperature_noise[:count]) / TEMPERATURE_C_PER_UNIT
+        # np.rint rounds half to even as np.round does, without np.round's Python wrapper.
+        samples["pressure_dapa"] = np.rint(np.divide(pressure_kpa[:count], PRESSURE_KPA_PER_UNIT))
+        samples["skin_temperature_centi_c"] = np.rint(
+            np.add(temperatures, temperature_noise[:count]) / TEMPERATURE_C_PER_UNIT
         )
-        samples["battery_percent"] = batteries[:count]
-        samples["zone"] = zones[:count]
-        samples["intensity"] = intensities[:count]
-        samples["mode"] = modes[:count]
-        samples["flags"] = flags[:count]
+        runs.write(samples)
         return samples
+
+    def _run_values(
+        self, battery_percent: int, zone: Zone, contact: bool, motor_on: bool, program_flag: int
+    ) -> tuple[int, int, int, int, int]:
+        """The fields of ``_RUN_FIELDS`` of a sample, in that order."""
+        flags = (
+            (MASSAGER_FLAG_CONTACT if contact else 0)
+            | (MASSAGER_FLAG_MOTOR_ON if motor_on else 0)
+            | program_flag
+        )
+        return battery_percent, int(zone), self.intensity, int(self.mode), flags
+
+    def _read_block(
+        self, times_s: npt.NDArray[np.float64], noise: npt.NDArray[np.float64], ripple_kpa: float
+    ) -> _Reading:
+        """What the sensor reads over a block, in numpy arrays (see :class:`_Reading`)."""
+        count = int(times_s.shape[0])
+        hand = self.hand.evaluate(times_s)
+        pressure_noise, ripple_noise = noise[:count], noise[count : 2 * count]
+        base_kpa = hand.pressure_kpa + pressure_noise * self.hand.noise_sigma_kpa(hand.pressure_kpa)
+        pressure_kpa = np.clip(
+            base_kpa + ripple_noise * ripple_kpa * hand.touching, 0.0, SENSOR_MAX_KPA
+        )
+        return _Reading(
+            times_s,
+            hand.pressure_kpa,
+            hand.zone,
+            hand.touching,
+            pressure_noise,
+            ripple_noise,
+            pressure_kpa,
+        )
+
+    def _read_each(
+        self, times_s: npt.NDArray[np.float64], noise: npt.NDArray[np.float64], ripple_kpa: float
+    ) -> _Reading:
+        """What the sensor reads over a few samples, in plain lists (see :class:`_Reading`)."""
+        count = int(times_s.shape[0])
+        times = times_s.tolist()
+        hand = self.hand.evaluate_each(times)
+        noise_values = noise[: 2 * count].tolist()
+        pressure_noise, ripple_noise = noise_values[:count], noise_values[count:]
+        noise_sigma_kpa = self.hand.noise_sigma_kpa
+        pressure_kpa = [
+            _sensor_reading_kpa(true_kpa, noise_sigma_kpa(true_kpa), load, ripple, ripple_kpa, on)
+            for true_kpa, load, ripple, on in zip(
+                hand.pressure_kpa, pressure_noise, ripple_noise, hand.touching, strict=True
+            )
+        ]
+        return _Reading(
+            times,
+            hand.pressure_kpa,
+            hand.zone,
+            hand.touching,
+            pressure_noise,
+            ripple_noise,
+            pressure_kpa,
+        )
 
     def _hand_zone_events(self, hand_zones: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
         """Samples where the hand reaches a zone other than the last one it was on."""
@@ -408,6 +488,52 @@ class SimulatedMassager(SimulatedDevice):
         """A long press that powers the device off (SHUTDOWN with reason BUTTON)."""
         self.catch_up()
         self.power_off(ShutdownReason.BUTTON)
+
+
+def _sensor_reading_kpa(
+    true_kpa: float,
+    noise_sigma_kpa: float,
+    pressure_noise: float,
+    ripple_noise: float,
+    ripple_kpa: float,
+    touching: bool,
+) -> float:
+    """One pressure reading: the true load with the load cell's noise, plus the motor's
+    ripple while touching, clipped to the sensor's range.
+
+    The float operations of the vectorised reading in ``_generate``, in the same order; the
+    clipping compares as ``np.clip`` does.
+    """
+    reading_kpa = true_kpa + pressure_noise * noise_sigma_kpa + ripple_noise * ripple_kpa * touching
+    reading_kpa = reading_kpa if reading_kpa > 0.0 else 0.0
+    return reading_kpa if reading_kpa < SENSOR_MAX_KPA else SENSOR_MAX_KPA
+
+
+class _Runs:
+    """Sample fields that change only when something happens, kept as runs of equal values:
+    the values of ``_RUN_FIELDS`` from each start sample on."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.values: list[tuple[int, int, int, int, int]] = []
+
+    def add(self, start: int, values: tuple[int, int, int, int, int]) -> None:
+        """The values of the samples from ``start`` on (a new run if they differ)."""
+        if not self.values or values != self.values[-1]:
+            self.starts.append(start)
+            self.values.append(values)
+
+    def write(self, samples: npt.NDArray[np.void]) -> None:
+        """Write the runs' fields into ``samples`` (as many as the runs cover)."""
+        if len(self.values) == 1:
+            # A live tick, most of the time: one value per field.
+            for name, value in zip(_RUN_FIELDS, self.values[0], strict=True):
+                samples[name] = value
+        elif self.values:
+            run_lengths = np.diff(np.array([*self.starts, samples.shape[0]]))
+            columns = np.repeat(np.array(self.values, dtype=np.uint8), run_lengths, axis=0)
+            for index, name in enumerate(_RUN_FIELDS):
+                samples[name] = columns[:, index]
 
 
 def _next_at(positions: npt.NDArray[np.intp], start: int, default: int) -> int:

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from protocols import Ack, Command, Opcode, ResultCode, SetZone, Zone
 from simulators.device import SimulatedDevice
 from simulators.faults import Fault, FaultError, FaultInjector, FaultRecord, make_fault
-from simulators.hand import ZONE_PRESSURE_BANDS_KPA, HandState
+from simulators.hand import NO_ZONE, ZONE_PRESSURE_BANDS_KPA, HandSamples, HandState, Kpa
 from simulators.massager import SimulatedMassager
 from simulators.world import SimulatedWorld
 
@@ -485,7 +485,31 @@ class ScenarioHand:
                     zone[inside] = int(action.zone)
         return HandState(pressure, zone, touching)
 
-    def noise_sigma_kpa(self, pressure_kpa: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    def evaluate_each(self, times_s: Sequence[float]) -> HandSamples:
+        """:meth:`evaluate` for a few times (a live tick), in plain lists.
+
+        Between scripted actions the hand is guided or away, which plain floats give for
+        less than the numpy calls of :meth:`evaluate`; times that may meet an action (rare)
+        go through :meth:`evaluate`, so every value is the same either way.
+        """
+        count = len(times_s)
+        if not count:
+            return HandSamples([], [], [])
+        first_s, last_s = min(times_s), max(times_s)
+        if self.actions and any(a.at_s <= last_s and first_s < a.end_s for a in self.actions):
+            return HandSamples.of(self.evaluate(np.asarray(times_s, dtype=np.float64)))
+        zone = self.commanded_zone
+        if not self.guided or zone == Zone.NONE:
+            return HandSamples([0.0] * count, [NO_ZONE] * count, [False] * count)
+        target_kpa = self.target_kpa(zone)
+        if first_s >= self.lead_in_s:  # every tick but those of the lead-in
+            return HandSamples([target_kpa] * count, [int(zone)] * count, [True] * count)
+        on = [t_s >= self.lead_in_s for t_s in times_s]
+        return HandSamples(
+            [target_kpa if o else 0.0 for o in on], [int(zone) if o else NO_ZONE for o in on], on
+        )
+
+    def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa:
         return self.noise_floor_kpa + self.noise_fraction * pressure_kpa
 
 
