@@ -377,13 +377,19 @@ class SessionStore:
         ).fetchall()
         if not chunks:
             return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=dtype)
-        sequences = np.concatenate(
-            [
-                np.arange(first, first + len(blob) // dtype.itemsize, dtype=np.uint64)
-                for first, blob in chunks
-            ]
+        counts = np.fromiter(
+            (len(blob) // dtype.itemsize for _, blob in chunks), dtype=np.int64, count=len(chunks)
         )
-        samples = np.concatenate([np.frombuffer(blob, dtype=dtype) for _, blob in chunks])
+        firsts = np.fromiter((first for first, _ in chunks), dtype=np.uint64, count=len(chunks))
+        # One buffer and one view: concatenating thousands of small structured arrays costs
+        # a dtype promotion per array.
+        samples = np.frombuffer(b"".join(blob for _, blob in chunks), dtype=dtype)
+        offsets = np.repeat(np.cumsum(counts) - counts, counts).astype(np.uint64)
+        sequences = np.repeat(firsts, counts) + (
+            np.arange(int(counts.sum()), dtype=np.uint64) - offsets
+        )
+        if sequences.shape[0] < 2 or bool(np.all(sequences[1:] > sequences[:-1])):
+            return sequences, samples.copy()
         # Overlapping chunks (a backfill that re-sent samples) keep the first copy.
         unique, index = np.unique(sequences, return_index=True)
         return unique, samples[index]

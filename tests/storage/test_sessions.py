@@ -48,6 +48,16 @@ def test_samples_come_back_in_order_once_each(tmp_path: Path) -> None:
         assert samples["pressure_dapa"].tolist() == list(range(30))
 
 
+def test_a_gap_stays_a_gap(tmp_path: Path) -> None:
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        session = open_session(store)
+        store.append_samples(session, 40, batch(40, 5))
+        store.append_samples(session, 0, batch(0, 10))
+        sequences, samples = store.telemetry(session)
+        assert sequences.tolist() == [*range(10), *range(40, 45)]
+        assert samples["pressure_dapa"].tolist() == sequences.tolist()
+
+
 def test_decisions_and_summary_round_trip(tmp_path: Path) -> None:
     with SessionStore(tmp_path / "s.sqlite3") as store:
         session = open_session(store)
