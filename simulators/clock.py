@@ -82,6 +82,7 @@ class VirtualClock:
         self._anchor_wall_s = 0.0
         self._anchor_virtual_s = 0.0
         self._settle_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._io_links = 0  # links whose deliveries take wall time (ptys, sockets)
 
     # ------------------------------------------------------------------ the Clock protocol
 
@@ -198,6 +199,18 @@ class VirtualClock:
         if hook in self._settle_hooks:
             self._settle_hooks.remove(hook)
 
+    def attach_io_link(self) -> None:
+        """A link whose data takes wall time to arrive (a pty, a socket) is in use.
+
+        While one is, every step gives the loop all ``yields_per_step`` turns: a pty
+        hands written bytes to its other side asynchronously (the kernel's flip buffer),
+        so a loop that looks idle may still have data on the way.
+        """
+        self._io_links += 1
+
+    def detach_io_link(self) -> None:
+        self._io_links = max(0, self._io_links - 1)
+
     # ------------------------------------------------------------------ internals
 
     def _require_not_running(self, what: str) -> None:
@@ -309,12 +322,14 @@ class VirtualClock:
         """Let woken tasks, their callbacks and ready I/O run before time moves on.
 
         Up to ``yields_per_step`` loop turns, but no more once the loop is idle: when
-        two turns in a row found nothing else ready to run (each turn also polls for
-        I/O, such as a pty write of the turn before), every chain has finished. The
-        asyncio event loop keeps its run queue in ``_ready``; a loop without one (not
-        the standard loop) always gets every turn.
+        two turns in a row found nothing else ready to run, every in-process chain has
+        finished. The asyncio event loop keeps its run queue in ``_ready``; a loop
+        without one (not the standard loop), or a clock with an I/O link attached
+        (:meth:`attach_io_link`), always gets every turn.
         """
-        ready: Sized | None = getattr(asyncio.get_running_loop(), "_ready", None)
+        ready: Sized | None = (
+            None if self._io_links else getattr(asyncio.get_running_loop(), "_ready", None)
+        )
         idle_turns = 0
         for _ in range(self.yields_per_step):
             await asyncio.sleep(0)

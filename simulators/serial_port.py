@@ -39,9 +39,11 @@ class PtySerialPort(RawPty):
         self.frame_errors = 0
 
     def _started(self) -> None:
+        self.device.clock.attach_io_link()
         self.device.attach_link(self)
 
     def _stopping(self) -> None:
+        self.device.clock.detach_io_link()
         if self.device.link is self:
             self.device.detach_link()
 

@@ -57,11 +57,13 @@ class TcpDevicePort:
     async def start(self) -> None:
         if self._server is None:
             self._server = await asyncio.start_server(self._on_client, self.host, self.port)
+            self.device.clock.attach_io_link()
 
     async def stop(self) -> None:
         server, self._server = self._server, None
         self._drop_client()
         if server is not None:
+            self.device.clock.detach_io_link()
             server.close()
             await server.wait_closed()
         task, self._reader_task = self._reader_task, None
