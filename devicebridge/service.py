@@ -91,7 +91,6 @@ DEFAULT_STATUS_INTERVAL_S: Final = 10.0
 STATE_POLL_S: Final = 0.25  # how often connection states are compared (clock time)
 SHUTDOWN_DRAIN_S: Final = 5.0  # wall time the outbox gets to drain when stopping
 STOP_ALL_TIMEOUT_S: Final = 2.0
-SESSION_COMMIT_INTERVAL_S: Final = 0.5  # loop (wall) time between session-store commits
 ADHERENCE_SESSIONS: Final = 100  # session summaries kept in the retained adherence message
 ACK_TOPIC_SUFFIX: Final = "programs/ack"
 CONNECT_RETRY: Final = BackoffPolicy(initial_s=1.0, max_s=30.0)
@@ -696,10 +695,10 @@ class BridgeService:
         self.status_interval_s = status_interval_s
         self.rng = rng or random.Random()
         self.sessions = SessionStore(data_dir / SESSIONS_FILENAME)
-        # Telemetry and decisions of running sessions: group-committed on a thread of
-        # their own every SESSION_COMMIT_INTERVAL_S, so a hundred devices cost a few
-        # commits a second, not a thousand (a killed bridge loses at most that much).
-        self.session_writer = StoreWriter(self.sessions, interval_s=SESSION_COMMIT_INTERVAL_S)
+        # Telemetry and decisions of running sessions: committed together on a thread of
+        # their own every FLUSH_INTERVAL_S, so a hundred devices cost ten commits a
+        # second, not a thousand (a killed bridge loses at most that much).
+        self.session_writer = StoreWriter(self.sessions)
         self.programs = ProgramStore(data_dir / PROGRAMS_FILENAME)
         self.outbox = Outbox(data_dir / OUTBOX_FILENAME, bridge_id=bridge_id) if mqtt else None
         self.link: MqttLink | None = None

@@ -6,8 +6,8 @@ reaches the host is written as one BLOB of raw protocol samples (9 or 10 bytes e
 :meth:`SessionStore.append_samples` commits each batch before it returns, so a killed
 process keeps every sample stored so far; :meth:`SessionStore.append_many` commits many
 batches in one transaction for a writer that groups commits (the routine runner's writer
-thread commits at once and groups what arrives during a commit: a killed bridge loses at
-most the commit in flight, a few milliseconds of telemetry). On the
+thread commits every 0.1 s: a killed bridge loses at most that last tenth of a second of
+telemetry). On the
 next start :meth:`SessionStore.recover` marks sessions left ``running`` as
 ``interrupted``; their committed samples are all there.
 """
