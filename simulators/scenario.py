@@ -30,6 +30,8 @@ DEVICE_KINDS: Final = ("massager", "mask")
 HAND_MODES: Final = ("guided", "default", "idle")
 HAND_ACTIONS: Final = ("press", "lift", "profile")
 DEFAULT_DURATION_S: Final = 60.0
+# Longest notification interval a scenario may give a device (its ring holds minutes).
+MAX_BATCH_INTERVAL_S: Final = 10.0
 # The guided hand puts the head on the skin this long after boot (the bridge connects first).
 GUIDED_LEAD_IN_S: Final = 0.5
 # A steady hand still wavers a little (domain-safety.md bands are wide; 3 % of the load).
@@ -45,6 +47,7 @@ _DEVICE_KEYS: Final = {
     "hand",
     "hand_noise",
     "mtu_size",
+    "batch_interval_s",
     "battery_percent",
     "worn",
 }
@@ -88,6 +91,9 @@ class DeviceSpec:
     battery_percent: float | None = None
     worn: bool = True
     hand_noise: bool = True  # False: the hand presses exactly (a replay of recorded pressures)
+    # How often the device notifies its samples (None: the model's 0.1 s); a real firmware
+    # setting, and the lever for large fleets on the virtual clock (fewer, fuller batches).
+    batch_interval_s: float | None = None
 
     def labels(self) -> list[str]:
         """One label per device: ``name`` alone, or ``name-0`` .. ``name-(count-1)``."""
@@ -200,6 +206,14 @@ def parse_scenario(text: str, *, label: str = "<scenario>", path: Path | None = 
         mtu = entry.get("mtu_size")
         if mtu is not None and (not isinstance(mtu, int) or mtu < 23):
             problems.append(f"{where}: mtu_size must be an integer of at least 23")
+        batch_interval_s = _number(
+            entry, "batch_interval_s", where, problems, default=None, positive=True
+        )
+        if batch_interval_s is not None and batch_interval_s > MAX_BATCH_INTERVAL_S:
+            problems.append(
+                f"{where}: batch_interval_s must be at most {MAX_BATCH_INTERVAL_S:g} s"
+                f", got {batch_interval_s!r}"
+            )
         battery = entry.get("battery_percent")
         if battery is not None and not (isinstance(battery, int | float) and 0 < battery <= 100):
             problems.append(f"{where}: battery_percent must be in (0, 100]")
@@ -213,6 +227,7 @@ def parse_scenario(text: str, *, label: str = "<scenario>", path: Path | None = 
                 None if battery is None else float(battery),
                 bool(entry.get("worn", True)),
                 bool(entry.get("hand_noise", True)),
+                None if batch_interval_s is None else float(batch_interval_s),
             )
         )
     if not devices:
@@ -561,6 +576,8 @@ def build_scenario(
             options: dict[str, Any] = {}
             if spec.mtu_size is not None:
                 options["mtu_size"] = spec.mtu_size
+            if spec.batch_interval_s is not None:
+                options["batch_interval_s"] = spec.batch_interval_s
             if spec.battery_percent is not None:
                 options["battery_percent"] = spec.battery_percent
             device: SimulatedDevice
