@@ -9,8 +9,8 @@ Massage rules, per sample:
   resumes on contact;
 - pressure above the policy cap of the zone under the head: pause at once (the host stops
   the motor with STOP_ALL); resume when back in band; the third time in a session: stop;
-- pressure outside the step's band: a warning on each entry (too low / too high), and the
-  time in band is counted;
+- pressure outside the step's band: a warning (too low / too high) once per excursion that
+  lasts ``OUT_OF_BAND_WARNING_DWELL_S``, and the time in band is counted;
 - effective contact time counts only with the head on the skin, per zone and per step; the
   step's time done: next zone (guidance); a zone held past its pass cap: pause until moved;
 - skin temperature at the warn level: lower intensity; at the stop level: the step ends;
@@ -66,6 +66,13 @@ CELSIUS_PER_UNIT: Final = 0.01
 MW_CM2_PER_UNIT: Final = 0.01
 LOWERED_IRRADIANCE_FRACTION: Final = 0.5
 BULK_MIN_SAMPLES: Final = 256
+# An alarm-condition delay in the sense of IEC 60601-1-8: pressure out of the step's band
+# (too low / too high, below the zone's cap) is warned about, and counted as an out-of-band
+# event, only once the excursion has lasted this long. A reading that hovers at a band edge
+# crosses it back and forth with the load cell's noise every few samples; excursions shorter
+# than this are that noise, not the hand. Safety limits (the cap, pauses, stops) are NOT
+# delayed: they act on the first sample that reaches them.
+OUT_OF_BAND_WARNING_DWELL_S: Final = 0.3
 
 
 class DecisionKind(StrEnum):
@@ -127,6 +134,7 @@ StepT = TypeVar("StepT", MassageStep, LedStep)
 _COUNTED_STATES: Final = frozenset(
     {PressureState.TOO_LOW, PressureState.IN_BAND, PressureState.TOO_HIGH}
 )
+_IN_BAND: Final = PressureState.IN_BAND  # a module global: quicker to read than the member
 _MIN_ZONE: Final = min(ZONE_NAMES)
 _MAX_ZONE: Final = max(ZONE_NAMES)
 
@@ -177,6 +185,17 @@ class _StepRules:
     quiet_pressure: Mapping[PressureState, tuple[int, int]]
 
 
+@dataclass(slots=True)
+class _Excursion:
+    """The latest out-of-band excursion (see ``MassageEngine._sample``), and the dwell
+    (in samples) it must reach before its warning."""
+
+    dwell_samples: int
+    state: PressureState = PressureState.IN_BAND  # TOO_LOW or TOO_HIGH once there is one
+    end: int | None = None  # the sequence number of its last sample
+    samples: int = 0  # how many samples it has lasted
+
+
 class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
     """Which of the next samples the per-sample rules would only count.
 
@@ -184,7 +203,8 @@ class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
     a raw skin temperature below ``temperature_below`` and, on the skin, a raw pressure in
     ``pressure_min..pressure_max`` on the step's zone (or an unknown zone, which counts as
     it); and not more than ``limit`` in a row are: the next would reach a threshold (pass
-    cap, step end, no-contact pause, session cap). The fault checks are on top of this.
+    cap, step end, no-contact pause, session cap, the out-of-band warning's dwell). The
+    fault checks are on top of this.
     """
 
     on_skin: bool
@@ -518,6 +538,8 @@ class MassageEngine(_Engine[MassageStep]):
         self._pause_reason: str | None = None
         self._temperature_warned = False
         self._off_zone_warned = False
+        # Whenever ``state`` is TOO_LOW or TOO_HIGH, the excursion is in that same state.
+        self._excursion = _Excursion(self._samples_for(OUT_OF_BAND_WARNING_DWELL_S))
         # Per-step and per-zone thresholds, worked out once (the policy is frozen).
         self._contact_samples = [self._samples_for(s.contact_time_s) for s in self._steps]
         self._no_contact_pause_samples = self._samples_for(policy.no_contact_pause_s.value)
@@ -531,8 +553,10 @@ class MassageEngine(_Engine[MassageStep]):
         )
         stop_centi_c = _first_count_at_least(policy.temperature_stop_c.value, CELSIUS_PER_UNIT)
         warn_centi_c = _first_count_at_least(policy.temperature_warn_c.value, CELSIUS_PER_UNIT)
-        self._cool_below_centi_c = min(warn_centi_c, stop_centi_c)
-        self._warned_below_centi_c = stop_centi_c
+        self._quiet_below_centi_c = (min(warn_centi_c, stop_centi_c), stop_centi_c)
+        # No more instance attributes than this: from 30 on, CPython 3.11 stops sharing the
+        # instance dictionary's keys, and every attribute read on the quiet-run path (the
+        # cost of a clean stream) gets slower. Group new ones in an object, as _excursion.
 
     @property
     def paused(self) -> bool:
@@ -675,7 +699,7 @@ class MassageEngine(_Engine[MassageStep]):
         reason = self._pause_reason
         assert self._first_sequence is not None
         limit = self._session_cap_offset - (sequence - self._first_sequence)
-        below = self._warned_below_centi_c if self._temperature_warned else self._cool_below_centi_c
+        below = self._quiet_below_centi_c[1 if self._temperature_warned else 0]
         if not on_skin:
             if reason in ("over_temperature", "sensor_stuck"):
                 return None
@@ -683,7 +707,8 @@ class MassageEngine(_Engine[MassageStep]):
                 # The last sample before the no-contact pause.
                 limit = min(limit, self._no_contact_pause_samples - 1 - self._no_contact_samples)
             return _QuietWindow(False, limit, below) if limit > 0 else None
-        if reason is not None or self.state not in _COUNTED_STATES:
+        state = self.state
+        if reason is not None or state not in _COUNTED_STATES:
             return None
         rules = self._step_rules()
         if self._pass_zone != rules.zone_name:
@@ -693,9 +718,20 @@ class MassageEngine(_Engine[MassageStep]):
             rules.zone.pass_cap_samples - self._pass_samples,  # up to the pass cap
             rules.contact_samples - 1 - self._step_contact_samples,  # up to the step end
         )
+        if state is not _IN_BAND:
+            # Out of band: the samples continue the excursion when the one before was its
+            # last. With contiguous sequence numbers it always was here (a sample that ends
+            # an excursion otherwise leaves the engine paused, stopped or in another state);
+            # after a gap the per-sample rules start a new one. Until the warning, quiet up
+            # to the sample before the one that reaches the dwell, as with the pass cap.
+            excursion = self._excursion
+            if excursion.end != sequence - 1:
+                return None
+            if excursion.samples < excursion.dwell_samples:
+                limit = min(limit, excursion.dwell_samples - 1 - excursion.samples)
         if limit <= 0:
             return None
-        low, high = rules.quiet_pressure[self.state]
+        low, high = rules.quiet_pressure[state]
         return _QuietWindow(True, limit, below, rules.zone_code, low, high)
 
     def _count_quiet(self, on_skin: bool, run: int) -> None:
@@ -722,6 +758,11 @@ class MassageEngine(_Engine[MassageStep]):
                 in_band_s += dt_s
             summary.time_in_band_s = in_band_s
         else:
+            # Out of band: each sample is one more of the excursion (see _quiet_window).
+            excursion = self._excursion
+            assert excursion.end is not None
+            excursion.end += run
+            excursion.samples += run
             for _ in range(run):
                 contact_s += dt_s
                 zone_s += dt_s
@@ -841,25 +882,40 @@ class MassageEngine(_Engine[MassageStep]):
             if pressure_kpa > high
             else PressureState.IN_BAND
         )
-        if new_state is not self.state and new_state in (
-            PressureState.TOO_LOW,
-            PressureState.TOO_HIGH,
-        ):
-            self.summary.out_of_band_events += 1
-            advice = (
-                "press lighter" if new_state is PressureState.TOO_HIGH else "press a little firmer"
-            )
-            out.append(
-                self._decision(
-                    DecisionKind.WARNING,
-                    at_s,
-                    "pressure_" + new_state.name.lower(),
-                    f"{pressure_kpa:.1f} kPa on {zone}, target {low:g}-{high:g} kPa: {advice}.",
-                    None,
-                    sequence,
-                    zone=zone,
+        # An excursion is a run of samples with consecutive sequence numbers on each of
+        # which this line is reached with the same out-of-band state. Any other sample ends
+        # it: back in band, the other out-of-band state, and every sample that returns
+        # before this line (session cap, temperature stop or cooling, no contact, above the
+        # cap, still on a zone paused for its pass cap) or that a device fault keeps from
+        # the rules (stuck sensor, commands not applied); so does a gap in the sequence
+        # numbers. A step end does not: the sample that ends a step is part of the excursion
+        # and the pressure state carries over to the next step, as it did when warnings came
+        # on entry. The warning, and the out-of-band event, come once per excursion: on the
+        # sample where it reaches the dwell (OUT_OF_BAND_WARNING_DWELL_S). The state itself,
+        # and the time in band, change at once.
+        if new_state is not PressureState.IN_BAND:
+            excursion = self._excursion
+            if new_state is excursion.state and excursion.end == sequence - 1:
+                excursion.samples += 1
+            else:
+                excursion.state, excursion.samples = new_state, 1
+            excursion.end = sequence
+            if excursion.samples == excursion.dwell_samples:
+                self.summary.out_of_band_events += 1
+                high_side = new_state is PressureState.TOO_HIGH
+                advice = "press lighter" if high_side else "press a little firmer"
+                message = f"{pressure_kpa:.1f} kPa on {zone}, target {low:g}-{high:g} kPa"
+                out.append(
+                    self._decision(
+                        DecisionKind.WARNING,
+                        at_s,
+                        "pressure_" + new_state.name.lower(),
+                        f"{message}: {advice}.",
+                        None,
+                        sequence,
+                        zone=zone,
+                    )
                 )
-            )
         self.state = new_state
         if new_state is PressureState.IN_BAND:
             self.summary.time_in_band_s += self.dt_s

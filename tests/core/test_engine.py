@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 
 import protocols as p
-from devicebridge.core.engine import DecisionKind, LedEngine, MassageEngine
+from devicebridge.core.engine import (
+    OUT_OF_BAND_WARNING_DWELL_S,
+    DecisionKind,
+    LedEngine,
+    MassageEngine,
+    PressureState,
+)
 from devicebridge.core.policy import default_policy
 from devicebridge.core.routine import Routine, parse_routine
 
 RATE_HZ = 100
 DT_S = 1 / RATE_HZ
+DWELL = round(OUT_OF_BAND_WARNING_DWELL_S * RATE_HZ)  # 30 samples
 ROUTINES = resources.files("devicebridge") / "data" / "routines"
 
 
@@ -120,9 +127,10 @@ def test_pressing_too_hard_on_the_eye_area_stops_the_motor_at_once() -> None:
     assert engine.summary.cap_events == 3
 
 
-def test_out_of_band_pressure_warns_on_each_entry() -> None:
+def test_out_of_band_pressure_warns_once_per_sustained_excursion() -> None:
     engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
     feeder = Feeder(engine)
+    # 2 s too low, then 2 s too high (below the 15 kPa cap): two excursions past the dwell.
     low = feeder.feed(massager_samples(2, pressure_kpa=2, zone=p.Zone.CHEEK_LEFT))
     high = feeder.feed(massager_samples(2, pressure_kpa=14, zone=p.Zone.CHEEK_LEFT))
     assert [d.reason for d in low] == ["pressure_too_low"]
@@ -130,6 +138,85 @@ def test_out_of_band_pressure_warns_on_each_entry() -> None:
     assert "press lighter" in high[0].message
     assert engine.summary.out_of_band_events == 2
     assert engine.summary.time_in_band_s == 0
+
+
+def cheek_samples(dapa: list[int] | np.ndarray) -> np.ndarray:
+    """On the left cheek (firming step 1: 4-12 kPa, cap 15 kPa), one raw pressure a sample."""
+    samples = massager_samples(len(dapa) / RATE_HZ, pressure_kpa=0, zone=p.Zone.CHEEK_LEFT)
+    samples["pressure_dapa"] = dapa
+    return samples
+
+
+def firming(vectorised: bool) -> MassageEngine:
+    return MassageEngine(
+        routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ, vectorised=vectorised
+    )
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_flicker_above_the_band_shorter_than_the_dwell_gives_no_warning(vectorised: bool) -> None:
+    # A hand at the band's top edge: the load cell's noise crosses 12 kPa every few samples,
+    # in excursions of 1 to DWELL - 1 samples (up to 0.29 s), across the 10-sample batches.
+    rng = np.random.default_rng(7)
+    dapa: list[int] = []
+    out_of_band = 0
+    for _ in range(60):
+        dapa += [1195] * int(rng.integers(1, 6))  # in band
+        above = int(rng.integers(1, DWELL))
+        dapa += [1210] * above
+        out_of_band += above
+    dapa += [1195] * 3 + [1210] * (DWELL - 1) + [1195] * 5  # the longest without a warning
+    out_of_band += DWELL - 1
+    engine = firming(vectorised)
+    feeder = Feeder(engine)
+    seen = set()
+    for start in range(0, len(dapa), 10):
+        assert feeder.feed(cheek_samples(dapa[start : start + 10])) == []
+        seen.add(engine.state)
+    assert engine.summary.out_of_band_events == 0
+    # The state follows every crossing at once: time in band leaves the samples above it out.
+    assert PressureState.TOO_HIGH in seen
+    assert engine.summary.contact_s == pytest.approx(len(dapa) * DT_S)
+    assert engine.summary.time_in_band_s == pytest.approx((len(dapa) - out_of_band) * DT_S)
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_a_sustained_excursion_warns_once_when_it_reaches_the_dwell(vectorised: bool) -> None:
+    engine = firming(vectorised)
+    feeder = Feeder(engine)
+    assert feeder.feed(cheek_samples([800] * 100)) == []  # 1 s in band
+    # Just short of the dwell, one sample back in band: no warning, and the count restarts.
+    assert feeder.feed(cheek_samples([1250] * (DWELL - 1) + [1100] * 11)) == []
+    # Then 2 s too high, pressing harder and harder (12.1 kPa up, below the 15 kPa cap).
+    first = 100 + DWELL - 1 + 11
+    ramp = [1210 + k for k in range(200)]
+    decisions = feeder.feed(cheek_samples(ramp[:10]))
+    assert decisions == []
+    assert engine.state is PressureState.TOO_HIGH  # the state changes at once
+    decisions += feeder.feed(cheek_samples(ramp[10:]))
+    assert [(d.kind, d.reason) for d in decisions] == [(DecisionKind.WARNING, "pressure_too_high")]
+    warning = decisions[0]
+    # On the excursion's 30th sample (0.3 s of it), with that sample's pressure.
+    assert warning.sequence == 1000 + first + DWELL - 1
+    assert warning.at_s == pytest.approx((first + DWELL - 1) * DT_S)
+    assert warning.message.startswith(f"{ramp[DWELL - 1] / 100:.1f} kPa on cheek_left")
+    assert engine.summary.out_of_band_events == 1
+    assert engine.summary.time_in_band_s == pytest.approx((100 + 11) * DT_S)
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_the_cap_pauses_on_the_first_sample_above_it_without_a_dwell(vectorised: bool) -> None:
+    engine = firming(vectorised)
+    feeder = Feeder(engine)
+    # In band, then a few samples too high, then one sample above the 15 kPa cap.
+    decisions = feeder.feed(cheek_samples([800] * 95 + [1300] * 5 + [1510] + [1300] * 4))
+    assert [(d.kind, d.reason, d.sequence) for d in decisions] == [
+        (DecisionKind.PAUSE, "pressure_cap", 1000 + 100),  # the very first sample above it
+        (DecisionKind.RESUME, "pressure_cap", 1000 + 101),
+    ]
+    assert decisions[0].at_s == pytest.approx(1.0)
+    assert engine.summary.cap_events == 1
+    assert engine.summary.out_of_band_events == 0
 
 
 def test_staying_too_long_on_one_zone_pauses_until_the_head_moves() -> None:

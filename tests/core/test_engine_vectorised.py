@@ -8,7 +8,10 @@ samples (live notifications) or longer (replays, backfill), and go through the p
 path for short batches, the numpy path for long ones, or a mix as in production. A policy
 with short caps makes every rule fire inside a few thousand samples: pass caps, no-contact
 pauses, the session cap, step ends, temperature warn and stop, the stuck sensor and the
-actuator watch.
+actuator watch. Flickering stretches hop across the band edges in segments shorter and longer
+than the out-of-band warning's dwell, so that excursions end just before it, reach it exactly
+or run on past it, inside a batch and across batch boundaries; some streams skip sequence
+numbers between batches (lost samples end an excursion).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from devicebridge.core.engine import (
     BULK_MIN_SAMPLES,
     CONTACT_FLAG,
     MOTOR_FLAG,
+    OUT_OF_BAND_WARNING_DWELL_S,
     MassageEngine,
     _first_count_above,
     _first_count_at_least,
@@ -93,8 +97,13 @@ regime = st.tuples(
     st.sampled_from(ZONE_CODES),
     st.sampled_from([3340, 3340, 4099, 4100, 4150, 4299, 4300]),  # centi-degC: warn 41, stop 43
     st.sampled_from([True, True, False]),  # motor on
-    st.sampled_from(["steady", "jitter", "noisy"]),  # how the pressure and flags move
+    # how the pressure and flags move
+    st.sampled_from(["steady", "jitter", "noisy", "flicker", "flicker"]),
 )
+DWELL = round(OUT_OF_BAND_WARNING_DWELL_S * RATE_HZ)  # in samples
+# Raw pressures on either side of the band edges: the step's band (600-1200), the off-zone
+# bands (300-1500 on the forehead and cheeks, 500-2500 on the chin, 50-500 on the neck).
+EDGES = [299, 300, 499, 500, 501, 599, 600, 601, 1199, 1200, 1201, 1210, 1499, 1500, 2501]
 
 
 def telemetry(regimes: list[tuple[int, int, bool, int, int, bool, str]], seed: int) -> np.ndarray:
@@ -112,9 +121,34 @@ def telemetry(regimes: list[tuple[int, int, bool, int, int, bool, str]], seed: i
             part["pressure_dapa"] = np.clip(dapa + rng.integers(-300, 300, length), 0, None)
             part["flags"] = rng.integers(0, 4, length)
             part["zone"] = rng.choice(ZONE_CODES, length)
+        elif kind == "flicker":  # a band edge under a noisy load cell
+            part["pressure_dapa"] = flicker(rng, dapa, length)
+            if rng.random() < 0.5:  # now and then a sample off the skin
+                part["flags"][rng.random(length) < 0.01] &= 0xFF ^ CONTACT_FLAG
         part["battery_percent"] = 80
         parts.append(part)
     return np.concatenate(parts)
+
+
+def flicker(rng: np.random.Generator, dapa: int, length: int) -> np.ndarray:
+    """Pressure hopping between a few levels around band edges, in segments of 1 sample to
+    a little over the dwell: mostly shorter than it, often within a sample of it."""
+    levels = [dapa, *rng.choice(EDGES, int(rng.integers(1, 4)))]
+    out = np.empty(length, dtype=np.int64)
+    at = 0
+    while at < length:
+        pick = rng.random()
+        if pick < 0.5:
+            size = int(rng.integers(1, 6))  # noise around the edge
+        elif pick < 0.8:
+            size = int(rng.integers(DWELL - 2, DWELL + 3))  # just short of, at, past it
+        else:
+            size = int(rng.integers(1, 2 * DWELL))
+        out[at : at + size] = levels[int(rng.integers(len(levels)))]
+        at += size
+    if rng.random() < 0.5:  # a few counts of noise on top
+        out += rng.integers(-1, 2, length)
+    return np.clip(out, 0, None)
 
 
 # Which batches the numpy path takes: all of them, the long ones (as in production), none.
@@ -129,6 +163,7 @@ def run(
     step_s: float,
     checks: bool,
     bulk_min_samples: int = ALL_BULK,
+    gaps: bool = False,
 ) -> MassageEngine:
     engine = MassageEngine(
         short_routine(step_s),
@@ -140,7 +175,9 @@ def run(
     engine.bulk_min_samples = bulk_min_samples
     engine.start()
     sequence = 5000
-    for start, end in itertools.pairwise(bounds):
+    for batch, (start, end) in enumerate(itertools.pairwise(bounds)):
+        if gaps and batch % 3 == 2:
+            sequence += 1 + batch % 2  # a sample or two lost before this batch
         engine.feed(samples[start:end], sequence + start)
     return engine
 
@@ -166,6 +203,7 @@ def assert_same(engine: MassageEngine, reference: MassageEngine) -> None:
     assert engine.state is reference.state
     assert engine.finished == reference.finished
     assert engine.step_number == reference.step_number
+    assert engine._excursion == reference._excursion
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -175,6 +213,7 @@ def assert_same(engine: MassageEngine, reference: MassageEngine) -> None:
     seed=st.integers(0, 2**32 - 1),
     step_s=st.sampled_from([1.0, 2.5]),
     checks=st.booleans(),
+    gaps=st.sampled_from([False, False, True]),
 )
 def test_bulk_path_decides_exactly_as_the_per_sample_path(
     regimes: list[tuple[int, int, bool, int, int, bool, str]],
@@ -182,11 +221,12 @@ def test_bulk_path_decides_exactly_as_the_per_sample_path(
     seed: int,
     step_s: float,
     checks: bool,
+    gaps: bool,
 ) -> None:
     samples = telemetry(regimes, seed)
     bounds = at_cuts(samples.shape[0], cuts)
-    reference = run(samples, bounds, False, step_s, checks)
-    assert_same(run(samples, bounds, True, step_s, checks), reference)
+    reference = run(samples, bounds, False, step_s, checks, gaps=gaps)
+    assert_same(run(samples, bounds, True, step_s, checks, gaps=gaps), reference)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -202,6 +242,7 @@ def test_bulk_path_decides_exactly_as_the_per_sample_path(
     step_s=st.sampled_from([1.0, 2.5]),
     checks=st.booleans(),
     bulk_min_samples=st.sampled_from(PATHS),
+    gaps=st.sampled_from([False, False, True]),
 )
 def test_small_batches_decide_exactly_as_the_per_sample_path(
     regimes: list[tuple[int, int, bool, int, int, bool, str]],
@@ -210,11 +251,12 @@ def test_small_batches_decide_exactly_as_the_per_sample_path(
     step_s: float,
     checks: bool,
     bulk_min_samples: int,
+    gaps: bool,
 ) -> None:
     samples = telemetry(regimes, seed)
     bounds = in_sizes(samples.shape[0], sizes)
-    reference = run(samples, bounds, False, step_s, checks)
-    assert_same(run(samples, bounds, True, step_s, checks, bulk_min_samples), reference)
+    reference = run(samples, bounds, False, step_s, checks, gaps=gaps)
+    assert_same(run(samples, bounds, True, step_s, checks, bulk_min_samples, gaps), reference)
 
 
 @settings(max_examples=500, deadline=None)
@@ -353,3 +395,29 @@ def test_the_pass_cap_ends_a_quiet_run_at_its_sample(bulk_min_samples: int) -> N
     engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
     assert [d.reason for d in engine.decisions][-1] == "zone_time"
     assert_same(engine, reference)
+
+
+@pytest.mark.parametrize("bulk_min_samples", PATHS)
+@pytest.mark.parametrize("sizes", [[10], [7, 13], [1000]])
+def test_excursions_around_the_dwell_warn_at_the_same_sample(
+    bulk_min_samples: int, sizes: list[int]
+) -> None:
+    # On step 1's zone (6-12 kPa): excursions of DWELL - 1, DWELL and DWELL + 1 samples, a
+    # short one and a long one, too high and too low, with a few samples in band between.
+    high, low, band = 1250, 550, 900
+    parts = [(50, band), (DWELL - 1, high), (1, band), (DWELL, low), (3, band)]
+    parts += [(DWELL + 1, high), (2, band), (5, low), (1, band), (60, high)]
+    regimes = [(length, dapa, True, 4, 3340, True, "jitter") for length, dapa in parts]
+    samples = telemetry(regimes, 4)
+    bounds = in_sizes(samples.shape[0], sizes)
+    reference = run(samples, bounds, False, 2.5, True)
+    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    assert_same(engine, reference)
+    warnings = [(d.reason, d.sequence) for d in engine.decisions if d.kind == "warning"]
+    starts = list(itertools.accumulate([5000] + [length for length, _ in parts]))
+    assert warnings == [
+        ("pressure_too_low", starts[3] + DWELL - 1),
+        ("pressure_too_high", starts[5] + DWELL - 1),
+        ("pressure_too_high", starts[9] + DWELL - 1),
+    ]
+    assert engine.summary.out_of_band_events == 3
