@@ -33,8 +33,6 @@ from typing import Final
 # Enough loop iterations for a chain like "device notifies -> host callback queues
 # -> host task decodes -> host task resolves a future -> waiting task resumes".
 DEFAULT_YIELDS_PER_STEP: Final = 8
-# Loop turns in a row with nothing else to run after which a step counts as settled.
-IDLE_TURNS_TO_SETTLE: Final = 2
 # Deadlines this close past a target count as due: 5.0 + 0.1 is 5.1 but 51 * 0.1
 # is 5.1000000000000005, and advance(0.1) must still reach that tick.
 TIME_RESOLUTION_S: Final = 1e-9
@@ -321,21 +319,26 @@ class VirtualClock:
     async def _yield(self) -> None:
         """Let woken tasks, their callbacks and ready I/O run before time moves on.
 
-        Up to ``yields_per_step`` loop turns, but no more once the loop is idle: when
-        two turns in a row found nothing else ready to run, every in-process chain has
-        finished. The asyncio event loop keeps its run queue in ``_ready``; a loop
-        without one (not the standard loop), or a clock with an I/O link attached
-        (:meth:`attach_io_link`), always gets every turn.
+        Up to ``yields_per_step`` loop turns, but no more once the loop is idle: a turn
+        that found nothing else to run (no ready callback, no due timer, and its poll saw
+        no I/O, whose callbacks would be queued behind this task's) means every
+        in-process chain has finished. The asyncio event loop keeps its run queue in
+        ``_ready`` and its timers in ``_scheduled``; a loop without them (not the standard
+        loop), or a clock with an I/O link attached (:meth:`attach_io_link`), always gets
+        every turn.
         """
-        ready: Sized | None = (
-            None if self._io_links else getattr(asyncio.get_running_loop(), "_ready", None)
-        )
-        idle_turns = 0
+        loop = asyncio.get_running_loop()
+        ready: Sized | None = None
+        timers: list[asyncio.TimerHandle] | None = None
+        if not self._io_links:
+            ready = getattr(loop, "_ready", None)
+            timers = getattr(loop, "_scheduled", None)
         for _ in range(self.yields_per_step):
             await asyncio.sleep(0)
-            if ready is None or len(ready):
-                idle_turns = 0
-                continue
-            idle_turns += 1
-            if idle_turns == IDLE_TURNS_TO_SETTLE:
-                return
+            if (
+                ready is not None
+                and timers is not None
+                and not len(ready)
+                and not (timers and timers[0].when() <= loop.time())
+            ):
+                return  # idle: nothing more will happen before time moves
