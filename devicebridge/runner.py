@@ -295,6 +295,31 @@ def check_routine_admission(
 # --------------------------------------------------------------------------- store writer
 
 
+@dataclass(slots=True)
+class _SampleRun:
+    """Contiguous batches of one session waiting for the writer: one row once committed.
+
+    A row per 100 ms batch made the writer thread hand the GIL back and forth with the
+    event loop for every row (SQLite releases it around each statement step), which cost
+    the loop more than the writing itself.
+    """
+
+    session_id: int
+    first_sequence: int
+    end_sequence: int
+    parts: list[np.ndarray[Any, Any]]
+    received_at: datetime
+
+    def chunk(self) -> SampleChunk:
+        parts = self.parts
+        samples = (
+            parts[0]
+            if len(parts) == 1
+            else np.frombuffer(b"".join(part.tobytes() for part in parts), dtype=parts[0].dtype)
+        )
+        return SampleChunk(self.session_id, self.first_sequence, samples, self.received_at)
+
+
 class StoreWriter:
     """Groups the telemetry and decisions of every run on one store into one commit.
 
@@ -313,7 +338,8 @@ class StoreWriter:
         self.commits = 0  # of the thread (for tests and benchmarks)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
         self._thread_store: SessionStore | None = None  # opened and used on the thread only
-        self._chunks: list[SampleChunk] = []
+        self._chunks: list[SampleChunk] = []  # closed runs (a gap came after them)
+        self._runs: dict[int, _SampleRun] = {}  # the open run of each session
         self._decisions: list[tuple[int, Sequence[Decision]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
@@ -322,7 +348,17 @@ class StoreWriter:
     def add_samples(
         self, session_id: int, first_sequence: int, samples: np.ndarray[Any, Any]
     ) -> None:
-        self._chunks.append(SampleChunk(session_id, first_sequence, samples, _utc_now()))
+        count = int(samples.shape[0])
+        run = self._runs.get(session_id)
+        if run is not None and run.end_sequence == first_sequence:
+            run.parts.append(samples)
+            run.end_sequence += count
+        else:
+            if run is not None:
+                self._chunks.append(run.chunk())
+            self._runs[session_id] = _SampleRun(
+                session_id, first_sequence, first_sequence + count, [samples], _utc_now()
+            )
         self._schedule()
 
     def add_decisions(self, session_id: int, decisions: Sequence[Decision]) -> None:
@@ -341,7 +377,7 @@ class StoreWriter:
             self._timer = loop.call_soon(self._submit)
 
     def _after_commit(self) -> None:
-        if self._chunks or self._decisions:
+        if self._chunks or self._runs or self._decisions:
             self._schedule()
 
     def _submit(self) -> None:
@@ -349,6 +385,8 @@ class StoreWriter:
         self._timer = None
         self._prune()
         chunks, self._chunks = self._chunks, []
+        chunks += [run.chunk() for run in self._runs.values()]
+        self._runs.clear()
         decisions, self._decisions = self._decisions, []
         if not chunks and not decisions:
             return
@@ -401,6 +439,9 @@ class StoreWriter:
         be stored.
         """
         chunks = [c for c in self._chunks if c.session_id == session_id]
+        run = self._runs.pop(session_id, None)
+        if run is not None:
+            chunks.append(run.chunk())
         decisions = [d for d in self._decisions if d[0] == session_id]
         self._chunks = [c for c in self._chunks if c.session_id != session_id]
         self._decisions = [d for d in self._decisions if d[0] != session_id]
@@ -700,7 +741,7 @@ class RoutineRunner:
             except BaseException:
                 self._release_writer()
                 raise
-        self._reconnects_seen = self.session.stats.reconnects
+        self._reconnects_seen = self.session.reconnects
         self._worker = asyncio.get_running_loop().create_task(
             self._command_worker(), name=f"routine commands {self.session.name}"
         )
@@ -841,7 +882,7 @@ class RoutineRunner:
         self._last_batch = item
         if self._writer is not None and self.session_id is not None:
             self._writer.add_samples(self.session_id, item.first_sequence, item.samples)
-        reconnects = self.session.stats.reconnects
+        reconnects = self.session.reconnects
         if reconnects != self._reconnects_seen:
             self._reconnects_seen = reconnects
             self._resync()

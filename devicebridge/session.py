@@ -225,6 +225,11 @@ class DeviceSession:
         return self._device_info.battery_percent if self._device_info else None
 
     @property
+    def reconnects(self) -> int:
+        """How often the link came back (``stats.reconnects`` without the snapshot)."""
+        return self._counts["reconnects"]
+
+    @property
     def stats(self) -> SessionStats:
         counters = self._reassembler.counters
         return SessionStats(

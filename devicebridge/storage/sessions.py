@@ -1,8 +1,9 @@
 """Session records and their telemetry, stored so that an abrupt stop loses nothing.
 
 One SQLite file (WAL) holds the session records, the decisions the engine took, the
-treatments the user recorded, and the telemetry as compact arrays: each batch that
-reaches the host is written as one BLOB of raw protocol samples (9 or 10 bytes each).
+treatments the user recorded, and the telemetry as compact arrays: BLOBs of raw protocol
+samples (9 or 10 bytes each), one per batch, or one per run of contiguous batches that a
+writer commits together.
 :meth:`SessionStore.append_samples` commits each batch before it returns, so a killed
 process keeps every sample stored so far; :meth:`SessionStore.append_many` commits many
 batches in one transaction for a writer that groups commits (the routine runner's writer

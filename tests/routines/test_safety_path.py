@@ -170,6 +170,35 @@ async def test_store_writer_groups_commits_and_commits_a_session_on_demand(
         assert await _poll(lambda: store.telemetry(ids[1])[0].size == 50)
 
 
+async def test_store_writer_writes_contiguous_batches_as_one_row_and_keeps_gaps(
+    tmp_path: Path,
+) -> None:
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        session_id = store.start_session(
+            routine_name="r",
+            category="c",
+            device_serial="S",
+            device_kind="massager",
+            sample_format=SampleFormat.MASSAGER_V1,
+            sample_rate_hz=100,
+        )
+        writer = StoreWriter(store, interval_s=3600.0)  # committed by commit_session only
+        # 0..30 in three batches, a gap, then 50..70 in two.
+        for first in (0, 10, 20, 50, 60):
+            samples = np.zeros(10, dtype=store_dtype())
+            samples["pressure_dapa"] = np.arange(first, first + 10)
+            writer.add_samples(session_id, first, samples)
+        writer.commit_session(session_id)
+        writer.close()
+        sequences, samples = store.telemetry(session_id)
+        assert sequences.tolist() == [*range(30), *range(50, 70)]
+        assert samples["pressure_dapa"].tolist() == sequences.tolist()
+        rows = store._db.execute(
+            "SELECT first_sequence, sample_count FROM telemetry_chunks ORDER BY first_sequence"
+        ).fetchall()
+        assert rows == [(0, 30), (50, 20)]
+
+
 def store_dtype() -> np.dtype[np.void]:
     return MASSAGER_SAMPLE_DTYPE
 
