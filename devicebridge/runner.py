@@ -125,7 +125,7 @@ PROGRAM_TRANSFER_MODULE: Final = "devicebridge.program_transfer"
 # commit every batch at once (group commit): a thread hand-off and a transaction per 100 ms
 # batch per device, which cost more than the whole routine engine (a 15-minute virtual
 # routine ran 40% slower). A killed bridge loses at most this much telemetry.
-FLUSH_INTERVAL_S: Final = 0.1
+FLUSH_INTERVAL_S: Final = 0.25
 # Admission looks back at least a day (the daily LED dose), longer for frequency rules.
 ADMISSION_MIN_LOOKBACK_DAYS: Final = 1.0
 

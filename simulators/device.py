@@ -44,6 +44,7 @@ import collections
 import enum
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final, TypedDict
 
@@ -264,6 +265,9 @@ class SimulatedDevice(abc.ABC):
         self._boot_s = 0.0
         self._task: asyncio.Task[None] | None = None
         self._link: DeviceLink | None = None
+        # Called when the device powers on or off or a link comes or goes (what decides
+        # whether it advertises): the world's advertiser sleeps while nobody advertises.
+        self.presence_listeners: list[Callable[[], None]] = []
         self._streaming = False
         self._stream_next_sequence = 0
         self._backfill_queue: collections.deque[tuple[int, npt.NDArray[np.void]]] = (
@@ -394,6 +398,7 @@ class SimulatedDevice(abc.ABC):
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"simulated {self.kind.name.lower()} {self.serial_number}"
         )
+        self._presence_changed()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -421,6 +426,7 @@ class SimulatedDevice(abc.ABC):
         self.detach_link()
         if link is not None:
             link.device_closed()
+        self._presence_changed()
 
     async def _run(self) -> None:
         tick = 0
@@ -445,11 +451,17 @@ class SimulatedDevice(abc.ABC):
             raise RuntimeError(f"{self.serial_number} is powered off")
         self._link = link
         self._reset_session()
+        self._presence_changed()
 
     def detach_link(self) -> None:
         """The link is gone: firmware forgets streaming and pending backfill."""
         self._link = None
         self._reset_session()
+        self._presence_changed()
+
+    def _presence_changed(self) -> None:
+        for listener in self.presence_listeners:
+            listener()
 
     def _reset_session(self) -> None:
         self._streaming = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from types import TracebackType
 from typing import Final, TypeVar, Unpack
 
@@ -24,6 +25,8 @@ from simulators.massager import SimulatedMassager
 from simulators.smp.firmware import SmpFirmware
 
 ADVERTISING_INTERVAL_S: Final = 0.1
+# A time this close past an advertising tick counts as that tick (float error of t / interval).
+GRID_TOLERANCE: Final = 1e-9
 RSSI_NOISE_DB: Final = 3.0
 RSSI_LIMITS_DBM: Final = (-100, -20)
 TX_POWER_DBM: Final = 0
@@ -63,6 +66,7 @@ class SimulatedWorld:
         self._out_of_range_until_s: dict[str, float] = {}
         self._out_of_reach: set[str] = set()
         self._advertiser: asyncio.Task[None] | None = None
+        self._advertising_may_change = asyncio.Event()
         self._running = False
         self.callback_errors: list[Exception] = []
 
@@ -85,6 +89,7 @@ class SimulatedWorld:
             raise ValueError(f"a device with address {device.address} is already in the world")
         self.devices.append(device)
         self._by_address[device.address] = device
+        device.presence_listeners.append(self._advertising_may_change.set)
         self._smp[device.address] = SmpFirmware(device)
         if self._running:
             device.start()
@@ -216,12 +221,14 @@ class SimulatedWorld:
         """
         if out_of_range_s > 0:
             self._out_of_range_until_s[device.address] = self.clock.now_s() + out_of_range_s
+            self._advertising_may_change.set()
         client = self._connections.get(device.address)
         if client is not None:
             client.link_lost()
 
     def set_in_range(self, device: SimulatedDevice, in_range: bool) -> None:
         """Take a device out of reach until put back (drops its BLE link)."""
+        self._advertising_may_change.set()
         if in_range:
             self._out_of_reach.discard(device.address)
             self._out_of_range_until_s.pop(device.address, None)
@@ -233,11 +240,38 @@ class SimulatedWorld:
 
     async def _advertise_forever(self) -> None:
         start_s = self.clock.now_s()
+        interval_s = self.advertising_interval_s
         tick = 0
         while True:
             self._advertise_once()
             tick += 1
-            await self.clock.sleep_until(start_s + tick * self.advertising_interval_s)
+            # While no device advertises (all connected, off or out of range), sleep until
+            # that may change instead of waking every interval for nothing. Advertising
+            # stays on the same grid, and radio noise is drawn only for devices that
+            # advertise, so the run is the same.
+            self._advertising_may_change.clear()
+            if not any(self.is_connectable(device) for device in self.devices):
+                await self._until_advertising_may_change()
+                due = math.ceil((self.clock.now_s() - start_s) / interval_s - GRID_TOLERANCE)
+                tick = max(tick, due)
+            await self.clock.sleep_until(start_s + tick * interval_s)
+
+    async def _until_advertising_may_change(self) -> None:
+        """A device powers on, loses its link or comes back in range (or its time out of
+        range ends, which no event announces)."""
+        now_s = self.clock.now_s()
+        waits: list[asyncio.Future[object]] = [
+            asyncio.ensure_future(self._advertising_may_change.wait())
+        ]
+        back_in_range_s = [t for t in self._out_of_range_until_s.values() if t > now_s]
+        if back_in_range_s:
+            waits.append(asyncio.ensure_future(self.clock.sleep_until(min(back_in_range_s))))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     def _advertise_once(self) -> None:
         for device in self.devices:

@@ -270,6 +270,11 @@ class SessionStore:
         ]
         if not rows and not any(items for _, items in decisions):
             return
+        # One insert per session for its decision lists (in order): a writer thread pays a
+        # GIL hand-off per statement.
+        by_session: dict[int, list[Any]] = {}
+        for session_id, items in decisions:
+            by_session.setdefault(session_id, []).extend(items)
         with self._transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO telemetry_chunks"
@@ -277,7 +282,7 @@ class SessionStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
-            for session_id, items in decisions:
+            for session_id, items in by_session.items():
                 if items:
                     self._insert_decisions(db, session_id, items)
 

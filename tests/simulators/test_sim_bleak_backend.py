@@ -359,3 +359,37 @@ async def test_a_raising_host_callback_is_reported_not_fatal_to_the_device(
     with pytest.raises(RuntimeError, match="callback") as caught:
         await world.stop()
     assert isinstance(caught.value.__cause__, ValueError)
+
+
+async def test_advertising_resumes_on_its_grid_when_the_only_device_is_free_again(
+    world: SimulatedWorld, clock: VirtualClock
+) -> None:
+    # With every device connected the advertiser sleeps until that changes; it must wake
+    # when the link drops and, after the time out of range, advertise on its 0.1 s grid.
+    device = world.add_massager()
+    client = BleakClient(device.address, backend=world.client_backend)
+    await client.connect()
+    await clock.advance(5.0)  # nobody advertises: the advertiser is parked
+    heard_at: list[float] = []
+    scanner = BleakScanner(
+        backend=world.scanner_backend,  # type: ignore[arg-type]
+        detection_callback=lambda d, a: heard_at.append(clock.now_s()),
+    )
+    await scanner.start()
+    world.drop_link(device, out_of_range_s=1.25)
+    dropped_at = clock.now_s()
+    await clock.advance(2.0)
+    await scanner.stop()
+    assert heard_at, "the device never advertised again"
+    assert heard_at[0] >= dropped_at + 1.25
+    assert heard_at[0] == pytest.approx(round(heard_at[0] / 0.1) * 0.1, abs=1e-9)
+    assert heard_at[0] - (dropped_at + 1.25) < 0.1 + 1e-9
+    # ... and again when the device reconnects and the host closes the link.
+    await client.connect()
+    await clock.advance(3.0)
+    heard_at.clear()
+    await scanner.start()
+    await client.disconnect()
+    await clock.advance(0.3)
+    await scanner.stop()
+    assert len(heard_at) >= 2
