@@ -7,7 +7,7 @@ writer commits together.
 :meth:`SessionStore.append_samples` commits each batch before it returns, so a killed
 process keeps every sample stored so far; :meth:`SessionStore.append_many` commits many
 batches in one transaction for a writer that groups commits (the routine runner's writer
-thread commits every 0.1 s: a killed bridge loses at most that last tenth of a second of
+thread commits every 0.25 s: a killed bridge loses at most that last quarter second of
 telemetry). On the
 next start :meth:`SessionStore.recover` marks sessions left ``running`` as
 ``interrupted``; their committed samples are all there.
