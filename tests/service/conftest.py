@@ -84,6 +84,9 @@ class Rig:
             async with asyncio.timeout(WAIT_S):
                 await self.task
 
+    async def wait_broker_connected(self) -> None:
+        await self.wait(lambda: self.service.link is not None and self.service.link.connected)
+
     async def wait(self, predicate: Callable[[], bool]) -> None:
         """Let the fast clock run until ``predicate`` holds (wall timeout only as a net)."""
         async with asyncio.timeout(WAIT_S):

@@ -51,7 +51,7 @@ async def test_a_trusted_program_is_accepted_stored_and_installed(
         await rig.start()
         worker = next(iter(rig.service.workers.values()))
         await rig.wait(lambda: worker.batcher is not None)
-        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
+        await rig.wait_broker_connected()
 
         ack = await push(mosquitto.port, therapist.sign(routine_text("firming")))
 
@@ -110,7 +110,7 @@ async def test_every_bad_program_is_rejected_with_its_reason_and_never_stored(
         worker = next(iter(rig.service.workers.values()))
         await rig.wait(lambda: worker.batcher is not None)
         # A push published before the bridge subscribed would be dropped by the broker.
-        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
+        await rig.wait_broker_connected()
 
         answers = [(expected, await push(mosquitto.port, data)) for expected, data in cases]
         for expected, ack in answers:
@@ -136,7 +136,7 @@ async def test_every_bad_program_is_rejected_with_its_reason_and_never_stored(
 
     async with service_rig(tmp_path, broker_port=mosquitto.port) as rig:
         await rig.start()
-        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
+        await rig.wait_broker_connected()
         assert (await push(mosquitto.port, first))["reason"] == "replayed"
         await rig.stop()
     assert stored_programs(tmp_path) == 1
@@ -149,7 +149,7 @@ async def test_no_answer_for_another_bridge_and_acks_stay_on_their_bridge(
     therapist.trust_on(tmp_path)
     async with service_rig(tmp_path, broker_port=mosquitto.port, massagers=0) as rig:
         await rig.start()
-        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
+        await rig.wait_broker_connected()
         # Pushed to bridge-9's topic: bridge-7 never sees it, so nobody answers.
         ack = await push_envelope(
             MqttSettings("127.0.0.1", mosquitto.port),
@@ -171,7 +171,7 @@ async def test_a_push_made_while_the_bridge_is_offline_waits_at_the_broker(
     # A first run opens the bridge's persistent session (with its subscription) at the broker.
     async with service_rig(tmp_path, broker_port=mosquitto.port) as rig:
         await rig.start()
-        await rig.wait(lambda: rig.service.link is not None and rig.service.link.connected)
+        await rig.wait_broker_connected()
         await rig.stop()
 
     # The therapist pushes while the bridge is off: the broker acknowledges and keeps it.
