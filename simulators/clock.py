@@ -298,8 +298,12 @@ class VirtualClock:
             event = self._new_sleeper
             assert event is not None
             event.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as the event is set, and stop() then waited forever
+            # for a driver that went on running.
             try:
-                await asyncio.wait_for(event.wait(), timeout=remaining_s)
+                async with asyncio.timeout(remaining_s):
+                    await event.wait()
             except TimeoutError:
                 return True
             next_deadline_s = self._next_deadline_s()

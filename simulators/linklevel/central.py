@@ -377,10 +377,9 @@ class LinkLevelBleakClient(BaseBleakClient):
         # The event handler has run by now; this covers a disconnect that failed.
         self._on_disconnection(connection)
         if self.central.peer_detached is not None:
-            await asyncio.wait_for(
-                self.central.peer_detached(self._peer_address),
-                DEFAULT_DISCONNECT_SETTLE_TIMEOUT_S,
-            )
+            # asyncio.timeout: Python 3.11's wait_for can swallow a cancellation.
+            async with asyncio.timeout(DEFAULT_DISCONNECT_SETTLE_TIMEOUT_S):
+                await self.central.peer_detached(self._peer_address)
 
     @staticmethod
     async def _disconnect_quietly(connection: Connection) -> None:

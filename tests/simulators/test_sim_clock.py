@@ -148,3 +148,21 @@ def test_rejects_bad_parameters() -> None:
         VirtualClock(speed=0)
     with pytest.raises(ValueError, match="yields"):
         VirtualClock(yields_per_step=0)
+
+
+async def test_a_realtime_driver_stops_even_as_a_new_sleeper_interrupts_its_wait() -> None:
+    # The driver waits for the wall time of a far deadline; a new sleeper (every device
+    # tick makes one) interrupts that wait in the very loop turn in which stop() cancels
+    # the driver. Python 3.11's asyncio.wait_for returned normally there and the driver
+    # went on running, so stop() waited forever (the demo hung at its end).
+    clock = VirtualClock(realtime=True, speed=1.0)
+    clock.start()
+    far = asyncio.ensure_future(clock.sleep(100.0))
+    await asyncio.sleep(0.01)  # the driver is now waiting for 100 s of wall time
+    assert clock._new_sleeper is not None
+    clock._new_sleeper.set()  # what sleep_until does for a new sleeper, in this turn
+    async with asyncio.timeout(WALL_FAILSAFE_S):
+        await clock.stop()
+    assert not clock.is_running
+    far.cancel()
+    await asyncio.gather(far, return_exceptions=True)
