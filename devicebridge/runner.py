@@ -121,8 +121,8 @@ DEVICE_KIND_OF: Final = {
 # How long the final STOP_ALL may wait for a link that is down (clock seconds).
 FINAL_STOP_WAIT_S: Final = 5.0
 PROGRAM_TRANSFER_MODULE: Final = "devicebridge.program_transfer"
-# How long the store writer collects rows before it commits them (wall seconds). 0 would
-# commit every batch at once (group commit): a thread hand-off and a transaction per 100 ms
+# How long the store writer collects rows before it commits them (wall seconds). Committing
+# every batch at once (group commit) meant a thread hand-off and a transaction per 100 ms
 # batch per device, which cost more than the whole routine engine (a 15-minute virtual
 # routine ran 40% slower); every statement of the writer thread is a GIL hand-off with a
 # busy event loop, so fewer, larger commits cost it less. A killed bridge loses at most
@@ -325,8 +325,7 @@ class _SampleRun:
 class StoreWriter:
     """Groups the telemetry and decisions of every run on one store into one commit.
 
-    Commits ``interval_s`` after the first row waiting (at once and as soon as the
-    previous commit is done when 0), through a
+    Commits ``interval_s`` after the first row waiting, through a
     connection of its own on a thread of its own, so neither the commits nor SQLite's
     checkpoints (fsync) hold up the event loop. :meth:`commit_session` writes what is left
     of one run at once, on the caller's thread and without yielding (so the end of a run
@@ -370,17 +369,7 @@ class StoreWriter:
     def _schedule(self) -> None:
         if self._timer is not None:
             return
-        loop = asyncio.get_running_loop()
-        if self.interval_s > 0:
-            self._timer = loop.call_later(self.interval_s, self._submit)
-        elif not any(not job.done() for job, _ in self._in_flight):
-            # Group commit: at the end of this loop iteration, so what arrives together
-            # commits together; while a commit runs, work waits for its completion.
-            self._timer = loop.call_soon(self._submit)
-
-    def _after_commit(self) -> None:
-        if self._chunks or self._runs or self._decisions:
-            self._schedule()
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._submit)
 
     def _submit(self) -> None:
         """Hand everything added so far to the thread (its jobs run in order)."""
@@ -395,9 +384,6 @@ class StoreWriter:
         sessions = frozenset(c.session_id for c in chunks) | {d[0] for d in decisions}
         job = self._executor.submit(self._write, chunks, decisions)
         self._in_flight.append((job, sessions))
-        if self.interval_s <= 0:
-            loop = asyncio.get_running_loop()
-            job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._after_commit))
 
     def _write(
         self, chunks: list[SampleChunk], decisions: list[tuple[int, Sequence[Decision]]]

@@ -471,11 +471,13 @@ class DeviceWorker:
             self._publish_telemetry(self.batcher.add(item))
 
     def _publish_telemetry(self, messages: list[dict[str, Any]]) -> None:
+        if not messages:
+            return  # most batches complete no message: nothing to look up
         topic = self.service.topics.telemetry(self.serial)
         for body in messages:
             self.service.publisher.publish(topic, body)
             self.service.telemetry_messages += 1
-        if messages and self.session.battery_percent != self.published_battery:
+        if self.session.battery_percent != self.published_battery:
             self.publish_state()
 
     def _record(self, run: RoutineRun, batch: TelemetryBatch) -> None:
