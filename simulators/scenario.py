@@ -11,7 +11,7 @@ Every problem in a file is reported with the table it is in (``[[faults]] #2: ..
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -558,13 +558,22 @@ def build_scenario(
     *,
     bands_kpa: Mapping[Zone, tuple[float, float]] | None = None,
     on_record: Callable[[FaultRecord], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> BuiltScenario:
     """Add the scenario's devices to ``world`` with their hands and faults installed.
 
     ``bands_kpa``: the pressure the guided hand aims for per zone (a routine's step bands).
     ``on_record``: called with every fault record as it happens.
+    ``only``: build just these labels (a shard of the fleet). Each device keeps the index
+    of its place in the whole scenario, so its identity, noise and fault schedule are those
+    it has when every device is built.
     """
     built = BuiltScenario(scenario, world)
+    if only is not None:
+        unknown = set(only) - set(scenario.labels())
+        if unknown:
+            raise ValueError(f"no device(s) {', '.join(sorted(unknown))} in {scenario.name!r}")
+    index = -1
 
     def record(entry: FaultRecord) -> None:
         built.fault_records.append(entry)
@@ -573,7 +582,10 @@ def build_scenario(
 
     for spec in scenario.devices:
         for label in spec.labels():
-            options: dict[str, Any] = {}
+            index += 1
+            if only is not None and label not in only:
+                continue
+            options: dict[str, Any] = {"index": index}
             if spec.mtu_size is not None:
                 options["mtu_size"] = spec.mtu_size
             if spec.batch_interval_s is not None:

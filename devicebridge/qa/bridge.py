@@ -20,6 +20,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
+
 from devicebridge.core.engine import Decision
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import Routine, parse_routine
@@ -97,13 +100,12 @@ class Timeline:
         return "".join(json.dumps(e.to_json(), sort_keys=True) + "\n" for e in self.entries)
 
 
-def telemetry_digest(store: SessionStore, session_id: int) -> tuple[str, int]:
-    """SHA-256 of a stored session's sequences and raw samples, and the sample count."""
-    sequences, samples = store.telemetry(session_id)
+def telemetry_digest(sequences: npt.NDArray[np.uint64], samples: npt.NDArray[np.void]) -> str:
+    """SHA-256 of a stored session's sequences and raw samples (``SessionStore.telemetry``)."""
     digest = hashlib.sha256()
     digest.update(sequences.tobytes())
     digest.update(samples.tobytes())
-    return digest.hexdigest(), int(samples.shape[0])
+    return digest.hexdigest()
 
 
 class QaBridge:
@@ -129,7 +131,6 @@ class QaBridge:
         self.policy = policy or default_policy()
         self.timeline = Timeline(self.clock)
         self._labels = dict(labels or {})
-        self._rng = random.Random(self.seed)
         self.backends = BleBackends(world.scanner_backend, world.client_backend)
         self.sessions: dict[SimulatedDevice, DeviceSession] = {}
         self.stores: dict[SimulatedDevice, SessionStore] = {}
@@ -174,7 +175,9 @@ class QaBridge:
         session = cls(
             BleTransport(self.clock, device=discovered, backends=self.backends),
             self.clock,
-            rng=random.Random(self._rng.random()),
+            # Per device, not drawn in connection order: a device's run must not depend
+            # on which other devices share the bridge (a fleet split over processes).
+            rng=random.Random(f"{self.seed}/{device.serial_number}"),
             name=label,
         )
         self.sessions[device] = session

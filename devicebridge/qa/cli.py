@@ -37,7 +37,17 @@ def scenario_group() -> None:
     help="Where a failing scenario leaves its seed, timeline and telemetry.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON too.")
-def run_command(files: tuple[Path, ...], seed: int | None, artifacts: Path, as_json: bool) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Share the devices out over this many processes (a fleet on several cores). "
+    "A run replays exactly with the same seed and the same number of workers.",
+)
+def run_command(
+    files: tuple[Path, ...], seed: int | None, artifacts: Path, as_json: bool, workers: int
+) -> None:
     """Run scenario FILES against the bridge and print a verdict for each (exit 1 on a failure)."""
     failed = 0
     for path in files:
@@ -49,7 +59,9 @@ def run_command(files: tuple[Path, ...], seed: int | None, artifacts: Path, as_j
             continue
         with tempfile.TemporaryDirectory(prefix="devicebridge-qa-") as tmp:
             try:
-                result = asyncio.run(run_scenario(scenario, seed=seed, workdir=Path(tmp)))
+                result = asyncio.run(
+                    run_scenario(scenario, seed=seed, workdir=Path(tmp), workers=workers)
+                )
             except DeviceBridgeError as exc:
                 click.echo(f"ERROR {path}: {exc}", err=True)
                 failed += 1
@@ -68,6 +80,7 @@ def _json(result: ScenarioResult) -> dict[str, object]:
     return {
         "scenario": result.scenario.name,
         "seed": result.seed,
+        "workers": result.workers,
         "passed": result.passed,
         "failures": result.failures,
         "devices": {label: o.to_json() for label, o in result.devices.items()},

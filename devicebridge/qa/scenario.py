@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -115,6 +117,7 @@ class ScenarioResult:
     wall_s: float
     workdir: Path | None = None
     artifacts: Path | None = field(default=None)
+    workers: int = 1  # processes the devices were shared out over
 
     @property
     def passed(self) -> bool:
@@ -128,9 +131,10 @@ class ScenarioResult:
         )
         lines = [head, *(f"  - {failure}" for failure in self.failures)]
         if not self.passed:
+            workers = f" --workers {self.workers}" if self.workers > 1 else ""
             lines.append(
                 f"  replay: devicebridge-sim scenario run {self.scenario.path or '<file>'} "
-                f"--seed {self.seed}"
+                f"--seed {self.seed}{workers}"
             )
         return "\n".join(lines)
 
@@ -163,23 +167,34 @@ async def run_scenario(
     *,
     seed: int | None = None,
     workdir: Path | None = None,
+    workers: int = 1,
 ) -> ScenarioResult:
     """Run ``scenario`` (a parsed scenario or a file) with ``seed`` (default: its own).
 
     ``workdir`` receives one session store per device (a temporary folder by default,
     removed afterwards unless the caller keeps the result's artifacts).
+
+    ``workers`` > 1 shares the devices out over that many processes (device ``k`` to
+    worker ``k % workers``), each with its own virtual clock, world and bridge; the parent
+    merges their outcomes and timelines and checks the expectations. Every device keeps its
+    place in the whole scenario (identity, noise, fault schedule). A run replays exactly
+    with the same seed and the same number of workers. Between worker counts a device can
+    differ in detail where it met another device at the same virtual instant (say, which
+    of two tasks due then ran first), as it can when other devices join a scenario.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
     used_seed = scenario.seed if seed is None else seed
     base_dir = scenario.path.parent if scenario.path is not None else None
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="devicebridge-qa-") as tmp:
-            result = await _run(scenario, used_seed, Path(tmp), base_dir)
+            result = await _run(scenario, used_seed, Path(tmp), base_dir, workers)
             result.workdir = None
             return result
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the run
-    return await _run(scenario, used_seed, workdir, base_dir)
+    return await _run(scenario, used_seed, workdir, base_dir, workers)
 
 
 def scenario_routine(scenario: Scenario, bridge: QaBridge, base_dir: Path | None) -> Routine | None:
@@ -192,10 +207,88 @@ def scenario_routine(scenario: Scenario, bridge: QaBridge, base_dir: Path | None
     return load_routine(scenario.routine, bridge.policy, base_dir=base_dir)
 
 
+@dataclass
+class _ShardResult:
+    """What one process saw of its share of the devices (before the expectations)."""
+
+    outcomes: dict[str, DeviceOutcome]
+    timeline: list[TimelineEntry]
+    failures: list[str]
+    virtual_s: float
+
+
 async def _run(
-    scenario: Scenario, seed: int, workdir: Path, base_dir: Path | None
+    scenario: Scenario, seed: int, workdir: Path, base_dir: Path | None, workers: int
 ) -> ScenarioResult:
     started_wall_s = time.perf_counter()
+    labels = scenario.labels()
+    shards = [labels[k::workers] for k in range(min(workers, len(labels)))]
+    if len(shards) <= 1:
+        parts = [await _run_shard(scenario, seed, workdir, base_dir, None)]
+    else:
+        loop = asyncio.get_running_loop()
+        # spawn, not fork: a forked child would inherit this process's running event loop.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=len(shards), mp_context=context) as pool:
+            parts = list(
+                await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            pool, _run_shard_process, scenario, seed, workdir, base_dir, shard
+                        )
+                        for shard in shards
+                    )
+                )
+            )
+    outcomes = {label: o for part in parts for label, o in part.outcomes.items()}
+    outcomes = {label: outcomes[label] for label in labels if label in outcomes}
+    timeline = _in_order(labels, [e for part in parts for e in part.timeline])
+    failures = [f for part in parts for f in part.failures]
+    if not failures:
+        failures = check_expectations(scenario, outcomes, _labelled(scenario))
+    return ScenarioResult(
+        scenario,
+        seed,
+        outcomes,
+        timeline,
+        failures,
+        max(part.virtual_s for part in parts),
+        time.perf_counter() - started_wall_s,
+        workdir,
+        workers=len(parts),
+    )
+
+
+def _labelled(scenario: Scenario) -> list[tuple[str, str]]:
+    """(label, group) of every device of the scenario, in order."""
+    return [(label, spec.label) for spec in scenario.devices for label in spec.labels()]
+
+
+def _in_order(labels: Sequence[str], entries: Sequence[TimelineEntry]) -> list[TimelineEntry]:
+    """The timeline in its stated order: by time, then by the device's place in the
+    scenario; one device's entries of the same instant keep the order they happened in.
+
+    Which of two devices the event loop served first within one virtual instant is not
+    part of a run, so it is not part of the timeline either.
+    """
+    place = {label: index for index, label in enumerate(labels)}
+    return sorted(entries, key=lambda e: (e.t_s, place.get(e.device, len(place))))
+
+
+def _run_shard_process(
+    scenario: Scenario, seed: int, workdir: Path, base_dir: Path | None, labels: list[str]
+) -> _ShardResult:
+    """A worker process's whole job: its devices, on its own loop and virtual clock."""
+    return asyncio.run(_run_shard(scenario, seed, workdir, base_dir, labels))
+
+
+async def _run_shard(
+    scenario: Scenario,
+    seed: int,
+    workdir: Path,
+    base_dir: Path | None,
+    only: Collection[str] | None,
+) -> _ShardResult:
     clock = VirtualClock()
     world = SimulatedWorld(seed=seed, clock=clock)
     probe = QaBridge(world, workdir=workdir)  # for the policy and routine loading only
@@ -216,7 +309,7 @@ async def _run(
             )
         )
 
-    built = build_scenario(scenario, world, bands_kpa=bands, on_record=on_fault)
+    built = build_scenario(scenario, world, bands_kpa=bands, on_record=on_fault, only=only)
     label_of_serial.update({b.device.serial_number: b.label for b in built.devices})
     bridge = QaBridge(
         world, workdir=workdir, seed=seed, labels={b.device: b.label for b in built.devices}
@@ -231,8 +324,11 @@ async def _run(
             built.start_faults()
             await bridge.connect([b.device for b in built.devices])
             runs = await _run_devices(scenario, bridge, built.devices, routine)
+            events = _events_by_device(bridge.timeline.entries)
             for b in built.devices:
-                outcomes[b.label] = _outcome(bridge, b.label, b.device, runs.get(b.label))
+                outcomes[b.label] = _outcome(
+                    bridge, b.label, b.device, runs.get(b.label), events.get(b.label, [])
+                )
         except (DeviceBridgeError, QaError) as exc:
             failures.append(f"the run failed: {exc}")
         finally:
@@ -240,17 +336,8 @@ async def _run(
                 b.injector.stop()
             await bridge.close()
             await clock.stop()
-    if not failures:
-        failures = check_expectations(scenario, outcomes, built.devices)
-    return ScenarioResult(
-        scenario,
-        seed,
-        outcomes,
-        list(bridge.timeline.entries),
-        failures,
-        clock.now_s(),
-        time.perf_counter() - started_wall_s,
-        workdir,
+    return _ShardResult(
+        outcomes, _in_order(scenario.labels(), timeline_entries), failures, clock.now_s()
     )
 
 
@@ -287,13 +374,19 @@ async def _run_devices(
     return runs
 
 
-def _outcome(bridge: QaBridge, label: str, device: Any, run: RunSummary | None) -> DeviceOutcome:
+def _events_by_device(entries: Sequence[TimelineEntry]) -> dict[str, list[str]]:
+    """The device events' names per device label, in order."""
+    events: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.what == "event":
+            events.setdefault(entry.device, []).append(entry.detail.split()[0])
+    return events
+
+
+def _outcome(
+    bridge: QaBridge, label: str, device: Any, run: RunSummary | None, events: list[str]
+) -> DeviceOutcome:
     session = bridge.sessions[device]
-    events = [
-        e.detail.split()[0]
-        for e in bridge.timeline.entries
-        if e.device == label and e.what == "event"
-    ]
     runner = bridge.runners.get(device)
     outcome = DeviceOutcome(
         label,
@@ -305,9 +398,9 @@ def _outcome(bridge: QaBridge, label: str, device: Any, run: RunSummary | None) 
         runner.stop_all_writes if runner is not None else 0,
     )
     if run is not None and run.session_id is not None:
-        store = bridge.store(device)
-        outcome.telemetry_sha256, outcome.stored_samples = telemetry_digest(store, run.session_id)
-        sequences, _ = store.telemetry(run.session_id)
+        sequences, samples = bridge.store(device).telemetry(run.session_id)
+        outcome.telemetry_sha256 = telemetry_digest(sequences, samples)
+        outcome.stored_samples = int(samples.shape[0])
         outcome.stored_contiguous = bool(
             len(sequences) == 0 or int(sequences[-1]) - int(sequences[0]) + 1 == len(sequences)
         )
@@ -318,9 +411,14 @@ def _outcome(bridge: QaBridge, label: str, device: Any, run: RunSummary | None) 
 
 
 def check_expectations(
-    scenario: Scenario, outcomes: Mapping[str, DeviceOutcome], devices: Sequence[Any]
+    scenario: Scenario,
+    outcomes: Mapping[str, DeviceOutcome],
+    devices: Sequence[tuple[str, str]],
 ) -> list[str]:
-    """Every broken expectation, as one line naming the device and what differed."""
+    """Every broken expectation, as one line naming the device and what differed.
+
+    ``devices``: (label, group) of each device the expectations apply to, in order.
+    """
     failures: list[str] = []
     for index, expect in enumerate(scenario.expect):
         where = f"[[expect]] #{index + 1}"
@@ -332,16 +430,16 @@ def check_expectations(
             )
             continue
         selector = str(expect.get("device", "*"))
-        for built in devices:
-            if not selects(selector, built.label, scenario.spec_of(built.label).kind) and not (
-                selects(selector, built.label, built.group)
+        for label, group in devices:
+            if not selects(selector, label, scenario.spec_of(label).kind) and not (
+                selects(selector, label, group)
             ):
                 continue
-            outcome = outcomes.get(built.label)
+            outcome = outcomes.get(label)
             if outcome is None:
-                failures.append(f"{built.label}: no outcome")
+                failures.append(f"{label}: no outcome")
                 continue
-            failures += [f"{built.label}: {f}" for f in _check(expect, outcome, where)]
+            failures += [f"{label}: {f}" for f in _check(expect, outcome, where)]
     return failures
 
 
