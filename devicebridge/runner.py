@@ -360,7 +360,8 @@ class StoreWriter:
             self._runs[session_id] = _SampleRun(
                 session_id, first_sequence, first_sequence + count, [samples], _utc_now()
             )
-        self._schedule()
+        if self._timer is None:  # else _schedule() has nothing to do
+            self._schedule()
 
     def add_decisions(self, session_id: int, decisions: Sequence[Decision]) -> None:
         self._decisions.append((session_id, tuple(decisions)))
@@ -857,7 +858,8 @@ class RoutineRunner:
         if self._first_sequence is None:
             self._first_sequence = item.first_sequence
         decisions = engine.feed(item.samples, item.first_sequence)
-        if self._stop_owed or any(d.kind in SAFETY_KINDS for d in decisions):
+        # Most batches decide nothing: no generator for them.
+        if self._stop_owed or (decisions and any(d.kind in SAFETY_KINDS for d in decisions)):
             self._safety_stop()
         return decisions
 
@@ -1211,5 +1213,3 @@ def _refusal_json(refusal: Any) -> dict[str, Any]:
         "allowed_from": refusal.allowed_from.isoformat() if refusal.allowed_from else None,
         "rule": refusal.rule,
     }
-
-

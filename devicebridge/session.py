@@ -549,7 +549,7 @@ class DeviceSession:
         _LOGGER.warning("%s: malformed frame skipped: %s", self.name, error)
 
     def _on_message(self, data: bytes) -> None:
-        if self.state is S.CLOSED:
+        if self._machine.state is S.CLOSED:
             return
         try:
             message = decode_message(data)
@@ -583,14 +583,15 @@ class DeviceSession:
         pending.future.set_result(ack)
 
     def _on_batch(self, batch: TelemetryBatch) -> None:
+        reassembler = self._reassembler
         if batch.backfill:
-            items = self._reassembler.on_backfill(batch)
+            items = reassembler.on_backfill(batch)
             self._backfill_progress.set()
         else:
-            if self._restarts.restarted(batch.first_sequence, self._reassembler.next_live_sequence):
+            if self._restarts.restarted(batch.first_sequence, reassembler.next_live_sequence):
                 self._on_device_restart(GapReason.DEVICE_REBOOTED)
             self.last_batch = batch
-            items = self._reassembler.on_live(batch)
+            items = reassembler.on_live(batch)
             self._track_drift()
         self._deliver(items)
         self._kick_backfill()
@@ -607,20 +608,24 @@ class DeviceSession:
         self._deliver(self._reassembler.on_device_restart(reason))
 
     def _track_drift(self) -> None:
+        drift = self._drift
         end = self._reassembler.next_live_sequence
-        if self._drift is None or end is None:
+        if drift is None or end is None:
             return
-        self._drift.feed(self.clock.now_s(), end)
-        if self._drift.significant and not self._drift_reported:
+        drift.feed(self.clock.now_s(), end)
+        # ``significant`` only reads the estimate: not asked once the drift is reported.
+        if not self._drift_reported and drift.significant:
             self._drift_reported = True
             _LOGGER.warning(
                 "%s: the device clock runs %+.1f %% off this host's: device-timed steps "
                 "are off by as much",
                 self.name,
-                (self._drift.drift_ppm or 0.0) / 1e4,
+                (drift.drift_ppm or 0.0) / 1e4,
             )
 
     def _deliver(self, items: list[TelemetryItem]) -> None:
+        # Both lists are only ever changed in place: the same lists all through.
+        observers, subs = self._telemetry_observers, self._telemetry_subs
         for item in items:
             if isinstance(item, TelemetryGap):
                 _LOGGER.warning(
@@ -630,20 +635,21 @@ class DeviceSession:
                     item.end_sequence - 1,
                     item.reason.value,
                 )
-            for observer in tuple(self._telemetry_observers):
+            for observer in tuple(observers):
                 try:
                     observer(item)
                 except Exception:  # one broken observer must not starve the others
                     _LOGGER.exception("%s: telemetry observer failed", self.name)
-            for sub in self._telemetry_subs:
+            for sub in subs:
                 sub._put(item)
 
     # ------------------------------------------------------------------ backfill
 
     def _kick_backfill(self) -> None:
-        if self.state is not S.READY:
+        if self._machine.state is not S.READY:
             return
-        if self._backfill_task is not None and not self._backfill_task.done():
+        task = self._backfill_task
+        if task is not None and not task.done():
             return
         request = self._reassembler.next_request()
         if request is None:
@@ -694,7 +700,9 @@ class DeviceSession:
                         # Part of the answer was lost on the way: ask again for the rest.
                         _LOGGER.warning(
                             "%s: backfill stalled; asking again (%d/%d)",
-                            self.name, self._backfill_stalls, MAX_BACKFILL_RETRIES,
+                            self.name,
+                            self._backfill_stalls,
+                            MAX_BACKFILL_RETRIES,
                         )
                         self._reassembler.retry_active()
                         break

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Final, Generic, NamedTuple, TypeVar
@@ -66,6 +66,9 @@ CELSIUS_PER_UNIT: Final = 0.01
 MW_CM2_PER_UNIT: Final = 0.01
 LOWERED_IRRADIANCE_FRACTION: Final = 0.5
 BULK_MIN_SAMPLES: Final = 256
+# From this many samples on, a quiet-run check on lists tries whole-run builtins (count,
+# min, max) before the per-sample loop.
+_AGGREGATE_MIN_RUN: Final = 4
 # An alarm-condition delay in the sense of IEC 60601-1-8: pressure out of the step's band
 # (too low / too high, below the zone's cap) is warned about, and counted as an out-of-band
 # event, only once the excursion has lasted this long. A reading that hovers at a band edge
@@ -213,6 +216,13 @@ class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
     zone_code: int = 0
     pressure_min: int = 0
     pressure_max: int = -1
+
+
+# _QuietWindow(*fields) with every field given, without the Python-level __new__ that
+# NamedTuple generates (it only fills in defaults): the same tuple, made in C.
+_new_window: Final[
+    Callable[[type[_QuietWindow], tuple[bool, int, int, int, int, int]], _QuietWindow]
+] = tuple.__new__
 
 
 def _leading_true(mask: npt.NDArray[np.bool_], limit: int) -> int:
@@ -402,6 +412,25 @@ class _ListBatch(_Batch):
     def quiet_count(self, window: _QuietWindow, start: int, end: int) -> int:
         temperature, flags = self.temperature, self.flags
         below = window.temperature_below
+        run = end - start
+        if run >= _AGGREGATE_MIN_RUN:
+            # Whole-run checks with builtins first: when every sample passes each condition
+            # on its own, every sample passes them all, and the loop below would count them
+            # all. Otherwise the loop finds the first that does not.
+            if start or end != self.count:
+                flags, temperature = flags[start:end], temperature[start:end]
+            first_flags = flags[0]
+            if (
+                flags.count(first_flags) == run
+                and max(temperature) < below
+                and (
+                    (first_flags & CONTACT_FLAG == 0)
+                    if not window.on_skin
+                    else (first_flags & CONTACT_FLAG and self._on_skin_quiet(window, start, end))
+                )
+            ):
+                return run
+            temperature, flags = self.temperature, self.flags
         if not window.on_skin:
             for index in range(start, end):
                 if flags[index] & CONTACT_FLAG or temperature[index] >= below:
@@ -420,6 +449,19 @@ class _ListBatch(_Batch):
                 return index - start
         return end - start
 
+    def _on_skin_quiet(self, window: _QuietWindow, start: int, end: int) -> bool:
+        """Whether every sample of ``[start, end)`` has a pressure in the window's range
+        on the window's zone (a sufficient condition for the loop's pressure and zone
+        checks; the contact flags and temperatures are checked by the caller)."""
+        raw, zones = self.raw, self.zones
+        if start or end != self.count:
+            raw, zones = raw[start:end], zones[start:end]
+        return (
+            zones.count(window.zone_code) == end - start
+            and min(raw) >= window.pressure_min
+            and max(raw) <= window.pressure_max
+        )
+
     def faults_quiet(
         self,
         stuck: _BulkStuckSensorDetector,
@@ -429,17 +471,29 @@ class _ListBatch(_Batch):
         run: int,
     ) -> int:
         end = start + run
-        raw = self.raw[start:end]
+        whole = not start and end == self.count
+        # The checks only read these lists: no copy for a run over the whole batch.
+        raw = self.raw if whole else self.raw[start:end]
         # Off the skin the motor state does not matter to either check.
-        motor_on_skin = (
-            [flags & MOTOR_FLAG != 0 for flags in self.flags[start:end]]
-            if on_skin
-            else [False] * run
-        )
-        ok = min(stuck.ok_count(raw, motor_on_skin), actuators.ok_count(on_skin, motor_on_skin))
+        if on_skin:
+            flags = self.flags if whole else self.flags[start:end]
+            first_flags = flags[0]
+            motor_on_skin = (
+                [first_flags & MOTOR_FLAG != 0] * run  # the same list, when the flags are
+                if flags.count(first_flags) == run
+                else [value & MOTOR_FLAG != 0 for value in flags]
+            )
+        else:
+            motor_on_skin = [False] * run
+        ok = stuck.ok_count(raw, motor_on_skin)
+        ok_motor = actuators.ok_count(on_skin, motor_on_skin)
+        if ok_motor < ok:
+            ok = ok_motor
         if ok:
-            stuck.skip(raw[:ok], motor_on_skin[:ok])
-            actuators.skip(on_skin, motor_on_skin[:ok])
+            if ok < run:
+                raw, motor_on_skin = raw[:ok], motor_on_skin[:ok]
+            stuck.skip(raw, motor_on_skin)
+            actuators.skip(on_skin, motor_on_skin)
         return ok
 
 
@@ -613,7 +667,9 @@ class MassageEngine(_Engine[MassageStep]):
             self._feed_runs(samples, first_sequence, out)
         else:
             self._feed_each(samples, first_sequence, out)
-        return self._emit(out)
+        if out:  # what _emit(out) does; most batches decide nothing
+            self.decisions.extend(out)
+        return out
 
     def _feed_each(
         self, samples: npt.NDArray[np.void], first_sequence: int, out: list[Decision]
@@ -653,7 +709,8 @@ class MassageEngine(_Engine[MassageStep]):
         batch: _Batch = (
             _ArrayBatch(samples) if count >= self.bulk_min_samples else _ListBatch(samples)
         )
-        self._session_time_s(first_sequence)
+        if self._first_sequence is None:  # what _session_time_s(first_sequence) does
+            self._first_sequence = first_sequence
         stuck, actuators = self._stuck, self._actuators
         i = 0
         while i < count and not self._finished:
@@ -694,7 +751,8 @@ class MassageEngine(_Engine[MassageStep]):
         ``None`` when no such sample can be: the engine's state alone sends it through the
         per-sample rules.
         """
-        if self._stuck is not None and self._stuck.stuck:
+        stuck = self._stuck
+        if stuck is not None and stuck.stuck:
             return None
         reason = self._pause_reason
         assert self._first_sequence is not None
@@ -706,18 +764,22 @@ class MassageEngine(_Engine[MassageStep]):
             if reason is None:
                 # The last sample before the no-contact pause.
                 limit = min(limit, self._no_contact_pause_samples - 1 - self._no_contact_samples)
-            return _QuietWindow(False, limit, below) if limit > 0 else None
+            return _new_window(_QuietWindow, (False, limit, below, 0, 0, -1)) if limit > 0 else None
         state = self.state
         if reason is not None or state not in _COUNTED_STATES:
             return None
-        rules = self._step_rules()
+        rules = self._step_rules_cache.get(self._index)  # what _step_rules() gives, once made
+        if rules is None:
+            rules = self._step_rules()
         if self._pass_zone != rules.zone_name:
             return None
-        limit = min(
-            limit,
-            rules.zone.pass_cap_samples - self._pass_samples,  # up to the pass cap
-            rules.contact_samples - 1 - self._step_contact_samples,  # up to the step end
-        )
+        # min() of three, without the call
+        to_pass_cap = rules.zone.pass_cap_samples - self._pass_samples
+        if to_pass_cap < limit:
+            limit = to_pass_cap
+        to_step_end = rules.contact_samples - 1 - self._step_contact_samples
+        if to_step_end < limit:
+            limit = to_step_end
         if state is not _IN_BAND:
             # Out of band: the samples continue the excursion when the one before was its
             # last. With contiguous sequence numbers it always was here (a sample that ends
@@ -732,10 +794,14 @@ class MassageEngine(_Engine[MassageStep]):
         if limit <= 0:
             return None
         low, high = rules.quiet_pressure[state]
-        return _QuietWindow(True, limit, below, rules.zone_code, low, high)
+        return _new_window(_QuietWindow, (True, limit, below, rules.zone_code, low, high))
 
     def _count_quiet(self, on_skin: bool, run: int) -> None:
-        """What :meth:`_sample` does to ``run`` quiet samples, at once."""
+        """What :meth:`_sample` does to ``run`` quiet samples, at once.
+
+        Only for a run in the window :meth:`_quiet_window` gave just before: on the skin,
+        the pass is on the current step's zone.
+        """
         if not on_skin:
             self.state = PressureState.NO_CONTACT
             self._no_contact_samples += run
@@ -746,7 +812,8 @@ class MassageEngine(_Engine[MassageStep]):
         self._off_zone_warned = False
         summary = self.summary
         dt_s = self.dt_s
-        zone = self.current_step.zone
+        zone = self._pass_zone  # the current step's zone (see above), without the property
+        assert zone is not None
         contact_s = summary.contact_s
         zone_s = summary.contact_s_by_zone.get(zone, 0.0)
         # One addition per sample, as the per-sample path does: the same float sums.

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from devicebridge.core.sequencing import unwrap_sequence
+from devicebridge.core.sequencing import SEQUENCE_MODULUS
 
 # A live sensor changes its raw reading several times a second (noise floor 0.03 kPa is 3
 # counts, and the motor shakes the load cell); 3 s of one value is far outside that.
@@ -34,6 +34,7 @@ MAX_REORDER_S: Final = 10.0
 DRIFT_MIN_WINDOW_S: Final = 20.0
 DRIFT_REPORT_PPM: Final = 10_000.0  # 1 %
 PPM: Final = 1e6
+_HALF_MODULUS: Final = SEQUENCE_MODULUS // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +205,11 @@ class RestartDetector:
         after_reset, self._after_reset = self._after_reset, False
         if next_expected is None:
             return False
-        first = unwrap_sequence(raw_first_sequence, next_expected)
+        # unwrap_sequence(raw_first_sequence, next_expected), without the call: once a batch.
+        delta = (raw_first_sequence - next_expected) % SEQUENCE_MODULUS
+        if delta >= _HALF_MODULUS:
+            delta -= SEQUENCE_MODULUS
+        first = next_expected + delta
         if after_reset and first < next_expected:
             return True
         if self._rate_hz is None:
@@ -224,16 +229,18 @@ class ClockDriftEstimator:
 
     def feed(self, host_s: float, end_sequence: int) -> None:
         """A live batch whose last sample (exclusive end ``end_sequence``) arrived at ``host_s``."""
-        if self._origin is None:
-            self._origin = (host_s, end_sequence)
-        x = host_s - self._origin[0]
-        y = (end_sequence - self._origin[1]) / self._rate_hz
+        origin = self._origin
+        if origin is None:
+            origin = self._origin = (host_s, end_sequence)
+        x = host_s - origin[0]
+        y = (end_sequence - origin[1]) / self._rate_hz
         self._n += 1
         self._sx += x
         self._sy += y
         self._sxx += x * x
         self._sxy += x * y
-        self._span_s = max(self._span_s, x)
+        if x > self._span_s:  # max(), without the call
+            self._span_s = x
 
     @property
     def drift_ppm(self) -> float | None:

@@ -148,7 +148,24 @@ class TelemetryReassembler:
     # ------------------------------------------------------------------ inputs
 
     def on_live(self, batch: TelemetryBatch) -> list[TelemetryItem]:
-        verdict = self._tracker.feed(batch.first_sequence, len(batch))
+        count = len(batch)
+        if not self._queue:
+            # The common case: nothing held back and the batch continues the stream. The
+            # same as below for a CONTIGUOUS verdict: the whole batch, renumbered to the
+            # unwrapped sequence (the batch itself when that is its own), delivered at once.
+            first = self._tracker.feed_contiguous(batch.first_sequence, count)
+            if first is not None:
+                if first != batch.first_sequence:
+                    batch = TelemetryBatch(
+                        batch.sample_format,
+                        first,
+                        batch.device_time_ms,
+                        batch.samples,
+                        batch.backfill,
+                    )
+                self.counters.delivered_samples += count
+                return [batch]
+        verdict = self._tracker.feed(batch.first_sequence, count)
         out: list[TelemetryItem] = []
         if verdict.status is SequenceStatus.DUPLICATE:
             self.counters.duplicates_dropped += 1

@@ -83,6 +83,23 @@ class SequenceTracker:
         """Unwrapped sequence of the next new sample, or ``None`` before the first batch."""
         return self._next_expected
 
+    def feed_contiguous(self, raw_first_sequence: int, sample_count: int) -> int | None:
+        """:meth:`feed` for a batch that continues the stream, without the verdict.
+
+        When the batch starts at the expected sequence (a ``CONTIGUOUS`` verdict), takes it
+        in as :meth:`feed` does and returns its unwrapped first sequence; otherwise returns
+        ``None`` and changes nothing (call :meth:`feed`).
+        """
+        expected = self._next_expected
+        if (
+            expected is None
+            or sample_count < 0
+            or (raw_first_sequence - expected) % SEQUENCE_MODULUS
+        ):
+            return None
+        self._next_expected = expected + sample_count
+        return expected
+
     def feed(self, raw_first_sequence: int, sample_count: int) -> SequenceVerdict:
         if sample_count < 0:
             raise ValueError("sample_count must be >= 0")
