@@ -27,8 +27,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sized
-from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 # Enough loop iterations for a chain like "device notifies -> host callback queues
 # -> host task decodes -> host task resolves a future -> waiting task resumes".
@@ -38,11 +37,15 @@ DEFAULT_YIELDS_PER_STEP: Final = 8
 TIME_RESOLUTION_S: Final = 1e-9
 
 
-@dataclass(order=True)
-class _Sleeper:
+class _Sleeper(NamedTuple):
+    """A heap entry; sleepers order by deadline, then by when they went to sleep.
+
+    A tuple, so the heap compares in C; ``order`` is unique, so ``future`` is never compared.
+    """
+
     deadline_s: float
     order: int
-    future: asyncio.Future[None] = field(compare=False)
+    future: asyncio.Future[None]
 
 
 class VirtualClock:

@@ -88,7 +88,7 @@ from protocols import (
     TelemetryBatch,
     max_samples_per_batch,
 )
-from protocols.telemetry import SAMPLE_DTYPES
+from protocols.telemetry import BACKFILL_FLAG, BATCH_HEADER, SAMPLE_DTYPES, SEQUENCE_MODULUS
 from simulators.clock import VirtualClock
 from simulators.link import Channel, DeviceLink
 from simulators.program_runner import ProgramReceiver
@@ -109,6 +109,8 @@ EVENT_SEQUENCE_MODULUS: Final = 1 << 16
 EVENT_LOG_LENGTH: Final = 1000
 # Events of a running program kept while no host listens (a routine emits a few dozen).
 EVENT_BACKLOG_LENGTH: Final = 256
+# _drain_battery_quietly drains shorter runs in plain floats, longer ones with numpy.
+QUIET_DRAIN_ARRAY_MIN_SAMPLES: Final = 32
 # Guards the sample count against float error in (now - boot) * rate.
 SAMPLE_TIME_EPSILON: Final = 1e-6
 
@@ -117,6 +119,7 @@ HARDWARE_REVISION: Final = "sim-B"
 FIRMWARE_REVISION: Final = "1.0.0-sim"
 
 _SIGNED_CENTI: Final = struct.Struct("<h")
+_TELEMETRY_TYPE: Final = int(MessageType.TELEMETRY)
 
 
 class RandomStream(enum.IntEnum):
@@ -643,24 +646,46 @@ class SimulatedDevice(abc.ABC):
             backfill,
         ).encode()
 
+    def _batch_of_bytes(
+        self, first_sequence: int, data: bytes | bytearray, backfill: bool
+    ) -> bytes:
+        """:meth:`_batch` of samples given as their raw bytes (from the ring, so of the
+        device's sample format): the same header as :meth:`TelemetryBatch.encode`, without
+        making an array and a batch object per notification."""
+        header = BATCH_HEADER.pack(
+            _TELEMETRY_TYPE,
+            int(self.sample_format) | (BACKFILL_FLAG if backfill else 0),
+            first_sequence % SEQUENCE_MODULUS,
+            self.device_time_ms_of_sequence(first_sequence) % SEQUENCE_MODULUS,
+        )
+        return header + data
+
     def _flush_stream(self) -> None:
         if not self._streaming or self._link is None:
             return
+        ring = self.ring
         # Never older than the ring holds (a stream that fell behind skips ahead).
-        start = max(self._stream_next_sequence, self.ring.oldest_sequence)
-        count = self.ring.next_sequence - start
+        start = max(self._stream_next_sequence, ring.oldest_sequence)
+        count = ring.next_sequence - start
         if count <= 0:
             return
-        first, samples = self.ring.range(start, count)
+        # The samples go out as the ring holds them: raw bytes, cut into batches.
+        first, data = ring.range_bytes(start, count)
+        sample_bytes = ring.sample_bytes
         per_batch = self._samples_per_batch()
-        for offset in range(0, samples.shape[0], per_batch):
-            chunk = samples[offset : offset + per_batch]
-            self._send(Channel.TELEMETRY, self._batch(first + offset, chunk, backfill=False))
-        self._stream_next_sequence = first + int(samples.shape[0])
+        batch_bytes = per_batch * sample_bytes
+        for offset in range(0, len(data), batch_bytes):
+            message = self._batch_of_bytes(
+                first + offset // sample_bytes, data[offset : offset + batch_bytes], False
+            )
+            self._send(Channel.TELEMETRY, message)
+        self._stream_next_sequence = first + len(data) // sample_bytes
 
     def _flush_backfill(self) -> None:
         if self._link is None:
             self._backfill_queue.clear()
+            return
+        if not self._backfill_queue:
             return
         budget_bytes = BACKFILL_BYTES_PER_S * self.batch_interval_s
         per_batch = self._samples_per_batch()
@@ -701,7 +726,9 @@ class SimulatedDevice(abc.ABC):
         start = self.ring.next_sequence
         if due <= start:
             return True
-        times_s = np.arange(start, due, dtype=np.float64) / self.sample_rate_hz
+        # Float bounds give the same float64 sequence as integer ones with a float64 dtype
+        # (every value is a whole number), for a good deal less (numpy's cast path).
+        times_s = np.arange(float(start), float(due)) / self.sample_rate_hz
         samples = self._generate(times_s)
         self.ring.extend(samples)
         if samples.shape[0] < times_s.shape[0]:
@@ -756,22 +783,45 @@ class SimulatedDevice(abc.ABC):
             floor_percent = max(floor_percent, BATTERY_LOW_PERCENT)
         return floor_percent
 
-    def _drain_battery_quietly(self, drain_percent: float, count: int) -> int:
+    def _drain_battery_quietly(
+        self, drain_percent: float, count: int, floor_percent: float | None = None
+    ) -> int:
         """Drain up to ``count`` samples' worth at once while :meth:`_drain_battery` would
         report nothing (see :meth:`_battery_quiet_floor_percent`); how many samples it took.
 
         The charge goes down by one subtraction per sample, in order, as it does sample by
         sample, so the charge (and when the next report comes) is the same to the bit.
+        ``floor_percent``: what :meth:`_battery_quiet_floor_percent` gives now, when the
+        caller keeps it at hand.
         """
         if count <= 0:
             return 0
-        steps = np.full(count + 1, drain_percent, dtype=np.float64)
+        if floor_percent is None:
+            floor_percent = self._battery_quiet_floor_percent()
+        if count < QUIET_DRAIN_ARRAY_MIN_SAMPLES:
+            # A few samples (a live tick): plain floats cost less than the numpy calls.
+            charge_percent = self._battery_charge_percent
+            taken = 0
+            while taken < count:
+                next_percent = charge_percent - drain_percent
+                if not next_percent > floor_percent:
+                    break
+                charge_percent = next_percent
+                taken += 1
+            self._battery_charge_percent = charge_percent
+            return taken
+        steps = np.empty(count + 1, dtype=np.float64)
         steps[0] = self._battery_charge_percent
-        charges = np.subtract.accumulate(steps)[1:]
-        quiet = charges > self._battery_quiet_floor_percent()
-        taken = count if bool(quiet.all()) else int(np.argmin(quiet))
+        steps[1:] = drain_percent
+        charges = np.subtract.accumulate(steps)
+        if drain_percent >= 0.0 and charges[count] > floor_percent:
+            # The charge never goes up: when the last sample is quiet, all of them are.
+            taken = count
+        else:
+            quiet = charges[1:] > floor_percent
+            taken = count if bool(quiet.all()) else int(np.argmin(quiet))
         if taken:
-            self._battery_charge_percent = float(charges[taken - 1])
+            self._battery_charge_percent = float(charges[taken])
         return taken
 
     @staticmethod

@@ -356,6 +356,8 @@ class FaultyLink:
         self._delivery: asyncio.Task[None] | None = None
         self._release_s = 0.0
         self.closed = False
+        # The inner link is fixed for the wrapper's life, and so is whether it is framed.
+        self._framed = hasattr(inner, "send_frame")
 
     @property
     def max_payload_bytes(self) -> int:
@@ -363,14 +365,20 @@ class FaultyLink:
 
     @property
     def framed(self) -> bool:
-        return hasattr(self.inner, "send_frame")
+        return self._framed
 
     def send(self, channel: Channel, message: bytes) -> None:
         if self.closed:
             return
         injector = self.injector
+        payload = encode_frame(message) if self._framed else message
+        if not injector.has_faults and not self._delayed:
+            # No fault to drop, damage or delay it, nothing delayed to queue behind: what
+            # the way below does then, without its lists.
+            self._deliver(channel, payload)
+            return
         now_s = injector.clock.now_s()
-        payloads = [encode_frame(message) if self.framed else message]
+        payloads = [payload]
         for active in injector.active_faults(now_s, MESSAGE_FAULTS):
             fault = active.fault
             if channel not in fault.channels or not payloads:
@@ -453,7 +461,7 @@ class FaultyLink:
             self._send_inner(*held)
 
     def _send_inner(self, channel: Channel, payload: bytes) -> None:
-        if self.framed:
+        if self._framed:
             self.inner.send_frame(channel, payload)  # type: ignore[attr-defined]
         else:
             self.inner.send(channel, payload)
@@ -590,8 +598,15 @@ class FaultInjector:
         if active.fault.kind is FaultKind.CLOCK_DRIFT:
             self._restore_clock()
 
+    @property
+    def has_faults(self) -> bool:
+        """Whether any fault is installed (none can act while this is ``False``)."""
+        return bool(self._faults)
+
     def active_faults(self, t_s: float, kinds: Iterable[FaultKind]) -> list[_ActiveFault]:
-        wanted = set(kinds)
+        if not self._faults:
+            return []
+        wanted = kinds if isinstance(kinds, (set, frozenset)) else set(kinds)
         return [a for a in self._faults if a.fault.kind in wanted and a.fault.active(t_s)]
 
     def record(self, active: _ActiveFault, detail: str) -> None:
@@ -817,6 +832,8 @@ class FaultInjector:
     def _sensor(
         self, times_s: npt.NDArray[np.float64], samples: npt.NDArray[np.void]
     ) -> npt.NDArray[np.void]:
+        if not self._faults:
+            return samples
         count = int(samples.shape[0])
         distorting = [a for a in self._faults if a.fault.kind in SAMPLE_FAULTS]
         if count == 0 or not distorting:

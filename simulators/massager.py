@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import ClassVar, Final, NamedTuple, Unpack
+import struct
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final, NamedTuple, Unpack
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +34,7 @@ from protocols.telemetry import (
     MASSAGER_FLAG_CONTACT,
     MASSAGER_FLAG_MOTOR_ON,
     MASSAGER_FLAG_PROGRAM_RUNNING,
+    MASSAGER_SAMPLE_DTYPE,
     PRESSURE_KPA_PER_UNIT,
     TEMPERATURE_C_PER_UNIT,
 )
@@ -71,8 +75,23 @@ MOTOR_DRAIN_PERCENT_PER_S_PER_LEVEL: Final = 100.0 / (MOTOR_LIFE_AT_MAX_S * MAX_
 DEFAULT_BUTTON_INTENSITY: Final = 3
 # Blocks at least this long are generated in bulk between events (see _generate).
 BULK_MIN_SAMPLES: Final = 48
+# _sensor_normals draws this many standard normals at a time (5 s of samples at 100 Hz).
+NORMALS_AHEAD: Final = 1500
 # The sample fields that _generate keeps as runs of equal values.
 _RUN_FIELDS: Final = ("battery_percent", "zone", "intensity", "mode", "flags")
+# A massager sample with only the run fields set: pressure and temperature (zero bytes
+# here, _generate sets them) come first, then _RUN_FIELDS, one byte each. _Runs.samples
+# builds blocks from it when the sample layout is that one (checked here).
+_RUN_SAMPLE: Final = struct.Struct("<4x5B")
+_RUN_SAMPLE_FIELDS: Final[Mapping[str, tuple[Any, ...]]] = MASSAGER_SAMPLE_DTYPE.fields or {}
+_RUN_SAMPLE_LAYOUT: Final = (
+    MASSAGER_SAMPLE_DTYPE.itemsize == _RUN_SAMPLE.size
+    and MASSAGER_SAMPLE_DTYPE.names == ("pressure_dapa", "skin_temperature_centi_c", *_RUN_FIELDS)
+    and all(
+        _RUN_SAMPLE_FIELDS[name][:2] == (np.dtype(np.uint8), 4 + index)
+        for index, name in enumerate(_RUN_FIELDS)
+    )
+)
 MODE_CYCLE: Final = (MassageMode.VIBRATION, MassageMode.PERCUSSION, MassageMode.PULSE)
 _PROGRAM_END_OF_SHUTDOWN: Final = {
     ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
@@ -146,6 +165,10 @@ class SimulatedMassager(SimulatedDevice):
         self.skin_baseline_c = SKIN_BASELINE_C + spread_c
         self.sensor_temperature_c = AMBIENT_C
         self._program_run: MassagerProgramRun | None = None
+        # Standard normals drawn ahead from sensor_rng (see _sensor_normals).
+        self._normals_rng = self.sensor_rng
+        self._normals: npt.NDArray[np.float64] = np.empty(0)
+        self._normals_used = 0
 
     @property
     def motor_on(self) -> bool:
@@ -267,12 +290,32 @@ class SimulatedMassager(SimulatedDevice):
 
     # ------------------------------------------------------------------ sampling
 
+    def _sensor_normals(self, count: int) -> npt.NDArray[np.float64]:
+        """The next ``count`` standard normal draws of ``sensor_rng`` (a read-only view).
+
+        Drawn ahead, ``NORMALS_AHEAD`` at a time: one draw of many gives the numbers of
+        many draws of few, in order (nothing else draws from ``sensor_rng`` once the
+        device is built), and a draw per live tick costs far more than its numbers.
+        """
+        normals, used = self._normals, self._normals_used
+        if self._normals_rng is not self.sensor_rng:
+            # Someone gave the device another generator: draw from that one from here on.
+            self._normals_rng = self.sensor_rng
+            normals, used = np.empty(0), 0
+        if used + count > normals.shape[0]:
+            fresh = self.sensor_rng.standard_normal(max(count, NORMALS_AHEAD))
+            normals, used = np.concatenate((normals[used:], fresh)), 0
+            normals.flags.writeable = False
+            self._normals = normals
+        self._normals_used = used + count
+        return normals[used : used + count]
+
     def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
         count = int(times_s.shape[0])
         # Draw every random number of the block up front, always the same amount, so that
         # the stream (and so the telemetry) depends only on the seed. One draw of 3 x count
         # gives the numbers of three draws of count (pressure, ripple, temperature), in order.
-        noise = self.sensor_rng.standard_normal(3 * count)
+        noise = self._sensor_normals(3 * count)
         temperature_noise = noise[2 * count :] * TEMPERATURE_NOISE_C
         # Commands and buttons take the samples due before they act, so the motor holds
         # its state over a block, except when a running program switches it mid-block:
@@ -293,17 +336,25 @@ class SimulatedMassager(SimulatedDevice):
             times_s, noise, ripple_kpa
         )
         noise_sigma_kpa = self.hand.noise_sigma_kpa
-        if bulk:
-            zone_events = self._hand_zone_events(np.asarray(hand_zones))
-            contact_on = np.flatnonzero(np.greater_equal(pressure_kpa, CONTACT_ON_KPA))
-            contact_off = np.flatnonzero(np.less(pressure_kpa, CONTACT_OFF_KPA))
-        period_s = 1.0 / self.sample_rate_hz
-        thermal_alpha = 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
-
         # The sensor's first-order lag and the contact state, kept in locals over the block.
         sensor_c = self.sensor_temperature_c
         contact = self.contact
         target_c = self.skin_baseline_c if contact else AMBIENT_C
+        if bulk:
+            # Sorted sample positions, as lists for bisect (see _next_at).
+            zone_events = self._hand_zone_events(np.asarray(hand_zones)).tolist()
+            crossings = _ContactCrossings(np.asarray(pressure_kpa))
+            quiet_block = False
+        else:
+            # A few samples: the quiet way below takes the whole block or none of it.
+            quiet_block = (
+                self._program_run is None
+                and _no_zone_event(hand_zones, self._last_hand_zone)  # type: ignore[arg-type]
+                and _no_contact_change(pressure_kpa, contact)  # type: ignore[arg-type]
+            )
+        period_s = 1.0 / self.sample_rate_hz
+        thermal_alpha = 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
+
         temperatures: list[float] = []
         # Every other field changes only when something happens: kept as runs.
         runs = _Runs()
@@ -313,18 +364,28 @@ class SimulatedMassager(SimulatedDevice):
         battery_percent = self.battery_percent
         i = 0
         while i < count:
-            if bulk and self._program_run is None and ripple_kpa == block_ripple_kpa:
-                quiet_end = min(
-                    _next_at(zone_events, i, count),
-                    _next_at(contact_off if contact else contact_on, i, count),
+            if (bulk or i == 0) and self._program_run is None and ripple_kpa == block_ripple_kpa:
+                if bulk:
+                    quiet_end = min(
+                        _next_at(zone_events, i, count), crossings.next_switch(contact, i, count)
+                    )
+                else:
+                    quiet_end = count if quiet_block else 0
+                quiet = self._drain_battery_quietly(
+                    drain_percent, quiet_end - i, battery_floor_percent
                 )
-                quiet = self._drain_battery_quietly(drain_percent, quiet_end - i)
                 if quiet:
                     runs.add(i, self._run_values(battery_percent, self.zone, contact, motor_on, 0))
-                    # The sensor's first-order lag, one step per sample as below.
-                    for _ in range(quiet):
-                        sensor_c += (target_c - sensor_c) * thermal_alpha
-                        temperatures.append(sensor_c)
+                    # The sensor's first-order lag, one step per sample as below (the
+                    # comprehension assigns sensor_c of this function, sample by sample).
+                    if sensor_c + (target_c - sensor_c) * thermal_alpha == sensor_c:
+                        # Settled (to the last bit): every step gives the same value again.
+                        temperatures += [sensor_c] * quiet
+                    else:
+                        temperatures += [
+                            sensor_c := sensor_c + (target_c - sensor_c) * thermal_alpha
+                            for _ in range(quiet)
+                        ]
                     i += quiet
                     continue
             t_s = float(times[i])
@@ -393,13 +454,13 @@ class SimulatedMassager(SimulatedDevice):
             i += 1
         self.sensor_temperature_c = sensor_c
 
-        samples = np.zeros(count, dtype=self.sample_dtype)
+        samples = runs.samples(count, self.sample_dtype)
         # np.rint rounds half to even as np.round does, without np.round's Python wrapper.
         samples["pressure_dapa"] = np.rint(np.divide(pressure_kpa[:count], PRESSURE_KPA_PER_UNIT))
         samples["skin_temperature_centi_c"] = np.rint(
-            np.add(temperatures, temperature_noise[:count]) / TEMPERATURE_C_PER_UNIT
+            np.add(np.array(temperatures, dtype=np.float64), temperature_noise[:count])
+            / TEMPERATURE_C_PER_UNIT
         )
-        runs.write(samples)
         return samples
 
     def _run_values(
@@ -421,8 +482,9 @@ class SimulatedMassager(SimulatedDevice):
         hand = self.hand.evaluate(times_s)
         pressure_noise, ripple_noise = noise[:count], noise[count : 2 * count]
         base_kpa = hand.pressure_kpa + pressure_noise * self.hand.noise_sigma_kpa(hand.pressure_kpa)
-        pressure_kpa = np.clip(
-            base_kpa + ripple_noise * ripple_kpa * hand.touching, 0.0, SENSOR_MAX_KPA
+        # The method np.clip calls, without its Python wrapper.
+        pressure_kpa = (base_kpa + ripple_noise * ripple_kpa * hand.touching).clip(
+            0.0, SENSOR_MAX_KPA
         )
         return _Reading(
             times_s,
@@ -444,12 +506,20 @@ class SimulatedMassager(SimulatedDevice):
         noise_values = noise[: 2 * count].tolist()
         pressure_noise, ripple_noise = noise_values[:count], noise_values[count:]
         noise_sigma_kpa = self.hand.noise_sigma_kpa
-        pressure_kpa = [
-            _sensor_reading_kpa(true_kpa, noise_sigma_kpa(true_kpa), load, ripple, ripple_kpa, on)
-            for true_kpa, load, ripple, on in zip(
-                hand.pressure_kpa, pressure_noise, ripple_noise, hand.touching, strict=True
-            )
-        ]
+        pressure_kpa: list[float] = []
+        # The hand mostly holds one pressure over a tick: its noise sigma is worked out once
+        # per value (a function of the pressure alone).
+        sigma_of_kpa: float | None = None
+        sigma_kpa = 0.0
+        for true_kpa, load, ripple, on in zip(
+            hand.pressure_kpa, pressure_noise, ripple_noise, hand.touching, strict=True
+        ):
+            if true_kpa != sigma_of_kpa:
+                sigma_of_kpa, sigma_kpa = true_kpa, noise_sigma_kpa(true_kpa)
+            # _sensor_reading_kpa, written out: the same operations without a call each.
+            reading_kpa = true_kpa + load * sigma_kpa + ripple * ripple_kpa * on
+            reading_kpa = reading_kpa if reading_kpa > 0.0 else 0.0
+            pressure_kpa.append(reading_kpa if reading_kpa < SENSOR_MAX_KPA else SENSOR_MAX_KPA)
         return _Reading(
             times,
             hand.pressure_kpa,
@@ -462,6 +532,10 @@ class SimulatedMassager(SimulatedDevice):
 
     def _hand_zone_events(self, hand_zones: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
         """Samples where the hand reaches a zone other than the last one it was on."""
+        # logical_or.reduce is what .any() runs, without its Python wrapper.
+        if not np.logical_or.reduce(hand_zones != self._last_hand_zone):
+            # Still on the last zone (or, when that is Zone.NONE, away all along).
+            return np.empty(0, dtype=np.intp)
         touched = np.flatnonzero(hand_zones != Zone.NONE)
         if touched.shape[0] == 0:
             return touched
@@ -523,6 +597,28 @@ class _Runs:
             self.starts.append(start)
             self.values.append(values)
 
+    def samples(self, count: int, dtype: np.dtype[np.void]) -> npt.NDArray[np.void]:
+        """``count`` samples (writable) with the runs' fields set and the others zero."""
+        if dtype is not MASSAGER_SAMPLE_DTYPE or not _RUN_SAMPLE_LAYOUT:
+            samples = np.zeros(count, dtype=dtype)
+            self.write(samples)
+            return samples
+        # Straight from the bytes: one numpy call instead of one per field.
+        if len(self.values) <= 1:
+            # A live tick, most of the time: one value per field.
+            data = (
+                _RUN_SAMPLE.pack(*self.values[0]) * count
+                if self.values
+                else bytes(dtype.itemsize * count)
+            )
+        else:
+            ends = [*self.starts[1:], count]
+            data = b"".join(
+                _RUN_SAMPLE.pack(*values) * (end - start)
+                for start, end, values in zip(self.starts, ends, self.values, strict=True)
+            )
+        return np.frombuffer(bytearray(data), dtype=dtype)
+
     def write(self, samples: npt.NDArray[np.void]) -> None:
         """Write the runs' fields into ``samples`` (as many as the runs cover)."""
         if len(self.values) == 1:
@@ -536,7 +632,48 @@ class _Runs:
                 samples[name] = columns[:, index]
 
 
-def _next_at(positions: npt.NDArray[np.intp], start: int, default: int) -> int:
+def _next_at(positions: list[int], start: int, default: int) -> int:
     """The first of the sorted ``positions`` at or after ``start`` (``default`` if none)."""
-    k = int(np.searchsorted(positions, start))
-    return int(positions[k]) if k < positions.shape[0] else default
+    k = bisect.bisect_left(positions, start)
+    return positions[k] if k < len(positions) else default
+
+
+class _ContactCrossings:
+    """Where the readings of a bulk block reach the contact thresholds, as sorted sample
+    positions; each list is worked out on first use (a block that keeps its contact state
+    needs one). ``_generate`` may rework a reading after a program changed the motor, but
+    only the one it is on, before it asks again from a later sample, so the positions from
+    there on are those of the readings as they were at the start."""
+
+    def __init__(self, pressure_kpa: npt.NDArray[np.float64]) -> None:
+        self._pressure_kpa = pressure_kpa
+        self._on: list[int] | None = None  # reading >= CONTACT_ON_KPA
+        self._off: list[int] | None = None  # reading < CONTACT_OFF_KPA
+
+    def next_switch(self, contact: bool, start: int, default: int) -> int:
+        """The first sample at or after ``start`` that switches ``contact``."""
+        if contact:
+            if self._off is None:
+                self._off = np.less(self._pressure_kpa, CONTACT_OFF_KPA).nonzero()[0].tolist()
+            return _next_at(self._off, start, default)
+        if self._on is None:
+            self._on = np.greater_equal(self._pressure_kpa, CONTACT_ON_KPA).nonzero()[0].tolist()
+        return _next_at(self._on, start, default)
+
+
+def _no_zone_event(hand_zones: list[int], last_hand_zone: int) -> bool:
+    """No sample of ``hand_zones`` is a zone event for ``_generate``: each is ``NO_ZONE`` or
+    the zone the hand was last on (which then stays the last one)."""
+    away = hand_zones.count(NO_ZONE)
+    if last_hand_zone == NO_ZONE:
+        return away == len(hand_zones)
+    return away + hand_zones.count(last_hand_zone) == len(hand_zones)
+
+
+def _no_contact_change(pressure_kpa: list[float], contact: bool) -> bool:
+    """No reading of ``pressure_kpa`` switches ``contact`` (the thresholds of ``_generate``)."""
+    if not pressure_kpa:
+        return True
+    if contact:
+        return min(pressure_kpa) >= CONTACT_OFF_KPA
+    return max(pressure_kpa) < CONTACT_ON_KPA

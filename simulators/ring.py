@@ -36,6 +36,11 @@ class TelemetryRing:
         return self._dtype
 
     @property
+    def sample_bytes(self) -> int:
+        """The size of one sample (its dtype's itemsize)."""
+        return self._sample_bytes
+
+    @property
     def capacity(self) -> int:
         return self._capacity
 
@@ -87,15 +92,23 @@ class TelemetryRing:
         is held the samples are empty and ``first_available`` is the oldest held
         sequence.
         """
+        start, data = self.range_bytes(first_sequence, count)
+        if not data:
+            return start, np.zeros(0, dtype=self._dtype)
+        return start, np.frombuffer(data, dtype=self._dtype)
+
+    def range_bytes(self, first_sequence: int, count: int) -> tuple[int, bytearray]:
+        """:meth:`range` as the samples' raw bytes (the wire format), a copy.
+
+        For callers that only pass the samples on (streaming), which saves making an array.
+        """
         start = max(first_sequence, self._oldest_sequence)
         end = min(first_sequence + max(count, 0), self._next_sequence)
         if end <= start:
-            return self._oldest_sequence, np.zeros(0, dtype=self._dtype)
+            return self._oldest_sequence, bytearray()
         first = start % self._capacity * self._sample_bytes
         stop = first + (end - start) * self._sample_bytes
         if stop <= len(self._storage):
-            data = self._storage[first:stop]
-        else:
-            # The range wraps around the end of the storage (once: it holds at most capacity).
-            data = self._storage[first:] + self._storage[: stop - len(self._storage)]
-        return start, np.frombuffer(data, dtype=self._dtype)
+            return start, self._storage[first:stop]
+        # The range wraps around the end of the storage (once: it holds at most capacity).
+        return start, self._storage[first:] + self._storage[: stop - len(self._storage)]

@@ -455,14 +455,25 @@ class ScenarioHand:
     def evaluate(self, times_s: npt.NDArray[np.float64]) -> HandState:
         times = np.asarray(times_s, dtype=np.float64)
         count = times.shape[0]
-        pressure = np.zeros(count)
-        zone = np.zeros(count, dtype=np.uint8)
-        touching = np.zeros(count, dtype=np.bool_)
-        if self.guided and self.commanded_zone != Zone.NONE:
-            on = times >= self.lead_in_s
-            pressure[on] = self.target_kpa(self.commanded_zone)
-            zone[on] = int(self.commanded_zone)
-            touching[on] = True
+        guided = self.guided and self.commanded_zone != Zone.NONE
+        on = times >= self.lead_in_s if guided else None
+        # logical_and.reduce is what on.all() runs, without its Python wrapper.
+        if on is not None and np.logical_and.reduce(on):
+            # Every time after the lead-in (every block but the first few): the guided
+            # values throughout, as the masked assignments below would give.
+            pressure = np.empty(count, dtype=np.float64)
+            pressure.fill(self.target_kpa(self.commanded_zone))
+            zone = np.empty(count, dtype=np.uint8)
+            zone.fill(int(self.commanded_zone))
+            touching = on
+        else:
+            pressure = np.zeros(count)
+            zone = np.zeros(count, dtype=np.uint8)
+            touching = np.zeros(count, dtype=np.bool_)
+            if on is not None:
+                pressure[on] = self.target_kpa(self.commanded_zone)
+                zone[on] = int(self.commanded_zone)
+                touching[on] = True
         for action in self.actions:
             inside = (times >= action.at_s) & (times < action.end_s)
             if not inside.any():
