@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Final, Generic, NamedTuple, TypeVar
@@ -216,13 +216,6 @@ class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
     zone_code: int = 0
     pressure_min: int = 0
     pressure_max: int = -1
-
-
-# _QuietWindow(*fields) with every field given, without the Python-level __new__ that
-# NamedTuple generates (it only fills in defaults): the same tuple, made in C.
-_new_window: Final[
-    Callable[[type[_QuietWindow], tuple[bool, int, int, int, int, int]], _QuietWindow]
-] = tuple.__new__
 
 
 def _leading_true(mask: npt.NDArray[np.bool_], limit: int) -> int:
@@ -764,13 +757,11 @@ class MassageEngine(_Engine[MassageStep]):
             if reason is None:
                 # The last sample before the no-contact pause.
                 limit = min(limit, self._no_contact_pause_samples - 1 - self._no_contact_samples)
-            return _new_window(_QuietWindow, (False, limit, below, 0, 0, -1)) if limit > 0 else None
+            return _QuietWindow(False, limit, below) if limit > 0 else None
         state = self.state
         if reason is not None or state not in _COUNTED_STATES:
             return None
-        rules = self._step_rules_cache.get(self._index)  # what _step_rules() gives, once made
-        if rules is None:
-            rules = self._step_rules()
+        rules = self._step_rules()
         if self._pass_zone != rules.zone_name:
             return None
         # min() of three, without the call
@@ -794,7 +785,7 @@ class MassageEngine(_Engine[MassageStep]):
         if limit <= 0:
             return None
         low, high = rules.quiet_pressure[state]
-        return _new_window(_QuietWindow, (True, limit, below, rules.zone_code, low, high))
+        return _QuietWindow(True, limit, below, rules.zone_code, low, high)
 
     def _count_quiet(self, on_skin: bool, run: int) -> None:
         """What :meth:`_sample` does to ``run`` quiet samples, at once.

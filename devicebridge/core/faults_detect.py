@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from devicebridge.core.sequencing import SEQUENCE_MODULUS
+from devicebridge.core.sequencing import unwrap_sequence
 
 # A live sensor changes its raw reading several times a second (noise floor 0.03 kPa is 3
 # counts, and the motor shakes the load cell); 3 s of one value is far outside that.
@@ -34,7 +34,6 @@ MAX_REORDER_S: Final = 10.0
 DRIFT_MIN_WINDOW_S: Final = 20.0
 DRIFT_REPORT_PPM: Final = 10_000.0  # 1 %
 PPM: Final = 1e6
-_HALF_MODULUS: Final = SEQUENCE_MODULUS // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +204,7 @@ class RestartDetector:
         after_reset, self._after_reset = self._after_reset, False
         if next_expected is None:
             return False
-        # unwrap_sequence(raw_first_sequence, next_expected), without the call: once a batch.
-        delta = (raw_first_sequence - next_expected) % SEQUENCE_MODULUS
-        if delta >= _HALF_MODULUS:
-            delta -= SEQUENCE_MODULUS
-        first = next_expected + delta
+        first = unwrap_sequence(raw_first_sequence, next_expected)
         if after_reset and first < next_expected:
             return True
         if self._rate_hz is None:

@@ -156,13 +156,7 @@ class TelemetryReassembler:
             first = self._tracker.feed_contiguous(batch.first_sequence, count)
             if first is not None:
                 if first != batch.first_sequence:
-                    batch = TelemetryBatch(
-                        batch.sample_format,
-                        first,
-                        batch.device_time_ms,
-                        batch.samples,
-                        batch.backfill,
-                    )
+                    batch = _slice(batch, first, 0, count, self._rate_hz)
                 self.counters.delivered_samples += count
                 return [batch]
         verdict = self._tracker.feed(batch.first_sequence, count)

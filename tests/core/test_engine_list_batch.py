@@ -20,7 +20,6 @@ from devicebridge.core.engine import (
     _BulkActuatorWatch,
     _BulkStuckSensorDetector,
     _ListBatch,
-    _new_window,
     _QuietWindow,
 )
 
@@ -154,13 +153,3 @@ def test_faults_quiet_matches_the_loop(
         ref_actuators._mismatch,
         ref_actuators.reported,
     )
-
-
-def test_windows_made_in_c_are_the_named_tuples() -> None:
-    made = _new_window(_QuietWindow, (False, 5, 4100, 0, 0, -1))
-    assert type(made) is _QuietWindow
-    assert made == _QuietWindow(False, 5, 4100)
-    assert made.pressure_max == -1
-    on_skin = _new_window(_QuietWindow, (True, 7, 4300, 4, 600, 1200))
-    assert on_skin == _QuietWindow(True, 7, 4300, 4, 600, 1200)
-    assert on_skin.zone_code == 4
