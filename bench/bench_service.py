@@ -209,7 +209,7 @@ async def _service(
         if with_routine:
             # Measure the routines running, not their start (configuring 100 devices, the
             # first guidance): a one-off that a 5 s window would charge to every sample.
-            while not all(w.run is not None for w in service.workers.values()):  # noqa: ASYNC110
+            while not all(w.runner is not None for w in service.workers.values()):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # waiting for every routine to start
             await asyncio.sleep(ROUTINE_SETTLE_S)  # its first commands and guidance
         cpu0, wall0 = time.process_time(), time.perf_counter()

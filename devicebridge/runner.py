@@ -1,6 +1,9 @@
 """Runs one routine on one device: the async edge around the pure enforcement engine.
 
-:class:`RoutineRunner` wires a :class:`~devicebridge.session.DeviceSession`, the engine
+Every routine runs here, whatever started it: ``devicebridge run``, the demo, ``serve``
+(a local start, a program a therapist pushed, a program started from the device's button)
+and the QA bridge. :class:`RoutineRunner` wires a
+:class:`~devicebridge.session.DeviceSession`, the engine
 (:class:`~devicebridge.core.engine.MassageEngine` or :class:`~devicebridge.core.engine.LedEngine`),
 the :class:`~devicebridge.storage.sessions.SessionStore` and a clock:
 
@@ -14,31 +17,31 @@ the :class:`~devicebridge.storage.sessions.SessionStore` and a clock:
    The engine sees each batch at once, where the session receives it (a telemetry observer,
    :meth:`DeviceSession.observe_telemetry`), not after a hop through a queue and a task:
    with many devices the safety check never waits behind the other devices' work.
-   Everything else about the batch (the store, UI state, commands) follows in the runner's
-   task, from the session's subscription, with the decisions the observer took.
-3. Decisions become commands. Safety first: a PAUSE, STOP or STOP_STEP starts STOP_ALL
-   inside the observer, before the batch is stored or any other command is sent (over
-   serial the frame is on the line before the observer returns). Everything else (zone,
-   mode and intensity of a massager; START_LED / STOP_LED of a mask) goes through a command
-   worker, in order, after any STOP_ALL in flight is acknowledged; a safety stop drops
-   every queued command that has not been written yet, so a stale "resume" can never
-   restart a stopped motor.
-4. The session ends with a summary (completion, time in band, out-of-band events, contact
-   time per zone, dose per wavelength), stored with the session.
+3. Decisions become commands in one place, :mod:`devicebridge.core.actuation`. Safety
+   first: a PAUSE, STOP or STOP_STEP starts STOP_ALL inside the observer, before the batch
+   is stored or any other command is sent (over serial the frame is on the line before the
+   observer returns). Everything else follows from the engine's state: a command task
+   compares what the engine wants the device to do now with what the device last
+   acknowledged, and sends what brings the two together, after any STOP_ALL in flight is
+   acknowledged. A command lost with the link is sent again once the link is back; after a
+   reconnect the massager is told its whole state again (a mask keeps its own timer).
+4. The session ends with a summary (:func:`session_summary`: completion, time in band,
+   out-of-band events, contact time per zone, dose per wavelength), stored with the session.
 
-Storage stays off the safety path: telemetry and decisions go to one writer thread with
-its own SQLite connection, which commits what arrived every ``FLUSH_INTERVAL_S`` (0.25 s
-of wall time), and always before the run stores its summary. A killed bridge loses at
-most that last quarter second; :meth:`SessionStore.recover` marks the run interrupted.
+Storage stays off the safety path: telemetry and decisions go to a :class:`StoreWriter`,
+one writer thread with its own SQLite connection, which commits what arrived every
+``FLUSH_INTERVAL_S`` (0.25 s of wall time), and always before the run stores its summary.
+Several runners on one store share the writer they are given (``serve`` gives all of its
+runners one); a runner given none makes its own. A killed bridge loses at most that last
+quarter second; :func:`recover_sessions` marks the run interrupted with the summary of
+what was recorded.
 
 The engine is timed by the device's sample clock, so a link that drops and comes back
-(the session reconnects and backfills on its own) only delays decisions; after a
-reconnect the runner puts the device back into the state the engine wants (the device
-may have kept running, or rebooted).
+(the session reconnects and backfills on its own) only delays decisions.
 
-Device mode: when :mod:`devicebridge.program_transfer` is installed and the device profile
-has the PROGRAM_TRANSFER capability, the runner also installs the routine as a program on
-the device and starts it, so the device enforces its own hard limits even when the laptop
+Device mode: when the device profile has the PROGRAM_TRANSFER capability, the runner also
+installs the routine as a program on the device and starts it (or adopts a program the
+device started by itself), so the device enforces its own hard limits even when the laptop
 sleeps; the host engine still watches and can STOP_ALL at any time.
 """
 
@@ -46,10 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import math
-import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,14 +61,25 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 
+from devicebridge import program_transfer
 from devicebridge.clock import Clock
+from devicebridge.core.actuation import (
+    SAFETY_KINDS,
+    LedApplied,
+    LedTarget,
+    MassagerApplied,
+    led_target,
+    massager_target,
+    next_led_command,
+    next_massager_command,
+)
 from devicebridge.core.admission import Admission, PastSession, Treatment, check_admission
 from devicebridge.core.engine import (
     CELSIUS_PER_UNIT,
     CONTACT_FLAG,
     KPA_PER_UNIT,
     MW_CM2_PER_UNIT,
-    ZONE_CODES,
+    ZONE_NAMES,
     Decision,
     DecisionKind,
     LedEngine,
@@ -77,12 +89,26 @@ from devicebridge.core.engine import (
 from devicebridge.core.faults_detect import FaultChecks
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.reassembly import GapReason, TelemetryGap, TelemetryItem
-from devicebridge.core.routine import J_PER_MJ, DeviceKindName, LedStep, MassageStep, Routine
+from devicebridge.core.routine import (
+    J_PER_MJ,
+    DeviceKindName,
+    LedStep,
+    MassageStep,
+    Routine,
+    parse_routine,
+)
 from devicebridge.core.states import ConnectionState
-from devicebridge.errors import CommandError, DeviceBridgeError, SessionClosedError, TransportError
+from devicebridge.errors import (
+    CommandError,
+    CommandRejectedError,
+    DeviceBridgeError,
+    SessionClosedError,
+    TransportError,
+)
 from devicebridge.session import DeviceSession, Subscription
 from devicebridge.storage.sessions import (
     SampleChunk,
+    SessionRecord,
     SessionStatus,
     SessionStore,
     SessionStoreError,
@@ -94,22 +120,27 @@ from protocols import (
     DeviceKind,
     Event,
     EventCode,
-    MassageMode,
     SampleFormat,
-    SetIntensity,
-    SetMode,
-    SetZone,
-    StartLed,
     StopAll,
-    StopLed,
     TelemetryBatch,
-    Zone,
 )
 
 _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SAFETY_KINDS: Final = frozenset({DecisionKind.PAUSE, DecisionKind.STOP, DecisionKind.STOP_STEP})
+__all__ = [
+    "SAFETY_KINDS",
+    "RoutineRefusedError",
+    "RoutineRunError",
+    "RoutineRunner",
+    "RunMode",
+    "RunSummary",
+    "RunnerState",
+    "StoreWriter",
+    "recover_sessions",
+    "session_summary",
+]
+
 SAMPLE_FORMAT_OF: Final = {
     DeviceKindName.MASSAGER: SampleFormat.MASSAGER_V1,
     DeviceKindName.LED_MASK: SampleFormat.LED_MASK_V1,
@@ -120,20 +151,21 @@ DEVICE_KIND_OF: Final = {
 }
 # How long the final STOP_ALL may wait for a link that is down (clock seconds).
 FINAL_STOP_WAIT_S: Final = 5.0
-PROGRAM_TRANSFER_MODULE: Final = "devicebridge.program_transfer"
-# How long the store writer collects rows before it commits them (wall seconds). Committing
-# every batch at once (group commit) meant a thread hand-off and a transaction per 100 ms
-# batch per device, which cost more than the whole routine engine (a 15-minute virtual
-# routine ran 40% slower); every statement of the writer thread is a GIL hand-off with a
-# busy event loop, so fewer, larger commits cost it less. A killed bridge loses at most
-# this much telemetry.
+# After a command failed on a link that is up (a timeout), wait this long before the next
+# attempt (clock seconds), so a device that does not answer is not flooded.
+COMMAND_RETRY_S: Final = 1.0
+# How long the store writer collects rows before it commits them (wall seconds). Fewer,
+# larger commits cost the event loop less than one per batch; a killed bridge loses at
+# most this much telemetry.
 FLUSH_INTERVAL_S: Final = 0.25
 # Admission looks back at least a day (the daily LED dose), longer for frequency rules.
 ADMISSION_MIN_LOOKBACK_DAYS: Final = 1.0
+# Decisions the live view counts as warnings.
+_WARNING_KINDS: Final = frozenset({DecisionKind.WARNING, DecisionKind.LOWER_INTENSITY})
 
 
 class RunMode(StrEnum):
-    AUTO = "auto"  # device program when the device and the host support it, else host
+    AUTO = "auto"  # device program when the device supports it, else host
     HOST = "host"  # the host engine drives the device command by command
     DEVICE = "device"  # insist on a device program (error when impossible)
 
@@ -183,7 +215,7 @@ class DeviceMismatchError(RoutineRunError):
 
 @dataclass(frozen=True, slots=True)
 class RunnerState:
-    """What the UI shows; a fresh snapshot after every batch and decision."""
+    """What the UI shows; derived from the engine whenever it is asked for."""
 
     device: str
     routine: str
@@ -223,6 +255,56 @@ class RunSummary:
     @property
     def completed(self) -> bool:
         return self.status == "completed"
+
+
+def session_summary(
+    engine: MassageEngine | LedEngine,
+    routine: Routine,
+    *,
+    mode: str,
+    samples: int,
+    gaps: int,
+    lost_samples: int,
+    command_errors: int,
+) -> dict[str, Any]:
+    """What a finished (or interrupted) session says of itself: stored, shown, published."""
+    base: dict[str, Any] = {
+        "routine": routine.name,
+        "routine_version": routine.version,
+        "device_kind": routine.device_kind.value,
+        "mode": mode,
+        "samples": samples,
+        "steps_done": engine.summary.steps_done,
+        "steps_total": engine.summary.steps_total,
+        "completion": round(engine.summary.completion, 4),
+        "completed": engine.summary.completed,
+        "stopped_reason": engine.summary.stopped_reason,
+        "warnings": sum(1 for d in engine.decisions if d.kind in _WARNING_KINDS),
+        "gaps": gaps,
+        "lost_samples": lost_samples,
+        "command_errors": command_errors,
+    }
+    if isinstance(engine, MassageEngine):
+        s = engine.summary
+        base.update(
+            contact_s=round(s.contact_s, 3),
+            time_in_band_s=round(s.time_in_band_s, 3),
+            in_band_fraction=round(s.in_band_fraction, 4),
+            out_of_band_events=s.out_of_band_events,
+            cap_events=s.cap_events,
+            contact_s_by_zone={z: round(v, 3) for z, v in s.contact_s_by_zone.items()},
+        )
+    else:
+        led = engine.summary
+        base.update(
+            dose_j_cm2={ch: round(v, 4) for ch, v in led.dose_j_cm2.items()},
+            dose_allowed_j_cm2={ch: round(v, 4) for ch, v in engine.dose_allowed_j_cm2.items()},
+            light_s=round(led.light_s, 3),
+            max_temperature_c=(
+                round(led.max_temperature_c, 2) if math.isfinite(led.max_temperature_c) else None
+            ),
+        )
+    return base
 
 
 # --------------------------------------------------------------------------- history
@@ -344,7 +426,6 @@ class StoreWriter:
         self._decisions: list[tuple[int, Sequence[Decision]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
-        self._users = 0
 
     def add_samples(
         self, session_id: int, first_sequence: int, samples: np.ndarray[Any, Any]
@@ -457,24 +538,83 @@ class StoreWriter:
             self._thread_store = None
 
 
-_WRITERS: weakref.WeakKeyDictionary[SessionStore, StoreWriter] = weakref.WeakKeyDictionary()
+# --------------------------------------------------------------------------- recovery
 
 
-def _acquire_writer(store: SessionStore) -> StoreWriter:
-    """The writer every run on ``store`` shares (one commit for all of them)."""
-    writer = _WRITERS.get(store)
-    if writer is None:
-        writer = _WRITERS[store] = StoreWriter(store)
-    writer._users += 1
-    return writer
+def new_engine(
+    routine: Routine,
+    policy: SafetyPolicy,
+    *,
+    sample_rate_hz: float,
+    dose_today_j_cm2: Mapping[str, float] | None = None,
+    fault_checks: FaultChecks | None = None,
+) -> MassageEngine | LedEngine:
+    """The engine of ``routine``'s kind of device."""
+    if routine.device_kind is DeviceKindName.MASSAGER:
+        return MassageEngine(
+            routine, policy, sample_rate_hz=sample_rate_hz, fault_checks=fault_checks
+        )
+    return LedEngine(
+        routine, policy, sample_rate_hz=sample_rate_hz, dose_today_j_cm2=dose_today_j_cm2
+    )
 
 
-def _release_writer(store: SessionStore, writer: StoreWriter) -> None:
-    writer._users -= 1
-    if writer._users <= 0:
-        if _WRITERS.get(store) is writer:
-            del _WRITERS[store]
-        writer.close()
+def recorded_summary(
+    store: SessionStore, record: SessionRecord, policy: SafetyPolicy
+) -> dict[str, Any]:
+    """The summary of what a session recorded: its stored telemetry through the engine.
+
+    For a session whose process ended before it could finish it (killed, power lost): the
+    same summary a finished run stores, of the samples that reached the store. Samples
+    missing between stored ones count as lost.
+    """
+    sequences, samples = store.telemetry(record.id)
+    try:
+        routine = parse_routine(record.routine_text, policy, label=f"session {record.id}")
+        if record.sample_rate_hz <= 0:
+            raise RoutineRunError(f"session {record.id} has no sample rate")
+    except DeviceBridgeError as exc:
+        _LOGGER.warning("session %d: no summary from its telemetry: %s", record.id, exc)
+        return {"routine": record.routine_name, "samples": len(samples)}
+    engine = new_engine(routine, policy, sample_rate_hz=record.sample_rate_hz)
+    engine.start()
+    gaps = lost = 0
+    if len(sequences):
+        breaks = np.flatnonzero(np.diff(sequences.astype(np.int64)) != 1) + 1
+        starts = [0, *breaks.tolist()]
+        ends = [*breaks.tolist(), len(sequences)]
+        for start, end in zip(starts, ends, strict=True):
+            if start:
+                gaps += 1
+                lost += int(sequences[start]) - int(sequences[start - 1]) - 1
+            engine.feed(samples[start:end], int(sequences[start]))
+            if engine.finished:
+                break
+    return session_summary(
+        engine,
+        routine,
+        mode="unknown",
+        samples=len(samples),
+        gaps=gaps,
+        lost_samples=lost,
+        command_errors=0,
+    )
+
+
+def recover_sessions(store: SessionStore, policy: SafetyPolicy) -> list[SessionRecord]:
+    """Sessions a stopped process left ``running``: marked interrupted, with the summary of
+    what they recorded (:func:`recorded_summary`); returns their records."""
+    recovered: list[SessionRecord] = []
+    for session_id in store.recover():
+        record = store.session(session_id)
+        store.finish_session(
+            session_id,
+            status="interrupted",
+            end_reason=record.end_reason,
+            summary=recorded_summary(store, record, policy),
+        )
+        recovered.append(store.session(session_id))
+    return recovered
 
 
 # --------------------------------------------------------------------------- the runner
@@ -488,8 +628,12 @@ class RoutineRunner:
     """Runs ``routine`` on the device of ``session`` under ``policy`` (see the module doc).
 
     ``store`` may be None (the demo): nothing is recorded and admission sees no history.
-    ``now`` gives the calendar time for admission and the stored record; the engine itself
-    only uses the device's sample clock.
+    ``writer`` is the :class:`StoreWriter` of ``store`` to record through (several runners
+    on one store share one); without one the runner makes its own. ``now`` gives the
+    calendar time for admission and the stored record; the engine itself only uses the
+    device's sample clock. ``program_id`` records the session against a stored program (a
+    therapist's). ``adopt_program``: the device already runs this routine as its program
+    (started from its button); the runner watches and records it instead of starting it.
     """
 
     def __init__(
@@ -499,10 +643,13 @@ class RoutineRunner:
         policy: SafetyPolicy,
         *,
         store: SessionStore | None = None,
+        writer: StoreWriter | None = None,
         clock: Clock | None = None,
         now: Callable[[], datetime] = _utc_now,
         device_serial: str | None = None,
         mode: RunMode = RunMode.AUTO,
+        program_id: int | None = None,
+        adopt_program: bool = False,
         on_update: Callable[[RunnerState], None] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
@@ -513,45 +660,46 @@ class RoutineRunner:
         self.clock = clock or session.clock
         self._now = now
         self._device_serial = device_serial
-        self.requested_mode = mode
+        self.requested_mode = RunMode.DEVICE if adopt_program else mode
         self.mode = RunMode.HOST
+        self.program_id = program_id
+        self._adopt_program = adopt_program
         self._on_update = on_update
         self._on_decision = on_decision
         self.admission: Admission | None = None
         self.session_id: int | None = None
         self.engine: MassageEngine | LedEngine | None = None
-        self.decisions: list[Decision] = []
         self.gaps = 0
         self.lost_samples = 0
+        self.samples_recorded = 0
         self.device_ended: str | None = None  # the device rebooted or shut down mid-routine
         self.stop_all_writes = 0
         self.command_errors: list[str] = []
-        self._warnings = 0
-        self._last_warning: str | None = None
-        self._guidance = ""
-        self._generation = 0
-        self._commands: asyncio.Queue[tuple[int, list[CommandBody]]] = asyncio.Queue()
+        self._final_note: str | None = None
+        self._guidance = _Guidance()
+        # What the device last acknowledged (core/actuation); the command task sends what
+        # brings it to what the engine wants.
+        self._massager = MassagerApplied()
+        self._led = LedApplied()
+        self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._stop_owed = False
-        self._intensity_cap: int | None = None
-        self._step_started_s = 0.0
         self._last_batch: TelemetryBatch | None = None
         self._reconnects_seen = 0
         self._state: RunnerState | None = None
         self._state_stale = False  # something changed since ``_state`` was built
-        self._first_sequence: int | None = None
         self._program_active = False
         self._program_watch: asyncio.Task[None] | None = None
-        self._steps: tuple[MassageStep | LedStep, ...] = routine.steps
         # Telemetry that came before the engine started, taken in order when it has.
         self._backlog: deque[TelemetryItem] = deque()
         self._armed = False  # the engine started: the observer takes batches as they come
-        self._ended: str | None = None  # why the run ended: "finished", "device", "error"
+        self._ended: str | None = None  # why the run ended: finished, device, error, requested
+        self._stop_reason: str | None = None  # given to request_stop
         self._ended_event = asyncio.Event()
         self._failure: Exception | None = None  # raised again in the runner's task
         self._observing = False
         self._stops: set[asyncio.Task[Ack]] = set()  # STOP_ALL commands in flight
-        self._writer: StoreWriter | None = None
+        self._writer: StoreWriter | None = writer
+        self._own_writer = False
 
     # ------------------------------------------------------------------ admission
 
@@ -570,13 +718,15 @@ class RoutineRunner:
                     sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
                     sample_rate_hz=0.0,
                     routine_text=self.routine.source_text,
+                    program_id=None if self.program_id is None else str(self.program_id),
                     started_at=self._now(),
                 )
                 self.store.finish_session(
                     session_id,
                     status="refused",
                     end_reason="; ".join(r.message for r in admission.refusals),
-                    summary={"refusals": [_refusal_json(r) for r in admission.refusals]},
+                    summary={"refusals": [refusal_json(r) for r in admission.refusals]},
+                    ended_at=self._now(),
                 )
             raise RoutineRefusedError(self.routine, admission, session_id)
         return admission
@@ -605,40 +755,42 @@ class RoutineRunner:
         assert engine is not None  # marked stale only once the engine exists
         batch = self._last_batch
         last = batch.samples[-1] if batch is not None and len(batch) else None
+        first = engine.first_sequence
         elapsed_s = 0.0
-        if batch is not None and self._first_sequence is not None:
-            elapsed_s = (batch.end_sequence - self._first_sequence) * engine.dt_s
-        steps = self._steps
-        index = engine.step_number - 1
-        steps_total = len(steps)
+        if batch is not None and first is not None:
+            elapsed_s = (batch.end_sequence - first) * engine.dt_s
+        steps = self.routine.steps
+        view = self._guidance
+        view.fold(engine.decisions)
+        guidance = view.text if self._final_note is None else self._final_note
+        step_left = engine.step_remaining_s
+        later = sum(_step_time_s(s) for s in steps[engine.step_number :])
         common: dict[str, Any] = {
             "device": self.session.name,
             "routine": self.routine.name,
             "device_kind": self.routine.device_kind,
             "step": engine.step_number,
-            "steps_total": steps_total,
-            "guidance": self._guidance,
+            "steps_total": len(steps),
+            "guidance": guidance,
             "elapsed_s": elapsed_s,
             "finished": engine.finished,
-            "last_warning": self._last_warning,
-            "warnings": self._warnings,
+            "last_warning": view.last_warning,
+            "warnings": view.warnings,
             "gaps": self.gaps,
             "mode": self.mode.value,
+            "step_remaining_s": 0.0 if engine.finished else step_left,
+            "session_remaining_s": 0.0 if engine.finished else step_left + later,
         }
         if isinstance(engine, MassageEngine):
             step = engine.current_step
-            later = sum(_step_time_s(s) for s in steps[index + 1 :])
-            step_left = 0.0 if engine.finished else engine.step_remaining_s
             values: dict[str, Any] = {
                 "zone": step.zone,
-                "step_remaining_s": step_left,
-                "session_remaining_s": 0.0 if engine.finished else step_left + later,
                 "paused": engine.paused,
                 "band_kpa": (step.pressure_min_kpa, step.pressure_max_kpa),
                 "pressure_state": engine.state,
             }
             if last is not None:
-                zone_name = _zone_name(int(last["zone"])) or step.zone
+                zone_name = ZONE_NAMES.get(int(last["zone"]), step.zone)
                 values["pressure_kpa"] = float(last["pressure_dapa"]) * KPA_PER_UNIT
                 values["contact"] = bool(int(last["flags"]) & CONTACT_FLAG)
                 values["skin_temperature_c"] = (
@@ -648,14 +800,8 @@ class RoutineRunner:
             else:
                 values["cap_kpa"] = self.policy.zones[step.policy_zone].cap_kpa.value
         else:
-            led_step = engine.current_step
-            done_s = max(0.0, elapsed_s - self._step_started_s)
-            step_left = 0.0 if engine.finished else max(0.0, led_step.duration_s - done_s)
-            later = sum(_step_time_s(s) for s in steps[index + 1 :])
             values = {
                 "zone": "face",
-                "step_remaining_s": step_left,
-                "session_remaining_s": 0.0 if engine.finished else step_left + later,
                 "dose_j_cm2": dict(engine.summary.dose_j_cm2),
                 "dose_allowed_j_cm2": dict(engine.dose_allowed_j_cm2),
             }
@@ -692,6 +838,12 @@ class RoutineRunner:
             remove_observer()
             self._backlog.clear()
 
+    def request_stop(self, reason: str) -> None:
+        """End the run as ``stopped`` with ``reason`` (the device is stopped, the record kept)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._end("requested")
+
     async def _run(self, max_duration_s: float | None) -> RunSummary:
         info = self.session.device_info
         expected = DEVICE_KIND_OF[self.routine.device_kind]
@@ -699,23 +851,21 @@ class RoutineRunner:
             raise DeviceMismatchError(self.routine, self.session.name, info.kind)
         rate_hz = float(info.profile.sample_rate_hz)
         assert self.admission is not None
-        if self.routine.device_kind is DeviceKindName.MASSAGER:
-            self.engine = MassageEngine(
-                self.routine, self.policy, sample_rate_hz=rate_hz, fault_checks=FaultChecks()
-            )
-        else:
-            self.engine = LedEngine(
-                self.routine,
-                self.policy,
-                sample_rate_hz=rate_hz,
-                dose_today_j_cm2=self.admission.dose_today_j_cm2,
-            )
+        engine = self.engine = new_engine(
+            self.routine,
+            self.policy,
+            sample_rate_hz=rate_hz,
+            dose_today_j_cm2=self.admission.dose_today_j_cm2,
+            fault_checks=FaultChecks(),
+        )
+        # Nothing is commanded yet: the device is not expected to run its motor.
+        self._set_motor_commanded(False)
         if self.store is not None:
-            store = self.store
-            self._writer = writer = _acquire_writer(store)
+            if self._writer is None:
+                self._writer, self._own_writer = StoreWriter(self.store), True
             started_at = self._now()
             try:
-                self.session_id = writer.run_now(
+                self.session_id = self._writer.run_now(
                     lambda thread_store: thread_store.start_session(
                         routine_name=self.routine.name,
                         category=self.routine.category,
@@ -724,35 +874,38 @@ class RoutineRunner:
                         sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
                         sample_rate_hz=rate_hz,
                         routine_text=self.routine.source_text,
+                        program_id=None if self.program_id is None else str(self.program_id),
                         started_at=started_at,
                     )
                 )
             except BaseException:
-                self._release_writer()
+                self._close_writer()
                 raise
         self._reconnects_seen = self.session.reconnects
         self._worker = asyncio.get_running_loop().create_task(
-            self._command_worker(), name=f"routine commands {self.session.name}"
+            self._command_task(), name=f"routine commands {self.session.name}"
         )
         status: SessionStatus = "interrupted"
         end_reason: str | None = "the link closed before the routine ended"
         try:
             if await self._device_program_wanted(info.profile.capabilities):
-                await self._install_device_program()
-            self._handle(self.engine.start(), None)
+                await self._run_device_program()
+            self._handle(engine.start())
             self._arm()
             ended = await self._until_ended(max_duration_s)
-            summary = self.engine.summary
+            summary = engine.summary
             if summary.completed:
                 status, end_reason = "completed", None
             elif summary.stopped_reason is not None:
                 status, end_reason = "stopped", summary.stopped_reason
+            elif ended == "requested":
+                status, end_reason = "stopped", self._stop_reason
             elif ended == "device":
                 status, end_reason = "interrupted", self.device_ended
             elif ended == "duration":
                 status, end_reason = "stopped", "time limit of the run reached"
         except asyncio.CancelledError:
-            status, end_reason = "stopped", "cancelled by the user"
+            status, end_reason = "stopped", self._stop_reason or "cancelled by the user"
             raise
         finally:
             self._observing = self._armed = False
@@ -765,13 +918,13 @@ class RoutineRunner:
                 try:
                     result = self._finish(status, end_reason)
                 finally:
-                    self._release_writer()
+                    self._close_writer()
         return result
 
-    def _release_writer(self) -> None:
+    def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None and self.store is not None:
-            _release_writer(self.store, writer)
+        if writer is not None and self._own_writer:
+            writer.close()
 
     async def _until_ended(self, max_duration_s: float | None) -> str:
         """Wait until the observer ends the run, the session closes or time is up; why."""
@@ -855,11 +1008,9 @@ class RoutineRunner:
             return []
         if item.sample_format is not SAMPLE_FORMAT_OF[self.routine.device_kind]:
             return []
-        if self._first_sequence is None:
-            self._first_sequence = item.first_sequence
         decisions = engine.feed(item.samples, item.first_sequence)
         # Most batches decide nothing: no generator for them.
-        if self._stop_owed or (decisions and any(d.kind in SAFETY_KINDS for d in decisions)):
+        if decisions and any(d.kind in SAFETY_KINDS for d in decisions):
             self._safety_stop()
         return decisions
 
@@ -870,136 +1021,49 @@ class RoutineRunner:
         if item.sample_format is not SAMPLE_FORMAT_OF[self.routine.device_kind]:
             return
         self._last_batch = item
+        self.samples_recorded += len(item)
         if self._writer is not None and self.session_id is not None:
             self._writer.add_samples(self.session_id, item.first_sequence, item.samples)
         reconnects = self.session.reconnects
         if reconnects != self._reconnects_seen:
             self._reconnects_seen = reconnects
-            self._resync()
-        self._handle(decisions, item)
+            self._after_reconnect()
+        self._handle(decisions)
 
-    def _handle(self, decisions: Sequence[Decision], batch: TelemetryBatch | None) -> None:
-        del batch
+    def _handle(self, decisions: Sequence[Decision]) -> None:
         if decisions:
-            self.decisions.extend(decisions)
             if self._writer is not None and self.session_id is not None:
                 self._writer.add_decisions(self.session_id, decisions)
-        for decision in decisions:
-            self._apply(decision)
             if self._on_decision is not None:
-                self._on_decision(decision)
+                for decision in decisions:
+                    self._on_decision(decision)
+            self._wake.set()  # what the engine wants of the device may have changed
         self._publish()
 
-    # ------------------------------------------------------------------ decisions -> commands
+    def _after_reconnect(self) -> None:
+        """The link came back: the massager is told its whole state again.
 
-    def _apply(self, decision: Decision) -> None:
-        kind = decision.kind
-        if kind is DecisionKind.WARNING or kind is DecisionKind.LOWER_INTENSITY:
-            self._warnings += 1
-            self._last_warning = decision.message
-        elif kind in SAFETY_KINDS:
-            self._last_warning = decision.message
-        if kind is DecisionKind.GUIDANCE and decision.reason != "step_start":
-            self._last_warning = decision.message  # a hint such as "wrong zone"
-        elif kind is DecisionKind.RESUME:
-            self._guidance = self._step_guidance()
-        elif kind is not DecisionKind.WARNING and kind is not DecisionKind.LOWER_INTENSITY:
-            self._guidance = decision.message
+        A mask keeps its own treatment timer across a link drop, so its treatment is left
+        alone (a command that failed meanwhile is sent again all the same).
+        """
         if self.routine.device_kind is DeviceKindName.MASSAGER:
-            self._apply_massage(decision)
-        else:
-            self._apply_led(decision)
+            self._massager.forget()
+            self._set_motor_commanded(False)
+        self._wake.set()
 
-    def _step_guidance(self) -> str:
-        for previous in reversed(self.decisions):
-            if previous.kind is DecisionKind.NEXT_STEP or previous.reason == "step_start":
-                return previous.message
-        return self._guidance
-
-    def _apply_massage(self, decision: Decision) -> None:
-        engine = self.engine
-        assert isinstance(engine, MassageEngine)
-        kind = decision.kind
-        if kind is DecisionKind.NEXT_STEP or (
-            kind is DecisionKind.GUIDANCE and decision.reason == "step_start"
-        ):
-            self._intensity_cap = None
-            step = engine.current_step
-            if engine.paused:
-                # Over temperature: the next zone is shown, the motor stays off.
-                self._queue([SetZone(_zone(step.zone))])
-            else:
-                self._queue(self._actuate_massage(step, with_zone=True))
-        elif kind is DecisionKind.RESUME:
-            self._queue(self._actuate_massage(engine.current_step, with_zone=False))
-        elif kind is DecisionKind.LOWER_INTENSITY and decision.intensity is not None:
-            self._intensity_cap = decision.intensity
-            if not engine.paused:
-                self._queue([SetIntensity(decision.intensity)])
-
-    def _actuate_massage(self, step: MassageStep, *, with_zone: bool) -> list[CommandBody]:
-        intensity = step.intensity
-        if self._intensity_cap is not None:
-            intensity = min(intensity, self._intensity_cap)
-        commands: list[CommandBody] = [SetZone(_zone(step.zone))] if with_zone else []
-        commands += [SetMode(MassageMode[step.mode.upper()]), SetIntensity(intensity)]
-        return commands
-
-    def _apply_led(self, decision: Decision) -> None:
-        engine = self.engine
-        assert isinstance(engine, LedEngine)
-        kind = decision.kind
-        if kind is DecisionKind.NEXT_STEP or (
-            kind is DecisionKind.GUIDANCE and decision.reason == "step_start"
-        ):
-            # The next step starts with the sample after the one that ended the last.
-            self._step_started_s = decision.at_s + (engine.dt_s if decision.sequence else 0.0)
-            self._queue(self._start_led(engine, engine.current_step.duration_s))
-        elif kind is DecisionKind.LOWER_INTENSITY:
-            done_s = decision.at_s - self._step_started_s
-            self._queue(self._start_led(engine, engine.current_step.duration_s - done_s))
-
-    def _start_led(self, engine: LedEngine, duration_s: float) -> list[CommandBody]:
-        step: LedStep = engine.current_step
-        levels = engine.setpoints_mw_cm2()
-        seconds = max(1, math.ceil(duration_s - 1e-9))
-        return [
-            StopLed(),  # a running treatment refuses START_LED (no silent restart of a dose)
-            StartLed(
-                levels["red"], levels["near_infrared"], levels["blue"], seconds, step.pulse_hz
-            ),
-        ]
-
-    def _resync(self) -> None:
-        """After a reconnect: put the device back into the state the engine wants."""
-        engine = self.engine
-        assert engine is not None
-        if engine.finished:
-            self._stop_owed = True
-            return
-        if isinstance(engine, MassageEngine):
-            if engine.paused:
-                self._stop_owed = True
-            else:
-                self._queue(self._actuate_massage(engine.current_step, with_zone=True))
-        # A mask keeps its own timer across a link drop: its treatment is left alone.
-
-    # ------------------------------------------------------------------ writing commands
+    # ------------------------------------------------------------------ commands
 
     def _safety_stop(self) -> None:
-        """STOP_ALL now (started before this returns); every command queued before it is
-        dropped, and the command worker waits for its acknowledgement."""
-        self._generation += 1
-        while not self._commands.empty():
-            self._commands.get_nowait()
+        """STOP_ALL now (started before this returns); the command task waits for its ack
+        before it sends anything else, and then sends only what the engine still wants."""
         self.stop_all_writes += 1
         # STOP_ALL also ends a device program: from here on the host drives the device.
         self._program_active = False
-        self._stop_owed = False
+        self._set_motor_commanded(False)
         try:
             stop = self.session.send_soon(StopAll())
         except (TransportError, CommandError, SessionClosedError) as exc:
-            self._stop_failed(exc)
+            self._command_failed(StopAll(), exc)
             return
         self._stops.add(stop)
         stop.add_done_callback(self._stop_done)
@@ -1009,50 +1073,87 @@ class RoutineRunner:
         if stop.cancelled():
             return
         exc = stop.exception()
-        if isinstance(exc, (TransportError, CommandError, SessionClosedError)):
-            self._stop_failed(exc)
-        elif exc is not None:
-            self._stop_owed = True
+        if exc is None:
+            self._acknowledged(StopAll())
+            return
+        if not isinstance(exc, DeviceBridgeError):
             _LOGGER.error("%s: STOP_ALL failed", self.session.name, exc_info=exc)
-
-    def _stop_failed(self, exc: DeviceBridgeError) -> None:
-        # The link is down: the session reconnects and the next batch tries again.
-        self._stop_owed = True
-        self.command_errors.append(f"STOP_ALL: {exc}")
-        _LOGGER.warning(
-            "%s: STOP_ALL failed (retrying on the next batch): %s", self.session.name, exc
-        )
+        self._command_failed(StopAll(), exc)
 
     async def _stops_settled(self) -> None:
         while self._stops:
             await asyncio.wait(set(self._stops))
 
-    def _queue(self, commands: list[CommandBody]) -> None:
-        if self._program_active:
-            return  # the device program drives the actuators until it ends or is stopped
-        if commands:
-            self._commands.put_nowait((self._generation, commands))
+    def _next_command(self) -> CommandBody | None:
+        engine = self.engine
+        if engine is None or engine.finished or self._program_active:
+            return None  # a finished run's last STOP_ALL comes from _shutdown
+        if isinstance(engine, MassageEngine):
+            return next_massager_command(massager_target(engine), self._massager)
+        return next_led_command(engine, self._led)
 
-    async def _command_worker(self) -> None:
+    def _acknowledged(self, command: CommandBody, led_sent_for: LedTarget | None = None) -> None:
+        if self.routine.device_kind is DeviceKindName.MASSAGER:
+            was_on = self._massager.motor_on
+            self._massager.acknowledged(command)
+            if self._massager.motor_on != was_on:
+                self._set_motor_commanded(self._massager.motor_on)
+        else:
+            self._led.acknowledged(command, led_sent_for)
+
+    def _command_failed(self, command: CommandBody, exc: BaseException) -> None:
+        """What the device does is no longer known: the command task sends it again."""
+        self.command_errors.append(f"{type(command).__name__}: {exc}")
+        _LOGGER.warning("%s: %s failed: %s", self.session.name, type(command).__name__, exc)
+        if self.routine.device_kind is DeviceKindName.MASSAGER:
+            self._massager.forget()
+            self._set_motor_commanded(False)
+        else:
+            self._led.failed()
+        self._wake.set()
+
+    def _set_motor_commanded(self, on: bool) -> None:
+        """The engine expects a running motor only from the newest sample on (see
+        :meth:`MassageEngine.motor_commanded_from`)."""
+        engine = self.engine
+        if isinstance(engine, MassageEngine):
+            engine.motor_commanded_from((self.session.live_sequence_end or 0) if on else None)
+
+    async def _command_task(self) -> None:
+        """Sends what brings the device to what the engine wants, whenever that changes."""
         while True:
-            generation, commands = await self._commands.get()
-            for body in commands:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
                 # Nothing overtakes a safety stop: it is acknowledged before the next write.
                 await self._stops_settled()
-                if generation != self._generation:
-                    break  # a safety stop came in since these were decided
-                try:
-                    await self.session.send(body)
-                except (TransportError, CommandError, SessionClosedError) as exc:
-                    self.command_errors.append(f"{type(body).__name__}: {exc}")
-                    _LOGGER.warning(
-                        "%s: %s failed: %s", self.session.name, type(body).__name__, exc
-                    )
+                if self.session.state is not ConnectionState.READY:
+                    try:
+                        await self.session.wait_ready()
+                    except SessionClosedError:
+                        return
+                command = self._next_command()
+                if command is None:
                     break
+                engine = self.engine
+                # What a START_LED starts is the treatment wanted when it is sent.
+                sent_for = led_target(engine) if isinstance(engine, LedEngine) else None
+                if isinstance(command, StopAll):
+                    self.stop_all_writes += 1
+                try:
+                    await self.session.send(command)
+                except SessionClosedError:
+                    return
+                except (TransportError, CommandError) as exc:
+                    self._command_failed(command, exc)
+                    if isinstance(exc, CommandRejectedError):
+                        break  # the device said no: again only when something changes
+                    await self.clock.sleep(COMMAND_RETRY_S)
+                    continue
+                self._acknowledged(command, sent_for)
 
     async def _shutdown(self) -> None:
-        """Actuators off at the end, whatever the ending; stop the worker."""
-        self._generation += 1
+        """Actuators off at the end, whatever the ending; stop the command task."""
         for task in (self._worker, self._program_watch):
             if task is not None:
                 task.cancel()
@@ -1071,61 +1172,34 @@ class RoutineRunner:
         assert engine is not None
         summary = self.summary_dict()
         session_id, writer = self.session_id, self._writer
+        ended_at = self._now()
         if writer is not None and session_id is not None:
             writer.run_now(
                 lambda store: store.finish_session(
-                    session_id, status=status, end_reason=end_reason, summary=summary
+                    session_id,
+                    status=status,
+                    end_reason=end_reason,
+                    summary=summary,
+                    ended_at=ended_at,
                 )
             )
-        elif self.store is not None and session_id is not None:
-            self.store.finish_session(
-                session_id, status=status, end_reason=end_reason, summary=summary
-            )
-        if status != "completed":
-            self._guidance = f"Session {status}: {end_reason}" if end_reason else self._guidance
+        if status != "completed" and end_reason:
+            self._final_note = f"Session {status}: {end_reason}"
         self._publish()
-        return RunSummary(self.session_id, status, end_reason, summary, tuple(self.decisions))
+        return RunSummary(self.session_id, status, end_reason, summary, tuple(engine.decisions))
 
     def summary_dict(self) -> dict[str, Any]:
         engine = self.engine
         assert engine is not None
-        base: dict[str, Any] = {
-            "routine": self.routine.name,
-            "device_kind": self.routine.device_kind.value,
-            "mode": self.mode.value,
-            "steps_done": engine.summary.steps_done,
-            "steps_total": engine.summary.steps_total,
-            "completion": round(engine.summary.completion, 4),
-            "completed": engine.summary.completed,
-            "stopped_reason": engine.summary.stopped_reason,
-            "warnings": self._warnings,
-            "gaps": self.gaps,
-            "lost_samples": self.lost_samples,
-            "command_errors": len(self.command_errors),
-        }
-        if isinstance(engine, MassageEngine):
-            s = engine.summary
-            base.update(
-                contact_s=round(s.contact_s, 3),
-                time_in_band_s=round(s.time_in_band_s, 3),
-                in_band_fraction=round(s.in_band_fraction, 4),
-                out_of_band_events=s.out_of_band_events,
-                cap_events=s.cap_events,
-                contact_s_by_zone={z: round(v, 3) for z, v in s.contact_s_by_zone.items()},
-            )
-        else:
-            led = engine.summary
-            base.update(
-                dose_j_cm2={ch: round(v, 4) for ch, v in led.dose_j_cm2.items()},
-                dose_allowed_j_cm2={ch: round(v, 4) for ch, v in engine.dose_allowed_j_cm2.items()},
-                light_s=round(led.light_s, 3),
-                max_temperature_c=(
-                    round(led.max_temperature_c, 2)
-                    if math.isfinite(led.max_temperature_c)
-                    else None
-                ),
-            )
-        return base
+        return session_summary(
+            engine,
+            self.routine,
+            mode=self.mode.value,
+            samples=self.samples_recorded,
+            gaps=self.gaps,
+            lost_samples=self.lost_samples,
+            command_errors=len(self.command_errors),
+        )
 
     # ------------------------------------------------------------------ device programs
 
@@ -1133,25 +1207,24 @@ class RoutineRunner:
         if self.requested_mode is RunMode.HOST:
             return False
         supported = bool(Capability(capabilities) & Capability.PROGRAM_TRANSFER)
-        available = _program_transfer() is not None
-        if self.requested_mode is RunMode.DEVICE and not (supported and available):
-            why = (
+        if self.requested_mode is RunMode.DEVICE and not supported:
+            raise RoutineRunError(
+                f"{self.session.name}: cannot run as a device program: "
                 "the device has no PROGRAM_TRANSFER"
-                if not supported
-                else (f"{PROGRAM_TRANSFER_MODULE} is not installed")
             )
-            raise RoutineRunError(f"{self.session.name}: cannot run as a device program: {why}")
-        return supported and available
+        return supported
 
-    async def _install_device_program(self) -> None:
-        module = _program_transfer()
-        assert module is not None
-        program = module.program_from_routine(self.routine, self.policy)
+    async def _run_device_program(self) -> None:
+        """Install and start the routine as the device's program (or adopt the one the
+        device runs already), and watch for its end."""
         events = self.session.events()
-        await module.install_program(self.session, program)
-        await module.start_program(self.session)
+        if not self._adopt_program:
+            program = program_transfer.program_from_routine(self.routine, self.policy)
+            await program_transfer.install_program(self.session, program)
+            await program_transfer.start_program(self.session)
         self.mode = RunMode.DEVICE
         self._program_active = True
+        self._set_motor_commanded(True)
         self._program_watch = asyncio.get_running_loop().create_task(
             self._watch_program(events), name=f"program events {self.session.name}"
         )
@@ -1163,50 +1236,51 @@ class RoutineRunner:
                 if event.code != EventCode.PROGRAM_FINISHED or not self._program_active:
                     continue
                 self._program_active = False
-                engine = self.engine
-                if engine is None or engine.finished:
-                    return
-                if isinstance(engine, MassageEngine):
-                    if not engine.paused:
-                        self._queue(self._actuate_massage(engine.current_step, with_zone=True))
-                else:
-                    done_s = self._elapsed_s() - self._step_started_s
-                    self._queue(self._start_led(engine, engine.current_step.duration_s - done_s))
+                # The program turned its actuators off as it ended.
+                self._massager.forget()
+                self._led.failed()
+                self._set_motor_commanded(False)
+                self._wake.set()
                 return
         finally:
             await events.aclose()
 
-    def _elapsed_s(self) -> float:
-        engine, batch = self.engine, self._last_batch
-        if engine is None or batch is None or self._first_sequence is None:
-            return 0.0
-        return (batch.end_sequence - self._first_sequence) * engine.dt_s
 
+@dataclass(slots=True)
+class _Guidance:
+    """What the live view says, folded from the engine's decisions as they come."""
 
-def _program_transfer() -> Any:
-    """The device-program module when it is installed (another part of issue 3)."""
-    try:
-        return importlib.import_module(PROGRAM_TRANSFER_MODULE)
-    except ModuleNotFoundError:
-        return None
+    seen: int = 0  # decisions folded so far
+    text: str = ""  # what to do now
+    step_text: str = ""  # the guidance of the step in progress
+    last_warning: str | None = None
+    warnings: int = 0
+
+    def fold(self, decisions: Sequence[Decision]) -> None:
+        for decision in decisions[self.seen :]:
+            kind = decision.kind
+            if kind in _WARNING_KINDS:
+                self.warnings += 1
+                self.last_warning = decision.message
+                continue
+            if kind is DecisionKind.NEXT_STEP or decision.reason == "step_start":
+                self.step_text = decision.message
+            if kind in SAFETY_KINDS:
+                self.last_warning = decision.message
+            if kind is DecisionKind.GUIDANCE and decision.reason != "step_start":
+                self.last_warning = decision.message  # a hint such as "wrong zone"
+            elif kind is DecisionKind.RESUME:
+                self.text = self.step_text  # back to the step after a pause
+            else:
+                self.text = decision.message
+        self.seen = len(decisions)
 
 
 def _step_time_s(step: MassageStep | LedStep) -> float:
     return step.contact_time_s if isinstance(step, MassageStep) else step.duration_s
 
 
-def _zone(name: str) -> Zone:
-    return Zone(ZONE_CODES[name])
-
-
-def _zone_name(code: int) -> str | None:
-    for name, value in ZONE_CODES.items():
-        if value == code:
-            return name
-    return None
-
-
-def _refusal_json(refusal: Any) -> dict[str, Any]:
+def refusal_json(refusal: Any) -> dict[str, Any]:
     return {
         "reason": refusal.reason,
         "message": refusal.message,

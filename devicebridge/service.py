@@ -29,7 +29,6 @@ import math
 import os
 import random
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -40,23 +39,10 @@ import numpy.typing as npt
 from devicebridge import __version__
 from devicebridge.clock import Clock
 from devicebridge.core.backoff import Backoff, BackoffPolicy
-from devicebridge.core.engine import (
-    ZONE_CODES,
-    Decision,
-    DecisionKind,
-    LedEngine,
-    MassageEngine,
-)
+from devicebridge.core.engine import Decision
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
-from devicebridge.core.routine import (
-    DeviceKindName,
-    LedStep,
-    MassageStep,
-    Routine,
-    RoutineError,
-    parse_routine,
-)
+from devicebridge.core.routine import Routine, RoutineError, parse_routine
 from devicebridge.core.signed_program import (
     ProgramRejectedError,
     RejectReason,
@@ -73,14 +59,22 @@ from devicebridge.homeassistant import (
 )
 from devicebridge.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.program_transfer import install_program, program_from_routine
-from devicebridge.runner import StoreWriter
-from devicebridge.session import DeviceSession, MaskSession, MassagerSession
+from devicebridge.runner import (
+    RoutineRefusedError,
+    RoutineRunner,
+    RunMode,
+    RunSummary,
+    StoreWriter,
+    recover_sessions,
+    refusal_json,
+)
+from devicebridge.session import DeviceSession
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, StoredProgram
 from devicebridge.storage.registry import PairedDevice
-from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStatus, SessionStore
+from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from devicebridge.transport.base import DeviceInfo
-from protocols import EventCode, MassageMode, SampleFormat, StopAll, TelemetryBatch, Zone
+from protocols import EventCode, SampleFormat, StopAll, TelemetryBatch
 from protocols.constants import DeviceKind
 
 LOG = logging.getLogger(__name__)
@@ -279,59 +273,6 @@ def decode_telemetry_message(body: Mapping[str, Any]) -> npt.NDArray[np.void]:
     return np.frombuffer(raw, dtype=SAMPLE_DTYPES[sample_format])
 
 
-# --------------------------------------------------------------------------- routines
-
-
-@dataclass
-class RoutineRun:
-    """One routine running on one device: its engine and its session record."""
-
-    session_id: int
-    routine: Routine
-    engine: MassageEngine | LedEngine
-    program_id: int | None
-    started_at: datetime
-    samples: int = 0
-    lost_samples: int = 0
-
-
-def summary_of(run: RoutineRun) -> dict[str, Any]:
-    """What a therapist sees of a session: completion, time in band, dose."""
-    common: dict[str, Any] = {
-        "routine": run.routine.name,
-        "routine_version": run.routine.version,
-        "samples": run.samples,
-        "lost_samples": run.lost_samples,
-    }
-    if isinstance(run.engine, MassageEngine):
-        m = run.engine.summary
-        return {
-            **common,
-            "completion": round(m.completion, 4),
-            "steps_done": m.steps_done,
-            "steps_total": m.steps_total,
-            "contact_s": round(m.contact_s, 3),
-            "time_in_band_s": round(m.time_in_band_s, 3),
-            "in_band_fraction": round(m.in_band_fraction, 4),
-            "out_of_band_events": m.out_of_band_events,
-            "cap_events": m.cap_events,
-            "stopped_reason": m.stopped_reason,
-        }
-    led = run.engine.summary
-    return {
-        **common,
-        "completion": round(led.completion, 4),
-        "steps_done": led.steps_done,
-        "steps_total": led.steps_total,
-        "light_s": round(led.light_s, 3),
-        "dose_j_cm2": {k: round(v, 4) for k, v in led.dose_j_cm2.items()},
-        "max_temperature_c": None
-        if math.isinf(led.max_temperature_c)
-        else round(led.max_temperature_c, 2),
-        "stopped_reason": led.stopped_reason,
-    }
-
-
 class ServiceError(DeviceBridgeError):
     """A request to the service that cannot be carried out (unknown device, busy, ...)."""
 
@@ -344,7 +285,13 @@ class ServiceError(DeviceBridgeError):
 
 
 class DeviceWorker:
-    """Keeps one device connected, records its telemetry and runs its routines."""
+    """Keeps one device connected, streams its telemetry and runs its routines.
+
+    Routines run through :class:`~devicebridge.runner.RoutineRunner`, the same runner as
+    ``devicebridge run``: admission, the engine's safety stops, the daily dose, fault
+    checks, commands and the record are all its job; the worker only publishes what it
+    does (decisions, summaries, state).
+    """
 
     def __init__(self, service: BridgeService, paired: PairedDevice, session: DeviceSession):
         self.service = service
@@ -353,19 +300,19 @@ class DeviceWorker:
         self.serial = paired.serial_number
         self.kind = paired.kind
         self.batcher: TelemetryBatcher | None = None
-        self.run: RoutineRun | None = None
+        self.runner: RoutineRunner | None = None
         self.published_state: ConnectionState | None = None
         self.published_battery: int | None = None
         self.samples_received = 0
-        self._commands: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]]] = asyncio.Queue()
+        # Device jobs other than routines (program installs), one at a time, in order.
+        self._jobs: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending_runs: list[tuple[Routine, int | None]] = []
+        self._run_task: asyncio.Task[RunSummary | None] | None = None
         # Telemetry is handled inside the session's receive callback (an observer), not by
         # a task reading a queue: one task hand-off per batch per device cost more than
         # the recording and batching together.
         self._remove_telemetry_observer: Callable[[], None] | None = None
         self._events = session.events()
-        self._ready_count = 0
         # Connection states are polled by the service's one status loop for all devices
         # (one timer instead of one per device); a stopping worker is left out of it.
         self.stopping = False
@@ -380,7 +327,7 @@ class DeviceWorker:
         for coro, name in (
             (self._connect(), "connect"),
             (self._consume_events(), "events"),
-            (self._run_commands(), "commands"),
+            (self._run_jobs(), "jobs"),
         ):
             self._tasks.append(loop.create_task(coro, name=f"{self.serial} {name}"))
 
@@ -407,8 +354,7 @@ class DeviceWorker:
             if previous is ConnectionState.READY and self.batcher is not None:
                 self._publish_telemetry(self.batcher.flush())
             if state is ConnectionState.READY:
-                self._ready_count += 1
-                self._commands.put_nowait(self._on_ready)
+                self._jobs.put_nowait(self._on_ready)
             self.publish_state()
             self.service.status_changed()
         elif self.session.battery_percent != self.published_battery:
@@ -419,6 +365,7 @@ class DeviceWorker:
             info: DeviceInfo | None = self.session.device_info
         except NotConnectedError:
             info = None  # not connected yet since the bridge started
+        runner = self.runner
         return {
             "serial": self.serial,
             "name": self.paired.name,
@@ -427,7 +374,7 @@ class DeviceWorker:
             "firmware": info.firmware_revision if info else None,
             "state": self.session.state.value,
             "battery_percent": self.session.battery_percent,
-            "session_id": self.run.session_id if self.run else None,
+            "session_id": runner.session_id if runner is not None else None,
         }
 
     def publish_state(self) -> None:
@@ -451,22 +398,15 @@ class DeviceWorker:
         self.kind = _kind_name(info.kind)
         self.service.announce_device(self)
         await self.service.install_pending(self)
-        pending, self._pending_runs = self._pending_runs, []
-        for routine, program_id in pending:
-            await self._begin(routine, program_id)
 
     # ------------------------------------------------------------------ telemetry
 
     def _on_telemetry(self, item: TelemetryItem) -> None:
         if isinstance(item, TelemetryGap):
-            if self.run is not None:
-                self.run.lost_samples += item.sample_count
             if self.batcher is not None:
                 self._publish_telemetry(self.batcher.gap(item))
             return
         self.samples_received += len(item)
-        if self.run is not None:
-            self._record(self.run, item)
         if self.batcher is not None:
             self._publish_telemetry(self.batcher.add(item))
 
@@ -480,26 +420,12 @@ class DeviceWorker:
         if self.session.battery_percent != self.published_battery:
             self.publish_state()
 
-    def _record(self, run: RoutineRun, batch: TelemetryBatch) -> None:
-        writer = self.service.session_writer
-        writer.add_samples(run.session_id, batch.first_sequence, batch.samples)
-        run.samples += len(batch)
-        decisions = run.engine.feed(batch.samples, batch.first_sequence)
-        if decisions:
-            writer.add_decisions(run.session_id, decisions)
-            for decision in decisions:
-                self._publish_decision(run, decision)
-                self._commands.put_nowait(functools.partial(self._apply, run, decision))
-        if run.engine.finished:
-            status: SessionStatus = "completed" if run.engine.summary.completed else "stopped"
-            self.finish(status, run.engine.summary.stopped_reason)
-
-    def _publish_decision(self, run: RoutineRun, decision: Decision) -> None:
+    def _publish_decision(self, runner: RoutineRunner, decision: Decision) -> None:
         self.service.publisher.publish(
             self.service.topics.events(self.serial),
             {
                 "type": "decision",
-                "session_id": run.session_id,
+                "session_id": runner.session_id,
                 "kind": decision.kind.value,
                 "step": decision.step,
                 "at_s": decision.at_s,
@@ -524,118 +450,137 @@ class DeviceWorker:
                 },
             )
 
-    # ------------------------------------------------------------------ commands
+    # ------------------------------------------------------------------ jobs
 
-    async def _run_commands(self) -> None:
+    async def _run_jobs(self) -> None:
         while True:
-            command = await self._commands.get()
+            job = await self._jobs.get()
             try:
-                await command()
+                await job()
             except DeviceBridgeError as exc:
                 LOG.warning("%s: %s", self.serial, exc)
 
-    async def _apply(self, run: RoutineRun, decision: Decision) -> None:
-        """Carry an engine decision out on the device (commands only; the record is kept)."""
-        if self.run is not run and decision.kind not in (DecisionKind.STOP, DecisionKind.COMPLETE):
-            return
-        kind = decision.kind
-        session = self.session
-        if kind in (DecisionKind.PAUSE, DecisionKind.STOP, DecisionKind.COMPLETE):
-            await session.stop_all()
-        elif isinstance(session, MassagerSession) and isinstance(run.engine, MassageEngine):
-            step = run.engine.current_step
-            if kind in (DecisionKind.GUIDANCE, DecisionKind.NEXT_STEP):
-                await _configure_massager(session, step, decision.intensity)
-            elif kind in (DecisionKind.RESUME, DecisionKind.LOWER_INTENSITY):
-                await session.set_intensity(decision.intensity or step.intensity)
-        elif isinstance(session, MaskSession) and isinstance(run.engine, LedEngine):
-            if kind in (
-                DecisionKind.GUIDANCE,
-                DecisionKind.NEXT_STEP,
-                DecisionKind.LOWER_INTENSITY,
-            ):
-                await _start_led(session, run.engine.current_step, run.engine.setpoints_mw_cm2())
-            elif kind is DecisionKind.STOP_STEP:
-                await session.stop_led()
+    def enqueue(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``job`` on the device after the jobs queued before it."""
+        self._jobs.put_nowait(job)
 
     # ------------------------------------------------------------------ routines
 
-    def enqueue(self, command: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``command`` after the device commands queued before it."""
-        self._commands.put_nowait(command)
+    def start_routine(
+        self,
+        routine: Routine,
+        program_id: int | None,
+        *,
+        mode: RunMode | None = None,
+        adopt_program: bool = False,
+        on_update: Callable[[Any], None] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> RoutineRunner:
+        """Admit ``routine`` and run it now, or when the device is next ready.
 
-    def schedule_routine(self, routine: Routine, program_id: int | None) -> None:
-        """Start now if the device is ready, else when it next connects."""
-        if self.run is not None:
+        Raises :class:`~devicebridge.runner.RoutineRefusedError` (recorded and published)
+        when admission refuses it, and :class:`ServiceError` while another routine runs.
+        """
+        if self.runner is not None:
             raise ServiceError("a routine is already running", device=self.serial)
-        if self.session.state is ConnectionState.READY and self.batcher is not None:
-            self._commands.put_nowait(functools.partial(self._begin, routine, program_id))
-        else:
-            self._pending_runs.append((routine, program_id))
+        service = self.service
 
-    async def _begin(self, routine: Routine, program_id: int | None) -> None:
-        if self.run is not None:
-            return
-        info = self.session.device_info
-        rate_hz = float(info.profile.sample_rate_hz)
-        policy = self.service.policy
-        engine: MassageEngine | LedEngine = (
-            MassageEngine(routine, policy, sample_rate_hz=rate_hz)
-            if routine.device_kind is DeviceKindName.MASSAGER
-            else LedEngine(routine, policy, sample_rate_hz=rate_hz)
-        )
-        assert self.batcher is not None
-        session_id = self.service.sessions.start_session(
-            routine_name=routine.name,
-            category=routine.category,
+        def decided(decision: Decision) -> None:
+            self._publish_decision(runner, decision)
+            if on_decision is not None:
+                on_decision(decision)
+
+        runner = RoutineRunner(
+            self.session,
+            routine,
+            service.policy,
+            store=service.sessions,
+            writer=service.session_writer,
+            clock=service.clock,
+            now=service.now,
             device_serial=self.serial,
-            device_kind=self.kind,
-            sample_format=self.batcher.sample_format,
-            sample_rate_hz=rate_hz,
-            routine_text=routine.source_text,
-            program_id=None if program_id is None else str(program_id),
-            started_at=self.service.now(),
+            mode=mode or service.run_mode,
+            program_id=program_id,
+            adopt_program=adopt_program,
+            on_update=on_update,
+            on_decision=decided,
         )
-        run = RoutineRun(session_id, routine, engine, program_id, self.service.now())
-        self.run = run
-        LOG.info("%s: session %d started (%s)", self.serial, session_id, routine.name)
-        decisions = engine.start()
-        self.service.session_writer.add_decisions(session_id, decisions)
-        for decision in decisions:
-            self._publish_decision(run, decision)
-            await self._apply(run, decision)
-        self.publish_state()
+        try:
+            runner.admit()
+        except RoutineRefusedError as refused:
+            LOG.warning("%s: %s", self.serial, refused)
+            if refused.session_id is not None:
+                service.publish_summary(
+                    refused.session_id,
+                    self.serial,
+                    "refused",
+                    "; ".join(r.message for r in refused.refusals),
+                    {
+                        "routine": routine.name,
+                        "refusals": [refusal_json(r) for r in refused.refusals],
+                    },
+                    program_id,
+                    service.now(),
+                )
+            raise
+        self.runner = runner
+        self._run_task = asyncio.get_running_loop().create_task(
+            self._run(runner), name=f"{self.serial} routine"
+        )
+        return runner
 
-    def finish(self, status: SessionStatus, reason: str | None) -> None:
-        run = self.run
-        if run is None:
-            return
-        self.run = None
-        summary = summary_of(run)
-        # Its telemetry and decisions first, so the record is whole once it says finished.
-        self.service.session_writer.commit_session(run.session_id)
-        self.service.sessions.finish_session(
-            run.session_id, status=status, end_reason=reason, summary=summary
-        )
-        LOG.info("%s: session %d %s", self.serial, run.session_id, status)
-        self.service.publish_summary(
-            run.session_id, self.serial, status, reason, summary, run.program_id, run.started_at
-        )
+    async def wait_routine(self) -> RunSummary | None:
+        """The result of the routine running now (None when none runs or it failed)."""
+        task = self._run_task
+        return None if task is None else await asyncio.shield(task)
+
+    async def _run(self, runner: RoutineRunner) -> RunSummary | None:
+        LOG.info("%s: routine %r starting", self.serial, runner.routine.name)
+        started_at = self.service.now()
         self.publish_state()
+        try:
+            result = await runner.run()
+        except DeviceBridgeError as exc:
+            LOG.warning("%s: routine %r failed: %s", self.serial, runner.routine.name, exc)
+            return None
+        finally:
+            self.runner = None
+            self.publish_state()
+            # Programs pushed meanwhile were left for the end of the routine.
+            if self.session.state is ConnectionState.READY and not self.stopping:
+                self.enqueue(functools.partial(self.service.install_pending, self))
+        LOG.info("%s: session %s %s", self.serial, result.session_id, result.status)
+        if result.session_id is not None:
+            self.service.publish_summary(
+                result.session_id,
+                self.serial,
+                result.status,
+                result.end_reason,
+                result.summary,
+                runner.program_id,
+                started_at,
+            )
+        return result
 
     # ------------------------------------------------------------------ stop
 
     async def stop(self) -> None:
-        """STOP_ALL, finish the running session as ``stopped``, close the link."""
+        """End the running routine as ``stopped`` (the device stopped), close the link."""
         self.stopping = True
-        if self.session.state is ConnectionState.READY:
+        runner, task = self.runner, self._run_task
+        if runner is not None and task is not None and not task.done():
+            if runner.engine is None:
+                task.cancel()  # still waiting for the device: nothing ran
+            else:
+                runner.request_stop("bridge stopped")
+            await asyncio.gather(task, return_exceptions=True)
+        elif self.session.state is ConnectionState.READY:
             try:
                 await self.session.send(StopAll(), timeout_s=STOP_ALL_TIMEOUT_S)
             except DeviceBridgeError as exc:
                 LOG.warning("%s: STOP_ALL at shutdown: %s", self.serial, exc)
-        self.finish("stopped", "bridge stopped")
-        for task in self._tasks:
-            task.cancel()
+        for task_ in self._tasks:
+            task_.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._remove_telemetry_observer is not None:
             self._remove_telemetry_observer()
@@ -643,24 +588,6 @@ class DeviceWorker:
             self._publish_telemetry(self.batcher.flush(final=True))
         await self.session.close()
         self.publish_state()
-
-
-async def _configure_massager(
-    session: MassagerSession, step: MassageStep, intensity: int | None
-) -> None:
-    await session.set_mode(MassageMode[step.mode.upper()])
-    await session.set_intensity(intensity or step.intensity)
-    await session.set_zone(Zone(ZONE_CODES[step.zone]))
-
-
-async def _start_led(session: MaskSession, step: LedStep, setpoints: Mapping[str, float]) -> None:
-    await session.start_led(
-        setpoints["red"],
-        setpoints["near_infrared"],
-        setpoints["blue"],
-        max(1, math.ceil(step.duration_s)),
-        step.pulse_hz,
-    )
 
 
 # --------------------------------------------------------------------------- the service
@@ -684,8 +611,10 @@ class BridgeService:
         telemetry_batch_s: float = DEFAULT_TELEMETRY_BATCH_S,
         status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
         rng: random.Random | None = None,
+        run_mode: RunMode = RunMode.AUTO,
     ) -> None:
         self.bridge_id = bridge_id
+        self.run_mode = run_mode
         self.topics = Topics(bridge_id, mqtt.topic_root if mqtt else "devicebridge/v1")
         self.data_dir = data_dir
         self.policy = policy
@@ -775,17 +704,17 @@ class BridgeService:
         return worker
 
     def _recover(self) -> None:
-        """Sessions a killed bridge left running: mark them interrupted and report them."""
-        self.recovered_sessions = self.sessions.recover()
-        for session_id in self.recovered_sessions:
-            record = self.sessions.session(session_id)
-            LOG.warning("session %d was interrupted by a bridge stop", session_id)
+        """Sessions a killed bridge left running: marked interrupted (with the summary of
+        what they recorded) and reported."""
+        for record in recover_sessions(self.sessions, self.policy):
+            self.recovered_sessions.append(record.id)
+            LOG.warning("session %d was interrupted by a bridge stop", record.id)
             self.publish_summary(
-                session_id,
+                record.id,
                 record.device_serial,
                 "interrupted",
                 record.end_reason,
-                {"routine": record.routine_name, **dict(record.summary)},
+                record.summary,
                 int(record.program_id) if record.program_id else None,
                 record.started_at,
             )
@@ -828,9 +757,20 @@ class BridgeService:
             raise ServiceError("not supervised by this bridge", device=serial) from None
 
     def start_routine(
-        self, serial: str, routine: Routine, *, program_id: int | None = None
-    ) -> DeviceWorker:
-        """Run ``routine`` on the device (now, or when it next connects), recording it."""
+        self,
+        serial: str,
+        routine: Routine,
+        *,
+        program_id: int | None = None,
+        mode: RunMode | None = None,
+        on_update: Callable[[Any], None] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> RoutineRunner:
+        """Run ``routine`` on the device (now, or when it next connects), recording it.
+
+        Admission is checked first: a refusal raises
+        :class:`~devicebridge.runner.RoutineRefusedError`, recorded and published.
+        """
         worker = self.worker(serial)
         if routine.device_kind.value != worker.kind:
             raise ServiceError(
@@ -838,15 +778,40 @@ class BridgeService:
                 f"this is a {worker.kind}",
                 device=serial,
             )
-        worker.schedule_routine(routine, program_id)
-        return worker
+        return worker.start_routine(
+            routine, program_id, mode=mode, on_update=on_update, on_decision=on_decision
+        )
 
-    def start_program(self, serial: str, program_id: int) -> DeviceWorker:
+    def program_routine(self, program_id: int) -> Routine:
+        """The routine of stored program ``program_id``, checked again against the policy."""
         program = next((p for p in self.programs.programs() if p.id == program_id), None)
         if program is None:
-            raise ServiceError(f"no program {program_id} on this bridge", device=serial)
-        routine = parse_routine(program.program_text, self.policy, label=f"program {program_id}")
-        return self.start_routine(serial, routine, program_id=program_id)
+            raise ServiceError(f"no program {program_id} on this bridge (devicebridge programs)")
+        if program.expires_at <= self.now():
+            raise ServiceError(
+                f"program {program_id} expired at {program.expires_at.isoformat()}; "
+                "ask the therapist for a new one"
+            )
+        return parse_routine(program.program_text, self.policy, label=f"program {program_id}")
+
+    def start_program(
+        self,
+        serial: str,
+        program_id: int,
+        *,
+        mode: RunMode | None = None,
+        on_update: Callable[[Any], None] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
+    ) -> RoutineRunner:
+        """Run the stored program ``program_id`` on the device; the session counts for it."""
+        return self.start_routine(
+            serial,
+            self.program_routine(program_id),
+            program_id=program_id,
+            mode=mode,
+            on_update=on_update,
+            on_decision=on_decision,
+        )
 
     def publish_summary(
         self,
@@ -961,8 +926,8 @@ class BridgeService:
     async def install_pending(self, worker: DeviceWorker) -> None:
         """Install every valid program for this device kind not yet on this device."""
         for program in self.programs.pending_for(worker.kind, worker.serial):
-            if worker.session.state is not ConnectionState.READY:
-                return  # the next connect tries again
+            if worker.session.state is not ConnectionState.READY or worker.runner is not None:
+                return  # the next connect, or the end of the routine, tries again
             try:
                 routine = parse_routine(program.program_text, self.policy, label="program")
                 device_program = program_from_routine(routine, self.policy)

@@ -225,6 +225,11 @@ class DeviceSession:
         return self._device_info.battery_percent if self._device_info else None
 
     @property
+    def live_sequence_end(self) -> int | None:
+        """The sequence number after the newest live sample received (None before one)."""
+        return self._reassembler.next_live_sequence
+
+    @property
     def reconnects(self) -> int:
         """How often the link came back (``stats.reconnects`` without the snapshot)."""
         return self._counts["reconnects"]

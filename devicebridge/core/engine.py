@@ -218,6 +218,11 @@ class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
     pressure_max: int = -1
 
 
+def _lowered_intensity(level: int) -> int:
+    """The motor level after the skin temperature warning: half, at least 1."""
+    return max(1, level // 2)
+
+
 def _leading_true(mask: npt.NDArray[np.bool_], limit: int) -> int:
     """How many leading entries of ``mask`` are true, at most ``limit``."""
     if limit <= 0:
@@ -248,6 +253,11 @@ class _Engine(abc.ABC, Generic[StepT]):
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def first_sequence(self) -> int | None:
+        """The sequence number of the session's first sample (None before one was fed)."""
+        return self._first_sequence
 
     @property
     def step_number(self) -> int:
@@ -382,11 +392,13 @@ class _Batch(abc.ABC):
         stuck: _BulkStuckSensorDetector,
         actuators: _BulkActuatorWatch,
         on_skin: bool,
+        motor_wanted: bool,
         start: int,
         run: int,
     ) -> int:
         """How many of the ``run`` samples from ``start`` (all quiet so far) get no fault
-        verdict; the checks take those samples in."""
+        verdict; the checks take those samples in. ``motor_wanted``: the motor should run
+        on all of them (on the skin, not paused, commanded on)."""
 
 
 class _ListBatch(_Batch):
@@ -460,6 +472,7 @@ class _ListBatch(_Batch):
         stuck: _BulkStuckSensorDetector,
         actuators: _BulkActuatorWatch,
         on_skin: bool,
+        motor_wanted: bool,
         start: int,
         run: int,
     ) -> int:
@@ -479,14 +492,14 @@ class _ListBatch(_Batch):
         else:
             motor_on_skin = [False] * run
         ok = stuck.ok_count(raw, motor_on_skin)
-        ok_motor = actuators.ok_count(on_skin, motor_on_skin)
+        ok_motor = actuators.ok_count(motor_wanted, motor_on_skin)
         if ok_motor < ok:
             ok = ok_motor
         if ok:
             if ok < run:
                 raw, motor_on_skin = raw[:ok], motor_on_skin[:ok]
             stuck.skip(raw, motor_on_skin)
-            actuators.skip(on_skin, motor_on_skin)
+            actuators.skip(motor_wanted, motor_on_skin)
         return ok
 
 
@@ -525,6 +538,7 @@ class _ArrayBatch(_Batch):
         stuck: _BulkStuckSensorDetector,
         actuators: _BulkActuatorWatch,
         on_skin: bool,
+        motor_wanted: bool,
         start: int,
         run: int,
     ) -> int:
@@ -533,7 +547,7 @@ class _ArrayBatch(_Batch):
         motor = (self.flags[start:end] & MOTOR_FLAG) != 0
         motor_on_skin = motor if on_skin else np.zeros(run, dtype=np.bool_)
         ok_stuck, stuck_runs = stuck.scan(raw, motor_on_skin)
-        ok_motor, motor_runs = actuators.scan(on_skin, motor)
+        ok_motor, motor_runs = actuators.scan(motor_wanted, motor)
         ok = min(ok_stuck, ok_motor)
         if ok:
             stuck.commit(raw, motor_on_skin, stuck_runs, ok)
@@ -613,6 +627,23 @@ class MassageEngine(_Engine[MassageStep]):
     def step_remaining_s(self) -> float:
         done_s = self._step_contact_samples * self.dt_s
         return max(0.0, self.current_step.contact_time_s - done_s)
+
+    @property
+    def intensity(self) -> int:
+        """The motor level the engine wants now: 0 while paused or once finished; the
+        step's level, halved (at least 1) after the skin temperature warning."""
+        if self._finished or self._pause_reason is not None:
+            return 0
+        level = self.current_step.intensity
+        return _lowered_intensity(level) if self._temperature_warned else level
+
+    def motor_commanded_from(self, sequence: int | None) -> None:
+        """The device acknowledged the motor on from about sample ``sequence`` (None: the
+        motor is not commanded on). The check that the device does what it is told only
+        expects a running motor from there on: a command lost with the link, or still on
+        its way, is not the device ignoring it."""
+        if self._actuators is not None:
+            self._actuators.commanded_from = sequence
 
     def _samples_for(self, duration_s: float) -> int:
         return max(1, round(duration_s * self._rate_hz))
@@ -714,7 +745,14 @@ class MassageEngine(_Engine[MassageStep]):
                 run = batch.quiet_count(window, i, min(count, i + window.limit))
                 if run and stuck is not None:
                     assert actuators is not None
-                    run = batch.faults_quiet(stuck, actuators, contact, i, run)
+                    sequence = first_sequence + i
+                    commanded_from = actuators.commanded_from
+                    if commanded_from is not None and sequence < commanded_from:
+                        # The run must not straddle the sample from which the motor counts
+                        # as commanded on: before it, the actuator check expects nothing.
+                        run = min(run, commanded_from - sequence)
+                    wanted = contact and actuators.commanded(sequence)
+                    run = batch.faults_quiet(stuck, actuators, contact, wanted, i, run)
                 if run:
                     self._count_quiet(contact, run)
                     i += run
@@ -854,7 +892,7 @@ class MassageEngine(_Engine[MassageStep]):
             return
         if temperature_c >= policy.temperature_warn_c.value and not self._temperature_warned:
             self._temperature_warned = True
-            lowered = max(1, step.intensity // 2)
+            lowered = _lowered_intensity(step.intensity)
             out.append(
                 self._decision(
                     DecisionKind.LOWER_INTENSITY,
@@ -1039,7 +1077,8 @@ class MassageEngine(_Engine[MassageStep]):
                 self._resume(out, at_s, sequence)
                 return False
             return True
-        if self._actuators.update(not self.paused and contact, motor_on):
+        wanted_on = not self.paused and contact and self._actuators.commanded(sequence)
+        if self._actuators.update(wanted_on, motor_on):
             self._stop(
                 out,
                 at_s,
@@ -1217,8 +1256,22 @@ class LedEngine(_Engine[LedStep]):
             for ch in LED_CHANNELS
         }
         self._step_started_s = 0.0
+        self._elapsed_s = 0.0  # session time after the last sample fed
         self._temperature_warned = False
         self._scale = 1.0
+
+    @property
+    def step_remaining_s(self) -> float:
+        """Light time left in the current step, by the device's sample clock."""
+        if self._finished:
+            return 0.0
+        done_s = max(0.0, self._elapsed_s - self._step_started_s)
+        return max(0.0, self.current_step.duration_s - done_s)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Session time after the last sample fed (0 before the first)."""
+        return self._elapsed_s
 
     def setpoints_mw_cm2(self) -> dict[str, float]:
         """Irradiance to command for the current step (after any lowering)."""
@@ -1301,6 +1354,7 @@ class LedEngine(_Engine[LedStep]):
                 self._next(out, at_s, sequence, ended_early=False, reason="step_done")
             if self.finished:
                 break
+        self._elapsed_s = at_s + self.dt_s
         return self._emit(out)
 
     def _default_zone(self) -> str:

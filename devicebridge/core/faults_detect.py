@@ -139,6 +139,14 @@ class ActuatorWatch:
         self.grace_s = grace_s
         self._mismatch = 0
         self.reported = False
+        # The first sample from which the motor counts as commanded on (None: it is not);
+        # from the start unless told otherwise, so that a replay is judged on the samples.
+        self.commanded_from: int | None = 0
+
+    def commanded(self, sequence: int) -> bool:
+        """Whether the motor was commanded on when sample ``sequence`` was taken."""
+        commanded_from = self.commanded_from
+        return commanded_from is not None and sequence >= commanded_from
 
     def update(self, wanted_on: bool, motor_on: bool) -> bool:
         if not wanted_on or motor_on:

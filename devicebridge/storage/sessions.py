@@ -326,6 +326,7 @@ class SessionStore:
         status: SessionStatus,
         end_reason: str | None,
         summary: Mapping[str, Any],
+        ended_at: datetime | None = None,
     ) -> None:
         with self._transaction() as db:
             db.execute(
@@ -334,7 +335,7 @@ class SessionStore:
                 (
                     status,
                     end_reason,
-                    _now().isoformat(),
+                    (ended_at or _now()).isoformat(),
                     json.dumps(summary, sort_keys=True),
                     session_id,
                 ),

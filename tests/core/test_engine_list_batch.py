@@ -53,6 +53,7 @@ def reference_faults_quiet(
     stuck: _BulkStuckSensorDetector,
     actuators: _BulkActuatorWatch,
     on_skin: bool,
+    motor_wanted: bool,
     start: int,
     run: int,
 ) -> int:
@@ -61,10 +62,10 @@ def reference_faults_quiet(
     motor_on_skin = (
         [flags & MOTOR_FLAG != 0 for flags in batch.flags[start:end]] if on_skin else [False] * run
     )
-    ok = min(stuck.ok_count(raw, motor_on_skin), actuators.ok_count(on_skin, motor_on_skin))
+    ok = min(stuck.ok_count(raw, motor_on_skin), actuators.ok_count(motor_wanted, motor_on_skin))
     if ok:
         stuck.skip(raw[:ok], motor_on_skin[:ok])
-        actuators.skip(on_skin, motor_on_skin[:ok])
+        actuators.skip(motor_wanted, motor_on_skin[:ok])
     return ok
 
 
@@ -122,6 +123,7 @@ def detectors(
 @given(
     columns,
     st.booleans(),
+    st.booleans(),
     st.sampled_from([None, 0, 600, 900]),
     st.integers(0, 19),
     st.integers(0, 14),
@@ -131,6 +133,7 @@ def detectors(
 def test_faults_quiet_matches_the_loop(
     cols: list[tuple[int, int, int, int]],
     on_skin: bool,
+    commanded: bool,
     stuck_value: int | None,
     stuck_run: int,
     mismatch: int,
@@ -142,8 +145,11 @@ def test_faults_quiet_matches_the_loop(
     run = data.draw(st.integers(1, batch.count - start))
     stuck, actuators = detectors(stuck_value, stuck_run, mismatch, reported)
     ref_stuck, ref_actuators = detectors(stuck_value, stuck_run, mismatch, reported)
-    ok = batch.faults_quiet(stuck, actuators, on_skin, start, run)
-    assert ok == reference_faults_quiet(batch, ref_stuck, ref_actuators, on_skin, start, run)
+    wanted = on_skin and commanded
+    ok = batch.faults_quiet(stuck, actuators, on_skin, wanted, start, run)
+    assert ok == reference_faults_quiet(
+        batch, ref_stuck, ref_actuators, on_skin, wanted, start, run
+    )
     assert (stuck._value, stuck._run, stuck.stuck) == (
         ref_stuck._value,
         ref_stuck._run,

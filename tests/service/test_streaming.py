@@ -49,7 +49,7 @@ async def test_a_broker_outage_during_streaming_loses_nothing_and_keeps_order(
         assert link is not None
         worker = next(iter(service.workers.values()))
         service.start_routine(worker.serial, routine)
-        await rig.wait(lambda: len(subscriber.on("/telemetry")) >= 3 and worker.run is not None)
+        await rig.wait(lambda: len(subscriber.on("/telemetry")) >= 3 and worker.runner is not None)
 
         # Hold virtual time while the subscriber catches up: a message the broker has
         # acknowledged but not yet forwarded would die with this non-persistent broker
@@ -62,9 +62,10 @@ async def test_a_broker_outage_during_streaming_loses_nothing_and_keeps_order(
         published_before = service.telemetry_messages
         # Produced while the broker is away: telemetry, and the end of the session.
         await rig.wait(lambda: service.telemetry_messages >= published_before + 5)
-        session_id = worker.run.session_id if worker.run else None
+        session_id = worker.runner.session_id if worker.runner else None
         assert session_id is not None
-        worker.finish("stopped", "ended by the test during the outage")
+        assert worker.runner is not None
+        worker.runner.request_stop("ended by the test during the outage")
         await rig.wait(lambda: service.telemetry_messages >= published_before + 8)
         produced = service.telemetry_messages
         assert service.outbox is not None
@@ -113,9 +114,9 @@ async def test_a_clean_stop_stops_devices_finishes_sessions_and_goes_offline(
         rig.service.start_routine(worker.serial, routine)
         massager = rig.devices[0]
         assert isinstance(massager, SimulatedMassager)
-        await rig.wait(lambda: worker.run is not None and worker.run.samples > 200)
+        await rig.wait(lambda: worker.runner is not None and worker.runner.samples_recorded > 200)
         await rig.wait(lambda: massager.intensity > 0)
-        session_id = worker.run.session_id if worker.run else 0
+        session_id = worker.runner.session_id if worker.runner else 0
         status = read_status_file(tmp_path)
         assert status is not None
         assert status["alive"]
@@ -142,8 +143,8 @@ async def test_without_a_broker_the_service_records_locally(tmp_path: Path) -> N
         await rig.start()
         worker = next(iter(rig.service.workers.values()))
         rig.service.start_routine(worker.serial, routine)
-        await rig.wait(lambda: worker.run is not None and worker.run.samples >= 300)
-        session_id = worker.run.session_id if worker.run else 0
+        await rig.wait(lambda: worker.runner is not None and worker.runner.samples_recorded >= 300)
+        session_id = worker.runner.session_id if worker.runner else 0
         await rig.stop()
     assert not (tmp_path / "outbox.sqlite3").exists()
     with SessionStore(tmp_path / SESSIONS_FILENAME) as store:
