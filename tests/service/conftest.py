@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from devicebridge.core.policy import default_policy
 from devicebridge.core.signed_program import key_id, public_key_bytes, sign_program
 from devicebridge.mqtt import MqttSettings
+from devicebridge.runner import RunMode
 from devicebridge.service import BridgeService
 from devicebridge.session import DeviceSession, session_class_for
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
@@ -105,6 +106,7 @@ async def service_rig(
     now: Callable[[], datetime] | None = None,
     with_devices: bool = True,
     mqtt_username: str | None = None,
+    run_mode: RunMode = RunMode.AUTO,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock()
     world = SimulatedWorld(seed=SEED, clock=clock)
@@ -132,6 +134,7 @@ async def service_rig(
             mqtt=mqtt,
             home_assistant=home_assistant,
             rng=random.Random(SEED),
+            run_mode=run_mode,
             **({"now": now} if now else {}),
         )
         clock.start()

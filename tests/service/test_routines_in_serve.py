@@ -1,0 +1,156 @@
+"""Routines in ``serve`` under the same policy as ``devicebridge run``: temperature, the daily
+LED dose, admission, and the summaries a therapist sees."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from devicebridge.app import routine_hand_script
+from devicebridge.core.engine import DecisionKind
+from devicebridge.core.policy import default_policy
+from devicebridge.core.routine import parse_routine
+from devicebridge.runner import RoutineRefusedError, RunMode
+from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
+from protocols import SampleFormat
+from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON
+from simulators import SimulatedMassager
+from simulators.mask import SimulatedLedMask
+
+from .conftest import Rig, routine_text, service_rig
+
+LED_ROUTINE = """
+[routine]
+name = "red test"
+author = "tests"
+version = "1"
+device_kind = "led_mask"
+category = "led_test"
+
+[[steps]]
+red_mw_cm2 = 20.0
+duration_s = 500
+"""
+
+
+def record_past(
+    data_dir: Path, *, category: str, kind: str, days_ago: float, rig: Rig, **summary: object
+) -> None:
+    with SessionStore(data_dir / SESSIONS_FILENAME) as store:
+        session_id = store.start_session(
+            routine_name="earlier",
+            category=category,
+            device_serial="PAST",
+            device_kind=kind,
+            sample_format=SampleFormat.MASSAGER_V1
+            if kind == "massager"
+            else SampleFormat.LED_MASK_V1,
+            sample_rate_hz=100.0,
+            started_at=rig.service.now() - timedelta(days=days_ago),
+        )
+        store.finish_session(
+            session_id, status="completed", end_reason=None, summary={"completion": 1.0, **summary}
+        )
+
+
+async def ready_worker(rig: Rig) -> str:
+    await rig.start()
+    worker = next(iter(rig.service.workers.values()))
+    await rig.wait(lambda: worker.batcher is not None)
+    return worker.serial
+
+
+@pytest.mark.parametrize("mode", [RunMode.HOST, RunMode.AUTO])
+async def test_over_temperature_on_a_massager_in_serve_stops_the_motor(
+    tmp_path: Path, mode: RunMode
+) -> None:
+    policy = default_policy()
+    routine = parse_routine(routine_text("firming").decode(), policy)
+    async with service_rig(tmp_path, run_mode=mode) as rig:
+        serial = await ready_worker(rig)
+        massager = rig.devices[0]
+        assert isinstance(massager, SimulatedMassager)
+        massager.hand = routine_hand_script(routine, policy, start_s=massager.uptime_s + 1.0)
+        runner = rig.service.start_routine(serial, routine)
+        await rig.wait(lambda: runner.engine is not None and runner.samples_recorded > 1000)
+        massager.skin_baseline_c = 46.0  # the head heats the skin above the 43 °C stop
+        worker = rig.service.workers[serial]
+        result = await worker.wait_routine()
+    assert result is not None
+    stops = [d for d in result.decisions if d.kind is DecisionKind.STOP_STEP]
+    assert stops
+    assert stops[0].reason == "over_temperature"
+    assert "temperature.stop_c = 43" in (stops[0].rule or "")
+    # After each temperature stop the motor is off (a tenth of a second for STOP_ALL to
+    # take effect) until the engine resumes once the skin has cooled below the warn level.
+    with SessionStore(tmp_path / SESSIONS_FILENAME) as store:
+        sequences, samples = store.telemetry(result.session_id or 0)
+    motor = (samples["flags"] & MASSAGER_FLAG_MOTOR_ON) != 0
+    resumes = [d.sequence for d in result.decisions if d.kind is DecisionKind.RESUME]
+    for stop in stops:
+        assert stop.sequence is not None
+        resumed = min((r for r in resumes if r is not None and r > stop.sequence), default=None)
+        held = sequences >= stop.sequence + 10
+        if resumed is not None:
+            held &= sequences < resumed
+        assert held.any()
+        assert not np.any(motor[held]), stop
+    assert result.status in ("stopped", "completed")
+
+
+async def test_the_daily_led_cap_holds_in_serve(tmp_path: Path) -> None:
+    policy = default_policy()
+    routine = parse_routine(LED_ROUTINE, policy)
+    async with service_rig(tmp_path, massagers=0, masks=1, run_mode=RunMode.HOST) as rig:
+        # 50 of the 60 J/cm² daily red dose three hours ago: 10 J/cm² remain.
+        record_past(
+            tmp_path,
+            category="led_test",
+            kind="led_mask",
+            days_ago=3 / 24,
+            rig=rig,
+            dose_j_cm2={"red": 50.0, "near_infrared": 0.0, "blue": 0.0},
+        )
+        serial = await ready_worker(rig)
+        mask = rig.devices[0]
+        assert isinstance(mask, SimulatedLedMask)
+        generate = mask._generate
+
+        def over_deliver(times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
+            samples = generate(times_s)  # a mask that delivers a quarter more than asked
+            samples["red_centi_mw_cm2"] = np.round(samples["red_centi_mw_cm2"] * 1.25)
+            return samples
+
+        mask._generate = over_deliver  # type: ignore[method-assign]
+        runner = rig.service.start_routine(serial, routine)
+        result = await rig.service.workers[serial].wait_routine()
+    assert result is not None
+    assert runner.engine is not None
+    assert runner.engine.dose_allowed_j_cm2["red"] == pytest.approx(10.0)
+    stop = next(d for d in result.decisions if d.kind is DecisionKind.STOP_STEP)
+    assert stop.reason == "dose_cap"
+    assert result.summary["dose_j_cm2"]["red"] == pytest.approx(10.0, abs=0.01)
+
+
+async def test_a_third_firming_in_seven_days_is_refused_in_serve(tmp_path: Path) -> None:
+    policy = default_policy()
+    routine = parse_routine(routine_text("firming").decode(), policy)
+    async with service_rig(tmp_path) as rig:
+        for days_ago in (5.0, 1.0):
+            record_past(tmp_path, category="firming", kind="massager", days_ago=days_ago, rig=rig)
+        serial = await ready_worker(rig)
+        massager = rig.devices[0]
+        commands_before = massager.commands_received
+        with pytest.raises(RoutineRefusedError) as refused:
+            rig.service.start_routine(serial, routine)
+        assert rig.service.workers[serial].runner is None
+        await rig.clock.sleep(1.0)
+        assert massager.commands_received == commands_before  # nothing reached the device
+    assert "frequency.firming.max_sessions = 2" in str(refused.value)
+    with SessionStore(tmp_path / SESSIONS_FILENAME) as store:
+        record = store.session(refused.value.session_id or 0)
+    assert record.status == "refused"
