@@ -288,16 +288,13 @@ def demo_routines(duration_s: float) -> tuple[str, str]:
     step_s = max(DEMO_MIN_STEP_S, round(duration_s * DEMO_STEP_FRACTION))
     led_s = max(1, round(duration_s * DEMO_LED_FRACTION))
     header = 'author = "devicebridge demo"\nversion = "1"\ncategory = "demo"\n'
-    massage = (
-        f'[routine]\nname = "Demo massage"\n{header}device_kind = "massager"\n'
-        + "".join(
-            f'\n[[steps]]\nzone = "{zone}"\ncontact_time_s = {step_s}\nmode = "vibration"\n'
-            f"intensity = {DEMO_INTENSITY}\npressure_kpa = {{ min = 4.0, max = 12.0 }}\n"
-            f'guidance = "{text}"\n'
-            for zone, text in (
-                ("cheek_left", "Upward strokes on the left cheek."),
-                ("forehead", "Strokes from the brow up to the hairline."),
-            )
+    massage = f'[routine]\nname = "Demo massage"\n{header}device_kind = "massager"\n' + "".join(
+        f'\n[[steps]]\nzone = "{zone}"\ncontact_time_s = {step_s}\nmode = "vibration"\n'
+        f"intensity = {DEMO_INTENSITY}\npressure_kpa = {{ min = 4.0, max = 12.0 }}\n"
+        f'guidance = "{text}"\n'
+        for zone, text in (
+            ("cheek_left", "Upward strokes on the left cheek."),
+            ("forehead", "Strokes from the brow up to the hairline."),
         )
     )
     led = (

@@ -57,12 +57,14 @@ from devicebridge.homeassistant import (
     DiscoveredEntity,
     discovery_messages,
 )
+from devicebridge.local_api import LocalApiServer
 from devicebridge.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.program_transfer import install_program, program_from_routine
 from devicebridge.runner import (
     RoutineRefusedError,
     RoutineRunner,
     RunMode,
+    RunnerState,
     RunSummary,
     StoreWriter,
     recover_sessions,
@@ -473,7 +475,8 @@ class DeviceWorker:
         *,
         mode: RunMode | None = None,
         adopt_program: bool = False,
-        on_update: Callable[[Any], None] | None = None,
+        max_duration_s: float | None = None,
+        on_update: Callable[[RunnerState], None] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
     ) -> RoutineRunner:
         """Admit ``routine`` and run it now, or when the device is next ready.
@@ -525,7 +528,7 @@ class DeviceWorker:
             raise
         self.runner = runner
         self._run_task = asyncio.get_running_loop().create_task(
-            self._run(runner), name=f"{self.serial} routine"
+            self._run(runner, max_duration_s), name=f"{self.serial} routine"
         )
         return runner
 
@@ -534,12 +537,12 @@ class DeviceWorker:
         task = self._run_task
         return None if task is None else await asyncio.shield(task)
 
-    async def _run(self, runner: RoutineRunner) -> RunSummary | None:
+    async def _run(self, runner: RoutineRunner, max_duration_s: float | None) -> RunSummary | None:
         LOG.info("%s: routine %r starting", self.serial, runner.routine.name)
         started_at = self.service.now()
         self.publish_state()
         try:
-            result = await runner.run()
+            result = await runner.run(max_duration_s=max_duration_s)
         except DeviceBridgeError as exc:
             LOG.warning("%s: routine %r failed: %s", self.serial, runner.routine.name, exc)
             return None
@@ -612,9 +615,13 @@ class BridgeService:
         status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
         rng: random.Random | None = None,
         run_mode: RunMode = RunMode.AUTO,
+        on_routine_started: Callable[[str, Routine], None] | None = None,
+        local_api: bool = True,
     ) -> None:
         self.bridge_id = bridge_id
         self.run_mode = run_mode
+        # Told of every routine that starts (``--simulate``: the simulated hand follows it).
+        self._on_routine_started = on_routine_started
         self.topics = Topics(bridge_id, mqtt.topic_root if mqtt else "devicebridge/v1")
         self.data_dir = data_dir
         self.policy = policy
@@ -659,6 +666,7 @@ class BridgeService:
         self.acks: list[dict[str, Any]] = []
         self.recovered_sessions: list[int] = []
         self._announced: set[str] = set()
+        self.local_api = LocalApiServer(self) if local_api else None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -680,6 +688,12 @@ class BridgeService:
             for paired in self._devices:
                 self.add_device(paired)
             tasks.append(asyncio.create_task(self._status_loop(), name="status"))
+            if self.local_api is not None:
+                try:
+                    await self.local_api.start()
+                except OSError as exc:
+                    LOG.warning("no local API (devicebridge run uses it): %s", exc)
+                    self.local_api = None
             self._started.set()
             LOG.info(
                 "bridge %s serving %d device(s)%s",
@@ -724,6 +738,8 @@ class BridgeService:
             return
         self._closed = True
         LOG.info("bridge %s stopping", self.bridge_id)
+        if self.local_api is not None:
+            await self.local_api.stop()
         workers = list(self.workers.values())
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         self.publish_status("stopped")
@@ -763,7 +779,8 @@ class BridgeService:
         *,
         program_id: int | None = None,
         mode: RunMode | None = None,
-        on_update: Callable[[Any], None] | None = None,
+        max_duration_s: float | None = None,
+        on_update: Callable[[RunnerState], None] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
     ) -> RoutineRunner:
         """Run ``routine`` on the device (now, or when it next connects), recording it.
@@ -778,8 +795,35 @@ class BridgeService:
                 f"this is a {worker.kind}",
                 device=serial,
             )
-        return worker.start_routine(
-            routine, program_id, mode=mode, on_update=on_update, on_decision=on_decision
+        runner = worker.start_routine(
+            routine,
+            program_id,
+            mode=mode,
+            max_duration_s=max_duration_s,
+            on_update=on_update,
+            on_decision=on_decision,
+        )
+        if self._on_routine_started is not None:
+            self._on_routine_started(serial, routine)
+        return runner
+
+    def device_for(self, wanted: str | None, kind: str) -> str:
+        """The serial of the served device named ``wanted`` (name or serial), or of the
+        only served device of ``kind`` when ``wanted`` is None."""
+        workers = list(self.workers.values())
+        if wanted is not None:
+            for worker in workers:
+                if wanted in (worker.paired.name, worker.serial):
+                    return worker.serial
+            names = ", ".join(w.paired.name for w in workers) or "none"
+            raise ServiceError(f"no served device named {wanted!r} (served: {names})")
+        candidates = [w for w in workers if w.kind == kind]
+        if len(candidates) == 1:
+            return candidates[0].serial
+        names = ", ".join(w.paired.name for w in candidates) or "none"
+        raise ServiceError(
+            f"{'several' if candidates else 'no'} served devices of kind {kind} "
+            f"({names}): choose one with --device"
         )
 
     def program_routine(self, program_id: int) -> Routine:
@@ -800,7 +844,8 @@ class BridgeService:
         program_id: int,
         *,
         mode: RunMode | None = None,
-        on_update: Callable[[Any], None] | None = None,
+        max_duration_s: float | None = None,
+        on_update: Callable[[RunnerState], None] | None = None,
         on_decision: Callable[[Decision], None] | None = None,
     ) -> RoutineRunner:
         """Run the stored program ``program_id`` on the device; the session counts for it."""
@@ -809,6 +854,7 @@ class BridgeService:
             self.program_routine(program_id),
             program_id=program_id,
             mode=mode,
+            max_duration_s=max_duration_s,
             on_update=on_update,
             on_decision=on_decision,
         )

@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from devicebridge import local_api
 from devicebridge.app import App
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
 from devicebridge.core.engine import Decision, DecisionKind, PressureState
@@ -36,7 +37,14 @@ from devicebridge.core.policy import (
 from devicebridge.core.routine import Routine, RoutineError, parse_routine
 from devicebridge.errors import DeviceBridgeError, UnknownDeviceError
 from devicebridge.report import load_report, summary_lines, write_csv, write_json, write_png
-from devicebridge.runner import RoutineRunner, RunMode, RunnerState, RunSummary
+from devicebridge.runner import (
+    RoutineRunner,
+    RunMode,
+    RunnerState,
+    RunSummary,
+    recover_sessions,
+)
+from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from devicebridge.transport.base import Transport
 from devicebridge.transport.ble import matches
@@ -387,8 +395,15 @@ def summary_table(result: RunSummary) -> Table:
 
 
 @main.command("run")
-@click.argument("routine_spec", metavar="ROUTINE")
-@click.option("--device", "device_name", required=True, help="Paired device name (or serial).")
+@click.argument("routine_spec", metavar="ROUTINE", required=False)
+@click.option(
+    "--program",
+    "program_id",
+    type=int,
+    default=None,
+    help="Run program ID pushed by your therapist (devicebridge programs) instead of ROUTINE.",
+)
+@click.option("--device", "device_name", default=None, help="Paired device name (or serial).")
 @click.option(
     "--policy",
     "policy_file",
@@ -415,24 +430,76 @@ def summary_table(result: RunSummary) -> Table:
 @reports_errors
 def run_command(
     cli: CliContext,
-    routine_spec: str,
-    device_name: str,
+    routine_spec: str | None,
+    program_id: int | None,
+    device_name: str | None,
     policy_file: Path | None,
     duration_s: float | None,
     fast: bool,
     mode: str,
     serial_port: str | None,
 ) -> None:
-    """Run ROUTINE (a file or a starter name) on the device NAME with live guidance."""
-    policy = load_policy(policy_file)
-    # Parsed and checked before any connection: a bad file never reaches a device.
-    routine = resolve_routine(routine_spec, policy)
-    options = replace(cli.options, sim_fast=cli.options.sim_fast or fast)
+    """Run ROUTINE (a file or a starter name), or --program ID, with live guidance.
 
-    async def go(view: GuidanceView) -> RunSummary:
+    When `devicebridge serve` runs on the same data directory, the routine runs on it
+    (it holds the devices' links): same guidance, recorded and published by the bridge.
+    """
+    if (routine_spec is None) == (program_id is None):
+        raise CliInputError("give either ROUTINE (a file or a starter name) or --program ID")
+    data_dir = App(cli.options).data_dir
+    program_label = None
+    if program_id is not None:
+        routine_text, program_label = _program_text(data_dir, program_id)
+        policy = load_policy(policy_file)
+        routine = _parse_or_refuse(routine_text, policy, program_label)
+    else:
+        assert routine_spec is not None
+        policy = load_policy(policy_file)
+        # Parsed and checked before any connection: a bad file never reaches a device.
+        routine = resolve_routine(routine_spec, policy)
+    options = replace(cli.options, sim_fast=cli.options.sim_fast or fast)
+    limit_s = duration_s or DEFAULT_RUN_LIMIT_S
+
+    async def on_bridge(view: GuidanceView) -> RunSummary | None:
+        connection = await local_api.connect(data_dir)
+        if connection is None:
+            return None
+        if policy_file is not None or serial_port is not None:
+            connection[1].close()
+            raise CliInputError(
+                "a bridge (devicebridge serve) runs on this data directory and the routine "
+                "runs on it, under its policy and on its links: drop --policy/--serial-port"
+            )
+        names: list[str] = []
+
+        def started(device: str) -> None:
+            names.append(device)
+
+        request: dict[str, Any] = {
+            "device": device_name,
+            "program_id": program_id,
+            "routine_text": None if program_id is not None else routine.source_text,
+            "label": routine_spec or program_label,
+            "mode": mode,
+            "max_duration_s": limit_s,
+        }
+        try:
+            return await local_api.run_on_bridge(
+                connection,
+                request,
+                on_started=started,
+                on_state=view.on_state,
+                on_decision=lambda d: view.on_decision(names[0] if names else "bridge", d),
+            )
+        except local_api.BridgeRefusedError as exc:
+            raise CliInputError(str(exc)) from None
+
+    async def locally(view: GuidanceView) -> RunSummary:
+        if device_name is None:
+            raise CliInputError("--device NAME: which device to run it on (devicebridge devices)")
         async with App(options) as app:
             with SessionStore(app.data_dir / SESSIONS_FILENAME) as store:
-                store.recover()
+                recover_sessions(store, policy)
                 transport, name, serial = await _transport_for(app, device_name, serial_port)
                 session = app.session(transport, routine.device_kind.value, name=name)
                 runner = RoutineRunner(
@@ -442,6 +509,7 @@ def run_command(
                     store=store,
                     device_serial=serial,
                     mode=RunMode(mode),
+                    program_id=program_id,
                     on_update=view.on_state,
                     on_decision=lambda d: view.on_decision(name, d),
                 )
@@ -455,9 +523,13 @@ def run_command(
                             policy,
                             lead_in_s=SIM_HAND_LEAD_IN_S,
                         )
-                    return await runner.run(max_duration_s=duration_s or DEFAULT_RUN_LIMIT_S)
+                    return await runner.run(max_duration_s=limit_s)
                 finally:
                     await session.close()
+
+    async def go(view: GuidanceView) -> RunSummary:
+        result = await on_bridge(view)
+        return result if result is not None else await locally(view)
 
     try:
         with GuidanceView(cli.console) as view:
@@ -466,6 +538,32 @@ def run_command(
         cli.console.print("Stopped (the device was told to stop all).")
         return
     cli.console.print(summary_table(result))
+
+
+def _program_text(data_dir: Path, program_id: int) -> tuple[str, str]:
+    """The routine text of stored program ``program_id`` and a label naming it."""
+    store = ProgramStore(data_dir / PROGRAMS_FILENAME)
+    try:
+        program = next((p for p in store.programs() if p.id == program_id), None)
+    finally:
+        store.close()
+    if program is None:
+        raise CliInputError(
+            f"--program {program_id}: no such program on this bridge (devicebridge programs)"
+        )
+    if program.expires_at <= datetime.now(UTC):
+        raise CliInputError(
+            f"--program {program_id}: expired at {program.expires_at:%Y-%m-%d %H:%M} UTC; "
+            "ask your therapist for a new one"
+        )
+    return program.program_text, f"program {program_id} ({program.routine_name})"
+
+
+def _parse_or_refuse(text: str, policy: SafetyPolicy, label: str) -> Routine:
+    try:
+        return parse_routine(text, policy, label=label)
+    except RoutineError as exc:
+        raise CliInputError(f"{label} does not pass this policy:\n{exc}") from exc
 
 
 async def _transport_for(

@@ -26,7 +26,7 @@ from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_error
 from devicebridge.cli.routines import routine_group
 from devicebridge.config import APP_NAME, MqttConfig, Settings
 from devicebridge.core.policy import SafetyPolicy, default_policy, parse_policy
-from devicebridge.core.routine import RoutineError, parse_routine
+from devicebridge.core.routine import Routine, RoutineError, parse_routine
 from devicebridge.core.signed_program import (
     FORMAT,
     key_id,
@@ -52,6 +52,8 @@ DEFAULT_VALID_DAYS: Final = 7
 DEFAULT_ACK_TIMEOUT_S: Final = 30.0
 DEFAULT_READ_TIMEOUT_S: Final = 5.0
 SIMULATED_SCAN_S: Final = 2.0
+# With --simulate, a simulated hand follows each routine from this long after it starts.
+SIMULATED_HAND_LEAD_IN_S: Final = 1.0
 PRIVATE_KEY_MODE: Final = 0o600
 
 
@@ -233,6 +235,13 @@ def serve_command(
     async def go() -> None:
         async with App(cli.options) as app:
             devices = await _devices_to_serve(app)
+
+            def guide_hand(serial: str, started: Routine) -> None:
+                # --simulate: the simulated hand follows each routine that starts.
+                app.script_simulated_hand(
+                    serial, started, policy, lead_in_s=SIMULATED_HAND_LEAD_IN_S
+                )
+
             service = BridgeService(
                 bridge_id=bid,
                 data_dir=app.data_dir,
@@ -243,6 +252,7 @@ def serve_command(
                 mqtt=mqtt,
                 home_assistant=bool(settings.mqtt and settings.mqtt.home_assistant_discovery),
                 rng=app.rng,
+                on_routine_started=guide_hand if app.options.simulate else None,
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):

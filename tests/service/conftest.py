@@ -16,7 +16,9 @@ from typing import Any
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from devicebridge.app import routine_hand_script
 from devicebridge.core.policy import default_policy
+from devicebridge.core.routine import Routine
 from devicebridge.core.signed_program import key_id, public_key_bytes, sign_program
 from devicebridge.mqtt import MqttSettings
 from devicebridge.runner import RunMode
@@ -26,7 +28,7 @@ from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import BleBackends, BleTransport
 from protocols import DeviceKind
-from simulators import SimulatedWorld, VirtualClock
+from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
 from simulators.device import SimulatedDevice
 
 SEED = 4242
@@ -107,6 +109,7 @@ async def service_rig(
     with_devices: bool = True,
     mqtt_username: str | None = None,
     run_mode: RunMode = RunMode.AUTO,
+    guide_hands: bool = False,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock()
     world = SimulatedWorld(seed=SEED, clock=clock)
@@ -123,6 +126,16 @@ async def service_rig(
         if broker_port
         else None
     )
+    by_serial = {d.serial_number: d for d in sims}
+
+    def guide_hand(serial: str, routine: Routine) -> None:
+        # As `serve --simulate` does: the simulated hand follows each routine started.
+        device = by_serial[serial]
+        if isinstance(device, SimulatedMassager):
+            device.hand = routine_hand_script(
+                routine, default_policy(), start_s=device.uptime_s + 1.0
+            )
+
     async with world:
         service = BridgeService(
             bridge_id=BRIDGE,
@@ -135,6 +148,7 @@ async def service_rig(
             home_assistant=home_assistant,
             rng=random.Random(SEED),
             run_mode=run_mode,
+            on_routine_started=guide_hand if guide_hands else None,
             **({"now": now} if now else {}),
         )
         clock.start()
