@@ -76,7 +76,17 @@ from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, Store
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from devicebridge.transport.base import DeviceInfo
-from protocols import EventCode, SampleFormat, StopAll, TelemetryBatch
+from protocols import (
+    Event,
+    EventCode,
+    ProgramStepEvent,
+    ProgramStepReason,
+    ProtocolError,
+    SampleFormat,
+    StopAll,
+    TelemetryBatch,
+)
+from protocols import program_crc32 as program_crc32_of
 from protocols.constants import DeviceKind
 
 LOG = logging.getLogger(__name__)
@@ -440,6 +450,10 @@ class DeviceWorker:
 
     async def _consume_events(self) -> None:
         async for event in self._events:
+            if event.code == EventCode.PROGRAM_STEP and self.runner is None:
+                started = _program_started(event)
+                if started is not None:
+                    self.enqueue(functools.partial(self._device_started_program, started))
             code = event.code
             self.service.publisher.publish(
                 self.service.topics.events(self.serial),
@@ -451,6 +465,33 @@ class DeviceWorker:
                     "payload_hex": event.payload.hex(),
                 },
             )
+
+    async def _device_started_program(self, program_crc32: int) -> None:
+        """The user started the device's program from its button: run it as a session (the
+        same runner, watching the program the device runs) when the bridge knows it and
+        admission allows it now; otherwise stop it."""
+        if self.runner is not None or self.stopping:
+            return
+        known = self.service.known_program(self.kind, program_crc32)
+        why: str | None = None
+        if known is None:
+            why = "a program this bridge does not know (or its policy no longer admits)"
+        else:
+            program_id, routine = known
+            try:
+                self.start_routine(routine, program_id, mode=RunMode.DEVICE, adopt_program=True)
+                LOG.info("%s: program %d started from the device", self.serial, program_id)
+                return
+            except RoutineRefusedError as refused:
+                why = str(refused)
+            except ServiceError as exc:
+                why = str(exc)
+        LOG.warning("%s: stopping the program started on the device: %s", self.serial, why)
+        self.service.publisher.publish(
+            self.service.topics.events(self.serial),
+            {"type": "program_stopped", "program_crc32": program_crc32, "reason": why},
+        )
+        await self.session.send(StopAll(), timeout_s=STOP_ALL_TIMEOUT_S)
 
     # ------------------------------------------------------------------ jobs
 
@@ -826,6 +867,22 @@ class BridgeService:
             f"({names}): choose one with --device"
         )
 
+    def known_program(self, kind: str, program_crc32: int) -> tuple[int, Routine] | None:
+        """The valid stored program for ``kind`` whose device program has this CRC-32 (as
+        this bridge builds it now, under its policy), with its routine."""
+        now = self.now()
+        for program in self.programs.programs():
+            if program.device_kind != kind or program.expires_at <= now:
+                continue
+            try:
+                routine = parse_routine(program.program_text, self.policy, label="program")
+                encoded = program_from_routine(routine, self.policy).encode()
+            except (DeviceBridgeError, ValueError):
+                continue
+            if program_crc32_of(encoded) == program_crc32:
+                return program.id, routine
+        return None
+
     def program_routine(self, program_id: int) -> Routine:
         """The routine of stored program ``program_id``, checked again against the policy."""
         program = next((p for p in self.programs.programs() if p.id == program_id), None)
@@ -1082,6 +1139,17 @@ class BridgeService:
 
 def _nothing() -> None:
     return None
+
+
+def _program_started(event: Event) -> int | None:
+    """The CRC-32 of the program a ``PROGRAM_STEP`` event says just started, if it does."""
+    try:
+        step = ProgramStepEvent.decode(event.payload)
+    except ProtocolError:
+        return None
+    if step.reason != ProgramStepReason.STARTED:
+        return None
+    return step.program_crc32
 
 
 def _nonce_hint(payload: bytes) -> str | None:

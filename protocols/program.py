@@ -59,6 +59,8 @@ _U8_MAX: Final = 0xFF
 _U16_MAX: Final = 0xFFFF
 _I16_MIN: Final = -0x8000
 _I16_MAX: Final = 0x7FFF
+_U32_MAX: Final = 0xFFFF_FFFF
+_U32: Final = struct.Struct("<I")
 _WHAT: Final = "program"
 
 LED_CHANNEL_NAMES: Final = ("red", "near_infrared", "blue")
@@ -427,19 +429,27 @@ def _at_least(payload: bytes, size: int, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProgramStepEvent:
-    """``PROGRAM_STEP`` payload: u8 step index (0-based), u8 :class:`ProgramStepReason`."""
+    """``PROGRAM_STEP`` payload: u8 step index (0-based), u8 :class:`ProgramStepReason`,
+    then, with reason STARTED, u32 the CRC-32 of the program that started (section 7.4):
+    a host tells which program a device started by itself (its button) from it."""
 
     step_index: int
     reason: ProgramStepReason | int
+    program_crc32: int | None = None
 
     def encode(self) -> bytes:
         _check_range(self.step_index, 0, _U8_MAX, "step_index", decoding=False)
-        return bytes([self.step_index, int(self.reason) & _U8_MAX])
+        head = bytes([self.step_index, int(self.reason) & _U8_MAX])
+        if self.program_crc32 is None:
+            return head
+        _check_range(self.program_crc32, 0, _U32_MAX, "program_crc32", decoding=False)
+        return head + _U32.pack(self.program_crc32)
 
     @classmethod
     def decode(cls, payload: bytes) -> ProgramStepEvent:
         _at_least(payload, 2, "PROGRAM_STEP payload")
-        return cls(payload[0], enum_or_int(ProgramStepReason, payload[1]))
+        crc = _U32.unpack_from(payload, 2)[0] if len(payload) >= 2 + _U32.size else None
+        return cls(payload[0], enum_or_int(ProgramStepReason, payload[1]), crc)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

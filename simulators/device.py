@@ -387,6 +387,16 @@ class SimulatedDevice(abc.ABC):
         """A committed program is running on the device's own clock."""
         return False
 
+    def press_program_button(self) -> bool:
+        """A long press of the mode button: the user starts the program installed on the
+        device, with or without a host (docs/protocol.md 7.4). True when it started."""
+        program = self.program_receiver.committed
+        if not self.is_powered or self.program_running or program is None:
+            return False
+        self.catch_up()
+        self._emit(EventCode.BUTTON, bytes([Button.MODE, Press.LONG]))
+        return self._start_program(program) is ResultCode.OK
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:

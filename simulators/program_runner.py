@@ -201,7 +201,10 @@ class _ProgramRun(abc.ABC):
         return self.end_reason is not None
 
     def _step_event(self, reason: ProgramStepReason, t_s: float) -> None:
-        self.emit(EventCode.PROGRAM_STEP, ProgramStepEvent(self.index, reason).encode(), t_s)
+        # The start names the program, so a host can tell which one the user started.
+        crc = program_crc32(self.program.encode()) if reason is ProgramStepReason.STARTED else None
+        event = ProgramStepEvent(self.index, reason, crc)
+        self.emit(EventCode.PROGRAM_STEP, event.encode(), t_s)
 
     def _hard_limit(self, limit: HardLimit, t_s: float) -> None:
         self.emit(EventCode.HARD_LIMIT, HardLimitEvent(limit, self.index).encode(), t_s)

@@ -196,3 +196,15 @@ def test_event_and_rejection_payloads() -> None:
     # Treatment reasons keep their codes in PROGRAM_FINISHED.
     for reason in p.TreatmentEndReason:
         assert p.ProgramEndReason[reason.name] == reason.value
+
+
+def test_a_program_start_event_names_the_program_and_older_layouts_still_decode() -> None:
+    from protocols import ProgramStepEvent, ProgramStepReason
+
+    started = ProgramStepEvent(0, ProgramStepReason.STARTED, 0xDEADBEEF)
+    assert started.encode() == bytes([0, 0]) + (0xDEADBEEF).to_bytes(4, "little")
+    assert ProgramStepEvent.decode(started.encode()) == started
+    # Without the CRC (a step change, or firmware before it): the same two bytes as before.
+    step = ProgramStepEvent(2, ProgramStepReason.STEP_DONE)
+    assert step.encode() == bytes([2, 1])
+    assert ProgramStepEvent.decode(bytes([0, 0])).program_crc32 is None
