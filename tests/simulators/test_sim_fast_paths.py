@@ -32,12 +32,14 @@ from .conftest import RecordingLink
 from .test_sim_sample_paths import run_massagers
 
 # sha256 over ring bytes, events and messages of run_massagers, per batch interval, as the
-# simulator gave them before any of these shortcuts.
+# simulator gave them before any of these shortcuts; since then the only change is the
+# program's CRC-32 at the end of its start event (PROGRAM_STEP reason 0, docs/protocol.md
+# 7.4): with those four bytes left out, the runs give the digests recorded first.
 RECORDED_RUN_DIGESTS = {
-    0.1: "a14222aff504d0daa6f93a35c43bc92df098246f214de0d0db4619b99ba4c3cd",
-    0.47: "175ec2f78ebbfd905c7efc03ee4a64bf5ff536b77424ab6eff08f26bef2c3fde",
-    1.0: "3cb4b46eb9e04f6837f0be1d3780d4cc993f8d555add85f49b6ab19ce992bc9c",
-    5.0: "6ab985def76a23173603b7c8ad4172dfcc21552d91396f5f0376809a0e39eb61",
+    0.1: "c0e5567ac466b660c7683f47627db958d73a9cb130da501808dfa481623fd570",
+    0.47: "81b9287fee557a6f0412af9d89ec5866717e177f421165bb9280a6c1fad1d53d",
+    1.0: "423f9d60e02ac13810e71a59bfbd3d6fdf022e28bb2bebc00c99d9bf94bb1cde",
+    5.0: "c9a3ea5d5fab9eca3cee859a8bf6f3ed7c884bc5ca0c14fdca573358f4dd50ec",
 }
 
 
