@@ -21,6 +21,7 @@ from devicebridge.core.signed_program import key_id, public_key_bytes, sign_prog
 from devicebridge.mqtt import MqttSettings
 from devicebridge.service import BridgeService
 from devicebridge.session import DeviceSession, session_class_for
+from devicebridge.storage.lock import try_acquire
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import BleBackends, BleTransport
@@ -121,7 +122,9 @@ async def service_rig(
         if broker_port
         else None
     )
+    # As `devicebridge serve` does: one bridge per data directory, for the rig's lifetime.
     async with world:
+        lock = try_acquire(data_dir)
         service = BridgeService(
             bridge_id=BRIDGE,
             data_dir=data_dir,
@@ -142,6 +145,7 @@ async def service_rig(
             if rig.task is not None and not rig.task.done():
                 await rig.stop()
             await clock.stop()
+            lock.release()
 
 
 # --------------------------------------------------------------------------- MQTT side
