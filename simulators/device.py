@@ -83,6 +83,7 @@ from protocols import (
     ProgramChunk,
     ProgramCommit,
     ProgramEndReason,
+    ProgramFinishedEvent,
     ProgramRejection,
     ProgramStart,
     ProtocolError,
@@ -297,6 +298,8 @@ class SimulatedDevice(abc.ABC):
         # The host on this link has sent a command, so it listens to notifications.
         self._host_listening = False
         self.program_receiver = ProgramReceiver(self.kind)
+        # Why the last program ended (from its PROGRAM_FINISHED); None while one runs.
+        self.program_end_reason: ProgramEndReason | int | None = None
         self.ignored_frames = 0
         self.commands_received = 0
         # What the running image reports; simulators.smp changes it after an update.
@@ -627,7 +630,10 @@ class SimulatedDevice(abc.ABC):
                 program = self.program_receiver.committed
                 if program is None:
                     return ResultCode.INVALID_PARAMETER, b""  # nothing committed to run
-                return self._start_program(program), b""
+                result = self._start_program(program)
+                if result is ResultCode.OK:
+                    self.program_end_reason = None
+                return result, b""
             case ProgramAbort():
                 self.program_receiver.discard_transfer()
                 self._stop_program(ProgramEndReason.STOPPED_BY_HOST)
@@ -792,6 +798,8 @@ class SimulatedDevice(abc.ABC):
         event = Event(self._event_sequence, self.device_time_ms(t_s), code, payload)
         self._event_sequence = (self._event_sequence + 1) % EVENT_SEQUENCE_MODULUS
         self.events.append(event)
+        if code is EventCode.PROGRAM_FINISHED:
+            self.program_end_reason = ProgramFinishedEvent.decode(payload).reason
         if (hold or self.program_running) and (self._link is None or not self._host_listening):
             self._event_backlog.append(event)
             return
