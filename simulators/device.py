@@ -35,7 +35,7 @@ program causes while no host can hear them (no link, or a new link on which the 
 not sent its first command yet, so its notifications may not be enabled) are kept in a
 small backlog and sent right after the acknowledgement of the host's first command on
 the next link, so the host's record of the session is complete. ``BOOT`` waits in the
-same backlog: it is sent when it happens, nobody listens.
+same backlog (when a device boots, no host listens yet).
 
 A restart loses the RAM: the ring and the counter start again at 0. What the firmware
 can keep is the previous boot's sample count: saved at an orderly power-off, and kept in
