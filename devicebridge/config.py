@@ -94,7 +94,11 @@ def config_path(override: Path | None = None) -> tuple[Path, bool]:
 
 def data_dir(override: Path | None = None, settings: Settings | None = None) -> Path:
     """Where the registry lives: parameter, then ``DEVICEBRIDGE_DATA_DIR``, then config, then
-    the platform's user data directory."""
+    the platform's user data directory.
+
+    Only the path: the stores create it, private (0700, files 0600), when they first open
+    it (:mod:`devicebridge.storage.files`).
+    """
     if override is not None:
         return override
     from_env = os.environ.get(DATA_DIR_ENV)

@@ -71,6 +71,8 @@ from devicebridge.runner import (
     refusal_json,
 )
 from devicebridge.session import DeviceSession
+from devicebridge.storage.files import open_private, private_directory
+from devicebridge.storage.lock import holder as lock_holder
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, StoredProgram
 from devicebridge.storage.registry import PairedDevice
@@ -1188,34 +1190,39 @@ def status_file(data_dir: Path) -> Path:
 
 
 def write_status_file(data_dir: Path, status: Mapping[str, Any]) -> None:
-    """Replace the status file atomically (a reader never sees half a file)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Replace the status file atomically (a reader never sees half a file); mode 0600."""
     path = status_file(data_dir)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(status, indent=2, sort_keys=True))
+    private_directory(data_dir)
+    fd = open_private(temporary, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(status, indent=2, sort_keys=True))
     temporary.replace(path)
 
 
 def read_status_file(data_dir: Path) -> dict[str, Any] | None:
-    """The last status the service wrote, with ``alive`` telling whether it still runs."""
+    """The last status the service wrote, with ``alive`` telling whether a bridge runs now.
+
+    ``alive`` comes from the data directory's bridge lock (:mod:`devicebridge.storage.lock`),
+    not from the pid in the file: a killed bridge leaves ``state: running`` behind, and its
+    pid may belong to another process by now. A bridge that holds the lock but has not
+    written its own status yet (the file is missing or an earlier bridge's) is reported as
+    ``{"state": "starting", "pid": ..., "alive": true}``. ``None``: no status and no bridge.
+    """
     path = status_file(data_dir)
+    running_pid = lock_holder(data_dir)
+    status: dict[str, Any] | None
     try:
-        status: dict[str, Any] = json.loads(path.read_text())
+        status = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        status = None
     except (OSError, ValueError) as exc:
         raise ServiceError(f"{path}: unreadable status file: {exc}") from exc
-    status["alive"] = status.get("state") == "running" and _pid_alive(int(status.get("pid", 0)))
+    if status is not None and not isinstance(status, dict):
+        raise ServiceError(f"{path}: unreadable status file: not a JSON object")
+    if running_pid is not None and (status is None or status.get("pid") != running_pid):
+        status = {"state": "starting", "pid": running_pid}
+    if status is None:
+        return None
+    status["alive"] = running_pid is not None
     return status
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -44,6 +44,7 @@ from devicebridge.transport.base import TRANSPORT_COMMAND_ID, DeviceInfo, Transp
 from protocols import (
     Ack,
     BackfillReply,
+    BootEvent,
     Command,
     CommandBody,
     DeviceKind,
@@ -57,6 +58,7 @@ from protocols import (
     SetIntensity,
     SetMode,
     SetZone,
+    ShutdownEvent,
     StartLed,
     StartStream,
     StopAll,
@@ -198,6 +200,7 @@ class DeviceSession:
         self.last_batch: TelemetryBatch | None = None
         self._counts = dict.fromkeys(SessionStats.__dataclass_fields__, 0)
         self._restarts = RestartDetector()
+        self._restart_seen_on_link = False  # a restart was handled since the link came up
         self._drift: ClockDriftEstimator | None = None
         self._drift_reported = False
 
@@ -249,7 +252,7 @@ class DeviceSession:
             samples_delivered=counters.delivered_samples,
             reconnects=self._counts["reconnects"],
             command_timeouts=self._counts["command_timeouts"],
-            device_restarts=self._counts["device_restarts"],
+            device_restarts=counters.device_restarts,
         )
 
     @property
@@ -378,6 +381,7 @@ class DeviceSession:
         self._fail_pending(ConnectionLostError("link lost", device=self.name))
         self._reassembler.on_link_reset()
         self._restarts.on_link_reset()
+        self._restart_seen_on_link = False
         if self._backfill_task is not None:
             self._backfill_task.cancel()
             self._backfill_task = None
@@ -569,8 +573,8 @@ class DeviceSession:
             self._on_ack(message)
         elif isinstance(message, Event):
             restart = _RESTART_EVENTS.get(message.code)
-            if restart is not None and self._reassembler.next_live_sequence is not None:
-                self._on_device_restart(restart)
+            if restart is not None:
+                self._on_restart_event(restart, message)
             for events in self._event_subs:
                 events._put(message)
         else:
@@ -601,16 +605,27 @@ class DeviceSession:
         self._deliver(items)
         self._kick_backfill()
 
-    def _on_device_restart(self, reason: GapReason) -> None:
+    def _on_restart_event(self, reason: GapReason, event: Event) -> None:
+        if self._reassembler.next_live_sequence is None:
+            return  # nothing received yet: the stream starts with what comes next
+        if event.code == EventCode.BOOT and self._restart_seen_on_link:
+            return  # the BOOT of the restart the counter already showed on this link
+        self._on_device_restart(reason, _sequence_end(event, self.name))
+
+    def _on_device_restart(self, reason: GapReason, sequence_end: int | None = None) -> None:
         """The device rebooted or shut down: what it held is gone, its counter restarts."""
-        self._counts["device_restarts"] += 1
-        _LOGGER.warning("%s: %s", self.name, reason.value.replace("_", " "))
-        if self._backfill_task is not None:
-            self._backfill_task.cancel()
-            self._backfill_task = None
-        info = self._device_info
-        self._drift = ClockDriftEstimator(info.profile.sample_rate_hz) if info else None
-        self._deliver(self._reassembler.on_device_restart(reason))
+        counters = self._reassembler.counters
+        restarts = counters.device_restarts
+        items = self._reassembler.on_device_restart(reason, sequence_end=sequence_end)
+        self._restart_seen_on_link = True
+        if counters.device_restarts != restarts:  # not the BOOT of a shutdown seen before
+            _LOGGER.warning("%s: %s", self.name, reason.value.replace("_", " "))
+            if self._backfill_task is not None:
+                self._backfill_task.cancel()
+                self._backfill_task = None
+            info = self._device_info
+            self._drift = ClockDriftEstimator(info.profile.sample_rate_hz) if info else None
+        self._deliver(items)
 
     def _track_drift(self) -> None:
         drift = self._drift
@@ -728,6 +743,17 @@ _RESTART_EVENTS: Final[dict[int, GapReason]] = {
     EventCode.BOOT: GapReason.DEVICE_REBOOTED,
     EventCode.SHUTDOWN: GapReason.DEVICE_SHUT_DOWN,
 }
+
+
+def _sequence_end(event: Event, name: str) -> int | None:
+    """How many samples the (old) boot took, from a BOOT or SHUTDOWN payload, if given."""
+    try:
+        if event.code == EventCode.BOOT:
+            return BootEvent.decode(event.payload).previous_sequence_end
+        return ShutdownEvent.decode(event.payload).sequence_end
+    except ProtocolError as exc:
+        _LOGGER.warning("%s: unreadable %s payload: %s", name, EventCode(event.code).name, exc)
+        return None
 
 
 class MassagerSession(DeviceSession):

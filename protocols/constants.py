@@ -170,7 +170,7 @@ class EventCode(enum.IntEnum):
 
 
 class ResetReason(enum.IntEnum):
-    """Optional payload byte of ``BOOT`` (an empty payload means unknown)."""
+    """First payload byte of ``BOOT`` (an empty payload means unknown; see BootEvent)."""
 
     POWER_ON = 0
     WATCHDOG = 1

@@ -19,7 +19,9 @@ from protocols.constants import (
     MassageMode,
     MessageType,
     Opcode,
+    ResetReason,
     ResultCode,
+    ShutdownReason,
     Zone,
     enum_or_int,
 )
@@ -467,6 +469,71 @@ class Event:
                 f"0x{message_type:02x} is not EVENT", what="event", field="type", data=data
             )
         return cls(seq, time_ms, enum_or_int(EventCode, code), bytes(data[_EVENT_HEADER.size :]))
+
+
+_U8_U32: Final = struct.Struct("<BI")
+
+
+@dataclass(frozen=True, slots=True)
+class BootEvent:
+    """``BOOT`` payload: why the device restarted, and how far its last boot counted.
+
+    Layout: empty (nothing known), or u8 :class:`ResetReason`, optionally followed by u32
+    ``previous_sequence_end``: the number of samples the previous boot took (the sequence
+    its next sample would have had, modulo 2**32), when the firmware still knows it (kept
+    in RAM that survives a warm reset, or saved at an orderly power-off). Longer payloads
+    carry fields a receiver does not know yet and are read as far as known.
+    """
+
+    reset_reason: ResetReason | int | None = None
+    previous_sequence_end: int | None = None
+
+    def encode(self) -> bytes:
+        if self.reset_reason is None:
+            if self.previous_sequence_end is not None:
+                raise EncodeError("BOOT: previous_sequence_end needs a reset_reason")
+            return b""
+        reason = int(self.reset_reason) & 0xFF
+        if self.previous_sequence_end is None:
+            return bytes([reason])
+        return _U8_U32.pack(reason, _u32(self.previous_sequence_end, "previous_sequence_end"))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> BootEvent:
+        if not payload:
+            return cls()
+        reason = enum_or_int(ResetReason, payload[0])
+        if len(payload) == 1:
+            return cls(reason)
+        _require(payload, _U8_U32.size, "BOOT payload")
+        return cls(reason, _U8_U32.unpack_from(payload)[1])
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownEvent:
+    """``SHUTDOWN`` payload: u8 :class:`ShutdownReason`, optionally u32 ``sequence_end``.
+
+    ``sequence_end``: the number of samples this boot took (the sequence its next sample
+    would have had, modulo 2**32), so that a host can count the samples it never got.
+    """
+
+    reason: ShutdownReason | int
+    sequence_end: int | None = None
+
+    def encode(self) -> bytes:
+        reason = int(self.reason) & 0xFF
+        if self.sequence_end is None:
+            return bytes([reason])
+        return _U8_U32.pack(reason, _u32(self.sequence_end, "sequence_end"))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ShutdownEvent:
+        _require(payload, 1, "SHUTDOWN payload")
+        reason = enum_or_int(ShutdownReason, payload[0])
+        if len(payload) == 1:
+            return cls(reason)
+        _require(payload, _U8_U32.size, "SHUTDOWN payload")
+        return cls(reason, _U8_U32.unpack_from(payload)[1])
 
 
 # --------------------------------------------------------------------------- program chunks

@@ -1,33 +1,49 @@
-"""Standalone simulated devices for other apps, with faults switched at run time.
+"""Standalone simulated devices for other apps, with faults and the world switched at run time.
 
 ``devicebridge-sim qa serve`` runs devices on ptys and/or TCP ports (one per device) and a
 control port; ``devicebridge-sim qa fault`` (or any client writing one JSON object per
-line) adds, lists and clears faults while the devices run::
+line) adds, lists and clears faults while the devices run, and a client can move the
+world around a device and read what the device does on its own::
 
     {"op": "add", "device": "*", "fault": {"kind": "drop", "rate": 0.2, "burst": 3}}
     {"op": "clear", "device": "FM00A1B2C3", "kind": "drop"}
     {"op": "list"}
+    {"op": "hand", "device": "FM00A1B2C3", "zone": "cheek_left", "pressure_kpa": 20}
+    {"op": "hand", "device": "FM00A1B2C3", "clear": true}
+    {"op": "skin", "device": "LM00D4E5F6", "temperature_c": 44}
+    {"op": "skin", "device": "LM00D4E5F6", "clear": true}
+    {"op": "state", "device": "*"}
 
 Every answer is one JSON line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
-A fault's ``at_s`` and ``duration_s`` count from when it is added.
+A fault's ``at_s`` and ``duration_s`` count from when it is added. ``hand`` and ``skin``
+apply from the next sample on and answer with ``next_sequence``, that sample's sequence
+number; ``state`` reads the device (actuators, program, recent events with their device
+time). docs/qa.md describes every field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
+import math
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import click
 
+from protocols import Zone
+from protocols.telemetry import IRRADIANCE_MW_CM2_PER_UNIT, pressure_kpa
 from simulators.clock import VirtualClock
 from simulators.device import SimulatedDevice
 from simulators.faults import FaultError, FaultInjector, FaultKind, FaultyLink, make_fault
+from simulators.hand import HandScript, HandSegment
 from simulators.link import Channel
+from simulators.mask import SimulatedLedMask
+from simulators.massager import SimulatedMassager
 from simulators.serial_port import PtySerialPort
 from simulators.tcp_port import TcpDevicePort
 from simulators.world import SimulatedWorld
@@ -35,6 +51,12 @@ from simulators.world import SimulatedWorld
 KIND_LABELS: Final = {"MASSAGER": "massager", "LED_MASK": "mask"}
 REATTACH_POLL_S: Final = 0.1
 MAX_REQUEST_BYTES: Final = 64 * 1024
+# A hand may press beyond the sensor's full scale (655.35 kPa: it saturates), not beyond this.
+MAX_HAND_PRESSURE_KPA: Final = 1000.0
+# What a skin-side thermistor of a consumer device reads at all.
+SKIN_TEMPERATURE_RANGE_C: Final = (-40.0, 125.0)
+STATE_EVENTS: Final = 64  # recent events in a state answer
+OPS: Final = ("add", "clear", "list", "hand", "skin", "state")
 
 
 class FaultablePtySerialPort(PtySerialPort):
@@ -65,7 +87,7 @@ class FaultablePtySerialPort(PtySerialPort):
 
 
 class FaultController:
-    """Applies control requests to the injectors of the served devices."""
+    """Applies control requests to the served devices: faults, the hand, the skin, state."""
 
     def __init__(self, injectors: Sequence[FaultInjector], clock: VirtualClock) -> None:
         self.injectors = {i.device.serial_number: i for i in injectors}
@@ -107,9 +129,52 @@ class FaultController:
                     for injector in self._select(str(request.get("device", "*")))
                 )
                 return {"ok": True, "removed": removed}
-            raise FaultError(f"unknown op {op!r} (add, clear, list)")
+            if op == "hand":
+                return self._hand(request)
+            if op == "skin":
+                return self._skin(request)
+            if op == "state":
+                devices = [i.device for i in self._select(str(request.get("device", "*")))]
+                return {"ok": True, "devices": [device_state(d) for d in devices]}
+            raise FaultError(f"unknown op {op!r} ({', '.join(OPS)})")
         except (FaultError, ValueError, TypeError) as exc:
             return {"ok": False, "error": str(exc)}
+
+    def _devices_of(self, request: Mapping[str, Any], kind: type[D], what: str) -> list[D]:
+        selector = str(request.get("device", "*"))
+        devices = [i.device for i in self._select(selector)]
+        chosen = [d for d in devices if isinstance(d, kind)]
+        if selector != "*" and not chosen:
+            raise FaultError(f"{request.get('op')}: {selector} is not {what}")
+        if not chosen:
+            raise FaultError(f"{request.get('op')}: no {what} is served")
+        return chosen
+
+    def _hand(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        massagers = self._devices_of(request, SimulatedMassager, "a massager")
+        if _flag(request, "clear"):
+            hand = HandScript.idle()
+        else:
+            zone = _zone(request.get("zone"))
+            pressure_kpa = _number(request, "pressure_kpa", 0.0, MAX_HAND_PRESSURE_KPA)
+            contact = _flag(request, "contact", default=True)
+            hand = HandScript(
+                (HandSegment(0.0, HAND_HOLD_S, zone, pressure_kpa, contact=contact),)
+            )
+        for massager in massagers:
+            massager.hold_hand(hand)
+        return {"ok": True, "applied": [_applied(m) for m in massagers]}
+
+    def _skin(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        masks = self._devices_of(request, SimulatedLedMask, "an LED mask")
+        temperature_c = (
+            None
+            if _flag(request, "clear")
+            else _number(request, "temperature_c", *SKIN_TEMPERATURE_RANGE_C)
+        )
+        for mask in masks:
+            mask.hold_skin_temperature(temperature_c)
+        return {"ok": True, "applied": [_applied(m) for m in masks]}
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -120,6 +185,105 @@ class FaultController:
             }
             for serial, injector in self.injectors.items()
         ]
+
+
+D = TypeVar("D", bound=SimulatedDevice)
+# A hand set over the control port holds on until changed (a billion seconds).
+HAND_HOLD_S: Final = 1e9
+
+
+def _flag(request: Mapping[str, Any], key: str, *, default: bool = False) -> bool:
+    value = request.get(key, default)
+    if not isinstance(value, bool):
+        raise FaultError(f"{request.get('op')}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _number(request: Mapping[str, Any], key: str, low: float, high: float) -> float:
+    value = request.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FaultError(f"{request.get('op')}: {key} must be a number, got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise FaultError(f"{request.get('op')}: {key} must be in {low:g}..{high:g}, got {value}")
+    return float(value)
+
+
+def _zone(value: Any) -> Zone:
+    names = [z.name.lower() for z in Zone if z is not Zone.NONE]
+    if not isinstance(value, str) or value.lower() not in names:
+        raise FaultError(f"hand: zone must be one of {', '.join(names)}, got {value!r}")
+    return Zone[value.upper()]
+
+
+def _applied(device: SimulatedDevice) -> dict[str, Any]:
+    return {
+        "device": device.serial_number,
+        "uptime_s": device.uptime_s,
+        "next_sequence": device.next_sequence,
+    }
+
+
+def device_state(device: SimulatedDevice) -> dict[str, Any]:
+    """What a device does now, as JSON: actuators, program, recent events (device time)."""
+    if device.is_powered:
+        device.catch_up()
+    reason = device.program_end_reason
+    run = getattr(device, "program_run", None)
+    state: dict[str, Any] = {
+        "device": device.serial_number,
+        "kind": KIND_LABELS.get(device.kind.name, device.kind.name.lower()),
+        "powered": device.is_powered,
+        "connected": device.is_connected,
+        "uptime_s": device.uptime_s,
+        "sample_rate_hz": device.sample_rate_hz,
+        "next_sequence": device.next_sequence,
+        "program_running": device.program_running,
+        "program_step": run.index if run is not None else None,
+        "program_end_reason": _name(reason),
+        "events": [
+            {
+                "code": _name(event.code),
+                "event_sequence": event.event_sequence,
+                "device_time_ms": event.device_time_ms,
+                "payload": event.payload.hex(),
+            }
+            for event in list(device.events)[-STATE_EVENTS:]
+        ],
+    }
+    last = device.ring.range(device.ring.next_sequence - 1, 1)[1]
+    if isinstance(device, SimulatedMassager):
+        state |= {
+            "motor_on": device.motor_on,
+            "intensity": device.intensity,
+            "mode": _name(device.mode),
+            "zone": _name(device.zone),
+            "contact": device.contact,
+            "pressure_kpa": float(pressure_kpa(last)[0]) if len(last) else None,
+        }
+    elif isinstance(device, SimulatedLedMask):
+        irradiance = {
+            channel: float(last[field][0]) * IRRADIANCE_MW_CM2_PER_UNIT if len(last) else 0.0
+            for channel, field in (
+                ("red", "red_centi_mw_cm2"),
+                ("near_infrared", "near_infrared_centi_mw_cm2"),
+                ("blue", "blue_centi_mw_cm2"),
+            )
+        }
+        state |= {
+            "led_on": any(value > 0 for value in irradiance.values()),
+            "irradiance_mw_cm2": irradiance,
+            "skin_temperature_c": device.skin_temperature_c,
+            "skin_temperature_held_c": device.skin_temperature_hold_c,
+            "worn": device.worn,
+            "treatment_running": device.treatment is not None,
+        }
+    return state
+
+
+def _name(value: enum.Enum | int | None) -> str | int | None:
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
+    return value
 
 
 class ControlServer:
@@ -352,6 +516,34 @@ async def _serve_device(
     return ports
 
 
+@qa_group.command("send")
+@click.option("--control", "address", required=True, help="HOST:PORT printed by 'qa serve'.")
+@click.argument("request")
+def send_command(address: str, request: str) -> None:
+    """Send one JSON REQUEST to a running 'qa serve' (hand, skin, state, ...); print the answer.
+
+    Example: devicebridge-sim qa send --control 127.0.0.1:4000 '{"op": "state"}'
+    """
+    host, port = _control_address(address)
+    try:
+        body = json.loads(request)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="REQUEST") from None
+    if not isinstance(body, dict):
+        raise click.BadParameter("a request is a JSON object", param_hint="REQUEST")
+    answer = asyncio.run(control_request(host, port, body))
+    click.echo(json.dumps(answer, indent=2))
+    if not answer.get("ok"):
+        sys.exit(1)
+
+
+def _control_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint="--control")
+    return host or "127.0.0.1", int(port)
+
+
 @qa_group.command("fault")
 @click.option("--control", "address", required=True, help="HOST:PORT printed by 'qa serve'.")
 @click.argument("op", type=click.Choice(["add", "clear", "list"]))
@@ -359,9 +551,7 @@ async def _serve_device(
 @click.option("--device", default="*", show_default=True, help="Serial number, or '*' for all.")
 def fault_command(address: str, op: str, spec: str | None, device: str) -> None:
     """Switch faults of a running 'qa serve': add SPEC, clear [KIND], or list."""
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint="--control")
+    host, port = _control_address(address)
     request: dict[str, Any] = {"op": op, "device": device}
     if op == "add":
         if spec is None:
@@ -372,7 +562,7 @@ def fault_command(address: str, op: str, spec: str | None, device: str) -> None:
             request["device"] = selector
     elif op == "clear" and spec:
         request["kind"] = spec
-    answer = asyncio.run(control_request(host or "127.0.0.1", int(port), request))
+    answer = asyncio.run(control_request(host, port, request))
     click.echo(json.dumps(answer, indent=2))
     if not answer.get("ok"):
         sys.exit(1)

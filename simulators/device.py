@@ -14,12 +14,13 @@ the bleak backend and the pty alike.
 Event payloads (the protocol leaves them to the device; little-endian):
 
 =====================  ===================================================
-BOOT                   empty
+BOOT                   :class:`protocols.BootEvent`: reset reason, and the previous boot's
+                       sample count when the firmware kept it (see :meth:`SimulatedDevice.start`)
 BUTTON                 u8 button (:class:`Button`), u8 press (:class:`Press`)
 CONTACT_CHANGED        u8 1 contact / worn, 0 none
 ZONE_CHANGED           u8 zone
 BATTERY_LOW            u8 battery percent
-SHUTDOWN               u8 :class:`ShutdownReason`
+SHUTDOWN               :class:`protocols.ShutdownEvent`: reason, this boot's sample count
 TREATMENT_STARTED      the START_LED parameters (5 x u16)
 TREATMENT_FINISHED     u8 :class:`protocols.TreatmentEndReason`
 OVER_TEMPERATURE       i16 skin temperature in 0.01 degC
@@ -33,7 +34,13 @@ run inside the sampling loop, whether or not a host is connected. Events a runni
 program causes while no host can hear them (no link, or a new link on which the host has
 not sent its first command yet, so its notifications may not be enabled) are kept in a
 small backlog and sent right after the acknowledgement of the host's first command on
-the next link, so the host's record of the session is complete.
+the next link, so the host's record of the session is complete. ``BOOT`` waits in the
+same backlog (when a device boots, no host listens yet).
+
+A restart loses the RAM: the ring and the counter start again at 0. What the firmware
+can keep is the previous boot's sample count: saved at an orderly power-off, and kept in
+retained RAM through a warm reset (:meth:`SimulatedDevice.lose_power` with
+``keeps_count``), but not through a brown-out. The next ``BOOT`` reports it when kept.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from protocols import (
     Ack,
     AdvertisedIdentity,
     BackfillReply,
+    BootEvent,
     ButtonId,
     ButtonPress,
     Capability,
@@ -75,12 +83,15 @@ from protocols import (
     ProgramChunk,
     ProgramCommit,
     ProgramEndReason,
+    ProgramFinishedEvent,
     ProgramRejection,
     ProgramStart,
     ProtocolError,
     RequestBackfill,
+    ResetReason,
     ResultCode,
     SampleFormat,
+    ShutdownEvent,
     ShutdownReason,
     StartStream,
     StopAll,
@@ -265,6 +276,8 @@ class SimulatedDevice(abc.ABC):
         self._battery_charge_percent = float(battery_percent)
         self._battery_low_sent = self._battery_charge_percent <= BATTERY_LOW_PERCENT
         self._powered = False
+        # The last boot's sample count, when the firmware kept it for the next BOOT.
+        self._retained_sequence_end: int | None = None
         self._boot_s = 0.0
         self._task: asyncio.Task[None] | None = None
         self._link: DeviceLink | None = None
@@ -285,6 +298,8 @@ class SimulatedDevice(abc.ABC):
         # The host on this link has sent a command, so it listens to notifications.
         self._host_listening = False
         self.program_receiver = ProgramReceiver(self.kind)
+        # Why the last program ended (from its PROGRAM_FINISHED); None while one runs.
+        self.program_end_reason: ProgramEndReason | int | None = None
         self.ignored_frames = 0
         self.commands_received = 0
         # What the running image reports; simulators.smp changes it after an update.
@@ -399,15 +414,20 @@ class SimulatedDevice(abc.ABC):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
-        """Boot: sequence numbers from 0, BOOT event, sampling on the clock."""
+    def start(self, reset_reason: ResetReason = ResetReason.POWER_ON) -> None:
+        """Boot: sequence numbers from 0, BOOT event, sampling on the clock.
+
+        The BOOT event gives ``reset_reason`` and the previous boot's sample count when it
+        was kept (:meth:`power_off`, :meth:`lose_power`); it waits for a host to listen.
+        """
         if self._task is not None and not self._task.done():
             return
         self._powered = True
         self._boot_s = self.clock.now_s()
         self.ring = TelemetryRing(self.sample_dtype, self.ring.capacity)
         self._stream_next_sequence = 0
-        self._emit(EventCode.BOOT)
+        previous_end, self._retained_sequence_end = self._retained_sequence_end, None
+        self._emit(EventCode.BOOT, BootEvent(reset_reason, previous_end).encode(), hold=True)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"simulated {self.kind.name.lower()} {self.serial_number}"
         )
@@ -429,17 +449,39 @@ class SimulatedDevice(abc.ABC):
         return task.exception()
 
     def power_off(self, reason: ShutdownReason) -> None:
-        """Emit SHUTDOWN, stop sampling and drop the link (the radio goes off)."""
+        """Emit SHUTDOWN, stop sampling and drop the link (the radio goes off).
+
+        An orderly power-off: the sample count goes into the SHUTDOWN event and is saved
+        for the next BOOT.
+        """
         if not self.is_powered:
             return
         self._on_power_off(reason)
-        self._emit(EventCode.SHUTDOWN, bytes([reason]))
+        sequence_end = self.ring.next_sequence
+        self._emit(EventCode.SHUTDOWN, ShutdownEvent(reason, _u32(sequence_end)).encode())
+        self._retained_sequence_end = _u32(sequence_end)
         self._powered = False
         link = self._link
         self.detach_link()
         if link is not None:
             link.device_closed()
         self._presence_changed()
+
+    def lose_power(self, *, keeps_count: bool) -> None:
+        """Stop at once, with no SHUTDOWN and no goodbye (a reset, a power dip).
+
+        ``keeps_count``: the sample count survives in retained RAM for the next BOOT (a
+        warm reset: watchdog, software); a brown-out clears it. Restart with :meth:`stop`
+        and :meth:`start`.
+        """
+        if not self.is_powered:
+            return
+        self._retained_sequence_end = _u32(self.ring.next_sequence) if keeps_count else None
+        self._powered = False
+        link = self._link
+        self.detach_link()
+        if link is not None:
+            link.device_closed()
 
     async def _run(self) -> None:
         tick = 0
@@ -598,7 +640,10 @@ class SimulatedDevice(abc.ABC):
                 program = self.program_receiver.committed
                 if program is None:
                     return ResultCode.INVALID_PARAMETER, b""  # nothing committed to run
-                return self._start_program(program), b""
+                result = self._start_program(program)
+                if result is ResultCode.OK:
+                    self.program_end_reason = None
+                return result, b""
             case ProgramAbort():
                 self.program_receiver.discard_transfer()
                 self._stop_program(ProgramEndReason.STOPPED_BY_HOST)
@@ -755,11 +800,17 @@ class SimulatedDevice(abc.ABC):
 
     # ------------------------------------------------------------------ events and battery
 
-    def _emit(self, code: EventCode, payload: bytes = b"", t_s: float | None = None) -> None:
+    def _emit(
+        self, code: EventCode, payload: bytes = b"", t_s: float | None = None, *, hold: bool = False
+    ) -> None:
+        """Send an event; one a host must not miss (``hold``, or while a program runs) waits
+        in the backlog while no host listens."""
         event = Event(self._event_sequence, self.device_time_ms(t_s), code, payload)
         self._event_sequence = (self._event_sequence + 1) % EVENT_SEQUENCE_MODULUS
         self.events.append(event)
-        if self.program_running and (self._link is None or not self._host_listening):
+        if code is EventCode.PROGRAM_FINISHED:
+            self.program_end_reason = ProgramFinishedEvent.decode(payload).reason
+        if (hold or self.program_running) and (self._link is None or not self._host_listening):
             self._event_backlog.append(event)
             return
         self._send(Channel.EVENTS, event.encode())
@@ -837,3 +888,8 @@ class SimulatedDevice(abc.ABC):
     @staticmethod
     def encode_centi_celsius(temperature_c: float) -> bytes:
         return _SIGNED_CENTI.pack(round(temperature_c * 100))
+
+
+def _u32(sequence: int) -> int:
+    """A sample count as the firmware's u32 counter holds it."""
+    return sequence % SEQUENCE_MODULUS

@@ -21,8 +21,9 @@ frame    corrupt          bits flipped (on a framed link the CRC catches them; o
 frame    truncate         the end of a frame is cut off
 frame    duplicate        a frame arrives twice
 frame    reorder          a frame arrives after the one sent after it
-device   brownout         power dips: RAM (and the ring) lost, reboot after ``down_s``
-device   reboot           the firmware restarts: it sends what it holds, then reboots
+device   brownout         power dips: RAM (the ring, the count) lost, boot after ``down_s``
+device   reboot           the firmware restarts: it sends what it holds, then reboots; its
+                          BOOT reports the old count (kept in retained RAM)
 device   low_battery      the charge drops to ``percent``; empty ``empty_after_s`` later
 device   stuck_sensor     the pressure reading freezes (firmware/ADC fault)
 device   clock_drift      the device's clock runs ``ppm`` parts per million fast/slow
@@ -50,7 +51,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from protocols import Ack, Command, Opcode, ResultCode, StopAll, encode_frame
+from protocols import Ack, Command, Opcode, ResetReason, ResultCode, StopAll, encode_frame
 from protocols.telemetry import (
     MASSAGER_FLAG_CONTACT,
     PRESSURE_KPA_PER_UNIT,
@@ -775,24 +776,21 @@ class FaultInjector:
         if graceful:
             # A firmware-initiated restart sends what it holds before it goes.
             device._tick()
-        link = device.link
         self.held_before_reboot.append((device.ring.oldest_sequence, device.ring.next_sequence))
         self.record(
             active,
             f"{'reboot' if graceful else 'brown-out'} at sample {device.ring.next_sequence}",
         )
-        device.detach_link()
-        # The power (or the firmware) is gone: no SHUTDOWN event, no goodbye.
-        device._powered = False
-        if link is not None:
-            link.device_closed()
+        # The power (or the firmware) is gone: no SHUTDOWN event, no goodbye. A warm reset
+        # keeps the sample count in retained RAM for the next BOOT; a brown-out does not.
+        device.lose_power(keeps_count=graceful)
         await device.stop()
         self.reboots += 1
         await self.clock.sleep(float(active.fault.param("down_s")))
         # RAM is lost: actuators off, then boot (sequence numbers start again at 0).
         device.execute(Command.of(0, StopAll()))
         self._restore_clock()
-        device.start()
+        device.start(ResetReason.SOFTWARE if graceful else ResetReason.BROWN_OUT)
 
     async def _low_battery(self, active: _ActiveFault) -> None:
         device = self.device

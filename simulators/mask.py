@@ -147,6 +147,8 @@ class SimulatedLedMask(SimulatedDevice):
         self.worn = worn
         self.treatment: Treatment | None = None
         self.skin_temperature_c = SKIN_BASELINE_C if worn else AMBIENT_C
+        # A skin temperature forced from outside (a QA control), instead of the model's.
+        self.skin_temperature_hold_c: float | None = None
         self._program_run: MaskProgramRun | None = None
 
     @property
@@ -270,6 +272,16 @@ class SimulatedLedMask(SimulatedDevice):
         self._stop_program(ProgramEndReason.BUTTON)
         self._finish(TreatmentEndReason.BUTTON, None)
 
+    def hold_skin_temperature(self, temperature_c: float | None) -> None:
+        """From the next sample on, the skin reads ``temperature_c`` (a heat source, a
+        faulty thermal path) instead of what the LEDs warm it to; ``None`` lets the
+        thermal model go on from there."""
+        if self.is_powered:
+            self.catch_up()  # samples up to now were taken at the old temperature
+        self.skin_temperature_hold_c = temperature_c
+        if temperature_c is not None:
+            self.skin_temperature_c = temperature_c
+
     def put_on(self) -> None:
         self._set_worn(True)
 
@@ -321,9 +333,12 @@ class SimulatedLedMask(SimulatedDevice):
                 program_lit = run.lit
                 if run.finished:
                     self._program_run = None
-            base_c = SKIN_BASELINE_C if self.worn else AMBIENT_C
-            target_c = base_c + THERMAL_GAIN_C_PER_MW_CM2 * mean_mw_cm2
-            self.skin_temperature_c += (target_c - self.skin_temperature_c) * thermal_alpha
+            if self.skin_temperature_hold_c is None:
+                base_c = SKIN_BASELINE_C if self.worn else AMBIENT_C
+                target_c = base_c + THERMAL_GAIN_C_PER_MW_CM2 * mean_mw_cm2
+                self.skin_temperature_c += (target_c - self.skin_temperature_c) * thermal_alpha
+            else:
+                self.skin_temperature_c = self.skin_temperature_hold_c
             if treatment is not None and self.skin_temperature_c >= HARD_STOP_TEMPERATURE_C:
                 self._emit(
                     EventCode.OVER_TEMPERATURE,

@@ -558,6 +558,12 @@ class SimulatedMassager(SimulatedDevice):
     def _on_power_off(self, reason: ShutdownReason) -> None:
         self._stop_program(_PROGRAM_END_OF_SHUTDOWN[reason])
 
+    def hold_hand(self, hand: HandScript) -> None:
+        """From the next sample on, ``hand`` holds the device (its times count from boot)."""
+        if self.is_powered:
+            self.catch_up()  # samples up to now were taken under the old hand
+        self.hand = hand
+
     def shutdown(self) -> None:
         """A long press that powers the device off (SHUTDOWN with reason BUTTON)."""
         self.catch_up()

@@ -23,6 +23,7 @@ from rich.text import Text
 from devicebridge import local_api
 from devicebridge.app import App
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
+from devicebridge.core.cooldown import BlockKind, TreatmentBlock, local_time, treatment_blocks
 from devicebridge.core.engine import Decision, DecisionKind, PressureState
 from devicebridge.core.policy import (
     LED_CHANNELS,
@@ -679,7 +680,16 @@ def report_command(
 
 @main.group("treatment")
 def treatment_group() -> None:
-    """Aesthetic treatments (they block massage of the treated zones for a while)."""
+    """Aesthetic treatments: they block routines on the treated zones for a while."""
+
+
+policy_option = click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Safety policy whose cool-downs apply (default: the shipped policy, as `run`).",
+)
 
 
 def _parse_zones(text: str) -> list[str]:
@@ -694,15 +704,31 @@ def _parse_zones(text: str) -> list[str]:
     return list(dict.fromkeys(policy_zone(z) for z in zones))
 
 
+def _blocks_text(blocks: tuple[TreatmentBlock, ...]) -> str:
+    return "; ".join(block.describe() for block in blocks)
+
+
 @treatment_group.command("add")
 @click.argument("kind")
 @click.option("--date", "date_text", required=True, help="YYYY-MM-DD (or YYYY-MM-DDTHH:MM).")
 @click.option("--zones", "zones_text", required=True, help="Comma-separated, e.g. cheek,chin.")
 @click.option("--note", default="", help="Free text (product, clinic).")
+@click.option(
+    "--allow-future",
+    is_flag=True,
+    help="Record a planned treatment: it blocks routines from its date on.",
+)
+@policy_option
 @pass_cli
 @reports_errors
 def treatment_add_command(
-    cli: CliContext, kind: str, date_text: str, zones_text: str, note: str
+    cli: CliContext,
+    kind: str,
+    date_text: str,
+    zones_text: str,
+    note: str,
+    allow_future: bool,
+    policy_file: Path | None,
 ) -> None:
     """Record a treatment KIND (botulinum_toxin, filler, tissue_stimulator, mesotherapy)."""
     if kind not in TREATMENTS:
@@ -714,26 +740,38 @@ def treatment_add_command(
     if performed.tzinfo is None:
         performed = performed.astimezone()  # the user's local time
     performed = performed.astimezone(UTC)
+    planned = performed > datetime.now(UTC)
+    if planned and not allow_future:
+        # A mistyped year would otherwise block routines for as long as it is wrong.
+        raise CliInputError(
+            f"--date: {local_time(performed)} is in the future; a treatment blocks routines "
+            "from its date on, so record it once it is done (or pass --allow-future to "
+            "record a planned one)"
+        )
     zones = _parse_zones(zones_text)
+    blocks = treatment_blocks(load_policy(policy_file), kind, performed)
     with open_store(cli) as store:
         treatment_id = store.add_treatment(kind, performed, zones, note)
-    block_h = default_policy().cooldowns[kind].massage_block_h.value
     cli.console.print(
-        f"Recorded treatment {treatment_id}: {kind} on {', '.join(zones)} at "
-        f"{performed.astimezone():%Y-%m-%d %H:%M}; massage of these zones is blocked for "
-        f"{block_h:g} h",
+        f"Recorded {'planned ' if planned else ''}treatment {treatment_id}: {kind} on "
+        f"{', '.join(zones)} at {local_time(performed)}; {_blocks_text(blocks)}",
         highlight=False,
     )
 
 
 @treatment_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@policy_option
 @pass_cli
 @reports_errors
-def treatment_list_command(cli: CliContext, as_json: bool) -> None:
-    """Recorded treatments."""
+def treatment_list_command(cli: CliContext, as_json: bool, policy_file: Path | None) -> None:
+    """Recorded treatments, and until when each blocks routines on its zones."""
+    policy = load_policy(policy_file)
     with open_store(cli) as store:
         treatments = store.treatments()
+    blocked = [
+        {b.kind: b for b in treatment_blocks(policy, t.kind, t.performed_at)} for t in treatments
+    ]
     rows = [
         {
             "id": t.id,
@@ -741,8 +779,12 @@ def treatment_list_command(cli: CliContext, as_json: bool) -> None:
             "performed_at": t.performed_at.isoformat(),
             "zones": list(t.zones),
             "note": t.note,
+            "blocked_until": {
+                kind.value: block.until.isoformat() if (block := blocks.get(kind)) else None
+                for kind in BlockKind
+            },
         }
-        for t in treatments
+        for t, blocks in zip(treatments, blocked, strict=True)
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -750,15 +792,46 @@ def treatment_list_command(cli: CliContext, as_json: bool) -> None:
     if not rows:
         cli.console.print("No treatments recorded.")
         return
+    now = datetime.now(UTC)
     table = Table(title="Treatments")
-    for column in ("id", "kind", "date", "zones", "note"):
+    for column in (
+        "id",
+        "kind",
+        "date",
+        "zones",
+        "massage blocked until",
+        "any routine blocked until",
+        "note",
+    ):
         table.add_column(column)
-    for t in treatments:
+    for t, blocks in zip(treatments, blocked, strict=True):
         table.add_row(
             str(t.id),
             t.kind,
-            t.performed_at.astimezone().strftime("%Y-%m-%d %H:%M"),
+            local_time(t.performed_at),
             ", ".join(t.zones),
+            *(_until_cell(blocks.get(kind), now) for kind in BlockKind),
             t.note,
         )
     cli.console.print(table)
+
+
+def _until_cell(block: TreatmentBlock | None, now: datetime) -> str:
+    if block is None:
+        return "-"
+    return local_time(block.until) + (" (over)" if now >= block.until else "")
+
+
+@treatment_group.command("remove")
+@click.argument("treatment_id", metavar="ID", type=int)
+@pass_cli
+@reports_errors
+def treatment_remove_command(cli: CliContext, treatment_id: int) -> None:
+    """Forget treatment ID (see `treatment list`), e.g. one recorded with a wrong date."""
+    with open_store(cli) as store:
+        removed = store.remove_treatment(treatment_id)
+    cli.console.print(
+        f"Removed treatment {removed.id}: {removed.kind} on {', '.join(removed.zones)} at "
+        f"{local_time(removed.performed_at)}",
+        highlight=False,
+    )

@@ -42,6 +42,8 @@ from devicebridge.service import (
     configure_logging,
     read_status_file,
 )
+from devicebridge.storage import lock as bridge_lock
+from devicebridge.storage.files import PRIVATE_FILE_MODE, make_private, private_directory
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import kind_label
@@ -54,7 +56,6 @@ DEFAULT_READ_TIMEOUT_S: Final = 5.0
 SIMULATED_SCAN_S: Final = 2.0
 # With --simulate, a simulated hand follows each routine from this long after it starts.
 SIMULATED_HAND_LEAD_IN_S: Final = 1.0
-PRIVATE_KEY_MODE: Final = 0o600
 
 
 class TherapistKeyError(DeviceBridgeError):
@@ -69,11 +70,26 @@ class TherapistKeyError(DeviceBridgeError):
 
 
 def key_dir() -> Path:
-    """Where therapist private keys live (0600 files): env, else the user config dir."""
+    """Where therapist private keys live (a 0700 folder of 0600 files): env, else the user
+    config dir."""
     from_env = os.environ.get(KEY_DIR_ENV)
     if from_env:
         return Path(from_env)
     return Path(platformdirs.user_config_dir(APP_NAME)) / "keys"
+
+
+def private_key_dir() -> Path:
+    """:func:`key_dir`, created 0700 (an existing one made 0700, its keys 0600)."""
+    folder = key_dir()
+    try:
+        private_directory(folder)
+        for existing in folder.glob("*.pem"):
+            make_private(existing, PRIVATE_FILE_MODE)
+    except OSError as exc:
+        raise TherapistKeyError(
+            f"cannot prepare the key folder: {exc.strerror}", path=folder
+        ) from exc
+    return folder
 
 
 def key_path(therapist_id: str) -> Path:
@@ -84,14 +100,15 @@ def key_path(therapist_id: str) -> Path:
 
 def load_private_key(therapist_id: str | None) -> tuple[str, Ed25519PrivateKey]:
     """The key of ``therapist_id``, or the only key in the key directory."""
+    folder = private_key_dir()
     if therapist_id is None:
-        keys = sorted(key_dir().glob("*.pem"))
+        keys = sorted(folder.glob("*.pem"))
         if len(keys) != 1:
             raise TherapistKeyError(
                 f"{len(keys)} keys here; choose one with --therapist"
                 if keys
                 else "no therapist key (devicebridge therapist keygen)",
-                path=key_dir(),
+                path=folder,
             )
         therapist_id, path = keys[0].stem, keys[0]
     else:
@@ -264,7 +281,9 @@ def serve_command(
                 service.start_routine(target.serial_number, routine)
             await task
 
-    run(go())
+    # One bridge per data directory, refused before anything starts (held until exit).
+    with bridge_lock.acquire(App(cli.options).data_dir):
+        run(go())
 
 
 async def _devices_to_serve(app: App) -> list[PairedDevice]:
@@ -312,7 +331,16 @@ def status_command(cli: CliContext, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(status, indent=2, sort_keys=True))
         return
-    state = "running" if status["alive"] else f"not running (last: {status['state']})"
+    last = status.get("state", "unknown")
+    if status["alive"]:
+        state = f"running, pid {status['pid']}"
+    elif last == "running":
+        state = f"not running (last: running); pid {status.get('pid')} ended without a clean stop"
+    else:
+        state = f"not running (last: {last})"
+    if last == "starting":
+        cli.console.print(f"bridge: {state}; starting, no status written yet", highlight=False)
+        return
     mqtt = status["mqtt"]
     link = (
         f"{mqtt['host']}:{mqtt['port']} {'connected' if mqtt['connected'] else 'disconnected'}"
@@ -320,8 +348,8 @@ def status_command(cli: CliContext, as_json: bool) -> None:
         else "no broker configured"
     )
     cli.console.print(
-        f"bridge {status['bridge_id']}: {state}, pid {status['pid']}, "
-        f"updated {status['updated_at']}\nMQTT: {link}; outbox: {status['outbox_depth']} waiting",
+        f"bridge {status['bridge_id']}: {state}, updated {status['updated_at']}\n"
+        f"MQTT: {link}; outbox: {status['outbox_depth']} waiting",
         highlight=False,
     )
     table = Table(title="Devices")
@@ -354,7 +382,7 @@ def therapist_group() -> None:
 def keygen_command(therapist_id: str) -> None:
     """Create an Ed25519 signing key; print the public key to give to clients."""
     path = key_path(therapist_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_key_dir()
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -363,7 +391,7 @@ def keygen_command(therapist_id: str) -> None:
     )
     try:
         # Created with 0600 from the start: never readable by others, not even briefly.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_KEY_MODE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     except FileExistsError:
         raise TherapistKeyError("a key with this id exists already", path=path) from None
     with os.fdopen(fd, "wb") as handle:

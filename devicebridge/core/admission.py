@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from devicebridge.core.cooldown import local_time, routine_block
 from devicebridge.core.policy import LED_CHANNELS, TREATMENTS, SafetyPolicy, policy_zone
 from devicebridge.core.routine import DeviceKindName, Routine
 
@@ -64,7 +65,7 @@ class Admission:
 
 
 def _when(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M")
+    return local_time(moment)  # as the cool-down messages show times
 
 
 def check_admission(
@@ -104,26 +105,19 @@ def check_admission(
     is_massage = routine.device_kind is DeviceKindName.MASSAGER
     zones = set(routine.zones)
     for treatment in treatments:
-        cooldown = policy.cooldowns[treatment.kind]
-        blocks = [cooldown.facial_block_h] if cooldown.facial_block_h else []
-        if is_massage:
-            blocks.append(cooldown.massage_block_h)
-        for block in blocks:
-            until = treatment.performed_at + timedelta(hours=block.value)
-            overlap = sorted(zones & set(treatment.zones))
-            if overlap and now < until:
-                what = "massage of" if block is cooldown.massage_block_h else "any routine on"
-                refusals.append(
-                    Refusal(
-                        "cooldown",
-                        f"{treatment.kind.replace('_', ' ')} on {', '.join(overlap)} on "
-                        f"{_when(treatment.performed_at)}: {what} these zones is blocked for "
-                        f"{block.value:g} h, until {_when(until)}.",
-                        until,
-                        policy.cite(block),
-                    )
+        # The same block `treatment add` and `treatment list` state (core/cooldown.py).
+        block = routine_block(policy, treatment.kind, treatment.performed_at, routine.device_kind)
+        overlap = sorted(zones & set(treatment.zones))
+        if block is not None and overlap and block.active_at(now):
+            refusals.append(
+                Refusal(
+                    "cooldown",
+                    f"{treatment.kind.replace('_', ' ')} on {', '.join(overlap)} on "
+                    f"{_when(treatment.performed_at)}: {block.describe()}.",
+                    block.until,
+                    policy.cite(block.limit),
                 )
-                break
+            )
 
     day_start = now - DAY
     dose_today = dict.fromkeys(LED_CHANNELS, 0.0)

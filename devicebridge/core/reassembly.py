@@ -8,6 +8,14 @@ device no longer holds part of the range, the consumer gets a
 :class:`TelemetryGap` for exactly the lost samples instead, and the stream goes
 on.
 
+A device that restarts (reboot, brown-out, power off and on) counts its samples from 0
+again, and its RAM ring is gone: what the old boot took after the last sample received
+cannot be backfilled and becomes a :class:`TelemetryGap` with reason
+``device_rebooted`` (or ``device_shut_down``), exact when the device reports how far the
+old boot counted (BOOT or SHUTDOWN payload), marked ``count_known=False`` when it
+cannot. What the new boot took before the host heard from it is in the new ring and is
+backfilled like any other missing range (docs/protocol.md, "Device restarts").
+
 This module only decides; the session does the I/O. Every method returns the
 items that became deliverable, in order; :meth:`TelemetryReassembler.next_request`
 says which range to ask the device for.
@@ -36,19 +44,25 @@ class GapReason(enum.Enum):
     NOT_HELD_BY_DEVICE = "not_held_by_device"  # left the device's ring buffer
     BACKFILL_FAILED = "backfill_failed"  # request rejected, timed out, or given up
     BACKFILL_INCOMPLETE = "backfill_incomplete"  # the device skipped samples it promised
-    # The device restarted or powered off: its counter starts again after this record
-    # (a zero-length gap marks the place; what it had not sent yet is gone with its RAM).
+    # The device restarted or powered off: its counter starts again after this record,
+    # which counts what the old boot took and never sent (gone with its RAM).
     DEVICE_REBOOTED = "device_rebooted"
     DEVICE_SHUT_DOWN = "device_shut_down"
 
 
 @dataclass(frozen=True, slots=True)
 class TelemetryGap:
-    """Samples ``[first_sequence, first_sequence + sample_count)`` are lost for good."""
+    """Samples ``[first_sequence, first_sequence + sample_count)`` are lost for good.
+
+    ``count_known`` is false only for a device restart the device could not measure (a
+    brown-out clears the RAM that knew the old count): some samples may be lost after
+    ``first_sequence``, and ``sample_count`` (0) is not their number.
+    """
 
     first_sequence: int
     sample_count: int
     reason: GapReason
+    count_known: bool = True
 
     @property
     def end_sequence(self) -> int:
@@ -56,6 +70,14 @@ class TelemetryGap:
 
 
 TelemetryItem: TypeAlias = TelemetryBatch | TelemetryGap
+
+
+@dataclass(slots=True)
+class _Restart:
+    """A restart recorded before any live batch of the new boot arrived."""
+
+    old_end: int  # unwrapped end of what the old boot is known to have taken
+    reason: GapReason
 
 
 @dataclass(slots=True)
@@ -82,6 +104,7 @@ class ReassemblyCounters:
     gap_records: int = 0
     delivered_samples: int = 0
     stray_backfill_batches: int = 0  # backfill batches nobody asked for (ignored)
+    device_restarts: int = 0  # reboots, brown-outs and shutdowns (each power cycle once)
 
 
 def _slice(
@@ -111,6 +134,7 @@ class TelemetryReassembler:
         self._tracker = SequenceTracker()
         self._queue: deque[TelemetryBatch | _Missing] = deque()
         self._held_samples = 0
+        self._restart: _Restart | None = None
         self.counters = ReassemblyCounters()
 
     # ------------------------------------------------------------------ state
@@ -149,6 +173,7 @@ class TelemetryReassembler:
 
     def on_live(self, batch: TelemetryBatch) -> list[TelemetryItem]:
         count = len(batch)
+        self._restart = None
         if not self._queue:
             # The common case: nothing held back and the batch continues the stream. The
             # same as below for a CONTIGUOUS verdict: the whole batch, renumbered to the
@@ -223,22 +248,41 @@ class TelemetryReassembler:
             head.reply_end = None
             head.early.clear()
 
-    def on_device_restart(self, reason: GapReason) -> list[TelemetryItem]:
-        """The device rebooted or shut down: nothing missing can be backfilled any more.
+    def on_device_restart(
+        self, reason: GapReason, *, sequence_end: int | None = None
+    ) -> list[TelemetryItem]:
+        """The device rebooted or shut down: its counter restarts at 0, its ring is gone.
 
-        Every missing range becomes a gap, the live batches held behind them are delivered,
-        a zero-length gap with ``reason`` marks the restart, and the next live batch starts
-        a new sequence baseline.
+        ``sequence_end``: how many samples the old boot took (the raw u32 of a BOOT or
+        SHUTDOWN payload), when the device reports it.
+
+        Every missing range of the old boot becomes a gap (``reason``) and the live
+        batches held behind them are delivered. Then one gap with ``reason`` counts what
+        the old boot took after the last sample received: exactly with ``sequence_end``,
+        as a zero-length record with ``count_known=False`` without it. The next sample
+        expected is the new boot's first (sequence 0), so what the device took since it
+        booted is requested from its new ring like any missing range.
+
+        A SHUTDOWN and the BOOT that follows it, with no live batch between them, are one
+        power cycle: the BOOT only adds the samples after the end the SHUTDOWN gave, when
+        it knows a later one. Any other second report is a restart of the new boot.
         """
+        pending = self._restart
+        if (
+            pending is not None
+            and pending.reason is GapReason.DEVICE_SHUT_DOWN
+            and reason is GapReason.DEVICE_REBOOTED
+        ):
+            return self._restart_gap(pending, sequence_end, first_report=False)
+        self.counters.device_restarts += 1
         out: list[TelemetryItem] = []
         for entry in list(self._queue):
             if isinstance(entry, _Missing):
                 out += self._lose(entry, entry.range.end, reason)
         out += self._drain()
-        marker = TelemetryGap(self._tracker.next_expected or 0, 0, reason)
-        self.counters.gap_records += 1
-        out.append(marker)
-        self._tracker = SequenceTracker()
+        pending = self._restart = _Restart(self._tracker.next_expected or 0, reason)
+        out += self._restart_gap(pending, sequence_end, first_report=True)
+        self._tracker = SequenceTracker(next_expected=0)
         return out
 
     def retry_active(self) -> bool:
@@ -270,6 +314,24 @@ class TelemetryReassembler:
         if self._queue and isinstance(self._queue[0], _Missing):
             return self._queue[0]
         return None
+
+    def _restart_gap(
+        self, restart: _Restart, raw_end: int | None, *, first_report: bool
+    ) -> list[TelemetryItem]:
+        """The old boot's samples after ``restart.old_end`` up to ``raw_end``."""
+        end = None if raw_end is None else unwrap_sequence(raw_end, restart.old_end)
+        if end is not None and end < restart.old_end:
+            end = None  # less than was received: not a count of this boot's samples
+        if end is None and not first_report:
+            return []
+        count = 0 if end is None else end - restart.old_end
+        if count == 0 and not first_report:
+            return []
+        gap = TelemetryGap(restart.old_end, count, restart.reason, count_known=end is not None)
+        restart.old_end += count
+        self.counters.gap_records += 1
+        self.counters.lost_samples += count
+        return [gap]
 
     def _lose(self, head: _Missing, end: int, reason: GapReason) -> list[TelemetryItem]:
         if end <= head.cursor:

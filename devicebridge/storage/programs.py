@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from devicebridge.errors import DeviceBridgeError
+from devicebridge.storage.files import prepare_database, tighten_database
 
 PROGRAMS_FILENAME: Final = "programs.sqlite3"
 BUSY_TIMEOUT_S: Final = 5.0
@@ -83,12 +84,13 @@ class ProgramStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            prepare_database(path)  # health data: a 0700 folder, a 0600 file
             self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+            tighten_database(path)  # -wal and -shm too, also when left wider
+        except (OSError, sqlite3.Error) as exc:
             raise ProgramStoreError(f"cannot open the program store: {exc}", path=path) from exc
 
     def close(self) -> None:

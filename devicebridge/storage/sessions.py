@@ -421,14 +421,34 @@ class SessionStore:
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
+    def remove_treatment(self, treatment_id: int) -> StoredTreatment:
+        """Forget a treatment (recorded by mistake); returns what was removed."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, kind, performed_at, zones, note FROM treatments WHERE id = ?",
+                (treatment_id,),
+            ).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM treatments WHERE id = ?", (treatment_id,))
+        if row is None:
+            raise SessionStoreError(
+                f"no treatment {treatment_id} (devicebridge treatment list)", path=self.path
+            )
+        return _treatment(row)
+
     def treatments(self) -> list[StoredTreatment]:
         rows = self._db.execute(
             "SELECT id, kind, performed_at, zones, note FROM treatments ORDER BY performed_at"
         ).fetchall()
-        return [
-            StoredTreatment(i, k, datetime.fromisoformat(at), tuple(json.loads(z)), n)
-            for i, k, at, z, n in rows
-        ]
+        return [_treatment(row) for row in rows]
+
+
+def _treatment(row: tuple[Any, ...]) -> StoredTreatment:
+    id_, kind, performed_at, zones, note = row
+    moment = datetime.fromisoformat(performed_at)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)  # times are stored in UTC
+    return StoredTreatment(id_, kind, moment, tuple(json.loads(zones)), note)
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:

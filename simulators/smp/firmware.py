@@ -31,7 +31,7 @@ from typing import Any, Final, Protocol
 
 import cbor2
 
-from protocols import ShutdownReason
+from protocols import ResetReason, ShutdownReason
 from simulators.device import FIRMWARE_REVISION, SimulatedDevice
 from simulators.link import Channel
 from simulators.smp.constants import (
@@ -472,7 +472,7 @@ class SmpFirmware:
         self._power_down()
         await self.device.stop()
         await self.clock.sleep(self._boot())
-        self.device.start()
+        self.device.start(ResetReason.SOFTWARE)
 
     def _power_down(self) -> None:
         self.device.power_off(ShutdownReason.HOST)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -189,7 +190,8 @@ def test_run_history_report_and_exports(invoke, tmp_path: Path) -> None:  # type
 def test_treatment_blocks_a_massage_of_the_zone(  # type: ignore[no-untyped-def]
     invoke, device_writes: list[bytes]
 ) -> None:
-    added = invoke("treatment", "add", "filler", "--date", "2099-01-01", "--zones", "cheek,chin")
+    three_days_ago = (datetime.now() - timedelta(days=3)).strftime("%Y-%m-%d")
+    added = invoke("treatment", "add", "filler", "--date", three_days_ago, "--zones", "cheek,chin")
     assert added.exit_code == 0, added.output
     listed = json.loads(invoke("treatment", "list", "--json").output)
     assert listed[0]["kind"] == "filler"
@@ -204,7 +206,7 @@ def test_treatment_blocks_a_massage_of_the_zone(  # type: ignore[no-untyped-def]
     assert bad_date.exit_code == 1
     assert "--date" in bad_date.output
 
-    # A treatment dated in the future blocks until 14 days after it: the run is refused.
+    # The filler blocks massage of its zones for 14 days: the run is refused.
     name = next(d["name"] for d in json.loads(invoke("scan", "--json").output))
     before = len(device_writes)
     refused = invoke("run", "firming", "--device", name)

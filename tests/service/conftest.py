@@ -24,6 +24,7 @@ from devicebridge.mqtt import MqttSettings
 from devicebridge.runner import RunMode
 from devicebridge.service import BridgeService
 from devicebridge.session import DeviceSession, session_class_for
+from devicebridge.storage.lock import try_acquire
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.transport.ble import BleBackends, BleTransport
@@ -136,7 +137,9 @@ async def service_rig(
                 routine, default_policy(), start_s=device.uptime_s + 1.0
             )
 
+    # As `devicebridge serve` does: one bridge per data directory, for the rig's lifetime.
     async with world:
+        lock = try_acquire(data_dir)
         service = BridgeService(
             bridge_id=BRIDGE,
             data_dir=data_dir,
@@ -159,6 +162,7 @@ async def service_rig(
             if rig.task is not None and not rig.task.done():
                 await rig.stop()
             await clock.stop()
+            lock.release()
 
 
 # --------------------------------------------------------------------------- MQTT side

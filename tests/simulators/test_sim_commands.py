@@ -8,6 +8,7 @@ import pytest
 
 from protocols import (
     Ack,
+    BootEvent,
     Command,
     CommandBody,
     DeviceProfile,
@@ -20,6 +21,7 @@ from protocols import (
     ProgramBegin,
     ProgramCommit,
     ProgramStart,
+    ResetReason,
     ResultCode,
     SetIntensity,
     SetMode,
@@ -184,6 +186,8 @@ async def test_event_sequence_and_device_time(world: SimulatedWorld) -> None:
     command(SetZone(Zone.CHIN))
     command(SetZone(Zone.NECK))
     events = link.events()
-    assert [e.event_sequence for e in events] == [1, 2]  # BOOT was 0, before the link
-    assert massager.events[0].code == EventCode.BOOT
-    assert struct.unpack("<B", events[1].payload) == (Zone.NECK,)
+    # BOOT (0) happened before the link; it waited for the host's first command.
+    assert [e.event_sequence for e in events] == [0, 1, 2]
+    assert massager.events[0].code == events[0].code == EventCode.BOOT
+    assert BootEvent.decode(events[0].payload) == BootEvent(ResetReason.POWER_ON)
+    assert struct.unpack("<B", events[2].payload) == (Zone.NECK,)

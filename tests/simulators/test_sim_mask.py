@@ -32,6 +32,8 @@ async def test_timer_shuts_the_light_off(world: SimulatedWorld, clock: VirtualCl
     await clock.advance(31.0)
     assert mask.treatment is None
     events = [(e.code, e.payload, e.device_time_ms) for e in link.events()]
+    assert events[0][0] == EventCode.BOOT  # held for the host's first command
+    events = events[1:]
     assert events[0][0] == EventCode.TREATMENT_STARTED
     assert events[0][1] == StartLed(40.0, 20.0, 0.0, 30).encode_params()
     assert events[-1] == (

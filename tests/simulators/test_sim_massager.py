@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protocols import EventCode, MassageMode, SetIntensity, SetMode, SetZone, StartStream, Zone
+from protocols import (
+    EventCode,
+    MassageMode,
+    SetIntensity,
+    SetMode,
+    SetZone,
+    ShutdownEvent,
+    StartStream,
+    Zone,
+)
 from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_FLAG_MOTOR_ON, pressure_kpa
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
 from simulators.device import BATTERY_LOW_PERCENT, Button, Press, ShutdownReason
@@ -127,7 +136,10 @@ async def test_battery_low_then_shutdown_at_empty(
     assert await clock.run_until(lambda: not massager.is_powered, max_virtual_s=800.0)
     assert [e.payload for e in events_of(massager, EventCode.BATTERY_LOW)] == [b"\x0a"]
     shutdown = events_of(massager, EventCode.SHUTDOWN)
-    assert [e.payload for e in shutdown] == [bytes([ShutdownReason.BATTERY_EMPTY])]
+    # The reason, and how many samples this boot took (the host counts what it missed).
+    assert [ShutdownEvent.decode(e.payload) for e in shutdown] == [
+        ShutdownEvent(ShutdownReason.BATTERY_EMPTY, massager.next_sequence)
+    ]
     assert link.closed
     assert not massager.is_connected
     assert link.events()[-1].code == EventCode.SHUTDOWN  # sent before the radio went off
