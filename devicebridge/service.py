@@ -61,14 +61,17 @@ from devicebridge.local_api import LocalApiServer
 from devicebridge.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.program_transfer import install_program, program_from_routine
 from devicebridge.runner import (
+    Resumable,
     RoutineRefusedError,
     RoutineRunner,
     RunMode,
     RunnerState,
     RunSummary,
+    SessionResumption,
     StoreWriter,
     recover_sessions,
     refusal_json,
+    resumable,
 )
 from devicebridge.session import DeviceSession
 from devicebridge.storage.files import open_private, private_directory
@@ -76,7 +79,7 @@ from devicebridge.storage.lock import holder as lock_holder
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, StoredProgram
 from devicebridge.storage.registry import PairedDevice
-from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
+from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionRecord, SessionStore
 from devicebridge.transport.base import DeviceInfo
 from protocols import (
     Event,
@@ -315,6 +318,7 @@ class DeviceWorker:
         self.kind = paired.kind
         self.batcher: TelemetryBatcher | None = None
         self.runner: RoutineRunner | None = None
+        self.resumption: SessionResumption | None = None
         self.published_state: ConnectionState | None = None
         self.published_battery: int | None = None
         self.samples_received = 0
@@ -474,6 +478,10 @@ class DeviceWorker:
         admission allows it now; otherwise stop it."""
         if self.runner is not None or self.stopping:
             return
+        if self.resumption is not None:
+            # The start of the interrupted session's own program (it was admitted then),
+            # read again from the line or the device's backlog: part of what is resumed.
+            return
         known = self.service.known_program(self.kind, program_crc32)
         why: str | None = None
         if known is None:
@@ -494,6 +502,27 @@ class DeviceWorker:
             {"type": "program_stopped", "program_crc32": program_crc32, "reason": why},
         )
         await self.session.send(StopAll(), timeout_s=STOP_ALL_TIMEOUT_S)
+
+    def resume(self, held: Resumable) -> None:
+        """Before :meth:`start`: take what the device still holds of ``held`` first."""
+        service = self.service
+        self.session.resume_after(held.last_sequence)
+        LOG.info(
+            "%s: taking what the device holds of session %d after sample %d",
+            self.serial,
+            held.record.id,
+            held.last_sequence,
+        )
+
+        def done(record: SessionRecord) -> None:
+            self.resumption = None
+            remove()
+            service.publish_record(record)
+
+        self.resumption = SessionResumption(
+            service.sessions, service.session_writer, held, service.policy, on_done=done
+        )
+        remove = self.session.observe_telemetry(self.resumption.observe)
 
     # ------------------------------------------------------------------ jobs
 
@@ -529,6 +558,12 @@ class DeviceWorker:
         """
         if self.runner is not None:
             raise ServiceError("a routine is already running", device=self.serial)
+        if self.resumption is not None:
+            raise ServiceError(
+                f"still taking what the device holds of interrupted session "
+                f"{self.resumption.record.id}; try again in a moment",
+                device=self.serial,
+            )
         service = self.service
 
         def decided(decision: Decision) -> None:
@@ -625,6 +660,8 @@ class DeviceWorker:
                 await self.session.send(StopAll(), timeout_s=STOP_ALL_TIMEOUT_S)
             except DeviceBridgeError as exc:
                 LOG.warning("%s: STOP_ALL at shutdown: %s", self.serial, exc)
+        if self.resumption is not None:
+            self.resumption.finish()  # what came from the device so far
         for task_ in self._tasks:
             task_.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -709,6 +746,8 @@ class BridgeService:
         self.acks: list[dict[str, Any]] = []
         self.recovered_sessions: list[int] = []
         self._announced: set[str] = set()
+        # Interrupted sessions whose device may still hold samples, by device serial.
+        self._resumable: dict[str, Resumable] = {}
         self.local_api = LocalApiServer(self) if local_api else None
 
     # ------------------------------------------------------------------ life cycle
@@ -730,6 +769,10 @@ class BridgeService:
             self.publish_adherence()
             for paired in self._devices:
                 self.add_device(paired)
+            # Interrupted sessions of devices this bridge does not serve: as recorded.
+            for held in self._resumable.values():
+                self.publish_record(held.record)
+            self._resumable.clear()
             tasks.append(asyncio.create_task(self._status_loop(), name="status"))
             if self.local_api is not None:
                 try:
@@ -757,24 +800,37 @@ class BridgeService:
             return self.workers[paired.serial_number]
         worker = DeviceWorker(self, paired, self._session_factory(paired))
         self.workers[paired.serial_number] = worker
+        held = self._resumable.pop(paired.serial_number, None)
+        if held is not None:
+            worker.resume(held)
         worker.start()
         return worker
 
     def _recover(self) -> None:
         """Sessions a killed bridge left running: marked interrupted (with the summary of
-        what they recorded) and reported."""
+        what they recorded) and reported. Where the device was running the routine as its
+        program, what it still holds is taken first when it connects (see
+        :class:`~devicebridge.runner.SessionResumption`), and the report follows then."""
         for record in recover_sessions(self.sessions, self.policy):
             self.recovered_sessions.append(record.id)
             LOG.warning("session %d was interrupted by a bridge stop", record.id)
-            self.publish_summary(
-                record.id,
-                record.device_serial,
-                "interrupted",
-                record.end_reason,
-                record.summary,
-                int(record.program_id) if record.program_id else None,
-                record.started_at,
-            )
+            held = resumable(self.sessions, record)
+            if held is not None:
+                self._resumable[record.device_serial] = held  # the latest per device
+            else:
+                self.publish_record(record)
+
+    def publish_record(self, record: SessionRecord) -> None:
+        """Publish a stored session's summary as it is recorded."""
+        self.publish_summary(
+            record.id,
+            record.device_serial,
+            record.status,
+            record.end_reason,
+            record.summary,
+            int(record.program_id) if record.program_id else None,
+            record.started_at,
+        )
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         if self._closed:

@@ -306,6 +306,15 @@ class DeviceSession:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def resume_after(self, last_sequence: int) -> None:
+        """Before :meth:`start`: an earlier host already has the samples up to
+        ``last_sequence`` (a bridge that stopped mid-session); what the device still holds
+        after it comes first, backfilled, then the live stream. A device that restarted
+        meanwhile no longer holds them (its restart is reported as usual)."""
+        if self._started:
+            raise RuntimeError("resume_after() only before start()")
+        self._reassembler.expect(last_sequence + 1)
+
     async def start(self) -> None:
         """Connect, read the device info, start the stream; raises if the first connect fails."""
         if self.state is S.CLOSED:

@@ -161,6 +161,14 @@ class TelemetryReassembler:
     def set_sample_rate(self, sample_rate_hz: float) -> None:
         self._rate_hz = sample_rate_hz
 
+    def expect(self, next_sequence: int) -> None:
+        """Before the first batch: the stream goes on from ``next_sequence`` (samples before
+        it were delivered by an earlier link), so the first batch after it makes a gap to
+        backfill instead of a new start."""
+        if self._tracker.next_expected is not None:
+            raise ValueError("expect() only before the first batch")
+        self._tracker = SequenceTracker(next_sequence)
+
     def next_request(self) -> SequenceRange | None:
         """The range to request now, once; ``None`` when nothing new needs asking."""
         head = self._head_missing()

@@ -167,3 +167,55 @@ def _write_pid(fd: int, path: Path) -> None:
 def _read_pid(fd: int) -> int | None:
     text = os.pread(fd, MAX_PID_FILE_BYTES, 0).decode("ascii", "replace").strip()
     return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+# --------------------------------------------------------------------------- session owners
+
+OWNERS_DIRNAME: Final = "owners"
+_marks: dict[Path, int] = {}  # data directories this process marked itself alive in
+
+
+def mark_process_alive(data_dir: Path) -> None:
+    """This process runs sessions of ``data_dir``: say so for as long as it lives.
+
+    A lock on ``owners/<pid>.lock`` in the data directory, held until the process ends
+    (released by the kernel however it ends). :func:`process_alive` reads it, so that a
+    command recovering the sessions a killed process left ``running`` never takes those of
+    another process still running them (two ``run`` commands on two devices at once).
+    Idempotent.
+    """
+    folder = data_dir.resolve() / OWNERS_DIRNAME
+    if folder in _marks:
+        return
+    private_directory(folder)
+    path = folder / f"{os.getpid()}.lock"
+    while True:
+        fd = open_private(path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a reader checking a dead namesake holds it briefly
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            _marks[folder] = fd  # kept open: the lock lives as long as the process
+            return
+        os.close(fd)  # that reader removed the file meanwhile: lock the new one
+
+
+def process_alive(data_dir: Path, pid: int) -> bool:
+    """Whether process ``pid`` still runs sessions of ``data_dir`` (see
+    :func:`mark_process_alive`); a dead owner's mark is removed."""
+    if pid == os.getpid():
+        return True
+    path = data_dir.resolve() / OWNERS_DIRNAME / f"{pid}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        if not _try_lock(fd, fcntl.LOCK_EX, path):
+            return True
+        path.unlink(missing_ok=True)  # removed while locked: nobody can lock this one again
+        return False
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ from devicebridge.errors import (
     RegistrySchemaError,
     UnknownDeviceError,
 )
-from devicebridge.storage.sqlite import connect
+from devicebridge.storage.sqlite import connect, migrate
 
 REGISTRY_FILENAME: Final = "registry.sqlite3"
 
@@ -132,21 +132,14 @@ class DeviceRegistry:
             self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
+        newer = migrate(self._db, _MIGRATIONS)
+        if newer is not None:
             raise RegistrySchemaError(
-                f"registry schema version {version} is newer than this devicebridge "
+                f"registry schema version {newer} is newer than this devicebridge "
                 f"understands ({SCHEMA_VERSION}); upgrade devicebridge",
-                found_version=version,
+                found_version=newer,
                 path=self.path,
             )
-        for target in range(version, SCHEMA_VERSION):
-            with self._transaction() as db:
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                # PRAGMA takes no parameters; target is our own int.
-                db.execute(f"PRAGMA user_version = {target + 1}")
 
     # ------------------------------------------------------------------ devices
 

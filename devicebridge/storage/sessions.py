@@ -16,6 +16,7 @@ next start :meth:`SessionStore.recover` marks sessions left ``running`` as
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,8 @@ import numpy as np
 import numpy.typing as npt
 
 from devicebridge.errors import DeviceBridgeError
-from devicebridge.storage.sqlite import connect
+from devicebridge.storage.lock import mark_process_alive, process_alive
+from devicebridge.storage.sqlite import connect, migrate
 from protocols import SampleFormat
 from protocols.telemetry import SAMPLE_DTYPES
 
@@ -83,6 +85,15 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX sessions_by_start ON sessions (started_at);
     """,
+    # The device sample from which the device ran the session's routine as its program
+    # (NULL: the host drove it): a bridge that stops mid-session knows from where the
+    # device went on alone.
+    # ``owner_pid``: the process that runs the session, so that recovery leaves alone the
+    # sessions of another process still running them.
+    """
+    ALTER TABLE sessions ADD COLUMN device_program_from INTEGER;
+    ALTER TABLE sessions ADD COLUMN owner_pid INTEGER;
+    """,
 )
 
 
@@ -110,6 +121,7 @@ class SessionRecord:
     summary: Mapping[str, Any]
     routine_text: str
     program_id: str | None
+    device_program_from: int | None = None  # see mark_device_program
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,18 +192,12 @@ class SessionStore:
             raise SessionStoreError(str(exc), path=self.path) from exc
 
     def _migrate(self) -> None:
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > len(_MIGRATIONS):
+        newer = migrate(self._db, _MIGRATIONS)
+        if newer is not None:
             raise SessionStoreError(
-                f"schema version {version} is newer than this devicebridge knows "
+                f"schema version {newer} is newer than this devicebridge knows "
                 f"({len(_MIGRATIONS)}); upgrade devicebridge",
                 path=self.path,
-            )
-        for target in range(version, len(_MIGRATIONS)):
-            # executescript commits any open transaction itself, so each migration is one
-            # script that carries its own BEGIN/COMMIT (atomic, version bump included).
-            self._db.executescript(
-                f"BEGIN IMMEDIATE;{_MIGRATIONS[target]};PRAGMA user_version = {target + 1};COMMIT;"
             )
 
     # ------------------------------------------------------------------ sessions
@@ -208,11 +214,13 @@ class SessionStore:
         program_id: str | None = None,
         started_at: datetime | None = None,
     ) -> int:
+        mark_process_alive(self.path.parent)
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO sessions (routine_name, category, device_serial, device_kind,"
-                " sample_format, sample_rate_hz, started_at, status, routine_text, program_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                " sample_format, sample_rate_hz, started_at, status, routine_text, program_id,"
+                " owner_pid)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
                 (
                     routine_name,
                     category,
@@ -223,10 +231,20 @@ class SessionStore:
                     (started_at or _now()).isoformat(),
                     routine_text,
                     program_id,
+                    os.getpid(),
                 ),
             )
             assert cursor.lastrowid is not None
             return cursor.lastrowid
+
+    def mark_device_program(self, session_id: int, from_sequence: int) -> None:
+        """The device runs the session's routine as its program from sample
+        ``from_sequence`` on (with no host, it goes on alone from there)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE sessions SET device_program_from = ? WHERE id = ?",
+                (from_sequence, session_id),
+            )
 
     def append_samples(
         self, session_id: int, first_sequence: int, samples: npt.NDArray[np.void]
@@ -342,13 +360,21 @@ class SessionStore:
             )
 
     def recover(self) -> list[int]:
-        """Mark sessions left ``running`` by a stopped process as ``interrupted``."""
+        """Mark sessions left ``running`` by a stopped process as ``interrupted``; those of a
+        process still running them (another command on this data directory) stay."""
+        folder = self.path.parent
         with self._transaction() as db:
-            ids = [row[0] for row in db.execute("SELECT id FROM sessions WHERE status = 'running'")]
-            db.execute(
+            rows = db.execute("SELECT id, owner_pid FROM sessions WHERE status = 'running'")
+            ids = [
+                session_id
+                for session_id, pid in rows.fetchall()
+                if pid is None or not process_alive(folder, int(pid))
+            ]
+            db.executemany(
                 "UPDATE sessions SET status = 'interrupted',"
                 " end_reason = COALESCE(end_reason, 'bridge stopped during the session')"
-                " WHERE status = 'running'"
+                " WHERE id = ?",
+                [(session_id,) for session_id in ids],
             )
         return ids
 
@@ -467,6 +493,8 @@ def _record(row: tuple[Any, ...]) -> SessionRecord:
         summary,
         routine_text,
         program_id,
+        device_program_from,
+        _owner_pid,
     ) = row
     return SessionRecord(
         id_,
@@ -483,4 +511,5 @@ def _record(row: tuple[Any, ...]) -> SessionRecord:
         json.loads(summary),
         routine_text,
         program_id,
+        device_program_from,
     )

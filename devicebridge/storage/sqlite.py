@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -36,3 +37,35 @@ def connect(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def migrate(db: sqlite3.Connection, migrations: Sequence[str]) -> int | None:
+    """Bring a store's schema (``PRAGMA user_version``) up to ``len(migrations)``.
+
+    Each migration runs in a transaction of its own, with the version read again inside
+    it: two processes opening a new store at once (two commands on one data directory)
+    do not both run it. Returns the version found when it is newer than this code knows
+    (nothing is changed then), else None.
+    """
+    known = len(migrations)
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version == known:
+        return None
+    for target in range(known):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > known:
+                db.execute("ROLLBACK")
+                return int(version)
+            if version <= target:
+                for statement in migrations[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                # PRAGMA takes no parameters; the version is our own int.
+                db.execute(f"PRAGMA user_version = {target + 1}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return None

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from devicebridge.core.policy import default_policy
+from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionRecord, SessionStore
 from simulators.control import control_request
 
 BIN = Path(sys.executable).parent
@@ -185,7 +186,9 @@ async def host_dead(tmp_path: Path) -> AsyncIterator[HostDead]:
         assert simulator.process.returncode == 0
 
 
-async def test_the_devices_keep_the_limits_when_the_host_is_dead(host_dead: HostDead) -> None:
+async def test_the_devices_keep_the_limits_when_the_host_is_dead_and_the_next_bridge_records_it(
+    host_dead: HostDead,
+) -> None:
     simulator, massager, mask = host_dead.simulator, host_dead.massager, host_dead.mask
     policy = default_policy()
     # The hosts are gone; the programs run on (read here from a shell, as a QA engineer).
@@ -246,3 +249,74 @@ async def test_the_devices_keep_the_limits_when_the_host_is_dead(host_dead: Host
     assert sample_of(over, state) == first
     (finished,) = events_since(state, "program_finished", first)
     assert sample_of(finished, state) == first
+
+    # The next bridge: the same data directory, the devices paired on their ports. It
+    # finds both sessions interrupted, takes what each device held of them (the samples
+    # its program ran on alone), and stores them with their summaries worked out again.
+    data_dir, config = host_dead.data_dir, host_dead.data_dir.parent / "config.toml"
+    before = _stored(data_dir)
+    for name, serial in (("massager", massager), ("mask", mask)):
+        await _cli(
+            config, data_dir, "pair", "--serial-port", simulator.ptys[serial], "--name", name
+        )
+    log = data_dir.parent / "serve-next.log"
+    with log.open("wb") as output:
+        bridge = await asyncio.create_subprocess_exec(
+            str(BIN / "devicebridge"),
+            "--no-simulate",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data_dir),
+            "serve",
+            "--bridge-id",
+            "bridge-next",
+            stdout=output,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not all("alone" in (r.end_reason or "") for r in _records(data_dir)):  # noqa: ASYNC110 - another process
+                await asyncio.sleep(POLL_S)
+    except TimeoutError:
+        raise AssertionError(log.read_text()[-6000:]) from None
+    finally:
+        await finish(bridge, signal.SIGINT)
+    records = {r.device_serial: r for r in _records(data_dir)}
+    after = _stored(data_dir)
+    for serial in (massager, mask):
+        record = records[serial]
+        assert record.status == "interrupted"
+        assert after[record.id] > before[record.id]  # the samples the device ran on alone
+    pressed = records[massager].summary
+    assert pressed["cap_events"] == 3
+    assert pressed["stopped_reason"] == "pressure_cap_repeated"
+    assert records[mask].summary["max_temperature_c"] >= policy.temperature_stop_c.value
+
+
+def _records(data_dir: Path) -> list[SessionRecord]:
+    with SessionStore(data_dir / SESSIONS_FILENAME) as store:
+        return [r for r in store.sessions() if r.status != "refused"]
+
+
+def _stored(data_dir: Path) -> dict[int, int]:
+    """How many samples each session has stored."""
+    with SessionStore(data_dir / SESSIONS_FILENAME) as store:
+        return {r.id: len(store.telemetry(r.id)[0]) for r in store.sessions()}
+
+
+async def _cli(config: Path, data_dir: Path, *args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "devicebridge"),
+        "--no-simulate",
+        "--config",
+        str(config),
+        "--data-dir",
+        str(data_dir),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(WAIT_S):
+        out, _ = await process.communicate()
+    assert process.returncode == 0, out.decode()

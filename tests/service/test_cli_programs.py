@@ -81,7 +81,7 @@ def serving(tmp_path: Path) -> Iterator[tuple[Path, str]]:
             status = cli(data_dir, "status", "--json", check=False)
             if status.returncode == 0:
                 body = json.loads(status.stdout)
-                ready = [d for d in body["devices"] if d["state"] == "ready"]
+                ready = [d for d in body.get("devices", []) if d["state"] == "ready"]
                 if body["alive"] and ready and any(d["kind"] == "massager" for d in ready):
                     break
             assert process.poll() is None, process.communicate()[0]
