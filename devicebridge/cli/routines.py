@@ -27,14 +27,13 @@ from devicebridge.core.policy import (
     LED_CHANNELS,
     POLICY_ZONES,
     TREATMENTS,
-    PolicyError,
     SafetyPolicy,
     default_policy,
     parse_policy,
     policy_zone,
 )
-from devicebridge.core.routine import Routine, RoutineError, parse_routine
-from devicebridge.errors import DeviceBridgeError, UnknownDeviceError
+from devicebridge.core.routine import Routine, parse_routine
+from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError, UnknownDeviceError
 from devicebridge.report import load_report, summary_lines, write_csv, write_json, write_png
 from devicebridge.runner import RoutineRunner, RunMode, RunnerState, RunSummary
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any, Final
 
 from devicebridge.core.tomlpath import Problem, locate
+from devicebridge.errors import PolicyError as PolicyError  # raised here; importable from here
 
 POLICY_ZONES: Final = (
     "forehead",
@@ -30,15 +31,6 @@ POLICY_ZONES: Final = (
 )
 LED_CHANNELS: Final = ("red", "near_infrared", "blue")
 TREATMENTS: Final = ("botulinum_toxin", "filler", "tissue_stimulator", "mesotherapy")
-
-
-class PolicyError(ValueError):
-    """A policy file is malformed or unsafe; ``problems`` says what and where."""
-
-    def __init__(self, label: str, problems: list[Problem]) -> None:
-        self.label = label
-        self.problems = problems
-        super().__init__("\n".join(p.render(label) for p in problems))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.tomlpath import Problem, locate
+from devicebridge.errors import RoutineError as RoutineError  # raised here; importable from here
 
 MASSAGE_ZONES: Final = (
     "forehead",
@@ -60,15 +61,6 @@ _TOP_KEYS: Final = {"routine", "schedule", "sequencing", "steps"}
 class DeviceKindName(StrEnum):
     MASSAGER = "massager"
     LED_MASK = "led_mask"
-
-
-class RoutineError(ValueError):
-    """A routine file is malformed or unsafe; ``problems`` lists what and where."""
-
-    def __init__(self, label: str, problems: list[Problem]) -> None:
-        self.label = label
-        self.problems = problems
-        super().__init__("\n".join(p.render(label) for p in problems))
 
 
 @dataclass(frozen=True, slots=True)

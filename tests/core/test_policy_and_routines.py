@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from devicebridge.core.policy import PolicyError, default_policy, default_policy_text, parse_policy
-from devicebridge.core.routine import RoutineError, parse_routine
+from devicebridge.core.policy import default_policy, default_policy_text, parse_policy
+from devicebridge.core.routine import parse_routine
+from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError
 
 ROUTINES = resources.files("devicebridge") / "data" / "routines"
 
@@ -169,8 +170,10 @@ def test_led_routine_over_the_dose_cap_and_in_the_flicker_band() -> None:
 
 
 def test_not_toml_is_refused() -> None:
-    with pytest.raises(RoutineError, match="not valid TOML"):
+    with pytest.raises(RoutineError, match="not valid TOML") as info:
         parse_routine("[[steps]\n", default_policy())
+    # One error tree: callers catching DeviceBridgeError see file problems too.
+    assert isinstance(info.value, DeviceBridgeError)
 
 
 def test_routines_do_not_read_the_shared_reference() -> None:
