@@ -61,7 +61,13 @@ from typing import Any, Final, TypeVar
 import numpy as np
 
 from devicebridge.clock import Clock
-from devicebridge.core.admission import Admission, PastSession, Treatment, check_admission
+from devicebridge.core.admission import (
+    Admission,
+    PastSession,
+    Treatment,
+    check_admission,
+    session_completion,
+)
 from devicebridge.core.engine import (
     CELSIUS_PER_UNIT,
     CONTACT_FLAG,
@@ -269,6 +275,7 @@ def admission_history(store: SessionStore, *, since: datetime | None = None) -> 
                 kind,
                 record.status == "completed",
                 {str(k): float(v) for k, v in (dose or {}).items()},
+                session_completion(record.summary),
             )
         )
     return history

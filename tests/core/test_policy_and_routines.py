@@ -126,7 +126,7 @@ def test_unsafe_step_names_its_place_and_the_policy_rule() -> None:
 
 def test_routine_may_not_be_looser_than_the_policy_schedule() -> None:
     text = _firming().replace("max_sessions = 2", "max_sessions = 3")
-    with pytest.raises(RoutineError, match="looser than the policy's 2 per 7 days"):
+    with pytest.raises(RoutineError, match="3 sessions is more than the policy's 2 per 7 days"):
         parse_routine(text, default_policy())
     stricter = _firming().replace("max_sessions = 2", "max_sessions = 1")
     assert parse_routine(stricter, default_policy()).schedule.max_sessions == 1  # type: ignore[union-attr]

@@ -134,7 +134,7 @@ name = "red test"
 author = "tests"
 version = "1"
 device_kind = "led_mask"
-category = "led_test"
+category = "general"
 
 [[steps]]
 red_mw_cm2 = {red}
