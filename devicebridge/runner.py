@@ -927,21 +927,25 @@ class RoutineRunner:
         engine = self.engine
         assert isinstance(engine, MassageEngine)
         kind = decision.kind
+        # The engine's state after the whole batch decides whether the motor may run: a
+        # RESUME followed by a PAUSE in the same batch must not restart it after the stop.
+        may_run = not engine.paused and not engine.finished
         if kind is DecisionKind.NEXT_STEP or (
             kind is DecisionKind.GUIDANCE and decision.reason == "step_start"
         ):
             self._intensity_cap = None
             step = engine.current_step
-            if engine.paused:
+            if not may_run:
                 # Over temperature: the next zone is shown, the motor stays off.
                 self._queue([SetZone(_zone(step.zone))])
             else:
                 self._queue(self._actuate_massage(step, with_zone=True))
         elif kind is DecisionKind.RESUME:
-            self._queue(self._actuate_massage(engine.current_step, with_zone=False))
+            if may_run:
+                self._queue(self._actuate_massage(engine.current_step, with_zone=False))
         elif kind is DecisionKind.LOWER_INTENSITY and decision.intensity is not None:
             self._intensity_cap = decision.intensity
-            if not engine.paused:
+            if may_run:
                 self._queue([SetIntensity(decision.intensity)])
 
     def _actuate_massage(self, step: MassageStep, *, with_zone: bool) -> list[CommandBody]:
