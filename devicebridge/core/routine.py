@@ -23,6 +23,7 @@ from devicebridge.core.policy import (
     MAX_FREQUENCY_WINDOW_DAYS,
     MAX_SESSIONS_PER_WINDOW,
     SIDED_ZONES,
+    WIRE_MAX_PRESSURE_KPA,
     Limit,
     SafetyPolicy,
     canonical_category,
@@ -227,10 +228,10 @@ class _Checker:
             )
             return as_float(value)
         problem = number_problem(value, low, high, whole=whole)
-        if problem is not None:
-            self.add(where, problem)
-            return None
-        return float(value)
+        number = as_float(value) if problem is None and is_real(value) else None
+        if number is None:
+            self.add(where, problem or f"{show(value)} is too large")
+        return number
 
     def text_field(
         self, table: Mapping[str, Any], key: str, path: str, *, required: bool = True
@@ -345,7 +346,8 @@ def _massage_step(check: _Checker, raw: Mapping[str, Any], path: str) -> Massage
     check.unknown_keys(raw, _MASSAGE_STEP_KEYS, path)
     zone = raw.get("zone")
     if not isinstance(zone, str) or zone not in MASSAGE_ZONES:
-        check.add(f"{path}.zone", f"unknown zone {show(zone)}; known: {', '.join(MASSAGE_ZONES)}")
+        what = "missing" if zone is None else f"unknown zone {show(zone)}"
+        check.add(f"{path}.zone", f"{what}; known: {', '.join(MASSAGE_ZONES)}")
         return None
     limits = policy.zones[policy_zone(zone)]
     contact_s = check.number(
@@ -373,8 +375,8 @@ def _massage_step(check: _Checker, raw: Mapping[str, Any], path: str) -> Massage
         check.add(where, "missing: pressure_kpa = { min = ..., max = ... }")
     else:
         check.unknown_keys(band, {"min", "max"}, where)
-        low = check.number(band, "min", where, low=0.0, high=None)
-        high = check.number(band, "max", where, low=0.0, high=None)
+        low = check.number(band, "min", where, low=0.0, high=WIRE_MAX_PRESSURE_KPA)
+        high = check.number(band, "max", where, low=0.0, high=WIRE_MAX_PRESSURE_KPA)
         if low is not None and high is not None:
             if high - low < MIN_BAND_WIDTH_KPA:
                 check.add(
@@ -558,7 +560,7 @@ def _massage_totals(check: _Checker, steps: list[MassageStep]) -> None:
     reported: set[tuple[str, str]] = set()
     for number, step in enumerate(steps, start=1):
         limits = policy.zones[step.policy_zone]
-        each = "side" if step.policy_zone in SIDED_ZONES else "session"
+        each = "per side per session" if step.policy_zone in SIDED_ZONES else "per session"
         contact_s[step.zone] = contact_s.get(step.zone, 0.0) + step.contact_time_s
         passes[step.zone] = passes.get(step.zone, 0) + 1
         session_cap = limits.session_cap_s
@@ -568,7 +570,7 @@ def _massage_totals(check: _Checker, steps: list[MassageStep]) -> None:
             check.add(
                 f"steps[{number}].contact_time_s",
                 f"{sum(on_zone):g} s on {step.zone} in this routine is above the "
-                f"{session_cap.value:g} s cap per {each} per session",
+                f"{session_cap.value:g} s cap {each}",
                 policy.cite(session_cap),
             )
         passes_cap = limits.passes_cap
@@ -581,7 +583,7 @@ def _massage_totals(check: _Checker, steps: list[MassageStep]) -> None:
             check.add(
                 f"steps[{number}].zone",
                 f"{_ordinal(passes[step.zone])} pass on {step.zone}: at most "
-                f"{passes_cap.value:g} per {each} per session",
+                f"{passes_cap.value:g} {each}",
                 policy.cite(passes_cap),
             )
 

@@ -92,7 +92,10 @@ def show(value: object) -> str:
         return f"{value:g}"
     if isinstance(value, str):
         return repr(value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "...")
-    return f"a {toml_type(value)}"
+    if value is None:
+        return "nothing"
+    kind = toml_type(value)
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def toml_type(value: object) -> str:
