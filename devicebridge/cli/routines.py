@@ -163,6 +163,14 @@ def validate_command(cli: CliContext, file: Path, policy_file: Path | None) -> N
         highlight=False,
         markup=False,
     )
+    if not policy.knows_category(routine.category):
+        cli.console.print(
+            f"{file}: note: category {routine.category!r} is not one the policy knows "
+            f"({', '.join(policy.known_categories)}): every frequency rule of the policy "
+            "applies to it",
+            highlight=False,
+            markup=False,
+        )
 
 
 @routine_group.command("list")
