@@ -235,7 +235,7 @@ LED_CHANGES = [
     ("name", "change"),
     [("firming.toml", c) for c in FIRMING_CHANGES]
     + [("led_red_near_infrared.toml", c) for c in LED_CHANGES],
-    ids=lambda value: value[1] if isinstance(value, tuple) else value,
+    ids=lambda value: value[1][:40] if isinstance(value, tuple) else value,
 )
 def test_numbers_that_are_not_finite_or_out_of_range_are_refused_with_their_place(
     name: str, change: tuple[str, str, str]
