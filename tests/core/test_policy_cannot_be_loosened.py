@@ -9,6 +9,7 @@ out of a file.
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import datetime, timedelta
 from importlib import resources
 
@@ -185,8 +186,9 @@ def test_an_unknown_category_is_held_to_every_frequency_rule() -> None:
 
 
 def test_a_schedule_in_an_unknown_category_must_be_stricter_than_every_rule() -> None:
-    loose = massage([("cheek_left", 30.0)], category="x", extra="[schedule]\nmax_sessions = 2\n"
-                    "per_days = 1\n")
+    loose = massage(
+        [("cheek_left", 30.0)], category="x", extra="[schedule]\nmax_sessions = 2\nper_days = 1\n"
+    )
     error = refused(loose)
     assert "frequency.led_red_near_infrared.max_sessions = 1" in problem_at(
         error, "schedule.max_sessions"
@@ -279,19 +281,31 @@ def test_a_band_too_narrow_for_the_device_resolution_is_refused() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "path"),
     [
-        ('cap_kpa = { value = 4.0,', 'cap_kpa = { value = nan,', "zones.eye_area.cap_kpa"),
+        ("cap_kpa = { value = 4.0,", "cap_kpa = { value = nan,", "zones.eye_area.cap_kpa"),
         ("pass_cap_s = { value = 45,", "pass_cap_s = { value = inf,", "zones.eye_area.pass_cap_s"),
-        ("value = 1200, source = \"session_length_estimate\"", "value = 1e400, source = "
-         "\"session_length_estimate\"", "session.massage_length_cap_s"),
+        (
+            'value = 1200, source = "session_length_estimate"',
+            'value = 1e400, source = "session_length_estimate"',
+            "session.massage_length_cap_s",
+        ),
         ("warn_c = { value = 41.0,", "warn_c = { value = true,", "temperature.warn_c"),
         ("forbidden_hz = { min = 3.0,", "forbidden_hz = { min = nan,", "led.flicker.forbidden_hz"),
-        ("max_sessions = { value = 2,", "max_sessions = { value = 2.5,",
-         "frequency.firming.max_sessions"),
-        ("[policy]\nname = \"devicebridge default\"\nversion = 1",
-         "[policy]\nname = \"devicebridge default\"\nversion = true", "policy.version"),
+        (
+            "max_sessions = { value = 2,",
+            "max_sessions = { value = 2.5,",
+            "frequency.firming.max_sessions",
+        ),
+        (
+            '[policy]\nname = "devicebridge default"\nversion = 1',
+            '[policy]\nname = "devicebridge default"\nversion = true',
+            "policy.version",
+        ),
         ("pass_cap_s = { value = 45,", "pass_cap_s = { vlaue = 45,", "zones.eye_area.pass_cap_s"),
-        ("passes_cap = { value = 5,", "passes_cap_typo = { value = 5,",
-         "zones.masseter.passes_cap_typo"),
+        (
+            "passes_cap = { value = 5,",
+            "passes_cap_typo = { value = 5,",
+            "zones.masseter.passes_cap_typo",
+        ),
     ],
 )
 def test_policy_numbers_are_finite_in_range_and_misspelt_keys_are_errors(
@@ -341,3 +355,16 @@ def test_a_session_past_the_counting_fraction_counts_and_short_ones_add_up() -> 
     refusals = admit(firming, [full, *short])
     assert refusals
     assert "allowed from 2026-11-26 18:00" in refusals[0]  # when the oldest short one leaves
+
+
+def test_any_number_of_the_policy_replaced_by_anything_is_refused_with_its_place() -> None:
+    # Every value, min and max of the shipped policy, replaced in turn by hostile literals.
+    text = default_policy_text()
+    spots = list(re.finditer(r"\b(?:value|min|max) = (-?[0-9][0-9.e+-]*)", text))
+    assert len(spots) > 60
+    for spot in spots:
+        for literal in ("nan", "inf", "-inf", "1" + "0" * 400, "-1", "true", '"5"', "[1]", "1e308"):
+            changed = text[: spot.start(1)] + literal + text[spot.end(1) :]
+            with pytest.raises(PolicyError) as info:  # no number of a policy may be any of these
+                parse_policy(changed, label="p.toml")
+            assert all(p.line is not None for p in info.value.problems), str(info.value)
