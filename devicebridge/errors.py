@@ -15,6 +15,8 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     ├── ProgramTransferError           a device program was not installed or started (stage)
     ├── InvalidStateTransitionError    a connection state change the state machine forbids
     ├── SessionClosedError             the session was closed
+    ├── PolicyError (also ValueError)  a safety policy file is malformed or unsafe (problems)
+    ├── RoutineError (also ValueError) a routine file is malformed or breaks the policy (problems)
     ├── RegistryError                  the paired-device registry (path)
     │   ├── UnknownDeviceError         no paired device with that name
     │   ├── DuplicateNameError         the name is already used by another device
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from devicebridge.core.states import ConnectionState
+    from devicebridge.core.tomlpath import Problem
     from protocols import Opcode, ProgramRejectReason, ResultCode
 
 
@@ -166,6 +169,33 @@ class InvalidStateTransitionError(DeviceBridgeError):
 
 class SessionClosedError(DeviceBridgeError):
     """The session was closed; it cannot be used again."""
+
+
+# --------------------------------------------------------------------------- policy and routines
+
+
+def _problem_lines(label: str, problems: list[Problem]) -> str:
+    return "\n".join(p.render(label) for p in problems)
+
+
+class PolicyError(DeviceBridgeError, ValueError):
+    """A safety policy file is malformed or unsafe; ``problems`` says what and where
+    (key path, line), one a line in the message."""
+
+    def __init__(self, label: str, problems: list[Problem]) -> None:
+        super().__init__(_problem_lines(label, problems))
+        self.label = label
+        self.problems = problems
+
+
+class RoutineError(DeviceBridgeError, ValueError):
+    """A routine file is malformed or breaks the policy; ``problems`` says what and where
+    (key path, line and, for a broken limit, the policy rule and its source)."""
+
+    def __init__(self, label: str, problems: list[Problem]) -> None:
+        super().__init__(_problem_lines(label, problems))
+        self.label = label
+        self.problems = problems
 
 
 # --------------------------------------------------------------------------- registry

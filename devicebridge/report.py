@@ -20,8 +20,8 @@ import numpy.typing as npt
 
 from devicebridge.core.engine import ZONE_NAMES, LedEngine, MassageEngine
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
-from devicebridge.core.routine import J_PER_MJ, MassageStep, Routine, RoutineError, parse_routine
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.core.routine import J_PER_MJ, MassageStep, Routine, parse_routine
+from devicebridge.errors import DeviceBridgeError, RoutineError
 from devicebridge.storage.sessions import SessionRecord, SessionStore, StoredDecision
 from protocols import SampleFormat
 from protocols.telemetry import (

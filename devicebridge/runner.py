@@ -73,7 +73,13 @@ from devicebridge.core.actuation import (
     next_led_command,
     next_massager_command,
 )
-from devicebridge.core.admission import Admission, PastSession, Treatment, check_admission
+from devicebridge.core.admission import (
+    Admission,
+    PastSession,
+    Treatment,
+    check_admission,
+    session_completion,
+)
 from devicebridge.core.engine import (
     CELSIUS_PER_UNIT,
     CONTACT_FLAG,
@@ -361,6 +367,7 @@ def admission_history(store: SessionStore, *, since: datetime | None = None) -> 
                 kind,
                 record.status == "completed",
                 {str(k): float(v) for k, v in (dose or {}).items()},
+                session_completion(record.summary),
             )
         )
     return history

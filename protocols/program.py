@@ -56,7 +56,7 @@ CENTI_J_CM2_PER_J_CM2: Final = 100  # dose, 0.01 J/cm2
 MJ_PER_J: Final = 1000  # dose J/cm2 = irradiance mW/cm2 x s / 1000
 
 _U8_MAX: Final = 0xFF
-_U16_MAX: Final = 0xFFFF
+U16_MAX: Final = 0xFFFF  # the largest value of every unsigned 16-bit program field
 _I16_MIN: Final = -0x8000
 _I16_MAX: Final = 0x7FFF
 _U32_MAX: Final = 0xFFFF_FFFF
@@ -162,7 +162,7 @@ class ProgramLimits:
 
     def validate(self, *, decoding: bool = False) -> None:
         _check_range(
-            self.session_length_cap_s, 1, _U16_MAX, "session_length_cap_s", decoding=decoding
+            self.session_length_cap_s, 1, U16_MAX, "session_length_cap_s", decoding=decoding
         )
         _check_range(
             self.skin_temperature_stop_centi_c,
@@ -172,7 +172,7 @@ class ProgramLimits:
             decoding=decoding,
         )
         _check_range(
-            self.no_contact_pause_ds, 1, _U16_MAX, "no_contact_pause_ds", decoding=decoding
+            self.no_contact_pause_ds, 1, U16_MAX, "no_contact_pause_ds", decoding=decoding
         )
 
 
@@ -211,10 +211,10 @@ class MassageProgramStep:
             )
         _check_range(self.intensity, 1, MAX_INTENSITY_LEVEL, where + "intensity", decoding=decoding)
         _check_range(
-            self.contact_time_ds, 1, _U16_MAX, where + "contact_time_ds", decoding=decoding
+            self.contact_time_ds, 1, U16_MAX, where + "contact_time_ds", decoding=decoding
         )
         for name in ("pressure_min_dapa", "pressure_max_dapa", "pressure_cap_dapa"):
-            _check_range(getattr(self, name), 0, _U16_MAX, where + name, decoding=decoding)
+            _check_range(getattr(self, name), 0, U16_MAX, where + name, decoding=decoding)
         if not self.pressure_min_dapa < self.pressure_max_dapa <= self.pressure_cap_dapa:
             _fail(
                 f"needs band min {self.pressure_min_dapa} < band max {self.pressure_max_dapa}"
@@ -293,7 +293,7 @@ class LedProgramStep:
     def validate(self, *, decoding: bool = False, where: str = "") -> None:
         """Raise :class:`EncodeError` (or :class:`InvalidFieldError` when decoding)."""
         for f in dataclasses.fields(self):
-            _check_range(getattr(self, f.name), 0, _U16_MAX, where + f.name, decoding=decoding)
+            _check_range(getattr(self, f.name), 0, U16_MAX, where + f.name, decoding=decoding)
         if self.duration_s == 0:
             _fail("must be at least 1 s", where + "duration_s", decoding=decoding)
         if not any(self.irradiance_centi_mw_cm2(ch) for ch in range(len(LED_CHANNEL_NAMES))):

@@ -29,14 +29,13 @@ from devicebridge.core.policy import (
     LED_CHANNELS,
     POLICY_ZONES,
     TREATMENTS,
-    PolicyError,
     SafetyPolicy,
     default_policy,
     parse_policy,
     policy_zone,
 )
-from devicebridge.core.routine import Routine, RoutineError, parse_routine
-from devicebridge.errors import DeviceBridgeError, UnknownDeviceError
+from devicebridge.core.routine import Routine, parse_routine
+from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError, UnknownDeviceError
 from devicebridge.report import load_report, summary_lines, write_csv, write_json, write_png
 from devicebridge.runner import (
     RoutineRunner,
@@ -173,6 +172,14 @@ def validate_command(cli: CliContext, file: Path, policy_file: Path | None) -> N
         highlight=False,
         markup=False,
     )
+    if not policy.knows_category(routine.category):
+        cli.console.print(
+            f"{file}: note: category {routine.category!r} is not one the policy knows "
+            f"({', '.join(policy.known_categories)}): every frequency rule of the policy "
+            "applies to it",
+            highlight=False,
+            markup=False,
+        )
 
 
 @routine_group.command("list")

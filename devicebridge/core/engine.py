@@ -13,6 +13,9 @@ Massage rules, per sample:
   lasts ``OUT_OF_BAND_WARNING_DWELL_S``, and the time in band is counted;
 - effective contact time counts only with the head on the skin, per zone and per step; the
   step's time done: next zone (guidance); a zone held past its pass cap: pause until moved;
+- contact per zone per session (per side on a sided zone) up to the zone's session cap: on a
+  zone that has had it, nothing more counts; the motor pauses until the head moves to
+  another zone, and a step on that zone cannot be done, so it ends (the next one starts);
 - skin temperature at the warn level: lower intensity; at the stop level: the step ends;
 - session length over the cap: stop.
 
@@ -39,7 +42,13 @@ from devicebridge.core.faults_detect import (
     SensorVerdict,
     StuckSensorDetector,
 )
-from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, ZoneLimits, policy_zone
+from devicebridge.core.policy import (
+    LED_CHANNELS,
+    SIDED_ZONES,
+    SafetyPolicy,
+    ZoneLimits,
+    policy_zone,
+)
 from devicebridge.core.routine import J_PER_MJ, LedStep, MassageStep, Routine
 
 # Zone codes of the wire protocol (protocols.constants.Zone), as names used by routines.
@@ -123,10 +132,18 @@ class MassageSummary:
     steps_total: int = 0
     completed: bool = False
     stopped_reason: str | None = None
+    # Contact that counted toward the steps, and what the steps plan, in whole samples.
+    steps_contact_samples: int = 0
+    planned_contact_samples: int = 0
 
     @property
     def completion(self) -> float:
-        return self.steps_done / self.steps_total if self.steps_total else 0.0
+        """The fraction of the planned contact time done (1.0 once every step is done)."""
+        if self.completed and self.steps_done == self.steps_total:
+            return 1.0
+        if not self.planned_contact_samples:
+            return 0.0
+        return min(1.0, self.steps_contact_samples / self.planned_contact_samples)
 
     @property
     def in_band_fraction(self) -> float:
@@ -167,12 +184,19 @@ def _first_count_above(threshold: float, unit: float) -> int:
     return n
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _ZoneRules:
-    """A zone's policy limits, with its pass cap in samples."""
+    """A zone's policy limits, with its pass and session caps in samples, and the contact
+    it has had this session (per side: one per routine zone name)."""
 
     limits: ZoneLimits
     pass_cap_samples: int
+    session_cap_samples: int
+    session_samples: int = 0
+
+    @property
+    def spent(self) -> bool:
+        return self.session_samples >= self.session_cap_samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,8 +230,8 @@ class _QuietWindow(NamedTuple):  # a tuple: made for every run, cheap to make
     a raw skin temperature below ``temperature_below`` and, on the skin, a raw pressure in
     ``pressure_min..pressure_max`` on the step's zone (or an unknown zone, which counts as
     it); and not more than ``limit`` in a row are: the next would reach a threshold (pass
-    cap, step end, no-contact pause, session cap, the out-of-band warning's dwell). The
-    fault checks are on top of this.
+    cap, the zone's session cap, step end, no-contact pause, session cap, the out-of-band
+    warning's dwell). The fault checks are on top of this.
     """
 
     on_skin: bool
@@ -603,6 +627,7 @@ class MassageEngine(_Engine[MassageStep]):
         self._excursion = _Excursion(self._samples_for(OUT_OF_BAND_WARNING_DWELL_S))
         # Per-step and per-zone thresholds, worked out once (the policy is frozen).
         self._contact_samples = [self._samples_for(s.contact_time_s) for s in self._steps]
+        self.summary.planned_contact_samples = sum(self._contact_samples)
         self._no_contact_pause_samples = self._samples_for(policy.no_contact_pause_s.value)
         self._zone_rules_cache: dict[str, _ZoneRules] = {}
         self._step_rules_cache: dict[int, _StepRules] = {}
@@ -652,7 +677,18 @@ class MassageEngine(_Engine[MassageStep]):
         rules = self._zone_rules_cache.get(zone)
         if rules is None:
             limits = self.policy.zones[policy_zone(zone)]
-            rules = _ZoneRules(limits, self._samples_for(limits.pass_cap_s.value))
+            # A checked routine plans at most the session cap on each zone (side), in
+            # seconds; rounding each of its steps to whole samples must not cut the last.
+            planned = sum(
+                samples
+                for step, samples in zip(self._steps, self._contact_samples, strict=True)
+                if step.zone == zone
+            )
+            rules = _ZoneRules(
+                limits,
+                self._samples_for(limits.pass_cap_s.value),
+                max(self._samples_for(limits.session_cap_s.value), planned),
+            )
             self._zone_rules_cache[zone] = rules
         return rules
 
@@ -809,6 +845,10 @@ class MassageEngine(_Engine[MassageStep]):
         to_step_end = rules.contact_samples - 1 - self._step_contact_samples
         if to_step_end < limit:
             limit = to_step_end
+        zone_rules = rules.zone
+        to_zone_cap = zone_rules.session_cap_samples - zone_rules.session_samples
+        if to_zone_cap < limit:
+            limit = to_zone_cap
         if state is not _IN_BAND:
             # Out of band: the samples continue the excursion when the one before was its
             # last. With contiguous sequence numbers it always was here (a sample that ends
@@ -840,9 +880,11 @@ class MassageEngine(_Engine[MassageStep]):
         self._step_contact_samples += run
         self._off_zone_warned = False
         summary = self.summary
+        summary.steps_contact_samples += run
         dt_s = self.dt_s
         zone = self._pass_zone  # the current step's zone (see above), without the property
         assert zone is not None
+        self._zone_rules_cache[zone].session_samples += run
         contact_s = summary.contact_s
         zone_s = summary.contact_s_by_zone.get(zone, 0.0)
         # One addition per sample, as the per-sample path does: the same float sums.
@@ -952,7 +994,23 @@ class MassageEngine(_Engine[MassageStep]):
                         zone,
                     )
             return
-        if self._pause_reason in ("no_contact", "pressure_cap"):
+        if zone_rules.spent:
+            # Nothing more counts on this zone this session.
+            if zone == step.zone:
+                self._zone_spent_step(out, at_s, sequence, zone_rules)
+            elif self._pause_reason != "zone_session":
+                self._pause(
+                    out,
+                    at_s,
+                    sequence,
+                    "zone_session",
+                    f"{limits.session_cap_s.value:g} s on {zone} is the most for one session: "
+                    "move on to another zone.",
+                    policy.cite(limits.session_cap_s),
+                    zone,
+                )
+            return
+        if self._pause_reason in ("no_contact", "pressure_cap", "zone_session"):
             self._resume(out, at_s, sequence)
         if self._pause_reason == "zone_time":
             if zone == self._pass_zone:
@@ -962,6 +1020,7 @@ class MassageEngine(_Engine[MassageStep]):
         if zone != self._pass_zone:
             self._pass_zone, self._pass_samples = zone, 0
         self._pass_samples += 1
+        zone_rules.session_samples += 1
         self.summary.contact_s += self.dt_s
         self.summary.contact_s_by_zone[zone] = (
             self.summary.contact_s_by_zone.get(zone, 0.0) + self.dt_s
@@ -1043,6 +1102,7 @@ class MassageEngine(_Engine[MassageStep]):
             return
         self._off_zone_warned = False
         self._step_contact_samples += 1
+        self.summary.steps_contact_samples += 1
         if self._step_contact_samples >= self._contact_samples[self._index]:
             self._advance(out, at_s, sequence)
 
@@ -1176,25 +1236,53 @@ class MassageEngine(_Engine[MassageStep]):
         self, out: list[Decision], at_s: float, sequence: int, temperature_c: float
     ) -> None:
         policy = self.policy
-        out.append(
-            self._decision(
-                DecisionKind.STOP_STEP,
-                at_s,
-                "over_temperature",
-                f"Skin temperature {temperature_c:.1f} °C reached the stop level: step ended.",
-                policy.cite(policy.temperature_stop_c),
-                sequence,
-            )
+        # Actuators stay off until the skin cools below the warn level.
+        self._stop_step(
+            out,
+            at_s,
+            sequence,
+            "over_temperature",
+            f"Skin temperature {temperature_c:.1f} °C reached the stop level: step ended.",
+            policy.cite(policy.temperature_stop_c),
         )
+
+    def _zone_spent_step(
+        self, out: list[Decision], at_s: float, sequence: int, zone: _ZoneRules
+    ) -> None:
+        """The step's zone has had its session cap: the step cannot be done. Actuators
+        stay off until the head is on a zone that may still have contact."""
+        step = self.current_step
+        cap = zone.limits.session_cap_s
+        each = " per side" if step.policy_zone in SIDED_ZONES else ""
+        self._stop_step(
+            out,
+            at_s,
+            sequence,
+            "zone_session",
+            f"{step.zone} has had the most contact for one session ({cap.value:g} s{each}): "
+            "step ended, move on.",
+            self.policy.cite(cap),
+        )
+
+    def _stop_step(
+        self,
+        out: list[Decision],
+        at_s: float,
+        sequence: int,
+        reason: str,
+        message: str,
+        rule: str,
+    ) -> None:
+        """The step ends early; the next starts paused for ``reason`` (or the session ends)."""
+        out.append(self._decision(DecisionKind.STOP_STEP, at_s, reason, message, rule, sequence))
         self._index += 1
         self._step_contact_samples = 0
         self._temperature_warned = False
         if self._index >= len(self._steps):
             self._index = len(self._steps) - 1
-            self._finish("over_temperature")
+            self._finish(reason)
             return
-        # Actuators stay off until the skin cools below the warn level.
-        self._pause_reason = "over_temperature"
+        self._pause_reason = reason
         out.append(self._guidance(at_s, sequence))
 
     def _stop(
@@ -1223,10 +1311,16 @@ class LedSummary:
     steps_total: int = 0
     completed: bool = False
     stopped_reason: str | None = None
+    planned_light_s: float = 0.0
 
     @property
     def completion(self) -> float:
-        return self.steps_done / self.steps_total if self.steps_total else 0.0
+        """The fraction of the planned light time done (1.0 once every step is done)."""
+        if self.completed and self.steps_done == self.steps_total:
+            return 1.0
+        if not self.planned_light_s:
+            return 0.0
+        return min(1.0, self.light_s / self.planned_light_s)
 
 
 class LedEngine(_Engine[LedStep]):
@@ -1241,7 +1335,9 @@ class LedEngine(_Engine[LedStep]):
         dose_today_j_cm2: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(routine, policy, LedStep, sample_rate_hz)
-        self.summary = LedSummary(steps_total=len(self._steps))
+        self.summary = LedSummary(
+            steps_total=len(self._steps), planned_light_s=sum(s.duration_s for s in self._steps)
+        )
         today = dict(dose_today_j_cm2 or {})
         # The dose this session may still deliver per channel: the smaller of the per-session
         # cap and what is left of the daily cap.

@@ -1,9 +1,13 @@
 """Routine programs: a TOML file of ordered steps per facial zone, checked against the policy.
 
 Pure: :func:`parse_routine` turns TOML text into a frozen :class:`Routine` or raises
-:class:`RoutineError` listing every problem with its place in the file and, where a policy
-limit is broken, which rule (and its source) says so. A routine may be stricter than the
-policy, never looser. ``docs/routines.md`` describes the format.
+:class:`~devicebridge.errors.RoutineError` listing every problem with its place in the file
+(line and key path) and, where a policy limit is broken, which rule (and its source) says
+so. A routine may be stricter than the policy, never looser: every number is finite and in
+its range, caps are compared per side and per zone, a schedule only narrows the policy's
+frequency rule, and every value fits the device program format (``protocols.program``), so
+an accepted routine can always be handed to a device. ``docs/routines.md`` describes the
+format.
 """
 
 from __future__ import annotations
@@ -14,8 +18,34 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
-from devicebridge.core.tomlpath import Problem, locate
+from devicebridge.core.policy import (
+    LED_CHANNELS,
+    MAX_FREQUENCY_WINDOW_DAYS,
+    MAX_SESSIONS_PER_WINDOW,
+    SIDED_ZONES,
+    WIRE_MAX_PRESSURE_KPA,
+    Limit,
+    SafetyPolicy,
+    canonical_category,
+    policy_zone,
+)
+from devicebridge.core.tomlpath import (
+    Problem,
+    as_float,
+    is_real,
+    locate,
+    number_problem,
+    show,
+)
+from devicebridge.errors import RoutineError as RoutineError  # raised here; importable from here
+from protocols.program import (
+    CENTI_MW_CM2_PER_MW_CM2,
+    DAPA_PER_KPA,
+    DECI_HZ_PER_HZ,
+    MAX_INTENSITY_LEVEL,
+    MAX_PROGRAM_STEPS,
+    U16_MAX,
+)
 
 MASSAGE_ZONES: Final = (
     "forehead",
@@ -33,8 +63,18 @@ MASSAGE_ZONES: Final = (
     "masseter_right",
 )
 MASSAGE_MODES: Final = ("vibration", "percussion", "pulse")
-MAX_INTENSITY: Final = 10
+MAX_INTENSITY: Final = MAX_INTENSITY_LEVEL
 J_PER_MJ: Final = 1000.0  # dose J/cm² = irradiance mW/cm² x s / 1000
+DEFAULT_CATEGORY: Final = "general"
+MIN_STEP_S: Final = 1.0
+# The device counts pressure in 0.01 kPa: a band narrower than two of its units could
+# round to nothing (min = max) in a device program.
+MIN_BAND_WIDTH_KPA: Final = 2 / DAPA_PER_KPA
+# The device's irradiance unit: a lit channel below it would be dark in a device program.
+MIN_LIT_MW_CM2: Final = 1 / CENTI_MW_CM2_PER_MW_CM2
+MAX_PULSE_HZ: Final = U16_MAX / DECI_HZ_PER_HZ
+# "After a massage within N minutes": admission reads at least a day of history.
+MAX_SEQUENCING_WITHIN_MIN: Final = 24 * 60
 
 _ROUTINE_KEYS: Final = {"name", "author", "version", "device_kind", "category", "rationale", "tags"}
 _MASSAGE_STEP_KEYS: Final = {
@@ -60,15 +100,6 @@ _TOP_KEYS: Final = {"routine", "schedule", "sequencing", "steps"}
 class DeviceKindName(StrEnum):
     MASSAGER = "massager"
     LED_MASK = "led_mask"
-
-
-class RoutineError(ValueError):
-    """A routine file is malformed or unsafe; ``problems`` lists what and where."""
-
-    def __init__(self, label: str, problems: list[Problem]) -> None:
-        self.label = label
-        self.problems = problems
-        super().__init__("\n".join(p.render(label) for p in problems))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +138,11 @@ Step = MassageStep | LedStep
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
+    """The routine's own frequency rule, on top of the policy's: at most ``max_sessions``
+    in any ``per_days`` days."""
+
     max_sessions: int
-    per_days: float
+    per_days: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +158,7 @@ class Routine:
     author: str
     version: str
     device_kind: DeviceKindName
-    category: str
+    category: str  # canonical (policy.canonical_category)
     rationale: str
     steps: tuple[Step, ...]
     schedule: Schedule | None = None
@@ -133,6 +167,7 @@ class Routine:
 
     @property
     def total_time_s(self) -> float:
+        """Planned contact (massage) or light (LED) time."""
         return sum(
             s.contact_time_s if isinstance(s, MassageStep) else s.duration_s for s in self.steps
         )
@@ -146,6 +181,12 @@ class Routine:
         if self.device_kind is DeviceKindName.LED_MASK:
             return ("forehead", "eye_area", "cheek", "nasolabial", "jawline", "chin")
         return tuple(dict.fromkeys(s.policy_zone for s in self.steps if isinstance(s, MassageStep)))
+
+
+def _ordinal(number: int) -> str:
+    if number % 100 in (11, 12, 13):
+        return f"{number}th"
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
 
 
 class _Checker:
@@ -163,20 +204,34 @@ class _Checker:
         key: str,
         path: str,
         *,
-        low: float = 0.0,
+        low: float,
+        high: float | None,
         default: float | None = None,
+        whole: bool = False,
+        cap: Limit | None = None,
+        over: str = "",
     ) -> float | None:
+        """The number at ``path.key`` in ``low..high``; None (and a problem) when it is
+        missing or wrong. With ``cap``, a real number above the policy limit is reported as
+        ``over`` (``{value}`` and ``{cap}`` filled in), citing the rule, and still returned,
+        so that the routine's totals are checked too."""
+        where = f"{path}.{key}"
         value = table.get(key, default)
         if value is None:
-            self.add(f"{path}.{key}", "missing")
+            self.add(where, "missing")
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.add(f"{path}.{key}", f"must be a number, got {type(value).__name__}")
-            return None
-        if value < low:
-            self.add(f"{path}.{key}", f"must be at least {low:g}, got {value:g}")
-            return None
-        return float(value)
+        if cap is not None and is_real(value) and value > cap.value:
+            self.add(
+                where,
+                over.format(value=show(value), cap=f"{cap.value:g}"),
+                self.policy.cite(cap),
+            )
+            return as_float(value)
+        problem = number_problem(value, low, high, whole=whole)
+        number = as_float(value) if problem is None and is_real(value) else None
+        if number is None:
+            self.add(where, problem or f"{show(value)} is too large")
+        return number
 
     def text_field(
         self, table: Mapping[str, Any], key: str, path: str, *, required: bool = True
@@ -209,22 +264,30 @@ def parse_routine(text: str, policy: SafetyPolicy, *, label: str = "routine") ->
     check.unknown_keys(meta, _ROUTINE_KEYS, "routine")
     name = check.text_field(meta, "name", "routine")
     author = check.text_field(meta, "author", "routine")
-    version = str(meta.get("version", ""))
-    if not version:
-        check.add("routine.version", "missing")
-    category = check.text_field(meta, "category", "routine", required=False) or "general"
+    version = _version(check, meta.get("version"))
+    category = _category(check, meta.get("category"))
     rationale = check.text_field(meta, "rationale", "routine", required=False)
-    try:
-        kind = DeviceKindName(meta.get("device_kind", ""))
-    except ValueError:
-        check.add("routine.device_kind", 'must be "massager" or "led_mask"')
+    tags = meta.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        check.add("routine.tags", "must be a list of strings")
+    raw_kind = meta.get("device_kind")
+    if raw_kind not in tuple(DeviceKindName):
+        check.add("routine.device_kind", f'must be "massager" or "led_mask", got {show(raw_kind)}')
         kind = DeviceKindName.MASSAGER
+    else:
+        kind = DeviceKindName(raw_kind)
 
     raw_steps = data.get("steps")
     steps: list[Step] = []
     if not isinstance(raw_steps, list) or not raw_steps:
         check.add("steps", "no steps: add [[steps]] tables")
         raw_steps = []
+    elif len(raw_steps) > MAX_PROGRAM_STEPS:
+        check.add(
+            "steps",
+            f"{len(raw_steps)} steps: a routine has at most {MAX_PROGRAM_STEPS} steps "
+            "(what a device program holds)",
+        )
     for number, raw in enumerate(raw_steps, start=1):
         path = f"steps[{number}]"
         if not isinstance(raw, dict):
@@ -239,8 +302,12 @@ def parse_routine(text: str, policy: SafetyPolicy, *, label: str = "routine") ->
             steps.append(step)
 
     schedule = _schedule(check, data.get("schedule"), category)
-    sequencing = _sequencing(check, data.get("sequencing"))
-    _whole_routine_limits(check, kind, steps, len(raw_steps))
+    sequencing = _sequencing(check, data.get("sequencing"), kind)
+    if len(steps) == len(raw_steps):  # step problems are already reported; totals would mislead
+        if kind is DeviceKindName.MASSAGER:
+            _massage_totals(check, [s for s in steps if isinstance(s, MassageStep)])
+        else:
+            _led_totals(check, [s for s in steps if isinstance(s, LedStep)])
 
     if check.problems:
         raise RoutineError(label, check.problems)
@@ -249,85 +316,148 @@ def parse_routine(text: str, policy: SafetyPolicy, *, label: str = "routine") ->
     )
 
 
+def _version(check: _Checker, value: object) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    if is_real(value):
+        return str(value)
+    check.add(
+        "routine.version", "missing" if value is None else f"must be a string, got {show(value)}"
+    )
+    return ""
+
+
+def _category(check: _Checker, value: object) -> str:
+    if value is None:
+        return DEFAULT_CATEGORY
+    if not isinstance(value, str):
+        check.add("routine.category", f"must be a string, got {show(value)}")
+        return DEFAULT_CATEGORY
+    canonical = canonical_category(value)
+    if not canonical:
+        if value.strip():
+            check.add("routine.category", f"{show(value)} has no letters or digits")
+        return DEFAULT_CATEGORY
+    return canonical
+
+
 def _massage_step(check: _Checker, raw: Mapping[str, Any], path: str) -> MassageStep | None:
     policy = check.policy
     check.unknown_keys(raw, _MASSAGE_STEP_KEYS, path)
     zone = raw.get("zone")
-    if zone not in MASSAGE_ZONES:
-        check.add(f"{path}.zone", f"unknown zone {zone!r}; known: {', '.join(MASSAGE_ZONES)}")
+    if not isinstance(zone, str) or zone not in MASSAGE_ZONES:
+        what = "missing" if zone is None else f"unknown zone {show(zone)}"
+        check.add(f"{path}.zone", f"{what}; known: {', '.join(MASSAGE_ZONES)}")
         return None
     limits = policy.zones[policy_zone(zone)]
-    contact_s = check.number(raw, "contact_time_s", path, low=1.0)
-    if contact_s is not None and contact_s > limits.pass_cap_s.value:
-        check.add(
-            f"{path}.contact_time_s",
-            f"{contact_s:g} s on {zone} is above the {limits.pass_cap_s.value:g} s cap per pass",
-            policy.cite(limits.pass_cap_s),
-        )
+    contact_s = check.number(
+        raw,
+        "contact_time_s",
+        path,
+        low=MIN_STEP_S,
+        high=None,
+        cap=limits.pass_cap_s,
+        over=f"{{value}} s on {zone} is above the {{cap}} s cap per pass",
+    )
     mode = raw.get("mode", "vibration")
-    if mode not in MASSAGE_MODES:
-        check.add(f"{path}.mode", f"unknown mode {mode!r}; known: {', '.join(MASSAGE_MODES)}")
+    if not isinstance(mode, str) or mode not in MASSAGE_MODES:
+        check.add(f"{path}.mode", f"unknown mode {show(mode)}; known: {', '.join(MASSAGE_MODES)}")
     intensity = raw.get("intensity")
-    if (
-        isinstance(intensity, bool)
-        or not isinstance(intensity, int)
-        or not 1 <= intensity <= MAX_INTENSITY
-    ):
-        check.add(f"{path}.intensity", f"must be an integer 1..{MAX_INTENSITY}")
+    if number_problem(intensity, 1, MAX_INTENSITY, whole=True) is not None:
+        check.add(
+            f"{path}.intensity", f"must be an integer 1..{MAX_INTENSITY}, got {show(intensity)}"
+        )
         intensity = 0
     band = raw.get("pressure_kpa")
     low = high = None
+    where = f"{path}.pressure_kpa"
     if not isinstance(band, dict):
-        check.add(f"{path}.pressure_kpa", "missing: pressure_kpa = { min = ..., max = ... }")
+        check.add(where, "missing: pressure_kpa = { min = ..., max = ... }")
     else:
-        low = check.number(band, "min", f"{path}.pressure_kpa")
-        high = check.number(band, "max", f"{path}.pressure_kpa")
+        check.unknown_keys(band, {"min", "max"}, where)
+        low = check.number(band, "min", where, low=0.0, high=WIRE_MAX_PRESSURE_KPA)
+        high = check.number(band, "max", where, low=0.0, high=WIRE_MAX_PRESSURE_KPA)
         if low is not None and high is not None:
-            if low >= high:
-                check.add(f"{path}.pressure_kpa", f"min {low:g} must be below max {high:g}")
+            if high - low < MIN_BAND_WIDTH_KPA:
+                check.add(
+                    where,
+                    f"min {low:g} must be below max {high:g} by at least "
+                    f"{MIN_BAND_WIDTH_KPA:g} kPa (the device counts in 0.01 kPa)",
+                )
             if high > limits.cap_kpa.value:
                 check.add(
-                    f"{path}.pressure_kpa",
+                    where,
                     f"band goes up to {high:g} kPa, above the "
                     f"{policy_zone(zone).replace('_', '-')} cap of {limits.cap_kpa.value:g} kPa",
                     policy.cite(limits.cap_kpa),
                 )
     guidance = raw.get("guidance", "")
+    if not isinstance(guidance, str):
+        check.add(f"{path}.guidance", f"must be a string, got {show(guidance)}")
     if contact_s is None or low is None or high is None or not isinstance(mode, str):
         return None
-    return MassageStep(zone, contact_s, mode, int(intensity), low, high, str(guidance))
+    assert isinstance(intensity, int)
+    return MassageStep(zone, contact_s, mode, intensity, low, high, str(guidance))
 
 
 def _led_step(check: _Checker, raw: Mapping[str, Any], path: str) -> LedStep | None:
     policy = check.policy
     check.unknown_keys(raw, _LED_STEP_KEYS, path)
+    if "zone" in raw and raw["zone"] != "face":
+        check.add(
+            f"{path}.zone",
+            f'a mask covers the whole face: "face" or nothing, got {show(raw["zone"])}',
+        )
     levels: dict[str, float] = {}
     for channel in LED_CHANNELS:
-        value = check.number(raw, f"{channel}_mw_cm2", path, default=0.0)
-        if value is None:
-            return None
         cap = policy.led[channel].irradiance_cap_mw_cm2
-        if value > cap.value:
+        value = check.number(
+            raw,
+            f"{channel}_mw_cm2",
+            path,
+            low=0.0,
+            high=None,
+            default=0.0,
+            cap=cap,
+            over=f"{{value}} mW/cm² is above the {channel.replace('_', '-')} irradiance cap "
+            "of {cap} mW/cm²",
+        )
+        if value is None:
+            continue
+        if 0 < value < MIN_LIT_MW_CM2:
             check.add(
                 f"{path}.{channel}_mw_cm2",
-                f"{value:g} mW/cm² is above the {channel.replace('_', '-')} irradiance cap of "
-                f"{cap.value:g} mW/cm²",
-                policy.cite(cap),
+                f"{value:g} mW/cm² is below the device's {MIN_LIT_MW_CM2:g} mW/cm² step: "
+                "0 (off) or at least that",
             )
+            continue
         levels[channel] = value
-    if not any(levels.values()):
+    if len(levels) == len(LED_CHANNELS) and not any(levels.values()):
         check.add(path, "no channel is lit: set red_mw_cm2, near_infrared_mw_cm2 or blue_mw_cm2")
-    duration_s = check.number(raw, "duration_s", path, low=1.0)
-    pulse_hz = check.number(raw, "pulse_hz", path, default=0.0)
+    duration_s = check.number(
+        raw,
+        "duration_s",
+        path,
+        low=MIN_STEP_S,
+        high=None,
+        cap=policy.led_length_cap_s,
+        over="{value} s is above the {cap} s of light a session may have",
+    )
+    pulse_hz = check.number(raw, "pulse_hz", path, low=0.0, high=MAX_PULSE_HZ, default=0.0)
     flicker = policy.flicker_forbidden_hz
-    if pulse_hz and flicker.contains(pulse_hz):
+    # The device runs the pulse rate in 0.1 Hz steps: the rate it would run is checked too.
+    sent_hz = round(pulse_hz * DECI_HZ_PER_HZ) / DECI_HZ_PER_HZ if pulse_hz else 0.0
+    if pulse_hz and (flicker.contains(pulse_hz) or (sent_hz and flicker.contains(sent_hz))):
+        shown = f"{pulse_hz:g} Hz" + (f" (run as {sent_hz:g} Hz)" if sent_hz != pulse_hz else "")
         check.add(
             f"{path}.pulse_hz",
-            f"{pulse_hz:g} Hz flicker lies in the forbidden "
-            f"{flicker.min:g}-{flicker.max:g} Hz band",
+            f"{shown} flicker lies in the forbidden {flicker.min:g}-{flicker.max:g} Hz band",
             policy.cite(flicker),
         )
-    if duration_s is None or pulse_hz is None:
+    guidance = raw.get("guidance", "")
+    if not isinstance(guidance, str):
+        check.add(f"{path}.guidance", f"must be a string, got {show(guidance)}")
+    if duration_s is None or pulse_hz is None or len(levels) != len(LED_CHANNELS):
         return None
     return LedStep(
         levels["red"],
@@ -335,82 +465,132 @@ def _led_step(check: _Checker, raw: Mapping[str, Any], path: str) -> LedStep | N
         levels["blue"],
         duration_s,
         pulse_hz,
-        str(raw.get("guidance", "")),
+        str(guidance),
     )
 
 
 def _schedule(check: _Checker, raw: Any, category: str) -> Schedule | None:
-    rule = check.policy.frequency.get(category)
+    """The routine's own ``[schedule]``: whole numbers, never looser than any rule of the
+    policy for the category (admission applies both)."""
     if raw is None:
-        if rule is None:
-            return None
-        return Schedule(int(rule.max_sessions.value), rule.per_days.value)
+        return None
     if not isinstance(raw, dict):
         check.add("schedule", "must be a table")
         return None
     check.unknown_keys(raw, {"max_sessions", "per_days"}, "schedule")
-    max_sessions = check.number(raw, "max_sessions", "schedule", low=1.0)
-    per_days = check.number(raw, "per_days", "schedule", low=1.0)
-    if max_sessions is None or per_days is None:
+    policy = check.policy
+    rules = policy.frequency_rules(category)
+    whose = (
+        f"for {category!r}"
+        if policy.knows_category(category)
+        else f"for every category, as {category!r} is not one the policy knows"
+    )
+    values: dict[str, int] = {}
+    for key, high in (
+        ("max_sessions", MAX_SESSIONS_PER_WINDOW),
+        ("per_days", MAX_FREQUENCY_WINDOW_DAYS),
+    ):
+        path = f"schedule.{key}"
+        value = raw.get(key)
+        problem = "missing" if value is None else number_problem(value, 1, None, whole=True)
+        if problem is not None:
+            check.add(path, problem)
+            continue
+        assert isinstance(value, int)
+        looser = False
+        for rule in rules:
+            limit = rule.max_sessions if key == "max_sessions" else rule.per_days
+            policy_rule = f"{rule.max_sessions.value:g} per {rule.per_days.value:g} days {whose}"
+            if key == "max_sessions" and value > limit.value:
+                message = f"{show(value)} sessions is more than the policy's {policy_rule}"
+            elif key == "per_days" and value < limit.value:
+                message = (
+                    f"a window of {show(value)} days is shorter than the policy's "
+                    f"{limit.value:g} days ({policy_rule})"
+                )
+            else:
+                continue
+            looser = True
+            check.add(path, message, policy.cite(limit))
+        if not looser and value > high:
+            check.add(path, f"must be from 1 to {high}, got {show(value)}")
+        elif not looser:
+            values[key] = value
+    if len(values) != 2:
         return None
-    if rule is not None and max_sessions / per_days > rule.max_sessions.value / rule.per_days.value:
-        check.add(
-            "schedule",
-            f"{max_sessions:g} sessions per {per_days:g} days is looser than the policy's "
-            f"{rule.max_sessions.value:g} per {rule.per_days.value:g} days for {category!r}",
-            check.policy.cite(rule.max_sessions),
-        )
-    return Schedule(int(max_sessions), per_days)
+    return Schedule(values["max_sessions"], values["per_days"])
 
 
-def _sequencing(check: _Checker, raw: Any) -> Sequencing | None:
+def _sequencing(check: _Checker, raw: Any, kind: DeviceKindName) -> Sequencing | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
         check.add("sequencing", "must be a table")
         return None
+    if kind is not DeviceKindName.LED_MASK:
+        check.add("sequencing", "only an LED routine can be set to follow a massage")
     check.unknown_keys(raw, {"after", "within_min", "required"}, "sequencing")
     after = raw.get("after")
     if after != "massage":
-        check.add("sequencing.after", 'only "massage" is supported')
-    within = check.number(raw, "within_min", "sequencing", low=1.0, default=60.0)
+        check.add("sequencing.after", f'only "massage" is supported, got {show(after)}')
+    within = check.number(
+        raw, "within_min", "sequencing", low=1.0, high=MAX_SEQUENCING_WITHIN_MIN, default=60.0
+    )
     required = raw.get("required", False)
     if not isinstance(required, bool):
-        check.add("sequencing.required", "must be true or false")
+        check.add("sequencing.required", f"must be true or false, got {show(required)}")
         required = False
     if within is None:
         return None
     return Sequencing("massage", within, required)
 
 
-def _whole_routine_limits(
-    check: _Checker, kind: DeviceKindName, steps: list[Step], declared_steps: int
-) -> None:
+def _massage_totals(check: _Checker, steps: list[MassageStep]) -> None:
+    """Caps over the whole routine: session length, and per zone (per side on a sided
+    zone) the contact time and the number of passes."""
     policy = check.policy
-    if len(steps) != declared_steps:
-        return  # step problems are already reported; totals would mislead
-    if kind is DeviceKindName.MASSAGER:
-        total_s = sum(s.contact_time_s for s in steps if isinstance(s, MassageStep))
-        cap = policy.massage_length_cap_s
-        if total_s > cap.value:
+    total_s = sum(s.contact_time_s for s in steps)
+    cap = policy.massage_length_cap_s
+    if total_s > cap.value:
+        check.add(
+            "steps", f"total contact time {total_s:g} s is above the session cap", policy.cite(cap)
+        )
+    contact_s: dict[str, float] = {}
+    passes: dict[str, int] = {}
+    reported: set[tuple[str, str]] = set()
+    for number, step in enumerate(steps, start=1):
+        limits = policy.zones[step.policy_zone]
+        each = "per side per session" if step.policy_zone in SIDED_ZONES else "per session"
+        contact_s[step.zone] = contact_s.get(step.zone, 0.0) + step.contact_time_s
+        passes[step.zone] = passes.get(step.zone, 0) + 1
+        session_cap = limits.session_cap_s
+        if contact_s[step.zone] > session_cap.value and (step.zone, "time") not in reported:
+            reported.add((step.zone, "time"))
+            on_zone = [s.contact_time_s for s in steps if s.zone == step.zone]
             check.add(
-                "steps",
-                f"total contact time {total_s:g} s is above the session cap",
-                policy.cite(cap),
+                f"steps[{number}].contact_time_s",
+                f"{sum(on_zone):g} s on {step.zone} in this routine is above the "
+                f"{session_cap.value:g} s cap {each}",
+                policy.cite(session_cap),
             )
-        for zone, limits in policy.zones.items():
-            if limits.passes_cap is None:
-                continue
-            passes = sum(1 for s in steps if isinstance(s, MassageStep) and s.policy_zone == zone)
-            per_side = passes / 2 if zone == "masseter" else passes
-            if per_side > limits.passes_cap.value:
-                check.add(
-                    "steps",
-                    f"{passes} passes on {zone} exceed {limits.passes_cap.value:g} sets per side",
-                    policy.cite(limits.passes_cap),
-                )
-        return
-    total_s = sum(s.duration_s for s in steps if isinstance(s, LedStep))
+        passes_cap = limits.passes_cap
+        if (
+            passes_cap is not None
+            and passes[step.zone] > passes_cap.value
+            and (step.zone, "passes") not in reported
+        ):
+            reported.add((step.zone, "passes"))
+            check.add(
+                f"steps[{number}].zone",
+                f"{_ordinal(passes[step.zone])} pass on {step.zone}: at most "
+                f"{passes_cap.value:g} {each}",
+                policy.cite(passes_cap),
+            )
+
+
+def _led_totals(check: _Checker, steps: list[LedStep]) -> None:
+    policy = check.policy
+    total_s = sum(s.duration_s for s in steps)
     if total_s > policy.led_length_cap_s.value:
         check.add(
             "steps",
@@ -418,7 +598,7 @@ def _whole_routine_limits(
             policy.cite(policy.led_length_cap_s),
         )
     for channel in LED_CHANNELS:
-        dose = sum(s.dose_j_cm2(channel) for s in steps if isinstance(s, LedStep))
+        dose = sum(s.dose_j_cm2(channel) for s in steps)
         cap = policy.led[channel].dose_cap_session_j_cm2
         if dose > cap.value:
             check.add(

@@ -363,3 +363,79 @@ def test_same_input_gives_the_same_decisions() -> None:
     first = run()
     assert first
     assert first == run()
+
+
+def test_contact_per_zone_side_stops_at_its_session_cap_and_the_step_there_ends() -> None:
+    # Firming: cheek_left, cheek_right, jawline_left, jawline_right, chin. The hand stays on
+    # the left cheek through step 2 (cheek_right) in passes of 55 s with a neck stroke in
+    # between: wrong-zone contact that still counts on the left cheek, up to its 300 s.
+    policy = default_policy()
+    engine = MassageEngine(routine("firming.toml"), policy, sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    decisions = feeder.feed(massager_samples(60, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    assert engine.current_step.zone == "cheek_right"
+    for _ in range(5):
+        decisions += feeder.feed(massager_samples(0.5, pressure_kpa=2, zone=p.Zone.NECK))
+        decisions += feeder.feed(massager_samples(55, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    spent = [d for d in decisions if d.reason == "zone_session"]
+    assert [(d.kind, d.zone) for d in spent] == [(DecisionKind.PAUSE, "cheek_left")]
+    assert spent[0].rule is not None
+    assert spent[0].rule.startswith("zones.cheek.session_cap_s = 300")
+    assert "300 s on cheek_left is the most for one session" in spent[0].message
+    assert engine.paused
+    # Exactly 300 s counted there; nothing after the cap.
+    assert engine.summary.contact_s_by_zone["cheek_left"] == pytest.approx(300.0)
+    # Moving to the step's zone resumes; the right cheek still has its own 300 s.
+    back = feeder.feed(massager_samples(1, pressure_kpa=8, zone=p.Zone.CHEEK_RIGHT))
+    assert [(d.kind, d.reason) for d in back] == [(DecisionKind.RESUME, "zone_session")]
+
+
+def test_a_step_on_a_zone_that_has_had_its_session_cap_ends_and_the_next_starts() -> None:
+    # Firming with its third step (jawline_left) moved to the left cheek.
+    text = (
+        (ROUTINES / "firming.toml")
+        .read_text("utf-8")
+        .replace('zone = "jawline_left"', 'zone = "cheek_left"', 1)
+        .replace("{ min = 6.0, max = 20.0 }", "{ min = 4.0, max = 12.0 }", 1)
+    )
+    policy = default_policy()
+    engine = MassageEngine(parse_routine(text, policy), policy, sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    feeder.feed(massager_samples(60, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    for _ in range(5):  # step 2 (cheek_right) done on the wrong side, in 48 s passes
+        feeder.feed(massager_samples(0.5, pressure_kpa=2, zone=p.Zone.NECK))
+        feeder.feed(massager_samples(48, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    feeder.feed(massager_samples(60, pressure_kpa=8, zone=p.Zone.CHEEK_RIGHT))
+    assert engine.current_step.zone == "cheek_left"  # step 3, now on a spent zone
+    ended = feeder.feed(massager_samples(1, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    assert [(d.kind, d.reason) for d in ended] == [
+        (DecisionKind.STOP_STEP, "zone_session"),
+        (DecisionKind.GUIDANCE, "step_start"),
+    ]
+    assert "cheek_left has had the most contact for one session (300 s per side)" in (
+        ended[0].message
+    )
+    assert engine.current_step.zone == "jawline_right"
+    assert engine.paused  # the motor stays off while the head is on the spent zone
+    moved = feeder.feed(massager_samples(1, pressure_kpa=8, zone=p.Zone.JAWLINE_RIGHT))
+    assert moved[0].kind is DecisionKind.RESUME
+    feeder.feed(massager_samples(59, pressure_kpa=8, zone=p.Zone.JAWLINE_RIGHT))
+    done = feeder.feed(massager_samples(45, pressure_kpa=8, zone=p.Zone.CHIN))
+    assert done[-1].kind is DecisionKind.COMPLETE
+    # Step 3 never got its contact: not completed, 225 of the planned 285 s done.
+    summary = engine.summary
+    assert (summary.steps_done, summary.completed, summary.stopped_reason) == (4, True, None)
+    assert summary.completion == pytest.approx(225 / 285)
+    assert summary.contact_s_by_zone["cheek_left"] == pytest.approx(300.0)
+
+
+def test_completion_is_the_fraction_of_the_planned_contact_time() -> None:
+    engine = MassageEngine(routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ)
+    feeder = Feeder(engine)
+    feeder.feed(massager_samples(20, pressure_kpa=8, zone=p.Zone.CHEEK_RIGHT))  # wrong zone
+    assert engine.summary.completion == 0.0
+    feeder.feed(massager_samples(60, pressure_kpa=8, zone=p.Zone.CHEEK_LEFT))
+    feeder.feed(massager_samples(11.25, pressure_kpa=8, zone=p.Zone.CHEEK_RIGHT))
+    # Step 1's 60 s and 11.25 s of step 2 (the 20 s on the right cheek during step 1 did
+    # not count toward a step) of the planned 285 s.
+    assert engine.summary.completion == pytest.approx(71.25 / 285)

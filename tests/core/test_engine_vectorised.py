@@ -6,8 +6,9 @@ is cut into random batches and fed to ``MassageEngine(vectorised=True)`` and to 
 sample-by-sample reference ``MassageEngine(vectorised=False)``. Batches are of 1 to 60
 samples (live notifications) or longer (replays, backfill), and go through the plain-Python
 path for short batches, the numpy path for long ones, or a mix as in production. A policy
-with short caps makes every rule fire inside a few thousand samples: pass caps, no-contact
-pauses, the session cap, step ends, temperature warn and stop, the stuck sensor and the
+with short caps makes every rule fire inside a few thousand samples: pass caps, zone
+session caps (contact per zone per session, which also end steps), no-contact pauses, the
+session cap, step ends, temperature warn and stop, the stuck sensor and the
 actuator watch. Flickering stretches hop across the band edges in segments shorter and longer
 than the out-of-band warning's dwell, so that excursions end just before it, reach it exactly
 or run on past it, inside a batch and across batch boundaries; some streams skip sequence
@@ -17,6 +18,7 @@ numbers between batches (lost samples end an excursion).
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -54,8 +56,14 @@ def short_policy() -> SafetyPolicy:
         default_policy_text()
         .replace("pass_cap_s = { value = 60,", "pass_cap_s = { value = 3,")
         .replace("pass_cap_s = { value = 45,", "pass_cap_s = { value = 2.5,")
+        # Zone session caps just over a step (the pass cap on the cheek: two steps there).
+        .replace("session_cap_s = { value = 300,", "session_cap_s = { value = 2.6,")
+        .replace("session_cap_s = { value = 90,", "session_cap_s = { value = 3,")
         .replace("massage_length_cap_s = { value = 1200,", "massage_length_cap_s = { value = 15,")
         .replace("no_contact_pause_s = { value = 3.0,", "no_contact_pause_s = { value = 0.5,")
+    )
+    text = re.sub(
+        r"(\[zones\.cheek\]\n(?:.*\n)*?session_cap_s = \{ value = )2\.6", r"\g<1>5", text
     )
     return parse_policy(text, label="short policy")
 
@@ -382,6 +390,27 @@ def test_the_session_cap_stops_a_quiet_run_at_its_sample(bulk_min_samples: int) 
     reference = run(samples, bounds, False, 2.5, True)
     engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
     assert engine.decisions[-1].reason == "session_length"
+    assert_same(engine, reference)
+
+
+@pytest.mark.parametrize("bulk_min_samples", PATHS)
+def test_the_zone_session_cap_ends_a_quiet_run_at_its_sample(bulk_min_samples: int) -> None:
+    # Half a second on the chin during step 1 counts there; when step 3 (chin) comes, its
+    # quiet run stops at the chin's 2.6 s cap, 2.1 s in, and the step ends.
+    regimes = [
+        (50, 900, True, 10, 3340, True, "jitter"),
+        (250, 900, True, 4, 3340, True, "jitter"),
+        (5, 400, True, 11, 3340, True, "jitter"),  # a new pass before step 2
+        (250, 900, True, 4, 3340, True, "jitter"),
+        (300, 900, True, 10, 3340, True, "jitter"),
+    ]
+    samples = telemetry(regimes, 4)
+    bounds = in_sizes(samples.shape[0], [10, 26, 300])
+    reference = run(samples, bounds, False, 2.5, True)
+    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    stop = [d for d in engine.decisions if d.reason == "zone_session"]
+    assert [(d.kind.value, d.step, d.sequence) for d in stop] == [("stop_step", 3, 5000 + 765)]
+    assert engine.summary.steps_contact_samples == 250 + 250 + 210
     assert_same(engine, reference)
 
 

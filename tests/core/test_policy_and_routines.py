@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from devicebridge.core.policy import PolicyError, default_policy, default_policy_text, parse_policy
-from devicebridge.core.routine import RoutineError, parse_routine
+from devicebridge.core.policy import default_policy, default_policy_text, parse_policy
+from devicebridge.core.routine import parse_routine
+from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError
 
 ROUTINES = resources.files("devicebridge") / "data" / "routines"
 
@@ -125,7 +126,7 @@ def test_unsafe_step_names_its_place_and_the_policy_rule() -> None:
 
 def test_routine_may_not_be_looser_than_the_policy_schedule() -> None:
     text = _firming().replace("max_sessions = 2", "max_sessions = 3")
-    with pytest.raises(RoutineError, match="looser than the policy's 2 per 7 days"):
+    with pytest.raises(RoutineError, match="3 sessions is more than the policy's 2 per 7 days"):
         parse_routine(text, default_policy())
     stricter = _firming().replace("max_sessions = 2", "max_sessions = 1")
     assert parse_routine(stricter, default_policy()).schedule.max_sessions == 1  # type: ignore[union-attr]
@@ -169,8 +170,10 @@ def test_led_routine_over_the_dose_cap_and_in_the_flicker_band() -> None:
 
 
 def test_not_toml_is_refused() -> None:
-    with pytest.raises(RoutineError, match="not valid TOML"):
+    with pytest.raises(RoutineError, match="not valid TOML") as info:
         parse_routine("[[steps]\n", default_policy())
+    # One error tree: callers catching DeviceBridgeError see file problems too.
+    assert isinstance(info.value, DeviceBridgeError)
 
 
 def test_routines_do_not_read_the_shared_reference() -> None:

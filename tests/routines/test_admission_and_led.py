@@ -13,7 +13,7 @@ from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.routine import Routine
 from devicebridge.runner import RoutineRefusedError, RoutineRunner
-from devicebridge.storage.sessions import SessionStore
+from devicebridge.storage.sessions import SessionStatus, SessionStore
 from protocols import Opcode, SampleFormat
 from simulators import SimulatedWorld, VirtualClock
 from simulators import mask as mask_module
@@ -30,7 +30,11 @@ def firming(policy: SafetyPolicy) -> Routine:
 
 
 def record_past(
-    store: SessionStore, routine: Routine, when_days_ago: float, **summary: object
+    store: SessionStore,
+    routine: Routine,
+    when_days_ago: float,
+    status: SessionStatus = "completed",
+    **summary: object,
 ) -> None:
     session_id = store.start_session(
         routine_name=routine.name,
@@ -43,7 +47,7 @@ def record_past(
         sample_rate_hz=100.0,
         started_at=NOW - timedelta(days=when_days_ago),
     )
-    store.finish_session(session_id, status="completed", end_reason=None, summary=summary)
+    store.finish_session(session_id, status=status, end_reason=None, summary=summary)
 
 
 async def test_full_firming_routine_completes_and_is_stored(
@@ -134,7 +138,7 @@ name = "red test"
 author = "tests"
 version = "1"
 device_kind = "led_mask"
-category = "led_test"
+category = "general"
 
 [[steps]]
 red_mw_cm2 = {red}
@@ -221,3 +225,30 @@ async def test_hot_mask_reaching_the_stop_temperature_ends_the_step(
     _, samples = store.telemetry(result.session_id or 0)
     temperatures = samples["skin_temperature_centi_c"] / 100
     assert temperatures.max() >= 43.0
+
+
+async def test_a_session_cancelled_before_it_counts_leaves_the_week_open(
+    world: SimulatedWorld, clock: VirtualClock, policy: SafetyPolicy, store: SessionStore
+) -> None:
+    routine = firming(policy)
+    record_past(store, routine, 5.0)  # one firming session this week (no completion: counts)
+    massager = world.add_massager()  # nobody holds it: no contact, nothing done
+    async with world:
+        clock.start()
+        session = await connect(world, massager)
+        cancelled = await runner_for(session, routine, policy, store).run(max_duration_s=20)
+        await session.close()
+    assert cancelled.status == "stopped"
+    assert store.session(cancelled.session_id or 0).summary["completion"] == 0.0
+    # Twenty seconds at 0 % is not a session: the second of the week is still allowed.
+    later = RoutineRunner(
+        session, routine, policy, store=store, now=lambda: NOW + timedelta(hours=1)
+    )
+    assert later.admit().allowed
+    # A session that got past half of its planned contact counts.
+    record_past(store, routine, 1.0, "stopped", completion=0.6)
+    again = RoutineRunner(
+        session, routine, policy, store=store, now=lambda: NOW + timedelta(hours=2)
+    )
+    with pytest.raises(RoutineRefusedError, match=r"frequency\.firming\.max_sessions = 2"):
+        again.admit()

@@ -91,6 +91,21 @@ def test_validate_prints_every_problem_with_line_key_and_rule(invoke, tmp_path: 
     good = invoke("routine", "validate", "devicebridge/data/routines/firming.toml")
     assert good.exit_code == 0, good.output
     assert "ok" in good.output
+    assert ": note:" not in good.output
+
+
+def test_validate_notes_a_category_the_policy_does_not_know(invoke, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "misspelt.toml"
+    firming = Path("devicebridge/data/routines/firming.toml").read_text()
+    firming = firming.replace("[schedule]\nmax_sessions = 2\nper_days = 7\n", "")
+    path.write_text(firming.replace('category = "firming"', 'category = "Fiming"'))
+    result = invoke("routine", "validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert "category 'fiming' is not one the policy knows" in result.stdout
+    assert "every frequency rule of the policy applies to it" in result.stdout
+    spelt = tmp_path / "spelt.toml"
+    spelt.write_text(firming.replace('category = "firming"', 'category = "FIRMING"'))
+    assert ": note:" not in invoke("routine", "validate", str(spelt)).stdout
 
 
 def test_validate_reports_bad_toml_and_a_missing_file(invoke, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -172,3 +172,37 @@ async def test_staying_too_long_on_one_zone_pauses_until_the_head_moves(
     summary = store.session(result.session_id or 0).summary
     # The sample that crossed the cap counts as contact (the pause acts on the next one).
     assert summary["contact_s_by_zone"] == {"cheek_left": 70.01, "cheek_right": 2.0}
+
+
+async def test_a_resume_and_a_pause_in_one_batch_leave_the_motor_off(
+    world: SimulatedWorld, clock: VirtualClock, policy: SafetyPolicy, store: SessionStore
+) -> None:
+    # Back on the skin after the no-contact pause just under the forehead's 15 kPa cap, and
+    # above it on the next sample: the engine resumes and pauses again within one batch.
+    # Found by tests/routines/test_policy_properties.py.
+    hand = HandScript(
+        [
+            HandSegment(4.005, 0.01, Zone.FOREHEAD, 14.5),
+            HandSegment(4.015, 3.0, Zone.FOREHEAD, 20.0),
+        ],
+        noise_floor_kpa=0.0,
+        noise_fraction=0.0,
+    )
+    massager = world.add_massager(hand=hand)
+    routine = routine_from(massage_routine(massage_step("forehead", 5, 4.0, 12.0)), policy)
+    async with world:
+        clock.start()
+        session = await connect(world, massager)
+        result = await runner_for(session, routine, policy, store).run(max_duration_s=8.0)
+        await session.close()
+
+    kinds = [(d.kind, d.reason, d.sequence) for d in result.decisions]
+    assert kinds[1:4] == [
+        (DecisionKind.PAUSE, "no_contact", seq(3.0) - 1),
+        (DecisionKind.RESUME, "no_contact", seq(4.005)),
+        (DecisionKind.PAUSE, "pressure_cap", seq(4.015)),
+    ]
+    sequences, samples = store.telemetry(result.session_id or 0)
+    by_seq = dict(zip(sequences.tolist(), motor_on(samples).tolist(), strict=True))
+    # Paused from then on (the hand stays above the cap): the motor stays off.
+    assert not any(by_seq[s] for s in range(seq(4.2), seq(7.0)))

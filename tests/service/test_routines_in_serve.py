@@ -29,7 +29,7 @@ name = "red test"
 author = "tests"
 version = "1"
 device_kind = "led_mask"
-category = "led_test"
+category = "general"
 
 [[steps]]
 red_mw_cm2 = 20.0
@@ -109,7 +109,7 @@ async def test_the_daily_led_cap_holds_in_serve(tmp_path: Path) -> None:
         # 50 of the 60 J/cm² daily red dose three hours ago: 10 J/cm² remain.
         record_past(
             tmp_path,
-            category="led_test",
+            category="general",
             kind="led_mask",
             days_ago=3 / 24,
             rig=rig,
