@@ -6,6 +6,9 @@ availability with a retained ``online`` and a last will ``offline``, drains the 
 order at QoS 1 (a message leaves the outbox only after the broker's PUBACK), subscribes to
 the bridge's command topics, and reconnects with exponential backoff and jitter on the
 injected clock. The topic contract is ``docs/mqtt.md``.
+
+A received message is handed to the ``on_message`` handler; a handler that raises loses
+that one message (logged, with its traceback, throttled), never the link.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from paho.mqtt.properties import Properties
 from devicebridge.clock import Clock
 from devicebridge.core.backoff import Backoff, BackoffPolicy
 from devicebridge.errors import DeviceBridgeError
+from devicebridge.logthrottle import ThrottledLog
 from devicebridge.storage.outbox import Outbox, OutgoingMessage
 
 LOG = logging.getLogger(__name__)
@@ -246,6 +250,8 @@ class MqttLink:
         self.protocol = aiomqtt.ProtocolVersion.V5
         self.connections = 0
         self.published = 0
+        self.handler_failures = 0
+        self._failure_log = ThrottledLog(LOG)
 
     @property
     def connected(self) -> bool:
@@ -335,10 +341,23 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if self.on_message is not None:
-                payload = message.payload
-                data = payload if isinstance(payload, bytes) else str(payload).encode()
-                await self.on_message(str(message.topic), data)
+            if self.on_message is None:
+                continue
+            topic, data = str(message.topic), _payload_bytes(message.payload)
+            try:
+                await self.on_message(topic, data)
+            except Exception:
+                # Whatever arrives must never end the link: a handler that fails (a bug,
+                # by the handlers' own contract) costs this one message.
+                self.handler_failures += 1
+                self._failure_log.log(
+                    logging.ERROR,
+                    "message handler failure",
+                    "the message handler failed on a message of %d bytes on %r; dropped",
+                    len(data),
+                    topic,
+                    exc_info=True,
+                )
 
     async def _pump(self, client: aiomqtt.Client) -> None:
         while True:
