@@ -360,6 +360,11 @@ class MqttLink:
                 )
 
     async def _pump(self, client: aiomqtt.Client) -> None:
+        # A batch is published at once and its PUBACKs awaited together (paho keeps at
+        # most its in-flight window on the wire and sends in order): one PUBACK round trip
+        # per message would let a burst of messages (acknowledgements of a flood of
+        # pushes) pile up in the outbox faster than they leave it.
+        client.pending_calls_threshold = OUTBOX_BATCH  # aiomqtt warns above it
         while True:
             # The outbox counts its messages in memory: an empty one costs no query.
             batch = self.outbox.pending(OUTBOX_BATCH) if len(self.outbox) else []
@@ -369,10 +374,9 @@ class MqttLink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            acknowledged: OutgoingMessage | None = None
-            try:
-                for message in batch:
-                    await client.publish(
+            publishes = [
+                asyncio.ensure_future(
+                    client.publish(
                         message.topic,
                         message.payload,
                         qos=message.qos,
@@ -383,13 +387,30 @@ class MqttLink:
                         # is caught by the keepalive, which ends the session (and the pump).
                         timeout=math.inf,
                     )
+                )
+                for message in batch
+            ]
+            try:
+                await asyncio.wait(publishes)
+            finally:
+                for publish in publishes:
+                    publish.cancel()  # only those still waiting (when the pump is cancelled)
+                failures = [
+                    p.exception() if p.done() and not p.cancelled() else None for p in publishes
+                ]
+                # One delete for the longest acknowledged start of the batch (MQTT keeps
+                # order); a crash before it only re-sends messages with the same ids.
+                acknowledged: OutgoingMessage | None = None
+                for message, publish, failure in zip(batch, publishes, failures, strict=True):
+                    if not publish.done() or publish.cancelled() or failure is not None:
+                        break
                     acknowledged = message
                     self.published += 1
-            finally:
-                # One delete for what the broker acknowledged of the batch (MQTT keeps
-                # order); a crash before it only re-sends messages with the same ids.
                 if acknowledged is not None:
                     self.outbox.delivered(acknowledged.sequence)
+            for failure in failures:
+                if failure is not None:
+                    raise failure  # usually the link going down: the session ends
 
 
 # --------------------------------------------------------------------------- one-shot clients
