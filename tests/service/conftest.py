@@ -105,6 +105,7 @@ async def service_rig(
     now: Callable[[], datetime] | None = None,
     with_devices: bool = True,
     mqtt_username: str | None = None,
+    mqtt_password: str | None = None,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock()
     world = SimulatedWorld(seed=SEED, clock=clock)
@@ -115,6 +116,7 @@ async def service_rig(
             "127.0.0.1",
             broker_port,
             username=mqtt_username,
+            password=mqtt_password,
             reconnect_initial_s=0.5,
             reconnect_max_s=2.0,
         )
