@@ -22,19 +22,25 @@ The file lives under the platform's user config directory (``config.toml``);
     tls_ca_file = "/path/ca.pem"      # TLS when set (and tls_cert_file/tls_key_file)
     home_assistant_discovery = false
 
+    [programs]              # signed programs pushed by therapists (docs/mqtt.md)
+    max_validity_days = 30  # longer ones are refused by `serve` and `routine sign`
+
 Errors name the file and the key, so a typo is found at once.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
 import platformdirs
 
+from devicebridge.core.signed_program import DEFAULT_MAX_VALIDITY_DAYS
 from devicebridge.errors import ConfigError
 
 APP_NAME: Final = "devicebridge"
@@ -45,6 +51,9 @@ MAX_SIMULATED_DEVICES: Final = 64
 MAX_PORT: Final = 65535
 # MQTT 5 session expiry is a four-byte interval in seconds.
 MQTT_MAX_SESSION_EXPIRY_S: Final = 0xFFFFFFFF
+# A maximum validity above a year would make the limit meaningless (and nonces are kept
+# for that long).
+MAX_VALIDITY_DAYS_LIMIT: Final = 366
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,17 @@ class MqttConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProgramsConfig:
+    """The ``[programs]`` table: signed programs pushed by therapists (docs/mqtt.md)."""
+
+    max_validity_days: float = DEFAULT_MAX_VALIDITY_DAYS
+
+    @property
+    def max_validity(self) -> timedelta:
+        return timedelta(days=self.max_validity_days)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     simulate: bool = False
     sim_seed: int = 1234
@@ -76,6 +96,7 @@ class Settings:
     policy_file: Path | None = None
     log_json: bool = False
     mqtt: MqttConfig | None = None
+    programs: ProgramsConfig = ProgramsConfig()
 
 
 def default_config_path() -> Path:
@@ -134,6 +155,8 @@ def parse_settings(document: dict[str, Any], path: Path) -> Settings:
             )
         if key == "mqtt":
             values[key] = _parse_mqtt(value, path)
+        elif key == "programs":
+            values[key] = _parse_programs(value, path)
         elif key == "bridge_id":
             if not isinstance(value, str) or not value or any(c in value for c in "/+#"):
                 raise ConfigError(
@@ -191,6 +214,30 @@ def _parse_mqtt(table: Any, path: Path) -> MqttConfig:
     if "host" not in values:
         raise ConfigError("missing (the broker's host name)", path=path, key="mqtt.host")
     return MqttConfig(**values)
+
+
+def _parse_programs(table: Any, path: Path) -> ProgramsConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("must be a table ([programs])", path=path, key="programs")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"programs.{key}"
+        if key != "max_validity_days":
+            raise ConfigError("unknown setting (known: max_validity_days)", path=path, key=where)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not 0 < value <= MAX_VALIDITY_DAYS_LIMIT
+        ):
+            raise ConfigError(
+                f"must be a number of days above 0 and at most {MAX_VALIDITY_DAYS_LIMIT},"
+                f" got {value!r}",
+                path=path,
+                key=where,
+            )
+        values[key] = float(value)
+    return ProgramsConfig(**values)
 
 
 def load_settings(override: Path | None = None) -> tuple[Settings, Path]:

@@ -13,6 +13,7 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     │   ├── CommandTimeoutError        no acknowledgement within timeout_s
     │   └── CommandRejectedError       the device answered with a non-OK result
     ├── ProgramTransferError           a device program was not installed or started (stage)
+    ├── ProgramRejectedError           a pushed signed program was refused (reason, nonce)
     ├── InvalidStateTransitionError    a connection state change the state machine forbids
     ├── SessionClosedError             the session was closed
     ├── PolicyError (also ValueError)  a safety policy file is malformed or unsafe (problems)
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from devicebridge.core.signed_program import RejectReason
     from devicebridge.core.states import ConnectionState
     from devicebridge.core.tomlpath import Problem
     from protocols import Opcode, ProgramRejectReason, ResultCode
@@ -153,6 +155,21 @@ class ProgramTransferError(DeviceBridgeError):
         self.result = result
         self.reason = reason
         self.detail = detail
+
+
+class ProgramRejectedError(DeviceBridgeError, ValueError):
+    """A signed program pushed by a therapist was refused (docs/mqtt.md).
+
+    ``reason`` is the :class:`~devicebridge.core.signed_program.RejectReason` sent back in
+    the acknowledgement, ``message`` the detail; ``nonce`` is the envelope's nonce when it
+    could be read (the pusher matches the answer by it), else None: nobody to answer.
+    """
+
+    def __init__(self, reason: RejectReason, message: str, *, nonce: str | None = None) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.nonce = nonce
 
 
 # --------------------------------------------------------------------------- session

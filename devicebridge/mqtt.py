@@ -6,6 +6,9 @@ availability with a retained ``online`` and a last will ``offline``, drains the 
 order at QoS 1 (a message leaves the outbox only after the broker's PUBACK), subscribes to
 the bridge's command topics, and reconnects with exponential backoff and jitter on the
 injected clock. The topic contract is ``docs/mqtt.md``.
+
+A received message is handed to the ``on_message`` handler; a handler that raises loses
+that one message (logged, with its traceback, throttled), never the link.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from paho.mqtt.properties import Properties
 from devicebridge.clock import Clock
 from devicebridge.core.backoff import Backoff, BackoffPolicy
 from devicebridge.errors import DeviceBridgeError
+from devicebridge.logthrottle import ThrottledLog
 from devicebridge.storage.outbox import Outbox, OutgoingMessage
 
 LOG = logging.getLogger(__name__)
@@ -246,6 +250,8 @@ class MqttLink:
         self.protocol = aiomqtt.ProtocolVersion.V5
         self.connections = 0
         self.published = 0
+        self.handler_failures = 0
+        self._failure_log = ThrottledLog(LOG)
 
     @property
     def connected(self) -> bool:
@@ -335,12 +341,30 @@ class MqttLink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            if self.on_message is not None:
-                payload = message.payload
-                data = payload if isinstance(payload, bytes) else str(payload).encode()
-                await self.on_message(str(message.topic), data)
+            if self.on_message is None:
+                continue
+            topic, data = str(message.topic), _payload_bytes(message.payload)
+            try:
+                await self.on_message(topic, data)
+            except Exception:
+                # Whatever arrives must never end the link: a handler that fails (a bug,
+                # by the handlers' own contract) costs this one message.
+                self.handler_failures += 1
+                self._failure_log.log(
+                    logging.ERROR,
+                    "message handler failure",
+                    "the message handler failed on a message of %d bytes on %r; dropped",
+                    len(data),
+                    topic,
+                    exc_info=True,
+                )
 
     async def _pump(self, client: aiomqtt.Client) -> None:
+        # A batch is published at once and its PUBACKs awaited together (paho keeps at
+        # most its in-flight window on the wire and sends in order): one PUBACK round trip
+        # per message would let a burst of messages (acknowledgements of a flood of
+        # pushes) pile up in the outbox faster than they leave it.
+        client.pending_calls_threshold = OUTBOX_BATCH  # aiomqtt warns above it
         while True:
             # The outbox counts its messages in memory: an empty one costs no query.
             batch = self.outbox.pending(OUTBOX_BATCH) if len(self.outbox) else []
@@ -350,10 +374,9 @@ class MqttLink:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            acknowledged: OutgoingMessage | None = None
-            try:
-                for message in batch:
-                    await client.publish(
+            publishes = [
+                asyncio.ensure_future(
+                    client.publish(
                         message.topic,
                         message.payload,
                         qos=message.qos,
@@ -364,13 +387,30 @@ class MqttLink:
                         # is caught by the keepalive, which ends the session (and the pump).
                         timeout=math.inf,
                     )
+                )
+                for message in batch
+            ]
+            try:
+                await asyncio.wait(publishes)
+            finally:
+                for publish in publishes:
+                    publish.cancel()  # only those still waiting (when the pump is cancelled)
+                failures = [
+                    p.exception() if p.done() and not p.cancelled() else None for p in publishes
+                ]
+                # One delete for the longest acknowledged start of the batch (MQTT keeps
+                # order); a crash before it only re-sends messages with the same ids.
+                acknowledged: OutgoingMessage | None = None
+                for message, publish, failure in zip(batch, publishes, failures, strict=True):
+                    if not publish.done() or publish.cancelled() or failure is not None:
+                        break
                     acknowledged = message
                     self.published += 1
-            finally:
-                # One delete for what the broker acknowledged of the batch (MQTT keeps
-                # order); a crash before it only re-sends messages with the same ids.
                 if acknowledged is not None:
                     self.outbox.delivered(acknowledged.sequence)
+            for failure in failures:
+                if failure is not None:
+                    raise failure  # usually the link going down: the session ends
 
 
 # --------------------------------------------------------------------------- one-shot clients

@@ -7,8 +7,9 @@ while a routine runs and batches it into about one MQTT message per device per s
 and, when a broker is configured, everything published goes through the on-disk
 :class:`~devicebridge.storage.outbox.Outbox` and the :class:`~devicebridge.mqtt.MqttLink`
 (docs/mqtt.md). Signed programs pushed by therapists are verified, checked against the
-bridge's own policy, stored, acknowledged, and installed on their device when it next
-connects. Without a broker the same service works locally (nothing is queued for it).
+bridge's own policy, stored and acknowledged by the program inbox (devicebridge/inbox.py),
+and installed on their device when it next connects. Without a broker the same service
+works locally (nothing is queued for it).
 
 Stopping (SIGINT/SIGTERM in the CLI, :meth:`BridgeService.request_stop` here) sends
 STOP_ALL to every device, finishes running sessions as ``stopped``, drains the outbox
@@ -29,7 +30,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,14 +43,8 @@ from devicebridge.core.backoff import Backoff, BackoffPolicy
 from devicebridge.core.engine import Decision
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
-from devicebridge.core.routine import Routine, RoutineError, parse_routine
-from devicebridge.core.signed_program import (
-    ProgramRejectedError,
-    RejectReason,
-    load_public_key,
-    parse_envelope,
-    verify,
-)
+from devicebridge.core.routine import Routine, parse_routine
+from devicebridge.core.signed_program import DEFAULT_MAX_VALIDITY
 from devicebridge.core.states import ConnectionState
 from devicebridge.errors import DeviceBridgeError, NotConnectedError
 from devicebridge.homeassistant import (
@@ -57,6 +52,7 @@ from devicebridge.homeassistant import (
     DiscoveredEntity,
     discovery_messages,
 )
+from devicebridge.inbox import AcceptedProgram, ProgramInbox
 from devicebridge.local_api import LocalApiServer
 from devicebridge.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.program_transfer import install_program, program_from_routine
@@ -697,6 +693,7 @@ class BridgeService:
         run_mode: RunMode = RunMode.AUTO,
         on_routine_started: Callable[[str, Routine], None] | None = None,
         local_api: bool = True,
+        max_validity: timedelta = DEFAULT_MAX_VALIDITY,
     ) -> None:
         self.bridge_id = bridge_id
         self.run_mode = run_mode
@@ -718,6 +715,14 @@ class BridgeService:
         # second, not a thousand (a killed bridge loses at most that much).
         self.session_writer = StoreWriter(self.sessions)
         self.programs = ProgramStore(data_dir / PROGRAMS_FILENAME)
+        self.inbox = ProgramInbox(
+            self.programs,
+            bridge_id=bridge_id,
+            policy=policy,
+            now=now,
+            max_validity=max_validity,
+            on_accepted=self._program_accepted,
+        )
         self.outbox = Outbox(data_dir / OUTBOX_FILENAME, bridge_id=bridge_id) if mqtt else None
         self.link: MqttLink | None = None
         if mqtt is not None and self.outbox is not None:
@@ -743,7 +748,6 @@ class BridgeService:
         self._closed = False
         self.started_at = now()
         self.telemetry_messages = 0
-        self.acks: list[dict[str, Any]] = []
         self.recovered_sessions: list[int] = []
         self._announced: set[str] = set()
         # Interrupted sessions whose device may still hold samples, by device serial.
@@ -1011,78 +1015,27 @@ class BridgeService:
             for worker in self.workers.values():
                 if worker.batcher is not None:
                     self.announce_device(worker)
+        else:
+            LOG.debug("nothing to do for a message of %d bytes on %r", len(payload), topic)
 
-    def handle_push(self, payload: bytes) -> dict[str, Any]:
-        """Verify, check and store a pushed program; acknowledge either way."""
-        nonce = _nonce_hint(payload)
-        try:
-            ack = self._accept(payload)
-        except ProgramRejectedError as exc:
-            LOG.warning("program rejected (%s): %s", exc.reason.value, exc.message)
-            ack = {
-                "nonce": nonce,
-                "status": "rejected",
-                "reason": exc.reason.value,
-                "detail": exc.message,
-            }
-        self.acks.append(ack)
-        self.publisher.publish(self.topics.program_ack, ack)
+    def handle_push(self, payload: bytes) -> dict[str, Any] | None:
+        """Answer a pushed program on ``programs/ack`` (the inbox never raises); None when
+        it was dropped unanswered (no readable nonce)."""
+        ack = self.inbox.receive(payload)
+        if ack is not None:
+            self.publisher.publish(self.topics.program_ack, ack)
         return ack
 
-    def _accept(self, payload: bytes) -> dict[str, Any]:
-        signed = parse_envelope(payload)
-        trusted = {}
-        for key in self.programs.trusted_keys():
-            with contextlib.suppress(ValueError):
-                trusted[key.key_id] = load_public_key(key.public_key)
-        meta = verify(
-            signed,
-            trusted_keys=trusted,
-            bridge_id=self.bridge_id,
-            now=self.now(),
-            nonce_seen=self.programs.nonce_seen,
-        )
-        try:
-            text = signed.program.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ProgramRejectedError(RejectReason.MALFORMED, "program is not UTF-8") from exc
-        try:
-            routine = parse_routine(text, self.policy, label="program")
-        except RoutineError as exc:
-            # A policy rule broken makes it unsafe; otherwise it is not a valid routine.
-            reason = (
-                RejectReason.UNSAFE if any(p.rule for p in exc.problems) else RejectReason.MALFORMED
-            )
-            raise ProgramRejectedError(reason, str(exc)) from exc
-        program_id = self.programs.accept(
-            therapist_id=meta.therapist_id,
-            key_id=signed.key_id,
-            program_version=meta.program_version,
-            routine_name=routine.name,
-            device_kind=routine.device_kind.value,
-            program_text=text,
-            nonce=meta.nonce,
-            expires_at=datetime.fromisoformat(meta.expires_at),
-        )
-        LOG.info(
-            "program %d accepted from %s: %s v%s",
-            program_id,
-            meta.therapist_id,
-            routine.name,
-            meta.program_version,
-        )
+    @property
+    def acks(self) -> list[dict[str, Any]]:
+        """The latest acknowledgements (up to ``inbox.RECENT_ACKS``), oldest first."""
+        return list(self.inbox.recent_acks)
+
+    def _program_accepted(self, program: AcceptedProgram) -> None:
         for worker in self.workers.values():
-            if worker.kind == routine.device_kind.value and worker.batcher is not None:
+            if worker.kind == program.device_kind and worker.batcher is not None:
                 worker.enqueue(functools.partial(self.install_pending, worker))
         self.publish_adherence()
-        return {
-            "nonce": meta.nonce,
-            "status": "accepted",
-            "program_id": program_id,
-            "routine": routine.name,
-            "program_version": meta.program_version,
-            "device_kind": routine.device_kind.value,
-        }
 
     async def install_pending(self, worker: DeviceWorker) -> None:
         """Install every valid program for this device kind not yet on this device."""
@@ -1208,15 +1161,6 @@ def _program_started(event: Event) -> int | None:
     if step.reason != ProgramStepReason.STARTED:
         return None
     return step.program_crc32
-
-
-def _nonce_hint(payload: bytes) -> str | None:
-    """The envelope's nonce, if one can be read at all (only echoed in the ack)."""
-    try:
-        nonce = json.loads(payload)["metadata"]["nonce"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return nonce if isinstance(nonce, str) else None
 
 
 def _program_body(

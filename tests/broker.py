@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -36,20 +37,37 @@ def mosquitto_binary() -> str:
     pytest.skip(INSTALL_HINT)
 
 
+def _passwd_binary(mosquitto: str) -> str:
+    beside = Path(mosquitto).parent.parent / "bin" / "mosquitto_passwd"
+    found = shutil.which("mosquitto_passwd") or (str(beside) if beside.exists() else None)
+    if found is None:
+        pytest.skip(INSTALL_HINT + " (with mosquitto_passwd)")
+    return found
+
+
 class Mosquitto:
     """One broker process; ``stop()`` and ``start()`` simulate an outage on the same port."""
 
-    def __init__(self, workdir: Path, *, acl: str | None = None) -> None:
-        """``acl``: the text of a Mosquitto ACL file to enforce (clients name themselves
-        with a user name and no password)."""
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        acl: str | None = None,
+        passwords: Mapping[str, str] | None = None,
+        settings: str = "",
+    ) -> None:
+        """``acl``: the text of a Mosquitto ACL file to enforce (without ``passwords``,
+        clients name themselves with a user name and no password); ``passwords``: user
+        name -> password, hashed into a password file with ``mosquitto_passwd``;
+        ``settings``: more lines of mosquitto.conf (e.g. ``allow_anonymous false``)."""
         self.binary = mosquitto_binary()
         self.port = free_port()
         self.config = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
-        config = (
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest file {self.log}\n"
-        )
+        config = f"listener {self.port} 127.0.0.1\npersistence false\nlog_dest file {self.log}\n"
+        if "allow_anonymous" not in settings:
+            config += "allow_anonymous true\n"
+        config += settings.rstrip("\n") + "\n" if settings else ""
         if os.geteuid() == 0:
             # Run as root, Mosquitto drops to its own user after reading this file and then
             # cannot open the log or the ACL file in a private temporary folder.
@@ -58,6 +76,16 @@ class Mosquitto:
             acl_file = workdir / "mosquitto.acl"
             acl_file.write_text(acl)
             config += f"acl_file {acl_file}\n"
+        if passwords:
+            password_file = workdir / "mosquitto.passwd"
+            password_file.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()))
+            password_file.chmod(0o600)
+            subprocess.run(  # hashes the plain-text file in place
+                [_passwd_binary(self.binary), "-U", str(password_file)],
+                check=True,
+                capture_output=True,
+            )
+            config += f"password_file {password_file}\n"
         self.config.write_text(config)
         self._process: subprocess.Popen[bytes] | None = None
 

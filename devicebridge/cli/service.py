@@ -29,8 +29,11 @@ from devicebridge.core.policy import SafetyPolicy, default_policy, parse_policy
 from devicebridge.core.routine import Routine, RoutineError, parse_routine
 from devicebridge.core.signed_program import (
     FORMAT,
+    ProgramRejectedError,
+    check_validity_period,
     key_id,
     load_public_key,
+    parse_envelope,
     public_key_bytes,
     sign_program,
 )
@@ -270,6 +273,7 @@ def serve_command(
                 home_assistant=bool(settings.mqtt and settings.mqtt.home_assistant_discovery),
                 rng=app.rng,
                 on_routine_started=guide_hand if app.options.simulate else None,
+                max_validity=settings.programs.max_validity,
             )
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -503,7 +507,11 @@ def trust_group() -> None:
 @pass_cli
 @reports_errors
 def trust_add_command(cli: CliContext, public_key: str, therapist_id: str) -> None:
-    """Trust PUBLIC_KEY (base64, from `devicebridge therapist keygen`)."""
+    """Trust PUBLIC_KEY (base64, from `devicebridge therapist keygen`) for one therapist.
+
+    Programs signed with it are accepted only under that therapist id; a key already
+    trusted for another therapist is refused (remove it first).
+    """
     try:
         key = load_public_key(public_key)
     except ValueError as exc:
@@ -561,12 +569,18 @@ def sign_file(
     therapist_id: str | None,
     valid_days: float,
     version: str | None,
+    max_validity: timedelta,
 ) -> bytes:
     """Check the routine against the shipped policy, then sign it for ``client``."""
     try:
         Topics(client)  # a bridge id that could not be a topic level is refused early
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--client") from None
+    try:
+        # Bridges refuse programs valid for longer than their maximum (the same rule).
+        check_validity_period(timedelta(days=valid_days), max_validity)
+    except ProgramRejectedError as exc:
+        raise click.BadParameter(exc.message, param_hint="--valid-days") from None
     program = path.read_bytes()
     try:
         routine = parse_routine(program.decode("utf-8"), default_policy(), label=str(path))
@@ -589,11 +603,19 @@ def sign_file(
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--client", required=True, help="The client's bridge id.")
 @click.option("--therapist", "therapist_id", default=None, help="Key to sign with (keygen --id).")
-@click.option("--valid-days", type=click.FloatRange(min=0, min_open=True), default=7.0)
+@click.option(
+    "--valid-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_VALID_DAYS,
+    show_default=True,
+    help="How long the program stays valid (at most [programs] max_validity_days).",
+)
 @click.option("--version", default=None, help="Program version (default: the routine's).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@pass_cli
 @reports_errors
 def sign_command(
+    cli: CliContext,
     file: Path,
     client: str,
     therapist_id: str | None,
@@ -603,7 +625,12 @@ def sign_command(
 ) -> None:
     """Sign routine FILE for one client's bridge; write the envelope to OUTPUT."""
     envelope = sign_file(
-        file, client=client, therapist_id=therapist_id, valid_days=valid_days, version=version
+        file,
+        client=client,
+        therapist_id=therapist_id,
+        valid_days=valid_days,
+        version=version,
+        max_validity=cli.options.settings.programs.max_validity,
     )
     output.write_bytes(envelope)
     meta = json.loads(envelope)["metadata"]
@@ -613,11 +640,20 @@ def sign_command(
 async def push_envelope(
     settings: MqttSettings, bridge_id: str, envelope: bytes, *, timeout_s: float
 ) -> dict[str, Any] | None:
-    """Publish a signed envelope to the bridge and wait for its acknowledgement (by nonce)."""
+    """Publish a signed envelope to the bridge and wait for its acknowledgement (by nonce).
+
+    An envelope whose nonce the bridge could not read (not JSON, too large, no nonce) is
+    refused here with :class:`ProgramRejectedError`: the bridge would drop it unanswered.
+    """
     try:
-        nonce = json.loads(envelope)["metadata"]["nonce"]
-    except (ValueError, KeyError, TypeError):
-        nonce = None  # a malformed envelope: the bridge answers with no nonce
+        nonce = parse_envelope(envelope).metadata.nonce
+    except ProgramRejectedError as exc:
+        if exc.nonce is None:
+            raise ProgramRejectedError(
+                exc.reason,
+                f"not pushed: the bridge would drop it without an answer ({exc.message})",
+            ) from None
+        nonce = exc.nonce  # the bridge answers with the reason
     topics = Topics(bridge_id)
 
     def is_ours(payload: bytes) -> bool:
@@ -642,10 +678,18 @@ async def push_envelope(
 @click.option("--client", required=True, help="The client's bridge id.")
 @with_broker_options
 @click.option("--therapist", "therapist_id", default=None, help="Key to sign a routine with.")
-@click.option("--valid-days", type=click.FloatRange(min=0, min_open=True), default=7.0)
+@click.option(
+    "--valid-days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_VALID_DAYS,
+    show_default=True,
+    help="When signing: how long the program stays valid (at most max_validity_days).",
+)
 @click.option("--timeout-s", type=float, default=DEFAULT_ACK_TIMEOUT_S, show_default=True)
+@pass_cli
 @reports_errors
 def push_command(
+    cli: CliContext,
     file: Path,
     client: str,
     broker: str,
@@ -660,7 +704,12 @@ def push_command(
     data = file.read_bytes()
     if not _is_envelope(data):
         data = sign_file(
-            file, client=client, therapist_id=therapist_id, valid_days=valid_days, version=None
+            file,
+            client=client,
+            therapist_id=therapist_id,
+            valid_days=valid_days,
+            version=None,
+            max_validity=cli.options.settings.programs.max_validity,
         )
     settings = mqtt_settings(
         None, broker, username=username, password=password, tls_ca_file=tls_ca_file

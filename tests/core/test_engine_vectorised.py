@@ -62,9 +62,7 @@ def short_policy() -> SafetyPolicy:
         .replace("massage_length_cap_s = { value = 1200,", "massage_length_cap_s = { value = 15,")
         .replace("no_contact_pause_s = { value = 3.0,", "no_contact_pause_s = { value = 0.5,")
     )
-    text = re.sub(
-        r"(\[zones\.cheek\]\n(?:.*\n)*?session_cap_s = \{ value = )2\.6", r"\g<1>5", text
-    )
+    text = re.sub(r"(\[zones\.cheek\]\n(?:.*\n)*?session_cap_s = \{ value = )2\.6", r"\g<1>5", text)
     return parse_policy(text, label="short policy")
 
 

@@ -111,6 +111,7 @@ async def service_rig(
     mqtt_username: str | None = None,
     run_mode: RunMode = RunMode.AUTO,
     guide_hands: bool = False,
+    mqtt_password: str | None = None,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock()
     world = SimulatedWorld(seed=SEED, clock=clock)
@@ -121,6 +122,7 @@ async def service_rig(
             "127.0.0.1",
             broker_port,
             username=mqtt_username,
+            password=mqtt_password,
             reconnect_initial_s=0.5,
             reconnect_max_s=2.0,
         )

@@ -1,15 +1,22 @@
-"""The access-control example of docs/mqtt.md, enforced by a real Mosquitto: each bridge
-writes and reads only its own topics (and its own Home Assistant discovery node), and a
-therapist reaches the bridges of their clients."""
+"""The access-control recipe of docs/mqtt.md (broker settings and ACL file), enforced by a
+real Mosquitto: each bridge writes and reads only its own topics (and its own Home
+Assistant discovery node), no account takes a bridge's session, and a therapist pushes to
+the bridges of their clients and reads their answers, never their pushes."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from devicebridge.cli.service import push_envelope
 from devicebridge.mqtt import MqttSettings, Topics
@@ -27,10 +34,12 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "mqtt.md"
 OTHER_BRIDGE = "bridge-9"
 THERAPIST = "therapist-dr-lee"
 WATCHER = "watcher"  # reads everything, to see what the broker let through
+PASSWORDS = {user: f"secret-of-{user}" for user in (BRIDGE, OTHER_BRIDGE, THERAPIST, WATCHER)}
 
 
-def documented_acl() -> str:
-    """The ACL blocks of the access-control section, as a user would copy them."""
+def documented_recipe() -> tuple[str, str]:
+    """The broker settings and the ACL file of the access-control section, as a user
+    would copy them (the test's own password and ACL files replace the documented paths)."""
     text = DOCS.read_text("utf-8")
     section = text.split("## Many bridges on one broker: access control", 1)[1]
     section = section.split("\n## ", 1)[0]
@@ -38,17 +47,32 @@ def documented_acl() -> str:
     acl = "".join(block for block in blocks if "pattern " in block)
     assert "pattern readwrite devicebridge/v1/%u/#" in acl, "the docs' ACL example moved"
     assert "pattern write homeassistant/sensor/%u/#" in acl, "the docs' ACL example moved"
-    return acl + f"\nuser {WATCHER}\ntopic read #\n"
+    (settings,) = [block for block in blocks if "acl_file" in block]
+    for line in ("use_username_as_clientid true", "allow_anonymous false", "password_file"):
+        assert line in settings, f"the docs' broker settings lost {line!r}"
+    settings = "\n".join(
+        line for line in settings.splitlines() if not line.startswith(("acl_file", "password_file"))
+    )
+    return settings, acl + f"\nuser {WATCHER}\ntopic read #\n"
 
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path, acl=documented_acl())
+    settings, acl = documented_recipe()
+    broker = Mosquitto(tmp_path, acl=acl, passwords=PASSWORDS, settings=settings)
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+def connect_as(port: int, user: str, **options: Any) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", port, username=user, password=PASSWORDS[user], **options)
+
+
+def account(port: int, user: str) -> MqttSettings:
+    return MqttSettings("127.0.0.1", port, username=user, password=PASSWORDS[user])
 
 
 async def test_the_documented_acl_keeps_bridges_apart(
@@ -72,8 +96,14 @@ async def test_the_documented_acl_keeps_bridges_apart(
         return any(topic.startswith(predicate_topic) for topic, _ in seen)
 
     async with (
-        aiomqtt.Client("127.0.0.1", port, username=WATCHER) as observer,
-        service_rig(data_dir, broker_port=port, home_assistant=True, mqtt_username=BRIDGE) as rig,
+        connect_as(port, WATCHER) as observer,
+        service_rig(
+            data_dir,
+            broker_port=port,
+            home_assistant=True,
+            mqtt_username=BRIDGE,
+            mqtt_password=PASSWORDS[BRIDGE],
+        ) as rig,
     ):
         await observer.subscribe("#", qos=1)
         async with running(watch(observer)):
@@ -81,7 +111,7 @@ async def test_the_documented_acl_keeps_bridges_apart(
             # Our bridge may write its own topics and its own discovery node.
             await rig.wait(lambda: saw(our_discovery) and saw(f"{ours.base}/devices/"))
 
-            async with aiomqtt.Client("127.0.0.1", port, username=OTHER_BRIDGE) as other:
+            async with connect_as(port, OTHER_BRIDGE) as other:
                 await other.subscribe(f"{ours.base}/#", qos=1)
                 await other.subscribe(marker, qos=1)
                 # Another bridge writes into ours: a program, a discovery config, a fake
@@ -97,7 +127,7 @@ async def test_the_documented_acl_keeps_bridges_apart(
 
                 # The therapist of this client may push to it and read its answer.
                 ack = await push_envelope(
-                    MqttSettings("127.0.0.1", port, username=THERAPIST),
+                    account(port, THERAPIST),
                     BRIDGE,
                     therapist.sign(routine_text("firming")),
                     timeout_s=WAIT_S,
@@ -120,3 +150,111 @@ async def test_the_documented_acl_keeps_bridges_apart(
     assert f"{our_discovery}x_battery/config" not in [topic for topic, _ in seen]
     assert (ours.availability, b"offline") not in seen[: seen.index((marker, b"first"))]
     assert leaked == []
+
+
+def resume(expiry_s: int = 3600) -> dict[str, Any]:
+    """Connect options that resume (or open) a persistent MQTT 5 session."""
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.SessionExpiryInterval = expiry_s
+    return {
+        "protocol": aiomqtt.ProtocolVersion.V5,
+        "clean_start": False,
+        "properties": properties,
+    }
+
+
+# Accounts that try to pass for the bridge: its default client id and its user name.
+IMPOSTORS = [
+    (THERAPIST, f"devicebridge-{BRIDGE}"),
+    (THERAPIST, BRIDGE),
+    (OTHER_BRIDGE, f"devicebridge-{BRIDGE}"),
+    (OTHER_BRIDGE, BRIDGE),
+]
+
+
+async def received_until_retained(
+    port: int, user: str, identifier: str, marker_topic: str, **options: Any
+) -> list[str]:
+    """Connect as ``user`` with ``identifier``; the topics received before the retained
+    message of ``marker_topic`` (whatever a resumed session holds comes before it)."""
+    topics: list[str] = []
+    async with connect_as(port, user, identifier=identifier, **options) as impostor:
+        await impostor.subscribe(marker_topic, qos=1)
+        async with asyncio.timeout(WAIT_S):
+            async for message in impostor.messages:
+                if str(message.topic) == marker_topic:
+                    break
+                topics.append(str(message.topic))
+    return topics
+
+
+@contextlib.asynccontextmanager
+async def bridge(data_dir: Path, port: int) -> AsyncIterator[Any]:
+    async with service_rig(
+        data_dir,
+        broker_port=port,
+        massagers=0,
+        mqtt_username=BRIDGE,
+        mqtt_password=PASSWORDS[BRIDGE],
+    ) as rig:
+        await rig.start()
+        await rig.wait_broker_connected()
+        yield rig
+        await rig.stop()
+
+
+async def test_no_account_takes_a_bridge_session_or_reads_its_pushes(
+    acl_broker: Mosquitto, tmp_path: Path
+) -> None:
+    port = acl_broker.port
+    ours = Topics(BRIDGE)
+    their_marker = f"{Topics(OTHER_BRIDGE).base}/marker"
+    therapist = Therapist()
+    data_dir = tmp_path / "bridge"
+    therapist.trust_on(data_dir)
+
+    async with bridge(data_dir, port) as rig:
+        # Other accounts connect with the bridge's client ids, asking for a clean start:
+        # taking over its session would disconnect it and wipe its subscription.
+        async with connect_as(port, OTHER_BRIDGE) as other:
+            await other.publish(their_marker, b"marker", qos=1, retain=True)
+        for user, identifier in IMPOSTORS:
+            marker = ours.availability if user == THERAPIST else their_marker
+            assert await received_until_retained(port, user, identifier, marker) == []
+
+        # The therapist subscribes to everything of the bridge, pushes, and sees the
+        # answer, the bridge's status and installed programs, but not the push itself.
+        seen: list[str] = []
+        envelope = therapist.sign(routine_text("firming"))
+        nonce = json.loads(envelope)["metadata"]["nonce"]
+        async with connect_as(port, THERAPIST) as reader:
+            await reader.subscribe(f"{ours.base}/#", qos=1)
+            await reader.subscribe(ours.program_push, qos=1)
+            await reader.publish(ours.program_push, envelope, qos=1)
+            async with asyncio.timeout(WAIT_S):
+                async for message in reader.messages:
+                    seen.append(str(message.topic))
+                    body = message.payload
+                    if str(message.topic) == ours.program_ack and isinstance(body, bytes):
+                        ack = json.loads(body)
+                        if ack.get("nonce") == nonce:
+                            break
+        assert ack["status"] == "accepted", ack
+        assert ours.program_push not in seen
+        assert {ours.availability, ours.status, ours.programs_installed} <= set(seen)
+        assert rig.service.link is not None
+        assert rig.service.link.connections == 1  # never disconnected by an impostor
+
+    # The bridge is offline; its persistent session keeps its subscription. A push waits
+    # there, and no other account gets it, whatever client id it connects with.
+    queued = therapist.sign(routine_text("firming"))
+    async with connect_as(port, THERAPIST) as pusher:
+        await pusher.publish(ours.program_push, queued, qos=1)
+    for user, identifier in IMPOSTORS:
+        marker = ours.availability if user == THERAPIST else their_marker
+        assert await received_until_retained(port, user, identifier, marker, **resume()) == []
+
+    async with bridge(data_dir, port) as rig:
+        await rig.wait(lambda: len(rig.service.acks) == 1)
+        assert rig.service.acks[0]["nonce"] == json.loads(queued)["metadata"]["nonce"]
+        assert rig.service.acks[0]["status"] == "accepted"

@@ -4,14 +4,16 @@ the reason and never stored or sent to a device."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiomqtt
+import pytest
 
 from devicebridge.cli.service import push_envelope
-from devicebridge.core.signed_program import MAX_ENVELOPE_BYTES
+from devicebridge.core.signed_program import MAX_ENVELOPE_BYTES, ProgramRejectedError
 from devicebridge.mqtt import MqttSettings, Topics, read_retained
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from tests.broker import Mosquitto
@@ -99,12 +101,15 @@ async def test_every_bad_program_is_rejected_with_its_reason_and_never_stored(
         ("expired", therapist.sign(good, issued_at=long_ago, valid_for=timedelta(days=1))),
         ("not_yet_valid", therapist.sign(good, issued_at=datetime.now(UTC) + timedelta(days=2))),
         ("wrong_client", therapist.sign(good, client="bridge-9")),
-        ("malformed", b"{not json"),
-        ("malformed", json.dumps({"format": "something-else"}).encode()),
-        ("oversized", json.dumps(padded).encode()),
+        ("wrong_therapist", dataclasses.replace(stranger, key=therapist.key).sign(good)),
+        ("validity_too_long", therapist.sign(good, valid_for=timedelta(days=31))),
+        ("malformed", json.dumps({**envelope, "format": "something-else"}).encode()),
+        ("malformed", json.dumps({**envelope, "signature": "not base64!"}).encode()),
         ("unsafe", therapist.sign(UNSAFE_ROUTINE)),
         ("malformed", therapist.sign(b"[routine]\nname = 'no steps'\n")),
     ]
+    # Nobody could match an answer to these: no readable nonce (or too large to read).
+    unanswerable = [b"{not json", json.dumps({"format": "x"}).encode(), json.dumps(padded).encode()]
     async with service_rig(tmp_path, broker_port=mosquitto.port) as rig:
         await rig.start()
         worker = next(iter(rig.service.workers.values()))
@@ -119,6 +124,17 @@ async def test_every_bad_program_is_rejected_with_its_reason_and_never_stored(
         unsafe_detail = next(str(a["detail"]) for e, a in answers if e == "unsafe")
         assert "pressure_kpa" in unsafe_detail
         assert "source" in unsafe_detail
+
+        # The pushing command refuses them; published anyway, they go unanswered.
+        for data in unanswerable:
+            with pytest.raises(ProgramRejectedError, match="without an answer"):
+                await push(mosquitto.port, data)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as raw:
+            for data in unanswerable:
+                await raw.publish(Topics(BRIDGE).program_push, data, qos=1)
+        before = len(rig.service.acks)
+        await rig.wait(lambda: rig.service.inbox.dropped == len(unanswerable))
+        assert len(rig.service.acks) == before
 
         assert rig.service.programs.programs() == []
         assert rig.devices[0].program_receiver.committed is None  # nothing reached the device
@@ -188,3 +204,28 @@ async def test_a_push_made_while_the_bridge_is_offline_waits_at_the_broker(
         await rig.wait(lambda: bool(rig.service.programs.programs()[0].installed_on))
         await rig.stop()
     assert stored_programs(tmp_path) == 1
+
+
+def link_task() -> asyncio.Task[object]:
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "mqtt link"]
+    return task
+
+
+async def test_a_deeply_nested_payload_leaves_the_link_answering(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    therapist = Therapist()
+    therapist.trust_on(tmp_path)
+    async with service_rig(tmp_path, broker_port=mosquitto.port, massagers=0) as rig:
+        await rig.start()
+        await rig.wait_broker_connected()
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as attacker:
+            await attacker.publish(Topics(BRIDGE).program_push, b"[" * 64_000, qos=1)
+
+        ack = await push(mosquitto.port, therapist.sign(routine_text("firming")))
+
+        assert ack["status"] == "accepted", ack
+        assert not link_task().done()
+        assert rig.service.link is not None
+        assert rig.service.link.connections == 1
+        await rig.stop()
