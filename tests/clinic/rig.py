@@ -1,0 +1,89 @@
+"""The console's side of the tests: its store and ingester against a private Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, func, select
+
+from devicebridge.clinic import schema as t
+from devicebridge.clinic.ingest import Ingester, IngestSettings, IngestStore
+from devicebridge.mqtt import MqttSettings
+from tests.service.conftest import WAIT_S
+
+SHORT_ROUTINE = """\
+[routine]
+name = "Short firming"
+author = "devicebridge tests"
+version = "1.0"
+device_kind = "massager"
+category = "firming"
+rationale = "Two short steps inside every policy limit, so that a run completes quickly."
+
+[schedule]
+max_sessions = 2
+per_days = 7
+
+[[steps]]
+zone = "cheek_left"
+contact_time_s = 8
+mode = "vibration"
+intensity = 4
+pressure_kpa = { min = 4.0, max = 12.0 }
+guidance = "Slow strokes."
+
+[[steps]]
+zone = "cheek_right"
+contact_time_s = 8
+mode = "vibration"
+intensity = 4
+pressure_kpa = { min = 4.0, max = 12.0 }
+guidance = "Slow strokes."
+"""
+
+
+def count(engine: Engine, table: t.Table, *where: object) -> int:
+    with engine.connect() as db:
+        return int(db.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    """Poll ``predicate`` (a database read) until it holds; the timeout is a hang net."""
+    async with asyncio.timeout(timeout_s):
+        while not predicate():  # noqa: ASYNC110 - other tasks and processes move it
+            await asyncio.sleep(0.02)
+
+
+@dataclass
+class Console:
+    engine: Engine
+    store: IngestStore
+    ingester: Ingester
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def ingesting(
+    engine: Engine, port: int, *, console_id: str = "test"
+) -> AsyncIterator[Console]:
+    store = IngestStore(engine)
+    ingester = Ingester(store, IngestSettings(MqttSettings("127.0.0.1", port), console_id))
+    task = asyncio.create_task(ingester.run())
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await ingester.connected.wait()
+        yield Console(engine, store, ingester, task)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "bridge"
+    folder.mkdir(exist_ok=True)
+    return folder

@@ -1,0 +1,193 @@
+"""Ingestion from a real bridge over a private Mosquitto: once per message, and caught up
+after the console's own outage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+
+from devicebridge.cli.service import push_envelope
+from devicebridge.clinic import schema as t
+from devicebridge.clinic.ingest import Incoming, IngestStore
+from devicebridge.mqtt import MqttSettings
+from tests.broker import Mosquitto
+from tests.clinic.rig import SHORT_ROUTINE, count, data_dir, ingesting, until
+from tests.service.conftest import WAIT_S, Therapist, service_rig
+
+
+async def test_a_program_session_is_ingested_once_and_caught_up_after_an_outage(
+    mosquitto: Mosquitto, tmp_path: Path, engine: Engine
+) -> None:
+    therapist = Therapist()
+    bridge_dir = data_dir(tmp_path)
+    therapist.trust_on(bridge_dir)
+    async with service_rig(bridge_dir, broker_port=mosquitto.port) as rig:
+        async with ingesting(engine, mosquitto.port) as console:
+            await rig.start()
+            worker = next(iter(rig.service.workers.values()))
+            await rig.wait(lambda: worker.batcher is not None)
+            await rig.wait_broker_connected()
+            ack = await push_envelope(
+                MqttSettings("127.0.0.1", mosquitto.port),
+                "bridge-7",
+                therapist.sign(SHORT_ROUTINE.encode()),
+                timeout_s=WAIT_S,
+            )
+            assert ack is not None
+            assert ack["status"] == "accepted", ack
+            await rig.wait(lambda: bool(rig.service.programs.programs()[0].installed_on))
+            rig.service.start_program(worker.serial, int(ack["program_id"]))
+            await rig.wait(lambda: worker.run is not None)
+            await rig.wait(lambda: worker.run is None)
+            await until(lambda: count(engine, t.sessions, t.sessions.c.status != "running") == 1)
+            await until(lambda: count(engine, t.programs, t.programs.c.installed_on != "[]") == 1)
+
+        with engine.connect() as db:
+            session = db.execute(select(t.sessions)).one()
+            push = db.execute(select(t.pushes)).one()
+            device = db.execute(select(t.devices)).one()
+        assert session.status == "completed", session
+        assert session.bridge_program_id == ack["program_id"]
+        assert push.status == "accepted"
+        assert push.routine == "Short firming"
+        assert push.schedule_max_sessions == 2
+        assert device.serial == worker.serial
+        assert device.firmware
+        series = count(engine, t.session_series)
+        assert series >= 16  # at least one row per second of the 16 s of contact
+        stats = console.store.stats
+        assert stats.skipped == 0, stats
+
+        # The console is down while the bridge runs a second session: the broker keeps
+        # what the bridge publishes for the console's persistent session.
+        rig.service.start_program(worker.serial, int(ack["program_id"]))
+        await rig.wait(lambda: worker.run is not None)
+        await rig.wait(lambda: worker.run is None)
+        async with ingesting(engine, mosquitto.port):
+            await until(lambda: count(engine, t.sessions, t.sessions.c.status == "completed") == 2)
+            await rig.stop()
+            await until(
+                lambda: count(engine, t.clients, t.clients.c.availability == "offline") == 1
+            )
+    assert count(engine, t.sessions) == 2
+    # The second session's telemetry waited at the broker too: it has its plot.
+    with engine.connect() as db:
+        second = db.execute(select(t.sessions.c.id).order_by(t.sessions.c.id.desc())).first()
+    assert second is not None
+    assert count(engine, t.session_series, t.session_series.c.session_id == second.id) >= 16
+
+
+async def test_every_message_applied_twice_changes_nothing(engine: Engine) -> None:
+    store = IngestStore(engine)
+    root = "devicebridge/v1/bridge-7"
+
+    def message(topic: str, body: dict[str, object]) -> Incoming:
+        return Incoming(f"{root}/{topic}", json.dumps(body).encode())
+
+    summary = {
+        "session_id": 4,
+        "serial": "FM-1",
+        "status": "stopped",
+        "end_reason": "pressure cap",
+        "program_id": 1,
+        "started_at": "2026-12-01T10:00:00+00:00",
+        "ended_at": "2026-12-01T10:05:00+00:00",
+        "summary": {
+            "routine": "Firming",
+            "completion": 0.4,
+            "cap_events": 2,
+            "stopped_reason": "pressure above the cheek cap",
+        },
+    }
+    batch = [
+        Incoming(f"{root}/availability", b"online"),
+        message(
+            "status",
+            {
+                "message_id": "bridge-7:10",
+                "version": "0.1.0",
+                "state": "running",
+                "outbox_depth": 0,
+            },
+        ),
+        message(
+            "devices/FM-1/state",
+            {
+                "message_id": "bridge-7:11",
+                "serial": "FM-1",
+                "kind": "massager",
+                "firmware": "1.2.0",
+                "state": "ready",
+                "battery_percent": 80,
+                "session_id": None,
+            },
+        ),
+        message("sessions/summary", {"message_id": "bridge-7:12", **summary}),
+        message(
+            "programs/installed",
+            {
+                "message_id": "bridge-7:13",
+                "programs": [
+                    {
+                        "program_id": 1,
+                        "routine": "Firming",
+                        "installed_on": ["FM-1"],
+                        "pending_on": [],
+                        "expires_at": "2026-12-30T00:00:00+00:00",
+                    }
+                ],
+                "sessions": [{k: v for k, v in summary.items() if k != "end_reason"}],
+            },
+        ),
+        message(
+            "programs/ack",
+            {
+                "message_id": "bridge-7:14",
+                "nonce": "n1",
+                "status": "rejected",
+                "reason": "unsafe",
+                "detail": "too much",
+            },
+        ),
+        message(
+            "devices/FM-1/events",
+            {"message_id": "bridge-7:15", "type": "device_event", "code": "fault"},
+        ),
+    ]
+    store.apply(batch)
+    tables = (t.clients, t.devices, t.sessions, t.programs, t.pushes, t.alerts)
+    before = {table.name: count(engine, table) for table in tables}
+    assert before == {
+        "clients": 1,
+        "devices": 1,
+        "sessions": 1,
+        "programs": 1,
+        "pushes": 1,
+        "alerts": 4,
+    }, before
+    # Re-delivered (QoS 1), and again from a console started afresh (no memory of ids).
+    store.apply(batch)
+    IngestStore(engine).apply(list(reversed(batch)))
+    assert {table.name: count(engine, table) for table in tables} == before
+    # An older retained state never overwrites a newer one.
+    store.apply(
+        [
+            message(
+                "devices/FM-1/state",
+                {"message_id": "bridge-7:9", "serial": "FM-1", "battery_percent": 10},
+            )
+        ]
+    )
+    with engine.connect() as db:
+        assert db.execute(select(t.devices.c.battery_percent)).scalar_one() == 80
+    # What is not the contract is skipped and counted, never raised.
+    store.apply(
+        [
+            Incoming(f"{root}/sessions/summary", b"{not json"),
+            message("sessions/summary", {"message_id": "bridge-9:1", **summary}),
+            message("devices/FM-1/telemetry", {"message_id": "bridge-7:30"}),
+        ]
+    )
+    assert store.stats.skipped == 2
