@@ -37,6 +37,7 @@ from sqlalchemy import Connection, Engine, and_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from devicebridge.clinic import schema as t
+from devicebridge.clinic.authoring import describe_program
 from devicebridge.clinic.records import (
     Place,
     RecordError,
@@ -50,7 +51,6 @@ from devicebridge.clinic.records import (
     text,
 )
 from devicebridge.core.policy import SafetyPolicy, default_policy
-from devicebridge.core.routine import RoutineError, parse_routine
 from devicebridge.core.signed_program import ProgramRejectedError, parse_envelope
 from devicebridge.mqtt import TOPIC_ROOT, MqttSettings, Topics
 
@@ -526,19 +526,7 @@ class IngestStore:
         return bool(result.rowcount)
 
     def describe_program(self, program_text: str) -> dict[str, Any]:
-        """Routine name, category and schedule of a program text (None where unreadable)."""
-        try:
-            routine = parse_routine(program_text, self.policy, label="program")
-        except RoutineError:
-            return {"program_text": program_text[:40000], "routine": None}
-        schedule = routine.schedule
-        return {
-            "program_text": program_text,
-            "routine": routine.name[:200],
-            "category": routine.category[:64],
-            "schedule_max_sessions": schedule.max_sessions if schedule else None,
-            "schedule_per_days": schedule.per_days if schedule else None,
-        }
+        return describe_program(program_text, self.policy)
 
     def _ack(self, db: Connection, client: int, seq: int, body: Mapping[str, Any]) -> bool:
         status = body.get("status")

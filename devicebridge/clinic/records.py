@@ -136,6 +136,13 @@ def digest_telemetry(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise RecordError(f"unreadable telemetry: {exc}") from exc
     if not np.isfinite(rate_hz) or rate_hz <= 0:
         raise RecordError(f"sample_rate_hz {rate_hz!r} is not a positive number")
+    return digest_samples(samples, first_sequence, device_time_ms, rate_hz)
+
+
+def digest_samples(
+    samples: np.ndarray[Any, Any], first_sequence: int, device_time_ms: int, rate_hz: float
+) -> list[dict[str, Any]]:
+    """One row per zone of a run of samples (massager or LED mask, by their fields)."""
     if samples.size == 0:
         return []
     base = {

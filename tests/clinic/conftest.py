@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from devicebridge.clinic.db import migrate, open_engine
 from tests.clinic.postgres import PostgresCluster, postgres_cluster
+from tests.clinic.web import Web, make_web
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +40,9 @@ def engine(database_url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def web(engine: Engine) -> Iterator[Web]:
+    """The app with an admin, two therapists (dr-a follows bridge-a, dr-b bridge-b)."""
+    yield from make_web(engine)

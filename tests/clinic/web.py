@@ -1,0 +1,161 @@
+"""The console's web app in-process (Starlette's TestClient over HTTPS) with test data."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+from starlette.testclient import TestClient
+
+from devicebridge.clinic import schema as t
+from devicebridge.clinic.app import ConsoleConfig, create_app
+from devicebridge.clinic.auth import Accounts
+from devicebridge.clinic.ingest import Incoming, IngestStore
+from devicebridge.clinic.queries import Queries
+from devicebridge.core.policy import default_policy
+
+BASE_URL = "https://console.test"
+PASSWORD = "correct horse battery"
+ROOT = "devicebridge/v1"
+
+
+def message(bridge: str, topic: str, body: dict[str, Any]) -> Incoming:
+    return Incoming(f"{ROOT}/{bridge}/{topic}", json.dumps(body).encode())
+
+
+def bridge_messages(bridge: str, *, sessions: int = 2, first_seq: int = 1) -> list[Incoming]:
+    """What a bridge with one massager and one program publishes, ``sessions`` run."""
+    seq = iter(range(first_seq, first_seq + 1000))
+
+    def mid() -> str:
+        return f"{bridge}:{next(seq)}"
+
+    out = [
+        Incoming(f"{ROOT}/{bridge}/availability", b"online"),
+        message(
+            bridge,
+            "status",
+            {"message_id": mid(), "version": "0.1.0", "state": "running", "outbox_depth": 0},
+        ),
+        message(
+            bridge,
+            "devices/FM-1A/state",
+            {
+                "message_id": mid(),
+                "serial": "FM-1A",
+                "name": "face",
+                "kind": "massager",
+                "model": "FM-2",
+                "firmware": "1.4.2",
+                "state": "ready",
+                "battery_percent": 76,
+                "session_id": None,
+                "updated_at": "2026-12-01T09:00:00+00:00",
+            },
+        ),
+    ]
+    summaries = []
+    for n in range(1, sessions + 1):
+        body = {
+            "session_id": n,
+            "serial": "FM-1A",
+            "status": "completed",
+            "end_reason": None,
+            "program_id": 1,
+            "started_at": f"2026-12-0{n}T10:00:00+00:00",
+            "ended_at": f"2026-12-0{n}T10:05:00+00:00",
+            "summary": {
+                "routine": "Firming",
+                "completion": 1.0,
+                "contact_s": 285.0,
+                "time_in_band_s": 250.0,
+                "in_band_fraction": 0.877,
+                "out_of_band_events": 1,
+                "cap_events": 0,
+                "steps_done": 5,
+                "steps_total": 5,
+            },
+        }
+        summaries.append(body)
+        out.append(message(bridge, "sessions/summary", {"message_id": mid(), **body}))
+    out.append(
+        message(
+            bridge,
+            "programs/installed",
+            {
+                "message_id": mid(),
+                "programs": [
+                    {
+                        "program_id": 1,
+                        "therapist_id": "dr-a",
+                        "key_id": "k",
+                        "program_version": "3",
+                        "routine": "Firming",
+                        "device_kind": "massager",
+                        "received_at": "2026-11-30T08:00:00+00:00",
+                        "expires_at": "2099-01-01T00:00:00+00:00",
+                        "installed_on": ["FM-1A"],
+                        "pending_on": [],
+                    }
+                ],
+                "sessions": summaries,
+            },
+        )
+    )
+    return out
+
+
+@dataclass
+class Web:
+    engine: Engine
+    client: TestClient
+    ids: dict[str, int] = field(default_factory=dict)  # bridge id -> console client id
+
+    def login(self, username: str, password: str = PASSWORD) -> str:
+        """Log in; return the CSRF token of the new session."""
+        form = self.client.get("/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        assert token is not None
+        response = self.client.post(
+            "/login",
+            data={"username": username, "password": password, "login_token": token.group(1)},
+            follow_redirects=False,
+        )
+        assert response.status_code == 303, response.text
+        home = self.client.get("/")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', home.text)
+        assert csrf is not None
+        return csrf.group(1)
+
+    def session_id(self, bridge: str, bridge_session_id: int) -> int:
+        with self.engine.connect() as db:
+            return int(
+                db.execute(
+                    select(t.sessions.c.id).where(
+                        t.sessions.c.client_id == self.ids[bridge],
+                        t.sessions.c.bridge_session_id == bridge_session_id,
+                    )
+                ).scalar_one()
+            )
+
+
+def make_web(engine: Engine, **config: Any) -> Iterator[Web]:
+    accounts = Accounts(engine)
+    accounts.create("admin", PASSWORD, is_admin=True)
+    accounts.create("dr-a", PASSWORD, therapist_id="dr-a")
+    accounts.create("dr-b", PASSWORD, therapist_id="dr-b")
+    store = IngestStore(engine)
+    store.apply(bridge_messages("bridge-a") + bridge_messages("bridge-b"))
+    queries = Queries(engine)
+    queries.assign_by_name("bridge-a", "dr-a")
+    queries.assign_by_name("bridge-b", "dr-b")
+    app = create_app(ConsoleConfig(engine=engine, policy=default_policy(), **config))
+    with TestClient(app, base_url=BASE_URL) as client:
+        web = Web(engine, client)
+        with engine.connect() as db:
+            web.ids = {r.bridge_id: r.id for r in db.execute(select(t.clients))}
+        yield web
