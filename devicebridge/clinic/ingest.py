@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -667,7 +666,6 @@ class IngestSettings:
     mqtt: MqttSettings
     console_id: str = "console"  # the persistent session's client id: devicebridge-clinic-<id>
     reconnect_s: float = 2.0
-    linger_s: float = 0.02  # how long a batch waits for more messages (wall time)
 
 
 class Ingester:
@@ -733,21 +731,11 @@ class Ingester:
         paho = client._client
         iterator = aiter(messages)
         while True:
-            first = await anext(iterator)
-            batch = [_incoming(first)]
-            deadline = time.monotonic() + self.settings.linger_s
-            while len(batch) < BATCH_MAX:
-                # Take what is already queued; wait a moment for more only if little came.
-                if len(messages) == 0:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        async with asyncio.timeout(remaining):
-                            batch.append(_incoming(await anext(iterator)))
-                    except TimeoutError:
-                        break
-                    continue
+            # A batch is what has arrived by now: while one commits, the next arrives.
+            # A read is never cancelled (aiomqtt would drop the message it had taken off
+            # its queue), so there is no waiting for more with a timeout.
+            batch = [_incoming(await anext(iterator))]
+            while len(messages) and len(batch) < BATCH_MAX:
                 batch.append(_incoming(await anext(iterator)))
             await asyncio.to_thread(self.store.apply, batch)
             for message in batch:

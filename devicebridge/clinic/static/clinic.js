@@ -1,5 +1,5 @@
 // devicebridge clinic console: draws the plots (uPlot) from JSON that the server put in
-// the page, and keeps them current when htmx swaps in fresh data. No inline scripts
+// the page (data-json attributes), and keeps them current when htmx swaps in fresh data. No inline scripts
 // (the Content-Security-Policy forbids them); no data leaves the console.
 "use strict";
 
@@ -11,7 +11,7 @@
 
   function readJson(id) {
     const element = document.getElementById(id);
-    return element ? JSON.parse(element.textContent) : null;
+    return element ? JSON.parse(element.dataset.json) : null;
   }
 
   function width(element) { return Math.max(320, element.clientWidth || 800); }
@@ -27,14 +27,14 @@
       width: width(element), height: 260,
       scales: { y: { range: [0, 105] } },
       axes: [{}, { label: "%" }],
-      series: [{}, { label: "routine done", stroke: "#1f8a4c", points: { size: 7 }, paths: () => null },
+      series: [{ label: "session" }, { label: "routine done", stroke: "#1f8a4c", points: { size: 7 }, paths: () => null },
                { label: "time in band", stroke: "#2f6fb3", points: { size: 7 }, paths: () => null }],
     };
     return { options, data };
   }
 
   function pressureChart(element, plot) {
-    const series = [{}];
+    const series = [{ label: "t (s)" }];
     const data = [plot.t];
     plot.zones.forEach((zone, i) => {
       const colour = ZONE_COLOURS[i % ZONE_COLOURS.length];
@@ -46,7 +46,7 @@
       if (band) {
         series.push({ label: zone + " band", stroke: "#1f8a4c", width: 1, dash: [6, 4] });
         data.push(plot.mean[zone].map((v) => (v == null ? null : band[0])));
-        series.push({ label: "", stroke: "#1f8a4c", width: 1, dash: [6, 4] });
+        series.push({ label: zone + " band top", stroke: "#1f8a4c", width: 1, dash: [6, 4] });
         data.push(plot.mean[zone].map((v) => (v == null ? null : band[1])));
       }
       const cap = plot.caps[zone];
@@ -60,7 +60,7 @@
   }
 
   function channelChart(element, plot, key, unit) {
-    const series = [{}];
+    const series = [{ label: "t (s)" }];
     const data = [plot.t];
     Object.keys(plot[key]).forEach((ch) => {
       series.push({ label: ch.replace("_", "-"), stroke: CHANNEL_COLOURS[ch] || "#333", width: 2 });
@@ -76,7 +76,7 @@
 
   function temperatureChart(element, plot) {
     return { options: { width: width(element), height: 180,
-                        series: [{}, { label: "skin °C (max)", stroke: "#d9822b", width: 2 }],
+                        series: [{ label: "t (s)" }, { label: "skin °C (max)", stroke: "#d9822b", width: 2 }],
                         axes: [{ label: "s" }, { label: "°C" }], scales: { x: { time: false } } },
              data: [plot.t, plot.temperature] };
   }
