@@ -29,10 +29,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from devicebridge import __version__
 from devicebridge.errors import DeviceBridgeError
+
+if TYPE_CHECKING:
+    from devicebridge.report import SessionReport
 
 SNOMED: Final = "http://snomed.info/sct"
 UCUM: Final = "http://unitsofmeasure.org"
@@ -275,7 +277,6 @@ def bundle(
         },
         "type": "collection",
         "timestamp": _time(generated_at or datetime.now(UTC)),
-        "meta": {"tag": [{"system": CODES, "code": "devicebridge", "display": __version__}]},
         "entry": entries,
     }
     validate(data)
@@ -456,4 +457,58 @@ def session_facts_from_summary(
         if isinstance(max_temperature, int | float)
         else None,
         completion=float(completion) if isinstance(completion, int | float) else None,
+    )
+
+
+def report_bundle(
+    report: SessionReport,
+    *,
+    client_pseudonym: str,
+    device: DeviceFacts | None = None,
+    generated_at: datetime | None = None,
+) -> dict[str, Any]:
+    """The Bundle of one session stored on this bridge (``devicebridge report N --fhir``)."""
+    from devicebridge.clinic.records import digest_samples
+
+    record = report.record
+    rows = (
+        digest_samples(
+            report.samples,
+            int(report.sequences[0]),
+            0,
+            float(record.sample_rate_hz),
+        )
+        if report.sequences.size and record.sample_rate_hz > 0
+        else []
+    )
+    program_key = str(record.program_id) if record.program_id else None
+    programs = []
+    if program_key is not None:
+        schedule = report.routine.schedule if report.routine else None
+        programs.append(
+            ProgramFacts(
+                key=program_key,
+                routine=record.routine_name,
+                max_sessions=schedule.max_sessions if schedule else None,
+                per_days=schedule.per_days if schedule else None,
+            )
+        )
+    facts = session_facts_from_summary(
+        key=str(record.id),
+        status=record.status,
+        routine=record.routine_name,
+        started_at=record.started_at,
+        ended_at=record.ended_at,
+        device_serial=record.device_serial,
+        program_key=program_key,
+        summary=report.summary,
+        rows=rows,
+    )
+    device = device or DeviceFacts(record.device_serial, record.device_kind)
+    return bundle(
+        client_pseudonym=client_pseudonym,
+        devices=[device],
+        programs=programs,
+        sessions=[facts],
+        generated_at=generated_at,
     )

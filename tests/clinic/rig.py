@@ -13,7 +13,9 @@ from sqlalchemy import Engine, func, select
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.ingest import Ingester, IngestSettings, IngestStore
 from devicebridge.mqtt import MqttSettings
-from tests.service.conftest import WAIT_S
+from devicebridge.qa.pytest_plugin import guided_massager
+from devicebridge.service import DeviceWorker
+from tests.service.conftest import WAIT_S, Rig, paired
 
 SHORT_ROUTINE = """\
 [routine]
@@ -87,3 +89,15 @@ def data_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "bridge"
     folder.mkdir(exist_ok=True)
     return folder
+
+
+async def start_with_guided_massager(rig: Rig) -> DeviceWorker:
+    """Start a bridge rig (made with ``massagers=0``) serving one massager held by a hand
+    that follows the bridge's guidance (zone and pressure band), as a client does: its
+    sessions complete instead of ending on the simulator's random pressure."""
+    massager = guided_massager(rig.world)
+    await rig.start()
+    worker = rig.service.add_device(paired(massager))
+    await rig.wait(lambda: worker.batcher is not None)
+    await rig.wait_broker_connected()
+    return worker

@@ -83,7 +83,7 @@ def test_a_therapist_cannot_push_to_or_acknowledge_for_another_therapists_client
             "/programs/push", data={"program": PROGRAM, "client": clients}, headers=headers
         )
         assert response.status_code == 404, clients
-    assert count(web.engine, t.pushes, t.pushes.c.nonce.is_not(None)) == 0
+    assert count(web.engine, t.pushes, t.pushes.c.pushed_by.is_not(None)) == 0
 
     with web.engine.begin() as db:
         alert = db.execute(
@@ -110,7 +110,7 @@ def test_a_therapist_cannot_push_to_or_acknowledge_for_another_therapists_client
     )
     assert response.status_code == 201, response.text
     with web.engine.connect() as db:
-        push = db.execute(select(t.pushes)).one()
+        push = db.execute(select(t.pushes).where(t.pushes.c.pushed_by.is_not(None))).one()
     signed = parse_envelope(push.envelope.encode())
     meta = verify(
         signed,

@@ -25,7 +25,7 @@ from devicebridge.core.signed_program import key_id, load_public_key
 from devicebridge.qa.pytest_plugin import artifacts_dir
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from tests.broker import Mosquitto
-from tests.clinic.rig import SHORT_ROUTINE, data_dir
+from tests.clinic.rig import SHORT_ROUTINE, data_dir, start_with_guided_massager
 from tests.service.conftest import BRIDGE, WAIT_S, service_rig
 
 CHROMIUM = "/usr/bin/chromium"
@@ -124,13 +124,10 @@ async def test_a_therapist_pushes_a_program_and_watches_the_session_arrive(
             "0",
             *database,
         ) as address,
-        service_rig(bridge_dir, broker_port=mosquitto.port) as rig,
+        service_rig(bridge_dir, broker_port=mosquitto.port, massagers=0) as rig,
         async_api.async_playwright() as playwright,
     ):
-        await rig.start()
-        worker = next(iter(rig.service.workers.values()))
-        await rig.wait(lambda: worker.batcher is not None)
-        await rig.wait_broker_connected()
+        worker = await start_with_guided_massager(rig)
         browser = await playwright.chromium.launch(
             executable_path=executable, headless=True, args=CHROMIUM_ARGS
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
@@ -16,7 +21,10 @@ from devicebridge.clinic.app import ConsoleConfig, create_app
 from devicebridge.clinic.auth import Accounts
 from devicebridge.clinic.ingest import Incoming, IngestStore
 from devicebridge.clinic.queries import Queries
+from devicebridge.core.engine import ZONE_CODES
 from devicebridge.core.policy import default_policy
+from devicebridge.core.signed_program import sign_program
+from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_SAMPLE_DTYPE
 
 BASE_URL = "https://console.test"
 PASSWORD = "correct horse battery"
@@ -27,6 +35,41 @@ def message(bridge: str, topic: str, body: dict[str, Any]) -> Incoming:
     return Incoming(f"{ROOT}/{bridge}/{topic}", json.dumps(body).encode())
 
 
+FIRMING = (
+    Path(__file__).resolve().parents[2] / "devicebridge" / "data" / "routines" / "firming.toml"
+).read_text("utf-8")
+
+
+def massager_samples(count: int, zone: str, pressure_kpa: float) -> np.ndarray[Any, Any]:
+    samples = np.zeros(count, dtype=MASSAGER_SAMPLE_DTYPE)
+    samples["pressure_dapa"] = round(pressure_kpa * 100)
+    samples["skin_temperature_centi_c"] = 3150
+    samples["battery_percent"] = 80
+    samples["zone"] = ZONE_CODES[zone]
+    samples["intensity"] = 5
+    samples["flags"] = MASSAGER_FLAG_CONTACT
+    return samples
+
+
+def telemetry(bridge: str, mid: str, first_sequence: int, zone: str, kpa: float) -> Incoming:
+    samples = massager_samples(100, zone, kpa)
+    return message(
+        bridge,
+        "devices/FM-1A/telemetry",
+        {
+            "message_id": mid,
+            "serial": "FM-1A",
+            "sample_format": "massager_v1",
+            "sample_rate_hz": 100,
+            "first_sequence": first_sequence,
+            "device_time_ms": first_sequence * 10,
+            "count": 100,
+            "samples_b64": base64.b64encode(samples.tobytes()).decode(),
+            "gaps": [],
+        },
+    )
+
+
 def bridge_messages(bridge: str, *, sessions: int = 2, first_seq: int = 1) -> list[Incoming]:
     """What a bridge with one massager and one program publishes, ``sessions`` run."""
     seq = iter(range(first_seq, first_seq + 1000))
@@ -34,7 +77,31 @@ def bridge_messages(bridge: str, *, sessions: int = 2, first_seq: int = 1) -> li
     def mid() -> str:
         return f"{bridge}:{next(seq)}"
 
+    # The program, pushed (with the CLI, say) and accepted before the console's records begin.
+    signed = sign_program(
+        Ed25519PrivateKey.generate(),
+        FIRMING.encode(),
+        therapist_id="dr-a",
+        client_id=bridge,
+        program_version="3",
+        issued_at=datetime(2026, 11, 30, 8, 0, tzinfo=UTC),
+        valid_for=timedelta(days=60),
+    )
     out = [
+        Incoming(f"{ROOT}/{bridge}/programs/push", signed.to_json()),
+        message(
+            bridge,
+            "programs/ack",
+            {
+                "message_id": mid(),
+                "nonce": signed.metadata.nonce,
+                "status": "accepted",
+                "program_id": 1,
+                "routine": "Firming",
+                "program_version": "3",
+                "device_kind": "massager",
+            },
+        ),
         Incoming(f"{ROOT}/{bridge}/availability", b"online"),
         message(
             bridge,
@@ -58,6 +125,26 @@ def bridge_messages(bridge: str, *, sessions: int = 2, first_seq: int = 1) -> li
             },
         ),
     ]
+    # Session 1 is watched live: its device state names it, then 2 s on the left cheek at
+    # 8 kPa and 1 s on the right at 10 kPa, then the device is free again.
+    state = {
+        "serial": "FM-1A",
+        "name": "face",
+        "kind": "massager",
+        "model": "FM-2",
+        "firmware": "1.4.2",
+        "state": "ready",
+        "battery_percent": 76,
+    }
+    out.append(
+        message(bridge, "devices/FM-1A/state", {"message_id": mid(), **state, "session_id": 1})
+    )
+    out.append(telemetry(bridge, mid(), 1000, "cheek_left", 8.0))
+    out.append(telemetry(bridge, mid(), 1100, "cheek_left", 8.0))
+    out.append(telemetry(bridge, mid(), 1200, "cheek_right", 10.0))
+    out.append(
+        message(bridge, "devices/FM-1A/state", {"message_id": mid(), **state, "session_id": None})
+    )
     summaries = []
     for n in range(1, sessions + 1):
         body = {
