@@ -1,4 +1,15 @@
-"""Errors of the clinic console (each derives from DeviceBridgeError)."""
+"""Errors of the clinic console, under :class:`~devicebridge.errors.DeviceBridgeError`::
+
+    ClinicError                        what the console cannot do (the message says why)
+    ├── ClinicExtraMissingError        the 'clinic' extra is not installed (names it)
+    ├── DatabaseError                  its database cannot be opened or migrated (db.py)
+    ├── AccountError                   an account cannot be created or changed (auth.py)
+    ├── AuthoringError                 a program cannot be signed or pushed (authoring.py)
+    └── NotFoundError                  no such thing, or not this user's (queries.py)
+
+(``devicebridge.fhir.FhirExportError`` is a DeviceBridgeError of its own: the CLI uses it
+without the console.)
+"""
 
 from __future__ import annotations
 

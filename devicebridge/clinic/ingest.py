@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import Connection, Engine, and_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from devicebridge.clinic import schema as t
@@ -109,6 +109,7 @@ class IngestStore:
         self._open_sessions: dict[tuple[int, str], int] = {}
         self._lock = threading.Lock()
         self._dialect = engine.dialect.name
+        self._sql = _Statements(self._insert)
         self._load_open_sessions()
 
     # ------------------------------------------------------------------ helpers
@@ -268,18 +269,7 @@ class IngestStore:
             "seq": seq,
             "updated_at": updated_at,
         }
-        statement = self._insert(t.devices).values(**values)
-        keep = {k: v for k, v in values.items() if k not in ("client_id", "serial")}
-        # A firmware the device did not report this time (not connected) is kept.
-        if values["firmware"] is None:
-            keep.pop("firmware")
-        result = db.execute(
-            statement.on_conflict_do_update(
-                index_elements=["client_id", "serial"],
-                set_=keep,
-                where=t.devices.c.seq < statement.excluded.seq,
-            )
-        )
+        result = db.execute(self._sql.device_upsert, values)
         if result.rowcount == 0:
             return False
         if session_id is None:
@@ -300,26 +290,12 @@ class IngestStore:
         started_at: datetime | None,
     ) -> int:
         """The console's row of a bridge session (a ``running`` placeholder until its summary)."""
+        key = {"client_id": client, "bridge_session_id": bridge_session_id}
         db.execute(
-            self._insert(t.sessions)
-            .values(
-                client_id=client,
-                bridge_session_id=bridge_session_id,
-                serial=serial,
-                status=RUNNING,
-                started_at=started_at,
-                seq=0,
-            )
-            .on_conflict_do_nothing(index_elements=["client_id", "bridge_session_id"])
+            self._sql.session_placeholder,
+            {**key, "serial": serial, "status": RUNNING, "started_at": started_at, "seq": 0},
         )
-        return int(
-            db.execute(
-                select(t.sessions.c.id).where(
-                    t.sessions.c.client_id == client,
-                    t.sessions.c.bridge_session_id == bridge_session_id,
-                )
-            ).scalar_one()
-        )
+        return int(db.execute(self._sql.session_id, key).scalar_one())
 
     # ------------------------------------------------------------------ telemetry, events
 
@@ -330,10 +306,7 @@ class IngestStore:
         rows = digest_telemetry(body)
         if not rows:
             return False
-        statement = self._insert(t.session_series).on_conflict_do_nothing(
-            index_elements=["session_id", "first_sequence", "zone"]
-        )
-        db.execute(statement, [{**row, "session_id": session} for row in rows])
+        db.execute(self._sql.series_insert, [{**row, "session_id": session} for row in rows])
         return True
 
     def _event(
@@ -385,18 +358,17 @@ class IngestStore:
         raised_at: datetime | None = None,
     ) -> bool:
         result = db.execute(
-            self._insert(t.alerts)
-            .values(
-                client_id=client,
-                kind=kind,
-                ref=ref,
-                serial=serial,
-                bridge_session_id=bridge_session_id,
-                message=message,
-                rule=rule,
-                raised_at=raised_at or self.now(),
-            )
-            .on_conflict_do_nothing(index_elements=["client_id", "kind", "ref"])
+            self._sql.alert_insert,
+            {
+                "client_id": client,
+                "kind": kind,
+                "ref": ref,
+                "serial": serial,
+                "bridge_session_id": bridge_session_id,
+                "message": message,
+                "rule": rule,
+                "raised_at": raised_at or self.now(),
+            },
         )
         return bool(result.rowcount)
 
@@ -427,15 +399,7 @@ class IngestStore:
             "summary": json.dumps(summary, separators=(",", ":"))[:20000],
             "seq": seq,
         }
-        statement = self._insert(t.sessions).values(**values)
-        result = db.execute(
-            statement.on_conflict_do_update(
-                index_elements=["client_id", "bridge_session_id"],
-                set_={k: v for k, v in values.items() if k not in ("client_id",)},
-                where=(t.sessions.c.status == RUNNING)
-                | (t.sessions.c.seq < statement.excluded.seq),
-            )
-        )
+        result = db.execute(self._sql.session_upsert, values)
         if result.rowcount == 0:
             return False
         self._session_alerts(db, client, session_id, values, summary)
@@ -596,9 +560,26 @@ class IngestStore:
         for program in programs if isinstance(programs, list) else []:
             if isinstance(program, Mapping):
                 self._program(db, client, seq, program)
-        sessions = body.get("sessions")
-        for session in sessions if isinstance(sessions, list) else []:
-            if isinstance(session, Mapping):
+        sessions = [s for s in body.get("sessions") or [] if isinstance(s, Mapping)]
+        ids = {integer(s.get("session_id")) for s in sessions} - {None}
+        # A session whose summary was already stored is the same here: only the missing
+        # ones (a summary lost while the console was away) and running ones are written.
+        finished = (
+            {
+                int(r[0])
+                for r in db.execute(
+                    select(t.sessions.c.bridge_session_id).where(
+                        t.sessions.c.client_id == client,
+                        t.sessions.c.bridge_session_id.in_(ids),
+                        t.sessions.c.status != RUNNING,
+                    )
+                )
+            }
+            if ids
+            else set()
+        )
+        for session in sessions:
+            if integer(session.get("session_id")) not in finished:
                 with contextlib.suppress(RecordError):
                     self._session(db, client, seq, session)
         return True
@@ -623,14 +604,7 @@ class IngestStore:
             "pending_on": json.dumps(pending),
             "seq": seq,
         }
-        statement = self._insert(t.programs).values(**values)
-        db.execute(
-            statement.on_conflict_do_update(
-                index_elements=["client_id", "bridge_program_id"],
-                set_={k: v for k, v in values.items() if k != "client_id"},
-                where=t.programs.c.seq < statement.excluded.seq,
-            )
-        )
+        db.execute(self._sql.program_upsert, values)
 
     # ------------------------------------------------------------------ pushes out
 
@@ -656,6 +630,88 @@ class IngestStore:
                 .where(t.pushes.c.id.in_(ids), t.pushes.c.status == "queued")
                 .values(status="sent", sent_at=self.now())
             )
+
+
+class _Statements:
+    """The ingester's statements, built once: building an upsert costs more than running it."""
+
+    def __init__(self, insert: Callable[[Any], Any]) -> None:
+        devices = insert(t.devices)
+        self.device_upsert = devices.on_conflict_do_update(
+            index_elements=["client_id", "serial"],
+            set_={
+                **{
+                    name: devices.excluded[name]
+                    for name in (
+                        "name",
+                        "kind",
+                        "model",
+                        "state",
+                        "battery_percent",
+                        "session_id",
+                        "seq",
+                        "updated_at",
+                    )
+                },
+                # A firmware the device did not report this time (not connected) is kept.
+                "firmware": func.coalesce(devices.excluded.firmware, t.devices.c.firmware),
+            },
+            where=t.devices.c.seq < devices.excluded.seq,
+        )
+        self.session_placeholder = insert(t.sessions).on_conflict_do_nothing(
+            index_elements=["client_id", "bridge_session_id"]
+        )
+        self.session_id = select(t.sessions.c.id).where(
+            t.sessions.c.client_id == bindparam("client_id"),
+            t.sessions.c.bridge_session_id == bindparam("bridge_session_id"),
+        )
+        sessions = insert(t.sessions)
+        self.session_upsert = sessions.on_conflict_do_update(
+            index_elements=["client_id", "bridge_session_id"],
+            set_={
+                name: sessions.excluded[name]
+                for name in (
+                    "serial",
+                    "status",
+                    "end_reason",
+                    "bridge_program_id",
+                    "routine",
+                    "started_at",
+                    "ended_at",
+                    "completion",
+                    "cap_events",
+                    "summary",
+                    "seq",
+                )
+            },
+            where=(t.sessions.c.status == RUNNING) | (t.sessions.c.seq < sessions.excluded.seq),
+        )
+        self.series_insert = insert(t.session_series).on_conflict_do_nothing(
+            index_elements=["session_id", "first_sequence", "zone"]
+        )
+        self.alert_insert = insert(t.alerts).on_conflict_do_nothing(
+            index_elements=["client_id", "kind", "ref"]
+        )
+        programs = insert(t.programs)
+        self.program_upsert = programs.on_conflict_do_update(
+            index_elements=["client_id", "bridge_program_id"],
+            set_={
+                name: programs.excluded[name]
+                for name in (
+                    "therapist_id",
+                    "key_id",
+                    "program_version",
+                    "routine",
+                    "device_kind",
+                    "received_at",
+                    "expires_at",
+                    "installed_on",
+                    "pending_on",
+                    "seq",
+                )
+            },
+            where=t.programs.c.seq < programs.excluded.seq,
+        )
 
 
 # --------------------------------------------------------------------------- the MQTT side

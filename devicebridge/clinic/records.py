@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import numpy as np
@@ -115,14 +115,15 @@ def number(value: Any) -> float | None:
 
 
 def moment(value: Any) -> datetime | None:
-    """An ISO 8601 time with a zone (naive or malformed times are dropped)."""
+    """An ISO 8601 time with a zone, in UTC (naive or malformed times are dropped)."""
     if not isinstance(value, str):
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return parsed if parsed.tzinfo is not None else None
+    # Stored as UTC: SQLite keeps no zone, so every stored time must be in the same one.
+    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def digest_telemetry(body: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -25,8 +25,8 @@ from tests.service.conftest import WAIT_S, Therapist, service_rig
 
 
 def assert_series_cover_the_contact(engine: Engine, session_id: int) -> None:
-    """The kept telemetry of a session holds its contact time (less the part of the first
-    message that came before the device's state named the session)."""
+    """The kept telemetry of a session holds its contact time, give or take the message at
+    each end that straddles the device's state changes (telemetry names no session)."""
     with engine.connect() as db:
         summary = json.loads(
             db.execute(
@@ -37,7 +37,7 @@ def assert_series_cover_the_contact(engine: Engine, session_id: int) -> None:
             select(t.session_series).where(t.session_series.c.session_id == session_id)
         ).all()
     kept_s = sum(r.contact_samples / r.sample_rate_hz for r in rows)
-    assert summary["contact_s"] - 1.0 <= kept_s <= summary["contact_s"] + 1.0, (kept_s, summary)
+    assert summary["contact_s"] - 2.0 <= kept_s <= summary["contact_s"] + 2.0, (kept_s, summary)
 
 
 async def test_a_program_session_is_ingested_once_and_caught_up_after_an_outage(
