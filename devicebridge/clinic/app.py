@@ -575,7 +575,9 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
         return JSONResponse(session)
 
     async def health(_request: Request) -> Response:
-        return JSONResponse({"ok": True, "ingest": c.config.ingest_status()})
+        # For a load balancer or a supervisor: no data, only whether ingestion is connected.
+        status = c.config.ingest_status()
+        return JSONResponse({"ok": True, "mqtt_connected": bool(status.get("connected"))})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         code = exc.status_code if isinstance(exc, HTTPException) else 500

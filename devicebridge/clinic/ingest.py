@@ -51,10 +51,11 @@ from devicebridge.clinic.records import (
 )
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.signed_program import ProgramRejectedError, parse_envelope
-from devicebridge.mqtt import TOPIC_ROOT, MqttSettings, Topics
+from devicebridge.mqtt import CONNACK_UNSUPPORTED_PROTOCOL, TOPIC_ROOT, MqttSettings, Topics
 
 LOG = logging.getLogger(__name__)
 BATCH_MAX: Final = 2000  # messages committed together at most
+PUSH_POLL_S: Final = 5.0  # queued pushes are looked for at least this often (wall time)
 DEVICE_FAULT_CODES: Final = frozenset({"fault", "hard_limit", "over_temperature"})
 SAFETY_STOP_DECISIONS: Final = frozenset({"stop"})
 # Sessions stopped by these reasons were stopped by a person or the bridge, not by safety.
@@ -543,8 +544,8 @@ class IngestStore:
                 client,
                 "program_rejected",
                 f"message:{seq}",
-                message=f"program {routine or ''} rejected ({values['reason']}): "
-                f"{values['detail'] or ''}".replace("program  ", "program "),
+                message=f"{f'program {routine!r}' if routine else 'a program'} rejected "
+                f"({values['reason']}): {values['detail'] or 'no detail'}",
             )
         return changed
 
@@ -750,10 +751,11 @@ class Ingester:
         from devicebridge.mqtt import make_client
 
         root = self.settings.mqtt.topic_root
+        protocol = aiomqtt.ProtocolVersion.V5
         while True:
             client = make_client(
                 self.settings.mqtt,
-                protocol=aiomqtt.ProtocolVersion.V5,
+                protocol=protocol,
                 identifier=self.client_identifier,
                 persistent=True,
             )
@@ -775,6 +777,16 @@ class Ingester:
                         pushes.cancel()
                         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                             await pushes
+            except aiomqtt.MqttCodeError as exc:
+                if (
+                    exc.rc in CONNACK_UNSUPPORTED_PROTOCOL
+                    and protocol is aiomqtt.ProtocolVersion.V5
+                ):
+                    LOG.info("broker refuses MQTT 5; falling back to 3.1.1")
+                    protocol = aiomqtt.ProtocolVersion.V311
+                    continue
+                self.last_error = str(exc)
+                LOG.warning("MQTT broker refused the console (%s); retrying", exc)
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc)
                 LOG.warning("MQTT broker unreachable (%s); retrying", exc)
@@ -800,10 +812,14 @@ class Ingester:
 
     async def _send_pushes(self, client: Any) -> None:
         while True:
+            # Cleared before looking: a push queued while the query runs wakes the next wait.
+            self._wake_pushes.clear()
             queued = await asyncio.to_thread(self.store.queued_pushes)
             if not queued:
-                self._wake_pushes.clear()
-                await self._wake_pushes.wait()
+                # Also look now and then: another process may queue pushes in the database.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PUSH_POLL_S):
+                        await self._wake_pushes.wait()
                 continue
             sent = []
             for push_id, bridge_id, envelope in queued:

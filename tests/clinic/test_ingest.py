@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
 from sqlalchemy import Engine, select
 
+from devicebridge.cli import main
 from devicebridge.cli.service import push_envelope
 from devicebridge.clinic import schema as t
+from devicebridge.clinic.auth import Accounts
+from devicebridge.clinic.authoring import queue_pushes
 from devicebridge.clinic.ingest import Incoming, IngestStore
+from devicebridge.clinic.queries import Queries
+from devicebridge.core.policy import default_policy
+from devicebridge.core.signed_program import key_id, load_public_key
 from devicebridge.mqtt import MqttSettings
 from tests.broker import Mosquitto
 from tests.clinic.rig import (
@@ -210,3 +218,53 @@ async def test_every_message_applied_twice_changes_nothing(engine: Engine) -> No
         ]
     )
     assert store.stats.skipped == 2
+
+
+async def test_pushes_queued_by_the_console_go_out_and_their_answers_come_back(
+    mosquitto: Mosquitto, tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVICEBRIDGE_KEY_DIR", str(tmp_path / "keys"))
+    made = CliRunner().invoke(main, ["therapist", "keygen", "--id", "dr-lee"])
+    assert made.exit_code == 0, made.output
+    public_key = made.output.split("public key:")[1].split()[0]
+    accounts = Accounts(engine)
+    lee = accounts.create("lee", "a long enough password", therapist_id="dr-lee")
+    Queries(engine).assign_by_name("bridge-7", "lee")
+    with engine.connect() as db:
+        client = db.execute(select(t.clients.c.id)).scalar_one()
+    bridge_dir = data_dir(tmp_path)
+    async with (
+        service_rig(bridge_dir, broker_port=mosquitto.port, massagers=0) as rig,
+        ingesting(engine, mosquitto.port) as console,
+    ):
+        await start_with_guided_massager(rig)
+
+        def push() -> str:
+            batch = queue_pushes(
+                engine,
+                user=lee,
+                clients=[(client, "bridge-7")],
+                program_text=SHORT_ROUTINE,
+                policy=default_policy(),
+            )
+            console.ingester.push_queued()
+            return batch
+
+        def status(batch: str) -> tuple[str, str | None]:
+            with engine.connect() as db:
+                row = db.execute(
+                    select(t.pushes.c.status, t.pushes.c.reason).where(t.pushes.c.batch == batch)
+                ).one()
+            return row.status, row.reason
+
+        # The bridge does not trust dr-lee yet: rejected, and the therapist is told.
+        first = push()
+        await until(lambda: status(first)[0] == "rejected")
+        assert status(first) == ("rejected", "unknown_key")
+        assert count(engine, t.alerts, t.alerts.c.kind == "program_rejected") == 1
+        # The client trusts the key; the next push is accepted and installed.
+        rig.service.programs.trust(key_id(load_public_key(public_key)), "dr-lee", public_key)
+        second = push()
+        await until(lambda: status(second)[0] == "accepted")
+        await until(lambda: count(engine, t.programs, t.programs.c.installed_on != "[]") == 1)
+        await rig.stop()

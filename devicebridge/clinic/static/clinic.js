@@ -8,6 +8,9 @@
                         "#7f8c8d", "#b7950b", "#34495e", "#e67e22", "#2980b9", "#27ae60", "#a93226"];
   const CHANNEL_COLOURS = { red: "#c0392b", near_infrared: "#7b3f00", blue: "#2f6fb3" };
   const charts = new Map();
+  const DAY_S = 86400;
+  const WEEK_S = 7 * DAY_S;
+  const WEEKS_SHOWN = 12;
 
   function readJson(id) {
     const element = document.getElementById(id);
@@ -23,9 +26,12 @@
     const data = [rows.map((r) => r[0]),
                   rows.map((r) => (r[1] == null ? null : r[1] * 100)),
                   rows.map((r) => (r[2] == null ? null : r[2] * 100))];
+    // The last twelve weeks at least, up to today: one session is a point in its week.
+    const now = Date.now() / 1000;
+    const first = rows.length ? Math.min(rows[0][0], now - WEEKS_SHOWN * WEEK_S) : now - WEEKS_SHOWN * WEEK_S;
     const options = {
       width: width(element), height: 260,
-      scales: { y: { range: [0, 105] } },
+      scales: { x: { time: true, range: [first, now + DAY_S] }, y: { range: [0, 105] } },
       axes: [{}, { label: "%" }],
       series: [{ label: "session" }, { label: "routine done", stroke: "#1f8a4c", points: { size: 7 }, paths: () => null },
                { label: "time in band", stroke: "#2f6fb3", points: { size: 7 }, paths: () => null }],
