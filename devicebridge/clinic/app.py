@@ -16,9 +16,11 @@ import io
 import json
 import logging
 import secrets
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from time import monotonic
 from typing import Any, Final
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -63,6 +65,10 @@ CSP: Final = (
     "object-src 'none'"
 )
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+# Failed logins of one user name from one address: after this many in the window, that
+# pair is refused (without a password check) until the window has passed.
+MAX_LOGIN_FAILURES: Final = 5
+LOGIN_FAILURE_WINDOW_S: Final = 15 * 60
 MAX_FORM_BYTES: Final = 256 * 1024
 
 
@@ -86,6 +92,7 @@ class Console:
         self.config = config
         self.accounts = Accounts(config.engine)
         self.queries = Queries(config.engine)
+        self._login_failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self.templates = Environment(
             loader=PackageLoader("devicebridge.clinic", "templates"),
             autoescape=select_autoescape(["html"]),
@@ -125,6 +132,20 @@ class Console:
             }
         )
         return HTMLResponse(html, status_code=status_code)
+
+    def login_blocked(self, username: str, address: str) -> bool:
+        failures = self._login_failures.get((username.lower(), address))
+        if not failures:
+            return False
+        while failures and monotonic() - failures[0] > LOGIN_FAILURE_WINDOW_S:
+            failures.popleft()
+        return len(failures) >= MAX_LOGIN_FAILURES
+
+    def login_failed(self, username: str, address: str) -> None:
+        self._login_failures[(username.lower(), address)].append(monotonic())
+
+    def login_succeeded(self, username: str, address: str) -> None:
+        self._login_failures.pop((username.lower(), address), None)
 
     def set_cookie(self, response: Response, name: str, value: str, max_age: int) -> None:
         response.set_cookie(
@@ -284,9 +305,15 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
             request.cookies.get(c.login_cookie, "") or "-", str(form.get("login_token", ""))
         ):
             return PlainTextResponse("the login form expired: reload it", status_code=403)
-        username, password = str(form.get("username", "")), str(form.get("password", ""))
+        username, password = str(form.get("username", ""))[:64], str(form.get("password", ""))
+        address = request.client.host if request.client else "-"
+        if c.login_blocked(username, address):
+            return PlainTextResponse(
+                "too many failed logins: try again in 15 minutes", status_code=429
+            )
         user = await run_in_threadpool(c.accounts.authenticate, username, password)
         if user is None:
+            c.login_failed(username, address)
             token = secrets.token_urlsafe(24)
             response = c.render(
                 request,
@@ -296,6 +323,7 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
             )
             c.set_cookie(response, c.login_cookie, token, 600)
             return response
+        c.login_succeeded(username, address)
         login = await run_in_threadpool(c.accounts.open_session, user)
         redirect = RedirectResponse("/", status_code=303)
         c.set_cookie(
@@ -439,9 +467,7 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
         starters = starter_texts()
         chosen = request.query_params.get("starter", "firming")
         text = starters.get(chosen, next(iter(starters.values())))
-        rows, _ = await run_in_threadpool(
-            lambda: c.queries.client_list(_login(request).user, page=1)
-        )
+        rows = await run_in_threadpool(c.queries.pushable_clients, _login(request).user)
         preselected = request.query_params.get("client")
         return c.render(
             request,
@@ -492,7 +518,7 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
         except ClinicError as exc:
             if request.headers.get("accept", "").startswith("application/json"):
                 return JSONResponse({"error": str(exc)}, status_code=400)
-            rows, _ = await run_in_threadpool(lambda: c.queries.client_list(login.user, page=1))
+            rows = await run_in_threadpool(c.queries.pushable_clients, login.user)
             text = str(form.get("program", ""))
             return c.render(
                 request,
@@ -527,8 +553,15 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
     # ---------------------------------------------------------------- admin
 
     async def admin_page(request: Request) -> Response:
-        clients, users = await run_in_threadpool(c.queries.assignment_table)
-        return c.render(request, "admin.html", {"clients": clients, "users": users})
+        search = request.query_params.get("q", "")[:64]
+        clients, users, total = await run_in_threadpool(
+            lambda: c.queries.assignment_table(search=search)
+        )
+        return c.render(
+            request,
+            "admin.html",
+            {"clients": clients, "users": users, "total": total, "search": search},
+        )
 
     async def admin_assign(request: Request) -> Response:
         form = await form_of(request)

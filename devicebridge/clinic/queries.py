@@ -30,6 +30,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    true,
     update,
 )
 
@@ -38,6 +39,7 @@ from devicebridge.clinic.auth import User
 from devicebridge.clinic.errors import ClinicError
 
 PAGE_SIZE: Final = 50
+ADMIN_PAGE_SIZE: Final = 200
 RECENT_SESSIONS: Final = 200
 ALERT_KINDS: Final = {
     "safety_stop": "safety stop",
@@ -277,14 +279,7 @@ class Queries:
             t.clients.c.version,
             open_alerts.label("open_alerts"),
         ).where(t.clients.c.id.in_(self._visible_ids(user)))
-        if search:
-            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            query = query.where(
-                or_(
-                    t.clients.c.bridge_id.like(pattern + "%", escape="\\"),
-                    t.clients.c.label.like(pattern + "%", escape="\\"),
-                )
-            )
+        query = query.where(_matching(search))
         with self.engine.connect() as db:
             total = int(db.execute(select(func.count()).select_from(query.subquery())).scalar_one())
             page = max(1, page)
@@ -661,8 +656,11 @@ class Queries:
                 .values(label=(label or None) and label[:128])
             )
 
-    def assignment_table(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(clients with the user ids following each, users) for the admin page."""
+    def assignment_table(
+        self, *, search: str = "", limit: int = ADMIN_PAGE_SIZE
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """(clients matching ``search`` with the user ids following each, users, how many
+        clients match) for the admin page."""
         with self.engine.connect() as db:
             users = [
                 {
@@ -677,23 +675,39 @@ class Queries:
                     .order_by(t.users.c.username)
                 )
             ]
+            query = select(t.clients).where(_matching(search))
+            total = int(db.execute(select(func.count()).select_from(query.subquery())).scalar_one())
+            rows = db.execute(
+                query.order_by(func.coalesce(t.clients.c.label, t.clients.c.bridge_id)).limit(limit)
+            ).all()
             following: dict[int, list[int]] = defaultdict(list)
-            for a in db.execute(select(t.assignments)):
+            for a in db.execute(
+                select(t.assignments).where(t.assignments.c.client_id.in_([r.id for r in rows]))
+            ):
                 following[a.client_id].append(a.user_id)
-            clients = [
-                {
-                    "id": c.id,
-                    "bridge_id": c.bridge_id,
-                    "label": c.label,
-                    "user_ids": following.get(c.id, []),
-                }
-                for c in db.execute(
-                    select(t.clients)
-                    .order_by(func.coalesce(t.clients.c.label, t.clients.c.bridge_id))
-                    .limit(1000)
+        clients = [
+            {
+                "id": c.id,
+                "bridge_id": c.bridge_id,
+                "label": c.label,
+                "user_ids": following.get(c.id, []),
+            }
+            for c in rows
+        ]
+        return clients, users, total
+
+    def pushable_clients(self, user: User) -> list[dict[str, Any]]:
+        """Every client ``user`` may push to (id, name, availability), by name."""
+        name = func.coalesce(t.clients.c.label, t.clients.c.bridge_id)
+        with self.engine.connect() as db:
+            return [
+                {"id": r.id, "name": r.name, "availability": r.availability}
+                for r in db.execute(
+                    select(t.clients.c.id, name.label("name"), t.clients.c.availability)
+                    .where(t.clients.c.id.in_(self._visible_ids(user)))
+                    .order_by(name, t.clients.c.id)
                 )
             ]
-        return clients, users
 
     def client_bridge_ids(self, client_ids: Sequence[int]) -> dict[int, str]:
         with self.engine.connect() as db:
@@ -718,6 +732,17 @@ class Queries:
             pages = db.execute(text("PRAGMA page_count")).scalar_one()
             size = db.execute(text("PRAGMA page_size")).scalar_one()
             return int(pages) * int(size)
+
+
+def _matching(search: str) -> Any:
+    """Clients whose bridge id or label contains ``search`` (everything when it is empty)."""
+    if not search:
+        return true()
+    pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return or_(
+        t.clients.c.bridge_id.like(pattern, escape="\\"),
+        t.clients.c.label.like(pattern, escape="\\"),
+    )
 
 
 def _push(row: Any) -> dict[str, Any]:

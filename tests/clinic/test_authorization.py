@@ -260,3 +260,31 @@ def test_an_admin_assigns_clients_and_the_therapist_then_sees_them(web: Web) -> 
         ).status_code
         == 404
     )
+
+
+def test_repeated_wrong_passwords_lock_that_login_for_a_while(web: Web) -> None:
+    def attempt(password: str) -> int:
+        form = web.client.get("/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        assert token is not None
+        return web.client.post(
+            "/login",
+            data={"username": "dr-a", "password": password, "login_token": token.group(1)},
+            follow_redirects=False,
+        ).status_code
+
+    assert [attempt("wrong guess") for _ in range(5)] == [401] * 5
+    # Even the right password is refused now, without being checked.
+    assert attempt(PASSWORD) == 429
+    # Another account is not affected.
+    form = web.client.get("/login")
+    token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+    assert token is not None
+    assert (
+        web.client.post(
+            "/login",
+            data={"username": "dr-b", "password": PASSWORD, "login_token": token.group(1)},
+            follow_redirects=False,
+        ).status_code
+        == 303
+    )
