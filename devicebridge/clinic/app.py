@@ -250,8 +250,9 @@ def page(console: Console, handler: Handler, *, admin: bool = False) -> Handler:
 
 
 async def _form(request: Request) -> FormData | None:
-    if "form" in request.scope.get("state_cache", {}):
-        return request.scope["state_cache"]["form"]  # type: ignore[no-any-return]
+    cached: FormData | None = request.scope.get("state_cache", {}).get("form")
+    if cached is not None:
+        return cached
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
         return None

@@ -15,11 +15,11 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.errors import ClinicError
@@ -63,13 +63,8 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _user(row: object) -> User:
-    return User(
-        int(row.id),  # type: ignore[attr-defined]
-        str(row.username),  # type: ignore[attr-defined]
-        row.therapist_id,  # type: ignore[attr-defined]
-        bool(row.is_admin),  # type: ignore[attr-defined]
-    )
+def _user(row: Any) -> User:
+    return User(int(row.id), str(row.username), row.therapist_id, bool(row.is_admin))
 
 
 class Accounts:
@@ -136,9 +131,9 @@ class Accounts:
             if disabled:
                 self._end_sessions(db, username)
 
-    def _end_sessions(self, db: object, username: str) -> None:
+    def _end_sessions(self, db: Connection, username: str) -> None:
         user_ids = select(t.users.c.id).where(t.users.c.username == username)
-        db.execute(delete(t.web_sessions).where(t.web_sessions.c.user_id.in_(user_ids)))  # type: ignore[attr-defined]
+        db.execute(delete(t.web_sessions).where(t.web_sessions.c.user_id.in_(user_ids)))
 
     def users(self) -> list[User]:
         with self.engine.connect() as db:

@@ -34,6 +34,7 @@ from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, and_, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.authoring import describe_program
@@ -55,7 +56,12 @@ from devicebridge.mqtt import CONNACK_UNSUPPORTED_PROTOCOL, TOPIC_ROOT, MqttSett
 
 LOG = logging.getLogger(__name__)
 BATCH_MAX: Final = 2000  # messages committed together at most
-PUSH_POLL_S: Final = 5.0  # queued pushes are looked for at least this often (wall time)
+PUSH_POLL_S: Final = 5.0
+# What a database refuses of a value (sqlite3 raises OverflowError for a too large int).
+REFUSED: Final = (
+    SQLAlchemyError,
+    OverflowError,
+)  # queued pushes are looked for at least this often (wall time)
 DEVICE_FAULT_CODES: Final = frozenset({"fault", "hard_limit", "over_temperature"})
 SAFETY_STOP_DECISIONS: Final = frozenset({"stop"})
 # Sessions stopped by these reasons were stopped by a person or the bridge, not by safety.
@@ -87,6 +93,15 @@ class IngestStats:
     skipped: int = 0  # not readable as the contract says
     batches: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, other: IngestStats) -> None:
+        self.messages += other.messages
+        self.applied += other.applied
+        self.duplicates += other.duplicates
+        self.skipped += other.skipped
+        self.batches += 1
+        for kind, seen in other.by_kind.items():
+            self.by_kind[kind] += seen
 
 
 class IngestStore:
@@ -152,14 +167,46 @@ class IngestStore:
     # ------------------------------------------------------------------ batches
 
     def apply(self, batch: Sequence[Incoming]) -> None:
-        """Apply ``batch`` in order, in one transaction; a bad message is skipped."""
-        with self._lock, self.engine.begin() as db:
+        """Apply ``batch`` in order, in one transaction; a bad message is skipped.
+
+        A message the database refuses (a value out of what a column holds, say) would
+        roll the whole batch back: then each message is applied in a transaction of its
+        own and only the refused one is skipped.
+        """
+        with self._lock:
+            try:
+                self._apply(batch)
+            except REFUSED as exc:
+                if len(batch) == 1:
+                    self._forget()
+                    self.stats.messages += 1
+                    self.stats.skipped += 1
+                    LOG.warning("skipped a message on %s: %s", batch[0].topic, exc)
+                    return
+                self._forget()
+                for message in batch:
+                    try:
+                        self._apply([message])
+                    except REFUSED as single:
+                        self._forget()
+                        self.stats.messages += 1
+                        self.stats.skipped += 1
+                        LOG.warning("skipped a message on %s: %s", message.topic, single)
+
+    def _forget(self) -> None:
+        """Drop what a rolled-back transaction may have cached (ids it had created)."""
+        self._client_ids.clear()
+        self._load_open_sessions()
+
+    def _apply(self, batch: Sequence[Incoming]) -> None:
+        counted = IngestStats()
+        with self.engine.begin() as db:
             statuses: dict[int, dict[str, Any]] = {}
             for message in batch:
-                self.stats.messages += 1
+                counted.messages += 1
                 place = parse_topic(message.topic, self.topic_root)
                 if place is None:
-                    self.stats.skipped += 1
+                    counted.skipped += 1
                     continue
                 try:
                     if place.kind == "status":
@@ -169,20 +216,21 @@ class IngestStore:
                         client = self.client_id(db, place.bridge_id)
                         if client not in statuses or statuses[client]["seq"] < seq:
                             statuses[client] = {"seq": seq, "body": body}
-                        self.stats.applied += 1
+                        counted.applied += 1
                     else:
                         changed = self._apply_one(db, place, message.payload)
                         if changed:
-                            self.stats.applied += 1
+                            counted.applied += 1
                         else:
-                            self.stats.duplicates += 1
-                    self.stats.by_kind[place.kind] += 1
+                            counted.duplicates += 1
+                    counted.by_kind[place.kind] += 1
                 except RecordError as exc:
-                    self.stats.skipped += 1
+                    counted.skipped += 1
                     LOG.warning("skipped a message on %s: %s", message.topic, exc)
             if statuses:
                 self._write_statuses(db, statuses)
-            self.stats.batches += 1
+        # Counted once committed: a batch applied again message by message counts once.
+        self.stats.add(counted)
 
     def _apply_one(self, db: Connection, place: Place, payload: bytes) -> bool:
         client = self.client_id(db, place.bridge_id)
@@ -790,6 +838,10 @@ class Ingester:
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc)
                 LOG.warning("MQTT broker unreachable (%s); retrying", exc)
+            except (SQLAlchemyError, OSError) as exc:
+                # The database is down or full: unacknowledged messages come again.
+                self.last_error = str(exc)
+                LOG.error("ingestion stopped by the database (%s); reconnecting", exc)
             finally:
                 self.connected.clear()
             await asyncio.sleep(self.settings.reconnect_s)  # wall time: a real broker

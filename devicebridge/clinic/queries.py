@@ -168,7 +168,8 @@ class ClientRow:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return aware(moment).isoformat() if moment else None  # type: ignore[union-attr]
+    stamped = aware(moment)
+    return stamped.isoformat() if stamped is not None else None
 
 
 def _device(row: Any) -> dict[str, Any]:

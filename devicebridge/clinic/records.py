@@ -26,6 +26,9 @@ from protocols.telemetry import LED_MASK_FLAG_WORN, MASSAGER_FLAG_CONTACT
 MASK_ZONE: Final = "face"
 NO_ZONE: Final = "none"
 MAX_TEXT: Final = 2000  # longest free text kept from a message (messages, details)
+MAX_BIGINT: Final = 2**63 - 1
+MAX_ID_CHARS: Final = 64  # serial numbers (and, at 128, bridge ids) longer are not ours
+MIN_BIGINT: Final = -(2**63)
 
 # What each topic under a bridge carries; the last part(s) of the topic name it.
 BRIDGE_TOPICS: Final = {
@@ -61,7 +64,14 @@ def parse_topic(topic: str, root: str) -> Place | None:
     bridge_id, rest = parts[0], tuple(parts[1:])
     if rest in BRIDGE_TOPICS:
         return Place(bridge_id, BRIDGE_TOPICS[rest])
-    if len(rest) == 3 and rest[0] == "devices" and rest[1] and rest[2] in DEVICE_TOPICS:
+    if len(bridge_id) > 2 * MAX_ID_CHARS:
+        return None
+    if (
+        len(rest) == 3
+        and rest[0] == "devices"
+        and 0 < len(rest[1]) <= MAX_ID_CHARS
+        and rest[2] in DEVICE_TOPICS
+    ):
         return Place(bridge_id, DEVICE_TOPICS[rest[2]], rest[1])
     return None
 
@@ -88,23 +98,26 @@ def message_sequence(body: Mapping[str, Any], bridge_id: str) -> int:
         sequence = int(number)
     except ValueError as exc:
         raise RecordError(f"message_id {message_id!r} has no number") from exc
-    if sequence < 0:
-        raise RecordError(f"message_id {message_id!r} is negative")
+    if not 0 <= sequence <= MAX_BIGINT:
+        raise RecordError(f"message_id {message_id!r} is out of range")
     return sequence
 
 
 def text(value: Any, limit: int = MAX_TEXT) -> str | None:
+    """At most ``limit`` characters, without NULs (PostgreSQL's text cannot hold them)."""
     if value is None:
         return None
-    return str(value)[:limit]
+    return str(value)[:limit].replace("\x00", "")
 
 
 def integer(value: Any) -> int | None:
+    """A whole number a BIGINT column holds, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if isinstance(value, float) and not np.isfinite(value):
         return None
-    return int(value)
+    result = int(value)
+    return result if MIN_BIGINT <= result <= MAX_BIGINT else None
 
 
 def number(value: Any) -> float | None:
@@ -137,6 +150,8 @@ def digest_telemetry(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise RecordError(f"unreadable telemetry: {exc}") from exc
     if not np.isfinite(rate_hz) or rate_hz <= 0:
         raise RecordError(f"sample_rate_hz {rate_hz!r} is not a positive number")
+    if not (0 <= first_sequence <= MAX_BIGINT and 0 <= device_time_ms <= MAX_BIGINT):
+        raise RecordError("first_sequence or device_time_ms out of range")
     return digest_samples(samples, first_sequence, device_time_ms, rate_hz)
 
 

@@ -3,12 +3,16 @@ after the console's own outage."""
 
 from __future__ import annotations
 
+import base64
 import json
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DataError
 
 from devicebridge.cli import main
 from devicebridge.cli.service import push_envelope
@@ -29,6 +33,7 @@ from tests.clinic.rig import (
     start_with_guided_massager,
     until,
 )
+from tests.clinic.web import massager_samples
 from tests.service.conftest import WAIT_S, Therapist, service_rig
 
 
@@ -268,3 +273,142 @@ async def test_pushes_queued_by_the_console_go_out_and_their_answers_come_back(
         await until(lambda: status(second)[0] == "accepted")
         await until(lambda: count(engine, t.programs, t.programs.c.installed_on != "[]") == 1)
         await rig.stop()
+
+
+def test_hostile_messages_are_skipped_and_the_rest_of_their_batch_still_counts(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = IngestStore(engine)
+    root = "devicebridge/v1/bridge-7"
+
+    def message(topic: str, body: object) -> Incoming:
+        return Incoming(f"{root}/{topic}", json.dumps(body).encode())
+
+    good = {
+        "message_id": "bridge-7:20",
+        "session_id": 1,
+        "serial": "FM-1",
+        "status": "completed",
+        "program_id": None,
+        "started_at": "2026-12-01T10:00:00+01:00",
+        "ended_at": "2026-12-01T10:05:00+01:00",
+        "summary": {"completion": 1.0},
+    }
+    batch = [
+        message("sessions/summary", {**good, "message_id": "bridge-7:10", "session_id": 2**70}),
+        message(
+            "sessions/summary",
+            {
+                **good,
+                "message_id": "bridge-7:11",
+                "session_id": 5,
+                "routine": "nul\x00inside",
+                "summary": ["not", "a", "map"],
+            },
+        ),
+        message(
+            "devices/FM-1/telemetry",
+            {
+                "message_id": "bridge-7:12",
+                "serial": "FM-1",
+                "sample_format": "massager_v1",
+                "samples_b64": "!!not base64!!",
+            },
+        ),
+        message(
+            "devices/FM-1/state",
+            {
+                "message_id": "bridge-7:13",
+                "battery_percent": 1e300,
+                "session_id": -(2**80),
+                "firmware": ["x"],
+            },
+        ),
+        message(
+            "programs/installed",
+            {
+                "message_id": "bridge-7:14",
+                "programs": "nonsense",
+                "sessions": [1, None, {"session_id": "x"}],
+            },
+        ),
+        message("sessions/summary", {**good, "message_id": f"bridge-7:{2**64}"}),
+        message("programs/ack", {"message_id": "bridge-7:15", "status": "maybe"}),
+        Incoming(f"{root}/availability", b"\xff\xfe"),
+        Incoming(f"{root}/sessions/summary", b"[1, 2]"),
+        message("sessions/summary", good),
+    ]
+    store.apply(batch)
+    # What only the database refuses (a number too large for its column) is skipped too,
+    # and the rest of its batch still counts.
+    state = {"serial": "FM-1", "kind": "massager", "state": "ready"}
+    samples = base64.b64encode(massager_samples(10, "chin", 9.0).tobytes()).decode()
+    telemetry = {
+        "serial": "FM-1",
+        "sample_format": "massager_v1",
+        "sample_rate_hz": 100,
+        "device_time_ms": 0,
+        "count": 10,
+        "samples_b64": samples,
+        "gaps": [],
+    }
+    store.apply(
+        [
+            message("devices/FM-1/state", {"message_id": "bridge-7:30", **state, "session_id": 3}),
+            message(
+                "devices/FM-1/telemetry",
+                {**telemetry, "message_id": "bridge-7:31", "first_sequence": 0, "count": 2**70},
+            ),
+            message(
+                "devices/FM-1/events",
+                {
+                    "message_id": "bridge-7:32",
+                    "type": "decision",
+                    "session_id": 3,
+                    "kind": "stop",
+                    "message": "cap",
+                    "step": 2**70,
+                },
+            ),
+            message(
+                "devices/FM-1/telemetry",
+                {**telemetry, "message_id": "bridge-7:33", "first_sequence": 2**70},
+            ),
+            message(
+                "devices/FM-1/telemetry",
+                {**telemetry, "message_id": "bridge-7:34", "first_sequence": 10},
+            ),
+        ]
+    )
+    assert count(engine, t.session_series) == 2  # first_sequence 0 and 10
+    # Whatever the database still refuses costs only that message, not its batch.
+    real = IngestStore._device_state
+
+    def refuse_bad(self: IngestStore, db: Any, client: int, serial: str, *args: Any) -> bool:
+        if serial == "BAD":
+            raise DataError("INSERT ...", {}, Exception("value too long"))
+        return real(self, db, client, serial, *args)
+
+    monkeypatch.setattr(IngestStore, "_device_state", refuse_bad)
+    before = store.stats.skipped
+    store.apply(
+        [
+            message("devices/BAD/state", {"message_id": "bridge-7:40", **state, "serial": "BAD"}),
+            message("devices/FM-2/state", {"message_id": "bridge-7:41", **state, "serial": "FM-2"}),
+            Incoming(f"{root}/devices/{'S' * 65}/state", b"{}"),
+        ]
+    )
+    assert store.stats.skipped == before + 2
+    with engine.connect() as db:
+        assert sorted(db.execute(select(t.devices.c.serial)).scalars()) == ["FM-1", "FM-2"]
+    with engine.connect() as db:
+        sessions = {r.bridge_session_id: r for r in db.execute(select(t.sessions))}
+        device = db.execute(select(t.devices).where(t.devices.c.serial == "FM-1")).one()
+    # The good summary is in, its time in UTC; the one with a NUL is in without it.
+    assert set(sessions) == {1, 3, 5}  # 3: seen running
+    assert sessions[1].started_at.replace(tzinfo=None) == datetime(2026, 12, 1, 9, 0)
+    assert sessions[5].routine == "nulinside"
+    # 1e300 % and a session id of -2**80 were dropped (3 is from the later state).
+    assert (device.battery_percent, device.session_id, device.firmware) == (None, 3, "['x']")
+    assert store.stats.skipped >= 5
+    assert store.stats.messages == len(batch) + 8  # every message counted once
