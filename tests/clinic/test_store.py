@@ -4,6 +4,8 @@ optional extra, and the adherence rule."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -102,3 +104,14 @@ def test_adherence_counts_completed_sessions_per_period_and_a_streak() -> None:
         now=now,
     )
     assert (free.target, free.done, free.streak) == (None, 7, 0)
+
+
+def test_other_commands_do_not_load_the_console() -> None:
+    heavy = ("starlette", "uvicorn", "sqlalchemy", "alembic", "jinja2", "argon2", "fhir")
+    probe = (
+        f"import sys, devicebridge.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == ""
