@@ -3,10 +3,13 @@ optional extra, and the adherence rule."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -115,3 +118,19 @@ def test_other_commands_do_not_load_the_console() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert loaded == ""
+
+
+def test_the_vendored_browser_libraries_are_the_ones_built_with_their_licences() -> None:
+    vendor = Path(__file__).resolve().parents[2] / "devicebridge" / "clinic" / "static" / "vendor"
+    sums = (vendor / "SHA256SUMS").read_text("ascii").split("\n")
+    checked = 0
+    for line in filter(None, sums):
+        digest, name = line.split()
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name
+        checked += 1
+    assert checked == 3
+    lock = json.loads((vendor / "package-lock.json").read_text("utf-8"))
+    assert lock["packages"]["node_modules/htmx.org"]["version"] == "2.0.11"
+    assert lock["packages"]["node_modules/uplot"]["version"] == "1.6.32"
+    for licence in ("htmx.LICENSE", "uPlot.LICENSE"):
+        assert "Permission" in (vendor / licence).read_text("utf-8")
