@@ -520,20 +520,36 @@ class IngestStore:
         if meta.client_id != bridge_id:
             return False  # signed for another bridge: that bridge will reject it
         values = self.describe_program(signed.program.decode("utf-8", "replace"))
+        statement = self._insert(t.pushes).values(
+            client_id=client,
+            nonce=meta.nonce[:64],
+            therapist_id=meta.therapist_id[:64],
+            program_version=meta.program_version[:32],
+            status="sent",
+            created_at=moment(meta.issued_at) or self.now(),
+            sent_at=self.now(),
+            expires_at=moment(meta.expires_at),
+            **values,
+        )
+        # The bridge's answer may have come first (another connection): it made the row,
+        # and only the envelope knows the program and its schedule.
         result = db.execute(
-            self._insert(t.pushes)
-            .values(
-                client_id=client,
-                nonce=meta.nonce[:64],
-                therapist_id=meta.therapist_id[:64],
-                program_version=meta.program_version[:32],
-                status="sent",
-                created_at=moment(meta.issued_at) or self.now(),
-                sent_at=self.now(),
-                expires_at=moment(meta.expires_at),
-                **values,
+            statement.on_conflict_do_update(
+                index_elements=["nonce"],
+                set_={
+                    name: statement.excluded[name]
+                    for name in (
+                        "therapist_id",
+                        "program_text",
+                        "routine",
+                        "category",
+                        "schedule_max_sessions",
+                        "schedule_per_days",
+                        "expires_at",
+                    )
+                },
+                where=t.pushes.c.program_text.is_(None),
             )
-            .on_conflict_do_nothing(index_elements=["nonce"])
         )
         return bool(result.rowcount)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DataError
 
@@ -22,7 +23,7 @@ from devicebridge.clinic.authoring import queue_pushes
 from devicebridge.clinic.ingest import Incoming, IngestStore
 from devicebridge.clinic.queries import Queries
 from devicebridge.core.policy import default_policy
-from devicebridge.core.signed_program import key_id, load_public_key
+from devicebridge.core.signed_program import key_id, load_public_key, sign_program
 from devicebridge.mqtt import MqttSettings
 from tests.broker import Mosquitto
 from tests.clinic.rig import (
@@ -203,6 +204,35 @@ async def test_every_message_applied_twice_changes_nothing(engine: Engine) -> No
     store.apply(batch)
     IngestStore(engine).apply(list(reversed(batch)))
     assert {table.name: count(engine, table) for table in tables} == before
+    # An answer that came before its push (another connection): the envelope, seen later,
+    # still gives the program and its schedule.
+    signed = sign_program(
+        Ed25519PrivateKey.generate(),
+        SHORT_ROUTINE.encode(),
+        therapist_id="dr-lee",
+        client_id="bridge-7",
+        program_version="1",
+        issued_at=datetime.now(UTC),
+        valid_for=timedelta(days=7),
+    )
+    nonce = signed.metadata.nonce
+    store.apply(
+        [
+            message(
+                "programs/ack",
+                {
+                    "message_id": "bridge-7:16",
+                    "nonce": nonce,
+                    "status": "accepted",
+                    "program_id": 2,
+                },
+            ),
+            Incoming(f"{root}/programs/push", signed.to_json()),
+        ]
+    )
+    with engine.connect() as db:
+        late = db.execute(select(t.pushes).where(t.pushes.c.nonce == nonce)).one()
+    assert (late.status, late.bridge_program_id, late.schedule_max_sessions) == ("accepted", 2, 2)
     # An older retained state never overwrites a newer one.
     store.apply(
         [
