@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {
+    "clinic": "bench.bench_clinic",
     "decode": "bench.bench_decode",
     "firmware": "bench.bench_firmware",
     "latency": "bench.bench_latency",

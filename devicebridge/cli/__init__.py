@@ -4,7 +4,8 @@
 family of commands to it when imported.
 """
 
-from devicebridge.cli import devices as _devices  # noqa: F401  (registers commands)
+from devicebridge.cli import clinic as _clinic  # noqa: F401  (registers commands)
+from devicebridge.cli import devices as _devices  # noqa: F401
 from devicebridge.cli import firmware as _firmware  # noqa: F401
 from devicebridge.cli import programs as _programs  # noqa: F401
 from devicebridge.cli import routines as _routines  # noqa: F401

@@ -17,6 +17,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from devicebridge.app import AppOptions
 from devicebridge.config import load_settings
@@ -53,7 +54,8 @@ def reports_errors(func: Callable[P, R]) -> Callable[P, R]:
         except DeviceBridgeError as exc:
             # soft_wrap: one error, one line, whatever the width (scripts grep for it).
             errors = Console(stderr=True, soft_wrap=True)
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+            # The message may hold brackets (paths, "devicebridge[clinic]"): never markup.
+            errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise click.exceptions.Exit(EXIT_ERROR) from None
 
     return update_wrapper(wrapper, func)

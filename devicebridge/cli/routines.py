@@ -36,7 +36,14 @@ from devicebridge.core.policy import (
 )
 from devicebridge.core.routine import Routine, parse_routine
 from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError, UnknownDeviceError
-from devicebridge.report import load_report, summary_lines, write_csv, write_json, write_png
+from devicebridge.report import (
+    SessionReport,
+    load_report,
+    summary_lines,
+    write_csv,
+    write_json,
+    write_png,
+)
 from devicebridge.runner import (
     RoutineRunner,
     RunMode,
@@ -654,6 +661,13 @@ def history_command(cli: CliContext, as_json: bool, limit: int | None) -> None:
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--fhir",
+    "fhir_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the session as an HL7 FHIR R4 Bundle (needs the 'clinic' extra).",
+)
 @click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=Path))
 @pass_cli
 @reports_errors
@@ -663,9 +677,11 @@ def report_command(
     png: Path | None,
     csv_file: Path | None,
     json_file: Path | None,
+    fhir_file: Path | None,
     policy_file: Path | None,
 ) -> None:
-    """The summary of SESSION; optionally a PNG plot and the telemetry as CSV or JSON."""
+    """The summary of SESSION; optionally a PNG plot, the telemetry as CSV or JSON, and the
+    session as a FHIR R4 Bundle."""
     policy = load_policy(policy_file)
     with open_store(cli) as store:
         report = load_report(store, session_id, policy)
@@ -680,6 +696,33 @@ def report_command(
     if json_file is not None:
         rows = write_json(report, json_file)
         cli.console.print(f"{rows} samples written to {json_file}", highlight=False)
+    if fhir_file is not None:
+        write_fhir(cli, report, fhir_file)
+        cli.console.print(f"FHIR R4 Bundle written to {fhir_file}", highlight=False)
+
+
+def write_fhir(cli: CliContext, report: SessionReport, path: Path) -> None:
+    """The session as a FHIR Bundle; the client is named by this bridge's id (a pseudonym)."""
+    from devicebridge.cli.service import default_bridge_id
+    from devicebridge.fhir import DeviceFacts, report_bundle
+
+    app = App(cli.options)
+    with app.open_registry() as registry:
+        paired = registry.find_by_serial(report.record.device_serial)
+        firmware = registry.current_firmware(report.record.device_serial)
+    device = DeviceFacts(
+        report.record.device_serial,
+        report.record.device_kind,
+        paired.model if paired else None,
+        firmware,
+        paired.name if paired else None,
+    )
+    client = cli.options.settings.bridge_id or default_bridge_id()
+    data = report_bundle(report, client_pseudonym=client, device=device)
+    try:
+        path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    except OSError as exc:
+        raise CliInputError(f"{path}: cannot write the FHIR Bundle: {exc.strerror}") from exc
 
 
 # --------------------------------------------------------------------------- treatments
