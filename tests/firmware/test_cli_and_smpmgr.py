@@ -76,7 +76,7 @@ def test_bad_images_are_refused_before_any_connection(  # type: ignore[no-untype
     def no_link(*args: object, **kwargs: object) -> None:
         raise AssertionError("a link was opened for a bad image")
 
-    monkeypatch.setattr("devicebridge.cli.firmware.updater_for", no_link)
+    monkeypatch.setattr("devicebridge.firmware.connect.updater_for", no_link)
     result = invoke("firmware", "update", name, str(image))
     assert result.exit_code == 1
     expected = {
