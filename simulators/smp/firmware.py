@@ -218,6 +218,7 @@ class SmpFirmware:
         self.pending: SwapKind | None = None
         self.fails_new_image_boot = False
         self.reject_model_mismatch = True
+        self.supports_slot_info = True  # False: firmware built without SLOT_INFO (ENOTSUP)
         self._upload: _Upload | None = None
         self._ble_rx = bytearray()
         self._ble_client: BleNotifier | None = None
@@ -570,7 +571,7 @@ class SmpFirmware:
             case (Group.IMAGE, ImageCommand.ERASE, True):
                 self._erase(body)
                 return {}, None
-            case (Group.IMAGE, ImageCommand.SLOT_INFO, False):
+            case (Group.IMAGE, ImageCommand.SLOT_INFO, False) if self.supports_slot_info:
                 return self._slot_info(), None
         raise SmpError(MgmtErr.ENOTSUP)
 

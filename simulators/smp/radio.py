@@ -93,7 +93,8 @@ class Radio:
         self.errors: list[BaseException] = []
         self._queues = _Queues()
         self._last: Direction = Direction.TO_HOST
-        self._free_at_s = 0.0
+        self._free_at_s = self._anchor_s
+        self._sending = False  # a packet is on air
         self._generation = 0  # bumped by clear(): a packet in progress is abandoned
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -113,6 +114,10 @@ class Radio:
     ) -> None:
         """Queue a message of ``message_bytes`` cut into packets of ``payload_bytes``."""
         payload_bytes = max(1, payload_bytes)
+        if self.idle and not self._sending:
+            # The last event closed when there was nothing left to send: this goes at
+            # the next connection event.
+            self._free_at_s = self._next_event_s(max(self._free_at_s, self.clock.now_s()))
         sizes = collections.deque(
             min(payload_bytes, message_bytes - start) + ATT_OVERHEAD_BYTES
             for start in range(0, max(message_bytes, 1), payload_bytes)
@@ -160,9 +165,6 @@ class Radio:
             if direction is None:
                 self._wake.clear()
                 await self._wake.wait()
-                # The event closed when there was nothing left to send: what is queued
-                # now goes at the next connection event.
-                self._free_at_s = self._next_event_s(max(self._free_at_s, self.clock.now_s()))
                 continue
             queue = self._queues.of(direction)
             message = queue[0]
@@ -171,7 +173,11 @@ class Radio:
             generation = self._generation
             # Back to back while there is traffic, however late this task got to run.
             self._free_at_s += size / self.bytes_per_s
-            await self.clock.sleep_until(self._free_at_s)
+            self._sending = True
+            try:
+                await self.clock.sleep_until(self._free_at_s)
+            finally:
+                self._sending = False
             if generation != self._generation:
                 continue  # cleared while this packet was on air
             self.bytes_on_air += size
