@@ -124,8 +124,9 @@ def test_bad_images_are_refused_before_any_connection(  # type: ignore[no-untype
 
 
 @pytest.fixture
-def smp_sim_server(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
-    """``devicebridge-sim serve --serial --smp-serial`` in its own process."""
+def smp_sim_server(tmp_path: Path) -> Iterator[tuple[str, str, str, str]]:
+    """``devicebridge-sim serve --serial --smp-serial --smp-udp-port 0`` in its own process:
+    serial number, OFCP pty, SMP console pty, SMP UDP ``host:port``."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -134,6 +135,8 @@ def smp_sim_server(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
             "serve",
             "--serial",
             "--smp-serial",
+            "--smp-udp-port",
+            "0",
             "--fast",
         ],
         stdout=subprocess.PIPE,
@@ -141,8 +144,13 @@ def smp_sim_server(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert process.stdout is not None
-    _kind, serial_number, ofcp_path, smp_field = process.stdout.readline().split()
-    yield serial_number, ofcp_path, smp_field.removeprefix("smp-serial=")
+    _kind, serial_number, ofcp_path, smp_field, udp_field = process.stdout.readline().split()
+    yield (
+        serial_number,
+        ofcp_path,
+        smp_field.removeprefix("smp-serial="),
+        udp_field.removeprefix("smp-udp="),
+    )
     process.terminate()
     process.wait(timeout=PROCESS_TIMEOUT_S)
     process.stdout.close()
@@ -166,7 +174,7 @@ def _smpmgr(*args: str) -> subprocess.CompletedProcess[str]:
 def test_stock_smpmgr_reads_states_and_uploads_to_a_simulated_device(  # type: ignore[no-untyped-def]
     smp_sim_server, tmp_path: Path, invoke
 ) -> None:
-    serial_number, ofcp_path, smp_path = smp_sim_server
+    serial_number, ofcp_path, smp_path, _udp = smp_sim_server
     states = _smpmgr("--port", smp_path, "image", "state-read")
     assert states.returncode == 0, states.stdout + states.stderr
     assert "version='1.0.0'" in states.stdout
@@ -254,3 +262,31 @@ def test_ctrl_c_during_an_update_says_how_to_resume_and_the_resume_works(  # typ
     assert f"{name} now runs 1.2.0 (was 1.0.0), confirmed" in resumed.stdout
     sent = int(re.search(r"; (\d+) bytes sent", resumed.stdout).group(1))  # type: ignore[union-attr]
     assert sent < image.stat().st_size - kept + 8 * 1024
+
+
+def test_a_pipelined_update_over_udp_refereed_by_smpmgr(  # type: ignore[no-untyped-def]
+    smp_sim_server, tmp_path: Path, invoke
+) -> None:
+    _serial_number, ofcp_path, smp_path, udp_endpoint = smp_sim_server
+    data = build_image("2.3.0", "OFC-FM1", body_bytes=96 * 1024)
+    image = tmp_path / "fw.bin"
+    image.write_bytes(data)
+    paired = invoke("pair", "--serial-port", ofcp_path, "--name", "lab", simulate=False)
+    assert paired.exit_code == 0, paired.output
+    result = invoke(
+        "firmware", "update", "lab", str(image), "--smp-udp", udp_endpoint, simulate=False
+    )
+    assert result.exit_code == 0, result.output
+    assert "lab now runs 2.3.0 (was 1.0.0), confirmed" in result.output
+    # The stock client, over the device's serial console, sees the new image running,
+    # confirmed, with the hash of the image sent.
+    after = _smpmgr("--port", smp_path, "image", "state-read")
+    assert after.returncode == 0, after.stdout + after.stderr
+    flat = after.stdout.replace("\n", "").replace(" ", "")
+    from devicebridge.firmware import parse_image
+
+    running = flat.split("ImageState(", 2)[1]  # slot 0 comes first
+    assert "version='2.3.0'" in running
+    assert "active=True" in running
+    assert "confirmed=True" in running
+    assert parse_image(data).hash.hex().upper() in running
