@@ -158,9 +158,7 @@ class PipelinedUpload:
                     silent += 1
                     self.stats.timeouts += 1
                     if silent > MAX_SILENT_TIMEOUTS:
-                        raise TimeoutError(
-                            f"no answer to {MAX_SILENT_TIMEOUTS} upload requests in a row"
-                        )
+                        raise TimeoutError(f"no answer to {silent} upload requests in a row")
                     _LOGGER.info("%s: no answer at offset %d; asking again", self.device, confirmed)
                     self._forget_all(in_flight)
                     next_offset, window, draining = confirmed, 1, False
