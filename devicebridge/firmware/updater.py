@@ -16,6 +16,7 @@ confirmed.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -271,6 +272,10 @@ class FirmwareUpdater:
             self.channel.forget(request)
         return decode_slot_info(frame, device=self.device)
 
+    @staticmethod
+    async def _nothing() -> None:
+        return None
+
     async def update_slot_bytes(self) -> int | None:
         """The largest image the device's update slot takes (``None``: not reported)."""
         images = await self.read_slot_sizes()
@@ -422,7 +427,14 @@ class FirmwareUpdater:
                 await self.connect()
                 # A reply lost after the last chunk leaves the image complete on the
                 # device: starting again would erase it and send it all once more.
-                states = await self.read_states()
+                # The slot sizes are asked along with them when the device has the
+                # buffers for two requests at once.
+                slots = self._nothing if slot_checked else self.update_slot_bytes
+                if self.requests_in_flight_limit >= 2:
+                    states, slot_bytes = await asyncio.gather(self.read_states(), slots())
+                else:
+                    states = await self.read_states()
+                    slot_bytes = await slots()
                 secondary = _slot(states, SECONDARY_SLOT)
                 if secondary is not None and secondary.hash == image.hash:
                     if on_progress is not None:
@@ -430,7 +442,6 @@ class FirmwareUpdater:
                     return attempt > 0 or restarts > 0
                 if not slot_checked:
                     # Refused here, before a byte of the image goes out.
-                    slot_bytes = await self.update_slot_bytes()
                     if slot_bytes is not None and image.size_bytes > slot_bytes:
                         raise ImageTooLargeError(
                             path=image.path,
