@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 
@@ -34,3 +36,27 @@ def _fmt(value: object) -> str:
             return f"{value:,.0f}"
         return f"{value:.2f}"
     return str(value)
+
+
+def describe_machine() -> str:
+    """One line naming the machine the absolute figures come from (ratios travel, times do not)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in cpuinfo
+                    if line.startswith("model name")
+                ),
+                model,
+            )
+    except OSError:
+        pass
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    return (
+        f"measured on: {model}, {os.cpu_count()} cores{load}, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}"
+    )

@@ -42,9 +42,12 @@ from protocols import DeviceKind, MassageMode, Zone
 
 if TYPE_CHECKING:
     from simulators import HandScript, SimulatedWorld
+    from simulators.smp import FirmwareStateStore
 
 _LOGGER = logging.getLogger(__name__)
 
+# Under the data directory: the simulated devices' flash, one file per serial number.
+SIMULATED_FIRMWARE_DIR: Final = "simulated-devices"
 DEMO_SCAN_S: Final = 1.0
 DEMO_REFRESH_S: Final = 0.25
 DEMO_INTENSITY: Final = 5
@@ -72,6 +75,7 @@ class App:
         self.data_dir = data_dir(options.data_dir, options.settings)
         self._world: object | None = None
         self._sim_clock: object | None = None
+        self._firmware_store: FirmwareStateStore | None = None
         self.clock: Clock = SystemClock()
         self.ble_backends = BleBackends()
         self.rng = random.Random(options.sim_seed if options.simulate else None)
@@ -93,6 +97,7 @@ class App:
 
     async def _start_world(self) -> None:
         from simulators import SimulatedWorld, VirtualClock
+        from simulators.smp import FirmwareStateStore
 
         clock = VirtualClock(realtime=not self.options.sim_fast)
         world = SimulatedWorld(seed=self.options.sim_seed, clock=clock)
@@ -100,6 +105,11 @@ class App:
             world.add_massager()
         for _ in range(self.settings.sim_masks):
             world.add_mask()
+        # A simulated device keeps its firmware (slots, a partial upload) between
+        # commands, as a real one does: docs/firmware.md.
+        self._firmware_store = FirmwareStateStore(self.data_dir / SIMULATED_FIRMWARE_DIR)
+        for device in world.devices:
+            self._firmware_store.load(device, world.smp_firmware(device))
         await world.__aenter__()
         clock.start()
         self._world, self._sim_clock = world, clock
@@ -111,10 +121,16 @@ class App:
 
         world, clock = self._world, self._sim_clock
         self._world = self._sim_clock = None
-        if isinstance(world, SimulatedWorld):
-            await world.__aexit__(None, None, None)
-        if isinstance(clock, VirtualClock):
-            await clock.stop()
+        try:
+            if isinstance(world, SimulatedWorld):
+                await world.__aexit__(None, None, None)
+        finally:
+            if isinstance(clock, VirtualClock):
+                await clock.stop()
+            store = self._firmware_store
+            if isinstance(world, SimulatedWorld) and store is not None:
+                for device in world.devices:
+                    store.save(device, world.smp_firmware(device))
 
     # ------------------------------------------------------------------ parts
 

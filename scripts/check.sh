@@ -14,14 +14,10 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 
-# The stock smpmgr CLI referees the firmware tests. It lives in a venv of its own, as a
-# user's pipx install would: it pins smpclient[all] -> bumble 0.0.228, which would clash
-# with the bumble pin of our link-level mode if both shared one environment.
+# The stock smpmgr CLI referees the firmware tests (and is bench firmware's baseline). It
+# lives in a venv of its own: see scripts/smpmgr-venv.sh.
 SMPMGR_VENV="${SMPMGR_VENV:-.venv-smpmgr}"
-if [ ! -x "$SMPMGR_VENV/bin/smpmgr" ]; then
-    "$PYTHON" -m venv "$SMPMGR_VENV"
-    "$SMPMGR_VENV/bin/python" -m pip install --quiet "smpmgr>=0.19,<1"
-fi
+PYTHON="$PYTHON" SMPMGR_VENV="$SMPMGR_VENV" bash scripts/smpmgr-venv.sh
 export PATH="$PWD/$SMPMGR_VENV/bin:$PATH"
 
 echo "== ruff"

@@ -1,16 +1,23 @@
 """Firmware commands: ``firmware info`` and ``firmware update`` (MCUmgr/SMP).
 
 ``update`` checks the image (MCUboot format, hash, model) before it connects,
-so a bad image never costs a byte on the link. On a terminal the upload shows a
-rich progress bar (bytes, rate, time left); elsewhere one plain line per tenth.
+and its size against the device's update slot before it sends a byte, so a bad
+image never costs the link anything. On a terminal the upload shows a rich
+progress bar (bytes, rate, time left); elsewhere one plain line per tenth.
+Ctrl-C ends it with one line saying how to resume.
+
+The SMP stack (smpclient, pydantic) is imported when a firmware command runs,
+not when the command line starts.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 from rich.console import Console
@@ -26,19 +33,22 @@ from rich.table import Table
 
 from devicebridge.app import App
 from devicebridge.cli.base import EXIT_ERROR, CliContext, fmt, main, pass_cli, reports_errors, run
-from devicebridge.firmware import (
-    FirmwareImage,
-    Phase,
-    SlotState,
-    UpdateOutcome,
-    UpdateResult,
-    UploadProgress,
-    load_image,
-)
-from devicebridge.firmware.connect import updater_for
+
+if TYPE_CHECKING:
+    from devicebridge.firmware import (
+        FirmwareImage,
+        FirmwareUpdater,
+        Phase,
+        SlotState,
+        UpdateResult,
+        UploadProgress,
+    )
+    from devicebridge.storage.registry import PairedDevice
 
 PLAIN_PROGRESS_STEPS: Final = 10
 HASH_SHOWN_CHARS: Final = 16
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+PROGRAM_NAME: Final = "devicebridge"
 
 _smp_port_option = click.option(
     "--smp-port",
@@ -55,7 +65,17 @@ def firmware_group() -> None:
     """Device firmware over the standard MCUmgr/SMP protocol (BLE or serial)."""
 
 
-def _slot_rows(states: list[SlotState]) -> list[dict[str, Any]]:
+def _updater_for(
+    app: App, paired: PairedDevice, smp_port: str | None, smp_udp: str | None
+) -> FirmwareUpdater:
+    from devicebridge.firmware import connect
+
+    return connect.updater_for(app, paired, smp_port=smp_port, smp_udp=smp_udp)
+
+
+def _slot_rows(
+    states: list[SlotState], slot_bytes: dict[tuple[int, int], int]
+) -> list[dict[str, Any]]:
     return [
         {
             "image": s.image,
@@ -67,6 +87,7 @@ def _slot_rows(states: list[SlotState]) -> list[dict[str, Any]]:
             "confirmed": s.confirmed,
             "permanent": s.permanent,
             "bootable": s.bootable,
+            "size_bytes": slot_bytes.get((s.image, s.slot)),
         }
         for s in states
     ]
@@ -82,26 +103,31 @@ def _slot_rows(states: list[SlotState]) -> list[dict[str, Any]]:
 def info_command(
     cli: CliContext, name: str, smp_port: str | None, smp_udp: str | None, as_json: bool
 ) -> None:
-    """The image slots of the paired device NAME: version, hash, active, pending, confirmed."""
+    """The image slots of the paired device NAME: version, hash, active, pending, confirmed,
+    and the size of each slot (when the device reports it)."""
 
-    async def go() -> list[SlotState]:
+    async def go() -> list[dict[str, Any]]:
         async with App(cli.options) as app:
             with app.open_registry() as registry:
                 paired = registry.get(name)
-            updater = updater_for(app, paired, smp_port=smp_port, smp_udp=smp_udp)
+            updater = _updater_for(app, paired, smp_port, smp_udp)
             try:
-                return await updater.read_states()
+                states = await updater.read_states()
+                images = await updater.read_slot_sizes() or []
             finally:
                 await updater.close()
+        sizes = {(i.image, s.slot): s.size for i in images for s in i.slots}
+        return _slot_rows(states, sizes)
 
-    rows = _slot_rows(run(go()))
+    rows = run(go())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"Firmware slots of {name}")
-    for column in ("image", "slot", "version", "hash", "active", "pending", "confirmed"):
+    for column in ("image", "slot", "version", "hash", "active", "pending", "confirmed", "size"):
         table.add_column(column)
     for row in rows:
+        size = row["size_bytes"]
         table.add_row(
             str(row["image"]),
             str(row["slot"]),
@@ -110,16 +136,22 @@ def info_command(
             fmt(row["active"]),
             fmt(row["pending"]) + (" (permanent)" if row["permanent"] else ""),
             fmt(row["confirmed"]),
+            f"{size // 1024} KiB" if size is not None else "-",
         )
     cli.console.print(table)
 
 
 class _ProgressView:
-    """A rich progress bar on a terminal; plain lines (every tenth, and phases) elsewhere."""
+    """A rich progress bar on a terminal; plain lines (every tenth, and phases) elsewhere.
+
+    It remembers the last phase and the last offset the device confirmed, for the
+    line Ctrl-C prints."""
 
     def __init__(self, console: Console, image: FirmwareImage) -> None:
         self.console = console
         self.image = image
+        self.last_phase: Phase | None = None
+        self.confirmed_bytes = 0
         self._progress: Progress | None = None
         self._task: Any = None
         self._next_plain_step = 1
@@ -147,18 +179,21 @@ class _ProgressView:
             self._progress.__exit__(None, None, None)
 
     def phase(self, phase: Phase) -> None:
+        from devicebridge.firmware import Phase
+
+        self.last_phase = phase
         if phase is Phase.UPLOADING:
             self._started_s = time.monotonic()
-        if self._progress is not None:
-            self._progress.console.print(f"- {phase.value}", highlight=False)
-        else:
-            self.console.print(f"{phase.value}...", highlight=False)
+        self._say(f"- {phase.value}" if self._progress is not None else f"{phase.value}...")
 
     def progress(self, update: UploadProgress) -> None:
         total = update.total_bytes
+        self.confirmed_bytes = update.offset_bytes
         if update.resumed:
             self._start_offset = update.offset_bytes
             self._started_s = time.monotonic()
+            # The tenths the device already had are not news.
+            self._next_plain_step = update.offset_bytes * PLAIN_PROGRESS_STEPS // total + 1
             self._say(
                 f"resuming at {update.offset_bytes} of {total} bytes "
                 "(kept by the device from an earlier attempt)"
@@ -170,19 +205,39 @@ class _ProgressView:
             elapsed_s = max(time.monotonic() - self._started_s, 1e-6)
             rate = (update.offset_bytes - self._start_offset) / elapsed_s
             left_s = (total - update.offset_bytes) / rate if rate > 0 else float("inf")
-            self.console.print(
+            self._say(
                 f"uploaded {update.offset_bytes}/{total} bytes "
                 f"({100 * update.offset_bytes // total}%), {rate / 1024:.1f} KiB/s, "
-                f"{left_s:.1f} s left",
-                highlight=False,
+                f"{left_s:.1f} s left"
             )
             self._next_plain_step += 1
 
     def _say(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text, highlight=False)
-        else:
-            self.console.print(text, highlight=False)
+        console = self._progress.console if self._progress is not None else self.console
+        console.print(text, highlight=False, markup=False)
+
+
+def _interrupted_line(view: _ProgressView | None, device: str) -> str:
+    """One line for Ctrl-C: where the update stood and the command that resumes it."""
+    from devicebridge.firmware import Phase
+
+    command = shlex.join([PROGRAM_NAME, *sys.argv[1:]])
+    phase = view.last_phase if view is not None else None
+    if phase is None or phase is Phase.CONNECTING:
+        state = "before anything was sent; nothing changed on the device"
+        action = "to update it"
+    elif phase is Phase.UPLOADING:
+        assert view is not None
+        total = view.image.size_bytes
+        state = (
+            f"while uploading: {device} keeps the {view.confirmed_bytes:,} of {total:,} bytes "
+            "it has"
+        )
+        action = "to resume from there"
+    else:
+        state = f"while {phase.value}: the image is on {device}"
+        action = "to finish (it checks what runs and confirms the new image)"
+    return f"interrupted {state}; {action}, run the same command again: {command}"
 
 
 @firmware_group.command("update")
@@ -197,8 +252,11 @@ def update_command(
 ) -> None:
     """Upload IMAGE to NAME, test it, reset, check the new version runs, and confirm it.
 
-    An interrupted update resumes where it stopped when run again.
+    An interrupted update (Ctrl-C, a lost link) resumes where it stopped when the same
+    command runs again.
     """
+    from devicebridge.firmware import UpdateOutcome, load_image
+
     image = load_image(image_path)
     app = App(cli.options)
     with app.open_registry() as registry:
@@ -209,11 +267,14 @@ def update_command(
         f"{paired.name}: updating to {image.version_text} ({image.size_bytes} bytes, "
         f"sha256 {image.hash.hex()[:HASH_SHOWN_CHARS]}...)",
         highlight=False,
+        markup=False,
     )
+    view: _ProgressView | None = None
 
     async def go() -> UpdateResult:
+        nonlocal view
         async with App(cli.options) as app:
-            updater = updater_for(app, paired, smp_port=smp_port, smp_udp=smp_udp)
+            updater = _updater_for(app, paired, smp_port, smp_udp)
             try:
                 with _ProgressView(cli.console, image) as view:
                     result = await updater.update(
@@ -226,7 +287,13 @@ def update_command(
                     registry.record_firmware(paired.serial_number, result.running_version)
             return result
 
-    result = run(go())
+    try:
+        result = run(go())
+    except KeyboardInterrupt:
+        cli.error_console.print(
+            _interrupted_line(view, paired.name), highlight=False, markup=False, soft_wrap=True
+        )
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     cost = (
         f"{result.wire_bytes_sent} bytes sent for a {result.image_bytes}-byte image, "
         f"{result.reconnects} reconnect(s)"
@@ -235,12 +302,14 @@ def update_command(
         cli.console.print(
             f"{paired.name} already runs {result.running_version} (this image); nothing to do.",
             highlight=False,
+            markup=False,
         )
     elif result.outcome is UpdateOutcome.UPDATED:
         cli.console.print(
             f"{paired.name} now runs {result.running_version} (was {result.old_version}), "
             f"confirmed; {cost}.",
             highlight=False,
+            markup=False,
         )
     else:
         cli.error_console.print(
@@ -248,5 +317,6 @@ def update_command(
             f"image {result.new_version} did not boot and MCUboot restored the old one. "
             "Nothing was confirmed; the new image stays in the secondary slot.",
             highlight=False,
+            markup=False,
         )
         raise click.exceptions.Exit(EXIT_ERROR)

@@ -1,7 +1,8 @@
 """Firmware updates over MCUmgr/SMP (smp + smpclient), for MCUboot devices.
 
 See docs/firmware.md. :func:`load_image` checks an image before anything is
-sent; :class:`FirmwareUpdater` runs an update over any smpclient transport;
+sent; :class:`FirmwareUpdater` runs an update over any smpclient transport, with
+the upload pipelined up to the device's buffers (:class:`PipelinedUpload`);
 :class:`BleSmpTransport` is that transport over our own BLE link.
 """
 
@@ -9,12 +10,14 @@ from devicebridge.firmware.errors import (
     FirmwareError,
     FirmwareLinkError,
     FirmwareVerifyError,
+    ImageTooLargeError,
     InvalidImageError,
     SmpCommandError,
+    SmpProtocolError,
     WrongModelError,
 )
 from devicebridge.firmware.image import MODEL_TLV, FirmwareImage, load_image, parse_image
-from devicebridge.firmware.transport import BleSmpTransport, CountingTransport, SmpBleLink
+from devicebridge.firmware.transport import BleSmpTransport, SmpBleLink
 from devicebridge.firmware.updater import (
     FirmwareUpdater,
     Phase,
@@ -23,24 +26,28 @@ from devicebridge.firmware.updater import (
     UpdateResult,
     UploadProgress,
 )
+from devicebridge.firmware.upload import PipelinedUpload, UploadStats
 
 __all__ = [
     "MODEL_TLV",
     "BleSmpTransport",
-    "CountingTransport",
     "FirmwareError",
     "FirmwareImage",
     "FirmwareLinkError",
     "FirmwareUpdater",
     "FirmwareVerifyError",
+    "ImageTooLargeError",
     "InvalidImageError",
     "Phase",
+    "PipelinedUpload",
     "SlotState",
     "SmpBleLink",
     "SmpCommandError",
+    "SmpProtocolError",
     "UpdateOutcome",
     "UpdateResult",
     "UploadProgress",
+    "UploadStats",
     "WrongModelError",
     "load_image",
     "parse_image",

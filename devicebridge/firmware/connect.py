@@ -5,27 +5,40 @@ it advertises). A serial device's SMP console is a port of its own (Zephyr's
 "SMP over console" framing is not our OFCP framing), given with ``--smp-port``;
 smpclient's serial transport drives it. UDP (``--smp-udp HOST[:PORT]``, port
 1337 by default) uses smpclient's UDP transport.
+
+Uploads are pipelined up to the device's buffers over BLE and UDP. Over a serial
+console they go one request at a time: the console's line buffers
+(``CONFIG_UART_MCUMGR_RX_BUF_COUNT``, 2 by default) fill while the device writes
+flash, and MCUmgr parameters do not report them.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from smpclient.transport import SMPTransportDisconnected
 from smpclient.transport.serial import SMPSerialTransport
 from smpclient.transport.udp import SMPUDPTransport
 
 from devicebridge.app import App
 from devicebridge.clock import SystemClock
 from devicebridge.errors import DeviceNotFoundError
+from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
 from devicebridge.firmware.transport import BleSmpTransport, SmpBleLink
 from devicebridge.firmware.updater import FirmwareUpdater
 from devicebridge.storage.registry import PairedDevice
 
 SMP_UDP_PORT: Final = 1337
+SERIAL_REQUESTS_IN_FLIGHT: Final = 1
 
 
 class _UdpTransport(SMPUDPTransport):
-    """smpclient's UDP transport on a port other than 1337 (``SMPClient`` passes none)."""
+    """smpclient's UDP transport on a port of our choice, reading any SMP message.
+
+    smpclient's ``receive`` parses the header with smp's ``Header``, which refuses
+    command ids missing from smp's table (Zephyr's image slot info): this one reads
+    the length with struct, and is otherwise the same.
+    """
 
     def __init__(self, port: int) -> None:
         super().__init__()
@@ -34,6 +47,16 @@ class _UdpTransport(SMPUDPTransport):
     async def connect(self, address: str, timeout_s: float, port: int = SMP_UDP_PORT) -> None:
         del port
         await super().connect(address, timeout_s, self._port)
+
+    async def receive(self) -> bytes:
+        message = bytearray(await self._client.receive())
+        while len(message) < SMP_HEADER_BYTES or len(message) < smp_message_bytes(message):
+            message += await self._client.receive()
+        if len(message) > smp_message_bytes(message):
+            raise SMPTransportDisconnected(
+                f"a datagram longer than its SMP message ({len(message)} bytes)"
+            )
+        return bytes(message)
 
 
 def parse_udp_endpoint(text: str) -> tuple[str, int]:
@@ -60,7 +83,11 @@ def updater_for(
         return FirmwareUpdater(_UdpTransport(port), SystemClock(), device=paired.name, address=host)
     if smp_port is not None:
         return FirmwareUpdater(
-            SMPSerialTransport(), SystemClock(), device=paired.name, address=smp_port
+            SMPSerialTransport(),
+            SystemClock(),
+            device=paired.name,
+            address=smp_port,
+            max_in_flight=SERIAL_REQUESTS_IN_FLIGHT,
         )
     if paired.transport == "serial":
         raise DeviceNotFoundError(

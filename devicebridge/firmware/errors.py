@@ -6,7 +6,9 @@
     └── FirmwareError                  a firmware operation failed (device: which one)
         ├── InvalidImageError          not a valid MCUboot image (path, offset, reason)
         ├── WrongModelError            the image is built for another model
+        ├── ImageTooLargeError         the image does not fit the device's update slot
         ├── SmpCommandError            the device answered an SMP request with an error
+        ├── SmpProtocolError           the device answered with something that is not SMP
         ├── FirmwareLinkError          the link kept failing (reconnects used up)
         └── FirmwareVerifyError        the device does not hold what was sent
 """
@@ -48,6 +50,29 @@ class WrongModelError(FirmwareError):
         self.device_model = device_model
 
 
+class ImageTooLargeError(FirmwareError):
+    """``image_bytes`` do not fit the update slot of ``slot_bytes`` (``None``: the device
+    refused the size without reporting its slot's)."""
+
+    def __init__(self, *, path: str, image_bytes: int, slot_bytes: int | None, device: str) -> None:
+        if slot_bytes is None:
+            room = "the device refused it as too large for its update slot"
+        else:
+            room = f"the device's update slot holds {_size_text(slot_bytes)}"
+        super().__init__(
+            f"{path} is {_size_text(image_bytes)}, but {room}; nothing was uploaded",
+            device=device,
+        )
+        self.path = path
+        self.image_bytes = image_bytes
+        self.slot_bytes = slot_bytes
+
+
+def _size_text(n_bytes: int) -> str:
+    kib = n_bytes / 1024
+    return f"{n_bytes:,} bytes ({kib:,.0f} KiB)" if kib >= 1 else f"{n_bytes} bytes"
+
+
 class SmpCommandError(FirmwareError):
     """The device refused an SMP request: ``command`` got result ``rc`` (``rc_name``)."""
 
@@ -56,6 +81,10 @@ class SmpCommandError(FirmwareError):
         self.command = command
         self.rc = rc
         self.rc_name = rc_name
+
+
+class SmpProtocolError(FirmwareError):
+    """A response that is not what SMP says the request gets (an SMP server at all?)."""
 
 
 class FirmwareLinkError(FirmwareError):

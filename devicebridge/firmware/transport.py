@@ -1,4 +1,4 @@
-"""smpclient transports over devicebridge's own links, and a byte-counting wrapper.
+"""smpclient's transport protocol over devicebridge's own BLE link.
 
 smpclient's ``SMPBLETransport`` scans and connects with its own ``BleakClient``
 on the platform backend: it cannot borrow our connection (nor reach the
@@ -18,11 +18,11 @@ from typing import Final
 
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
-from smp import header as smphdr
 from smpclient.transport import SMPTransport, SMPTransportDisconnected
 
 from devicebridge.clock import Clock, wait_for
 from devicebridge.errors import DeviceBridgeError, TransportError
+from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
 from devicebridge.transport.ble import BleTransport
 
 _LOGGER = logging.getLogger(__name__)
@@ -113,18 +113,18 @@ class BleSmpTransport(SMPTransport):
         await self.link.disconnect()
 
     async def send(self, data: bytes) -> None:
+        # Responses to earlier requests may still be on their way (pipelining): the
+        # buffer is only cleared on connect, and the reader matches answers by sequence.
         if self._lost.is_set() or not self.link.is_connected:
             raise SMPTransportDisconnected(f"{self.link.description}: link lost")
-        self._buffer.clear()  # a stale half response must not prefix the next one
         step = self.mtu
         for offset in range(0, len(data), step):
             await self.link.write_smp(data[offset : offset + step])
 
     async def receive(self) -> bytes:
         while True:
-            if len(self._buffer) >= smphdr.Header.SIZE:
-                length = smphdr.Header.loads(bytes(self._buffer[: smphdr.Header.SIZE])).length
-                total = smphdr.Header.SIZE + length
+            if len(self._buffer) >= SMP_HEADER_BYTES:
+                total = smp_message_bytes(self._buffer)
                 if len(self._buffer) >= total:
                     message = bytes(self._buffer[:total])
                     del self._buffer[:total]
@@ -148,44 +148,3 @@ class BleSmpTransport(SMPTransport):
     @property
     def max_unencoded_size(self) -> int:
         return self._smp_server_transport_buffer_size or self.mtu
-
-
-class CountingTransport(SMPTransport):
-    """Wraps any SMP transport and counts the bytes handed to it (the wire cost of an update)."""
-
-    def __init__(self, inner: SMPTransport) -> None:
-        self.inner = inner
-        self.bytes_sent = 0
-        self.bytes_received = 0
-
-    async def connect(self, address: str, timeout_s: float) -> None:
-        await self.inner.connect(address, timeout_s)
-
-    async def disconnect(self) -> None:
-        await self.inner.disconnect()
-
-    async def send(self, data: bytes) -> None:
-        self.bytes_sent += len(data)
-        await self.inner.send(data)
-
-    async def receive(self) -> bytes:
-        data = await self.inner.receive()
-        self.bytes_received += len(data)
-        return data
-
-    async def send_and_receive(self, data: bytes) -> bytes:
-        self.bytes_sent += len(data)
-        response = await self.inner.send_and_receive(data)
-        self.bytes_received += len(response)
-        return response
-
-    def initialize(self, smp_server_transport_buffer_size: int) -> None:
-        self.inner.initialize(smp_server_transport_buffer_size)
-
-    @property
-    def mtu(self) -> int:
-        return self.inner.mtu
-
-    @property
-    def max_unencoded_size(self) -> int:
-        return self.inner.max_unencoded_size

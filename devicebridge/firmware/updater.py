@@ -1,47 +1,47 @@
-"""Firmware updates over MCUmgr/SMP with smpclient: image states, upload with resume, test,
+"""Firmware updates over MCUmgr/SMP: image states, pipelined upload with resume, test,
 reset, check and confirm.
 
 The device keeps a partial upload keyed by the image's SHA-256, and every
 upload reply carries the offset to continue from; so after a link drop (or a
-run that was interrupted) the updater reconnects and smpclient's ``upload``
-starts again with the same ``sha``: the device answers with its offset and the
-upload goes on from there. After the reset it waits (on the injected clock) for
-the device to come back, checks which image runs, and confirms the new one only
-when it is the one running. A device that comes back on its old image (MCUboot
-reverted a new image that did not boot) is reported as such, never confirmed.
+run that was interrupted) the updater reconnects and starts the upload again
+with the same ``sha``: the device answers with its offset and the upload goes
+on from there (:mod:`devicebridge.firmware.upload` pipelines the requests).
+Before it sends a byte it checks that the image fits the device's update slot.
+After the reset it probes (on the injected clock, with a short answer timeout)
+until the device is back, checks which image runs, and confirms the new one
+only when it is the one running. A device that comes back on its old image
+(MCUboot reverted a new image that did not boot) is reported as such, never
+confirmed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from smp import error as smperr
-from smp import image_management as smpimg
-from smpclient import SMPClient
-from smpclient.exceptions import SMPClientException, SMPUploadError
-from smpclient.generics import error, error_v1
-from smpclient.requests.image_management import (
-    ImageStatesRead,
-    ImageStatesWrite,
-    ImageUploadWrite,
-)
-from smpclient.requests.os_management import ResetWrite
-from smpclient.transport import SMPTransportDisconnected
+from smp.os_management import MCUMgrParametersReadResponse
+from smpclient.exceptions import SMPClientException
+from smpclient.requests.image_management import ImageStatesRead, ImageStatesWrite
+from smpclient.requests.os_management import MCUMgrParametersRead, ResetWrite
+from smpclient.transport import SMPTransport, SMPTransportDisconnected
 
 from devicebridge.clock import Clock
 from devicebridge.errors import DeviceBridgeError
+from devicebridge.firmware.channel import SmpChannel, check_response
 from devicebridge.firmware.errors import (
     FirmwareError,
     FirmwareLinkError,
     FirmwareVerifyError,
+    ImageTooLargeError,
     SmpCommandError,
 )
 from devicebridge.firmware.image import FirmwareImage
-from devicebridge.firmware.transport import CountingTransport
+from devicebridge.firmware.requests import ImageSlots, SlotInfoRead, decode_slot_info
+from devicebridge.firmware.upload import PipelinedUpload, UploadForgotten, UploadStats
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,12 +51,19 @@ DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 DEFAULT_REBOOT_TIMEOUT_S: Final = 90.0
 DEFAULT_MAX_RECONNECTS: Final = 20
 RECONNECT_PAUSE_S: Final = 0.5
+# While the device reboots, a request to it gets no answer (serial, UDP): a device that
+# is up answers MCUmgr parameters within milliseconds, so probe with a short timeout.
+BOOT_PROBE_TIMEOUT_S: Final = 0.5
+# Zephyr answers the reset command and goes down 250 ms later
+# (CONFIG_MCUMGR_GRP_OS_RESET_MS): a probe sooner would still find the old boot.
+RESET_SETTLE_S: Final = 0.5
 # The first upload request may wait for a flash erase of the whole slot.
 FIRST_UPLOAD_TIMEOUT_S: Final = 40.0
+# The device forgot the upload mid-way more often than a reset or a lost last answer explain.
+MAX_UPLOAD_RESTARTS: Final = 3
 PRIMARY_SLOT: Final = 0
 SECONDARY_SLOT: Final = 1
-IMAGE_GROUP: Final = 1  # SMP group id of image management
-# smpclient raises these when a link goes away mid-request (TimeoutError: no reply).
+# What a link going away mid-request raises (TimeoutError: no answer in time).
 _LINK_ERRORS: Final = (SMPTransportDisconnected, TimeoutError, OSError, DeviceBridgeError)
 
 
@@ -115,31 +122,18 @@ class UpdateResult:
     uploaded: bool = True
 
 
-def _error_text(response: Any) -> tuple[int, str]:
-    """The result code of an SMP error response, and its name."""
-    names: type[enum.IntEnum]
-    if error_v1(response):
-        rc, names = int(response.rc), smperr.MGMT_ERR
-    else:
-        err = response.err
-        rc = int(err.rc)
-        names = smpimg.IMG_MGMT_ERR if err.group == IMAGE_GROUP else smperr.MGMT_ERR
-    try:
-        return rc, names(rc).name
-    except ValueError:
-        return rc, str(rc)
-
-
 class FirmwareUpdater:
     """SMP operations on one device through any smpclient transport.
 
     ``transport`` is connected with ``address`` (ignored by our BLE transport);
-    ``clock`` paces reconnects and bounds the wait for a reboot.
+    ``clock`` times every request, paces reconnects and bounds the wait for a
+    reboot. ``max_in_flight`` caps the upload's pipeline below what the device
+    advertises (1: one request at a time).
     """
 
     def __init__(
         self,
-        transport: Any,
+        transport: SMPTransport,
         clock: Clock,
         *,
         device: str,
@@ -148,36 +142,79 @@ class FirmwareUpdater:
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         reboot_timeout_s: float = DEFAULT_REBOOT_TIMEOUT_S,
         max_reconnects: int = DEFAULT_MAX_RECONNECTS,
+        max_in_flight: int | None = None,
     ) -> None:
-        self.transport = CountingTransport(transport)
+        self.transport = transport
         self.clock = clock
         self.device = device
-        self._client = SMPClient(self.transport, address, timeout_s=request_timeout_s)
+        self.channel = SmpChannel(transport, clock, device=device)
+        self._address = address
+        self._request_timeout_s = request_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._reboot_timeout_s = reboot_timeout_s
         self._max_reconnects = max_reconnects
+        self._max_in_flight = max_in_flight
         self._connected = False
         self.reconnects = 0
+        # What the device's MCUmgr parameters said (None: it does not report them).
+        self.buffer_size: int | None = None
+        self.buffer_count: int | None = None
+        self.last_upload: UploadStats | None = None
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes handed to the transport so far (the wire cost of what was done)."""
+        return self.channel.bytes_sent
+
+    @property
+    def requests_in_flight_limit(self) -> int:
+        """Upload requests kept in flight: one less than the device's buffers (its answer
+        needs one too), at most ``max_in_flight``."""
+        limit = max(1, (self.buffer_count or 1) - 1)
+        return min(limit, self._max_in_flight) if self._max_in_flight else limit
 
     # ------------------------------------------------------------------ connection
 
-    async def connect(self) -> None:
+    async def connect(self, *, answer_timeout_s: float | None = None) -> None:
+        """Connect and read MCUmgr parameters (``answer_timeout_s``: how long to wait for them)."""
         if self._connected:
             return
         try:
-            await self._client.connect(self._connect_timeout_s)
-        except _LINK_ERRORS as exc:
+            await self.channel.open(self._address, self._connect_timeout_s)
+        except (*_LINK_ERRORS, SMPClientException) as exc:
+            await self._close_quietly()
             raise FirmwareLinkError(f"cannot connect: {exc}", device=self.device) from exc
-        except SMPClientException as exc:
-            raise FirmwareLinkError(f"not an SMP server? {exc}", device=self.device) from exc
+        try:
+            parameters = await self.channel.request(
+                MCUMgrParametersRead(), answer_timeout_s or self._request_timeout_s
+            )
+        except _LINK_ERRORS as exc:
+            await self._close_quietly()
+            reason = "no answer" if isinstance(exc, TimeoutError) else str(exc)
+            raise FirmwareLinkError(
+                f"its SMP server does not answer ({reason})", device=self.device
+            ) from exc
+        if isinstance(parameters, MCUMgrParametersReadResponse):
+            self.buffer_size, self.buffer_count = parameters.buf_size, parameters.buf_count
+            self.transport.initialize(parameters.buf_size)
+        else:
+            _LOGGER.info(
+                "%s: no MCUmgr parameters (%s); one upload request at a time",
+                self.device,
+                parameters,
+            )
+            self.buffer_size = self.buffer_count = None
         self._connected = True
 
     async def close(self) -> None:
         if not self._connected:
             return
         self._connected = False
+        await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
         try:
-            await self._client.disconnect()
+            await self.channel.close()
         except (*_LINK_ERRORS, SMPClientException) as exc:
             _LOGGER.debug("%s: disconnect: %s", self.device, exc)
 
@@ -202,11 +239,8 @@ class FirmwareUpdater:
     # ------------------------------------------------------------------ requests
 
     async def _request(self, request: Any, what: str) -> Any:
-        response = await self._client.request(request)
-        if error(response):
-            rc, name = _error_text(response)
-            raise SmpCommandError(command=what, rc=rc, rc_name=name, device=self.device)
-        return response
+        response = await self.channel.request(request, self._request_timeout_s)
+        return check_response(response, what, device=self.device)
 
     async def read_states(self) -> list[SlotState]:
         """The image slots (version, hash, active, pending, confirmed)."""
@@ -226,6 +260,27 @@ class FirmwareUpdater:
             )
             for state in response.images
         ]
+
+    async def read_slot_sizes(self) -> list[ImageSlots] | None:
+        """Every image's slots and their sizes (``None``: the device does not report them)."""
+        await self.connect()
+        request = SlotInfoRead.new()
+        future = await self.channel.send(request)
+        try:
+            frame = await self.channel.receive(future, self._request_timeout_s)
+        finally:
+            self.channel.forget(request)
+        return decode_slot_info(frame, device=self.device)
+
+    @staticmethod
+    async def _nothing() -> None:
+        return None
+
+    async def update_slot_bytes(self) -> int | None:
+        """The largest image the device's update slot takes (``None``: not reported)."""
+        images = await self.read_slot_sizes()
+        image = next((i for i in images or () if i.image == 0), None)
+        return image.update_capacity_bytes() if image is not None else None
 
     async def _retrying(self, operation: Callable[[], Any]) -> Any:
         """Run ``operation`` and reconnect as often as the link fails under it."""
@@ -267,13 +322,14 @@ class FirmwareUpdater:
                 image.version_text,
                 active.version,
                 image.size_bytes,
-                self.transport.bytes_sent,
+                self.bytes_sent,
                 self.reconnects,
                 uploaded=False,
             )
-        phase(Phase.UPLOADING)
         resumed_from: list[int] = []
-        uploaded = await self._upload(image, resumed_from, on_progress)
+        uploaded = await self._upload(
+            image, resumed_from, on_progress, on_start=lambda: phase(Phase.UPLOADING)
+        )
         phase(Phase.VERIFYING)
         states = await self._retrying(self.read_states)
         secondary = _slot(states, SECONDARY_SLOT)
@@ -299,7 +355,7 @@ class FirmwareUpdater:
                 image.version_text,
                 running.version,
                 image.size_bytes,
-                self.transport.bytes_sent,
+                self.bytes_sent,
                 self.reconnects,
                 tuple(resumed_from),
                 uploaded,
@@ -318,7 +374,7 @@ class FirmwareUpdater:
             image.version_text,
             running.version,
             image.size_bytes,
-            self.transport.bytes_sent,
+            self.bytes_sent,
             self.reconnects,
             tuple(resumed_from),
             uploaded,
@@ -354,62 +410,87 @@ class FirmwareUpdater:
         image: FirmwareImage,
         resumed_from: list[int],
         on_progress: Callable[[UploadProgress], None] | None,
+        on_start: Callable[[], None] | None = None,
     ) -> bool:
         """Upload until the secondary slot holds the image; ``False`` if it already did."""
-        attempt = 0
+        attempt = restarts = 0
+        slot_checked = False
+
+        def on_offset(offset: int, resumed: bool) -> None:
+            if resumed:
+                resumed_from.append(offset)
+            if on_progress is not None:
+                on_progress(UploadProgress(offset, image.size_bytes, resumed))
+
         while True:
             try:
                 await self.connect()
                 # A reply lost after the last chunk leaves the image complete on the
                 # device: starting again would erase it and send it all once more.
-                states = await self.read_states()
+                # The slot sizes are asked along with them when the device has the
+                # buffers for two requests at once.
+                slots = self._nothing if slot_checked else self.update_slot_bytes
+                if self.requests_in_flight_limit >= 2:
+                    states, slot_bytes = await asyncio.gather(self.read_states(), slots())
+                else:
+                    states = await self.read_states()
+                    slot_bytes = await slots()
                 secondary = _slot(states, SECONDARY_SLOT)
                 if secondary is not None and secondary.hash == image.hash:
                     if on_progress is not None:
                         on_progress(UploadProgress(image.size_bytes, image.size_bytes, True))
-                    return attempt > 0
-                # A fresh upload's first reply is the size of the first chunk; any
-                # other offset is where the device's kept partial upload ends.
-                fresh_offset = self._first_chunk_bytes(image)
-                first = True
-                async for offset in self._client.upload(
-                    image.data,
-                    slot=0,
-                    first_timeout_s=FIRST_UPLOAD_TIMEOUT_S,
-                    use_sha=True,
-                ):
-                    resumed = first and offset != fresh_offset
-                    if resumed:
-                        resumed_from.append(offset)
-                    if on_progress is not None:
-                        on_progress(UploadProgress(offset, image.size_bytes, resumed))
-                    first = False
+                    return attempt > 0 or restarts > 0
+                if not slot_checked:
+                    # Refused here, before a byte of the image goes out.
+                    if slot_bytes is not None and image.size_bytes > slot_bytes:
+                        raise ImageTooLargeError(
+                            path=image.path,
+                            image_bytes=image.size_bytes,
+                            slot_bytes=slot_bytes,
+                            device=self.device,
+                        )
+                    slot_checked = True
+                    if on_start is not None:
+                        on_start()
+                await self._pipelined_upload(image, on_offset)
                 return True
-            except SMPUploadError as exc:
-                cause = exc.args[0] if exc.args else None
-                if cause is not None and not isinstance(cause, str) and error(cause):
-                    rc, name = _error_text(cause)
-                    raise SmpCommandError(
-                        command="image upload", rc=rc, rc_name=name, device=self.device
+            except UploadForgotten:
+                restarts += 1
+                if restarts > MAX_UPLOAD_RESTARTS:
+                    raise FirmwareLinkError(
+                        f"the device lost the upload {restarts} times (does it keep resetting?)",
+                        device=self.device,
+                    ) from None
+                _LOGGER.info("%s: the device has no upload in progress; checking", self.device)
+            except SmpCommandError as exc:
+                if exc.rc_name == "INVALID_IMAGE_TOO_LARGE":
+                    raise ImageTooLargeError(
+                        path=image.path,
+                        image_bytes=image.size_bytes,
+                        slot_bytes=None,
+                        device=self.device,
                     ) from exc
-                raise FirmwareVerifyError(f"upload failed: {exc}", device=self.device) from exc
+                raise
             except FirmwareError:
                 raise
             except _LINK_ERRORS as exc:
                 attempt += 1
                 await self._reconnect(exc)
 
-    def _first_chunk_bytes(self, image: FirmwareImage) -> int:
-        first = ImageUploadWrite(
-            off=0,
-            data=b"",
-            image=0,
-            len=image.size_bytes,
-            sha=image.hash,
-            upgrade=False,
+    async def _pipelined_upload(
+        self, image: FirmwareImage, on_offset: Callable[[int, bool], None]
+    ) -> None:
+        upload = PipelinedUpload(
+            self.channel,
+            image.data,
+            max_message_bytes=self.transport.max_unencoded_size,
+            max_in_flight=self.requests_in_flight_limit,
+            first_timeout_s=FIRST_UPLOAD_TIMEOUT_S,
+            request_timeout_s=self._request_timeout_s,
+            on_offset=on_offset,
         )
-        _, data_bytes = self._client.get_max_cbor_and_data_size(first)
-        return min(data_bytes, image.size_bytes)
+        self.last_upload = upload.stats
+        await upload.run()
 
     async def _confirm(self, image: FirmwareImage) -> None:
         response = await self._request(
@@ -432,24 +513,35 @@ class FirmwareUpdater:
         await self.close()
 
     async def _wait_for_boot(self, image: FirmwareImage) -> list[SlotState]:
-        """Image states once the device has rebooted (nothing pending any more)."""
+        """Image states once the device has rebooted (nothing pending any more).
+
+        The first probe goes once the device has had time to go down; each probe
+        connects and asks for MCUmgr parameters with a short answer timeout: a
+        device still down (or rebooting) does not answer, one that is up answers at
+        once. A probe that failed fast (no port, nothing advertising yet) is repeated
+        after a short pause; one that timed out has waited already.
+        """
         deadline_s = self.clock.now_s() + self._reboot_timeout_s
         last_error: BaseException | None = None
+        await self.clock.sleep(RESET_SETTLE_S)
         while self.clock.now_s() < deadline_s:
-            await self.clock.sleep(RECONNECT_PAUSE_S)
+            started_s = self.clock.now_s()
             try:
-                await self.connect()
+                await self.connect(answer_timeout_s=BOOT_PROBE_TIMEOUT_S)
                 states = await self.read_states()
             except SmpCommandError:
                 raise
             except (*_LINK_ERRORS, SMPClientException) as exc:
                 last_error = exc
                 await self.close()
+                if self.clock.now_s() - started_s < BOOT_PROBE_TIMEOUT_S:
+                    await self.clock.sleep(RECONNECT_PAUSE_S)
                 continue
             secondary = _slot(states, SECONDARY_SLOT)
             if secondary is not None and secondary.hash == image.hash and secondary.pending:
                 # Still the old boot: the reset has not happened yet.
                 await self.close()
+                await self.clock.sleep(RECONNECT_PAUSE_S)
                 continue
             return states
         raise FirmwareLinkError(

@@ -3,13 +3,15 @@
 Every simulated device runs an SMP server (:class:`SmpFirmware`) reached over
 the SMP GATT service (the bleak backend routes it), a second pty speaking the
 SMP console framing (:class:`SmpSerialPort`), or UDP (:class:`SmpUdpServer`).
+Over BLE, requests and responses share the link's airtime (:class:`Radio`); the
+flash can be kept between runs (:class:`FirmwareStateStore`).
 The server is written from the SMP specification with ``cbor2`` and ``struct``,
 not with the ``smp`` package the host uses, so the two check each other; the
 stock ``smpmgr`` client is the referee in the tests.
 """
 
 from simulators.smp.constants import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
-from simulators.smp.firmware import Slot, SmpFirmware, SwapKind
+from simulators.smp.firmware import RequestSeen, Slot, SmpFirmware, SwapKind
 from simulators.smp.image import (
     MODEL_TLV,
     ImageCheckError,
@@ -18,16 +20,21 @@ from simulators.smp.image import (
     build_image,
     check_image,
 )
+from simulators.smp.radio import Radio
 from simulators.smp.serial_port import SmpSerialPort
+from simulators.smp.state import FirmwareStateStore
 from simulators.smp.udp import SmpUdpServer
 
 __all__ = [
     "MODEL_TLV",
     "SMP_CHARACTERISTIC_UUID",
     "SMP_SERVICE_UUID",
+    "FirmwareStateStore",
     "ImageCheckError",
     "ImageDefect",
     "ImageVersion",
+    "Radio",
+    "RequestSeen",
     "Slot",
     "SmpFirmware",
     "SmpSerialPort",

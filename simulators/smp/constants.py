@@ -41,6 +41,7 @@ class ImageCommand(enum.IntEnum):
     STATE = 0
     UPLOAD = 1
     ERASE = 5
+    SLOT_INFO = 6  # Zephyr CONFIG_MCUMGR_GRP_IMG_SLOT_INFO
 
 
 class MgmtErr(enum.IntEnum):
@@ -65,6 +66,7 @@ class ImgErr(enum.IntEnum):
     INVALID_SLOT = 14
     INVALID_OFFSET = 20
     INVALID_LENGTH = 21
+    INVALID_IMAGE_HEADER = 22
     INVALID_IMAGE_HEADER_MAGIC = 23
     INVALID_HASH = 24
     CURRENT_VERSION_IS_NEWER = 27

@@ -98,6 +98,13 @@ class SmpSerialPort(RawPty):
         self.line_bytes = line_bytes
         self._decoder = ConsoleFrameDecoder()
 
+    def _started(self) -> None:
+        # The host's bytes take wall time through the pty: the fast clock must let them.
+        self.firmware.clock.attach_io_link()
+
+    def _stopping(self) -> None:
+        self.firmware.clock.detach_io_link()
+
     @property
     def frame_errors(self) -> int:
         return self._decoder.errors

@@ -49,8 +49,11 @@ class SmpUdpServer:
             lambda: _Protocol(self.firmware), local_addr=(self.host, self._requested_port)
         )
         self._transport = transport
+        # Datagrams take wall time through the socket: the fast clock must let them.
+        self.firmware.clock.attach_io_link()
 
     async def stop(self) -> None:
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
+            self.firmware.clock.detach_io_link()
