@@ -46,7 +46,7 @@ from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
 from devicebridge.core.routine import Routine, parse_routine
 from devicebridge.core.signed_program import DEFAULT_MAX_VALIDITY
 from devicebridge.core.states import ConnectionState
-from devicebridge.errors import DeviceBridgeError, NotConnectedError
+from devicebridge.errors import DeviceBridgeError, NotConnectedError, RoutineError
 from devicebridge.homeassistant import (
     HOME_ASSISTANT_STATUS_TOPIC,
     DiscoveredEntity,
@@ -317,6 +317,7 @@ class DeviceWorker:
         self.resumption: SessionResumption | None = None
         self.published_state: ConnectionState | None = None
         self.published_battery: int | None = None
+        self.published_session_id: int | None = None
         self.samples_received = 0
         # Device jobs other than routines (program installs), one at a time, in order.
         self._jobs: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]]] = asyncio.Queue()
@@ -394,6 +395,7 @@ class DeviceWorker:
     def publish_state(self) -> None:
         self.published_battery = self.session.battery_percent
         body = {**self.state_body(), "updated_at": self.service.now().isoformat()}
+        self.published_session_id = body["session_id"]
         self.service.publisher.publish(
             self.service.topics.device_state(self.serial), body, retain=True
         )
@@ -428,7 +430,10 @@ class DeviceWorker:
         if not messages:
             return  # most batches complete no message: nothing to look up
         topic = self.service.topics.telemetry(self.serial)
+        runner = self.runner
+        session_id = runner.session_id if runner is not None else None
         for body in messages:
+            body["session_id"] = session_id
             self.service.publisher.publish(topic, body)
             self.service.telemetry_messages += 1
         if self.session.battery_percent != self.published_battery:
@@ -563,6 +568,8 @@ class DeviceWorker:
         service = self.service
 
         def decided(decision: Decision) -> None:
+            if self.published_session_id != runner.session_id:
+                self.publish_state()  # the session is stored: its id in the device's state
             self._publish_decision(runner, decision)
             if on_decision is not None:
                 on_decision(decision)
@@ -1061,7 +1068,9 @@ class BridgeService:
         devices_by_kind: dict[str, list[str]] = {}
         for worker in self.workers.values():
             devices_by_kind.setdefault(worker.kind, []).append(worker.serial)
-        programs = [_program_body(p, devices_by_kind) for p in self.programs.programs()]
+        programs = [
+            _program_body(p, devices_by_kind, self.policy) for p in self.programs.programs()
+        ]
         sessions = [
             {
                 "session_id": r.id,
@@ -1164,10 +1173,22 @@ def _program_started(event: Event) -> int | None:
 
 
 def _program_body(
-    program: StoredProgram, devices_by_kind: Mapping[str, list[str]]
+    program: StoredProgram, devices_by_kind: Mapping[str, list[str]], policy: SafetyPolicy
 ) -> dict[str, Any]:
+    try:
+        routine: Routine | None = parse_routine(program.program_text, policy, label="program")
+    except RoutineError:
+        routine = None  # this bridge's policy no longer admits it: no schedule to follow
+    schedule = routine.schedule if routine is not None else None
     return {
         "program_id": program.id,
+        "nonce": program.nonce,
+        "category": routine.category if routine is not None else None,
+        "schedule": (
+            {"max_sessions": schedule.max_sessions, "per_days": schedule.per_days}
+            if schedule is not None
+            else None
+        ),
         "therapist_id": program.therapist_id,
         "key_id": program.key_id,
         "program_version": program.program_version,

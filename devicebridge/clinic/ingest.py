@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,6 +56,24 @@ from devicebridge.core.signed_program import ProgramRejectedError, parse_envelop
 from devicebridge.mqtt import CONNACK_UNSUPPORTED_PROTOCOL, TOPIC_ROOT, MqttSettings, Topics
 
 LOG = logging.getLogger(__name__)
+
+
+def console_topics(root: str) -> tuple[str, ...]:
+    """What the console reads of every bridge: everything it publishes but the program
+    pushes, which only their bridge reads (docs/mqtt.md: no account reads another's)."""
+    return tuple(
+        f"{root}/+/{leaf}"
+        for leaf in (
+            "availability",
+            "status",
+            "devices/#",
+            "sessions/summary",
+            "programs/ack",
+            "programs/installed",
+        )
+    )
+
+
 BATCH_MAX: Final = 2000  # messages committed together at most
 PUSH_POLL_S: Final = 5.0
 # What a database refuses of a value (sqlite3 raises OverflowError for a too large int).
@@ -670,6 +689,33 @@ class IngestStore:
             "seq": seq,
         }
         db.execute(self._sql.program_upsert, values)
+        # A push this console did not see go out (pushed by another tool): the bridge says
+        # what it is and how often it may run.
+        nonce = text(body.get("nonce"), 64)
+        schedule = body.get("schedule")
+        if nonce and isinstance(schedule, Mapping):
+            max_sessions = integer(schedule.get("max_sessions"))
+            per_days = schedule.get("per_days")
+            if (
+                max_sessions is not None
+                and isinstance(per_days, int | float)
+                and not isinstance(per_days, bool)
+                and math.isfinite(per_days)
+            ):
+                db.execute(
+                    update(t.pushes)
+                    .where(
+                        t.pushes.c.nonce == nonce,
+                        t.pushes.c.client_id == client,
+                        t.pushes.c.schedule_max_sessions.is_(None),
+                    )
+                    .values(
+                        schedule_max_sessions=max_sessions,
+                        schedule_per_days=float(per_days),
+                        category=text(body.get("category"), 64),
+                        routine=func.coalesce(t.pushes.c.routine, values["routine"]),
+                    )
+                )
 
     # ------------------------------------------------------------------ pushes out
 
@@ -827,7 +873,8 @@ class Ingester:
             client._client.manual_ack_set(True)
             try:
                 async with client:
-                    await client.subscribe(f"{root}/+/#", qos=1)
+                    for topic in console_topics(root):
+                        await client.subscribe(topic, qos=1)
                     self.connections += 1
                     self.connected.set()
                     self.last_error = None

@@ -115,6 +115,7 @@ class StoredProgram:
     received_at: datetime
     expires_at: datetime
     installed_on: tuple[str, ...]
+    nonce: str = ""  # the envelope's, which the therapist's acknowledgement carried
 
 
 class ProgramStore:
@@ -301,10 +302,10 @@ class ProgramStore:
     def programs(self) -> list[StoredProgram]:
         rows = self._db.execute(
             "SELECT id, therapist_id, key_id, program_version, routine_name, device_kind,"
-            " program_text, received_at, expires_at FROM programs ORDER BY id"
+            " program_text, received_at, expires_at, nonce FROM programs ORDER BY id"
         ).fetchall()
         result = []
-        for pid, therapist, kid, version, name, kind, text, received, expires in rows:
+        for pid, therapist, kid, version, name, kind, text, received, expires, nonce in rows:
             devices = tuple(
                 serial
                 for (serial,) in self._db.execute(
@@ -323,6 +324,7 @@ class ProgramStore:
                     datetime.fromisoformat(received),
                     datetime.fromisoformat(expires),
                     devices,
+                    nonce,
                 )
             )
         return result

@@ -13,7 +13,12 @@ from sqlalchemy import select
 
 from devicebridge.cli import main
 from devicebridge.clinic import schema as t
-from devicebridge.core.signed_program import load_public_key, parse_envelope, verify
+from devicebridge.core.signed_program import (
+    TrustedSigner,
+    load_public_key,
+    parse_envelope,
+    verify,
+)
 from tests.clinic.rig import count
 from tests.clinic.web import BASE_URL, PASSWORD, Web
 
@@ -114,12 +119,12 @@ def test_a_therapist_cannot_push_to_or_acknowledge_for_another_therapists_client
     signed = parse_envelope(push.envelope.encode())
     meta = verify(
         signed,
-        trusted_keys={signed.key_id: load_public_key(public_key)},
+        trusted_keys={signed.key_id: TrustedSigner("dr-a", load_public_key(public_key))},
         bridge_id="bridge-a",
         now=datetime.now(UTC),
         nonce_seen=lambda _nonce: False,
     )
-    assert (meta.therapist_id, push.status, push.client_id) == ("dr-a", "queued", own)
+    assert (meta.metadata.therapist_id, push.status, push.client_id) == ("dr-a", "queued", own)
     # The page that follows the push shows nothing of the key.
     page = web.client.get(f"/pushes/{push.batch}")
     assert "PRIVATE KEY" not in page.text

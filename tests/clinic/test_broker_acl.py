@@ -24,10 +24,11 @@ from devicebridge.mqtt import MqttSettings, Topics
 from tests.broker import Mosquitto
 from tests.clinic.rig import SHORT_ROUTINE, count, data_dir, start_with_guided_massager, until
 from tests.service.conftest import BRIDGE, WAIT_S, running, service_rig
-from tests.service.test_acl import documented_acl
+from tests.service.test_acl import PASSWORDS, WATCHER, documented_recipe
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "clinic.md"
 CONSOLE = "clinic-console"
+PASSWORD = "secret-of-the-console"
 
 
 def console_acl() -> str:
@@ -40,7 +41,13 @@ def console_acl() -> str:
 async def test_the_console_works_under_its_documented_acl_and_can_do_nothing_else(
     tmp_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broker = Mosquitto(tmp_path, acl=documented_acl() + "\n" + console_acl())
+    settings, bridges_acl = documented_recipe()
+    broker = Mosquitto(
+        tmp_path,
+        acl=bridges_acl + "\n" + console_acl(),
+        passwords={**PASSWORDS, CONSOLE: PASSWORD},
+        settings=settings,
+    )
     broker.start()
     try:
         monkeypatch.setenv("DEVICEBRIDGE_KEY_DIR", str(tmp_path / "keys"))
@@ -48,13 +55,17 @@ async def test_the_console_works_under_its_documented_acl_and_can_do_nothing_els
         public_key = made.output.split("public key:")[1].split()[0]
         lee = Accounts(engine).create("lee", "a long enough password", therapist_id="dr-lee")
         store = IngestStore(engine)
-        settings = MqttSettings("127.0.0.1", broker.port, username=CONSOLE)
-        ingester = Ingester(store, IngestSettings(settings, "acl"))
+        mqtt = MqttSettings("127.0.0.1", broker.port, username=CONSOLE, password=PASSWORD)
+        ingester = Ingester(store, IngestSettings(mqtt, "acl"))
         bridge_dir = data_dir(tmp_path)
         async with (
             running(ingester.run()),
             service_rig(
-                bridge_dir, broker_port=broker.port, massagers=0, mqtt_username=BRIDGE
+                bridge_dir,
+                broker_port=broker.port,
+                massagers=0,
+                mqtt_username=BRIDGE,
+                mqtt_password=PASSWORDS[BRIDGE],
             ) as rig,
         ):
             rig.service.programs.trust(key_id(load_public_key(public_key)), "dr-lee", public_key)
@@ -74,9 +85,13 @@ async def test_the_console_works_under_its_documented_acl_and_can_do_nothing_els
             ingester.push_queued()
             await until(lambda: count(engine, t.pushes, t.pushes.c.status == "accepted") == 1)
             # The console's account cannot speak for a bridge: the broker drops it.
-            async with aiomqtt.Client("127.0.0.1", broker.port, username=CONSOLE) as forger:
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, username=CONSOLE, password=PASSWORD
+            ) as forger:
                 await forger.publish(Topics(BRIDGE).availability, b"offline", qos=1)
-            async with aiomqtt.Client("127.0.0.1", broker.port, username="watcher") as watcher:
+            async with aiomqtt.Client(
+                "127.0.0.1", broker.port, username=WATCHER, password=PASSWORDS[WATCHER]
+            ) as watcher:
                 await watcher.subscribe(Topics(BRIDGE).availability, qos=1)
                 async with asyncio.timeout(WAIT_S):
                     async for message in watcher.messages:

@@ -181,8 +181,8 @@ async def test_a_therapist_pushes_a_program_and_watches_the_session_arrive(
 
             program_id = rig.service.programs.programs()[0].id
             rig.service.start_program(worker.serial, program_id)
-            await rig.wait(lambda: worker.run is not None)
-            await rig.wait(lambda: worker.run is None)
+            await rig.wait(lambda: worker.runner is not None)
+            await rig.wait(lambda: worker.runner is None)
             session = page.locator("tr.session.completed")
             await expect(session).to_have_count(1)
             await expect(page.locator("#live")).to_contain_text("1 of 2 sessions this week")

@@ -14,7 +14,15 @@ from devicebridge.service import status_file
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from tests.broker import Mosquitto
-from tests.service.conftest import BRIDGE, ROUTINES, WAIT_S, Subscriber, running, service_rig
+from tests.service.conftest import (
+    BRIDGE,
+    ROUTINES,
+    WAIT_S,
+    Rig,
+    Subscriber,
+    running,
+    service_rig,
+)
 
 TOPICS = Topics(BRIDGE)
 SERVE = "from devicebridge.cli import main; main()"
@@ -87,7 +95,10 @@ async def test_a_killed_bridge_keeps_its_session_and_its_outbox_resumes(
             assert rig.service.recovered_sessions == [session_id]
             await rig.wait(lambda: len(subscriber.on("/telemetry")) >= len(waiting))
             await rig.wait(lambda: bool(subscriber.on("/sessions/summary")))
-            await rig.wait(lambda: rig.service.outbox is not None and not len(rig.service.outbox))
+            # Everything the killed bridge left in the outbox has left it (the new bridge
+            # goes on adding its status every ten virtual seconds, which fly by here).
+            last_left = max(sequence_of(m.message_id) for m in waiting)
+            await rig.wait(lambda: oldest_waiting(rig) > last_left)
             await rig.stop()
 
     telemetry = subscriber.on("/telemetry")
@@ -124,3 +135,15 @@ async def test_sigterm_stops_the_served_devices_and_closes_the_records(tmp_path:
     with SessionStore(data_dir / SESSIONS_FILENAME) as store:
         record = store.session(session_id)
         assert (record.status, record.end_reason) == ("stopped", "bridge stopped")
+
+
+def sequence_of(message_id: str) -> int:
+    return int(message_id.rsplit(":", 1)[1])
+
+
+def oldest_waiting(rig: Rig) -> float:
+    """The sequence of the oldest message still in the outbox (infinite when empty)."""
+    outbox = rig.service.outbox
+    assert outbox is not None
+    pending = outbox.pending(1)
+    return sequence_of(pending[0].message_id) if pending else float("inf")
