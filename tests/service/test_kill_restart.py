@@ -107,6 +107,12 @@ async def test_a_killed_bridge_keeps_its_session_and_its_outbox_resumes(
     assert firsts == sorted(firsts)
     (summary,) = subscriber.on("/sessions/summary")
     assert (summary["session_id"], summary["status"]) == (session_id, "interrupted")
+    # What it recorded, summed up as a finished run would be (not an empty summary).
+    recorded = summary["summary"]
+    assert recorded["samples"] >= 250
+    assert recorded["routine"] == "Firming: cheeks, jawline, chin"
+    assert recorded["steps_total"] == 5
+    assert recorded["contact_s"] > 0
 
     with SessionStore(data_dir / SESSIONS_FILENAME) as store:
         record = store.session(session_id)
