@@ -203,7 +203,7 @@ async def _python(script: str, *args: object) -> str:
 @contextlib.asynccontextmanager
 async def _ingester(engine: Any, port: int) -> AsyncIterator[Any]:
     from devicebridge.clinic.ingest import Ingester, IngestSettings, IngestStore
-    from devicebridge.mqtt import MqttSettings
+    from devicebridge.integrations.mqtt import MqttSettings
 
     store = IngestStore(engine)
     ingester = Ingester(store, IngestSettings(MqttSettings("127.0.0.1", port), "bench"))

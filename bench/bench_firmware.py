@@ -40,13 +40,13 @@ from typing import Any, Final
 
 from bench import ble_proxy
 from bench.report import describe_machine, print_table
+from devicebridge.device.transport.ble import BleBackends
 from devicebridge.firmware import (
     BleSmpTransport,
     FirmwareUpdater,
     SmpBleLink,
     parse_image,
 )
-from devicebridge.transport.ble import BleBackends
 from simulators import SimulatedWorld, VirtualClock
 from simulators.smp import build_image
 from simulators.smp.firmware import (

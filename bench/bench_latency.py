@@ -4,7 +4,7 @@ Simulated massagers stream at 100 Hz (10 batches a second) in real time, each he
 hand that presses above the cheek cap for 0.2 s of every second. Devices boot staggered
 across one batch interval, as independent radios would be (with aligned boots every
 batch of every device would arrive in the same instant). Each device runs the real
-:class:`~devicebridge.runner.RoutineRunner` (host mode, engine, a real SQLite store
+:class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite store
 shared by all runs, as ``devicebridge serve`` has) over a real transport.
 
 Two setups, each measured in the same run against baselines:
@@ -59,13 +59,13 @@ from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import default_policy
 from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
 from devicebridge.core.routine import parse_routine
+from devicebridge.device.session import DeviceSession, MassagerSession
+from devicebridge.device.transport.base import LinkLostReceiver, MalformedReceiver, MessageReceiver
+from devicebridge.device.transport.ble import BleBackends, BleTransport, scan
+from devicebridge.device.transport.serial import SerialTransport
 from devicebridge.errors import DeviceBridgeError
-from devicebridge.runner import RoutineRunner, RunMode
-from devicebridge.session import DeviceSession, MassagerSession
+from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.storage.sessions import SessionStore
-from devicebridge.transport.base import LinkLostReceiver, MalformedReceiver, MessageReceiver
-from devicebridge.transport.ble import BleBackends, BleTransport, scan
-from devicebridge.transport.serial import SerialTransport
 from protocols import Command, MessageType, Opcode, StopAll, TelemetryBatch, Zone
 from protocols.telemetry import BATCH_HEADER, MASSAGER_SAMPLE_DTYPE
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock

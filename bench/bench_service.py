@@ -33,11 +33,11 @@ from bench.report import print_table
 from devicebridge.core.policy import default_policy
 from devicebridge.core.reassembly import TelemetryItem
 from devicebridge.core.routine import parse_routine
-from devicebridge.mqtt import MqttSettings
-from devicebridge.service import BridgeService
-from devicebridge.session import DeviceSession, session_class_for
+from devicebridge.device.session import DeviceSession, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport
+from devicebridge.integrations.mqtt import MqttSettings
+from devicebridge.service.supervisor import BridgeService
 from devicebridge.storage.registry import PairedDevice
-from devicebridge.transport.ble import BleBackends, BleTransport
 from protocols import DeviceKind, TelemetryBatch
 from simulators import SimulatedWorld, VirtualClock
 

@@ -21,8 +21,8 @@ from typing import Any
 import ble_proxy  # this file's directory is on sys.path when run as a script
 
 from devicebridge.clock import SystemClock
+from devicebridge.device.transport.ble import BleBackends
 from devicebridge.firmware import BleSmpTransport, FirmwareUpdater, SmpBleLink, load_image
-from devicebridge.transport.ble import BleBackends
 
 
 async def upload(server: tuple[str, int], serial_number: str, image_path: Path) -> dict[str, Any]:

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any, Final
 __version__: Final = "0.1.0"
 
 _EXPORTS: Final[dict[str, str]] = {
-    "BleTransport": "devicebridge.transport.ble",
-    "SerialTransport": "devicebridge.transport.serial",
-    "Transport": "devicebridge.transport.base",
-    "DeviceInfo": "devicebridge.transport.base",
-    "scan": "devicebridge.transport.ble",
-    "DeviceSession": "devicebridge.session",
-    "MassagerSession": "devicebridge.session",
-    "MaskSession": "devicebridge.session",
-    "SessionStats": "devicebridge.session",
+    "BleTransport": "devicebridge.device.transport.ble",
+    "SerialTransport": "devicebridge.device.transport.serial",
+    "Transport": "devicebridge.device.transport.base",
+    "DeviceInfo": "devicebridge.device.transport.base",
+    "scan": "devicebridge.device.transport.ble",
+    "DeviceSession": "devicebridge.device.session",
+    "MassagerSession": "devicebridge.device.session",
+    "MaskSession": "devicebridge.device.session",
+    "SessionStats": "devicebridge.device.session",
     "Clock": "devicebridge.clock",
     "SystemClock": "devicebridge.clock",
     "DeviceBridgeError": "devicebridge.errors",
@@ -70,13 +70,18 @@ if TYPE_CHECKING:
     from devicebridge.core.engine import Decision, LedEngine, MassageEngine
     from devicebridge.core.policy import SafetyPolicy, default_policy, parse_policy
     from devicebridge.core.routine import Routine, parse_routine
+    from devicebridge.device.session import (
+        DeviceSession,
+        MaskSession,
+        MassagerSession,
+        SessionStats,
+    )
+    from devicebridge.device.transport.base import DeviceInfo, Transport
+    from devicebridge.device.transport.ble import BleTransport, scan
+    from devicebridge.device.transport.serial import SerialTransport
     from devicebridge.errors import DeviceBridgeError
-    from devicebridge.session import DeviceSession, MaskSession, MassagerSession, SessionStats
     from devicebridge.storage.registry import DeviceRegistry
     from devicebridge.storage.sessions import SessionStore
-    from devicebridge.transport.base import DeviceInfo, Transport
-    from devicebridge.transport.ble import BleTransport, scan
-    from devicebridge.transport.serial import SerialTransport
 
 
 def __getattr__(name: str) -> Any:

@@ -22,13 +22,15 @@ from devicebridge.config import Settings, data_dir
 from devicebridge.core.engine import ZONE_CODES, Decision
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import MassageStep, Routine, parse_routine
-from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
-from devicebridge.monitor import DeviceSnapshot, TelemetryMonitor
-from devicebridge.runner import RoutineRunner, RunMode, RunnerState, RunSummary
-from devicebridge.session import DeviceSession, MaskSession, MassagerSession, session_class_for
-from devicebridge.storage.registry import DeviceRegistry, PairedDevice
-from devicebridge.transport.base import DeviceInfo, Transport
-from devicebridge.transport.ble import (
+from devicebridge.device.monitor import DeviceSnapshot, TelemetryMonitor
+from devicebridge.device.session import (
+    DeviceSession,
+    MaskSession,
+    MassagerSession,
+    session_class_for,
+)
+from devicebridge.device.transport.base import DeviceInfo, Transport
+from devicebridge.device.transport.ble import (
     BleBackends,
     BleTransport,
     DiscoveredDevice,
@@ -37,7 +39,12 @@ from devicebridge.transport.ble import (
     matches,
     scan,
 )
-from devicebridge.transport.serial import SerialTransport
+from devicebridge.device.transport.serial import SerialTransport
+from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
+from devicebridge.run.runner import RoutineRunner, RunMode
+from devicebridge.run.summary import RunSummary
+from devicebridge.run.view import RunnerState
+from devicebridge.storage.registry import DeviceRegistry, PairedDevice
 from protocols import DeviceKind, MassageMode, Zone
 
 if TYPE_CHECKING:

@@ -18,12 +18,33 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     ├── SessionClosedError             the session was closed
     ├── PolicyError (also ValueError)  a safety policy file is malformed or unsafe (problems)
     ├── RoutineError (also ValueError) a routine file is malformed or breaks the policy (problems)
+    ├── RoutineRunError                a routine could not be run on a device
+    │   ├── RoutineRefusedError        admission refused it (refusals, allowed_from)
+    │   └── DeviceMismatchError        it is for another kind of device
     ├── RegistryError                  the paired-device registry (path)
     │   ├── UnknownDeviceError         no paired device with that name
     │   ├── DuplicateNameError         the name is already used by another device
     │   ├── AlreadyPairedError         the serial number is paired under another name
     │   └── RegistrySchemaError        a database this version cannot read
-    └── ConfigError                    an invalid configuration file (path, key)
+    ├── SessionStoreError              the session store (path)
+    ├── ProgramStoreError              programs and trusted keys (path)
+    │   └── KeyBoundError              the key is trusted for another therapist
+    ├── OutboxError                    the MQTT outbox (path)
+    │   └── OutboxFullError            it reached its size limit
+    ├── BridgeLockError                the data directory's bridge lock (path)
+    │   └── BridgeRunningError         another bridge runs with it (pid)
+    ├── ServiceError                   a request `serve` cannot carry out (device)
+    ├── LocalApiError                  the running bridge could not run what was asked
+    │   └── BridgeRefusedError         its admission refused the routine
+    ├── MqttUnavailableError           the broker could not be reached (host, port)
+    ├── ReportError                    a report could not be made or written (path)
+    ├── FhirExportError                a FHIR Bundle could not be built or validated
+    ├── CliInputError                  bad input on the command line or in a file
+    ├── TherapistKeyError              a therapist key file (path)
+    ├── QaError                        a QA run could not be set up
+    ├── ConfigError                    an invalid configuration file (path, key)
+    ├── FirmwareError                  firmware updates: devicebridge/firmware/errors.py
+    └── ClinicError                    the clinic console: devicebridge/clinic/errors.py
 """
 
 from __future__ import annotations
@@ -32,6 +53,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from devicebridge.core.admission import Admission
+    from devicebridge.core.routine import Routine
     from devicebridge.core.signed_program import RejectReason
     from devicebridge.core.states import ConnectionState
     from devicebridge.core.tomlpath import Problem
@@ -269,3 +294,165 @@ class ConfigError(DeviceBridgeError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.key = key
+
+
+# --------------------------------------------------------------------------- routines
+
+
+class RoutineRunError(DeviceBridgeError):
+    """A routine could not be run on a device."""
+
+
+class RoutineRefusedError(RoutineRunError):
+    """Admission refused the routine; ``refusals`` says why and from when it is possible."""
+
+    def __init__(self, routine: Routine, admission: Admission, session_id: int | None) -> None:
+        lines = [f"{routine.name!r} refused:"]
+        for refusal in admission.refusals:
+            lines.append(f"  - {refusal.message} (policy: {refusal.rule})")
+        super().__init__("\n".join(lines))
+        self.routine = routine
+        self.admission = admission
+        self.refusals = admission.refusals
+        self.session_id = session_id
+
+    @property
+    def allowed_from(self) -> datetime | None:
+        """The earliest time every refusal is lifted (None: not a matter of time)."""
+        moments = [r.allowed_from for r in self.refusals]
+        if any(m is None for m in moments):
+            return None
+        return max(m for m in moments if m is not None)
+
+
+class DeviceMismatchError(RoutineRunError):
+    """The routine is for another kind of device than the one connected."""
+
+    def __init__(self, routine: Routine, device: str, kind: object) -> None:
+        super().__init__(
+            f"{device}: routine {routine.name!r} is for a {routine.device_kind.value}, "
+            f"the device is a {getattr(kind, 'name', kind)}"
+        )
+        self.device = device
+
+
+# --------------------------------------------------------------------------- stores
+
+
+class SessionStoreError(DeviceBridgeError):
+    """The session store could not be read or written; ``path`` says which file."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class ProgramStoreError(DeviceBridgeError):
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class KeyBoundError(ProgramStoreError):
+    """The key is already trusted for another therapist (remove it first)."""
+
+    def __init__(self, key_id: str, *, therapist_id: str, wanted: str, path: Path) -> None:
+        super().__init__(
+            f"key {key_id} is already trusted for {therapist_id}, not {wanted}: a key signs"
+            f" for one therapist (devicebridge trust remove {key_id}, then add it again)",
+            path=path,
+        )
+        self.key_id = key_id
+        self.therapist_id = therapist_id
+
+
+class OutboxError(DeviceBridgeError):
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class OutboxFullError(OutboxError):
+    """The outbox reached its size limit; the oldest telemetry was not dropped silently."""
+
+
+class BridgeLockError(DeviceBridgeError):
+    """The data directory's bridge lock could not be taken or read; ``path`` says which."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class BridgeRunningError(BridgeLockError):
+    """Another bridge (process ``pid``) runs with this data directory."""
+
+    def __init__(self, pid: int, *, path: Path) -> None:
+        super().__init__(
+            f"a bridge is already running with data dir {path.parent} (pid {pid}); "
+            "stop it first (devicebridge status)",
+            path=path,
+        )
+        self.pid = pid
+
+
+# --------------------------------------------------------------------------- the bridge service
+
+
+class ServiceError(DeviceBridgeError):
+    """A request to the service that cannot be carried out (unknown device, busy, ...)."""
+
+    def __init__(self, message: str, *, device: str | None = None) -> None:
+        super().__init__(f"{device}: {message}" if device else message)
+        self.device = device
+
+
+class LocalApiError(DeviceBridgeError):
+    """The running bridge could not run what was asked (its message says why)."""
+
+
+class BridgeRefusedError(LocalApiError):
+    """The running bridge's admission refused the routine (the message lists why)."""
+
+
+class MqttUnavailableError(DeviceBridgeError):
+    """The broker could not be reached or dropped the connection."""
+
+    def __init__(self, host: str, port: int, detail: str) -> None:
+        super().__init__(f"MQTT broker {host}:{port}: {detail}")
+        self.host = host
+        self.port = port
+
+
+# --------------------------------------------------------------------------- reports
+
+
+class ReportError(DeviceBridgeError):
+    """A report could not be made or written; ``path`` says where when a file is at fault."""
+
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path is not None else message)
+        self.path = path
+
+
+class FhirExportError(DeviceBridgeError):
+    """A Bundle could not be built or does not validate (a bug, or the extra is missing)."""
+
+
+# --------------------------------------------------------------------------- command line and QA
+
+
+class CliInputError(DeviceBridgeError):
+    """Bad input on the command line or in a file; the message says what and where."""
+
+
+class TherapistKeyError(DeviceBridgeError):
+    """A therapist key file is missing, unreadable or already there."""
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class QaError(DeviceBridgeError):
+    """A QA run could not be set up (bad routine, unknown device)."""

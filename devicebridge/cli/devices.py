@@ -17,11 +17,11 @@ from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_error
 from devicebridge.cli.routines import GuidanceView, state_panel
 from devicebridge.cli.routines import summary_table as routine_summary_table
 from devicebridge.config import Settings
+from devicebridge.device.monitor import DeviceSnapshot, TelemetryMonitor
+from devicebridge.device.transport.ble import kind_label
 from devicebridge.errors import DeviceNotFoundError
-from devicebridge.monitor import DeviceSnapshot, TelemetryMonitor
-from devicebridge.runner import RunnerState
+from devicebridge.run.view import RunnerState
 from devicebridge.storage.registry import PairedDevice
-from devicebridge.transport.ble import kind_label
 
 WATCH_REFRESH_S: Final = 0.5
 PLAIN_PRINT_INTERVAL_S: Final = 1.0

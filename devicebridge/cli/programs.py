@@ -12,8 +12,9 @@ from rich.table import Table
 
 from devicebridge.app import App
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors
-from devicebridge.cli.routines import CliInputError, load_policy
+from devicebridge.cli.routines import load_policy
 from devicebridge.core.routine import RoutineError, parse_routine
+from devicebridge.errors import CliInputError
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, StoredProgram
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionRecord, SessionStore
 

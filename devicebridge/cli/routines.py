@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
@@ -20,11 +19,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from devicebridge import local_api
 from devicebridge.app import App
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
 from devicebridge.core.cooldown import BlockKind, TreatmentBlock, local_time, treatment_blocks
 from devicebridge.core.engine import Decision, DecisionKind, PressureState
+from devicebridge.core.library import starter_routines
 from devicebridge.core.policy import (
     LED_CHANNELS,
     POLICY_ZONES,
@@ -35,8 +34,16 @@ from devicebridge.core.policy import (
     policy_zone,
 )
 from devicebridge.core.routine import Routine, parse_routine
-from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError, UnknownDeviceError
-from devicebridge.report import (
+from devicebridge.device.transport.base import Transport
+from devicebridge.device.transport.ble import matches
+from devicebridge.errors import (
+    BridgeRefusedError,
+    CliInputError,
+    PolicyError,
+    RoutineError,
+    UnknownDeviceError,
+)
+from devicebridge.reporting.report import (
     SessionReport,
     load_report,
     summary_lines,
@@ -44,17 +51,13 @@ from devicebridge.report import (
     write_json,
     write_png,
 )
-from devicebridge.runner import (
-    RoutineRunner,
-    RunMode,
-    RunnerState,
-    RunSummary,
-    recover_sessions,
-)
+from devicebridge.run.recovery import recover_sessions
+from devicebridge.run.runner import RoutineRunner, RunMode
+from devicebridge.run.summary import RunSummary
+from devicebridge.run.view import RunnerState
+from devicebridge.service import local_api
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
-from devicebridge.transport.base import Transport
-from devicebridge.transport.ble import matches
 
 EXIT_INVALID: Final = 1
 LIVE_REFRESH_PER_S: Final = 8
@@ -62,10 +65,6 @@ PLAIN_STATE_INTERVAL_S: Final = 1.0
 GAUGE_WIDTH: Final = 40
 SIM_HAND_LEAD_IN_S: Final = 1.0
 DEFAULT_RUN_LIMIT_S: Final = 3600.0
-
-
-class CliInputError(DeviceBridgeError):
-    """Bad input on the command line or in a file; the message says what and where."""
 
 
 # --------------------------------------------------------------------------- loading
@@ -82,16 +81,6 @@ def load_policy(path: Path | None) -> SafetyPolicy:
         return parse_policy(text, label=str(path))
     except PolicyError as exc:
         raise CliInputError(f"invalid policy {path}:\n{exc}") from exc
-
-
-def starter_routines() -> dict[str, str]:
-    """Starter library: file stem -> TOML text."""
-    folder = resources.files("devicebridge") / "data" / "routines"
-    return {
-        entry.name.removesuffix(".toml"): entry.read_text("utf-8")
-        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
-        if entry.name.endswith(".toml")
-    }
 
 
 def resolve_routine(spec: str, policy: SafetyPolicy) -> Routine:
@@ -506,7 +495,7 @@ def run_command(
                 on_state=view.on_state,
                 on_decision=lambda d: view.on_decision(names[0] if names else "bridge", d),
             )
-        except local_api.BridgeRefusedError as exc:
+        except BridgeRefusedError as exc:
             raise CliInputError(str(exc)) from None
 
     async def locally(view: GuidanceView) -> RunSummary:
@@ -704,7 +693,7 @@ def report_command(
 def write_fhir(cli: CliContext, report: SessionReport, path: Path) -> None:
     """The session as a FHIR Bundle; the client is named by this bridge's id (a pseudonym)."""
     from devicebridge.cli.service import default_bridge_id
-    from devicebridge.fhir import DeviceFacts, report_bundle
+    from devicebridge.clinic.fhir import DeviceFacts, report_bundle
 
     app = App(cli.options)
     with app.open_registry() as registry:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import click
-import platformdirs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.table import Table
@@ -24,7 +23,7 @@ from rich.table import Table
 from devicebridge.app import App
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
 from devicebridge.cli.routines import routine_group
-from devicebridge.config import APP_NAME, MqttConfig, Settings
+from devicebridge.config import MqttConfig, Settings
 from devicebridge.core.policy import SafetyPolicy, default_policy, parse_policy
 from devicebridge.core.routine import Routine, RoutineError, parse_routine
 from devicebridge.core.signed_program import (
@@ -37,21 +36,18 @@ from devicebridge.core.signed_program import (
     public_key_bytes,
     sign_program,
 )
-from devicebridge.errors import ConfigError, DeviceBridgeError
-from devicebridge.mqtt import MqttSettings, Topics, read_retained, request_reply
-from devicebridge.service import (
-    BridgeService,
-    ServiceError,
-    configure_logging,
-    read_status_file,
-)
+from devicebridge.device.transport.ble import kind_label
+from devicebridge.errors import ConfigError, ServiceError, TherapistKeyError
+from devicebridge.integrations.mqtt import MqttSettings, Topics, read_retained, request_reply
+from devicebridge.service.logs import configure_logging
+from devicebridge.service.status import read_status_file
+from devicebridge.service.supervisor import BridgeService
 from devicebridge.storage import lock as bridge_lock
-from devicebridge.storage.files import PRIVATE_FILE_MODE, make_private, private_directory
+from devicebridge.storage.files import PRIVATE_FILE_MODE
+from devicebridge.storage.keys import key_path, load_private_key, private_key_dir
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
-from devicebridge.transport.ble import kind_label
 
-KEY_DIR_ENV: Final = "DEVICEBRIDGE_KEY_DIR"
 DEFAULT_THERAPIST_ID: Final = "therapist"
 DEFAULT_VALID_DAYS: Final = 7
 DEFAULT_ACK_TIMEOUT_S: Final = 30.0
@@ -61,70 +57,7 @@ SIMULATED_SCAN_S: Final = 2.0
 SIMULATED_HAND_LEAD_IN_S: Final = 1.0
 
 
-class TherapistKeyError(DeviceBridgeError):
-    """A therapist key file is missing, unreadable or already there."""
-
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def key_dir() -> Path:
-    """Where therapist private keys live (a 0700 folder of 0600 files): env, else the user
-    config dir."""
-    from_env = os.environ.get(KEY_DIR_ENV)
-    if from_env:
-        return Path(from_env)
-    return Path(platformdirs.user_config_dir(APP_NAME)) / "keys"
-
-
-def private_key_dir() -> Path:
-    """:func:`key_dir`, created 0700 (an existing one made 0700, its keys 0600)."""
-    folder = key_dir()
-    try:
-        private_directory(folder)
-        for existing in folder.glob("*.pem"):
-            make_private(existing, PRIVATE_FILE_MODE)
-    except OSError as exc:
-        raise TherapistKeyError(
-            f"cannot prepare the key folder: {exc.strerror}", path=folder
-        ) from exc
-    return folder
-
-
-def key_path(therapist_id: str) -> Path:
-    if not therapist_id or any(c in therapist_id for c in "/\\") or therapist_id.startswith("."):
-        raise click.BadParameter(f"{therapist_id!r} cannot name a key file", param_hint="--id")
-    return key_dir() / f"{therapist_id}.pem"
-
-
-def load_private_key(therapist_id: str | None) -> tuple[str, Ed25519PrivateKey]:
-    """The key of ``therapist_id``, or the only key in the key directory."""
-    folder = private_key_dir()
-    if therapist_id is None:
-        keys = sorted(folder.glob("*.pem"))
-        if len(keys) != 1:
-            raise TherapistKeyError(
-                f"{len(keys)} keys here; choose one with --therapist"
-                if keys
-                else "no therapist key (devicebridge therapist keygen)",
-                path=folder,
-            )
-        therapist_id, path = keys[0].stem, keys[0]
-    else:
-        path = key_path(therapist_id)
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise TherapistKeyError("no such key (devicebridge therapist keygen)", path=path) from None
-    except (OSError, ValueError) as exc:
-        raise TherapistKeyError(f"unreadable private key: {exc}", path=path) from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise TherapistKeyError("not an Ed25519 private key", path=path)
-    return therapist_id, key
 
 
 def parse_broker(text: str, option: str = "--broker") -> tuple[str, int]:

@@ -460,7 +460,7 @@ def create_app(config: ConsoleConfig, *, lifespan: Any = None) -> Starlette:
     # ---------------------------------------------------------------- programs
 
     def starter_texts() -> dict[str, str]:
-        from devicebridge.cli.routines import starter_routines
+        from devicebridge.core.library import starter_routines
 
         return starter_routines()
 

@@ -4,7 +4,7 @@ Validation is the bridge's own: :func:`devicebridge.core.routine.parse_routine` 
 the console's policy (the shipped one unless ``--policy`` names another), so the
 browser shows the same problems, lines, rules and sources a bridge would answer with.
 Signing uses the therapist's private key from the console's key directory
-(:func:`devicebridge.cli.service.load_private_key`, the key ``devicebridge therapist
+(:func:`devicebridge.storage.keys.load_private_key`, the key ``devicebridge therapist
 keygen`` writes); the key never leaves this process. A push is a database row
 (``queued``) until the ingester's MQTT connection hands it to the broker.
 """
@@ -102,7 +102,7 @@ def queue_pushes(
 
     The caller has checked that ``user`` may push to every one of ``clients``.
     """
-    from devicebridge.cli.service import load_private_key
+    from devicebridge.storage.keys import load_private_key
 
     if not clients:
         raise AuthoringError("choose at least one client")

@@ -7,7 +7,7 @@
     ├── AuthoringError                 a program cannot be signed or pushed (authoring.py)
     └── NotFoundError                  no such thing, or not this user's (queries.py)
 
-(``devicebridge.fhir.FhirExportError`` is a DeviceBridgeError of its own: the CLI uses it
+(``devicebridge.errors.FhirExportError`` is a DeviceBridgeError of its own: the CLI uses it
 without the console.)
 """
 

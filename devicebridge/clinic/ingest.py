@@ -53,7 +53,12 @@ from devicebridge.clinic.records import (
 )
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.signed_program import ProgramRejectedError, parse_envelope
-from devicebridge.mqtt import CONNACK_UNSUPPORTED_PROTOCOL, TOPIC_ROOT, MqttSettings, Topics
+from devicebridge.integrations.mqtt import (
+    CONNACK_UNSUPPORTED_PROTOCOL,
+    TOPIC_ROOT,
+    MqttSettings,
+    Topics,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -858,7 +863,7 @@ class Ingester:
         """Connect, ingest and push; reconnect forever until cancelled."""
         import aiomqtt
 
-        from devicebridge.mqtt import make_client
+        from devicebridge.integrations.mqtt import make_client
 
         root = self.settings.mqtt.topic_root
         protocol = aiomqtt.ProtocolVersion.V5

@@ -19,8 +19,8 @@ import numpy as np
 
 from devicebridge.core.engine import ZONE_NAMES
 from devicebridge.core.policy import LED_CHANNELS
-from devicebridge.report import CELSIUS_PER_UNIT, KPA_PER_UNIT, MW_CM2_PER_UNIT
-from devicebridge.service import decode_telemetry_message
+from devicebridge.reporting.report import CELSIUS_PER_UNIT, KPA_PER_UNIT, MW_CM2_PER_UNIT
+from devicebridge.service.telemetry import decode_telemetry_message
 from protocols.telemetry import LED_MASK_FLAG_WORN, MASSAGER_FLAG_CONTACT
 
 MASK_ZONE: Final = "face"

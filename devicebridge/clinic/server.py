@@ -19,7 +19,7 @@ from devicebridge.clinic.auth import Accounts
 from devicebridge.clinic.db import database_url, migrate, open_engine
 from devicebridge.clinic.ingest import Ingester, IngestSettings, IngestStore
 from devicebridge.core.policy import SafetyPolicy
-from devicebridge.mqtt import MqttSettings
+from devicebridge.integrations.mqtt import MqttSettings
 
 LOG = logging.getLogger(__name__)
 

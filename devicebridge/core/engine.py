@@ -49,7 +49,7 @@ from devicebridge.core.policy import (
     ZoneLimits,
     policy_zone,
 )
-from devicebridge.core.routine import J_PER_MJ, LedStep, MassageStep, Routine
+from devicebridge.core.routine import J_PER_MJ, DeviceKindName, LedStep, MassageStep, Routine
 
 # Zone codes of the wire protocol (protocols.constants.Zone), as names used by routines.
 ZONE_NAMES: Final[Mapping[int, str]] = {
@@ -1517,3 +1517,21 @@ class LedEngine(_Engine[LedStep]):
                 nxt.irradiance_mw_cm2,
             )
         )
+
+
+def new_engine(
+    routine: Routine,
+    policy: SafetyPolicy,
+    *,
+    sample_rate_hz: float,
+    dose_today_j_cm2: Mapping[str, float] | None = None,
+    fault_checks: FaultChecks | None = None,
+) -> MassageEngine | LedEngine:
+    """The engine of ``routine``'s kind of device."""
+    if routine.device_kind is DeviceKindName.MASSAGER:
+        return MassageEngine(
+            routine, policy, sample_rate_hz=sample_rate_hz, fault_checks=fault_checks
+        )
+    return LedEngine(
+        routine, policy, sample_rate_hz=sample_rate_hz, dose_today_j_cm2=dose_today_j_cm2
+    )

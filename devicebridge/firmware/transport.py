@@ -4,7 +4,7 @@ smpclient's ``SMPBLETransport`` scans and connects with its own ``BleakClient``
 on the platform backend: it cannot borrow our connection (nor reach the
 simulator's bleak backend). :class:`BleSmpTransport` implements smpclient's
 ``SMPTransport`` protocol over :class:`SmpBleLink`, our
-:class:`~devicebridge.transport.ble.BleTransport` with the SMP characteristic
+:class:`~devicebridge.device.transport.ble.BleTransport` with the SMP characteristic
 subscribed too, so one BLE connection carries the device's profile reads and SMP.
 Serial and UDP use smpclient's own transports (a serial SMP console is a port
 of its own, not our OFCP port).
@@ -21,9 +21,9 @@ from bleak.exc import BleakError
 from smpclient.transport import SMPTransport, SMPTransportDisconnected
 
 from devicebridge.clock import Clock, wait_for
+from devicebridge.device.transport.ble import BleTransport
 from devicebridge.errors import DeviceBridgeError, TransportError
 from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
-from devicebridge.transport.ble import BleTransport
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@
 Documented in ``docs/qa.md``.
 """
 
-from devicebridge.qa.bridge import QaBridge, QaError, Timeline, TimelineEntry, load_routine
+from devicebridge.errors import QaError
+from devicebridge.qa.bridge import QaBridge, Timeline, TimelineEntry, load_routine
 from devicebridge.qa.record import record_scenario
 from devicebridge.qa.scenario import DeviceOutcome, ScenarioResult, run_scenario
 

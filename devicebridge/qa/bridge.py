@@ -16,7 +16,6 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,39 +23,35 @@ import numpy as np
 import numpy.typing as npt
 
 from devicebridge.core.engine import Decision
+from devicebridge.core.library import starter_routines, starter_text
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import Routine, parse_routine
-from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
-from devicebridge.runner import RoutineRunner, RunMode, RunSummary
-from devicebridge.session import DeviceSession, session_class_for
+from devicebridge.device.session import DeviceSession, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport, DiscoveredDevice, scan
+from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError, QaError
+from devicebridge.run.runner import RoutineRunner, RunMode
+from devicebridge.run.summary import RunSummary
 from devicebridge.storage.sessions import SessionStore
-from devicebridge.transport.ble import BleBackends, BleTransport, DiscoveredDevice, scan
 from protocols import Event, EventCode
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock
 
 SCAN_S: Final = 0.5
 # The calendar time of virtual time 0: stored records get reproducible timestamps.
 VIRTUAL_EPOCH: Final = datetime(2025, 1, 1, tzinfo=UTC)
-ROUTINES_PACKAGE: Final = "devicebridge.data"
-
-
-class QaError(DeviceBridgeError):
-    """A QA run could not be set up (bad routine, unknown device)."""
 
 
 def load_routine(spec: str, policy: SafetyPolicy, *, base_dir: Path | None = None) -> Routine:
     """A starter routine by name (``firming``) or a routine file (relative to ``base_dir``)."""
-    library = resources.files(ROUTINES_PACKAGE).joinpath("routines")
-    candidate = library.joinpath(f"{spec}.toml")
-    if candidate.is_file():
-        return parse_routine(candidate.read_text("utf-8"), policy, label=spec)
+    text = starter_text(spec)
+    if text is not None:
+        return parse_routine(text, policy, label=spec)
     path = Path(spec)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     try:
         text = path.read_text("utf-8")
     except OSError as exc:
-        names = sorted(p.name.removesuffix(".toml") for p in library.iterdir())
+        names = sorted(starter_routines())
         raise QaError(
             f"routine {spec!r}: no starter routine of that name ({', '.join(names)}) "
             f"and no file {path} ({exc.strerror or exc})"

@@ -17,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from devicebridge.core.engine import CONTACT_FLAG, KPA_PER_UNIT, ZONE_NAMES
-from devicebridge.storage.sessions import SessionStore, SessionStoreError
+from devicebridge.errors import SessionStoreError
+from devicebridge.storage.sessions import SessionStore
 
 PROFILE_STEP_S: Final = 0.1
 REPLAY_TAIL_S: Final = 2.0

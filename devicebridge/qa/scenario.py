@@ -24,10 +24,10 @@ from typing import Any, Final
 
 from devicebridge.core.engine import Decision
 from devicebridge.core.routine import DeviceKindName, MassageStep, Routine
-from devicebridge.errors import DeviceBridgeError
-from devicebridge.qa.bridge import QaBridge, QaError, TimelineEntry, load_routine, telemetry_digest
-from devicebridge.runner import RunSummary
-from devicebridge.session import SessionStats
+from devicebridge.device.session import SessionStats
+from devicebridge.errors import DeviceBridgeError, QaError
+from devicebridge.qa.bridge import QaBridge, TimelineEntry, load_routine, telemetry_digest
+from devicebridge.run.summary import RunSummary
 from protocols import Zone
 from simulators import SimulatedWorld, VirtualClock
 from simulators.faults import FaultRecord

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.errors import BridgeLockError, BridgeRunningError
 from devicebridge.storage.files import open_private, private_directory
 
 LOCK_FILENAME: Final = "bridge.lock"
@@ -38,26 +38,6 @@ LOCK_FILENAME: Final = "bridge.lock"
 LOCK_ATTEMPTS: Final = 50
 LOCK_RETRY_PAUSE_S: Final = 0.01
 MAX_PID_FILE_BYTES: Final = 64
-
-
-class BridgeLockError(DeviceBridgeError):
-    """The data directory's bridge lock could not be taken or read; ``path`` says which."""
-
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-class BridgeRunningError(BridgeLockError):
-    """Another bridge (process ``pid``) runs with this data directory."""
-
-    def __init__(self, pid: int, *, path: Path) -> None:
-        super().__init__(
-            f"a bridge is already running with data dir {path.parent} (pid {pid}); "
-            "stop it first (devicebridge status)",
-            path=path,
-        )
-        self.pid = pid
 
 
 def lock_path(data_dir: Path) -> Path:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.errors import OutboxError, OutboxFullError
 from devicebridge.storage.sqlite import connect
 
 OUTBOX_FILENAME: Final = "outbox.sqlite3"
@@ -34,16 +34,6 @@ _INSERT: Final = (
     "INSERT INTO outbox (sequence, topic, payload, qos, retain, created_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
-
-
-class OutboxError(DeviceBridgeError):
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-
-
-class OutboxFullError(OutboxError):
-    """The outbox reached its size limit; the oldest telemetry was not dropped silently."""
 
 
 @dataclass(frozen=True, slots=True)

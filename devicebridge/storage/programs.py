@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.errors import KeyBoundError, ProgramStoreError
 from devicebridge.storage.sqlite import connect
 
 PROGRAMS_FILENAME: Final = "programs.sqlite3"
@@ -74,25 +74,6 @@ def utc_text(moment: datetime) -> str:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"{moment!r} has no time zone: cannot tell which instant it is")
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-class ProgramStoreError(DeviceBridgeError):
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
-
-
-class KeyBoundError(ProgramStoreError):
-    """The key is already trusted for another therapist (remove it first)."""
-
-    def __init__(self, key_id: str, *, therapist_id: str, wanted: str, path: Path) -> None:
-        super().__init__(
-            f"key {key_id} is already trusted for {therapist_id}, not {wanted}: a key signs"
-            f" for one therapist (devicebridge trust remove {key_id}, then add it again)",
-            path=path,
-        )
-        self.key_id = key_id
-        self.therapist_id = therapist_id
 
 
 @dataclass(frozen=True, slots=True)

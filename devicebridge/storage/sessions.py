@@ -28,7 +28,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.errors import SessionStoreError
 from devicebridge.storage.lock import mark_process_alive, process_alive
 from devicebridge.storage.sqlite import connect, migrate
 from protocols import SampleFormat
@@ -95,14 +95,6 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE sessions ADD COLUMN owner_pid INTEGER;
     """,
 )
-
-
-class SessionStoreError(DeviceBridgeError):
-    """The session store could not be read or written; ``path`` says which file."""
-
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = path
 
 
 @dataclass(frozen=True, slots=True)

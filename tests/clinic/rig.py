@@ -12,9 +12,9 @@ from sqlalchemy import Engine, func, select
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.ingest import Ingester, IngestSettings, IngestStore
-from devicebridge.mqtt import MqttSettings
+from devicebridge.integrations.mqtt import MqttSettings
 from devicebridge.qa.pytest_plugin import guided_massager
-from devicebridge.service import DeviceWorker
+from devicebridge.service.worker import DeviceWorker
 from tests.service.conftest import WAIT_S, Rig, paired
 
 SHORT_ROUTINE = """\

@@ -20,7 +20,7 @@ from devicebridge.clinic.authoring import queue_pushes
 from devicebridge.clinic.ingest import Ingester, IngestSettings, IngestStore
 from devicebridge.core.policy import default_policy
 from devicebridge.core.signed_program import key_id, load_public_key
-from devicebridge.mqtt import MqttSettings, Topics
+from devicebridge.integrations.mqtt import MqttSettings, Topics
 from tests.broker import Mosquitto
 from tests.clinic.rig import SHORT_ROUTINE, count, data_dir, start_with_guided_massager, until
 from tests.service.conftest import BRIDGE, WAIT_S, running, service_rig

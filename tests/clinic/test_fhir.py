@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from fhir.resources.R4B.bundle import Bundle
 
 from devicebridge.cli import main
-from devicebridge.fhir import (
+from devicebridge.clinic.fhir import (
     SNOMED,
     UCUM,
     DeviceFacts,

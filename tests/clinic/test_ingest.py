@@ -24,7 +24,7 @@ from devicebridge.clinic.ingest import Incoming, IngestStore
 from devicebridge.clinic.queries import Queries
 from devicebridge.core.policy import default_policy
 from devicebridge.core.signed_program import key_id, load_public_key, sign_program
-from devicebridge.mqtt import MqttSettings
+from devicebridge.integrations.mqtt import MqttSettings
 from tests.broker import Mosquitto
 from tests.clinic.rig import (
     SHORT_ROUTINE,

@@ -18,8 +18,8 @@ import pytest
 from devicebridge.core.admission import PastSession, check_admission
 from devicebridge.core.policy import default_policy, default_policy_text, parse_policy
 from devicebridge.core.routine import DeviceKindName, Routine, Schedule, parse_routine
+from devicebridge.device.program_transfer import program_from_routine
 from devicebridge.errors import DeviceBridgeError, PolicyError, RoutineError
-from devicebridge.program_transfer import program_from_routine
 
 ROUTINES = resources.files("devicebridge") / "data" / "routines"
 NOW = datetime(2026, 11, 23, 18, 0)

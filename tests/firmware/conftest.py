@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from devicebridge.device.transport.ble import BleBackends
 from devicebridge.firmware import (
     BleSmpTransport,
     FirmwareImage,
@@ -13,7 +14,6 @@ from devicebridge.firmware import (
     SmpBleLink,
     parse_image,
 )
-from devicebridge.transport.ble import BleBackends
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
 from simulators.smp import SmpFirmware, build_image
 

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from devicebridge.device.transport.ble import BleBackends, BleTransport
 from devicebridge.firmware import (
     FirmwareUpdater,
     SmpCommandError,
@@ -13,7 +14,6 @@ from devicebridge.firmware import (
     UploadProgress,
 )
 from devicebridge.firmware.connect import _UdpTransport, parse_udp_endpoint
-from devicebridge.transport.ble import BleBackends, BleTransport
 from simulators import SimulatedMassager, SimulatedWorld
 from simulators.smp import SmpFirmware, SmpUdpServer
 from tests.firmware.conftest import ble_updater, new_image

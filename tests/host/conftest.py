@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
-from devicebridge.session import DeviceSession, Subscription, session_class_for
-from devicebridge.transport.ble import BleBackends, BleTransport, DiscoveredDevice
+from devicebridge.device.session import DeviceSession, Subscription, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport, DiscoveredDevice
 from protocols import TelemetryBatch
 from simulators import SimulatedWorld, VirtualClock
 

@@ -9,14 +9,14 @@ import pytest
 
 from devicebridge.core.reassembly import GapReason
 from devicebridge.core.states import ConnectionState
+from devicebridge.device.session import MaskSession, MassagerSession
+from devicebridge.device.transport.ble import BleTransport, find_device, scan
 from devicebridge.errors import (
     CommandRejectedError,
     CommandTimeoutError,
     DeviceNotFoundError,
     NotConnectedError,
 )
-from devicebridge.session import MaskSession, MassagerSession
-from devicebridge.transport.ble import BleTransport, find_device, scan
 from protocols import EventCode, MassageMode, Opcode, ResultCode, SetZone, Zone
 from simulators import SimulatedWorld, VirtualClock
 

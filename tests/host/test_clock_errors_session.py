@@ -9,9 +9,9 @@ import pytest
 import devicebridge.errors as errors_module
 from devicebridge.clock import Clock, SystemClock, wait_for
 from devicebridge.core.states import ConnectionState
+from devicebridge.device.session import MassagerSession
+from devicebridge.device.transport.ble import find_device
 from devicebridge.errors import ConnectionLostError, DeviceBridgeError, NotConnectedError
-from devicebridge.session import MassagerSession
-from devicebridge.transport.ble import find_device
 from protocols import Ping
 from simulators import SimulatedWorld, VirtualClock
 

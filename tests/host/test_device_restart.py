@@ -17,8 +17,8 @@ from devicebridge.core.reassembly import (
     TelemetryReassembler,
 )
 from devicebridge.core.sequencing import SequenceRange
-from devicebridge.session import DeviceSession
-from devicebridge.transport.ble import find_device
+from devicebridge.device.session import DeviceSession
+from devicebridge.device.transport.ble import find_device
 from protocols import MASSAGER_SAMPLE_DTYPE, SampleFormat, TelemetryBatch
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
 from simulators.faults import FaultInjector, make_fault

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from devicebridge.clock import SystemClock
+from devicebridge.device.session import MassagerSession
+from devicebridge.device.transport.serial import SerialTransport
 from devicebridge.errors import DeviceNotFoundError, TransportError
-from devicebridge.session import MassagerSession
-from devicebridge.transport.serial import SerialTransport
 from protocols import Ack, Command, GetInfo, MassageMode, TelemetryBatch, encode_frame
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
 from simulators.serial_port import PtySerialPort

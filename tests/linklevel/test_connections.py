@@ -9,8 +9,8 @@ import numpy as np
 from bleak import BleakClient
 
 from devicebridge.core.states import ConnectionState
-from devicebridge.session import MassagerSession
-from devicebridge.transport.ble import BleBackends, BleTransport, find_device
+from devicebridge.device.session import MassagerSession
+from devicebridge.device.transport.ble import BleBackends, BleTransport, find_device
 from simulators import ShutdownReason, VirtualClock
 from simulators.linklevel import LinkLevelWorld
 

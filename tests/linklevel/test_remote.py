@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from devicebridge.session import iterate_batches, session_class_for
-from devicebridge.transport.ble import BleBackends, BleTransport, scan
+from devicebridge.device.session import iterate_batches, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport, scan
 from protocols import DeviceKind
 from simulators.linklevel import link_level_clock
 from simulators.linklevel.remote import HCI_LINE_PREFIX, RemoteLinkLevel

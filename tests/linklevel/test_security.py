@@ -9,8 +9,8 @@ import pytest
 from bleak import BleakClient
 from bleak.exc import BleakGATTProtocolError, BleakGATTProtocolErrorCode
 
-from devicebridge.session import MassagerSession
-from devicebridge.transport.ble import BleBackends, BleTransport, find_device
+from devicebridge.device.session import MassagerSession
+from devicebridge.device.transport.ble import BleBackends, BleTransport, find_device
 from protocols import CONTROL_CHAR_UUID, DEVICE_PROFILE_CHAR_UUID, Command, DeviceProfile, Ping
 from simulators import VirtualClock
 from simulators.linklevel import LinkLevelBleakClient, LinkLevelWorld

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from devicebridge.mqtt import MqttLink, MqttSettings, Topics
+from devicebridge.integrations.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.storage.outbox import Outbox
 from simulators import VirtualClock
 from tests.broker import Mosquitto
@@ -39,7 +39,7 @@ async def test_a_handler_that_raises_does_not_end_the_link(
         subscriptions=[topics.program_push],
         on_message=handler,
     )
-    with caplog.at_level(logging.WARNING, logger="devicebridge.mqtt"):
+    with caplog.at_level(logging.WARNING, logger="devicebridge.integrations.mqtt"):
         async with running(link.run()) as task:
             async with asyncio.timeout(WAIT_S):
                 await link.wait_connected()

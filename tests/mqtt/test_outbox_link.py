@@ -14,8 +14,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from devicebridge.mqtt import MqttLink, MqttSettings, Topics, message_properties
-from devicebridge.storage.outbox import Outbox, OutboxFullError, OutgoingMessage
+from devicebridge.errors import OutboxFullError
+from devicebridge.integrations.mqtt import MqttLink, MqttSettings, Topics, message_properties
+from devicebridge.storage.outbox import Outbox, OutgoingMessage
 from simulators import VirtualClock
 from tests.broker import Mosquitto
 
@@ -144,7 +145,7 @@ async def test_outbox_survives_a_restart_and_resumes(mosquitto: Mosquitto, tmp_p
 BRIDGE_PROCESS = """
 import asyncio, sys
 from pathlib import Path
-from devicebridge.mqtt import MqttLink, MqttSettings, Topics
+from devicebridge.integrations.mqtt import MqttLink, MqttSettings, Topics
 from devicebridge.storage.outbox import Outbox
 from simulators import VirtualClock
 

@@ -16,9 +16,9 @@ import pytest
 
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import Routine, parse_routine
-from devicebridge.session import DeviceSession, Subscription, session_class_for
-from devicebridge.transport.ble import BleBackends, BleTransport, find_device
-from devicebridge.transport.serial import SerialTransport
+from devicebridge.device.session import DeviceSession, Subscription, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport, find_device
+from devicebridge.device.transport.serial import SerialTransport
 from protocols import (
     Ack,
     Command,

@@ -10,8 +10,12 @@ import numpy.typing as npt
 
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.reassembly import TelemetryItem
-from devicebridge.program_transfer import install_program, program_from_routine, start_program
-from devicebridge.session import Subscription
+from devicebridge.device.program_transfer import (
+    install_program,
+    program_from_routine,
+    start_program,
+)
+from devicebridge.device.session import Subscription
 from devicebridge.storage.sessions import SessionStore
 from protocols import (
     DeviceKind,

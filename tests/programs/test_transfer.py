@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from devicebridge.core.policy import SafetyPolicy
-from devicebridge.errors import CommandRejectedError, ProgramTransferError
-from devicebridge.program_transfer import (
+from devicebridge.device.program_transfer import (
     CHUNK_HEADER_BYTES,
     abort_program,
     install_program,
@@ -17,7 +16,8 @@ from devicebridge.program_transfer import (
     start_program,
     transfer_program_bytes,
 )
-from devicebridge.session import DeviceSession
+from devicebridge.device.session import DeviceSession
+from devicebridge.errors import CommandRejectedError, ProgramTransferError
 from protocols import (
     Capability,
     DeviceKind,

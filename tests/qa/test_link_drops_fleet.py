@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from devicebridge.qa import QaBridge
-from devicebridge.runner import RunSummary
+from devicebridge.run.summary import RunSummary
 from protocols import Command, Opcode, SetZone, Zone
 from simulators import SimulatedDevice, SimulatedWorld
 

@@ -16,10 +16,10 @@ import pytest
 
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import Routine, parse_routine
-from devicebridge.runner import RoutineRunner, RunMode
-from devicebridge.session import DeviceSession, session_class_for
+from devicebridge.device.session import DeviceSession, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport, find_device
+from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.storage.sessions import SessionStore
-from devicebridge.transport.ble import BleBackends, BleTransport, find_device
 from protocols import Command, Opcode
 from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock

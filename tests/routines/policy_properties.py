@@ -58,8 +58,8 @@ from devicebridge.core.routine import (
     Routine,
     parse_routine,
 )
+from devicebridge.device.program_transfer import program_from_routine
 from devicebridge.errors import DeviceBridgeError, RoutineError
-from devicebridge.program_transfer import program_from_routine
 from protocols import Zone
 from protocols.program import DECI_HZ_PER_HZ, MAX_INTENSITY_LEVEL, MAX_PROGRAM_STEPS
 from simulators import HandScript, HandSegment

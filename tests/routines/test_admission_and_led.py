@@ -12,7 +12,8 @@ from devicebridge.app import routine_hand_script
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.routine import Routine
-from devicebridge.runner import RoutineRefusedError, RoutineRunner
+from devicebridge.errors import RoutineRefusedError
+from devicebridge.run.runner import RoutineRunner
 from devicebridge.storage.sessions import SessionStatus, SessionStore
 from protocols import Opcode, SampleFormat
 from simulators import SimulatedWorld, VirtualClock

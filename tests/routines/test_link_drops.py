@@ -12,8 +12,8 @@ import numpy as np
 
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import SafetyPolicy
-from devicebridge.runner import RunMode
-from devicebridge.session import DeviceSession
+from devicebridge.device.session import DeviceSession
+from devicebridge.run.runner import RunMode
 from devicebridge.storage.sessions import SessionStore
 from protocols import Command, Opcode, Zone
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock

@@ -6,7 +6,7 @@ import pytest
 
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import SafetyPolicy
-from devicebridge.runner import RunMode
+from devicebridge.run.runner import RunMode
 from devicebridge.storage.sessions import SessionStore
 from protocols import Opcode, Zone
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from devicebridge.app import demo_routines
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import Routine, Schedule, parse_routine
-from devicebridge.runner import RoutineRunner, RunMode
+from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.storage.sessions import SessionStore
 from simulators import HandScript, SimulatedWorld, VirtualClock
 

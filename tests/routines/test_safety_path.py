@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
+from devicebridge.core.actuation import SAFETY_KINDS
 from devicebridge.core.engine import MassageEngine
 from devicebridge.core.faults_detect import FaultChecks
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.reassembly import TelemetryItem
-from devicebridge.runner import SAFETY_KINDS, RunMode, StoreWriter
-from devicebridge.session import MassagerSession
+from devicebridge.device.session import MassagerSession
+from devicebridge.device.transport.serial import SerialTransport
+from devicebridge.run.runner import RunMode
 from devicebridge.storage.sessions import SessionStore
-from devicebridge.transport.serial import SerialTransport
+from devicebridge.storage.writer import StoreWriter
 from protocols import Command, Opcode, SampleFormat, StopAll, TelemetryBatch, Zone
 from protocols.telemetry import MASSAGER_SAMPLE_DTYPE
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock

@@ -20,14 +20,14 @@ from devicebridge.app import routine_hand_script
 from devicebridge.core.policy import default_policy
 from devicebridge.core.routine import Routine
 from devicebridge.core.signed_program import key_id, public_key_bytes, sign_program
-from devicebridge.mqtt import MqttSettings
-from devicebridge.runner import RunMode
-from devicebridge.service import BridgeService
-from devicebridge.session import DeviceSession, session_class_for
+from devicebridge.device.session import DeviceSession, session_class_for
+from devicebridge.device.transport.ble import BleBackends, BleTransport
+from devicebridge.integrations.mqtt import MqttSettings
+from devicebridge.run.runner import RunMode
+from devicebridge.service.supervisor import BridgeService
 from devicebridge.storage.lock import try_acquire
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
-from devicebridge.transport.ble import BleBackends, BleTransport
 from protocols import DeviceKind
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
 from simulators.device import SimulatedDevice

@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devicebridge.cli.service import push_envelope
-from devicebridge.mqtt import MqttSettings, Topics
+from devicebridge.integrations.mqtt import MqttSettings, Topics
 from tests.broker import Mosquitto
 from tests.service.conftest import (
     BRIDGE,

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from devicebridge.core.reassembly import GapReason, TelemetryGap
-from devicebridge.service import TelemetryBatcher, decode_telemetry_message
-from devicebridge.storage.outbox import Outbox, OutboxFullError
+from devicebridge.errors import OutboxFullError
+from devicebridge.service.telemetry import TelemetryBatcher, decode_telemetry_message
+from devicebridge.storage.outbox import Outbox
 from protocols import SampleFormat, TelemetryBatch
 from protocols.telemetry import SAMPLE_DTYPES
 

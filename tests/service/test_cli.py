@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from devicebridge.cli import main
 from devicebridge.core.signed_program import parse_envelope
-from devicebridge.service import write_status_file
+from devicebridge.service.status import write_status_file
 from tests.service.conftest import ROUTINES
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from devicebridge import program_transfer
 from devicebridge.core.policy import default_policy
 from devicebridge.core.routine import parse_routine
+from devicebridge.device import program_transfer
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from protocols import SampleFormat
 from simulators import SimulatedMassager

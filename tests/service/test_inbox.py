@@ -22,7 +22,7 @@ from devicebridge.core.signed_program import (
     SignedProgram,
     signed_bytes,
 )
-from devicebridge.service import BridgeService
+from devicebridge.service.supervisor import BridgeService
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from tests.service.conftest import BRIDGE, Therapist, routine_text, service_rig
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from devicebridge.mqtt import Topics
-from devicebridge.service import status_file
+from devicebridge.integrations.mqtt import Topics
+from devicebridge.service.status import status_file
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from tests.broker import Mosquitto

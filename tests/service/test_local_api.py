@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from devicebridge import local_api
-from devicebridge.runner import RunnerState
+from devicebridge.errors import LocalApiError
+from devicebridge.run.view import RunnerState
+from devicebridge.service import local_api
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 
 from .conftest import WAIT_S, Rig, Therapist, routine_text, service_rig
@@ -81,7 +82,7 @@ async def test_a_refusal_and_a_bad_request_are_answered_and_the_bridge_goes_on(
         device = await started(rig)
         connection = await local_api.connect(tmp_path)
         assert connection is not None
-        with pytest.raises(local_api.LocalApiError, match="no served device named 'nobody'"):
+        with pytest.raises(LocalApiError, match="no served device named 'nobody'"):
             await local_api.run_on_bridge(
                 connection, {"device": "nobody", "routine_text": SHORT.decode(), "label": "x"}
             )
@@ -96,7 +97,7 @@ async def test_a_refusal_and_a_bad_request_are_answered_and_the_bridge_goes_on(
         connection = await local_api.connect(tmp_path)
         assert connection is not None
         firming = routine_text("firming").decode().replace("{ min = 4.0, max = 12.0 }", "{}", 1)
-        with pytest.raises(local_api.LocalApiError, match="not a valid routine"):
+        with pytest.raises(LocalApiError, match="not a valid routine"):
             await local_api.run_on_bridge(
                 connection, {"device": device, "routine_text": firming, "label": "firming"}
             )

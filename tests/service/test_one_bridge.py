@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from devicebridge.cli import main
-from devicebridge.service import write_status_file
+from devicebridge.service.status import write_status_file
 from tests.service.conftest import BRIDGE, WAIT_S
 
 SERVE = "from devicebridge.cli import main; main()"

@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, assume, given, settings
 
 from devicebridge.core.routine import Routine
-from devicebridge.runner import RunMode
-from devicebridge.service import BridgeService
+from devicebridge.run.runner import RunMode
+from devicebridge.service.supervisor import BridgeService
 from devicebridge.storage.lock import try_acquire
 from simulators import HandScript, SimulatedWorld, VirtualClock
 from tests.routines.policy_properties import (

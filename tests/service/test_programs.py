@@ -14,7 +14,7 @@ import pytest
 
 from devicebridge.cli.service import push_envelope
 from devicebridge.core.signed_program import MAX_ENVELOPE_BYTES, ProgramRejectedError
-from devicebridge.mqtt import MqttSettings, Topics, read_retained
+from devicebridge.integrations.mqtt import MqttSettings, Topics, read_retained
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from tests.broker import Mosquitto
 from tests.service.conftest import (

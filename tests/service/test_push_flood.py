@@ -23,7 +23,7 @@ import aiomqtt
 import pytest
 
 from devicebridge.core.signed_program import FORMAT, MAX_ENVELOPE_BYTES
-from devicebridge.mqtt import Topics
+from devicebridge.integrations.mqtt import Topics
 from tests.broker import Mosquitto
 from tests.service.conftest import WAIT_S, Therapist, routine_text, running, service_rig
 

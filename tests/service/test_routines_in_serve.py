@@ -14,7 +14,8 @@ from devicebridge.app import routine_hand_script
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import default_policy
 from devicebridge.core.routine import parse_routine
-from devicebridge.runner import RoutineRefusedError, RunMode
+from devicebridge.errors import RoutineRefusedError
+from devicebridge.run.runner import RunMode
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from protocols import SampleFormat
 from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON

@@ -9,9 +9,10 @@ import aiomqtt
 
 from devicebridge.core.policy import default_policy
 from devicebridge.core.routine import parse_routine
-from devicebridge.homeassistant import HOME_ASSISTANT_STATUS_TOPIC
-from devicebridge.mqtt import Topics
-from devicebridge.service import decode_telemetry_message, read_status_file
+from devicebridge.integrations.homeassistant import HOME_ASSISTANT_STATUS_TOPIC
+from devicebridge.integrations.mqtt import Topics
+from devicebridge.service.status import read_status_file
+from devicebridge.service.telemetry import decode_telemetry_message
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from simulators.massager import SimulatedMassager
 from tests.broker import Mosquitto

@@ -11,13 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from devicebridge.storage.lock import (
-    BridgeRunningError,
-    acquire,
-    holder,
-    lock_path,
-    try_acquire,
-)
+from devicebridge.errors import BridgeRunningError
+from devicebridge.storage.lock import acquire, holder, lock_path, try_acquire
 
 HOLD = textwrap.dedent(
     """

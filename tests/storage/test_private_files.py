@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from devicebridge.cli import main
-from devicebridge.service import write_status_file
+from devicebridge.service.status import write_status_file
 from devicebridge.storage.lock import acquire
 from devicebridge.storage.outbox import OUTBOX_FILENAME, Outbox
 from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore

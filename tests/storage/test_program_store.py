@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from devicebridge.storage.programs import KeyBoundError, ProgramStore
+from devicebridge.errors import KeyBoundError
+from devicebridge.storage.programs import ProgramStore
 
 WEST = timezone(timedelta(hours=-12))
 

@@ -15,7 +15,8 @@ import pytest
 
 import protocols as p
 from devicebridge.core.engine import Decision, DecisionKind
-from devicebridge.storage.sessions import SessionStore, SessionStoreError
+from devicebridge.errors import SessionStoreError
+from devicebridge.storage.sessions import SessionStore
 
 
 def batch(first: int, count: int) -> np.ndarray:

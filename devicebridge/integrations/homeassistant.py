@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from devicebridge.mqtt import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, Topics
+from devicebridge.integrations.mqtt import AVAILABILITY_OFFLINE, AVAILABILITY_ONLINE, Topics
 
 DISCOVERY_PREFIX: Final = "homeassistant"
 HOME_ASSISTANT_STATUS_TOPIC: Final = f"{DISCOVERY_PREFIX}/status"

@@ -24,17 +24,17 @@ from bleak.exc import BleakError, BleakGATTProtocolError, BleakGATTProtocolError
 from bleak_retry_connector import BleakNotFoundError, establish_connection
 
 from devicebridge.clock import Clock, wait_for
+from devicebridge.device.transport.base import (
+    DeviceInfo,
+    LinkLostReceiver,
+    MalformedReceiver,
+    MessageReceiver,
+)
 from devicebridge.errors import (
     ConnectionLostError,
     DeviceNotFoundError,
     NotConnectedError,
     TransportError,
-)
-from devicebridge.transport.base import (
-    DeviceInfo,
-    LinkLostReceiver,
-    MalformedReceiver,
-    MessageReceiver,
 )
 from protocols import (
     BATTERY_LEVEL_CHAR_UUID,
@@ -201,7 +201,7 @@ async def find_device(
 
 
 class BleTransport:
-    """One device over GATT; satisfies :class:`devicebridge.transport.base.Transport`.
+    """One device over GATT; satisfies :class:`devicebridge.device.transport.base.Transport`.
 
     ``serial_number`` identifies the device in advertisements; ``address`` is a
     fallback for devices that do not advertise one. ``device`` (a fresh scan

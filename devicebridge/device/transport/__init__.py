@@ -1,5 +1,5 @@
 """Edges that carry protocol messages to and from a device: BLE (bleak) and serial (pyserial)."""
 
-from devicebridge.transport.base import DeviceInfo, Transport
+from devicebridge.device.transport.base import DeviceInfo, Transport
 
 __all__ = ["DeviceInfo", "Transport"]

@@ -14,9 +14,9 @@ The protocol is one JSON object per line. The client sends one request::
      "max_duration_s": 3600 | null}
 
 and reads events until the last: ``{"event": "started", "device": ..., "session_id": ...}``,
-``{"event": "state", "state": {...}}`` (a :class:`~devicebridge.runner.RunnerState`),
+``{"event": "state", "state": {...}}`` (a :class:`~devicebridge.run.view.RunnerState`),
 ``{"event": "decision", "decision": {...}}``, then one of ``{"event": "result", ...}``
-(a :class:`~devicebridge.runner.RunSummary`), ``{"event": "refused", "message": ...}`` or
+(a :class:`~devicebridge.run.summary.RunSummary`), ``{"event": "refused", "message": ...}`` or
 ``{"event": "error", "message": ...}``. Closing the connection stops the routine (the
 device is stopped and the session stored as ``stopped``).
 
@@ -42,11 +42,18 @@ import platformdirs
 from devicebridge.config import APP_NAME
 from devicebridge.core.engine import Decision, DecisionKind, PressureState
 from devicebridge.core.routine import DeviceKindName, RoutineError, parse_routine
-from devicebridge.errors import DeviceBridgeError
-from devicebridge.runner import RoutineRefusedError, RunMode, RunnerState, RunSummary
+from devicebridge.errors import (
+    BridgeRefusedError,
+    DeviceBridgeError,
+    LocalApiError,
+    RoutineRefusedError,
+)
+from devicebridge.run.runner import RunMode
+from devicebridge.run.summary import RunSummary
+from devicebridge.run.view import RunnerState
 
 if TYPE_CHECKING:
-    from devicebridge.service import BridgeService
+    from devicebridge.service.supervisor import BridgeService
 
 LOG = logging.getLogger(__name__)
 
@@ -56,14 +63,6 @@ PRIVATE_DIR_MODE: Final = 0o700
 # sockaddr_un holds 108 bytes on Linux, 104 on macOS, with the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 100
 MAX_REQUEST_BYTES: Final = 256 * 1024  # a routine file is at most a few kilobytes
-
-
-class LocalApiError(DeviceBridgeError):
-    """The running bridge could not run what was asked (its message says why)."""
-
-
-class BridgeRefusedError(LocalApiError):
-    """The running bridge's admission refused the routine (the message lists why)."""
 
 
 def socket_path(data_dir: Path) -> Path:

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from devicebridge.core.engine import ZONE_NAMES, LedEngine, MassageEngine
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.routine import J_PER_MJ, MassageStep, Routine, parse_routine
-from devicebridge.errors import DeviceBridgeError, RoutineError
+from devicebridge.errors import ReportError, RoutineError
 from devicebridge.storage.sessions import SessionRecord, SessionStore, StoredDecision
 from protocols import SampleFormat
 from protocols.telemetry import (
@@ -38,14 +38,6 @@ PLOT_WIDTH_IN: Final = 11.0
 PLOT_HEIGHT_IN: Final = 6.0
 PLOT_DPI: Final = 100
 CHANNEL_COLOURS: Final = {"red": "tab:red", "near_infrared": "tab:brown", "blue": "tab:blue"}
-
-
-class ReportError(DeviceBridgeError):
-    """A report could not be made or written; ``path`` says where when a file is at fault."""
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        super().__init__(f"{path}: {message}" if path is not None else message)
-        self.path = path
 
 
 @dataclass(frozen=True)

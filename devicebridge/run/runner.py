@@ -3,7 +3,7 @@
 Every routine runs here, whatever started it: ``devicebridge run``, the demo, ``serve``
 (a local start, a program a therapist pushed, a program started from the device's button)
 and the QA bridge. :class:`RoutineRunner` wires a
-:class:`~devicebridge.session.DeviceSession`, the engine
+:class:`~devicebridge.device.session.DeviceSession`, the engine
 (:class:`~devicebridge.core.engine.MassageEngine` or :class:`~devicebridge.core.engine.LedEngine`),
 the :class:`~devicebridge.storage.sessions.SessionStore` and a clock:
 
@@ -50,18 +50,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
-import numpy as np
-
-from devicebridge import program_transfer
 from devicebridge.clock import Clock
 from devicebridge.core.actuation import (
     SAFETY_KINDS,
@@ -75,10 +69,6 @@ from devicebridge.core.actuation import (
 )
 from devicebridge.core.admission import (
     Admission,
-    PastSession,
-    Treatment,
-    check_admission,
-    session_completion,
 )
 from devicebridge.core.engine import (
     CELSIUS_PER_UNIT,
@@ -87,38 +77,37 @@ from devicebridge.core.engine import (
     MW_CM2_PER_UNIT,
     ZONE_NAMES,
     Decision,
-    DecisionKind,
     LedEngine,
     MassageEngine,
-    PressureState,
+    new_engine,
 )
 from devicebridge.core.faults_detect import FaultChecks
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.reassembly import GapReason, TelemetryGap, TelemetryItem
 from devicebridge.core.routine import (
-    J_PER_MJ,
     DeviceKindName,
     LedStep,
     MassageStep,
     Routine,
-    parse_routine,
 )
 from devicebridge.core.states import ConnectionState
+from devicebridge.device import program_transfer
+from devicebridge.device.session import DeviceSession, Subscription
 from devicebridge.errors import (
     CommandError,
     CommandRejectedError,
     DeviceBridgeError,
+    DeviceMismatchError,
+    RoutineRefusedError,
+    RoutineRunError,
     SessionClosedError,
     TransportError,
 )
-from devicebridge.session import DeviceSession, Subscription
-from devicebridge.storage.sessions import (
-    SampleChunk,
-    SessionRecord,
-    SessionStatus,
-    SessionStore,
-    SessionStoreError,
-)
+from devicebridge.run.history import check_routine_admission, refusal_json
+from devicebridge.run.summary import RunSummary, session_summary
+from devicebridge.run.view import Guidance, RunnerState
+from devicebridge.storage.sessions import SessionStatus, SessionStore
+from devicebridge.storage.writer import StoreWriter
 from protocols import (
     Ack,
     Capability,
@@ -130,23 +119,10 @@ from protocols import (
     StopAll,
     TelemetryBatch,
 )
-from protocols.telemetry import MASSAGER_FLAG_PROGRAM_RUNNING
 
 _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
-__all__ = [
-    "SAFETY_KINDS",
-    "RoutineRefusedError",
-    "RoutineRunError",
-    "RoutineRunner",
-    "RunMode",
-    "RunSummary",
-    "RunnerState",
-    "StoreWriter",
-    "recover_sessions",
-    "session_summary",
-]
 
 SAMPLE_FORMAT_OF: Final = {
     DeviceKindName.MASSAGER: SampleFormat.MASSAGER_V1,
@@ -161,612 +137,15 @@ FINAL_STOP_WAIT_S: Final = 5.0
 # After a command failed on a link that is up (a timeout), wait this long before the next
 # attempt (clock seconds), so a device that does not answer is not flooded.
 COMMAND_RETRY_S: Final = 1.0
-# How long the store writer collects rows before it commits them (wall seconds). Fewer,
-# larger commits cost the event loop less than one per batch; a killed bridge loses at
-# most this much telemetry.
-FLUSH_INTERVAL_S: Final = 0.25
-# Admission looks back at least a day (the daily LED dose), longer for frequency rules.
-ADMISSION_MIN_LOOKBACK_DAYS: Final = 1.0
 # How long a device program's start waits for the sample it starts at (clock seconds).
 PROGRAM_MARK_WAIT_S: Final = 2.0
 PROGRAM_MARK_POLL_S: Final = 0.02
-# How many samples a resumption skips, at most, looking for the program's first (the
-# sample marked at the start may come a notification or so before it).
-RESUME_LEAD_IN_SAMPLES: Final = 1000
-# Sample flag bit 3 of either kind (LED_MASK_FLAG_PROGRAM_RUNNING is the same bit): the
-# device runs a program (docs/protocol.md 7.3).
-PROGRAM_RUNNING_FLAG: Final = MASSAGER_FLAG_PROGRAM_RUNNING
-# Decisions the live view counts as warnings.
-_WARNING_KINDS: Final = frozenset({DecisionKind.WARNING, DecisionKind.LOWER_INTENSITY})
 
 
 class RunMode(StrEnum):
     AUTO = "auto"  # device program when the device supports it, else host
     HOST = "host"  # the host engine drives the device command by command
     DEVICE = "device"  # insist on a device program (error when impossible)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class RoutineRunError(DeviceBridgeError):
-    """A routine could not be run on a device."""
-
-
-class RoutineRefusedError(RoutineRunError):
-    """Admission refused the routine; ``refusals`` says why and from when it is possible."""
-
-    def __init__(self, routine: Routine, admission: Admission, session_id: int | None) -> None:
-        lines = [f"{routine.name!r} refused:"]
-        for refusal in admission.refusals:
-            lines.append(f"  - {refusal.message} (policy: {refusal.rule})")
-        super().__init__("\n".join(lines))
-        self.routine = routine
-        self.admission = admission
-        self.refusals = admission.refusals
-        self.session_id = session_id
-
-    @property
-    def allowed_from(self) -> datetime | None:
-        """The earliest time every refusal is lifted (None: not a matter of time)."""
-        moments = [r.allowed_from for r in self.refusals]
-        if any(m is None for m in moments):
-            return None
-        return max(m for m in moments if m is not None)
-
-
-class DeviceMismatchError(RoutineRunError):
-    """The routine is for another kind of device than the one connected."""
-
-    def __init__(self, routine: Routine, device: str, kind: object) -> None:
-        super().__init__(
-            f"{device}: routine {routine.name!r} is for a {routine.device_kind.value}, "
-            f"the device is a {getattr(kind, 'name', kind)}"
-        )
-        self.device = device
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerState:
-    """What the UI shows; derived from the engine whenever it is asked for."""
-
-    device: str
-    routine: str
-    device_kind: DeviceKindName
-    step: int
-    steps_total: int
-    zone: str | None
-    guidance: str
-    step_remaining_s: float
-    session_remaining_s: float
-    elapsed_s: float
-    paused: bool = False
-    finished: bool = False
-    pressure_kpa: float | None = None
-    pressure_state: PressureState | None = None
-    band_kpa: tuple[float, float] | None = None  # the step's target band
-    cap_kpa: float | None = None  # the policy cap of the zone under the head
-    contact: bool | None = None
-    skin_temperature_c: float | None = None
-    irradiance_mw_cm2: Mapping[str, float] | None = None
-    dose_j_cm2: Mapping[str, float] | None = None
-    dose_allowed_j_cm2: Mapping[str, float] | None = None
-    last_warning: str | None = None
-    warnings: int = 0
-    gaps: int = 0
-    mode: str = "host"
-
-
-@dataclass(frozen=True, slots=True)
-class RunSummary:
-    session_id: int | None
-    status: SessionStatus
-    end_reason: str | None
-    summary: Mapping[str, Any]
-    decisions: tuple[Decision, ...] = field(default=())
-
-    @property
-    def completed(self) -> bool:
-        return self.status == "completed"
-
-
-def session_summary(
-    engine: MassageEngine | LedEngine,
-    routine: Routine,
-    *,
-    mode: str,
-    samples: int,
-    gaps: int,
-    lost_samples: int,
-    command_errors: int,
-) -> dict[str, Any]:
-    """What a finished (or interrupted) session says of itself: stored, shown, published."""
-    base: dict[str, Any] = {
-        "routine": routine.name,
-        "routine_version": routine.version,
-        "device_kind": routine.device_kind.value,
-        "mode": mode,
-        "samples": samples,
-        "steps_done": engine.summary.steps_done,
-        "steps_total": engine.summary.steps_total,
-        "completion": round(engine.summary.completion, 4),
-        "completed": engine.summary.completed,
-        "stopped_reason": engine.summary.stopped_reason,
-        "warnings": sum(1 for d in engine.decisions if d.kind in _WARNING_KINDS),
-        "gaps": gaps,
-        "lost_samples": lost_samples,
-        "command_errors": command_errors,
-    }
-    if isinstance(engine, MassageEngine):
-        s = engine.summary
-        base.update(
-            contact_s=round(s.contact_s, 3),
-            time_in_band_s=round(s.time_in_band_s, 3),
-            in_band_fraction=round(s.in_band_fraction, 4),
-            out_of_band_events=s.out_of_band_events,
-            cap_events=s.cap_events,
-            contact_s_by_zone={z: round(v, 3) for z, v in s.contact_s_by_zone.items()},
-        )
-    else:
-        led = engine.summary
-        base.update(
-            dose_j_cm2={ch: round(v, 4) for ch, v in led.dose_j_cm2.items()},
-            dose_allowed_j_cm2={ch: round(v, 4) for ch, v in engine.dose_allowed_j_cm2.items()},
-            light_s=round(led.light_s, 3),
-            max_temperature_c=(
-                round(led.max_temperature_c, 2) if math.isfinite(led.max_temperature_c) else None
-            ),
-        )
-    return base
-
-
-# --------------------------------------------------------------------------- history
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def led_dose_of_samples(samples: np.ndarray[Any, Any], sample_rate_hz: float) -> dict[str, float]:
-    """Dose per channel (J/cm²) delivered by LED mask samples."""
-    dt_s = 1.0 / sample_rate_hz if sample_rate_hz > 0 else 0.0
-    return {
-        ch: float(samples[f"{ch}_centi_mw_cm2"].astype(np.float64).sum())
-        * MW_CM2_PER_UNIT
-        * dt_s
-        / J_PER_MJ
-        for ch in LED_CHANNELS
-    }
-
-
-def admission_history(store: SessionStore, *, since: datetime | None = None) -> list[PastSession]:
-    """Past sessions as admission sees them; refused attempts are not sessions.
-
-    A session that ended without a summary (the bridge was stopped) gets its LED dose from
-    its stored telemetry, so a crash never hides light from the daily cap.
-    """
-    history: list[PastSession] = []
-    for record in store.sessions(since=since):
-        if record.status == "refused":
-            continue
-        try:
-            kind = DeviceKindName(record.device_kind)
-        except ValueError:
-            continue
-        dose = record.summary.get("dose_j_cm2")
-        if kind is DeviceKindName.LED_MASK and not isinstance(dose, dict):
-            _, samples = store.telemetry(record.id)
-            dose = led_dose_of_samples(samples, record.sample_rate_hz) if len(samples) else {}
-        history.append(
-            PastSession(
-                _aware(record.started_at),
-                record.category,
-                kind,
-                record.status == "completed",
-                {str(k): float(v) for k, v in (dose or {}).items()},
-                session_completion(record.summary),
-            )
-        )
-    return history
-
-
-def recorded_treatments(store: SessionStore) -> list[Treatment]:
-    return [Treatment(t.kind, _aware(t.performed_at), t.zones) for t in store.treatments()]
-
-
-def check_routine_admission(
-    routine: Routine, policy: SafetyPolicy, store: SessionStore | None, *, now: datetime
-) -> Admission:
-    # Only the longest window any rule looks back over: reading every session ever stored
-    # made each admission slower as the history grew (and held the event loop meanwhile).
-    lookback_days = max(
-        [ADMISSION_MIN_LOOKBACK_DAYS]
-        + [rule.per_days.value for rule in policy.frequency.values()]
-        + ([routine.schedule.per_days] if routine.schedule else [])
-    )
-    since = now - timedelta(days=lookback_days)
-    history = admission_history(store, since=since) if store is not None else []
-    treatments = recorded_treatments(store) if store is not None else []
-    return check_admission(routine, policy, now=now, history=history, treatments=treatments)
-
-
-# --------------------------------------------------------------------------- store writer
-
-
-@dataclass(slots=True)
-class _SampleRun:
-    """Contiguous batches of one session waiting for the writer: one row once committed.
-
-    A row per 100 ms batch made the writer thread hand the GIL back and forth with the
-    event loop for every row (SQLite releases it around each statement step), which cost
-    the loop more than the writing itself.
-    """
-
-    session_id: int
-    first_sequence: int
-    end_sequence: int
-    parts: list[np.ndarray[Any, Any]]
-    received_at: datetime
-
-    def chunk(self) -> SampleChunk:
-        parts = self.parts
-        samples = (
-            parts[0]
-            if len(parts) == 1
-            else np.frombuffer(b"".join(part.tobytes() for part in parts), dtype=parts[0].dtype)
-        )
-        return SampleChunk(self.session_id, self.first_sequence, samples, self.received_at)
-
-
-class StoreWriter:
-    """Groups the telemetry and decisions of every run on one store into one commit.
-
-    Commits ``interval_s`` after the first row waiting, through a
-    connection of its own on a thread of its own, so neither the commits nor SQLite's
-    checkpoints (fsync) hold up the event loop. :meth:`commit_session` writes what is left
-    of one run at once, on the caller's thread and without yielding (so the end of a run
-    lands at the same clock time on every run of a deterministic simulation); a run calls
-    it before it stores its summary.
-    """
-
-    def __init__(self, store: SessionStore, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
-        self.path = store.path
-        self.interval_s = interval_s
-        self.commits = 0  # of the thread (for tests and benchmarks)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
-        self._thread_store: SessionStore | None = None  # opened and used on the thread only
-        self._chunks: list[SampleChunk] = []  # closed runs (a gap came after them)
-        self._runs: dict[int, _SampleRun] = {}  # the open run of each session
-        self._decisions: list[tuple[int, Sequence[Decision]]] = []
-        self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
-        self._timer: asyncio.Handle | None = None
-
-    def add_samples(
-        self, session_id: int, first_sequence: int, samples: np.ndarray[Any, Any]
-    ) -> None:
-        count = int(samples.shape[0])
-        run = self._runs.get(session_id)
-        if run is not None and run.end_sequence == first_sequence:
-            run.parts.append(samples)
-            run.end_sequence += count
-        else:
-            if run is not None:
-                self._chunks.append(run.chunk())
-            self._runs[session_id] = _SampleRun(
-                session_id, first_sequence, first_sequence + count, [samples], _utc_now()
-            )
-        if self._timer is None:  # else _schedule() has nothing to do
-            self._schedule()
-
-    def add_decisions(self, session_id: int, decisions: Sequence[Decision]) -> None:
-        self._decisions.append((session_id, tuple(decisions)))
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._timer is not None:
-            return
-        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._submit)
-
-    def _submit(self) -> None:
-        """Hand everything added so far to the thread (its jobs run in order)."""
-        self._timer = None
-        self._prune()
-        chunks, self._chunks = self._chunks, []
-        chunks += [run.chunk() for run in self._runs.values()]
-        self._runs.clear()
-        decisions, self._decisions = self._decisions, []
-        if not chunks and not decisions:
-            return
-        sessions = frozenset(c.session_id for c in chunks) | {d[0] for d in decisions}
-        job = self._executor.submit(self._write, chunks, decisions)
-        self._in_flight.append((job, sessions))
-
-    def _write(
-        self, chunks: list[SampleChunk], decisions: list[tuple[int, Sequence[Decision]]]
-    ) -> None:
-        self._store_of_thread().append_many(chunks, decisions)
-        self.commits += 1
-
-    def _store_of_thread(self) -> SessionStore:
-        if self._thread_store is None:
-            self._thread_store = SessionStore(self.path)
-        return self._thread_store
-
-    def run_now(self, operation: Callable[[SessionStore], T]) -> T:
-        """``operation`` on the writer's connection, after the writes before it; blocks.
-
-        A run's own writes go this way too, so the two connections never wait for each
-        other's lock (SQLite's busy wait sleeps in steps of milliseconds).
-        """
-        self._prune()
-        return self._executor.submit(lambda: operation(self._store_of_thread())).result()
-
-    def _prune(self) -> None:
-        still: list[tuple[Future[None], frozenset[int]]] = []
-        for job, sessions in self._in_flight:
-            if not job.done():
-                still.append((job, sessions))
-            elif job.exception() is not None:
-                _LOGGER.error(
-                    "%s: telemetry of sessions %s not stored: %s",
-                    self.path,
-                    sorted(sessions),
-                    job.exception(),
-                )
-        self._in_flight = still
-
-    def commit_session(self, session_id: int) -> None:
-        """Everything of session ``session_id`` committed before this returns (blocks).
-
-        Its rows still waiting are written after the thread's earlier writes (decisions
-        keep their order). Raises :class:`SessionStoreError` if any of its rows could not
-        be stored.
-        """
-        chunks = [c for c in self._chunks if c.session_id == session_id]
-        run = self._runs.pop(session_id, None)
-        if run is not None:
-            chunks.append(run.chunk())
-        decisions = [d for d in self._decisions if d[0] == session_id]
-        self._chunks = [c for c in self._chunks if c.session_id != session_id]
-        self._decisions = [d for d in self._decisions if d[0] != session_id]
-        failure: BaseException | None = None
-        for job, sessions in self._in_flight:
-            if session_id in sessions:
-                failure = failure or job.exception()  # waits for the job
-        self._prune()
-        if failure is not None:
-            raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
-        self.run_now(lambda thread_store: thread_store.append_many(chunks, decisions))
-
-    def close(self) -> None:
-        """Stop the thread once its last write is done (without waiting here)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._submit()
-        self._executor.submit(self._close_store)
-        self._executor.shutdown(wait=False)
-
-    def _close_store(self) -> None:
-        if self._thread_store is not None:
-            self._thread_store.close()
-            self._thread_store = None
-
-
-# --------------------------------------------------------------------------- recovery
-
-
-def new_engine(
-    routine: Routine,
-    policy: SafetyPolicy,
-    *,
-    sample_rate_hz: float,
-    dose_today_j_cm2: Mapping[str, float] | None = None,
-    fault_checks: FaultChecks | None = None,
-) -> MassageEngine | LedEngine:
-    """The engine of ``routine``'s kind of device."""
-    if routine.device_kind is DeviceKindName.MASSAGER:
-        return MassageEngine(
-            routine, policy, sample_rate_hz=sample_rate_hz, fault_checks=fault_checks
-        )
-    return LedEngine(
-        routine, policy, sample_rate_hz=sample_rate_hz, dose_today_j_cm2=dose_today_j_cm2
-    )
-
-
-def recorded_summary(
-    store: SessionStore, record: SessionRecord, policy: SafetyPolicy
-) -> dict[str, Any]:
-    """The summary of what a session recorded: its stored telemetry through the engine.
-
-    For a session whose process ended before it could finish it (killed, power lost): the
-    same summary a finished run stores, of the samples that reached the store. Samples
-    missing between stored ones count as lost.
-    """
-    sequences, samples = store.telemetry(record.id)
-    try:
-        routine = parse_routine(record.routine_text, policy, label=f"session {record.id}")
-        if record.sample_rate_hz <= 0:
-            raise RoutineRunError(f"session {record.id} has no sample rate")
-    except DeviceBridgeError as exc:
-        _LOGGER.warning("session %d: no summary from its telemetry: %s", record.id, exc)
-        return {"routine": record.routine_name, "samples": len(samples)}
-    engine = new_engine(routine, policy, sample_rate_hz=record.sample_rate_hz)
-    engine.start()
-    gaps = lost = 0
-    if len(sequences):
-        breaks = np.flatnonzero(np.diff(sequences.astype(np.int64)) != 1) + 1
-        starts = [0, *breaks.tolist()]
-        ends = [*breaks.tolist(), len(sequences)]
-        for start, end in zip(starts, ends, strict=True):
-            if start:
-                gaps += 1
-                lost += int(sequences[start]) - int(sequences[start - 1]) - 1
-            engine.feed(samples[start:end], int(sequences[start]))
-            if engine.finished:
-                break
-    return session_summary(
-        engine,
-        routine,
-        mode="unknown",
-        samples=len(samples),
-        gaps=gaps,
-        lost_samples=lost,
-        command_errors=0,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Resumable:
-    """An interrupted session whose device was running it as its program: the device may
-    still hold the samples after ``last_sequence`` (see :class:`SessionResumption`);
-    ``in_program``: that sample was taken under the program (else it is the mark of the
-    program's start, which the program's first sample follows shortly)."""
-
-    record: SessionRecord
-    last_sequence: int
-    in_program: bool = True
-
-
-def resumable(store: SessionStore, record: SessionRecord) -> Resumable | None:
-    """``record`` (interrupted) as :class:`Resumable` when the device was running its
-    routine as its program, and was still when the last stored sample was taken."""
-    if record.device_program_from is None:
-        return None
-    sequences, samples = store.telemetry(record.id)
-    if not len(sequences):
-        return Resumable(record, record.device_program_from - 1, in_program=False)
-    if not int(samples["flags"][-1]) & PROGRAM_RUNNING_FLAG:
-        return None  # the program had ended (or was stopped) before the bridge did
-    return Resumable(record, int(sequences[-1]))
-
-
-class SessionResumption:
-    """Takes what a device held of a session its bridge could not finish.
-
-    A bridge killed while a device ran the routine as its program leaves the session
-    interrupted after its last stored sample; the device went on alone, with its own hard
-    limits. When a bridge next connects (the session told to
-    :meth:`~devicebridge.session.DeviceSession.resume_after` that sample), the samples the
-    device still holds come first, backfilled: this observer stores them with the session
-    for as long as the program ran (the program-running flag), then works out the summary
-    again from all of it and finishes the record. Samples the device no longer holds count
-    as lost. ``on_done`` gets the finished record.
-    """
-
-    def __init__(
-        self,
-        store: SessionStore,
-        writer: StoreWriter,
-        resumable: Resumable,
-        policy: SafetyPolicy,
-        *,
-        on_done: Callable[[SessionRecord], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.writer = writer
-        self.record = resumable.record
-        self.policy = policy
-        self.next_sequence = resumable.last_sequence + 1
-        # Resumed from a stored sample of the program: it runs from there on; from the mark
-        # of its start: samples before its first are skipped.
-        self._in_program = resumable.in_program
-        self._lead_in_left = RESUME_LEAD_IN_SAMPLES
-        self.samples = 0
-        self.lost_samples = 0
-        self.done = False
-        self._program_ended = False
-        self._on_done = on_done
-
-    def observe(self, item: TelemetryItem) -> None:
-        """A telemetry observer (:meth:`DeviceSession.observe_telemetry`)."""
-        if self.done:
-            return
-        if isinstance(item, TelemetryGap):
-            if item.reason in (GapReason.DEVICE_REBOOTED, GapReason.DEVICE_SHUT_DOWN):
-                self.finish()  # what the old boot held is gone
-            elif item.first_sequence <= self.next_sequence < item.end_sequence:
-                self.lost_samples += item.end_sequence - self.next_sequence
-                self.next_sequence = item.end_sequence
-            return
-        if item.sample_format is not self.record.sample_format:
-            self.finish()
-            return
-        end = item.first_sequence + len(item)
-        if end <= self.next_sequence:
-            return
-        if item.first_sequence > self.next_sequence:
-            self.lost_samples += item.first_sequence - self.next_sequence
-            self.next_sequence = item.first_sequence
-        samples = item.samples[self.next_sequence - item.first_sequence :]
-        running = (samples["flags"] & PROGRAM_RUNNING_FLAG) != 0
-        if not self._in_program:
-            lead_in = len(samples) if not running.any() else int(np.argmax(running))
-            if lead_in >= self._lead_in_left:
-                self.finish()  # no program in sight: nothing ran alone
-                return
-            self._lead_in_left -= lead_in
-            self.next_sequence += lead_in
-            samples, running = samples[lead_in:], running[lead_in:]
-            if not len(samples):
-                return
-            self._in_program = True
-        # The sample on which the program ended is its last: the limit it reached shows in
-        # it (docs/protocol.md 7.3).
-        taken = len(samples) if bool(running.all()) else int(np.argmin(running)) + 1
-        if taken:
-            self.writer.add_samples(self.record.id, self.next_sequence, samples[:taken])
-            self.samples += taken
-            self.next_sequence += taken
-        if taken < len(samples):
-            self._program_ended = True
-            self.finish()
-
-    def finish(self) -> None:
-        """Store the summary of everything the session now holds (once)."""
-        if self.done:
-            return
-        self.done = True
-        record = self.record
-        reason = "the bridge stopped during the session"
-        if self._program_ended:
-            reason += (
-                f"; the device ran the program on alone ({self.samples} more samples kept"
-                + (f", {self.lost_samples} no longer held" if self.lost_samples else "")
-                + ")"
-            )
-        self.writer.commit_session(record.id)
-        summary = recorded_summary(self.store, record, self.policy)
-        self.writer.run_now(
-            lambda store: store.finish_session(
-                record.id, status="interrupted", end_reason=reason, summary=summary
-            )
-        )
-        self.record = self.store.session(record.id)
-        _LOGGER.info("session %d: %d samples taken from the device", record.id, self.samples)
-        if self._on_done is not None:
-            self._on_done(self.record)
-
-
-def recover_sessions(store: SessionStore, policy: SafetyPolicy) -> list[SessionRecord]:
-    """Sessions a stopped process left ``running``: marked interrupted, with the summary of
-    what they recorded (:func:`recorded_summary`); returns their records."""
-    recovered: list[SessionRecord] = []
-    for session_id in store.recover():
-        record = store.session(session_id)
-        store.finish_session(
-            session_id,
-            status="interrupted",
-            end_reason=record.end_reason,
-            summary=recorded_summary(store, record, policy),
-        )
-        recovered.append(store.session(session_id))
-    return recovered
-
-
-# --------------------------------------------------------------------------- the runner
 
 
 def _utc_now() -> datetime:
@@ -825,7 +204,7 @@ class RoutineRunner:
         self.stop_all_writes = 0
         self.command_errors: list[str] = []
         self._final_note: str | None = None
-        self._guidance = _Guidance()
+        self._guidance = Guidance()
         # What the device last acknowledged (core/actuation); the command task sends what
         # brings it to what the engine wants.
         self._massager = MassagerApplied()
@@ -1414,44 +793,5 @@ class RoutineRunner:
             await events.aclose()
 
 
-@dataclass(slots=True)
-class _Guidance:
-    """What the live view says, folded from the engine's decisions as they come."""
-
-    seen: int = 0  # decisions folded so far
-    text: str = ""  # what to do now
-    step_text: str = ""  # the guidance of the step in progress
-    last_warning: str | None = None
-    warnings: int = 0
-
-    def fold(self, decisions: Sequence[Decision]) -> None:
-        for decision in decisions[self.seen :]:
-            kind = decision.kind
-            if kind in _WARNING_KINDS:
-                self.warnings += 1
-                self.last_warning = decision.message
-                continue
-            if kind is DecisionKind.NEXT_STEP or decision.reason == "step_start":
-                self.step_text = decision.message
-            if kind in SAFETY_KINDS:
-                self.last_warning = decision.message
-            if kind is DecisionKind.GUIDANCE and decision.reason != "step_start":
-                self.last_warning = decision.message  # a hint such as "wrong zone"
-            elif kind is DecisionKind.RESUME:
-                self.text = self.step_text  # back to the step after a pause
-            else:
-                self.text = decision.message
-        self.seen = len(decisions)
-
-
 def _step_time_s(step: MassageStep | LedStep) -> float:
     return step.contact_time_s if isinstance(step, MassageStep) else step.duration_s
-
-
-def refusal_json(refusal: Any) -> dict[str, Any]:
-    return {
-        "reason": refusal.reason,
-        "message": refusal.message,
-        "allowed_from": refusal.allowed_from.isoformat() if refusal.allowed_from else None,
-        "rule": refusal.rule,
-    }

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.errors import FhirExportError
 
 if TYPE_CHECKING:
-    from devicebridge.report import SessionReport
+    from devicebridge.reporting.report import SessionReport
 
 SNOMED: Final = "http://snomed.info/sct"
 UCUM: Final = "http://unitsofmeasure.org"
@@ -78,10 +78,6 @@ STATUS: Final = {
     "running": "in-progress",
     "refused": "not-done",
 }
-
-
-class FhirExportError(DeviceBridgeError):
-    """A Bundle could not be built or does not validate (a bug, or the extra is missing)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,9 @@ from devicebridge.core.signed_program import (
     parse_envelope,
     verify,
 )
+from devicebridge.errors import ProgramStoreError
 from devicebridge.logthrottle import ThrottledLog
-from devicebridge.storage.programs import ProgramStore, ProgramStoreError
+from devicebridge.storage.programs import ProgramStore
 
 LOG = logging.getLogger(__name__)
 RECENT_ACKS: Final = 100  # acknowledgements kept in memory (for status and tests)

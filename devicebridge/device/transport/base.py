@@ -44,7 +44,7 @@ class Transport(Protocol):
 
     Optional: ``write_control_nowait(data: bytes) -> None``, the write of
     :meth:`write_control` done synchronously (serial has it; a bleak write is a coroutine).
-    :meth:`devicebridge.session.DeviceSession.send_soon` uses it when present.
+    :meth:`devicebridge.device.session.DeviceSession.send_soon` uses it when present.
     """
 
     @property

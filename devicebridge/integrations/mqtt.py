@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 
 from devicebridge.clock import Clock
 from devicebridge.core.backoff import Backoff, BackoffPolicy
-from devicebridge.errors import DeviceBridgeError
+from devicebridge.errors import MqttUnavailableError
 from devicebridge.logthrottle import ThrottledLog
 from devicebridge.storage.outbox import Outbox, OutgoingMessage
 
@@ -470,12 +470,3 @@ def _payload_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
     return str(payload).encode()
-
-
-class MqttUnavailableError(DeviceBridgeError):
-    """The broker could not be reached or dropped the connection."""
-
-    def __init__(self, host: str, port: int, detail: str) -> None:
-        super().__init__(f"MQTT broker {host}:{port}: {detail}")
-        self.host = host
-        self.port = port

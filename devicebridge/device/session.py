@@ -1,4 +1,4 @@
-"""A live session with one device, over any :class:`~devicebridge.transport.base.Transport`.
+"""A live session with one device, over any :class:`~devicebridge.device.transport.base.Transport`.
 
 The session owns the connection state machine (:mod:`devicebridge.core.states`),
 matches command acknowledgements to commands by a 16-bit command id, and turns
@@ -31,6 +31,7 @@ from devicebridge.core.reassembly import (
 )
 from devicebridge.core.sequencing import SEQUENCE_MODULUS, SequenceRange
 from devicebridge.core.states import LINK_UP_STATES, ConnectionState, ConnectionStateMachine
+from devicebridge.device.transport.base import TRANSPORT_COMMAND_ID, DeviceInfo, Transport
 from devicebridge.errors import (
     CommandRejectedError,
     CommandTimeoutError,
@@ -40,7 +41,6 @@ from devicebridge.errors import (
     NotConnectedError,
     SessionClosedError,
 )
-from devicebridge.transport.base import TRANSPORT_COMMAND_ID, DeviceInfo, Transport
 from protocols import (
     Ack,
     BackfillReply,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
-from devicebridge.session import DeviceSession, Subscription
+from devicebridge.device.session import DeviceSession, Subscription
 from protocols import SampleFormat, TelemetryBatch, Zone
 from protocols.telemetry import (
     LED_MASK_FLAG_TREATMENT_RUNNING,

@@ -18,6 +18,13 @@ from typing import Final
 import serial
 
 from devicebridge.clock import Clock, wait_for
+from devicebridge.device.transport.base import (
+    TRANSPORT_COMMAND_ID,
+    DeviceInfo,
+    LinkLostReceiver,
+    MalformedReceiver,
+    MessageReceiver,
+)
 from devicebridge.errors import (
     CommandRejectedError,
     CommandTimeoutError,
@@ -25,13 +32,6 @@ from devicebridge.errors import (
     DeviceNotFoundError,
     NotConnectedError,
     TransportError,
-)
-from devicebridge.transport.base import (
-    TRANSPORT_COMMAND_ID,
-    DeviceInfo,
-    LinkLostReceiver,
-    MalformedReceiver,
-    MessageReceiver,
 )
 from protocols import (
     Ack,
@@ -57,7 +57,7 @@ _HANGUP_ERRNOS: Final = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV, errno.E
 
 
 class SerialTransport:
-    """One device on a serial port; satisfies :class:`devicebridge.transport.base.Transport`."""
+    """One device on a serial port (a :class:`~devicebridge.device.transport.base.Transport`)."""
 
     def __init__(
         self,

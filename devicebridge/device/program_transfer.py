@@ -32,13 +32,13 @@ from typing import Final
 from devicebridge.clock import wait_for
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy
 from devicebridge.core.routine import DeviceKindName, LedStep, MassageStep, Routine
+from devicebridge.device.session import DeviceSession
 from devicebridge.errors import (
     CommandRejectedError,
     CommandTimeoutError,
     DeviceBridgeError,
     ProgramTransferError,
 )
-from devicebridge.session import DeviceSession
 from protocols import (
     Ack,
     CommandBody,

@@ -1,0 +1,1 @@
+"""What the bridge talks to besides its devices: the MQTT broker and Home Assistant."""

@@ -1,0 +1,194 @@
+"""One writer thread per session store: telemetry and decisions of running sessions,
+committed together every ``FLUSH_INTERVAL_S``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import numpy as np
+
+from devicebridge.core.engine import (
+    Decision,
+)
+from devicebridge.errors import (
+    SessionStoreError,
+)
+from devicebridge.storage.sessions import SampleChunk, SessionStore
+
+_LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# How long the store writer collects rows before it commits them (wall seconds). Fewer,
+# larger commits cost the event loop less than one per batch; a killed bridge loses at
+# most this much telemetry.
+FLUSH_INTERVAL_S: Final = 0.25
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _SampleRun:
+    """Contiguous batches of one session waiting for the writer: one row once committed.
+
+    A row per 100 ms batch made the writer thread hand the GIL back and forth with the
+    event loop for every row (SQLite releases it around each statement step), which cost
+    the loop more than the writing itself.
+    """
+
+    session_id: int
+    first_sequence: int
+    end_sequence: int
+    parts: list[np.ndarray[Any, Any]]
+    received_at: datetime
+
+    def chunk(self) -> SampleChunk:
+        parts = self.parts
+        samples = (
+            parts[0]
+            if len(parts) == 1
+            else np.frombuffer(b"".join(part.tobytes() for part in parts), dtype=parts[0].dtype)
+        )
+        return SampleChunk(self.session_id, self.first_sequence, samples, self.received_at)
+
+
+class StoreWriter:
+    """Groups the telemetry and decisions of every run on one store into one commit.
+
+    Commits ``interval_s`` after the first row waiting, through a
+    connection of its own on a thread of its own, so neither the commits nor SQLite's
+    checkpoints (fsync) hold up the event loop. :meth:`commit_session` writes what is left
+    of one run at once, on the caller's thread and without yielding (so the end of a run
+    lands at the same clock time on every run of a deterministic simulation); a run calls
+    it before it stores its summary.
+    """
+
+    def __init__(self, store: SessionStore, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
+        self.path = store.path
+        self.interval_s = interval_s
+        self.commits = 0  # of the thread (for tests and benchmarks)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
+        self._thread_store: SessionStore | None = None  # opened and used on the thread only
+        self._chunks: list[SampleChunk] = []  # closed runs (a gap came after them)
+        self._runs: dict[int, _SampleRun] = {}  # the open run of each session
+        self._decisions: list[tuple[int, Sequence[Decision]]] = []
+        self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
+        self._timer: asyncio.Handle | None = None
+
+    def add_samples(
+        self, session_id: int, first_sequence: int, samples: np.ndarray[Any, Any]
+    ) -> None:
+        count = int(samples.shape[0])
+        run = self._runs.get(session_id)
+        if run is not None and run.end_sequence == first_sequence:
+            run.parts.append(samples)
+            run.end_sequence += count
+        else:
+            if run is not None:
+                self._chunks.append(run.chunk())
+            self._runs[session_id] = _SampleRun(
+                session_id, first_sequence, first_sequence + count, [samples], _utc_now()
+            )
+        if self._timer is None:  # else _schedule() has nothing to do
+            self._schedule()
+
+    def add_decisions(self, session_id: int, decisions: Sequence[Decision]) -> None:
+        self._decisions.append((session_id, tuple(decisions)))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            return
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._submit)
+
+    def _submit(self) -> None:
+        """Hand everything added so far to the thread (its jobs run in order)."""
+        self._timer = None
+        self._prune()
+        chunks, self._chunks = self._chunks, []
+        chunks += [run.chunk() for run in self._runs.values()]
+        self._runs.clear()
+        decisions, self._decisions = self._decisions, []
+        if not chunks and not decisions:
+            return
+        sessions = frozenset(c.session_id for c in chunks) | {d[0] for d in decisions}
+        job = self._executor.submit(self._write, chunks, decisions)
+        self._in_flight.append((job, sessions))
+
+    def _write(
+        self, chunks: list[SampleChunk], decisions: list[tuple[int, Sequence[Decision]]]
+    ) -> None:
+        self._store_of_thread().append_many(chunks, decisions)
+        self.commits += 1
+
+    def _store_of_thread(self) -> SessionStore:
+        if self._thread_store is None:
+            self._thread_store = SessionStore(self.path)
+        return self._thread_store
+
+    def run_now(self, operation: Callable[[SessionStore], T]) -> T:
+        """``operation`` on the writer's connection, after the writes before it; blocks.
+
+        A run's own writes go this way too, so the two connections never wait for each
+        other's lock (SQLite's busy wait sleeps in steps of milliseconds).
+        """
+        self._prune()
+        return self._executor.submit(lambda: operation(self._store_of_thread())).result()
+
+    def _prune(self) -> None:
+        still: list[tuple[Future[None], frozenset[int]]] = []
+        for job, sessions in self._in_flight:
+            if not job.done():
+                still.append((job, sessions))
+            elif job.exception() is not None:
+                _LOGGER.error(
+                    "%s: telemetry of sessions %s not stored: %s",
+                    self.path,
+                    sorted(sessions),
+                    job.exception(),
+                )
+        self._in_flight = still
+
+    def commit_session(self, session_id: int) -> None:
+        """Everything of session ``session_id`` committed before this returns (blocks).
+
+        Its rows still waiting are written after the thread's earlier writes (decisions
+        keep their order). Raises :class:`SessionStoreError` if any of its rows could not
+        be stored.
+        """
+        chunks = [c for c in self._chunks if c.session_id == session_id]
+        run = self._runs.pop(session_id, None)
+        if run is not None:
+            chunks.append(run.chunk())
+        decisions = [d for d in self._decisions if d[0] == session_id]
+        self._chunks = [c for c in self._chunks if c.session_id != session_id]
+        self._decisions = [d for d in self._decisions if d[0] != session_id]
+        failure: BaseException | None = None
+        for job, sessions in self._in_flight:
+            if session_id in sessions:
+                failure = failure or job.exception()  # waits for the job
+        self._prune()
+        if failure is not None:
+            raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
+        self.run_now(lambda thread_store: thread_store.append_many(chunks, decisions))
+
+    def close(self) -> None:
+        """Stop the thread once its last write is done (without waiting here)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._submit()
+        self._executor.submit(self._close_store)
+        self._executor.shutdown(wait=False)
+
+    def _close_store(self) -> None:
+        if self._thread_store is not None:
+            self._thread_store.close()
+            self._thread_store = None
