@@ -69,8 +69,8 @@ from devicebridge.storage.sessions import SessionStore
 from protocols import Command, MessageType, Opcode, StopAll, TelemetryBatch, Zone
 from protocols.telemetry import BATCH_HEADER, MASSAGER_SAMPLE_DTYPE
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
-from simulators.link import Channel
-from simulators.serial_port import PtySerialPort
+from simulators.devices.link import Channel
+from simulators.links.serial_port import PtySerialPort
 
 DEVICE_COUNTS: Final = (1, 10, 100)
 MEASURE_S: Final = float(os.environ.get("BENCH_LATENCY_S", "8"))

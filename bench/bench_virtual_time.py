@@ -34,7 +34,7 @@ from typing import Final
 
 from bench.report import print_table
 from devicebridge.qa import run_scenario
-from simulators.scenario import parse_scenario
+from simulators.scenario.spec import parse_scenario
 
 ROUTINE_S: Final = 15 * 60
 FLEET: Final = 100

@@ -26,6 +26,11 @@ def sig_uuid(short_id: int) -> str:
     return f"0000{short_id:04x}-0000-1000-8000-00805f9b34fb"
 
 
+# The MCUmgr SMP GATT service and its one characteristic (write without response + notify),
+# which devices with firmware updates expose beside the profile (Zephyr smp_bt).
+SMP_SERVICE_UUID: Final = "8d53dc1d-1db7-4cd3-868b-8a527460aa84"
+SMP_CHARACTERISTIC_UUID: Final = "da2e7828-fbce-4e01-ae9e-261174997c48"
+
 FACIAL_CARE_SERVICE_UUID: Final = ofcp_uuid(0x0001)
 DEVICE_PROFILE_CHAR_UUID: Final = ofcp_uuid(0x0002)  # read
 CONTROL_CHAR_UUID: Final = ofcp_uuid(0x0003)  # write with response + notify (acks)

@@ -171,9 +171,7 @@ class ProgramLimits:
             "skin_temperature_stop_centi_c",
             decoding=decoding,
         )
-        _check_range(
-            self.no_contact_pause_ds, 1, U16_MAX, "no_contact_pause_ds", decoding=decoding
-        )
+        _check_range(self.no_contact_pause_ds, 1, U16_MAX, "no_contact_pause_ds", decoding=decoding)
 
 
 # --------------------------------------------------------------------------- steps
@@ -210,9 +208,7 @@ class MassageProgramStep:
                 decoding=decoding,
             )
         _check_range(self.intensity, 1, MAX_INTENSITY_LEVEL, where + "intensity", decoding=decoding)
-        _check_range(
-            self.contact_time_ds, 1, U16_MAX, where + "contact_time_ds", decoding=decoding
-        )
+        _check_range(self.contact_time_ds, 1, U16_MAX, where + "contact_time_ds", decoding=decoding)
         for name in ("pressure_min_dapa", "pressure_max_dapa", "pressure_cap_dapa"):
             _check_range(getattr(self, name), 0, U16_MAX, where + name, decoding=decoding)
         if not self.pressure_min_dapa < self.pressure_max_dapa <= self.pressure_cap_dapa:

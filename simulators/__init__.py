@@ -3,20 +3,20 @@
 The devices run real firmware behaviour (commands, events, sampling, a ring
 buffer) on a :class:`VirtualClock`; a host reaches them through the real bleak
 API with ``backend=world.scanner_backend`` / ``world.client_backend``, or over
-a real pty (:class:`simulators.serial_port.PtySerialPort`). Nothing here
+a real pty (:class:`simulators.links.serial_port.PtySerialPort`). Nothing here
 imports ``devicebridge``: a simulator that reused the host's code would hide
 the host's bugs.
 """
 
 from protocols import ShutdownReason
-from simulators.bleak_backend import SimulatedBleakClient, SimulatedBleakScanner
 from simulators.clock import VirtualClock
-from simulators.device import Button, Press, SimulatedDevice
-from simulators.hand import HandScript, HandSegment
-from simulators.link import Channel, DeviceLink
-from simulators.mask import SimulatedLedMask
-from simulators.massager import SimulatedMassager
-from simulators.ring import TelemetryRing
+from simulators.devices.device import Button, Press, SimulatedDevice
+from simulators.devices.hand import HandScript, HandSegment
+from simulators.devices.link import Channel, DeviceLink
+from simulators.devices.mask import SimulatedLedMask
+from simulators.devices.massager import SimulatedMassager
+from simulators.devices.ring import TelemetryRing
+from simulators.links.bleak_backend import SimulatedBleakClient, SimulatedBleakScanner
 from simulators.world import SimulatedWorld
 
 __all__ = [

@@ -13,8 +13,8 @@ from typing import Final
 import click
 
 from simulators.clock import VirtualClock
-from simulators.device import SimulatedDevice
-from simulators.serial_port import PtySerialPort
+from simulators.devices.device import SimulatedDevice
+from simulators.links.serial_port import PtySerialPort
 from simulators.smp import SmpSerialPort, SmpUdpServer, build_image
 from simulators.smp.image import DEFAULT_BODY_BYTES, ImageDefect
 from simulators.world import SimulatedWorld

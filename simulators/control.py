@@ -38,14 +38,16 @@ import click
 from protocols import Zone
 from protocols.telemetry import IRRADIANCE_MW_CM2_PER_UNIT, pressure_kpa
 from simulators.clock import VirtualClock
-from simulators.device import SimulatedDevice
-from simulators.faults import FaultError, FaultInjector, FaultKind, FaultyLink, make_fault
-from simulators.hand import HandScript, HandSegment
-from simulators.link import Channel
-from simulators.mask import SimulatedLedMask
-from simulators.massager import SimulatedMassager
-from simulators.serial_port import PtySerialPort
-from simulators.tcp_port import TcpDevicePort
+from simulators.devices.device import SimulatedDevice
+from simulators.devices.hand import HandScript, HandSegment
+from simulators.devices.link import Channel
+from simulators.devices.mask import SimulatedLedMask
+from simulators.devices.massager import SimulatedMassager
+from simulators.faults.injector import FaultInjector
+from simulators.faults.link import FaultyLink
+from simulators.faults.spec import FaultError, FaultKind, make_fault
+from simulators.links.serial_port import PtySerialPort
+from simulators.links.tcp_port import TcpDevicePort
 from simulators.world import SimulatedWorld
 
 KIND_LABELS: Final = {"MASSAGER": "massager", "LED_MASK": "mask"}
@@ -158,9 +160,7 @@ class FaultController:
             zone = _zone(request.get("zone"))
             pressure_kpa = _number(request, "pressure_kpa", 0.0, MAX_HAND_PRESSURE_KPA)
             contact = _flag(request, "contact", default=True)
-            hand = HandScript(
-                (HandSegment(0.0, HAND_HOLD_S, zone, pressure_kpa, contact=contact),)
-            )
+            hand = HandScript((HandSegment(0.0, HAND_HOLD_S, zone, pressure_kpa, contact=contact),))
         for massager in massagers:
             massager.hold_hand(hand)
         return {"ok": True, "applied": [_applied(m) for m in massagers]}

@@ -11,17 +11,17 @@ from typing import Final, TypeVar, Unpack
 from bleak.backends.scanner import AdvertisementData
 
 from protocols import FACIAL_CARE_SERVICE_UUID, MANUFACTURER_ID
-from simulators.bleak_backend import (
+from simulators.clock import VirtualClock
+from simulators.devices.device import DeviceOptions, SimulatedDevice
+from simulators.devices.hand import HandScript
+from simulators.devices.mask import SimulatedLedMask
+from simulators.devices.massager import SimulatedMassager
+from simulators.links.bleak_backend import (
     SimulatedBleakClient,
     SimulatedBleakScanner,
     bind_client,
     bind_scanner,
 )
-from simulators.clock import VirtualClock
-from simulators.device import DeviceOptions, SimulatedDevice
-from simulators.hand import HandScript
-from simulators.mask import SimulatedLedMask
-from simulators.massager import SimulatedMassager
 from simulators.smp.firmware import SmpFirmware
 
 ADVERTISING_INTERVAL_S: Final = 0.1

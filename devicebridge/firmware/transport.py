@@ -24,11 +24,10 @@ from devicebridge.clock import Clock, wait_for
 from devicebridge.device.transport.ble import BleTransport
 from devicebridge.errors import DeviceBridgeError, TransportError
 from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
+from protocols.constants import SMP_CHARACTERISTIC_UUID
 
 _LOGGER = logging.getLogger(__name__)
 
-SMP_SERVICE_UUID: Final = "8d53dc1d-1db7-4cd3-868b-8a527460aa84"
-SMP_CHARACTERISTIC_UUID: Final = "da2e7828-fbce-4e01-ae9e-261174997c48"
 ATT_WRITE_OVERHEAD_BYTES: Final = 3
 
 

@@ -18,7 +18,7 @@ from devicebridge.errors import DeviceBridgeError
 from devicebridge.qa.record import record_scenario
 from devicebridge.qa.scenario import ScenarioResult, run_scenario
 from devicebridge.storage.sessions import SessionStore
-from simulators.scenario import ScenarioError, load_scenario
+from simulators.scenario.spec import ScenarioError, load_scenario
 
 
 @click.group("scenario")

@@ -35,8 +35,10 @@ import pytest_asyncio
 from devicebridge.qa.bridge import QaBridge
 from devicebridge.qa.scenario import ScenarioResult, run_scenario
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock
-from simulators.faults import FaultInjector, make_fault
-from simulators.scenario import ScenarioError, ScenarioHand, load_scenario
+from simulators.faults.injector import FaultInjector
+from simulators.faults.spec import make_fault
+from simulators.scenario.hand import ScenarioHand
+from simulators.scenario.spec import ScenarioError, load_scenario
 
 SEED_KEY: Final = pytest.StashKey[int]()
 EXPLICIT_SEED_KEY: Final = pytest.StashKey[bool]()

@@ -30,8 +30,9 @@ from devicebridge.qa.bridge import QaBridge, TimelineEntry, load_routine, teleme
 from devicebridge.run.summary import RunSummary
 from protocols import Zone
 from simulators import SimulatedWorld, VirtualClock
-from simulators.faults import FaultRecord
-from simulators.scenario import Scenario, build_scenario, load_scenario, selects
+from simulators.faults.spec import FaultRecord
+from simulators.scenario.build import build_scenario
+from simulators.scenario.spec import Scenario, load_scenario, selects
 
 # Keys of an [[expect]] table and what they check (docs/qa.md).
 EXPECT_KEYS: Final = frozenset(

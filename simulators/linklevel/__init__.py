@@ -1,6 +1,6 @@
 """Link-level mode: the simulated devices behind virtual Bluetooth controllers.
 
-The in-process backend (:mod:`simulators.bleak_backend`) calls the device
+The in-process backend (:mod:`simulators.links.bleak_backend`) calls the device
 models directly and is the default, for speed. This package puts each device
 behind its own virtual controller (the `bumble <https://github.com/google/bumble>`_
 stack) and gives the host a bumble central behind the same bleak ``backend=``
@@ -36,11 +36,7 @@ from simulators.linklevel.central import (
 )
 from simulators.linklevel.gatt import ENCRYPTED_CHAR_UUIDS
 from simulators.linklevel.peripheral import LinkLevelPeripheral
-from simulators.linklevel.world import (
-    LinkLevelWorld,
-    controller_address,
-    link_level_clock,
-)
+from simulators.linklevel.world import LinkLevelWorld, controller_address, link_level_clock
 
 __all__ = [
     "ENCRYPTED_CHAR_UUIDS",

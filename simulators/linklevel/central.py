@@ -47,9 +47,9 @@ from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink, Transport
 
-from simulators.bleak_backend import bound_backend
 from simulators.linklevel.gatt import bleak_uuid, parse_advertising_data, property_names
 from simulators.linklevel.peripheral import virtual_controller
+from simulators.links.bleak_backend import bound_backend
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The OFCP GATT database and advertising data as a bumble peripheral serves them.
 
 The database is the one the in-process backend models
-(:data:`simulators.bleak_backend.GATT_DATABASE`), so both modes expose the
+(:data:`simulators.links.bleak_backend.GATT_DATABASE`), so both modes expose the
 same services, characteristics and values; here bumble's GATT server owns the
 handles, the Client Characteristic Configuration descriptors, MTU cutting and
 the permission checks. Identifiers cross the bumble/bleak boundary as plain
@@ -22,9 +22,9 @@ from bumble.device import Connection
 from bumble.gatt import Characteristic, Service
 
 from protocols import CONTROL_CHAR_UUID, FACIAL_CARE_SERVICE_UUID, MANUFACTURER_ID
-from simulators.bleak_backend import GATT_DATABASE, CharacteristicSpec
-from simulators.device import SimulatedDevice
-from simulators.link import Channel
+from simulators.devices.device import SimulatedDevice
+from simulators.devices.link import Channel
+from simulators.links.bleak_backend import GATT_DATABASE, CharacteristicSpec
 
 # Commands move actuators, so only a paired (encrypted) link may write them;
 # reading the profile and the device information stays open for identification.

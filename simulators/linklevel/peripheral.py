@@ -1,8 +1,8 @@
 """One simulated device behind its own virtual Bluetooth controller.
 
-The device model (a :class:`~simulators.device.SimulatedDevice`, the same
+The device model (a :class:`~simulators.devices.device.SimulatedDevice`, the same
 object the in-process backend drives) reaches the air through the
-:class:`~simulators.link.DeviceLink` seam: a connection of the bumble GATT
+:class:`~simulators.devices.link.DeviceLink` seam: a connection of the bumble GATT
 server is its link, notifications go out as ATT Handle Value Notifications
 (cut by bumble to ``ATT_MTU - 3``), and host writes arrive through the GATT
 server's permission checks (the Control characteristic needs encryption).
@@ -22,8 +22,8 @@ from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.transport.common import AsyncPipeSink
 
-from simulators.device import SimulatedDevice
-from simulators.link import Channel
+from simulators.devices.device import SimulatedDevice
+from simulators.devices.link import Channel
 from simulators.linklevel.gatt import ENCRYPTED_CHAR_UUIDS, advertising_data, build_services
 from simulators.linklevel.inflight import InFlight
 
@@ -45,7 +45,7 @@ def virtual_controller(name: str, link: LocalLink) -> Controller:
 
 
 class _GattLink:
-    """The device's view of one connection (a :class:`~simulators.link.DeviceLink`)."""
+    """The device's view of one connection (a :class:`~simulators.devices.link.DeviceLink`)."""
 
     def __init__(self, peripheral: LinkLevelPeripheral, connection: Connection) -> None:
         self.peripheral = peripheral

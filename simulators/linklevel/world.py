@@ -27,7 +27,7 @@ from bumble import hci
 from bumble.link import LocalLink
 
 from simulators.clock import VirtualClock
-from simulators.device import SimulatedDevice
+from simulators.devices.device import SimulatedDevice
 from simulators.linklevel.central import (
     CENTRAL_ADDRESS,
     DEFAULT_REQUESTED_MTU,

@@ -10,7 +10,6 @@ not with the ``smp`` package the host uses, so the two check each other; the
 stock ``smpmgr`` client is the referee in the tests.
 """
 
-from simulators.smp.constants import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
 from simulators.smp.firmware import RequestSeen, Slot, SmpFirmware, SwapKind
 from simulators.smp.image import (
     MODEL_TLV,
@@ -27,8 +26,6 @@ from simulators.smp.udp import SmpUdpServer
 
 __all__ = [
     "MODEL_TLV",
-    "SMP_CHARACTERISTIC_UUID",
-    "SMP_SERVICE_UUID",
     "FirmwareStateStore",
     "ImageCheckError",
     "ImageDefect",

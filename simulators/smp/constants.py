@@ -6,9 +6,6 @@ import enum
 import struct
 from typing import Final
 
-# The SMP GATT service and its one characteristic (write without response + notify).
-SMP_SERVICE_UUID: Final = "8d53dc1d-1db7-4cd3-868b-8a527460aa84"
-SMP_CHARACTERISTIC_UUID: Final = "da2e7828-fbce-4e01-ae9e-261174997c48"
 SMP_UDP_PORT: Final = 1337  # the convention; tests use a free port
 
 # res(3) ver(2) op(3), flags, length, group, sequence, command: network byte order.

@@ -58,8 +58,8 @@ from typing import Any, Final, Protocol
 import cbor2
 
 from protocols import ResetReason, ShutdownReason
-from simulators.device import FIRMWARE_REVISION, SimulatedDevice
-from simulators.link import Channel
+from simulators.devices.device import FIRMWARE_REVISION, SimulatedDevice
+from simulators.devices.link import Channel
 from simulators.smp.constants import (
     IMAGE_MAGIC_BYTES,
     OP_MASK,

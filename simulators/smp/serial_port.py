@@ -13,7 +13,7 @@ import binascii
 import struct
 from typing import Final
 
-from simulators.pty import RawPty
+from simulators.links.pty import RawPty
 from simulators.smp.constants import (
     SERIAL_CONTINUE,
     SERIAL_LINE_BYTES,

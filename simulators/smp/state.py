@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from simulators.device import SimulatedDevice
+from simulators.devices.device import SimulatedDevice
 from simulators.smp.firmware import SmpFirmware
 
 _LOGGER = logging.getLogger(__name__)

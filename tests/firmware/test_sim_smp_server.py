@@ -18,9 +18,9 @@ from smp import os_management as smpos
 from smp import packet as smppacket
 from smp.message import Request
 
+from protocols.constants import SMP_CHARACTERISTIC_UUID
 from simulators import SimulatedWorld, VirtualClock
 from simulators.smp import (
-    SMP_CHARACTERISTIC_UUID,
     FirmwareStateStore,
     ImageDefect,
     Radio,

@@ -21,7 +21,8 @@ from devicebridge.device.session import DeviceSession
 from devicebridge.device.transport.ble import find_device
 from protocols import MASSAGER_SAMPLE_DTYPE, SampleFormat, TelemetryBatch
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
-from simulators.faults import FaultInjector, make_fault
+from simulators.faults.injector import FaultInjector
+from simulators.faults.spec import make_fault
 
 from .conftest import SEED, ble_session, drain
 

@@ -15,7 +15,7 @@ from devicebridge.device.transport.serial import SerialTransport
 from devicebridge.errors import DeviceNotFoundError, TransportError
 from protocols import Ack, Command, GetInfo, MassageMode, TelemetryBatch, encode_frame
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
-from simulators.serial_port import PtySerialPort
+from simulators.links.serial_port import PtySerialPort
 
 from .conftest import SEED, drain, gaps, sequences
 

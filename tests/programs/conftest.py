@@ -39,7 +39,7 @@ from simulators import (
     SimulatedWorld,
     VirtualClock,
 )
-from simulators.serial_port import PtySerialPort
+from simulators.links.serial_port import PtySerialPort
 
 SEED = 424242
 

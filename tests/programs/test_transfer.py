@@ -43,7 +43,7 @@ from protocols import (
     program_crc32,
 )
 from simulators import Channel, SimulatedMassager, SimulatedWorld, VirtualClock
-from simulators.serial_port import PtySerialPort
+from simulators.links.serial_port import PtySerialPort
 
 from .conftest import RecordingLink, ble_session, command, library_routine, serial_session
 

@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 
 from devicebridge.qa import run_scenario
-from simulators.scenario import load_scenario, parse_scenario
+from simulators.scenario.spec import load_scenario, parse_scenario
 from tests.qa.conftest import SCENARIOS, scenario_text
 
 MIXED = """

@@ -13,7 +13,7 @@ import pytest
 
 from devicebridge.qa import run_scenario
 from devicebridge.storage.sessions import SessionStore
-from simulators.scenario import parse_scenario
+from simulators.scenario.spec import parse_scenario
 from tests.qa.conftest import scenario_text
 
 COMPLETE_WITHOUT_LOSS = """

@@ -7,15 +7,9 @@ import pytest
 
 from protocols import FrameDecoder, ProtocolError, decode_message
 from simulators import Channel, SimulatedMassager, VirtualClock
-from simulators.faults import (
-    DriftingClock,
-    FaultError,
-    FaultInjector,
-    FaultKind,
-    FaultyLink,
-    corrupt_frame,
-    make_fault,
-)
+from simulators.faults.injector import DriftingClock, FaultInjector
+from simulators.faults.link import FaultyLink, corrupt_frame
+from simulators.faults.spec import FaultError, FaultKind, make_fault
 from tests.simulators.conftest import RecordingLink
 
 
@@ -166,7 +160,7 @@ async def test_drifting_clock_runs_fast_and_sleeps_accordingly() -> None:
 
 async def test_sensor_faults_change_the_reported_pressure() -> None:
     from protocols import Zone
-    from simulators.hand import HandScript
+    from simulators.devices.hand import HandScript
 
     clock = VirtualClock()
     device = SimulatedMassager(clock, seed=2, hand=HandScript.constant(Zone.CHEEK_LEFT, 8.0))

@@ -23,9 +23,9 @@ from protocols import (
 from simulators import VirtualClock
 from simulators.cli import main as sim_main
 from simulators.control import ControlServer, FaultController, control_request, parse_fault_option
-from simulators.faults import FaultInjector
-from simulators.scenario import ScenarioError, parse_scenario
-from simulators.tcp_port import TcpDevicePort
+from simulators.faults.injector import FaultInjector
+from simulators.links.tcp_port import TcpDevicePort
+from simulators.scenario.spec import ScenarioError, parse_scenario
 from simulators.world import SimulatedWorld
 from tests.qa.conftest import scenario_text
 

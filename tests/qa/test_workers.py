@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from devicebridge.qa import run_scenario
 from devicebridge.qa.cli import scenario_group
 from devicebridge.qa.scenario import ScenarioResult
-from simulators.scenario import load_scenario, parse_scenario
+from simulators.scenario.spec import load_scenario, parse_scenario
 from tests.qa.conftest import SCENARIOS
 
 # Devices that never meet each other's timing: each group streams and runs its routine

@@ -17,7 +17,7 @@ from devicebridge.run.runner import RoutineRunner
 from devicebridge.storage.sessions import SessionStatus, SessionStore
 from protocols import Opcode, SampleFormat
 from simulators import SimulatedWorld, VirtualClock
-from simulators import mask as mask_module
+from simulators.devices import mask as mask_module
 
 from .conftest import NOW, WriteLog, connect, routine_from, runner_for
 

@@ -21,7 +21,7 @@ from devicebridge.storage.writer import StoreWriter
 from protocols import Command, Opcode, SampleFormat, StopAll, TelemetryBatch, Zone
 from protocols.telemetry import MASSAGER_SAMPLE_DTYPE
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
-from simulators.serial_port import PtySerialPort
+from simulators.links.serial_port import PtySerialPort
 
 from .conftest import WriteLog, connect, massage_routine, massage_step, routine_from, runner_for
 

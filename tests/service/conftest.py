@@ -30,7 +30,7 @@ from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
 from devicebridge.storage.registry import PairedDevice
 from protocols import DeviceKind
 from simulators import SimulatedMassager, SimulatedWorld, VirtualClock
-from simulators.device import SimulatedDevice
+from simulators.devices.device import SimulatedDevice
 
 SEED = 4242
 WAIT_S = 30.0  # a safety net against hangs; results never depend on it

@@ -20,7 +20,7 @@ from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 from protocols import SampleFormat
 from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON
 from simulators import SimulatedMassager
-from simulators.mask import SimulatedLedMask
+from simulators.devices.mask import SimulatedLedMask
 
 from .conftest import Rig, routine_text, service_rig
 

@@ -14,7 +14,7 @@ from devicebridge.integrations.mqtt import Topics
 from devicebridge.service.status import read_status_file
 from devicebridge.service.telemetry import decode_telemetry_message
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
-from simulators.massager import SimulatedMassager
+from simulators.devices.massager import SimulatedMassager
 from tests.broker import Mosquitto
 from tests.service.conftest import (
     BRIDGE,

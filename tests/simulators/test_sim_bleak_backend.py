@@ -40,9 +40,12 @@ from protocols import (
     decode_message,
     max_samples_per_batch,
 )
-from protocols.constants import CLIENT_CHARACTERISTIC_CONFIG_UUID
+from protocols.constants import (
+    CLIENT_CHARACTERISTIC_CONFIG_UUID,
+    SMP_CHARACTERISTIC_UUID,
+    SMP_SERVICE_UUID,
+)
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock
-from simulators.smp import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
 
 
 class HostSide:

@@ -34,7 +34,7 @@ from protocols import (
     Zone,
 )
 from simulators import Channel, SimulatedDevice, SimulatedWorld, VirtualClock
-from simulators.mask import HARDWARE_MAX_IRRADIANCE_MW_CM2
+from simulators.devices.mask import HARDWARE_MAX_IRRADIANCE_MW_CM2
 
 from .conftest import Commander, RecordingLink
 

@@ -9,7 +9,7 @@ import pytest
 from protocols.telemetry import pressure_kpa, skin_temperature_c
 from simulators import SimulatedWorld, VirtualClock
 from simulators.control import ControlServer, FaultController, control_request
-from simulators.faults import FaultInjector
+from simulators.faults.injector import FaultInjector
 
 from .conftest import SEED
 

@@ -1,7 +1,8 @@
 """The simulator's shortcuts give what the plain ways give, to the bit.
 
-Each cheaper way of working out samples, batches or draws (see simulators.massager,
-simulators.device, simulators.ring, simulators.scenario) is checked here against the way it
+Each cheaper way of working out samples, batches or draws (see simulators.devices.massager,
+simulators.devices.device, simulators.devices.ring, simulators.scenario) is checked here
+against the way it
 stands for, and a whole run against digests recorded before the shortcuts existed.
 """
 
@@ -13,13 +14,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import simulators.device as device_module
-import simulators.massager as massager_module
+import simulators.devices.device as device_module
+import simulators.devices.massager as massager_module
 from protocols import Event, EventCode, MessageType, SampleFormat, TelemetryBatch, Zone
 from protocols.telemetry import MASSAGER_SAMPLE_DTYPE
 from simulators import SimulatedMassager, TelemetryRing, VirtualClock
-from simulators.hand import NO_ZONE
-from simulators.massager import (
+from simulators.devices.hand import NO_ZONE
+from simulators.devices.massager import (
     CONTACT_OFF_KPA,
     CONTACT_ON_KPA,
     _ContactCrossings,
@@ -27,7 +28,8 @@ from simulators.massager import (
     _no_zone_event,
     _Runs,
 )
-from simulators.scenario import HandAction, ScenarioHand
+from simulators.scenario.hand import ScenarioHand
+from simulators.scenario.spec import HandAction
 
 from .conftest import RecordingLink
 from .test_sim_sample_paths import run_massagers

@@ -17,8 +17,8 @@ from protocols import (
 )
 from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_FLAG_MOTOR_ON, pressure_kpa
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
-from simulators.device import BATTERY_LOW_PERCENT, Button, Press, ShutdownReason
-from simulators.hand import ZONE_PRESSURE_BANDS_KPA
+from simulators.devices.device import BATTERY_LOW_PERCENT, Button, Press, ShutdownReason
+from simulators.devices.hand import ZONE_PRESSURE_BANDS_KPA
 
 from .conftest import Commander, RecordingLink
 

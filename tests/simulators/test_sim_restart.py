@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from protocols import BootEvent, EventCode, ResetReason, ShutdownEvent, ShutdownReason, StartStream
 from simulators import HandScript, SimulatedWorld, VirtualClock
-from simulators.faults import FaultInjector, make_fault
+from simulators.faults.injector import FaultInjector
+from simulators.faults.spec import make_fault
 
 from .conftest import SEED, Commander, RecordingLink
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import simulators.massager as massager_module
+import simulators.devices.massager as massager_module
 from protocols import (
     DeviceKind,
     Event,
@@ -42,9 +42,10 @@ from simulators import (
     TelemetryRing,
     VirtualClock,
 )
-from simulators.hand import HandSamples
-from simulators.massager import SENSOR_MAX_KPA, _sensor_reading_kpa
-from simulators.scenario import HandAction, ScenarioHand
+from simulators.devices.hand import HandSamples
+from simulators.devices.massager import SENSOR_MAX_KPA, _sensor_reading_kpa
+from simulators.scenario.hand import ScenarioHand
+from simulators.scenario.spec import HandAction
 
 from .conftest import Commander, RecordingLink
 

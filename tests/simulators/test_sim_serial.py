@@ -23,7 +23,7 @@ from protocols import (
     encode_frame,
 )
 from simulators import SimulatedWorld, VirtualClock
-from simulators.serial_port import PtySerialPort
+from simulators.links.serial_port import PtySerialPort
 
 FAILSAFE_S = 5.0  # only stops a hang; results never depend on wall time
 

@@ -15,8 +15,8 @@ from typing import Final
 
 from protocols import FrameDecoder, encode_frame
 from protocols.serial_framing import MAX_MESSAGE_BYTES
-from simulators.device import SimulatedDevice
-from simulators.link import Channel
+from simulators.devices.device import SimulatedDevice
+from simulators.devices.link import Channel
 
 READ_CHUNK_BYTES: Final = 4096
 # Beyond this much unsent output a slow client loses frames, like a UART nobody reads.

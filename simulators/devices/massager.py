@@ -39,7 +39,7 @@ from protocols.telemetry import (
     TEMPERATURE_C_PER_UNIT,
 )
 from simulators.clock import VirtualClock
-from simulators.device import (
+from simulators.devices.device import (
     Button,
     DeviceOptions,
     Press,
@@ -47,8 +47,8 @@ from simulators.device import (
     SimulatedDevice,
     derived_seed,
 )
-from simulators.hand import NO_ZONE, HandScript
-from simulators.program_runner import MassagerProgramRun
+from simulators.devices.hand import NO_ZONE, HandScript
+from simulators.devices.program_runner import MassagerProgramRun
 
 MASSAGER_SAMPLE_RATE_HZ: Final = 100
 # Contact detection with hysteresis, so sensor noise at the threshold does not

@@ -56,10 +56,11 @@ from protocols.constants import (
     ATT_MAX_ATTRIBUTE_BYTES,
     ATT_NOTIFY_OVERHEAD_BYTES,
     CLIENT_CHARACTERISTIC_CONFIG_UUID,
+    SMP_CHARACTERISTIC_UUID,
+    SMP_SERVICE_UUID,
 )
-from simulators.device import SimulatedDevice
-from simulators.link import Channel
-from simulators.smp.constants import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID
+from simulators.devices.device import SimulatedDevice
+from simulators.devices.link import Channel
 
 if TYPE_CHECKING:
     from simulators.world import SimulatedWorld

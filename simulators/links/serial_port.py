@@ -1,6 +1,6 @@
 """A simulated device on a real pseudo-terminal, so the host's pyserial code path runs.
 
-The simulator holds the pty's master side (:class:`simulators.pty.RawPty`); the host
+The simulator holds the pty's master side (:class:`simulators.links.pty.RawPty`); the host
 opens :attr:`PtySerialPort.path` like any USB serial adapter. Messages travel both ways
 as ``encode_frame(message)`` frames.
 """
@@ -11,9 +11,9 @@ from typing import Final
 
 from protocols import FrameDecoder, encode_frame
 from protocols.serial_framing import MAX_MESSAGE_BYTES
-from simulators.device import SimulatedDevice
-from simulators.link import Channel
-from simulators.pty import RawPty
+from simulators.devices.device import SimulatedDevice
+from simulators.devices.link import Channel
+from simulators.links.pty import RawPty
 
 # A UART that nobody reads drops data; so does this port beyond 1 MiB queued.
 DEFAULT_MAX_BUFFERED_BYTES: Final = 1 << 20

@@ -41,8 +41,8 @@ from protocols.telemetry import (
     TEMPERATURE_C_PER_UNIT,
 )
 from simulators.clock import VirtualClock
-from simulators.device import Button, DeviceOptions, Press, SimulatedDevice
-from simulators.program_runner import MaskProgramRun
+from simulators.devices.device import Button, DeviceOptions, Press, SimulatedDevice
+from simulators.devices.program_runner import MaskProgramRun
 
 LED_MASK_SAMPLE_RATE_HZ: Final = 10
 # Wavelengths of FDA-cleared masks (domain-safety.md, LED photobiomodulation [A]).

@@ -4,11 +4,11 @@
 depend on what the device is: boot, the sampling loop on the virtual clock,
 the telemetry ring, live streaming sized to the link, paced backfill, the
 command dispatcher with its result codes, events, and the battery. Subclasses
-(:class:`~simulators.massager.SimulatedMassager`,
-:class:`~simulators.mask.SimulatedLedMask`) produce the samples and implement
+(:class:`~simulators.devices.massager.SimulatedMassager`,
+:class:`~simulators.devices.mask.SimulatedLedMask`) produce the samples and implement
 their own commands.
 
-Output goes through a :class:`~simulators.link.DeviceLink`, so one model serves
+Output goes through a :class:`~simulators.devices.link.DeviceLink`, so one model serves
 the bleak backend and the pty alike.
 
 Event payloads (the protocol leaves them to the device; little-endian):
@@ -29,7 +29,7 @@ PROGRAM_STEP           :class:`protocols.ProgramStepEvent`
 PROGRAM_FINISHED       :class:`protocols.ProgramFinishedEvent`
 =====================  ===================================================
 
-Programs (``PROGRAM_BEGIN`` .. ``PROGRAM_START``, see :mod:`simulators.program_runner`)
+Programs (``PROGRAM_BEGIN`` .. ``PROGRAM_START``, see :mod:`simulators.devices.program_runner`)
 run inside the sampling loop, whether or not a host is connected. Events a running
 program causes while no host can hear them (no link, or a new link on which the host has
 not sent its first command yet, so its notifications may not be enabled) are kept in a
@@ -101,9 +101,9 @@ from protocols import (
 )
 from protocols.telemetry import BACKFILL_FLAG, BATCH_HEADER, SAMPLE_DTYPES, SEQUENCE_MODULUS
 from simulators.clock import VirtualClock
-from simulators.link import Channel, DeviceLink
-from simulators.program_runner import ProgramReceiver
-from simulators.ring import TelemetryRing
+from simulators.devices.link import Channel, DeviceLink
+from simulators.devices.program_runner import ProgramReceiver
+from simulators.devices.ring import TelemetryRing
 
 DEFAULT_MTU_SIZE: Final = 247  # ATT MTU with data length extension (ble-and-ecosystem.md)
 ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
