@@ -44,7 +44,6 @@ from simulators.devices.link import Channel
 from simulators.devices.mask import SimulatedLedMask
 from simulators.devices.massager import SimulatedMassager
 from simulators.faults.injector import FaultInjector
-from simulators.faults.link import FaultyLink
 from simulators.faults.spec import FaultError, FaultKind, make_fault
 from simulators.links.serial_port import PtySerialPort
 from simulators.links.tcp_port import TcpDevicePort
@@ -80,12 +79,6 @@ class FaultablePtySerialPort(PtySerialPort):
                 self.device.attach_link(self)
                 return
             await self.device.clock.sleep(REATTACH_POLL_S)
-
-    async def stop(self) -> None:
-        link = self.device.link
-        if isinstance(link, FaultyLink) and link.inner is self:
-            self.device.detach_link()
-        await super().stop()
 
 
 class FaultController:

@@ -100,8 +100,7 @@ class TcpDevicePort:
 
     def _release(self) -> None:
         self._writer = None
-        link = self.device.link
-        if link is self or getattr(link, "inner", None) is self:
+        if self.device.link is self:
             self.device.detach_link()
 
     def _drop_client(self) -> None:
