@@ -51,7 +51,7 @@ import collections
 import enum
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Final, Protocol, TypedDict
 
@@ -124,6 +124,12 @@ EVENT_BACKLOG_LENGTH: Final = 256
 QUIET_DRAIN_ARRAY_MIN_SAMPLES: Final = 32
 # Guards the sample count against float error in (now - boot) * rate.
 SAMPLE_TIME_EPSILON: Final = 1e-6
+
+# What the command line, the control port and scenario files call each kind of device.
+KIND_LABELS: Final[Mapping[DeviceKind, str]] = {
+    DeviceKind.MASSAGER: "massager",
+    DeviceKind.LED_MASK: "mask",
+}
 
 MANUFACTURER_NAME: Final = "devicebridge simulator"
 HARDWARE_REVISION: Final = "sim-B"
@@ -377,6 +383,11 @@ class SimulatedDevice(abc.ABC):
     @property
     def serial_number(self) -> str:
         return self.identity.serial_number
+
+    @property
+    def kind_label(self) -> str:
+        """What the command line and the control port call this kind (:data:`KIND_LABELS`)."""
+        return KIND_LABELS.get(self.kind, self.kind.name.lower())
 
     @property
     def profile(self) -> DeviceProfile:

@@ -42,6 +42,7 @@ from protocols import (
     ProgramStepReason,
     ProtocolError,
     ResultCode,
+    ShutdownReason,
     program_crc32,
 )
 from protocols.program import (
@@ -60,7 +61,14 @@ _LOGGER = logging.getLogger(__name__)
 TEMPERATURE_RESUME_MARGIN_CENTI_C: Final = 200
 # As the host engine: the third time the pressure goes above the cap, the program stops.
 CAP_EVENTS_BEFORE_STOP: Final = 3
+# The LEDs' duty cycle while pulsing.
 PULSE_DUTY: Final = 0.5
+# How a running program ends when the device powers off.
+PROGRAM_END_OF_SHUTDOWN: Final = {
+    ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
+    ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
+    ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
+}
 _CENTI_C: Final = struct.Struct("<h")
 
 EmitEvent = Callable[[EventCode, bytes, float], None]
