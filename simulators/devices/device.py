@@ -702,6 +702,7 @@ class SimulatedDevice(abc.ABC):
             deferred, self._deferred = self._deferred, outer
         if ack is not None:
             self._send(Channel.CONTROL, ack.encode())
+        # A host that writes a command listens, whether or not the command got through.
         if not self._host_listening and self._link is not None:
             self._host_listening = True
             backlog = list(self._event_backlog)

@@ -238,6 +238,19 @@ async def test_an_injector_comes_off_the_device_with_its_faults() -> None:
     assert pressure[100:].min() > 100
 
 
+def test_a_faults_own_random_stream_replays_and_leaves_the_devices_alone() -> None:
+    clock = VirtualClock()
+    first, again = (SimulatedMassager(clock, seed=9, index=3) for _ in range(2))
+    other_fault = SimulatedMassager(clock, seed=9, index=3).random_stream(7, 1)
+    drawn = first.random_stream(7, 0).random(5)
+    assert drawn.tolist() == again.random_stream(7, 0).random(5).tolist()
+    assert drawn.tolist() != other_fault.random(5).tolist()
+    # The device's own streams are where they were: the same identity and sensor draws.
+    fresh = SimulatedMassager(clock, seed=9, index=3)
+    assert first.serial_number == fresh.serial_number
+    assert first.sensor_rng.random() == fresh.sensor_rng.random()
+
+
 async def test_clock_drift_on_a_serial_port() -> None:
     # The drift runs the firmware's clock only: the port still works on the world's clock.
     clock = VirtualClock()
