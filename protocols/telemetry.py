@@ -132,14 +132,13 @@ class TelemetryBatch:
         expected = SAMPLE_DTYPES[self.sample_format]
         if self.samples.dtype != expected:
             raise ValueError(f"samples have dtype {self.samples.dtype}, format needs {expected}")
-        # Plain ints: struct packs an enum member through __index__, several times slower.
-        header = BATCH_HEADER.pack(
-            _TELEMETRY_TYPE,
-            int(self.sample_format) | (BACKFILL_FLAG if self.backfill else 0),
-            self.first_sequence % SEQUENCE_MODULUS,
-            self.device_time_ms % SEQUENCE_MODULUS,
+        return encode_batch(
+            self.sample_format,
+            self.first_sequence,
+            self.device_time_ms,
+            self.samples.tobytes(),
+            self.backfill,
         )
-        return header + self.samples.tobytes()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TelemetryBatch):
@@ -154,6 +153,26 @@ class TelemetryBatch:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def encode_batch(
+    sample_format: SampleFormat,
+    first_sequence: int,
+    device_time_ms: int,
+    sample_bytes: bytes | bytearray,
+    backfill: bool = False,
+) -> bytes:
+    """One TELEMETRY message of samples given as their bytes (of ``sample_format``'s
+    layout): what :meth:`TelemetryBatch.encode` gives for them, without an array and a batch
+    object (a device sends its ring's bytes as they are). Sequence and time wrap at 2**32."""
+    # Plain ints: struct packs an enum member through __index__, several times slower.
+    header = BATCH_HEADER.pack(
+        _TELEMETRY_TYPE,
+        int(sample_format) | (BACKFILL_FLAG if backfill else 0),
+        first_sequence % SEQUENCE_MODULUS,
+        device_time_ms % SEQUENCE_MODULUS,
+    )
+    return header + sample_bytes
 
 
 def _decode_header(data: bytes | bytearray | memoryview) -> tuple[SampleFormat, bool, int, int]:

@@ -13,17 +13,10 @@ from typing import Final
 import click
 
 from simulators.clock import VirtualClock
-from simulators.devices.device import SimulatedDevice
 from simulators.links.serial_port import PtySerialPort
 from simulators.smp import SmpSerialPort, SmpUdpServer, build_image
 from simulators.smp.image import DEFAULT_BODY_BYTES, ImageDefect
 from simulators.world import SimulatedWorld
-
-KIND_LABELS: Final = {"MASSAGER": "massager", "LED_MASK": "mask"}
-
-
-def _kind_label(device: SimulatedDevice) -> str:
-    return KIND_LABELS.get(device.kind.name, device.kind.name.lower())
 
 
 def _build_world(massagers: int, masks: int, seed: int, clock: VirtualClock) -> SimulatedWorld:
@@ -57,7 +50,7 @@ def list_devices(massagers: int, masks: int, seed: int) -> None:
     """Print the devices a seed produces: kind, serial number, name, address."""
     world = _build_world(massagers, masks, seed, VirtualClock())
     for device in world.devices:
-        click.echo(f"{_kind_label(device)} {device.serial_number} {device.name} {device.address}")
+        click.echo(f"{device.kind_label} {device.serial_number} {device.name} {device.address}")
 
 
 @main.command()
@@ -136,7 +129,7 @@ async def _serve(
     try:
         async with world:
             for index, device in enumerate(world.devices):
-                fields = [_kind_label(device), device.serial_number]
+                fields = [device.kind_label, device.serial_number]
                 if ofcp:
                     port = PtySerialPort(device)
                     await port.start()

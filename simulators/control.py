@@ -44,13 +44,11 @@ from simulators.devices.link import Channel
 from simulators.devices.mask import SimulatedLedMask
 from simulators.devices.massager import SimulatedMassager
 from simulators.faults.injector import FaultInjector
-from simulators.faults.link import FaultyLink
 from simulators.faults.spec import FaultError, FaultKind, make_fault
 from simulators.links.serial_port import PtySerialPort
-from simulators.links.tcp_port import TcpDevicePort
+from simulators.links.tcp_port import LOCALHOST, TcpDevicePort
 from simulators.world import SimulatedWorld
 
-KIND_LABELS: Final = {"MASSAGER": "massager", "LED_MASK": "mask"}
 REATTACH_POLL_S: Final = 0.1
 MAX_REQUEST_BYTES: Final = 64 * 1024
 # A hand may press beyond the sensor's full scale (655.35 kPa: it saturates), not beyond this.
@@ -80,12 +78,6 @@ class FaultablePtySerialPort(PtySerialPort):
                 self.device.attach_link(self)
                 return
             await self.device.clock.sleep(REATTACH_POLL_S)
-
-    async def stop(self) -> None:
-        link = self.device.link
-        if isinstance(link, FaultyLink) and link.inner is self:
-            self.device.detach_link()
-        await super().stop()
 
 
 class FaultController:
@@ -231,7 +223,7 @@ def device_state(device: SimulatedDevice) -> dict[str, Any]:
     run = getattr(device, "program_run", None)
     state: dict[str, Any] = {
         "device": device.serial_number,
-        "kind": KIND_LABELS.get(device.kind.name, device.kind.name.lower()),
+        "kind": device.kind_label,
         "powered": device.is_powered,
         "connected": device.is_connected,
         "uptime_s": device.uptime_s,
@@ -289,7 +281,7 @@ def _name(value: enum.Enum | int | None) -> str | int | None:
 class ControlServer:
     """One JSON request per line in, one JSON answer per line out."""
 
-    def __init__(self, controller: FaultController, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, controller: FaultController, host: str = LOCALHOST, port: int = 0) -> None:
         self.controller = controller
         self.host = host
         self.port = port
@@ -389,7 +381,7 @@ def qa_group() -> None:
     default=None,
     help="Serve each device on TCP from this port on (0: any free ports).",
 )
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default=LOCALHOST, show_default=True)
 @click.option(
     "--control",
     "control_port",
@@ -445,7 +437,7 @@ async def serve(
     *,
     use_serial: bool,
     tcp_port: int | None,
-    host: str = "127.0.0.1",
+    host: str = LOCALHOST,
     control_port: int = 0,
     faults: Sequence[tuple[str, dict[str, Any]]] = (),
     fast: bool = False,
@@ -500,7 +492,7 @@ async def serve(
 async def _serve_device(
     device: SimulatedDevice, index: int, use_serial: bool, tcp_port: int | None, host: str
 ) -> list[FaultablePtySerialPort | TcpDevicePort]:
-    label = KIND_LABELS.get(device.kind.name, device.kind.name.lower())
+    label = device.kind_label
     ports: list[FaultablePtySerialPort | TcpDevicePort] = []
     if use_serial:
         pty = FaultablePtySerialPort(device)
@@ -541,7 +533,7 @@ def _control_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise click.BadParameter(f"{address!r} is not HOST:PORT", param_hint="--control")
-    return host or "127.0.0.1", int(port)
+    return host or LOCALHOST, int(port)
 
 
 @qa_group.command("fault")

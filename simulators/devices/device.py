@@ -51,9 +51,9 @@ import collections
 import enum
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final, TypedDict
+from typing import ClassVar, Final, Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -99,14 +99,14 @@ from protocols import (
     TelemetryBatch,
     max_samples_per_batch,
 )
-from protocols.telemetry import BACKFILL_FLAG, BATCH_HEADER, SAMPLE_DTYPES, SEQUENCE_MODULUS
+from protocols.constants import ATT_NOTIFY_OVERHEAD_BYTES
+from protocols.telemetry import SAMPLE_DTYPES, SEQUENCE_MODULUS, encode_batch
 from simulators.clock import VirtualClock
-from simulators.devices.link import Channel, DeviceLink
+from simulators.devices.link import Channel, DeviceLink, LinkLayer, LinkWrapper
 from simulators.devices.program_runner import ProgramReceiver
 from simulators.devices.ring import TelemetryRing
 
 DEFAULT_MTU_SIZE: Final = 247  # ATT MTU with data length extension (ble-and-ecosystem.md)
-ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
 DEFAULT_BATCH_INTERVAL_S: Final = 0.1
 DEFAULT_RING_DURATION_S: Final = 120.0  # the contract asks for at least 60 s
 # Backfill shares the radio with live data: about 0.8 Mbps of application
@@ -125,12 +125,17 @@ QUIET_DRAIN_ARRAY_MIN_SAMPLES: Final = 32
 # Guards the sample count against float error in (now - boot) * rate.
 SAMPLE_TIME_EPSILON: Final = 1e-6
 
+# What the command line, the control port and scenario files call each kind of device.
+KIND_LABELS: Final[Mapping[DeviceKind, str]] = {
+    DeviceKind.MASSAGER: "massager",
+    DeviceKind.LED_MASK: "mask",
+}
+
 MANUFACTURER_NAME: Final = "devicebridge simulator"
 HARDWARE_REVISION: Final = "sim-B"
 FIRMWARE_REVISION: Final = "1.0.0-sim"
 
 _SIGNED_CENTI: Final = struct.Struct("<h")
-_TELEMETRY_TYPE: Final = int(MessageType.TELEMETRY)
 
 
 class RandomStream(enum.IntEnum):
@@ -143,9 +148,13 @@ class RandomStream(enum.IntEnum):
     BATTERY = 4
 
 
-def device_rng(seed: int, index: int, stream: RandomStream) -> np.random.Generator:
-    """The generator of one stream of device ``index`` in a world seeded with ``seed``."""
-    return np.random.default_rng([seed, index, int(stream)])
+def device_rng(seed: int, index: int, *stream: int) -> np.random.Generator:
+    """The generator of one stream of device ``index`` in a world seeded with ``seed``.
+
+    ``stream``: a :class:`RandomStream` for the device's own, or other integers (a fault's
+    stream, see :meth:`SimulatedDevice.random_stream`); distinct keys never share numbers.
+    """
+    return np.random.default_rng([seed, index, *map(int, stream)])
 
 
 def derived_seed(seed: int, index: int, stream: RandomStream) -> int:
@@ -191,6 +200,37 @@ def derive_identity(seed: int, index: int, serial_prefix: str, name_prefix: str)
     return DeviceIdentity(index, address, serial, name, rssi)
 
 
+class FirmwareClock(Protocol):
+    """The time a device's firmware counts on (its crystal): the world's
+    :class:`~simulators.clock.VirtualClock`, or one that runs fast or slow against it
+    (:meth:`SimulatedDevice.set_firmware_clock`)."""
+
+    def now_s(self) -> float: ...
+
+    async def sleep_until(self, t_s: float, /) -> None: ...
+
+
+# Seams for faults and scenarios (see SimulatedDevice): what a device lets others change
+# without replacing any of its methods.
+SampleFilter = Callable[[npt.NDArray[np.float64], npt.NDArray[np.void]], npt.NDArray[np.void]]
+"""``filter(times_s, samples) -> samples``: changes the samples the firmware takes (what its
+sensors read) before they reach the ring. ``times_s`` are the sample times in seconds since
+boot; ``samples`` may be fewer than the times (the battery ran out on the way) and may be
+changed in place; return as many as were given."""
+
+CommandProceed = Callable[[Command], Ack | None]
+"""Passes a command on to the rest of the chain (the next interceptor, then the firmware)."""
+
+CommandInterceptor = Callable[[Command, CommandProceed], Ack | None]
+"""``interceptor(command, proceed) -> ack``: one link of the chain around command execution.
+Return ``proceed(command)`` to let it through, an :class:`~protocols.Ack` of your own to
+answer without applying it, or ``None`` to send no acknowledgement (dropped, or held back
+for :meth:`SimulatedDevice.deliver_command`)."""
+
+CommandListener = Callable[[Command, Ack], None]
+"""``listener(command, ack)``: told of every command the firmware executed, with its ack."""
+
+
 class DeviceOptions(TypedDict, total=False):
     """Keyword options every device model accepts (see :class:`SimulatedDevice`)."""
 
@@ -209,6 +249,22 @@ class SimulatedDevice(abc.ABC):
     Lifecycle: :meth:`start` boots it (sequence numbers restart at 0, a BOOT
     event is emitted, sampling starts); :meth:`stop` ends its task. A transport
     attaches with :meth:`attach_link` and feeds host writes to :meth:`receive`.
+
+    Seams, through which faults (:mod:`simulators.faults`) and scenarios change what the
+    device does without replacing any of its methods; each may change while it runs:
+
+    - :attr:`sample_filters`: functions applied in order to the samples the firmware
+      takes, before they reach the ring (:data:`SampleFilter`);
+    - :attr:`command_interceptors`: a chain around command execution, first in the list
+      outermost: let a command through, answer it without applying it, drop it, or hold it
+      back and :meth:`deliver_command` it later (:data:`CommandInterceptor`);
+    - :attr:`command_listeners`: told of every command the firmware executed and its ack;
+    - :meth:`add_link_wrapper`: every link the device attaches is wrapped in the
+      wrappers' layers (:class:`~simulators.devices.link.LinkLayer`); :attr:`link` stays
+      the transport's own link;
+    - :meth:`set_firmware_clock`: the clock the firmware counts its time on;
+    - power and battery events: :meth:`lose_power`, :meth:`power_off`, :meth:`start`,
+      :meth:`drop_battery_charge`, :meth:`send_pending`.
     """
 
     kind: ClassVar[DeviceKind]
@@ -280,7 +336,16 @@ class SimulatedDevice(abc.ABC):
         self._retained_sequence_end: int | None = None
         self._boot_s = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._firmware_clock: FirmwareClock = clock
+        # The transport's link; the wrappers' layers around it, innermost first; and the
+        # outermost of them (or the link itself), through which messages go.
         self._link: DeviceLink | None = None
+        self._link_wrappers: list[LinkWrapper] = []
+        self._link_layers: list[LinkLayer] = []
+        self._outbound: DeviceLink | None = None
+        self.sample_filters: list[SampleFilter] = []
+        self.command_interceptors: list[CommandInterceptor] = []
+        self.command_listeners: list[CommandListener] = []
         # Called when the device powers on or off or a link comes or goes (what decides
         # whether it advertises): the world's advertiser sleeps while nobody advertises.
         self.presence_listeners: list[Callable[[], None]] = []
@@ -318,6 +383,11 @@ class SimulatedDevice(abc.ABC):
     @property
     def serial_number(self) -> str:
         return self.identity.serial_number
+
+    @property
+    def kind_label(self) -> str:
+        """What the command line and the control port call this kind (:data:`KIND_LABELS`)."""
+        return KIND_LABELS.get(self.kind, self.kind.name.lower())
 
     @property
     def profile(self) -> DeviceProfile:
@@ -390,7 +460,26 @@ class SimulatedDevice(abc.ABC):
 
     @property
     def uptime_s(self) -> float:
-        return self.clock.now_s() - self._boot_s
+        return self._firmware_clock.now_s() - self._boot_s
+
+    @property
+    def firmware_clock(self) -> FirmwareClock:
+        """The clock the firmware counts its time on (:attr:`clock` unless set otherwise)."""
+        return self._firmware_clock
+
+    def set_firmware_clock(self, clock: FirmwareClock | None) -> None:
+        """Count the firmware's time on ``clock`` from now on (``None``: the world's clock).
+
+        Samples already due are not taken again: call :meth:`catch_up` first to take them
+        on the clock they were due on.
+        """
+        self._firmware_clock = self.clock if clock is None else clock
+
+    def random_stream(self, *key: int) -> np.random.Generator:
+        """A generator of this device's own for ``key`` (a fault, a helper), seeded by the
+        world's seed and the device's index, so that a seed replays it and it never shifts
+        the device's own streams (keep ``key`` away from :class:`RandomStream`'s values)."""
+        return device_rng(self.seed, self.index, *key)
 
     @property
     @abc.abstractmethod
@@ -423,7 +512,7 @@ class SimulatedDevice(abc.ABC):
         if self._task is not None and not self._task.done():
             return
         self._powered = True
-        self._boot_s = self.clock.now_s()
+        self._boot_s = self._firmware_clock.now_s()
         self.ring = TelemetryRing(self.sample_dtype, self.ring.capacity)
         self._stream_next_sequence = 0
         previous_end, self._retained_sequence_end = self._retained_sequence_end, None
@@ -488,7 +577,7 @@ class SimulatedDevice(abc.ABC):
         while self.is_powered:
             tick += 1
             # Multiply rather than accumulate, so float error never drifts the rate.
-            await self.clock.sleep_until(self._boot_s + tick * self.batch_interval_s)
+            await self._firmware_clock.sleep_until(self._boot_s + tick * self.batch_interval_s)
             self._tick()
 
     def _tick(self) -> None:
@@ -496,6 +585,11 @@ class SimulatedDevice(abc.ABC):
             return
         self._flush_stream()
         self._flush_backfill()
+
+    def send_pending(self) -> None:
+        """Now, what a tick of the sampling loop does: take the samples due, send the stream
+        and one interval's share of backfill (what a firmware flushes before it restarts)."""
+        self._tick()
 
     # ------------------------------------------------------------------ links
 
@@ -505,14 +599,56 @@ class SimulatedDevice(abc.ABC):
         if not self.is_powered:
             raise RuntimeError(f"{self.serial_number} is powered off")
         self._link = link
+        self._wrap_link(0)
         self._reset_session()
         self._presence_changed()
 
     def detach_link(self) -> None:
         """The link is gone: firmware forgets streaming and pending backfill."""
+        self._unwrap_link(0)
         self._link = None
+        self._outbound = None
         self._reset_session()
         self._presence_changed()
+
+    @property
+    def link_wrappers(self) -> tuple[LinkWrapper, ...]:
+        """The link wrappers, innermost first."""
+        return tuple(self._link_wrappers)
+
+    def add_link_wrapper(self, wrapper: LinkWrapper) -> None:
+        """Wrap every link the device attaches, the one attached now included, in
+        ``wrapper(link)``, outside the wrappers added before."""
+        self._link_wrappers.append(wrapper)
+        if self._link is not None:
+            self._wrap_link(len(self._link_layers))
+
+    def remove_link_wrapper(self, wrapper: LinkWrapper) -> None:
+        """Stop wrapping links in ``wrapper``. On the link attached now, its layer and the
+        layers outside it are detached (what they held back is lost) and those outside it
+        are made again around what remains."""
+        index = self._link_wrappers.index(wrapper)
+        del self._link_wrappers[index]
+        if self._link is not None:
+            self._unwrap_link(index)
+            self._wrap_link(index)
+
+    def _wrap_link(self, start: int) -> None:
+        """Layers of the wrappers from ``start`` on around the attached link's layers."""
+        outbound = self._link_layers[start - 1] if start else self._link
+        assert outbound is not None
+        for wrapper in self._link_wrappers[start:]:
+            layer = wrapper(outbound)
+            self._link_layers.append(layer)
+            outbound = layer
+        self._outbound = outbound
+
+    def _unwrap_link(self, keep: int) -> None:
+        """Detach the layers beyond the innermost ``keep``, the outermost first."""
+        layers = self._link_layers
+        while len(layers) > keep:
+            layers.pop().detached()
+        self._outbound = layers[-1] if layers else self._link
 
     def _presence_changed(self) -> None:
         for listener in self.presence_listeners:
@@ -540,15 +676,33 @@ class SimulatedDevice(abc.ABC):
             self.ignored_frames += 1
             return
         self.commands_received += 1
+        self._handle_command(command, 0)
+
+    def deliver_command(self, command: Command, *, after: CommandInterceptor) -> None:
+        """A command that the interceptor ``after`` held back goes on now, as if it had just
+        arrived: through the interceptors after ``after`` (all of them if ``after`` was
+        removed meanwhile) to the firmware, and its ack is sent. Nothing happens when the
+        device is off."""
+        try:
+            position = self.command_interceptors.index(after) + 1
+        except ValueError:
+            position = 0
+        self._handle_command(command, position)
+
+    def _handle_command(self, command: Command, position: int) -> None:
+        """``command`` through the interceptors from ``position`` on and the firmware;
+        the ack is sent, then what the command caused."""
         # Samples up to now were taken under the old state: take them first.
         if not self.catch_up():
             return
-        self._deferred = []
+        outer, self._deferred = self._deferred, []
         try:
-            ack = self.execute(command)
+            ack = self._intercepted(command, position)
         finally:
-            deferred, self._deferred = self._deferred, None
-        self._send(Channel.CONTROL, ack.encode())
+            deferred, self._deferred = self._deferred, outer
+        if ack is not None:
+            self._send(Channel.CONTROL, ack.encode())
+        # A host that writes a command listens, whether or not the command got through.
         if not self._host_listening and self._link is not None:
             self._host_listening = True
             backlog = list(self._event_backlog)
@@ -575,11 +729,12 @@ class SimulatedDevice(abc.ABC):
             # Inside a command: the ack goes first, then what the command caused.
             self._deferred.append((channel, message))
             return
-        if self._link is not None:
-            self._link.send(channel, message)
+        link = self._outbound
+        if link is not None:
+            link.send(channel, message)
 
     def _max_payload_bytes(self) -> int:
-        link = self._link
+        link = self._outbound
         if link is None:
             return self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
         return link.max_payload_bytes
@@ -593,8 +748,27 @@ class SimulatedDevice(abc.ABC):
             opcodes |= self.PROGRAM_OPCODES
         return opcodes
 
+    def _intercepted(self, command: Command, position: int) -> Ack | None:
+        """``command`` through the interceptors from ``position`` on, then the firmware."""
+        interceptors = self.command_interceptors
+        if position >= len(interceptors):
+            return self.execute(command)
+        return interceptors[position](
+            command, lambda passed: self._intercepted(passed, position + 1)
+        )
+
     def execute(self, command: Command) -> Ack:
-        """Run one command and return its acknowledgement."""
+        """Run one command in the firmware and return its acknowledgement.
+
+        No interceptor sees it (:meth:`receive` passes commands through them); the
+        :attr:`command_listeners` are told.
+        """
+        ack = self._execute(command)
+        for listener in self.command_listeners:
+            listener(command, ack)
+        return ack
+
+    def _execute(self, command: Command) -> Ack:
         opcode = command.opcode
         if not isinstance(opcode, Opcode):
             return Ack(command.command_id, opcode, ResultCode.UNKNOWN_OPCODE)
@@ -701,20 +875,6 @@ class SimulatedDevice(abc.ABC):
             backfill,
         ).encode()
 
-    def _batch_of_bytes(
-        self, first_sequence: int, data: bytes | bytearray, backfill: bool
-    ) -> bytes:
-        """:meth:`_batch` of samples given as their raw bytes (from the ring, so of the
-        device's sample format): the same header as :meth:`TelemetryBatch.encode`, without
-        making an array and a batch object per notification."""
-        header = BATCH_HEADER.pack(
-            _TELEMETRY_TYPE,
-            int(self.sample_format) | (BACKFILL_FLAG if backfill else 0),
-            first_sequence % SEQUENCE_MODULUS,
-            self.device_time_ms_of_sequence(first_sequence) % SEQUENCE_MODULUS,
-        )
-        return header + data
-
     def _flush_stream(self) -> None:
         if not self._streaming or self._link is None:
             return
@@ -730,8 +890,12 @@ class SimulatedDevice(abc.ABC):
         per_batch = self._samples_per_batch()
         batch_bytes = per_batch * sample_bytes
         for offset in range(0, len(data), batch_bytes):
-            message = self._batch_of_bytes(
-                first + offset // sample_bytes, data[offset : offset + batch_bytes], False
+            first_sequence = first + offset // sample_bytes
+            message = encode_batch(
+                self.sample_format,
+                first_sequence,
+                self.device_time_ms_of_sequence(first_sequence),
+                data[offset : offset + batch_bytes],
             )
             self._send(Channel.TELEMETRY, message)
         self._stream_next_sequence = first + len(data) // sample_bytes
@@ -785,6 +949,8 @@ class SimulatedDevice(abc.ABC):
         # (every value is a whole number), for a good deal less (numpy's cast path).
         times_s = np.arange(float(start), float(due)) / self.sample_rate_hz
         samples = self._generate(times_s)
+        for sample_filter in self.sample_filters:
+            samples = sample_filter(times_s, samples)
         self.ring.extend(samples)
         if samples.shape[0] < times_s.shape[0]:
             self.power_off(ShutdownReason.BATTERY_EMPTY)
@@ -819,6 +985,16 @@ class SimulatedDevice(abc.ABC):
     def event_backlog(self) -> list[Event]:
         """Program events waiting for a host to listen (oldest first)."""
         return list(self._event_backlog)
+
+    def drop_battery_charge(self, percent: float, *, report_now: bool = True) -> None:
+        """The cell's charge falls to ``percent`` at once (a failing or sagging cell; a
+        charge below it stays). ``report_now``: the battery monitor reads it on the spot
+        (the level notification, BATTERY_LOW); otherwise the next sample finds it (at 0 the
+        firmware then shuts down)."""
+        self._battery_charge_percent = min(self._battery_charge_percent, percent)
+        if report_now:
+            # No charge used: only the BATTERY_LOW check and the level notification run.
+            self._drain_battery(0.0, self.uptime_s)
 
     def _drain_battery(self, drain_percent: float, t_s: float) -> bool:
         """Use ``drain_percent`` of charge at ``t_s``; ``False`` when the battery is empty."""

@@ -42,7 +42,8 @@ from protocols.telemetry import (
 )
 from simulators.clock import VirtualClock
 from simulators.devices.device import Button, DeviceOptions, Press, SimulatedDevice
-from simulators.devices.program_runner import MaskProgramRun
+from simulators.devices.program_runner import PROGRAM_END_OF_SHUTDOWN, PULSE_DUTY, MaskProgramRun
+from simulators.devices.skin import AMBIENT_C, SKIN_BASELINE_C
 
 LED_MASK_SAMPLE_RATE_HZ: Final = 10
 # Wavelengths of FDA-cleared masks (domain-safety.md, LED photobiomodulation [A]).
@@ -57,13 +58,10 @@ MAX_TREATMENT_S: Final = 20 * 60
 # Highest pulse rate the drivers do. Flicker safety (3-60 Hz) is the host's
 # policy, not the hardware's: the device does what it is told within hardware limits.
 MAX_PULSE_HZ: Final = 100.0
-PULSE_DUTY: Final = 0.5
-# Forehead skin baseline 33.4 degC [A]; the skin side rises 1-4 degC over 10 min
-# at 20-60 mW/cm2 [E] (domain-safety.md, Temperature). A first-order model with
+# From the skin baseline (simulators.devices.skin), the skin side rises 1-4 degC over
+# 10 min at 20-60 mW/cm2 [E] (domain-safety.md, Temperature). A first-order model with
 # tau 300 s and gain 0.06 degC per mW/cm2 gives +1.04 degC at 20 and +3.1 at 60
 # after 600 s.
-SKIN_BASELINE_C: Final = 33.4
-AMBIENT_C: Final = 24.0
 THERMAL_TAU_S: Final = 300.0
 THERMAL_GAIN_C_PER_MW_CM2: Final = 0.06
 # Hard stop at 43 degC (IEC 60601-1 applied parts, 10 min or more of contact;
@@ -84,11 +82,6 @@ _END_REASON_OF_SHUTDOWN: Final = {
     ShutdownReason.BATTERY_EMPTY: TreatmentEndReason.LOW_BATTERY,
     ShutdownReason.BUTTON: TreatmentEndReason.BUTTON,
     ShutdownReason.HOST: TreatmentEndReason.STOPPED_BY_HOST,
-}
-_PROGRAM_END_OF_SHUTDOWN: Final = {
-    ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
-    ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
-    ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
 }
 
 
@@ -256,7 +249,7 @@ class SimulatedLedMask(SimulatedDevice):
         self._emit(EventCode.TREATMENT_FINISHED, bytes([reason]), t_s)
 
     def _on_power_off(self, reason: ShutdownReason) -> None:
-        self._stop_program(_PROGRAM_END_OF_SHUTDOWN[reason])
+        self._stop_program(PROGRAM_END_OF_SHUTDOWN[reason])
         self._finish(_END_REASON_OF_SHUTDOWN[reason], None)
 
     # ------------------------------------------------------------------ user actions

@@ -48,7 +48,8 @@ from simulators.devices.device import (
     derived_seed,
 )
 from simulators.devices.hand import NO_ZONE, HandScript
-from simulators.devices.program_runner import MassagerProgramRun
+from simulators.devices.program_runner import PROGRAM_END_OF_SHUTDOWN, MassagerProgramRun
+from simulators.devices.skin import AMBIENT_C, SKIN_BASELINE_C, SKIN_BASELINE_SPREAD_C
 
 MASSAGER_SAMPLE_RATE_HZ: Final = 100
 # Contact detection with hysteresis, so sensor noise at the threshold does not
@@ -59,10 +60,6 @@ CONTACT_OFF_KPA: Final = 0.15
 SENSOR_MAX_KPA: Final = 0xFFFF * PRESSURE_KPA_PER_UNIT
 # The motor shakes the load cell: extra noise per intensity level while touching.
 MOTOR_RIPPLE_KPA_PER_LEVEL: Final = 0.02
-# Forehead skin baseline 33.4 +- 0.8 degC (domain-safety.md, Temperature [A]).
-SKIN_BASELINE_C: Final = 33.4
-SKIN_BASELINE_SPREAD_C: Final = 0.8
-AMBIENT_C: Final = 24.0
 # The head's sensor follows skin or air with this first-order time constant.
 SENSOR_THERMAL_TAU_S: Final = 20.0
 TEMPERATURE_NOISE_C: Final = 0.02
@@ -93,11 +90,6 @@ _RUN_SAMPLE_LAYOUT: Final = (
     )
 )
 MODE_CYCLE: Final = (MassageMode.VIBRATION, MassageMode.PERCUSSION, MassageMode.PULSE)
-_PROGRAM_END_OF_SHUTDOWN: Final = {
-    ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
-    ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
-    ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
-}
 
 
 class _Reading(NamedTuple):
@@ -556,7 +548,7 @@ class SimulatedMassager(SimulatedDevice):
         return motor_on, ripple_kpa, drain_percent
 
     def _on_power_off(self, reason: ShutdownReason) -> None:
-        self._stop_program(_PROGRAM_END_OF_SHUTDOWN[reason])
+        self._stop_program(PROGRAM_END_OF_SHUTDOWN[reason])
 
     def hold_hand(self, hand: HandScript) -> None:
         """From the next sample on, ``hand`` holds the device (its times count from boot)."""

@@ -42,6 +42,7 @@ from protocols import (
     ProgramStepReason,
     ProtocolError,
     ResultCode,
+    ShutdownReason,
     program_crc32,
 )
 from protocols.program import (
@@ -60,7 +61,14 @@ _LOGGER = logging.getLogger(__name__)
 TEMPERATURE_RESUME_MARGIN_CENTI_C: Final = 200
 # As the host engine: the third time the pressure goes above the cap, the program stops.
 CAP_EVENTS_BEFORE_STOP: Final = 3
+# The LEDs' duty cycle while pulsing.
 PULSE_DUTY: Final = 0.5
+# How a running program ends when the device powers off.
+PROGRAM_END_OF_SHUTDOWN: Final = {
+    ShutdownReason.BATTERY_EMPTY: ProgramEndReason.LOW_BATTERY,
+    ShutdownReason.BUTTON: ProgramEndReason.BUTTON,
+    ShutdownReason.HOST: ProgramEndReason.STOPPED_BY_HOST,
+}
 _CENTI_C: Final = struct.Struct("<h")
 
 EmitEvent = Callable[[EventCode, bytes, float], None]
@@ -179,10 +187,16 @@ class ProgramReceiver:
 
 
 class _ProgramRun(abc.ABC):
-    """What both kinds share: step index, session cap, events, the end."""
+    """What both kinds share: step index, session cap, the skin temperature stop, events,
+    the end."""
 
     def __init__(
-        self, program: Program, sample_rate_hz: int, emit: EmitEvent, start_s: float
+        self,
+        program: Program,
+        sample_rate_hz: int,
+        emit: EmitEvent,
+        start_s: float,
+        temperature_stop_centi_c: int,
     ) -> None:
         self.program = program
         self.sample_rate_hz = sample_rate_hz
@@ -190,6 +204,8 @@ class _ProgramRun(abc.ABC):
         self.start_s = start_s
         self.index = 0
         self.end_reason: ProgramEndReason | None = None
+        self._stop_centi_c = temperature_stop_centi_c
+        self._cooling = False
         self._samples = 0
         self._cap_samples = program.limits.session_length_cap_s * sample_rate_hz
         self._pause_samples = max(
@@ -217,6 +233,34 @@ class _ProgramRun(abc.ABC):
         self._hard_limit(HardLimit.SESSION_LENGTH, t_s)
         self.stop(ProgramEndReason.SESSION_CAP, t_s)
         return False
+
+    def _temperature_holds(self, t_s: float, temperature_centi_c: int) -> bool:
+        """The skin temperature stop; ``True`` when the step may not run on this sample.
+
+        At or above the stop, ``OVER_TEMPERATURE`` and the step ends (the program, at its
+        last step); the next step waits until the skin has cooled
+        ``TEMPERATURE_RESUME_MARGIN_CENTI_C`` below the stop, and starts with
+        ``PROGRAM_STEP`` (over-temperature).
+        """
+        if self._cooling:
+            if temperature_centi_c >= self._stop_centi_c - TEMPERATURE_RESUME_MARGIN_CENTI_C:
+                return True
+            self._cooling = False
+            self._step_event(ProgramStepReason.OVER_TEMPERATURE, t_s)
+            self._cooled(t_s)
+        if temperature_centi_c >= self._stop_centi_c:
+            self.emit(EventCode.OVER_TEMPERATURE, _CENTI_C.pack(temperature_centi_c), t_s)
+            self._over_temperature(t_s)
+            return True
+        return False
+
+    def _cooled(self, t_s: float) -> None:  # noqa: B027 - optional hook
+        """Hook: the skin has cooled and the step after a temperature stop starts."""
+
+    @abc.abstractmethod
+    def _over_temperature(self, t_s: float) -> None:
+        """The step ends at the temperature stop (``OVER_TEMPERATURE`` is out): the next
+        step waits for the skin to cool (set ``_cooling``), or the program ends."""
 
     def stop(self, reason: ProgramEndReason, t_s: float) -> None:
         """End now: actuators off, ``PROGRAM_FINISHED``."""
@@ -250,7 +294,9 @@ class MassagerProgramRun(_ProgramRun):
         start_s: float,
         apply: Callable[[MassageProgramStep | None, float], None],
     ) -> None:
-        super().__init__(program, sample_rate_hz, emit, start_s)
+        super().__init__(
+            program, sample_rate_hz, emit, start_s, program.limits.skin_temperature_stop_centi_c
+        )
         self._steps = [s for s in program.steps if isinstance(s, MassageProgramStep)]
         self._apply = apply
         self._contact_samples = 0
@@ -258,8 +304,6 @@ class MassagerProgramRun(_ProgramRun):
         self._paused = False
         self._above_cap = False
         self._cap_events = 0
-        self._cooling = False
-        self._stop_centi_c = program.limits.skin_temperature_stop_centi_c
 
     @property
     def step(self) -> MassageProgramStep:
@@ -281,14 +325,7 @@ class MassagerProgramRun(_ProgramRun):
         """One sensor reading at ``t_s``; the device applies what this decides to it."""
         if self.finished or not self._count_sample(t_s):
             return
-        if self._cooling:
-            if temperature_centi_c >= self._stop_centi_c - TEMPERATURE_RESUME_MARGIN_CENTI_C:
-                return
-            self._cooling = False
-            self._step_event(ProgramStepReason.OVER_TEMPERATURE, t_s)
-            self._apply(self.step, t_s)
-        if temperature_centi_c >= self._stop_centi_c:
-            self._over_temperature(t_s, temperature_centi_c)
+        if self._temperature_holds(t_s, temperature_centi_c):
             return
         if not contact:
             self._no_contact_samples += 1
@@ -334,8 +371,10 @@ class MassagerProgramRun(_ProgramRun):
         self._step_event(ProgramStepReason.STEP_DONE, t_s)
         self._apply(self.step, t_s)
 
-    def _over_temperature(self, t_s: float, temperature_centi_c: int) -> None:
-        self.emit(EventCode.OVER_TEMPERATURE, _CENTI_C.pack(temperature_centi_c), t_s)
+    def _cooled(self, t_s: float) -> None:
+        self._apply(self.step, t_s)
+
+    def _over_temperature(self, t_s: float) -> None:
         self._apply(None, t_s)
         self._contact_samples = 0
         if self.index + 1 >= len(self._steps):
@@ -363,16 +402,14 @@ class MaskProgramRun(_ProgramRun):
         *,
         temperature_stop_centi_c: int,
     ) -> None:
-        super().__init__(program, sample_rate_hz, emit, start_s)
+        super().__init__(program, sample_rate_hz, emit, start_s, temperature_stop_centi_c)
         self._steps = [s for s in program.steps if isinstance(s, LedProgramStep)]
-        self._stop_centi_c = temperature_stop_centi_c
         channels = range(len(LED_CHANNEL_NAMES))
         self.dose_units = [0 for _ in channels]
         self.capped = [False for _ in channels]
         self._step_samples = 0
         self._not_worn_samples = 0
         self._paused = False
-        self._cooling = False
         # Only the three levels are needed per sample: the rest is read from the step.
         self.levels_mw_cm2: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.mean_total_mw_cm2 = 0.0
@@ -411,14 +448,7 @@ class MaskProgramRun(_ProgramRun):
         self._dark()
         if self.finished or not self._count_sample(t_s):
             return
-        if self._cooling:
-            if temperature_centi_c >= self._stop_centi_c - TEMPERATURE_RESUME_MARGIN_CENTI_C:
-                return
-            self._cooling = False
-            self._step_event(ProgramStepReason.OVER_TEMPERATURE, t_s)
-        if temperature_centi_c >= self._stop_centi_c:
-            self.emit(EventCode.OVER_TEMPERATURE, _CENTI_C.pack(temperature_centi_c), t_s)
-            self._end_step(t_s, ProgramStepReason.OVER_TEMPERATURE)
+        if self._temperature_holds(t_s, temperature_centi_c):
             return
         if not worn:
             self._not_worn_samples += 1
@@ -466,6 +496,9 @@ class MaskProgramRun(_ProgramRun):
         self._step_samples += 1
         if self._step_samples >= step.duration_s * self.sample_rate_hz:
             self._end_step(t_s, ProgramStepReason.STEP_DONE)
+
+    def _over_temperature(self, t_s: float) -> None:
+        self._end_step(t_s, ProgramStepReason.OVER_TEMPERATURE)
 
     def _end_step(self, t_s: float, reason: ProgramStepReason) -> None:
         self._step_samples = 0

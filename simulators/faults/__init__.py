@@ -1,11 +1,13 @@
 """Faults for simulated devices: link, frame, device and sensor, each on a seeded schedule.
 
-A :class:`FaultInjector` decorates one device *instance* (never its class, and without
-editing the device model): it wraps every link the device attaches in a
-:class:`FaultyLink`, post-processes the samples its firmware takes, wraps its command
-execution and its clock, and runs scheduled events (disconnects, reboots, a battery that
-runs out) on the virtual clock. Faults can be added and removed while the device runs
-(:mod:`simulators.control` does so over a socket).
+A :class:`FaultInjector` works on one device through the device's seams (see
+:class:`~simulators.devices.device.SimulatedDevice`), without replacing any of its methods:
+it wraps every link the device attaches in a :class:`FaultyLink` (a link wrapper), changes
+the samples its firmware takes (a sample filter), answers commands it ignores (a command
+interceptor), sets the firmware's clock (clock drift) and runs scheduled events
+(disconnects, reboots, a battery that runs out) on the virtual clock through the device's
+public power and battery methods. Faults can be added and removed while the device runs
+(:mod:`simulators.control` does so over a socket), and injectors compose on one device.
 
 Fault classes and kinds (parameters in :data:`FAULT_PARAMETERS`):
 

@@ -11,15 +11,13 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import Ack, Command, Opcode, ResetReason, ResultCode, StopAll
-from protocols.telemetry import (
-    MASSAGER_FLAG_CONTACT,
-)
+from protocols.telemetry import MASSAGER_FLAG_CONTACT
 from simulators.clock import VirtualClock
-from simulators.devices.device import SimulatedDevice
+from simulators.devices.device import CommandProceed, SimulatedDevice, device_rng
 from simulators.devices.link import DeviceLink
+from simulators.devices.massager import CONTACT_ON_KPA
 from simulators.faults.link import ActiveFault, FaultyLink
 from simulators.faults.spec import (
-    CONTACT_ON_KPA,
     EVENT_FAULTS,
     EVENT_JITTER_FRACTION,
     FAULT_STREAM,
@@ -55,6 +53,12 @@ class DriftingClock:
 class FaultInjector:
     """Faults of one device; see the module docstring.
 
+    It works through the device's seams (:class:`~simulators.devices.device.SimulatedDevice`):
+    :meth:`filter_samples` is one of its sample filters, :meth:`intercept_command` one of
+    its command interceptors, :meth:`wrap_link` one of its link wrappers; a clock drift sets
+    its firmware clock, and events use its public power and battery methods. Any number of
+    injectors (and other users of the seams) compose on one device, in any order.
+
     ``world`` (optional) lets a disconnect take the device out of BLE range; without it a
     disconnect closes the link the device is attached to.
     """
@@ -81,7 +85,7 @@ class FaultInjector:
         self._installed = False
         self._running = False
         self._saved: dict[str, Any] = {}
-        self._base_clock: Any = None
+        self._drifting = False
         self.reboots = 0
         # What the device still held when it went down (for "no sample lost" checks).
         self.held_before_reboot: list[tuple[int, int]] = []
@@ -96,7 +100,7 @@ class FaultInjector:
 
     def add(self, fault: Fault) -> Fault:
         """Add a fault now (its schedule counts in clock time, like ``at_s``)."""
-        rng = np.random.default_rng([self.seed, self.device.index, self._ordinal, FAULT_STREAM])
+        rng = device_rng(self.seed, self.device.index, self._ordinal, FAULT_STREAM)
         active = ActiveFault(fault, rng, self._ordinal)
         self._ordinal += 1
         self._faults.append(active)
@@ -150,62 +154,33 @@ class FaultInjector:
     # ------------------------------------------------------------------ installation
 
     def install(self) -> FaultInjector:
-        """Decorate the device instance (idempotent); call before or after it starts."""
+        """Put the injector on the device's seams (idempotent); before or after it starts."""
         if self._installed:
             return self
         self._installed = True
         device = self.device
-        # Earlier instance-level wrappers (a scenario's hand) are put back on uninstall.
-        self._saved_methods = {
-            name: device.__dict__.get(name)
-            for name in ("attach_link", "detach_link", "_generate", "execute")
-        }
-        original_attach = device.attach_link
-        original_generate = device._generate
-        original_execute = device.execute
-        original_detach = device.detach_link
-
-        def attach_link(link: DeviceLink) -> None:
-            original_attach(link if isinstance(link, FaultyLink) else FaultyLink(link, self))
-
-        def detach_link() -> None:
-            link = device.link
-            original_detach()
-            if isinstance(link, FaultyLink):
-                link.close()  # what it held back or delayed is lost with the link
-
-        def generate(times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
-            return self._sensor(times_s, original_generate(times_s))
-
-        def execute(command: Command) -> Ack:
-            return self._execute(command, original_execute)
-
-        device.attach_link = attach_link  # type: ignore[method-assign]
-        device.detach_link = detach_link  # type: ignore[method-assign]
-        device._generate = generate  # type: ignore[method-assign]
-        device.execute = execute  # type: ignore[method-assign]
-        link = device.link
-        if link is not None and not isinstance(link, FaultyLink):
-            device._link = FaultyLink(link, self)
+        device.sample_filters.append(self.filter_samples)
+        device.command_interceptors.append(self.intercept_command)
+        device.add_link_wrapper(self.wrap_link)
         return self
 
     def uninstall(self) -> None:
+        """Take the injector off the device: its faults end (what its link layer held
+        back is lost)."""
         if not self._installed:
             return
         self.stop()
         for active in list(self._faults):
             self._stop_active(active)
         device = self.device
-        for name, saved in self._saved_methods.items():
-            if saved is None:
-                device.__dict__.pop(name, None)
-            else:
-                setattr(device, name, saved)
-        link = device.link
-        if isinstance(link, FaultyLink):
-            link.close()
-            device._link = link.inner
+        device.sample_filters.remove(self.filter_samples)
+        device.command_interceptors.remove(self.intercept_command)
+        device.remove_link_wrapper(self.wrap_link)
         self._installed = False
+
+    def wrap_link(self, link: DeviceLink) -> FaultyLink:
+        """The device's link wrapper: message faults on every link it attaches."""
+        return FaultyLink(link, self)
 
     def start(self) -> None:
         """Start the scheduled events (a running event loop is needed)."""
@@ -263,15 +238,15 @@ class FaultInjector:
             self.record(active, f"MTU now {device.mtu_size}")
         elif fault.kind is FaultKind.CLOCK_DRIFT:
             device.catch_up()  # samples due so far were taken on the true clock
-            self._base_clock = device.clock
             drifting = DriftingClock(self.clock, float(fault.param("ppm")), self.clock.now_s())
-            device.clock = drifting  # type: ignore[assignment]
+            device.set_firmware_clock(drifting)
+            self._drifting = True
             self.record(active, f"device clock off by {float(fault.param('ppm')):g} ppm")
 
     def _restore_clock(self) -> None:
-        if self._base_clock is not None:
-            self.device.clock = self._base_clock
-            self._base_clock = None
+        if self._drifting:
+            self.device.set_firmware_clock(None)
+            self._drifting = False
 
     # ------------------------------------------------------------------ events
 
@@ -302,7 +277,7 @@ class FaultInjector:
         device.catch_up()
         if graceful:
             # A firmware-initiated restart sends what it holds before it goes.
-            device._tick()
+            device.send_pending()
         self.held_before_reboot.append((device.ring.oldest_sequence, device.ring.next_sequence))
         self.record(
             active,
@@ -324,10 +299,7 @@ class FaultInjector:
         if not device.is_powered:
             return
         device.catch_up()
-        percent = float(active.fault.param("percent"))
-        device._battery_charge_percent = min(device.battery_charge_percent, percent)
-        # No charge used: only the BATTERY_LOW check and the level notification run.
-        device._drain_battery(0.0, device.uptime_s)
+        device.drop_battery_charge(float(active.fault.param("percent")))
         self.record(active, f"battery at {device.battery_percent} %")
         empty_after_s = active.fault.param("empty_after_s")
         if empty_after_s is None:
@@ -336,8 +308,8 @@ class FaultInjector:
         if not _powered(device):
             return
         device.catch_up()
-        device._tick()  # what the firmware holds goes out before the battery gives up
-        device._battery_charge_percent = 0.0
+        device.send_pending()  # what the firmware holds goes out before the battery gives up
+        device.drop_battery_charge(0.0, report_now=False)
         self.record(active, "battery empty: shutting down")
         # The next sample finds the battery empty and the firmware shuts down (SHUTDOWN).
         await self.clock.sleep(1.0 / device.sample_rate_hz)
@@ -345,18 +317,21 @@ class FaultInjector:
 
     # ------------------------------------------------------------------ commands and sensors
 
-    def _execute(self, command: Command, original: Callable[[Command], Ack]) -> Ack:
+    def intercept_command(self, command: Command, proceed: CommandProceed) -> Ack | None:
+        """The device's command interceptor: ``ignore_commands`` acknowledges the listed
+        opcodes without applying them."""
         now_s = self.clock.now_s()
         for active in self.active_faults(now_s, {FaultKind.IGNORE_COMMANDS}):
             names = active.fault.param("opcodes")
             if isinstance(command.opcode, Opcode) and command.opcode.name in names:
                 self.record(active, f"{command.opcode.name} acknowledged but not applied")
                 return Ack(command.command_id, command.opcode, ResultCode.OK)
-        return original(command)
+        return proceed(command)
 
-    def _sensor(
+    def filter_samples(
         self, times_s: npt.NDArray[np.float64], samples: npt.NDArray[np.void]
     ) -> npt.NDArray[np.void]:
+        """The device's sample filter: the sensor faults active at each sample's time."""
         if not self._faults:
             return samples
         count = int(samples.shape[0])

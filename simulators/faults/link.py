@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from protocols import encode_frame
-from simulators.devices.link import Channel, DeviceLink
+from simulators.devices.link import Channel, DeviceLink, FramedLink
 from simulators.faults.spec import MESSAGE_FAULTS, TYPE_DAMAGE_MASK, Fault, FaultKind
 
 if TYPE_CHECKING:
@@ -55,11 +55,18 @@ class ActiveFault:
         self.hits = 0
 
 
-class FaultyLink:
-    """A :class:`~simulators.devices.link.DeviceLink` that applies an injector's message faults.
+def is_framed(link: DeviceLink) -> bool:
+    """Whether ``link`` carries serial frames (:class:`~simulators.devices.link.FramedLink`)."""
+    return link.framed if isinstance(link, FaultyLink) else hasattr(link, "send_frame")
 
-    Framed links (the pty and TCP ports, which have ``send_frame``) get their faults
-    applied to the encoded frame bytes; other links (BLE) to the message.
+
+class FaultyLink:
+    """A link layer (:class:`~simulators.devices.link.LinkLayer`) that applies an injector's
+    message faults to what a device sends through it.
+
+    On a framed link (the pty and TCP ports, or a :class:`FaultyLink` around one) the faults
+    hit the encoded frame bytes, passed on with ``send_frame``; on other links (BLE) the
+    message.
     """
 
     def __init__(self, inner: DeviceLink, injector: FaultInjector) -> None:
@@ -71,7 +78,7 @@ class FaultyLink:
         self._release_s = 0.0
         self.closed = False
         # The inner link is fixed for the wrapper's life, and so is whether it is framed.
-        self._framed = hasattr(inner, "send_frame")
+        self._framed = is_framed(inner)
 
     @property
     def max_payload_bytes(self) -> int:
@@ -82,10 +89,18 @@ class FaultyLink:
         return self._framed
 
     def send(self, channel: Channel, message: bytes) -> None:
+        self._transmit(channel, encode_frame(message) if self._framed else message)
+
+    def send_frame(self, channel: Channel, frame: bytes) -> None:
+        """An encoded frame from a layer outside this one (only on a framed link)."""
+        if not self._framed:
+            raise TypeError("send_frame on a FaultyLink around a link without framing")
+        self._transmit(channel, frame)
+
+    def _transmit(self, channel: Channel, payload: bytes) -> None:
         if self.closed:
             return
         injector = self.injector
-        payload = encode_frame(message) if self._framed else message
         if not injector.has_faults and not self._delayed:
             # No fault to drop, damage or delay it, nothing delayed to queue behind: what
             # the way below does then, without its lists.
@@ -176,7 +191,7 @@ class FaultyLink:
 
     def _send_inner(self, channel: Channel, payload: bytes) -> None:
         if self._framed:
-            self.inner.send_frame(channel, payload)  # type: ignore[attr-defined]
+            cast(FramedLink, self.inner).send_frame(channel, payload)
         else:
             self.inner.send(channel, payload)
 
@@ -203,6 +218,9 @@ class FaultyLink:
         self.close()
         self.inner.device_closed()
 
+    def detached(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """The link is gone: what is held or delayed is lost with it."""
         self.closed = True
@@ -211,7 +229,3 @@ class FaultyLink:
         if self._delivery is not None and not self._delivery.done():
             self._delivery.cancel()
         self._delivery = None
-
-    # Ports compare ``device.link is self``; let the wrapper answer for its inner link.
-    def wraps(self, link: object) -> bool:
-        return self.inner is link

@@ -24,7 +24,6 @@ EVENT_JITTER_FRACTION: Final = 0.25
 TYPE_DAMAGE_MASK: Final = 0x80
 DEFAULT_REBOOT_DOWN_S: Final = 1.5
 DEFAULT_OUT_OF_RANGE_S: Final = 2.0
-CONTACT_ON_KPA: Final = 0.3  # simulators.devices.massager.CONTACT_ON_KPA (the firmware's threshold)
 
 
 class FaultError(ValueError):

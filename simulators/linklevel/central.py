@@ -47,16 +47,15 @@ from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink, Transport
 
+from protocols.constants import ATT_DEFAULT_MTU
 from simulators.linklevel.gatt import bleak_uuid, parse_advertising_data, property_names
 from simulators.linklevel.peripheral import virtual_controller
-from simulators.links.bleak_backend import bound_backend
+from simulators.links.bleak_backend import ATT_WRITE_COMMAND_OVERHEAD_BYTES, bound_backend
 
 _LOGGER = logging.getLogger(__name__)
 
 CENTRAL_ADDRESS: Final = "C0:DE:B1:D6:E0:01"
 DEFAULT_REQUESTED_MTU: Final = 247  # docs/protocol.md 1.3
-ATT_DEFAULT_MTU: Final = 23
-ATT_WRITE_COMMAND_OVERHEAD_BYTES: Final = 3
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 DEFAULT_DISCONNECT_SETTLE_TIMEOUT_S: Final = 5.0  # a hang safety net, real seconds
 

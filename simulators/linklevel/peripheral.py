@@ -22,19 +22,18 @@ from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.transport.common import AsyncPipeSink
 
-from simulators.devices.device import SimulatedDevice
+from protocols.constants import ATT_NOTIFY_OVERHEAD_BYTES
+from simulators.devices.device import MS_PER_S, SimulatedDevice
 from simulators.devices.link import Channel
 from simulators.linklevel.gatt import ENCRYPTED_CHAR_UUIDS, advertising_data, build_services
 from simulators.linklevel.inflight import InFlight
+from simulators.links.bleak_backend import CCCD_NOTIFY
 
 _LOGGER = logging.getLogger(__name__)
 
-ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
-MS_PER_S: Final = 1000.0
 # LE Data Length Extension: 251-byte link-layer payloads, so that one notification at
 # MTU 247 is one ACL packet (bumble's default of 27 bytes cuts it into ten).
 DLE_ACL_DATA_PACKET_BYTES: Final = 251
-CCCD_NOTIFY: Final = 0x01
 
 
 def virtual_controller(name: str, link: LocalLink) -> Controller:

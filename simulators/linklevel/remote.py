@@ -39,8 +39,8 @@ from simulators.linklevel.world import (
     controller_address,
     link_level_clock,
 )
+from simulators.links.tcp_port import LOCALHOST
 
-LOCALHOST: Final = "127.0.0.1"
 HCI_LINE_PREFIX: Final = "hci "
 # A second central address: the world's own in-process central keeps the default.
 REMOTE_CENTRAL_ADDRESS: Final = "C0:DE:B1:D6:E0:02"

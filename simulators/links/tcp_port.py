@@ -17,10 +17,11 @@ from protocols import FrameDecoder, encode_frame
 from protocols.serial_framing import MAX_MESSAGE_BYTES
 from simulators.devices.device import SimulatedDevice
 from simulators.devices.link import Channel
+from simulators.links.pty import READ_CHUNK_BYTES
+from simulators.links.serial_port import DEFAULT_MAX_BUFFERED_BYTES
 
-READ_CHUNK_BYTES: Final = 4096
-# Beyond this much unsent output a slow client loses frames, like a UART nobody reads.
-DEFAULT_MAX_BUFFERED_BYTES: Final = 1 << 20
+# Where the simulator's servers listen unless told otherwise: this machine only.
+LOCALHOST: Final = "127.0.0.1"
 
 
 class TcpDevicePort:
@@ -30,7 +31,7 @@ class TcpDevicePort:
         self,
         device: SimulatedDevice,
         *,
-        host: str = "127.0.0.1",
+        host: str = LOCALHOST,
         port: int = 0,
         max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
     ) -> None:
@@ -100,8 +101,7 @@ class TcpDevicePort:
 
     def _release(self) -> None:
         self._writer = None
-        link = self.device.link
-        if link is self or getattr(link, "inner", None) is self:
+        if self.device.link is self:
             self.device.detach_link()
 
     def _drop_client(self) -> None:

@@ -50,18 +50,16 @@ class ScenarioHand:
         self.commanded_zone = Zone.NONE
 
     def follow(self, device: SimulatedMassager) -> None:
-        """Watch the device's SET_ZONE commands (call once, before faults are installed)."""
-        original = device.execute
+        """Go where the device's SET_ZONE commands say, once its firmware applied them
+        (one acknowledged but not applied, by a fault, does not move the hand)."""
+        device.command_listeners.append(self.heard)
 
-        def execute(command: Command) -> Ack:
-            ack = original(command)
-            if ack.result == ResultCode.OK and command.opcode == Opcode.SET_ZONE:
-                body = command.body()
-                if isinstance(body, SetZone) and isinstance(body.zone, Zone):
-                    self.commanded_zone = body.zone
-            return ack
-
-        device.execute = execute  # type: ignore[method-assign]
+    def heard(self, command: Command, ack: Ack) -> None:
+        """A command the device executed (its command listener)."""
+        if ack.result == ResultCode.OK and command.opcode == Opcode.SET_ZONE:
+            body = command.body()
+            if isinstance(body, SetZone) and isinstance(body.zone, Zone):
+                self.commanded_zone = body.zone
 
     def target_kpa(self, zone: Zone) -> float:
         low, high = self.bands_kpa.get(zone) or ZONE_PRESSURE_BANDS_KPA.get(zone, (0.0, 0.0))

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from protocols import Zone
+from simulators.devices.device import KIND_LABELS
 from simulators.faults.spec import Fault, FaultError, make_fault
 
-DEVICE_KINDS: Final = ("massager", "mask")
+DEVICE_KINDS: Final = tuple(KIND_LABELS.values())
 HAND_MODES: Final = ("guided", "default", "idle")
 HAND_ACTIONS: Final = ("press", "lift", "profile")
 DEFAULT_DURATION_S: Final = 60.0

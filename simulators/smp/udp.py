@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Final, cast
+from typing import cast
 
+from simulators.links.tcp_port import LOCALHOST
 from simulators.smp.constants import SMP_UDP_PORT
 from simulators.smp.firmware import SmpFirmware
-
-LOCALHOST: Final = "127.0.0.1"
 
 
 class _Protocol(asyncio.DatagramProtocol):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -44,6 +44,7 @@ from protocols import (
 )
 from simulators import Channel, SimulatedMassager, SimulatedWorld, VirtualClock
 from simulators.links.serial_port import PtySerialPort
+from tests.hooked_transport import HookedTransport, Write
 
 from .conftest import RecordingLink, ble_session, command, library_routine, serial_session
 
@@ -195,18 +196,17 @@ async def test_a_lost_chunk_is_sent_again_and_a_stuck_write_retried(
     massager, session = link
     program = firming(policy)
     transport = session.transport
-    original: Callable[[bytes], Awaitable[None]] = transport.write_program_chunk
     calls: list[int] = []
 
-    async def flaky(data: bytes) -> None:
+    async def flaky(data: bytes, write: Write) -> None:
         calls.append(ProgramChunk.decode(data).offset)
         if len(calls) == 3:
             return  # lost on the way (a corrupt serial frame is dropped)
         if len(calls) == 5:
             await clock.sleep(60.0)  # never answered: the write times out
-        await original(data)
+        await write(data)
 
-    transport.write_program_chunk = flaky  # type: ignore[method-assign]
+    session.transport = HookedTransport(transport, program_chunk=flaky)
     await install_program(session, program, chunk_data_bytes=13)
     assert massager.program_receiver.committed == program
     # The timed-out chunk went twice; after the INCOMPLETE commit, from the lost chunk on.
@@ -214,12 +214,12 @@ async def test_a_lost_chunk_is_sent_again_and_a_stuck_write_retried(
 
     stuck = 0
 
-    async def never(data: bytes) -> None:
+    async def never(data: bytes, write: Write) -> None:
         nonlocal stuck
         stuck += 1
         await clock.sleep(60.0)
 
-    transport.write_program_chunk = never  # type: ignore[method-assign]
+    session.transport = HookedTransport(transport, program_chunk=never)
     with pytest.raises(ProgramTransferError, match="not written within 2 s, 2 times") as caught:
         await install_program(session, program)
     assert caught.value.stage == "chunk"

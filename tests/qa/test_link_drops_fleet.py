@@ -19,6 +19,7 @@ from devicebridge.qa import QaBridge
 from devicebridge.run.summary import RunSummary
 from protocols import Command, Opcode, SetZone, Zone
 from simulators import SimulatedDevice, SimulatedWorld
+from tests.hooked_transport import HookedTransport, Write
 
 DEVICES = 10
 # Starter routines without a frequency limit, run one after another on each device.
@@ -50,13 +51,12 @@ class Dropper:
             self.world.drop_link(self.device, out_of_range_s=out_of_range_s)
 
     def on_writes(self, bridge: QaBridge) -> None:
-        transport = bridge.session(self.device).transport
-        original = transport.write_control
+        session = bridge.session(self.device)
         first_motor = True
 
         zone: Zone | None = None
 
-        async def write_control(data: bytes) -> None:
+        async def drop_on_steps(data: bytes, write: Write) -> None:
             nonlocal first_motor, zone
             command = Command.decode(data)
             if command.opcode == Opcode.SET_INTENSITY and first_motor:
@@ -69,9 +69,9 @@ class Dropper:
                 if body.zone != zone and self.rng.random() < DROP_ON_STEP_CHANGE:
                     self.drop()
                 zone = Zone(body.zone)
-            await original(data)
+            await write(data)
 
-        transport.write_control = write_control  # type: ignore[method-assign]
+        session.transport = HookedTransport(session.transport, control=drop_on_steps)
 
     async def at_random(self, bridge: QaBridge, running: Callable[[], bool]) -> None:
         """A drop a random while after each time the link is back (until the routine ends)."""

@@ -23,6 +23,7 @@ from devicebridge.storage.sessions import SessionStore
 from protocols import Command, Opcode
 from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock
+from tests.hooked_transport import HookedTransport, Write
 
 SEED = 31337
 NOW = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
@@ -58,14 +59,12 @@ class WriteLog:
 
     def __init__(self, session: DeviceSession, clock: VirtualClock) -> None:
         self.writes: list[tuple[float, Opcode | int]] = []
-        transport = session.transport
-        original = transport.write_control
 
-        async def write_control(data: bytes) -> None:
+        async def log(data: bytes, write: Write) -> None:
             self.writes.append((clock.now_s(), Command.decode(data).opcode))
-            await original(data)
+            await write(data)
 
-        transport.write_control = write_control  # type: ignore[method-assign]
+        session.transport = HookedTransport(session.transport, control=log)
 
     def times_of(self, opcode: Opcode) -> list[float]:
         return [t for t, o in self.writes if o == opcode]

@@ -156,16 +156,16 @@ async def test_led_routine_stops_at_the_dose_cap_left_for_the_day(
     # what the routine plans, so admission lets it run.
     record_past(store, routine, 3 / 24, dose_j_cm2={"red": 50.0, "near_infrared": 0.0})
     mask = world.add_mask()
+
     # A miscalibrated mask that delivers a quarter more than asked: the host integrates what
     # the mask reports, so the step must stop at the cap before its planned end.
-    generate = mask._generate
-
-    def over_deliver(times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
-        samples = generate(times_s)
+    def over_deliver(
+        times_s: npt.NDArray[np.float64], samples: npt.NDArray[np.void]
+    ) -> npt.NDArray[np.void]:
         samples["red_centi_mw_cm2"] = np.round(samples["red_centi_mw_cm2"] * 1.25)
         return samples
 
-    mask._generate = over_deliver  # type: ignore[method-assign]
+    mask.sample_filters.append(over_deliver)
     async with world:
         clock.start()
         session = await connect(world, mask)

@@ -17,6 +17,7 @@ from devicebridge.run.runner import RunMode
 from devicebridge.storage.sessions import SessionStore
 from protocols import Command, Opcode, Zone
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
+from tests.hooked_transport import HookedTransport, Write
 
 from .conftest import connect, massage_routine, massage_step, routine_from, runner_for
 
@@ -27,18 +28,16 @@ def drop_on_first(
     session: DeviceSession, opcode: Opcode, drop: Callable[[], None]
 ) -> Callable[[], int]:
     """Drop the link just before the first write of ``opcode`` (which then fails)."""
-    transport = session.transport
-    original = transport.write_control
     dropped = 0
 
-    async def write_control(data: bytes) -> None:
+    async def drop_first(data: bytes, write: Write) -> None:
         nonlocal dropped
         if not dropped and Command.decode(data).opcode == opcode:
             dropped += 1
             drop()
-        await original(data)
+        await write(data)
 
-    transport.write_control = write_control  # type: ignore[method-assign]
+    session.transport = HookedTransport(session.transport, control=drop_first)
     return lambda: dropped
 
 
@@ -103,18 +102,15 @@ async def test_a_zone_change_lost_with_the_link_is_sent_again_after_a_long_outag
             nonlocal zone_writes
             zone_writes += 1
 
-        transport = session.transport
-        original = transport.write_control
-
-        async def write_control(data: bytes) -> None:
+        async def drop_at_the_second_zone(data: bytes, write: Write) -> None:
             nonlocal zone_writes
             if Command.decode(data).opcode == Opcode.SET_ZONE:
                 zone_writes += 1
                 if zone_writes == 2:  # the cheek, after the forehead
                     world.drop_link(massager, out_of_range_s=70.0)
-            await original(data)
+            await write(data)
 
-        transport.write_control = write_control  # type: ignore[method-assign]
+        session.transport = HookedTransport(session.transport, control=drop_at_the_second_zone)
         result = await runner_for(session, routine, policy, store, mode=RunMode.HOST).run(
             max_duration_s=MAX_RUN_S
         )
@@ -156,18 +152,16 @@ async def test_a_safety_stop_does_not_drop_the_next_steps_zone(
         clock.start()
         session = await connect(world, massager)
         await session.start()
-        transport = session.transport
-        original = transport.write_control
         slowed = False
 
-        async def write_control(data: bytes) -> None:
+        async def slow_first_stop(data: bytes, write: Write) -> None:
             nonlocal slowed
             if not slowed and Command.decode(data).opcode == Opcode.STOP_ALL:
                 slowed = True
                 await clock.sleep(2.0)
-            await original(data)
+            await write(data)
 
-        transport.write_control = write_control  # type: ignore[method-assign]
+        session.transport = HookedTransport(session.transport, control=slow_first_stop)
         result = await runner_for(session, routine, policy, store, mode=RunMode.HOST).run(
             max_duration_s=MAX_RUN_S
         )

@@ -119,14 +119,15 @@ async def test_the_daily_led_cap_holds_in_serve(tmp_path: Path) -> None:
         serial = await ready_worker(rig)
         mask = rig.devices[0]
         assert isinstance(mask, SimulatedLedMask)
-        generate = mask._generate
 
-        def over_deliver(times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
-            samples = generate(times_s)  # a mask that delivers a quarter more than asked
+        def over_deliver(
+            times_s: npt.NDArray[np.float64], samples: npt.NDArray[np.void]
+        ) -> npt.NDArray[np.void]:
+            # A mask that delivers a quarter more than asked.
             samples["red_centi_mw_cm2"] = np.round(samples["red_centi_mw_cm2"] * 1.25)
             return samples
 
-        mask._generate = over_deliver  # type: ignore[method-assign]
+        mask.sample_filters.append(over_deliver)
         runner = rig.service.start_routine(serial, routine)
         result = await rig.service.workers[serial].wait_routine()
     assert result is not None

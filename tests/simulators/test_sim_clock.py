@@ -159,10 +159,12 @@ async def test_a_realtime_driver_stops_even_as_a_new_sleeper_interrupts_its_wait
     clock.start()
     far = asyncio.ensure_future(clock.sleep(100.0))
     await asyncio.sleep(0.01)  # the driver is now waiting for 100 s of wall time
-    assert clock._new_sleeper is not None
-    clock._new_sleeper.set()  # what sleep_until does for a new sleeper, in this turn
+    # Both start in the next loop turn, in this order: a new sleeper, then stop().
+    newcomer = asyncio.ensure_future(clock.sleep(50.0))
+    stopping = asyncio.ensure_future(clock.stop())
     async with asyncio.timeout(WALL_FAILSAFE_S):
-        await clock.stop()
+        await stopping
     assert not clock.is_running
-    far.cancel()
-    await asyncio.gather(far, return_exceptions=True)
+    for sleeper in (far, newcomer):
+        sleeper.cancel()
+    await asyncio.gather(far, newcomer, return_exceptions=True)

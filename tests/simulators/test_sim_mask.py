@@ -12,7 +12,8 @@ from protocols.telemetry import (
     skin_temperature_c,
 )
 from simulators import SimulatedLedMask, SimulatedWorld, VirtualClock
-from simulators.devices.mask import HARD_STOP_TEMPERATURE_C, SKIN_BASELINE_C
+from simulators.devices.mask import HARD_STOP_TEMPERATURE_C
+from simulators.devices.skin import SKIN_BASELINE_C
 
 from .conftest import Commander, RecordingLink
 

@@ -1,9 +1,9 @@
 """Live ticks and bulk blocks give the same samples, to the bit.
 
 The massager works out a live tick (about 10 samples) one sample at a time in plain floats,
-and a long block with numpy; the ring keeps samples as raw bytes; draining checks a charge
-floor instead of the reported percent. A seed must replay a run byte for byte, so each fast
-way is checked here against the way it replaces.
+and a long block with numpy; the ring keeps samples as raw bytes. A seed must replay a run
+byte for byte, so each fast way is checked here against the way it replaces, and the
+readings against the sensor model worked out sample by sample.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from protocols import (
     EventCode,
     MassageMode,
     MassageProgramStep,
+    Ping,
     Program,
     ProgramBegin,
     ProgramChunk,
@@ -32,7 +33,7 @@ from protocols import (
     Zone,
     program_crc32,
 )
-from protocols.telemetry import MASSAGER_SAMPLE_DTYPE
+from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON, MASSAGER_SAMPLE_DTYPE
 from simulators import (
     Channel,
     HandScript,
@@ -42,8 +43,9 @@ from simulators import (
     TelemetryRing,
     VirtualClock,
 )
+from simulators.devices.device import RandomStream, device_rng
 from simulators.devices.hand import HandSamples
-from simulators.devices.massager import SENSOR_MAX_KPA, _sensor_reading_kpa
+from simulators.devices.massager import MOTOR_RIPPLE_KPA_PER_LEVEL, SENSOR_MAX_KPA
 from simulators.scenario.hand import ScenarioHand
 from simulators.scenario.spec import HandAction
 
@@ -126,32 +128,6 @@ def test_scenario_hand_each_matches_evaluate() -> None:
                 assert_same_bits(each, HandSamples.of(hand.evaluate(times)))
 
 
-def test_sensor_reading_matches_the_vectorised_clip() -> None:
-    rng = np.random.default_rng(3)
-    count = 20_000
-    true_kpa = np.concatenate([np.zeros(count // 4), rng.uniform(0.0, 800.0, count - count // 4)])
-    sigma_kpa = 0.03 + 0.03 * true_kpa
-    noise = rng.standard_normal(count) * 40
-    ripple = rng.standard_normal(count) * 40
-    touching = rng.random(count) < 0.5
-    for ripple_kpa in (0.0, 0.02, 0.2):
-        vectorised = np.clip(
-            true_kpa + noise * sigma_kpa + ripple * ripple_kpa * touching, 0.0, SENSOR_MAX_KPA
-        )
-        each = [
-            _sensor_reading_kpa(*values, ripple_kpa, bool(on))
-            for *values, on in zip(
-                true_kpa.tolist(),
-                sigma_kpa.tolist(),
-                noise.tolist(),
-                ripple.tolist(),
-                touching,
-                strict=True,
-            )
-        ]
-        assert np.array(each).tobytes() == vectorised.tobytes()
-
-
 def test_ring_holds_what_a_list_would() -> None:
     rng = np.random.default_rng(5)
     ring = TelemetryRing(MASSAGER_SAMPLE_DTYPE, 37)
@@ -176,38 +152,6 @@ def test_ring_holds_what_a_list_would() -> None:
             assert got.dtype == MASSAGER_SAMPLE_DTYPE
         else:
             assert (start, got.shape[0]) == (ring.oldest_sequence, 0)
-
-
-@pytest.mark.parametrize(
-    ("charge_percent", "low_sent"),
-    [(80.0, False), (43.0000001, True), (10.02, False), (10.0, True), (1.003, True), (0.004, True)],
-)
-def test_quiet_drain_stops_where_the_first_report_comes(
-    charge_percent: float, low_sent: bool
-) -> None:
-    drain_percent = 0.000_123_4
-    quietly, by_sample = (SimulatedMassager(VirtualClock()) for _ in range(2))
-    links = []
-    for device in (quietly, by_sample):
-        device._battery_charge_percent = charge_percent
-        device._battery_low_sent = low_sent
-        link = RecordingLink()
-        device._link = link
-        links.append(link)
-    taken = quietly._drain_battery_quietly(drain_percent, 100_000)
-    steps = 0
-    while steps < 100_000:
-        before = len(links[1].messages)
-        if not by_sample._drain_battery(drain_percent, 0.0) or len(links[1].messages) > before:
-            break
-        steps += 1
-    assert taken == steps
-    assert links[0].messages == []
-    if taken:
-        by_sample._battery_charge_percent = charge_percent
-        for _ in range(taken):
-            by_sample._drain_battery(drain_percent, 0.0)
-        assert quietly.battery_charge_percent == by_sample.battery_charge_percent
 
 
 def massage_program() -> Program:
@@ -304,3 +248,73 @@ async def test_live_ticks_and_bulk_blocks_give_the_same_run(
     assert EventCode.BATTERY_LOW in codes[4]
     assert codes[1].count(EventCode.CONTACT_CHANGED) > 10  # chatter at the thresholds
     assert {EventCode.PROGRAM_STEP, EventCode.HARD_LIMIT} <= set(codes[2])
+
+
+async def test_readings_are_the_load_with_noise_and_motor_ripple_clipped_to_the_sensor() -> None:
+    # Each reading is the hand's load plus the load cell's noise, plus the motor's ripple
+    # while the head touches (as the motor ran after the sample before), clipped to
+    # 0..SENSOR_MAX_KPA. A program switches the motor in the middle of blocks (steps, the
+    # cap, no contact), so readings in bulk blocks and in short ones are worked out again
+    # after each switch; the hand goes below zero with its noise and past full scale.
+    clock = VirtualClock()
+    hand = HandScript(
+        [
+            HandSegment(0.0, 2.0, Zone.CHEEK_LEFT, 8.0),
+            HandSegment(2.0, 0.5, Zone.CHEEK_LEFT, 0.05),  # noise takes it below 0 kPa
+            # Lifted: the program pauses the motor 3 s after contact was lost.
+            HandSegment(5.8, 0.2, Zone.CHEEK_LEFT, 8.0),  # back: the motor runs again
+            # Lifted again, the motor running.
+            HandSegment(6.3, 1.0, Zone.CHEEK_LEFT, 700.0),  # above the cap and full scale
+            HandSegment(7.3, 2.7, Zone.CHEEK_LEFT, 9.0, 14.0),
+        ]
+    )
+    device = SimulatedMassager(clock, seed=8, hand=hand, batch_interval_s=1000.0)
+    link = RecordingLink()
+    device.start()
+    device.attach_link(link)
+    command = Commander(device, link)
+    start_program(command, device, massage_program())
+    motor_after_start = (device.motor_on, device.intensity)
+    blocks = [7, 53, 130, 10, 300, 1, 199, 49, 200, 47, 4]
+    for size in blocks:
+        await clock.advance(size / 100)
+        command(Ping())  # a command takes the samples due first
+    await device.stop()
+    count = sum(blocks)
+    samples = device.ring.range(0, count)[1]
+    assert samples.shape[0] == count
+
+    stream = device_rng(8, 0, RandomStream.SENSOR)
+    stream.uniform(-1.0, 1.0)  # the skin baseline, drawn as the device is built
+    load_noise: list[float] = []
+    ripple_noise: list[float] = []
+    for size in blocks:
+        draws = stream.standard_normal(3 * size)
+        load_noise += draws[:size].tolist()
+        ripple_noise += draws[size : 2 * size].tolist()
+    motor_on = [motor_after_start[0], *(bool(f & MASSAGER_FLAG_MOTOR_ON) for f in samples["flags"])]
+    intensity = [motor_after_start[1], *samples["intensity"].tolist()]
+    ripple_kpa = np.array(
+        [
+            MOTOR_RIPPLE_KPA_PER_LEVEL * level if on else 0.0
+            for on, level in zip(motor_on, intensity, strict=True)
+        ]
+    )[:count]
+    truth = hand.evaluate(np.arange(float(count)) / 100)
+    readings_kpa = np.clip(
+        truth.pressure_kpa
+        + np.array(load_noise) * hand.noise_sigma_kpa(truth.pressure_kpa)
+        + np.array(ripple_noise) * ripple_kpa * truth.touching,
+        0.0,
+        SENSOR_MAX_KPA,
+    )
+    assert samples["pressure_dapa"].tolist() == np.rint(readings_kpa / 0.01).tolist()
+    # The run went through what the test is for.
+    assert len(set(ripple_kpa.tolist())) >= 3  # off, and two intensities
+    assert (readings_kpa == 0.0).any()
+    assert (readings_kpa == SENSOR_MAX_KPA).any()
+    switches = np.flatnonzero(np.diff(ripple_kpa)) + 1
+    block_starts = set(np.cumsum([0, *blocks]).tolist())
+    assert any(int(i) not in block_starts for i in switches)  # mid-block
+    untouched = ~truth.touching
+    assert (untouched & (ripple_kpa > 0))[np.arange(count) > 501].any()  # reworked, lifted
