@@ -15,6 +15,10 @@ and says so:
 - a packet it cannot read (wrong length, type or speed) changes nothing and is counted in
   :attr:`SimulatedForeo.malformed_writes`.
 
+Its firmware loop runs every ``TICK_S`` of virtual time (the battery drains with the motor
+and the Battery Level is notified when its percent changes), like the OFCP models' sampling
+loop, so virtual time moves in small steps around it too.
+
 Real devices may differ in any of these; ``docs/devices.md`` says how to report one that
 does. Every write is kept in :attr:`SimulatedForeo.writes` with its virtual time, so a test
 can check the exact bytes a host sent, and every speed change in :attr:`speed_log`.
@@ -22,6 +26,7 @@ can check the exact bytes a host sent, and every speed change in :attr:`speed_lo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -44,6 +49,7 @@ DEFAULT_MTU_SIZE: Final = 23
 # handheld massager runs a few hours on a charge); scaled by speed / 10.
 DRAIN_PERCENT_PER_S_AT_FULL: Final = 100.0 / (3 * 3600)
 FULL_SPEED: Final = 10
+TICK_S: Final = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +93,8 @@ class SimulatedForeo:
         self._charge_percent = float(battery_percent)
         self._charge_at_s = clock.now_s()
         self._powered = False
+        self._task: asyncio.Task[None] | None = None
+        self._battery_notified: int | None = None
         self._link: DeviceLink | None = None
         self.presence_listeners: list[Callable[[], None]] = []
         self.mode_byte: int | None = None  # from the last packet it read
@@ -138,14 +146,38 @@ class SimulatedForeo:
             return
         self._powered = True
         self._charge_at_s = self.clock.now_s()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"SimulatedForeo {self.address}"
+        )
         self._presence_changed()
 
     async def stop(self) -> None:
         self.power_off()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def task_exception(self) -> BaseException | None:
-        """No task of its own runs (the world asks every device)."""
-        return None
+        """What the firmware loop died of, if it did."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    async def _run(self) -> None:
+        start_s = self.clock.now_s()
+        tick = 0
+        while self._powered:
+            tick += 1
+            await self.clock.sleep_until(start_s + tick * TICK_S)
+            self._tick()
+
+    def _tick(self) -> None:
+        percent = self.battery_percent
+        if percent != self._battery_notified and self._link is not None:
+            self._battery_notified = percent
+            self._link.send(Channel.BATTERY, bytes([percent]))
 
     def power_off(self) -> None:
         """The power button: the motor stops and the link closes."""
