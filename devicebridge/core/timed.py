@@ -14,7 +14,8 @@ every time cap:
   (``LOWER_INTENSITY`` says so when a step asks for more);
 - guidance: the zone and its time at every zone change (``GUIDANCE`` at the start,
   ``NEXT_STEP`` after), and a cue to move to the next spot every ``move_cue_interval_s``
-  within a zone (``GUIDANCE``, reason ``move_cue``), as handheld devices' manuals do;
+  within a zone (``GUIDANCE``, reason ``move_cue``), as handheld devices' manuals do,
+  except one that would fall within ``MIN_CUE_LEAD_S`` of the zone change;
 - a lost link ends the session (:meth:`link_lost`): with no measurement, nothing can say
   what the device did meanwhile.
 
@@ -32,6 +33,9 @@ from devicebridge.core.policy import SIDED_ZONES, Limit, SafetyPolicy
 from devicebridge.core.routine import MassageStep, Routine
 
 MOVE_CUE: Final = "move_cue"
+# A cue to move to the next spot with less than this left on the zone is noise: the zone
+# change, itself a cue, follows at once.
+MIN_CUE_LEAD_S: Final = 5.0
 LINK_LOST: Final = "link_lost"
 # Two deadlines this close are one moment (float sums of step times).
 _SAME_MOMENT_S: Final = 1e-9
@@ -285,6 +289,9 @@ class TimedMassageEngine:
 
     def _cue(self, out: list[Decision], at_s: float) -> None:
         left_s = max(0.0, self._step_end_s() - at_s)
+        self._next_cue_s = at_s + self.cue_interval_s
+        if left_s < MIN_CUE_LEAD_S:
+            return
         self.summary.cues += 1
         out.append(
             self._decision(
@@ -294,7 +301,6 @@ class TimedMassageEngine:
                 f"Move to the next spot on {self.current_step.zone} ({left_s:g} s left here).",
             )
         )
-        self._next_cue_s = at_s + self.cue_interval_s
 
     def _end_step(self, out: list[Decision], at_s: float) -> None:
         step = self.current_step

@@ -164,9 +164,7 @@ async def test_time_caps_by_the_host_clock_stop_the_step_and_the_session(
         label="strict.toml",
     )
     luna = world.add_foreo(name="UFO 2")
-    routine = timed_routine(
-        policy, timed_step("cheek_left", 40, 4) + timed_step("forehead", 30, 4)
-    )
+    routine = timed_routine(policy, timed_step("cheek_left", 40, 4) + timed_step("forehead", 30, 4))
     async with world:
         clock.start()
         session = await foreo_session(world, luna, catalogue)
