@@ -460,6 +460,14 @@ def _parse_family(text: str, label: str) -> tuple[DeviceFamily | None, list[Prob
         return None, [Problem("(file)", f"not valid TOML: {exc}")]
     read = _Reader(text)
     read.unknown(data, _TOP_KEYS, "")
+    if not isinstance(data.get("family"), dict):
+        # Not a family file at all: what else it lacks would only repeat that.
+        read.add(
+            "family",
+            "missing table: a family file starts with [family] "
+            "(id, name, driver, identity, verified, source)",
+        )
+        return None, read.problems
     head = read.table(data, "family", "family")
     read.unknown(head, _FAMILY_KEYS, "family")
     family_id = head.get("id")

@@ -42,6 +42,11 @@ def device_problems(routine: Routine, support: KindSupport, device: str) -> list
     for number, step in enumerate(routine.steps, start=1):
         path = f"steps[{number}]"
         if isinstance(step, MassageStep):
+            if step.mode not in support.modes:
+                add(
+                    f"{path}.mode",
+                    f"{device} has no {step.mode} mode (it has {', '.join(support.modes)})",
+                )
             if not step.by_time and not support.senses_skin:
                 missing = [w for w in (PRESSURE, CONTACT) if w not in support.measures]
                 add(
@@ -49,11 +54,6 @@ def device_problems(routine: Routine, support: KindSupport, device: str) -> list
                     f"{device} does not measure {' or '.join(missing)}: the pressure band and "
                     "the time on the skin cannot be checked; to run the step by the clock "
                     'instead, write timing = "time" and duration_s',
-                )
-            if step.mode not in support.modes:
-                add(
-                    f"{path}.mode",
-                    f"{device} has no {step.mode} mode (it has {', '.join(support.modes)})",
                 )
         elif isinstance(step, LedStep):
             for channel in ("red", "near_infrared", "blue"):

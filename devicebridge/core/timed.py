@@ -200,6 +200,15 @@ class TimedMassageEngine:
         )
         return self._emit(out)
 
+    def interrupt(self, at_s: float) -> None:
+        """The run ends at ``at_s`` for a reason of its own (a stop asked for, Ctrl-C): the
+        time of the step in progress is counted, no decision is made."""
+        if not self._started or self._finished:
+            return
+        self._now_s = max(self._now_s, at_s)
+        self._account_step(self._now_s)
+        self._finished = True
+
     # ------------------------------------------------------------------ internals
 
     def _emit(self, decisions: list[Decision]) -> list[Decision]:

@@ -300,7 +300,7 @@ class RoutineRunner:
         """What the connected device can do; a routine it cannot run is refused (and the
         attempt recorded) before anything is sent."""
         info = self.session.device_info
-        support = support_from_capabilities(info.kind, info.profile.capabilities)
+        support = info.support or support_from_capabilities(info.kind, info.profile.capabilities)
         if support is None:  # the kind matched the routine's: a known kind
             raise DeviceMismatchError(self.routine, self.session.name, info.kind)
         problems = device_problems(self.routine, support, self.session.name)
@@ -534,6 +534,8 @@ class RoutineRunner:
             raise
         finally:
             self._observing = self._armed = False
+            if isinstance(engine, TimedMassageEngine):
+                engine.interrupt(self.clock.now_s() - self._timed_start_s)
             await self._shutdown()
             if self._link_lost_at_s is not None and status == "interrupted":
                 end_reason = self._link_loss_reason(self._link_lost_at_s)

@@ -243,11 +243,11 @@ def test_a_step_that_needs_what_the_device_cannot_measure_is_refused_unless_by_t
     foreo = default_catalogue().families[1].kinds[DeviceKindName.MASSAGER]
     problems = device_problems(routine, foreo, "LUNA 3")
     assert [(p.path, p.line) for p in problems] == [
-        ("steps[1].pressure_kpa", 12),
         ("steps[1].mode", 10),
+        ("steps[1].pressure_kpa", 12),
     ]
-    assert "LUNA 3 does not measure pressure or contact" in problems[0].message
-    assert "LUNA 3 has no percussion mode (it has vibration)" in problems[1].message
+    assert "LUNA 3 has no percussion mode (it has vibration)" in problems[0].message
+    assert "LUNA 3 does not measure pressure or contact" in problems[1].message
     ofcp = default_catalogue().families[0].kinds[DeviceKindName.MASSAGER]
     assert device_problems(routine, ofcp, "FM-1") == []
 

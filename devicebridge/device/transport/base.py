@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from devicebridge.core.catalogue import KindSupport
 from protocols import DeviceKind, DeviceProfile, FrameError
 
 MessageReceiver = Callable[[bytes], None]
@@ -33,6 +34,9 @@ class DeviceInfo:
     manufacturer_name: str
     battery_percent: int | None
     profile: DeviceProfile
+    # What the driver knows the device can do, where the profile's flags cannot say it all
+    # (a catalogue family's declared support); None: read it from the profile's flags.
+    support: KindSupport | None = None
 
     @property
     def kind(self) -> DeviceKind | int:

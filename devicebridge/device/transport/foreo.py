@@ -207,6 +207,7 @@ class ForeoTransport(GattTransport):
             hardware_revision="",
             manufacturer_name=self.family.name,
             battery_percent=battery,
+            support=self.support,
             profile=DeviceProfile(
                 protocol_version=PROTOCOL_VERSION,
                 device_kind=DeviceKind.MASSAGER,
