@@ -362,6 +362,7 @@ class DeviceUnsupportedError(RoutineRunError):
         self.routine = routine
         self.device = device
         self.problems = problems
+        self.session_id: int | None = None  # the refused attempt, when it was recorded
 
 
 # --------------------------------------------------------------------------- stores

@@ -305,12 +305,13 @@ class RoutineRunner:
             raise DeviceMismatchError(self.routine, self.session.name, info.kind)
         problems = device_problems(self.routine, support, self.session.name)
         if problems:
-            self._record_refusal(
+            refused = DeviceUnsupportedError(self.routine, self.session.name, problems)
+            refused.session_id = self._record_refusal(
                 "; ".join(f"{p.path}: {p.message}" for p in problems),
                 {"device_problems": [{"path": p.path, "message": p.message} for p in problems]},
                 info.serial_number,
             )
-            raise DeviceUnsupportedError(self.routine, self.session.name, problems)
+            raise refused
         return support
 
     # ------------------------------------------------------------------ state for the UI
