@@ -179,3 +179,12 @@ def test_a_malformed_or_unknown_catalogue_file_is_refused_at_start_up(
         ) in error
         assert f"{families / 'notes.toml'}: family: missing table: a family file starts" in error
         assert f"{families / 'notes.toml'}:1: title: unknown key" in error
+
+
+def test_a_foreo_takes_no_firmware_update_through_the_bridge(invoke) -> None:  # type: ignore[no-untyped-def]
+    assert invoke("pair", "LUNA 3", "--name", "luna").exit_code == 0
+    result = invoke("firmware", "info", "luna")
+    assert result.exit_code == 1
+    assert "luna: a FOREO device: its firmware is not updated through devicebridge" in (
+        " ".join(result.stderr.split())
+    )
