@@ -240,12 +240,14 @@ class TimedMassageEngine:
     def _account_step(self, end_s: float) -> None:
         """The current step's time up to ``end_s`` goes to its zone and the session."""
         spent = max(0.0, end_s - self._step_start_s)
+        self._step_start_s = end_s
+        if spent <= 0:
+            return
         zone = self.current_step.zone
         self._zone_used_s[zone] = self._zone_used_s.get(zone, 0.0) + spent
         by_zone = self.summary.time_s_by_zone
         by_zone[zone] = round(by_zone.get(zone, 0.0) + spent, 9)
         self.summary.time_s += spent
-        self._step_start_s = end_s
 
     def _decision(
         self,

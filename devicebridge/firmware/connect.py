@@ -24,8 +24,8 @@ from devicebridge.app import App
 from devicebridge.clock import SystemClock
 from devicebridge.core.catalogue import OFCP_DRIVER
 from devicebridge.errors import DeviceNotFoundError
-from devicebridge.firmware.errors import FirmwareError
 from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
+from devicebridge.firmware.errors import FirmwareError
 from devicebridge.firmware.transport import BleSmpTransport, SmpBleLink
 from devicebridge.firmware.updater import FirmwareUpdater
 from devicebridge.storage.registry import PairedDevice
