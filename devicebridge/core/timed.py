@@ -71,8 +71,6 @@ class TimedMassageEngine:
     when the next decision falls due, so a caller can sleep exactly until then.
     """
 
-    paused: Final = False  # nothing pauses a session by time: it stops
-
     def __init__(self, routine: Routine, policy: SafetyPolicy) -> None:
         self._steps = [s for s in routine.steps if isinstance(s, MassageStep)]
         if not self._steps:

@@ -82,7 +82,7 @@ from devicebridge.core.admission import (
     Admission,
 )
 from devicebridge.core.catalogue import KindSupport, support_from_capabilities
-from devicebridge.core.device_fit import checks_applied, device_problems
+from devicebridge.core.device_fit import NOT_MEASURED, checks_applied, device_problems
 from devicebridge.core.engine import (
     CELSIUS_PER_UNIT,
     CONTACT_FLAG,
@@ -404,9 +404,7 @@ class RoutineRunner:
         view.fold(engine.decisions)
         step = engine.current_step
         not_measured = tuple(
-            what
-            for what, how in (self._checks or {}).items()
-            if how == "not measured by this device"
+            what for what, how in (self._checks or {}).items() if how == NOT_MEASURED
         )
         return RunnerState(
             device=self.session.name,
