@@ -17,7 +17,8 @@ every time cap:
   within a zone (``GUIDANCE``, reason ``move_cue``), as handheld devices' manuals do,
   except one that would fall within ``MIN_CUE_LEAD_S`` of the zone change;
 - a lost link ends the session (:meth:`link_lost`): with no measurement, nothing can say
-  what the device did meanwhile.
+  what the device did meanwhile; so does a device that refuses or does not answer a
+  command (:meth:`device_fault`): what its motor does is no longer known.
 
 Decisions are :class:`~devicebridge.core.engine.Decision` values like the other engines',
 timed at the exact moment they fall due, whenever the tick that finds them arrives.
@@ -33,6 +34,7 @@ from devicebridge.core.policy import SIDED_ZONES, Limit, SafetyPolicy
 from devicebridge.core.routine import MassageStep, Routine
 
 MOVE_CUE: Final = "move_cue"
+DEVICE_FAULT: Final = "device_fault"
 # A cue to move to the next spot with less than this left on the zone is noise: the zone
 # change, itself a cue, follows at once.
 MIN_CUE_LEAD_S: Final = 5.0
@@ -194,6 +196,24 @@ class TimedMassageEngine:
             "The link to the device was lost: this device reports nothing, so nothing can "
             "say what it did meanwhile. The session ends; the device is stopped when it is "
             "back.",
+            None,
+        )
+        return self._emit(out)
+
+    def device_fault(self, at_s: float, what: str) -> list[Decision]:
+        """The device refused or did not answer a command (``what`` says which): the
+        session stops, since nothing else can tell what its motor does."""
+        if not self._started or self._finished:
+            return []
+        self._now_s = max(self._now_s, at_s)
+        self._account_step(self._now_s)
+        out: list[Decision] = []
+        self._stop(
+            out,
+            self._now_s,
+            DEVICE_FAULT,
+            f"The device did not do what it was told ({what}); this device reports nothing, "
+            "so the session stops.",
             None,
         )
         return self._emit(out)

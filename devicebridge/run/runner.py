@@ -538,6 +538,10 @@ class RoutineRunner:
             await self._shutdown()
             if self._link_lost_at_s is not None and status == "interrupted":
                 end_reason = self._link_loss_reason(self._link_lost_at_s)
+            elif isinstance(engine, TimedMassageEngine) and not self._final_stop_sent:
+                # Nothing on such a device stops its motor by itself: say so.
+                unstopped = "the device could not be told to stop: switch it off by hand"
+                end_reason = f"{end_reason}; {unstopped}" if end_reason else unstopped
             try:
                 if self._writer is not None and self.session_id is not None:
                     # Everything of this run committed before its summary is.
@@ -801,6 +805,14 @@ class RoutineRunner:
             self._set_motor_commanded(False)
         else:
             self._led.failed()
+        engine = self.engine
+        if isinstance(engine, TimedMassageEngine) and isinstance(exc, CommandError):
+            # Nothing measured can say what the motor does now: a device timed by the host
+            # that refuses or ignores a command ends the session (a lost link does too).
+            at_s = self.clock.now_s() - self._timed_start_s
+            self._take_decisions(engine.device_fault(at_s, f"{type(command).__name__}: {exc}"))
+            if engine.finished:
+                self._end("finished")
         self._wake.set()
 
     def _set_motor_commanded(self, on: bool) -> None:

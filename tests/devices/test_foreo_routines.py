@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import pytest
+from bleak.exc import BleakGATTProtocolError, BleakGATTProtocolErrorCode
 
 from devicebridge.core.catalogue import DeviceCatalogue
 from devicebridge.core.engine import Decision, DecisionKind
 from devicebridge.core.policy import SafetyPolicy, default_policy_text, parse_policy
 from devicebridge.core.routine import parse_routine
+from devicebridge.device.transport.ble import BleBackends
 from devicebridge.errors import DeviceUnsupportedError
 from devicebridge.reporting.report import load_report, summary_lines
 from devicebridge.run.runner import UNWATCHED_STOP_WAIT_S
@@ -333,3 +336,48 @@ intensity = 4
     refusals = store.sessions()
     assert [r.status for r in refusals] == ["refused"]
     assert "does not measure pressure or contact" in (refusals[0].end_reason or "")
+
+
+async def test_a_device_that_refuses_its_commands_ends_the_session(
+    world: SimulatedWorld,
+    clock: VirtualClock,
+    policy: SafetyPolicy,
+    store: SessionStore,
+    catalogue: DeviceCatalogue,
+) -> None:
+    """From 10 s on the device answers every write with an ATT error (a real device that
+    differs from the description): at the zone change the intensity is refused, the
+    session stops, and the record says the motor could not be stopped."""
+    luna = world.add_foreo(name="LUNA 3")
+    routine = timed_routine(policy, timed_step("cheek_left", 20, 5) + timed_step("chin", 20, 4))
+    base: Any = world.client_backend
+
+    class Refusing(base):  # type: ignore[misc,valid-type]
+        async def write_gatt_char(self, characteristic: Any, data: Any, response: bool) -> None:
+            if clock.now_s() >= refuse_from_s:
+                raise BleakGATTProtocolError(BleakGATTProtocolErrorCode.WRITE_NOT_PERMITTED)
+            await super().write_gatt_char(characteristic, data, response)
+
+    refuse_from_s = float("inf")
+    async with world:
+        clock.start()
+        backends = BleBackends(world.scanner_backend, Refusing)
+        session = await foreo_session(world, luna, catalogue, backends)
+        run = runner(session, routine, policy, store)
+        task = asyncio.ensure_future(run.run(max_duration_s=MAX_RUN_S))
+        await clock.sleep(10.0)
+        refuse_from_s = clock.now_s()
+        result = await task
+        still_running = luna.speed
+        await session.close()
+
+    assert result.status == "stopped"
+    assert result.end_reason == (
+        "device_fault; the device could not be told to stop: switch it off by hand"
+    )
+    fault = result.decisions[-1]
+    assert (fault.kind, fault.reason) == (DecisionKind.STOP, "device_fault")
+    assert "NOT_SUPPORTED" in fault.message
+    assert 20.0 <= fault.at_s <= 20.0 + LATENCY_S
+    assert still_running == 5  # what the device last accepted; it refused the stop
+    assert run.command_errors
