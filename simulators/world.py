@@ -80,12 +80,12 @@ class SimulatedWorld:
         self, *, hand: HandScript | None = None, **options: Unpack[DeviceOptions]
     ) -> SimulatedMassager:
         options.setdefault("seed", self.seed)
-        options.setdefault("index", len(self.devices))
+        options.setdefault("index", len(self.all_devices))
         return self._add(SimulatedMassager(self.clock, hand=hand, **options))
 
     def add_mask(self, *, worn: bool = True, **options: Unpack[DeviceOptions]) -> SimulatedLedMask:
         options.setdefault("seed", self.seed)
-        options.setdefault("index", len(self.devices))
+        options.setdefault("index", len(self.all_devices))
         return self._add(SimulatedLedMask(self.clock, worn=worn, **options))
 
     def add_foreo(

@@ -173,3 +173,17 @@ def test_the_foreo_entry_lists_buttplugs_names_with_the_mode_its_rule_gives() ->
     for name, model in names.items():
         assert model.options["mode"] == mode_byte_for_name(name), name
     assert {m.options["mode"] for m in family.models} == {0, 1, 3}
+
+
+def test_devices_of_every_family_share_one_world_in_any_order() -> None:
+    world = SimulatedWorld(seed=SEED, clock=VirtualClock())
+    luna = world.add_foreo(name="LUNA 3")
+    massager = world.add_massager()
+    ufo = world.add_foreo(name="UFO")
+    mask = world.add_mask()
+    addresses = {d.address for d in (luna, massager, ufo, mask)}
+    assert len(addresses) == 4
+    assert world.all_devices == [massager, mask, luna, ufo]
+    assert world.peripheral_by_address(luna.address) is luna
+    assert world.device_by_address(luna.address) is None  # not OFCP firmware
+    assert world.device_by_address(massager.address) is massager
