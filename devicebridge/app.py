@@ -19,9 +19,17 @@ from typing import TYPE_CHECKING, Final
 
 from devicebridge.clock import Clock, SystemClock
 from devicebridge.config import Settings, data_dir
+from devicebridge.core.catalogue import (
+    FOREO_DRIVER,
+    OFCP_DRIVER,
+    DeviceCatalogue,
+    build_catalogue,
+    shipped_family_files,
+)
 from devicebridge.core.engine import ZONE_CODES, Decision
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import MassageStep, Routine, parse_routine
+from devicebridge.core.tomlpath import Problem
 from devicebridge.device.monitor import DeviceSnapshot, TelemetryMonitor
 from devicebridge.device.session import (
     DeviceSession,
@@ -39,8 +47,9 @@ from devicebridge.device.transport.ble import (
     matches,
     scan,
 )
+from devicebridge.device.transport.foreo import ForeoTransport
 from devicebridge.device.transport.serial import SerialTransport
-from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
+from devicebridge.errors import CatalogueError, DeviceBridgeError, DeviceNotFoundError
 from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.run.summary import RunSummary
 from devicebridge.run.view import RunnerState
@@ -62,6 +71,27 @@ DEMO_LED_RED_MW_CM2: Final = 30.0  # within the typical consumer range (domain-s
 DEMO_LED_NIR_MW_CM2: Final = 20.0
 DEMO_LED_FRACTION: Final = 0.6  # of the demo duration
 DEMO_ZONES: Final = (Zone.CHEEK_LEFT, Zone.FOREHEAD)
+
+
+def load_device_catalogue(extra_dir: Path | None) -> DeviceCatalogue:
+    """The shipped family files, and every ``*.toml`` of ``extra_dir`` (the
+    ``device_catalogue_dir`` setting): validated together, every problem of every file
+    named at once (:class:`CatalogueError`)."""
+    files = shipped_family_files()
+    if extra_dir is not None:
+        try:
+            paths = sorted(p for p in extra_dir.iterdir() if p.suffix == ".toml")
+        except OSError as exc:
+            where = Problem("(directory)", f"cannot list the directory: {exc.strerror}")
+            raise CatalogueError([(str(extra_dir), where)]) from exc
+        for path in paths:
+            try:
+                files.append((str(path), path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                problem = Problem("(file)", f"unreadable: {why}")
+                raise CatalogueError([(str(path), problem)]) from exc
+    return build_catalogue(files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +116,9 @@ class App:
         self.clock: Clock = SystemClock()
         self.ble_backends = BleBackends()
         self.rng = random.Random(options.sim_seed if options.simulate else None)
+        # Validated at start-up: a malformed family file stops every command, as a
+        # malformed configuration does.
+        self.catalogue = load_device_catalogue(options.settings.device_catalogue_dir)
 
     async def __aenter__(self) -> App:
         if self.options.simulate:
@@ -112,6 +145,8 @@ class App:
             world.add_massager()
         for _ in range(self.settings.sim_masks):
             world.add_mask()
+        for _ in range(self.settings.sim_foreo):
+            world.add_foreo()
         # A simulated device keeps its firmware (slots, a partial upload) between
         # commands, as a real one does: docs/firmware.md.
         self._firmware_store = FirmwareStateStore(self.data_dir / SIMULATED_FIRMWARE_DIR)
@@ -145,7 +180,7 @@ class App:
         return DeviceRegistry.in_data_dir(self.data_dir)
 
     async def scan(self, duration_s: float) -> list[DiscoveredDevice]:
-        return await scan(self.clock, duration_s, self.ble_backends.scanner)
+        return await scan(self.clock, duration_s, self.ble_backends.scanner, self.catalogue)
 
     async def find(self, identifier: str, timeout_s: float) -> DiscoveredDevice:
         return await find_device(
@@ -154,9 +189,14 @@ class App:
             timeout_s,
             self.ble_backends.scanner,
             description=identifier,
+            catalogue=self.catalogue,
         )
 
-    def ble_transport(self, device: DiscoveredDevice) -> BleTransport:
+    def ble_transport(self, device: DiscoveredDevice) -> Transport:
+        """The driver of a scanned device's family."""
+        family = device.match.family if device.match is not None else None
+        if family is not None and family.driver == FOREO_DRIVER:
+            return ForeoTransport(self.clock, family, device=device, backends=self.ble_backends)
         return BleTransport(self.clock, device=device, backends=self.ble_backends)
 
     def serial_transport(self, port: str) -> SerialTransport:
@@ -165,6 +205,24 @@ class App:
         return SerialTransport(port, SystemClock())
 
     def transport_for(self, paired: PairedDevice, serial_port: str | None = None) -> Transport:
+        """The driver of a paired device, by its catalogue family."""
+        family = self.catalogue.family(paired.family)
+        if family is None:
+            raise DeviceNotFoundError(
+                paired.name,
+                where=f"its family {paired.family!r} is not in the device catalogue",
+            )
+        if family.driver == FOREO_DRIVER:
+            if paired.last_address is None:
+                raise DeviceNotFoundError(paired.name, where="no address recorded: pair it again")
+            return ForeoTransport(
+                self.clock,
+                family,
+                address=paired.last_address,
+                backends=self.ble_backends,
+                find_timeout_s=self.settings.scan_timeout_s,
+            )
+        assert family.driver == OFCP_DRIVER
         if serial_port is not None or paired.transport == "serial":
             port = serial_port or paired.serial_port
             if port is None:

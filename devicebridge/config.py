@@ -7,11 +7,13 @@ The file lives under the platform's user config directory (``config.toml``);
     sim_seed = 1234         # same seed -> same simulated devices (serial numbers)
     sim_massagers = 2
     sim_masks = 1
+    sim_foreo = 0           # simulated FOREO devices (a LUNA 3 each; docs/devices.md)
     data_dir = "/path"      # where the registry lives
     scan_timeout_s = 5.0
     command_timeout_s = 2.0
     bridge_id = "bridge-7"  # this installation's name in MQTT topics (no '/', '+', '#')
     policy_file = "/path/policy.toml"  # the safety policy (default: the shipped one)
+    device_catalogue_dir = "/path"     # more device families, one TOML file each (docs/devices.md)
     log_json = false        # `serve` logs JSON lines instead of text
 
     [mqtt]                  # optional: without it `serve` works locally only
@@ -89,11 +91,13 @@ class Settings:
     sim_seed: int = 1234
     sim_massagers: int = 2
     sim_masks: int = 1
+    sim_foreo: int = 0
     data_dir: Path | None = None
     scan_timeout_s: float = 5.0
     command_timeout_s: float = 2.0
     bridge_id: str | None = None
     policy_file: Path | None = None
+    device_catalogue_dir: Path | None = None
     log_json: bool = False
     mqtt: MqttConfig | None = None
     programs: ProgramsConfig = ProgramsConfig()
@@ -171,9 +175,9 @@ def parse_settings(document: dict[str, Any], path: Path) -> Settings:
             values[key] = value
         elif key == "sim_seed":
             values[key] = _check_int(value, key, path, 0, 2**63 - 1)
-        elif key in ("sim_massagers", "sim_masks"):
+        elif key in ("sim_massagers", "sim_masks", "sim_foreo"):
             values[key] = _check_int(value, key, path, 0, MAX_SIMULATED_DEVICES)
-        elif key in ("data_dir", "policy_file"):
+        elif key in ("data_dir", "policy_file", "device_catalogue_dir"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"must be a path string, got {value!r}", path=path, key=key)
             values[key] = Path(value).expanduser()

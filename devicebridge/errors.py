@@ -18,9 +18,11 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     ├── SessionClosedError             the session was closed
     ├── PolicyError (also ValueError)  a safety policy file is malformed or unsafe (problems)
     ├── RoutineError (also ValueError) a routine file is malformed or breaks the policy (problems)
+    ├── CatalogueError (also ValueError) device catalogue files are malformed (problems)
     ├── RoutineRunError                a routine could not be run on a device
     │   ├── RoutineRefusedError        admission refused it (refusals, allowed_from)
-    │   └── DeviceMismatchError        it is for another kind of device
+    │   ├── DeviceMismatchError        it is for another kind of device
+    │   └── DeviceUnsupportedError     it needs what the device cannot do or measure (problems)
     ├── RegistryError                  the paired-device registry (path)
     │   ├── UnknownDeviceError         no paired device with that name
     │   ├── DuplicateNameError         the name is already used by another device
@@ -240,6 +242,18 @@ class RoutineError(DeviceBridgeError, ValueError):
         self.problems = problems
 
 
+class CatalogueError(DeviceBridgeError, ValueError):
+    """Device catalogue files are malformed; ``problems`` pairs each problem with the file
+    it was found in (key path and line in the message, one a line)."""
+
+    def __init__(self, problems: list[tuple[str, Problem]]) -> None:
+        count = len(problems)
+        lines = [f"device catalogue: {count} problem{'s' if count != 1 else ''}"]
+        lines += [problem.render(label) for label, problem in problems]
+        super().__init__("\n".join(lines))
+        self.problems = problems
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -334,6 +348,21 @@ class DeviceMismatchError(RoutineRunError):
             f"the device is a {getattr(kind, 'name', kind)}"
         )
         self.device = device
+
+
+class DeviceUnsupportedError(RoutineRunError):
+    """The routine needs something the device cannot do or measure (a pressure band on a
+    device without a pressure sensor, a mode it does not have); ``problems`` name each step
+    and say why, with the line in the routine file."""
+
+    def __init__(self, routine: Routine, device: str, problems: list[Problem]) -> None:
+        lines = [f"{device} cannot run {routine.name!r}:"]
+        lines += [f"  - {p.render('routine')}" for p in problems]
+        super().__init__("\n".join(lines))
+        self.routine = routine
+        self.device = device
+        self.problems = problems
+        self.session_id: int | None = None  # the refused attempt, when it was recorded
 
 
 # --------------------------------------------------------------------------- stores

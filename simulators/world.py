@@ -13,10 +13,13 @@ from bleak.backends.scanner import AdvertisementData
 from protocols import FACIAL_CARE_SERVICE_UUID, MANUFACTURER_ID
 from simulators.clock import VirtualClock
 from simulators.devices.device import DeviceOptions, SimulatedDevice
+from simulators.devices.foreo import DEFAULT_NAME as FOREO_DEFAULT_NAME
+from simulators.devices.foreo import SimulatedForeo
 from simulators.devices.hand import HandScript
 from simulators.devices.mask import SimulatedLedMask
 from simulators.devices.massager import SimulatedMassager
 from simulators.links.bleak_backend import (
+    Peripheral,
     SimulatedBleakClient,
     SimulatedBleakScanner,
     bind_client,
@@ -58,8 +61,9 @@ class SimulatedWorld:
         # Zero by default: a connect that waits on virtual time would hang a test
         # that does not drive the clock while it connects.
         self.connect_latency_s = connect_latency_s
-        self.devices: list[SimulatedDevice] = []
-        self._by_address: dict[str, SimulatedDevice] = {}
+        self.devices: list[SimulatedDevice] = []  # OFCP firmware
+        self.foreo_devices: list[SimulatedForeo] = []
+        self._by_address: dict[str, Peripheral] = {}
         self._smp: dict[str, SmpFirmware] = {}
         self._scanners: list[SimulatedBleakScanner] = []
         self._connections: dict[str, SimulatedBleakClient] = {}
@@ -76,13 +80,34 @@ class SimulatedWorld:
         self, *, hand: HandScript | None = None, **options: Unpack[DeviceOptions]
     ) -> SimulatedMassager:
         options.setdefault("seed", self.seed)
-        options.setdefault("index", len(self.devices))
+        options.setdefault("index", len(self.all_devices))
         return self._add(SimulatedMassager(self.clock, hand=hand, **options))
 
     def add_mask(self, *, worn: bool = True, **options: Unpack[DeviceOptions]) -> SimulatedLedMask:
         options.setdefault("seed", self.seed)
-        options.setdefault("index", len(self.devices))
+        options.setdefault("index", len(self.all_devices))
         return self._add(SimulatedLedMask(self.clock, worn=worn, **options))
+
+    def add_foreo(
+        self, *, name: str = FOREO_DEFAULT_NAME, battery_percent: float | None = None
+    ) -> SimulatedForeo:
+        """A FOREO device advertising ``name`` (simulators/devices/foreo.py); in-process
+        backend only (the link-level world has no FOREO peripheral)."""
+        device = SimulatedForeo(
+            self.clock,
+            name=name,
+            seed=self.seed,
+            index=len(self.all_devices),
+            battery_percent=battery_percent,
+        )
+        if device.address in self._by_address:
+            raise ValueError(f"a device with address {device.address} is already in the world")
+        self.foreo_devices.append(device)
+        self._by_address[device.address] = device
+        device.presence_listeners.append(self._advertising_may_change.set)
+        if self._running:
+            device.start()
+        return device
 
     def _add(self, device: D) -> D:
         if device.address in self._by_address:
@@ -95,7 +120,18 @@ class SimulatedWorld:
             device.start()
         return device
 
+    @property
+    def all_devices(self) -> list[Peripheral]:
+        """Every device in the world, of any family, in the order added."""
+        return [*self.devices, *self.foreo_devices]
+
     def device_by_address(self, address: str) -> SimulatedDevice | None:
+        """The OFCP device at ``address`` (None: none, or a device of another family)."""
+        device = self._by_address.get(address.upper())
+        return device if isinstance(device, SimulatedDevice) else None
+
+    def peripheral_by_address(self, address: str) -> Peripheral | None:
+        """The device of any family at ``address``."""
         return self._by_address.get(address.upper())
 
     def smp_firmware(self, device: SimulatedDevice) -> SmpFirmware:
@@ -121,7 +157,7 @@ class SimulatedWorld:
         if self._running:
             return
         self._running = True
-        for device in self.devices:
+        for device in self.all_devices:
             device.start()
         self._advertiser = asyncio.get_running_loop().create_task(
             self._advertise_forever(), name="SimulatedWorld advertiser"
@@ -137,7 +173,7 @@ class SimulatedWorld:
         for client in list(self._connections.values()):
             client.close_quietly()
         advertiser, self._advertiser = self._advertiser, None
-        crashed = [d.task_exception() for d in self.devices]
+        crashed = [d.task_exception() for d in self.all_devices]
         if advertiser is not None:
             if advertiser.done() and not advertiser.cancelled():
                 crashed.append(advertiser.exception())
@@ -149,8 +185,8 @@ class SimulatedWorld:
                 await firmware.stop()
             except RuntimeError as exc:
                 smp_errors.append(exc)
-        for device in self.devices:
-            await device.stop()
+        for peripheral in self.all_devices:
+            await peripheral.stop()
         crashed.extend(smp_errors)
         for error in crashed:
             if error is not None:
@@ -187,14 +223,14 @@ class SimulatedWorld:
         if scanner in self._scanners:
             self._scanners.remove(scanner)
 
-    def register_connection(self, device: SimulatedDevice, client: SimulatedBleakClient) -> None:
+    def register_connection(self, device: Peripheral, client: SimulatedBleakClient) -> None:
         self._connections[device.address] = client
 
-    def unregister_connection(self, device: SimulatedDevice, client: SimulatedBleakClient) -> None:
+    def unregister_connection(self, device: Peripheral, client: SimulatedBleakClient) -> None:
         if self._connections.get(device.address) is client:
             del self._connections[device.address]
 
-    def client_of(self, device: SimulatedDevice) -> SimulatedBleakClient | None:
+    def client_of(self, device: Peripheral) -> SimulatedBleakClient | None:
         """The backend client connected to ``device`` over BLE, if any."""
         return self._connections.get(device.address)
 
@@ -204,15 +240,15 @@ class SimulatedWorld:
 
     # ------------------------------------------------------------------ radio range
 
-    def is_in_range(self, device: SimulatedDevice) -> bool:
+    def is_in_range(self, device: Peripheral) -> bool:
         if device.address in self._out_of_reach:
             return False
         return self.clock.now_s() >= self._out_of_range_until_s.get(device.address, 0.0)
 
-    def is_connectable(self, device: SimulatedDevice) -> bool:
+    def is_connectable(self, device: Peripheral) -> bool:
         return device.is_powered and self.is_in_range(device) and not device.is_connected
 
-    def drop_link(self, device: SimulatedDevice, out_of_range_s: float = 0.0) -> None:
+    def drop_link(self, device: Peripheral, out_of_range_s: float = 0.0) -> None:
         """Lose the BLE link now, as when the user walks away.
 
         The host's disconnected callback runs; the device forgets its streaming
@@ -226,7 +262,7 @@ class SimulatedWorld:
         if client is not None:
             client.link_lost()
 
-    def set_in_range(self, device: SimulatedDevice, in_range: bool) -> None:
+    def set_in_range(self, device: Peripheral, in_range: bool) -> None:
         """Take a device out of reach until put back (drops its BLE link)."""
         self._advertising_may_change.set()
         if in_range:
@@ -250,7 +286,7 @@ class SimulatedWorld:
             # stays on the same grid, and radio noise is drawn only for devices that
             # advertise, so the run is the same.
             self._advertising_may_change.clear()
-            if not any(self.is_connectable(device) for device in self.devices):
+            if not any(self.is_connectable(device) for device in self.all_devices):
                 await self._until_advertising_may_change()
                 due = math.ceil((self.clock.now_s() - start_s) / interval_s - GRID_TOLERANCE)
                 tick = max(tick, due)
@@ -274,7 +310,7 @@ class SimulatedWorld:
             await asyncio.gather(*waits, return_exceptions=True)
 
     def _advertise_once(self) -> None:
-        for device in self.devices:
+        for device in self.all_devices:
             if not self.is_connectable(device):
                 continue
             # Drawn whether or not anyone scans, so scanning never shifts the stream.
@@ -287,11 +323,18 @@ class SimulatedWorld:
                     RSSI_LIMITS_DBM[1],
                 )
             )
+            if isinstance(device, SimulatedForeo):
+                # Its name alone: nothing public says what else a FOREO advertises.
+                manufacturer: dict[int, bytes] = {}
+                services: list[str] = []
+            else:
+                manufacturer = {MANUFACTURER_ID: device.advertised_identity().encode()}
+                services = [FACIAL_CARE_SERVICE_UUID]
             advertisement = AdvertisementData(
                 local_name=device.name,
-                manufacturer_data={MANUFACTURER_ID: device.advertised_identity().encode()},
+                manufacturer_data=manufacturer,
                 service_data={},
-                service_uuids=[FACIAL_CARE_SERVICE_UUID],
+                service_uuids=services,
                 tx_power=TX_POWER_DBM,
                 rssi=rssi,
                 platform_data=(),

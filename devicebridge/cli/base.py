@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from devicebridge.app import AppOptions
+from devicebridge.app import AppOptions, load_device_catalogue
 from devicebridge.config import load_settings
 from devicebridge.errors import DeviceBridgeError
 
@@ -106,6 +106,8 @@ def main(
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     settings, _ = load_settings(config_file)
+    # The device catalogue is checked before any command runs, as the configuration is.
+    load_device_catalogue(settings.device_catalogue_dir)
     options = AppOptions(
         settings=settings,
         simulate=settings.simulate if simulate is None else simulate,

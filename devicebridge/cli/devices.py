@@ -17,6 +17,7 @@ from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_error
 from devicebridge.cli.routines import GuidanceView, state_panel
 from devicebridge.cli.routines import summary_table as routine_summary_table
 from devicebridge.config import Settings
+from devicebridge.core.catalogue import OFCP_FAMILY
 from devicebridge.device.monitor import DeviceSnapshot, TelemetryMonitor
 from devicebridge.device.transport.ble import kind_label
 from devicebridge.errors import DeviceNotFoundError
@@ -37,7 +38,7 @@ DEFAULT_PAIR_TIMEOUT_S: Final = 10.0
 @pass_cli
 @reports_errors
 def scan_command(cli: CliContext, timeout_s: float | None, as_json: bool) -> None:
-    """List nearby facial-care devices."""
+    """List nearby facial-care devices of every catalogued family, with what each supports."""
 
     async def go() -> list[dict[str, Any]]:
         async with App(cli.options) as app:
@@ -45,22 +46,22 @@ def scan_command(cli: CliContext, timeout_s: float | None, as_json: bool) -> Non
             with app.open_registry() as registry:
                 rows = []
                 for device in found:
-                    paired = (
-                        registry.find_by_serial(device.serial_number)
-                        if device.serial_number
-                        else None
-                    )
+                    paired = registry.find_by_serial(device.identity)
+                    support = device.support
                     rows.append(
                         {
                             "name": device.name,
+                            "family": device.family,
                             "kind": device.kind_label,
-                            "model": paired.model if paired else None,
-                            # OFCP advertising carries no firmware version; a
-                            # paired device shows the one recorded at pairing.
-                            "firmware": registry.current_firmware(device.serial_number)
-                            if paired and device.serial_number
+                            "model": paired.model if paired else device.model,
+                            "supports": support.describe() if support else None,
+                            # Advertising carries no firmware version; a paired device
+                            # shows the one recorded at pairing.
+                            "firmware": registry.current_firmware(paired.serial_number)
+                            if paired
                             else None,
                             "serial_number": device.serial_number,
+                            "identity": device.identity,
                             "battery_percent": device.battery_percent,
                             "rssi_dbm": device.rssi,
                             "address": device.address,
@@ -75,15 +76,18 @@ def scan_command(cli: CliContext, timeout_s: float | None, as_json: bool) -> Non
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="Devices in range")
-    for column in ("name", "kind", "model", "firmware", "serial", "battery", "RSSI", "paired"):
+    columns = ("name", "family", "kind", "model", "supports", "firmware", "serial", "battery")
+    for column in (*columns, "RSSI", "paired"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             row["name"],
+            row["family"],
             row["kind"],
             fmt(row["model"]),
+            fmt(row["supports"]),
             fmt(row["firmware"]),
-            fmt(row["serial_number"]),
+            fmt(row["serial_number"] or row["identity"]),
             fmt(row["battery_percent"], "d") + ("%" if row["battery_percent"] is not None else ""),
             f"{row['rssi_dbm']} dBm",
             f"yes ({row['paired_name']})" if row["paired"] else "no",
@@ -122,11 +126,12 @@ def pair_command(
                         device, where=f"{serial_port} has serial {info.serial_number}"
                     )
                 default_name, address = info.serial_number, None
+                family = OFCP_FAMILY
             else:
                 assert device is not None
                 found = await app.find(device, timeout_s)
                 info = await app.read_info(app.ble_transport(found))
-                default_name, address = found.name, found.address
+                default_name, address, family = found.name, found.address, found.family
             paired = PairedDevice(
                 name=name or default_name,
                 serial_number=info.serial_number,
@@ -135,6 +140,7 @@ def pair_command(
                 transport="serial" if serial_port else "ble",
                 last_address=address,
                 serial_port=serial_port,
+                family=family,
             )
             with app.open_registry() as registry:
                 stored = registry.add(paired)
@@ -142,9 +148,15 @@ def pair_command(
             return stored, info.firmware_revision, new_version
 
     stored, firmware, _ = run(go())
+    # A family without serial numbers is known by its identity rule (docs/devices.md).
+    known_as = (
+        f"serial {stored.serial_number}"
+        if stored.family == OFCP_FAMILY
+        else f"{stored.family} device known as {stored.serial_number}"
+    )
     cli.console.print(
-        f"Paired {stored.name!r}: {stored.kind} {stored.model}, serial {stored.serial_number}, "
-        f"firmware {firmware}, over {stored.transport}",
+        f"Paired {stored.name!r}: {stored.kind} {stored.model}, {known_as}, "
+        f"firmware {firmware or 'not reported'}, over {stored.transport}",
         highlight=False,
     )
 
@@ -164,6 +176,7 @@ def devices_command(cli: CliContext, as_json: bool) -> None:
             {
                 "name": d.name,
                 "serial_number": d.serial_number,
+                "family": d.family,
                 "kind": d.kind,
                 "model": d.model,
                 "transport": d.transport,
@@ -185,7 +198,7 @@ def devices_command(cli: CliContext, as_json: bool) -> None:
         cli.console.print("No paired devices. Use 'devicebridge pair DEVICE'.")
         return
     table = Table(title=f"Paired devices ({app.data_dir})")
-    for column in ("name", "kind", "model", "serial", "firmware", "link", "paired at"):
+    for column in ("name", "family", "kind", "model", "serial", "firmware", "link", "paired at"):
         table.add_column(column)
     for row in rows:
         link = f"serial {row['serial_port']}" if row["transport"] == "serial" else "ble"
@@ -193,6 +206,7 @@ def devices_command(cli: CliContext, as_json: bool) -> None:
             link += f" {row['address']}"
         table.add_row(
             row["name"],
+            row["family"],
             row["kind"],
             row["model"],
             row["serial_number"],

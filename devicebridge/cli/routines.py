@@ -21,7 +21,9 @@ from rich.text import Text
 
 from devicebridge.app import App
 from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
+from devicebridge.core.catalogue import DeviceCatalogue
 from devicebridge.core.cooldown import BlockKind, TreatmentBlock, local_time, treatment_blocks
+from devicebridge.core.device_fit import device_problems
 from devicebridge.core.engine import Decision, DecisionKind, PressureState
 from devicebridge.core.library import starter_routines
 from devicebridge.core.policy import (
@@ -34,6 +36,7 @@ from devicebridge.core.policy import (
     policy_zone,
 )
 from devicebridge.core.routine import Routine, parse_routine
+from devicebridge.core.tomlpath import Problem, locate
 from devicebridge.device.transport.base import Transport
 from devicebridge.device.transport.ble import matches
 from devicebridge.errors import (
@@ -143,9 +146,16 @@ def routine_group() -> None:
     default=None,
     help="Check against this policy (default: the shipped policy).",
 )
+@click.option(
+    "--family",
+    default=None,
+    help="Also check that devices of this catalogue family (ofcp, foreo...) can run it.",
+)
 @pass_cli
 @reports_errors
-def validate_command(cli: CliContext, file: Path, policy_file: Path | None) -> None:
+def validate_command(
+    cli: CliContext, file: Path, policy_file: Path | None, family: str | None
+) -> None:
     """Check FILE: every problem with its line, key path and the policy rule that says so."""
     policy = load_policy(policy_file)
     try:
@@ -154,6 +164,8 @@ def validate_command(cli: CliContext, file: Path, policy_file: Path | None) -> N
         raise CliInputError(f"{file}: cannot read: {exc.strerror}") from exc
     try:
         routine = parse_routine(text, policy, label=str(file))
+        if family is not None:
+            _check_family(App(cli.options).catalogue, family, routine, str(file))
     except RoutineError as exc:
         for problem in exc.problems:
             cli.console.print(problem.render(str(file)), highlight=False, markup=False)
@@ -176,6 +188,25 @@ def validate_command(cli: CliContext, file: Path, policy_file: Path | None) -> N
             highlight=False,
             markup=False,
         )
+
+
+def _check_family(catalogue: DeviceCatalogue, family_id: str, routine: Routine, label: str) -> None:
+    """Raise RoutineError with every step a device of ``family_id`` cannot run."""
+    family = catalogue.family(family_id)
+    if family is None:
+        known = ", ".join(f.id for f in catalogue.families)
+        raise CliInputError(f"--family {family_id}: not in the device catalogue ({known})")
+    support = family.support(routine.device_kind)
+    if support is None:
+        problem = Problem(
+            "routine.device_kind",
+            f"{family.name} has no {routine.device_kind.value}",
+            locate(routine.source_text, "routine.device_kind"),
+        )
+        raise RoutineError(label, [problem])
+    problems = device_problems(routine, support, f"a {family.name} device")
+    if problems:
+        raise RoutineError(label, problems)
 
 
 @routine_group.command("list")
@@ -264,6 +295,16 @@ def state_panel(state: RunnerState) -> Panel:
     )
     if state.band_kpa is not None:
         grid.add_row("pressure", pressure_gauge(state))
+    if state.not_measured:
+        what = ", ".join(m.replace("_", " ") for m in state.not_measured)
+        grid.add_row(
+            "checks",
+            Text(
+                f"{what}: not measured by this device"
+                + (" (guided by time)" if state.by_time else ""),
+                style="dim",
+            ),
+        )
     if state.dose_j_cm2 is not None:
         levels = state.irradiance_mw_cm2 or {}
         allowed = state.dose_allowed_j_cm2 or {}
@@ -298,6 +339,8 @@ def plain_state(state: RunnerState) -> str:
         parts.append(
             "dose=" + "/".join(f"{state.dose_j_cm2[ch]:.2f}" for ch in LED_CHANNELS) + "J/cm2"
         )
+    if state.by_time:
+        parts.append("by_time")
     if state.paused:
         parts.append("PAUSED")
     return " ".join(parts)
@@ -376,6 +419,9 @@ def summary_table(result: RunSummary) -> Table:
         f"{float(summary.get('completion', 0.0)) * 100:.0f} % "
         f"({summary.get('steps_done')}/{summary.get('steps_total')} steps)",
     )
+    if "time_s_by_zone" in summary:
+        for zone, seconds in summary["time_s_by_zone"].items():
+            table.add_row(f"time {zone}", f"{seconds:.1f} s (by the clock)")
     if "contact_s_by_zone" in summary:
         for zone, seconds in summary["contact_s_by_zone"].items():
             table.add_row(f"contact {zone}", f"{seconds:.1f} s")
@@ -390,6 +436,8 @@ def summary_table(result: RunSummary) -> Table:
         for ch, dose in summary["dose_j_cm2"].items():
             table.add_row(f"dose {ch}", f"{dose:.2f} J/cm²")
     table.add_row("warnings", str(summary.get("warnings", 0)))
+    for what, how in (summary.get("checks") or {}).items():
+        table.add_row(what.replace("_", " "), str(how))
     if summary.get("gaps"):
         table.add_row("telemetry gaps", f"{summary['gaps']} ({summary['lost_samples']} lost)")
     return table

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from devicebridge.core.engine import DecisionKind, LedEngine, MassageEngine
+from devicebridge.core.timed import TimedMassageEngine
 from protocols import (
     CommandBody,
     MassageMode,
@@ -89,7 +90,8 @@ class MassagerApplied:
         return bool(self.intensity) and self.mode not in (None, MassageMode.OFF)
 
 
-def massager_target(engine: MassageEngine) -> MassagerTarget:
+def massager_target(engine: MassageEngine | TimedMassageEngine) -> MassagerTarget:
+    """What either massage engine wants (by contact or by time: the same commands)."""
     step = engine.current_step
     return MassagerTarget(zone_of(step.zone), mode_of(step.mode), engine.intensity)
 

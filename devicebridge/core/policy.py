@@ -28,6 +28,7 @@ from protocols.program import (
     DAPA_PER_KPA,
     DECI_HZ_PER_HZ,
     DS_PER_S,
+    MAX_INTENSITY_LEVEL,
     MAX_PROGRAM_STEPS,
     U16_MAX,
 )
@@ -66,6 +67,10 @@ MIN_TIME_CAP_S: Final = 1.0
 MAX_TIME_CAP_S: Final = 3600.0
 # Off the skin for over a minute with the motor running is no pause rule at all.
 MAX_NO_CONTACT_PAUSE_S: Final = 60.0
+# Guidance by time: device manuals cue a move every 15-30 s (TheraFace PRO 15 s, FOREO
+# ESPADA 30 s per spot); a cue more often than every 5 s, or rarer than a minute, is no cue.
+MIN_MOVE_CUE_INTERVAL_S: Final = 5.0
+MAX_MOVE_CUE_INTERVAL_S: Final = 60.0
 MAX_CAP_EVENTS: Final = 10
 # Skin temperature levels: the forehead skin baseline is about 33 C; heat pain starts at
 # 42-45 C (IEC 60601-1 allows 43 C for long contact).
@@ -128,6 +133,7 @@ class ZoneLimits:
     cap_kpa: Limit
     pass_cap_s: Limit  # effective contact per pass
     session_cap_s: Limit  # effective contact per session, per side on a sided zone
+    intensity_cap: Limit  # highest motor level (of a routine's 1-10) on the zone
     rest_after_pass_s: Limit | None = None
     passes_cap: Limit | None = None  # passes per session, per side on a sided zone
 
@@ -164,6 +170,7 @@ class SafetyPolicy:
     massage_length_cap_s: Limit
     led_length_cap_s: Limit
     no_contact_pause_s: Limit
+    move_cue_interval_s: Limit  # guidance by time: a cue to move on within a zone
     pressure_cap_events_before_stop: Limit
     frequency_count_fraction: Limit
     led: Mapping[str, LedChannelLimits]
@@ -359,6 +366,7 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
                 "massage_length_cap_s",
                 "led_length_cap_s",
                 "no_contact_pause_s",
+                "move_cue_interval_s",
                 "pressure_cap_events_before_stop",
                 "frequency_count_fraction",
             }
@@ -370,6 +378,9 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
     # The device counts this pause in 0.1 s: anything shorter could not be carried.
     no_contact = reader.limit(
         data, "session.no_contact_pause_s", 1 / DS_PER_S, MAX_NO_CONTACT_PAUSE_S
+    )
+    move_cue = reader.limit(
+        data, "session.move_cue_interval_s", MIN_MOVE_CUE_INTERVAL_S, MAX_MOVE_CUE_INTERVAL_S
     )
     cap_events = reader.limit(
         data, "session.pressure_cap_events_before_stop", 1, MAX_CAP_EVENTS, whole=True
@@ -387,6 +398,7 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
     assert massage_cap is not None
     assert led_cap is not None
     assert no_contact is not None
+    assert move_cue is not None
     assert cap_events is not None
     assert count_fraction is not None
     return SafetyPolicy(
@@ -397,6 +409,7 @@ def parse_policy(text: str, *, label: str = "policy") -> SafetyPolicy:
         massage_length_cap_s=massage_cap,
         led_length_cap_s=led_cap,
         no_contact_pause_s=no_contact,
+        move_cue_interval_s=move_cue,
         pressure_cap_events_before_stop=cap_events,
         frequency_count_fraction=count_fraction,
         led=led,
@@ -415,7 +428,15 @@ def _zones(reader: _Reader, data: Mapping[str, Any]) -> dict[str, ZoneLimits]:
     for extra in sorted(set(table) - set(POLICY_ZONES)):
         reader.problem(f"zones.{extra}", f"unknown zone; known: {', '.join(POLICY_ZONES)}")
     allowed = frozenset(
-        {"band_kpa", "cap_kpa", "pass_cap_s", "session_cap_s", "rest_after_pass_s", "passes_cap"}
+        {
+            "band_kpa",
+            "cap_kpa",
+            "pass_cap_s",
+            "session_cap_s",
+            "intensity_cap",
+            "rest_after_pass_s",
+            "passes_cap",
+        }
     )
     for zone in POLICY_ZONES:
         base = f"zones.{zone}"
@@ -424,6 +445,9 @@ def _zones(reader: _Reader, data: Mapping[str, Any]) -> dict[str, ZoneLimits]:
         cap = reader.limit(data, f"{base}.cap_kpa", 0.0, MAX_PRESSURE_CAP_KPA, above_low=True)
         pass_cap = reader.limit(data, f"{base}.pass_cap_s", MIN_TIME_CAP_S, MAX_TIME_CAP_S)
         session_cap = reader.limit(data, f"{base}.session_cap_s", MIN_TIME_CAP_S, MAX_TIME_CAP_S)
+        intensity = reader.limit(
+            data, f"{base}.intensity_cap", 1, MAX_INTENSITY_LEVEL, whole=True
+        )
         rest = reader.limit(data, f"{base}.rest_after_pass_s", 0.0, MAX_TIME_CAP_S, required=False)
         # A pass is at least one step: a program holds at most MAX_PROGRAM_STEPS.
         passes = reader.limit(
@@ -433,8 +457,8 @@ def _zones(reader: _Reader, data: Mapping[str, Any]) -> dict[str, ZoneLimits]:
             reader.problem(
                 f"{base}.band_kpa", f"band max {band.max:g} is above the cap {cap.value:g}"
             )
-        if band and cap and pass_cap and session_cap:
-            zones[zone] = ZoneLimits(band, cap, pass_cap, session_cap, rest, passes)
+        if band and cap and pass_cap and session_cap and intensity:
+            zones[zone] = ZoneLimits(band, cap, pass_cap, session_cap, intensity, rest, passes)
     return zones
 
 

@@ -79,7 +79,9 @@ MAX_SEQUENCING_WITHIN_MIN: Final = 24 * 60
 _ROUTINE_KEYS: Final = {"name", "author", "version", "device_kind", "category", "rationale", "tags"}
 _MASSAGE_STEP_KEYS: Final = {
     "zone",
+    "timing",
     "contact_time_s",
+    "duration_s",
     "mode",
     "intensity",
     "pressure_kpa",
@@ -102,19 +104,37 @@ class DeviceKindName(StrEnum):
     LED_MASK = "led_mask"
 
 
+class StepTiming(StrEnum):
+    """What a massage step's time counts (``timing`` in the file)."""
+
+    CONTACT = "contact"  # effective time with the head on the skin (needs a contact sensor)
+    TIME = "time"  # time by the clock, for devices that measure no contact or pressure
+
+
 @dataclass(frozen=True, slots=True)
 class MassageStep:
     zone: str  # one of MASSAGE_ZONES
-    contact_time_s: float  # effective time with the head on the skin
+    # The step's time: effective contact time (timing contact, ``contact_time_s`` in the
+    # file), or time by the clock (timing time, ``duration_s``). A device that senses
+    # contact counts contact either way: by time is then the same or stricter.
+    contact_time_s: float
     mode: str
     intensity: int
     pressure_min_kpa: float
     pressure_max_kpa: float
     guidance: str = ""
+    timing: StepTiming = StepTiming.CONTACT
+    # A step by time may give no band: the zone's policy band is used where pressure is
+    # measured, and the step says so (``band_from_policy``).
+    band_from_policy: bool = False
 
     @property
     def policy_zone(self) -> str:
         return policy_zone(self.zone)
+
+    @property
+    def by_time(self) -> bool:
+        return self.timing is StepTiming.TIME
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +370,29 @@ def _massage_step(check: _Checker, raw: Mapping[str, Any], path: str) -> Massage
         check.add(f"{path}.zone", f"{what}; known: {', '.join(MASSAGE_ZONES)}")
         return None
     limits = policy.zones[policy_zone(zone)]
-    contact_s = check.number(
+    timing_raw = raw.get("timing", StepTiming.CONTACT.value)
+    if timing_raw not in tuple(StepTiming):
+        check.add(
+            f"{path}.timing",
+            'must be "contact" (time on the skin) or "time" (by the clock), '
+            f"got {show(timing_raw)}",
+        )
+        return None
+    timing = StepTiming(timing_raw)
+    time_key, other_key = (
+        ("duration_s", "contact_time_s")
+        if timing is StepTiming.TIME
+        else ("contact_time_s", "duration_s")
+    )
+    if other_key in raw:
+        if timing is StepTiming.TIME:
+            why = 'a step with timing = "time" lasts duration_s (by the clock)'
+        else:
+            why = 'duration_s is for a step with timing = "time"; this one counts contact_time_s'
+        check.add(f"{path}.{other_key}", why)
+    step_s = check.number(
         raw,
-        "contact_time_s",
+        time_key,
         path,
         low=MIN_STEP_S,
         high=None,
@@ -363,15 +403,25 @@ def _massage_step(check: _Checker, raw: Mapping[str, Any], path: str) -> Massage
     if not isinstance(mode, str) or mode not in MASSAGE_MODES:
         check.add(f"{path}.mode", f"unknown mode {show(mode)}; known: {', '.join(MASSAGE_MODES)}")
     intensity = raw.get("intensity")
+    intensity_cap = limits.intensity_cap
     if number_problem(intensity, 1, MAX_INTENSITY, whole=True) is not None:
         check.add(
             f"{path}.intensity", f"must be an integer 1..{MAX_INTENSITY}, got {show(intensity)}"
         )
         intensity = 0
+    elif isinstance(intensity, int) and intensity > intensity_cap.value:
+        check.add(
+            f"{path}.intensity",
+            f"intensity {intensity} on {zone} is above the zone's cap of {intensity_cap.value:g}",
+            policy.cite(intensity_cap),
+        )
     band = raw.get("pressure_kpa")
     low = high = None
     where = f"{path}.pressure_kpa"
-    if not isinstance(band, dict):
+    band_from_policy = band is None and timing is StepTiming.TIME
+    if band_from_policy:
+        low, high = limits.band_kpa.min, limits.band_kpa.max
+    elif not isinstance(band, dict):
         check.add(where, "missing: pressure_kpa = { min = ..., max = ... }")
     else:
         check.unknown_keys(band, {"min", "max"}, where)
@@ -394,10 +444,12 @@ def _massage_step(check: _Checker, raw: Mapping[str, Any], path: str) -> Massage
     guidance = raw.get("guidance", "")
     if not isinstance(guidance, str):
         check.add(f"{path}.guidance", f"must be a string, got {show(guidance)}")
-    if contact_s is None or low is None or high is None or not isinstance(mode, str):
+    if step_s is None or low is None or high is None or not isinstance(mode, str):
         return None
     assert isinstance(intensity, int)
-    return MassageStep(zone, contact_s, mode, intensity, low, high, str(guidance))
+    return MassageStep(
+        zone, step_s, mode, intensity, low, high, str(guidance), timing, band_from_policy
+    )
 
 
 def _led_step(check: _Checker, raw: Mapping[str, Any], path: str) -> LedStep | None:

@@ -182,6 +182,7 @@ class DeviceSession:
         self._stream_telemetry = stream_telemetry
         self._machine = ConnectionStateMachine()
         self._machine.add_listener(self._on_state_change)
+        self._state_observers: list[Callable[[ConnectionState, ConnectionState], None]] = []
         self._backoff = Backoff(backoff_policy or BackoffPolicy(), rng or random.Random())
         self._reassembler = TelemetryReassembler()
         self._pending: dict[int, _Pending] = {}
@@ -284,6 +285,21 @@ class DeviceSession:
     def events(self) -> Subscription[Event]:
         return Subscription(self._event_subs)
 
+    def observe_state(
+        self, observer: Callable[[ConnectionState, ConnectionState], None]
+    ) -> Callable[[], None]:
+        """Call ``observer(old, new)`` at every connection state change; returns the remover.
+
+        For a caller that must act on a link loss at once (a routine timed by the host's
+        clock has no telemetry that would stop arriving)."""
+        self._state_observers.append(observer)
+
+        def remove() -> None:
+            if observer in self._state_observers:
+                self._state_observers.remove(observer)
+
+        return remove
+
     async def wait_closed(self) -> None:
         """Return once the session is closed (its subscriptions have ended)."""
         await self._closed.wait()
@@ -379,6 +395,11 @@ class DeviceSession:
             self._ready.set()
         else:
             self._ready.clear()
+        for observer in tuple(self._state_observers):
+            try:
+                observer(old, new)
+            except Exception:  # one broken observer must not break the state machine
+                _LOGGER.exception("%s: state observer failed", self.name)
 
     # ------------------------------------------------------------------ link loss
 

@@ -22,8 +22,10 @@ from smpclient.transport.udp import SMPUDPTransport
 
 from devicebridge.app import App
 from devicebridge.clock import SystemClock
+from devicebridge.core.catalogue import OFCP_DRIVER
 from devicebridge.errors import DeviceNotFoundError
 from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
+from devicebridge.firmware.errors import FirmwareError
 from devicebridge.firmware.transport import BleSmpTransport, SmpBleLink
 from devicebridge.firmware.updater import FirmwareUpdater
 from devicebridge.storage.registry import PairedDevice
@@ -77,6 +79,15 @@ def updater_for(
     smp_udp: str | None = None,
 ) -> FirmwareUpdater:
     """An updater for ``paired`` over the link the options (or its pairing) name."""
+    family = app.catalogue.family(paired.family)
+    if family is not None and family.driver != OFCP_DRIVER:
+        # Only OFCP devices speak MCUmgr beside the profile; nothing public says how
+        # another family's firmware is updated.
+        raise FirmwareError(
+            f"a {family.name} device: its firmware is not updated through devicebridge "
+            "(use the maker's app)",
+            device=paired.name,
+        )
     if smp_udp is not None:
         host, port = parse_udp_endpoint(smp_udp)
         # Like serial, a UDP device runs on its own time: waits use the wall clock.

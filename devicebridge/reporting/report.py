@@ -368,6 +368,11 @@ def summary_lines(report: SessionReport) -> list[str]:
             f"({summary.get('steps_done', 0)}/{summary.get('steps_total', 0)} steps)"
             + (" (replayed from telemetry)" if summary.get("replayed") else "")
         )
+    if "time_s_by_zone" in summary:
+        lines.append("time in each zone (by the clock):")
+        for zone, seconds in summary["time_s_by_zone"].items():
+            lines.append(f"  {zone}: {float(seconds):.1f} s")
+        lines.append(f"cues to move on: {summary.get('move_cues', 0)}")
     if "contact_s_by_zone" in summary:
         lines.append("time in each zone (contact):")
         for zone, seconds in summary["contact_s_by_zone"].items():
@@ -383,6 +388,9 @@ def summary_lines(report: SessionReport) -> list[str]:
         for ch, dose in summary["dose_j_cm2"].items():
             if float(dose) > 0 or ch != "blue":
                 lines.append(f"  {ch}: {float(dose):.2f} J/cm²")
+    checks = summary.get("checks")
+    if isinstance(checks, Mapping):
+        lines.extend(f"{what.replace('_', ' ')}: {how}" for what, how in checks.items())
     lines.append(f"samples stored: {int(report.sequences.size)}")
     if "refusals" in summary:
         for refusal in summary["refusals"]:

@@ -10,14 +10,19 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 
+from devicebridge.core.catalogue import BATTERY, KindSupport
+from devicebridge.core.device_fit import checks_applied
 from devicebridge.core.engine import (
     new_engine,
 )
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.reassembly import GapReason, TelemetryGap, TelemetryItem
 from devicebridge.core.routine import (
+    DeviceKindName,
+    Routine,
     parse_routine,
 )
+from devicebridge.core.timed import TimedMassageEngine
 from devicebridge.errors import (
     DeviceBridgeError,
     RoutineRunError,
@@ -51,6 +56,8 @@ def recorded_summary(
     sequences, samples = store.telemetry(record.id)
     try:
         routine = parse_routine(record.routine_text, policy, label=f"session {record.id}")
+        if record.sample_rate_hz <= 0 and routine.device_kind is DeviceKindName.MASSAGER:
+            return _by_time_summary(store, record, routine, policy)
         if record.sample_rate_hz <= 0:
             raise RoutineRunError(f"session {record.id} has no sample rate")
     except DeviceBridgeError as exc:
@@ -79,6 +86,33 @@ def recorded_summary(
         lost_samples=lost,
         command_errors=0,
     )
+
+
+def _by_time_summary(
+    store: SessionStore, record: SessionRecord, routine: Routine, policy: SafetyPolicy
+) -> dict[str, Any]:
+    """A session that ran by the host's clock (its device streams nothing: sample rate 0)
+    and whose process ended: the summary up to its last recorded decision, a lower bound
+    of how far it got (a cue is recorded at least every ``move_cue_interval_s``)."""
+    engine = TimedMassageEngine(routine, policy)
+    engine.start()
+    last_s = max((d.at_s for d in store.decisions(record.id)), default=0.0)
+    engine.tick(last_s)
+    engine.interrupt(last_s)
+    # Nothing streamed, so nothing was measured.
+    measured_nothing = KindSupport(DeviceKindName.MASSAGER, measures=frozenset({BATTERY}))
+    summary = session_summary(
+        engine,
+        routine,
+        mode="unknown",
+        samples=0,
+        gaps=0,
+        lost_samples=0,
+        command_errors=0,
+        checks=checks_applied(routine, measured_nothing, by_time=True),
+    )
+    summary["time_s_lower_bound"] = True
+    return summary
 
 
 @dataclass(frozen=True, slots=True)

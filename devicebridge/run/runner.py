@@ -39,6 +39,17 @@ what was recorded.
 The engine is timed by the device's sample clock, so a link that drops and comes back
 (the session reconnects and backfills on its own) only delays decisions.
 
+Devices that measure no pressure and no contact (FOREO: see the device catalogue) cannot
+time a step by contact. Before anything starts, the routine is checked against what the
+connected device can do (:func:`~devicebridge.core.device_fit.device_problems`: a refusal is
+recorded like an admission refusal); then the same runner drives the
+:class:`~devicebridge.core.timed.TimedMassageEngine` on this host's clock instead of feeding
+telemetry: a task wakes when the engine's next decision falls due (and every
+``TIMED_REFRESH_S`` for the live view) and hands its decisions to the same safety stop and
+command path. A link loss ends such a session (nothing measured what the device did
+meanwhile) and the device is stopped when it comes back. The summary states which checks
+applied (``checks``: "pressure": "not measured by this device").
+
 Device mode: when the device profile has the PROGRAM_TRANSFER capability, the runner also
 installs the routine as a program on the device and starts it (or adopts a program the
 device started by itself), so the device enforces its own hard limits even when the laptop
@@ -56,7 +67,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
-from devicebridge.clock import Clock
+from devicebridge.clock import Clock, wait_for
 from devicebridge.core.actuation import (
     SAFETY_KINDS,
     LedApplied,
@@ -70,6 +81,8 @@ from devicebridge.core.actuation import (
 from devicebridge.core.admission import (
     Admission,
 )
+from devicebridge.core.catalogue import KindSupport, support_from_capabilities
+from devicebridge.core.device_fit import NOT_MEASURED, checks_applied, device_problems
 from devicebridge.core.engine import (
     CELSIUS_PER_UNIT,
     CONTACT_FLAG,
@@ -91,6 +104,7 @@ from devicebridge.core.routine import (
     Routine,
 )
 from devicebridge.core.states import ConnectionState
+from devicebridge.core.timed import TimedMassageEngine
 from devicebridge.device import program_transfer
 from devicebridge.device.session import DeviceSession, Subscription
 from devicebridge.errors import (
@@ -98,6 +112,7 @@ from devicebridge.errors import (
     CommandRejectedError,
     DeviceBridgeError,
     DeviceMismatchError,
+    DeviceUnsupportedError,
     RoutineRefusedError,
     RoutineRunError,
     SessionClosedError,
@@ -134,6 +149,11 @@ DEVICE_KIND_OF: Final = {
 }
 # How long the final STOP_ALL may wait for a link that is down (clock seconds).
 FINAL_STOP_WAIT_S: Final = 5.0
+# The same for a device that has no limits of its own to fall back on (a routine by time:
+# nothing on it stops the motor), so the bridge waits longer for it to come back.
+UNWATCHED_STOP_WAIT_S: Final = 30.0
+# A routine by time refreshes its live view (time left) at least this often (clock s).
+TIMED_REFRESH_S: Final = 1.0
 # After a command failed on a link that is up (a timeout), wait this long before the next
 # attempt (clock seconds), so a device that does not answer is not flooded.
 COMMAND_RETRY_S: Final = 1.0
@@ -196,7 +216,14 @@ class RoutineRunner:
         self._on_decision = on_decision
         self.admission: Admission | None = None
         self.session_id: int | None = None
-        self.engine: MassageEngine | LedEngine | None = None
+        self.engine: MassageEngine | LedEngine | TimedMassageEngine | None = None
+        self.support: KindSupport | None = None  # what the connected device can do
+        self._checks: dict[str, str] | None = None
+        self._timed_start_s = 0.0
+        self._timed_wake = asyncio.Event()
+        self._link_lost_at_s: float | None = None
+        self._final_stop_sent = False
+        self._ticker: asyncio.Task[None] | None = None  # a routine by time's clock
         self.gaps = 0
         self.lost_samples = 0
         self.samples_recorded = 0
@@ -236,28 +263,56 @@ class RoutineRunner:
         admission = check_routine_admission(self.routine, self.policy, self.store, now=self._now())
         self.admission = admission
         if not admission.allowed:
-            session_id = None
-            if self.store is not None:
-                session_id = self.store.start_session(
-                    routine_name=self.routine.name,
-                    category=self.routine.category,
-                    device_serial=self._device_serial or self.session.name,
-                    device_kind=self.routine.device_kind.value,
-                    sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-                    sample_rate_hz=0.0,
-                    routine_text=self.routine.source_text,
-                    program_id=None if self.program_id is None else str(self.program_id),
-                    started_at=self._now(),
-                )
-                self.store.finish_session(
-                    session_id,
-                    status="refused",
-                    end_reason="; ".join(r.message for r in admission.refusals),
-                    summary={"refusals": [refusal_json(r) for r in admission.refusals]},
-                    ended_at=self._now(),
-                )
+            session_id = self._record_refusal(
+                "; ".join(r.message for r in admission.refusals),
+                {"refusals": [refusal_json(r) for r in admission.refusals]},
+            )
             raise RoutineRefusedError(self.routine, admission, session_id)
         return admission
+
+    def _record_refusal(
+        self, end_reason: str, summary: dict[str, Any], device_serial: str | None = None
+    ) -> int | None:
+        """Store a refused attempt (``history`` shows it; it never counts as a session)."""
+        if self.store is None:
+            return None
+        session_id = self.store.start_session(
+            routine_name=self.routine.name,
+            category=self.routine.category,
+            device_serial=self._device_serial or device_serial or self.session.name,
+            device_kind=self.routine.device_kind.value,
+            sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
+            sample_rate_hz=0.0,
+            routine_text=self.routine.source_text,
+            program_id=None if self.program_id is None else str(self.program_id),
+            started_at=self._now(),
+        )
+        self.store.finish_session(
+            session_id,
+            status="refused",
+            end_reason=end_reason,
+            summary=summary,
+            ended_at=self._now(),
+        )
+        return session_id
+
+    def _check_device_support(self) -> KindSupport:
+        """What the connected device can do; a routine it cannot run is refused (and the
+        attempt recorded) before anything is sent."""
+        info = self.session.device_info
+        support = info.support or support_from_capabilities(info.kind, info.profile.capabilities)
+        if support is None:  # the kind matched the routine's: a known kind
+            raise DeviceMismatchError(self.routine, self.session.name, info.kind)
+        problems = device_problems(self.routine, support, self.session.name)
+        if problems:
+            refused = DeviceUnsupportedError(self.routine, self.session.name, problems)
+            refused.session_id = self._record_refusal(
+                "; ".join(f"{p.path}: {p.message}" for p in problems),
+                {"device_problems": [{"path": p.path, "message": p.message} for p in problems]},
+                info.serial_number,
+            )
+            raise refused
+        return support
 
     # ------------------------------------------------------------------ state for the UI
 
@@ -281,6 +336,8 @@ class RoutineRunner:
     def _build_state(self) -> RunnerState:
         engine = self.engine
         assert engine is not None  # marked stale only once the engine exists
+        if isinstance(engine, TimedMassageEngine):
+            return self._timed_state(engine)
         batch = self._last_batch
         last = batch.samples[-1] if batch is not None and len(batch) else None
         first = engine.first_sequence
@@ -342,6 +399,32 @@ class RoutineRunner:
                 )
         return RunnerState(**common, **values)
 
+    def _timed_state(self, engine: TimedMassageEngine) -> RunnerState:
+        view = self._guidance
+        view.fold(engine.decisions)
+        step = engine.current_step
+        not_measured = tuple(
+            what for what, how in (self._checks or {}).items() if how == NOT_MEASURED
+        )
+        return RunnerState(
+            device=self.session.name,
+            routine=self.routine.name,
+            device_kind=self.routine.device_kind,
+            step=engine.step_number,
+            steps_total=len(self.routine.steps),
+            zone=step.zone,
+            guidance=view.text if self._final_note is None else self._final_note,
+            step_remaining_s=engine.step_remaining_s,
+            session_remaining_s=engine.session_remaining_s,
+            elapsed_s=engine.elapsed_s,
+            finished=engine.finished,
+            last_warning=view.last_warning,
+            warnings=view.warnings,
+            mode=self.mode.value,
+            not_measured=not_measured,
+            by_time=True,
+        )
+
     # ------------------------------------------------------------------ running
 
     async def run(self, *, max_duration_s: float | None = None) -> RunSummary:
@@ -377,15 +460,23 @@ class RoutineRunner:
         expected = DEVICE_KIND_OF[self.routine.device_kind]
         if info.kind != expected:
             raise DeviceMismatchError(self.routine, self.session.name, info.kind)
+        support = self.support = self._check_device_support()
         rate_hz = float(info.profile.sample_rate_hz)
         assert self.admission is not None
-        engine = self.engine = new_engine(
-            self.routine,
-            self.policy,
-            sample_rate_hz=rate_hz,
-            dose_today_j_cm2=self.admission.dose_today_j_cm2,
-            fault_checks=FaultChecks(),
-        )
+        # A massager that cannot sense the skin runs the routine by the host's clock.
+        by_time = self.routine.device_kind is DeviceKindName.MASSAGER and not support.senses_skin
+        self._checks = checks_applied(self.routine, support, by_time=by_time)
+        engine: MassageEngine | LedEngine | TimedMassageEngine
+        if by_time:
+            engine = self.engine = TimedMassageEngine(self.routine, self.policy)
+        else:
+            engine = self.engine = new_engine(
+                self.routine,
+                self.policy,
+                sample_rate_hz=rate_hz,
+                dose_today_j_cm2=self.admission.dose_today_j_cm2,
+                fault_checks=FaultChecks(),
+            )
         # Nothing is commanded yet: the device is not expected to run its motor.
         self._set_motor_commanded(False)
         if self.store is not None:
@@ -418,12 +509,17 @@ class RoutineRunner:
         try:
             if await self._device_program_wanted(info.profile.capabilities):
                 await self._run_device_program()
-            self._handle(engine.start())
+            if isinstance(engine, TimedMassageEngine):
+                self._start_by_time(engine)
+            else:
+                self._handle(engine.start())
             self._arm()
             ended = await self._until_ended(max_duration_s)
             summary = engine.summary
             if summary.completed:
                 status, end_reason = "completed", None
+            elif self._link_lost_at_s is not None:
+                status, end_reason = "interrupted", "the link was lost"
             elif summary.stopped_reason is not None:
                 status, end_reason = "stopped", summary.stopped_reason
             elif ended == "requested":
@@ -437,7 +533,15 @@ class RoutineRunner:
             raise
         finally:
             self._observing = self._armed = False
+            if isinstance(engine, TimedMassageEngine):
+                engine.interrupt(self.clock.now_s() - self._timed_start_s)
             await self._shutdown()
+            if self._link_lost_at_s is not None and status == "interrupted":
+                end_reason = self._link_loss_reason(self._link_lost_at_s)
+            elif isinstance(engine, TimedMassageEngine) and not self._final_stop_sent:
+                # Nothing on such a device stops its motor by itself: say so.
+                unstopped = "the device could not be told to stop: switch it off by hand"
+                end_reason = f"{end_reason}; {unstopped}" if end_reason else unstopped
             try:
                 if self._writer is not None and self.session_id is not None:
                     # Everything of this run committed before its summary is.
@@ -448,6 +552,67 @@ class RoutineRunner:
                 finally:
                     self._close_writer()
         return result
+
+    # ------------------------------------------------------------------ by time
+
+    def _start_by_time(self, engine: TimedMassageEngine) -> None:
+        """Start the routine on the host's clock: its first guidance, and the task that
+        hands the engine the time (and a lost link) from now on."""
+        self._timed_start_s = self.clock.now_s()
+        self._handle(engine.start(0.0))
+        remove = self.session.observe_state(lambda _old, _new: self._timed_wake.set())
+        task = asyncio.get_running_loop().create_task(
+            self._run_by_time(engine), name=f"routine by time {self.session.name}"
+        )
+        task.add_done_callback(lambda _: remove())
+        self._ticker = task
+
+    async def _run_by_time(self, engine: TimedMassageEngine) -> None:
+        try:
+            while not engine.finished:
+                now_s = self.clock.now_s() - self._timed_start_s
+                if not self._link_ready():
+                    self._link_lost_at_s = now_s
+                    self._take_decisions(engine.link_lost(now_s))
+                    break
+                due_s = engine.next_due_s
+                wait_s = TIMED_REFRESH_S if due_s is None else min(TIMED_REFRESH_S, due_s - now_s)
+                if wait_s > 0:
+                    self._timed_wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await wait_for(self.clock, self._timed_wake.wait(), wait_s)
+                    if not self._link_ready():
+                        continue  # the link went: the top of the loop ends the session
+                self._take_decisions(engine.tick(self.clock.now_s() - self._timed_start_s))
+        except Exception as exc:  # raised again in the runner's task, which ends the run
+            self._failure = exc
+            self._end("error")
+            return
+        self._end("finished")
+
+    def _link_ready(self) -> bool:
+        return self.session.state is ConnectionState.READY
+
+    def _take_decisions(self, decisions: list[Decision]) -> None:
+        """Decisions that came from time, not telemetry: a safety stop at once, then the
+        same path as the others."""
+        if self._ended is not None:
+            return
+        if any(d.kind in SAFETY_KINDS for d in decisions):
+            self._safety_stop()
+        self._handle(decisions)
+
+    def _link_loss_reason(self, at_s: float) -> str:
+        what = (
+            f"the link was lost at {at_s:.1f} s (this device reports nothing, so the "
+            "session ends)"
+        )
+        if self._final_stop_sent:
+            return f"{what}; the device was stopped when it came back"
+        return (
+            f"{what}; it did not come back within {UNWATCHED_STOP_WAIT_S:g} s, so it could "
+            "not be told to stop: switch it off by hand"
+        )
 
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -536,6 +701,8 @@ class RoutineRunner:
             return []
         if item.sample_format is not SAMPLE_FORMAT_OF[self.routine.device_kind]:
             return []
+        if isinstance(engine, TimedMassageEngine):
+            return []  # recorded, but a routine by time is timed by the host's clock
         decisions = engine.feed(item.samples, item.first_sequence)
         # Most batches decide nothing: no generator for them.
         if decisions and any(d.kind in SAFETY_KINDS for d in decisions):
@@ -616,7 +783,7 @@ class RoutineRunner:
         engine = self.engine
         if engine is None or engine.finished or self._program_active:
             return None  # a finished run's last STOP_ALL comes from _shutdown
-        if isinstance(engine, MassageEngine):
+        if isinstance(engine, MassageEngine | TimedMassageEngine):
             return next_massager_command(massager_target(engine), self._massager)
         return next_led_command(engine, self._led)
 
@@ -638,6 +805,14 @@ class RoutineRunner:
             self._set_motor_commanded(False)
         else:
             self._led.failed()
+        engine = self.engine
+        if isinstance(engine, TimedMassageEngine) and isinstance(exc, CommandError):
+            # Nothing measured can say what the motor does now: a device timed by the host
+            # that refuses or ignores a command ends the session (a lost link does too).
+            at_s = self.clock.now_s() - self._timed_start_s
+            self._take_decisions(engine.device_fault(at_s, f"{type(command).__name__}: {exc}"))
+            if engine.finished:
+                self._end("finished")
         self._wake.set()
 
     def _set_motor_commanded(self, on: bool) -> None:
@@ -682,18 +857,26 @@ class RoutineRunner:
 
     async def _shutdown(self) -> None:
         """Actuators off at the end, whatever the ending; stop the command task."""
-        for task in (self._worker, self._program_watch):
+        for task in (self._worker, self._program_watch, self._ticker):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._worker = self._program_watch = None
+        self._worker = self._program_watch = self._ticker = None
         await self._stops_settled()
         if self.session.state is ConnectionState.CLOSED:
             return
+        unwatched = isinstance(self.engine, TimedMassageEngine)
+        if unwatched and self.session.state is not ConnectionState.READY:
+            _LOGGER.warning(
+                "%s: waiting up to %g s for the device to come back, to stop it",
+                self.session.name,
+                UNWATCHED_STOP_WAIT_S,
+            )
         with contextlib.suppress(DeviceBridgeError):
-            await self.session.wait_ready(FINAL_STOP_WAIT_S)
+            await self.session.wait_ready(UNWATCHED_STOP_WAIT_S if unwatched else FINAL_STOP_WAIT_S)
             await self.session.send(StopAll())
             self.stop_all_writes += 1
+            self._final_stop_sent = True
 
     def _finish(self, status: SessionStatus, end_reason: str | None) -> RunSummary:
         engine = self.engine
@@ -727,6 +910,7 @@ class RoutineRunner:
             gaps=self.gaps,
             lost_samples=self.lost_samples,
             command_errors=len(self.command_errors),
+            checks=self._checks,
         )
 
     # ------------------------------------------------------------------ device programs

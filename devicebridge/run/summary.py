@@ -15,6 +15,7 @@ from devicebridge.core.engine import (
 from devicebridge.core.routine import (
     Routine,
 )
+from devicebridge.core.timed import TimedMassageEngine
 from devicebridge.run.view import WARNING_KINDS
 from devicebridge.storage.sessions import SessionStatus
 
@@ -33,7 +34,7 @@ class RunSummary:
 
 
 def session_summary(
-    engine: MassageEngine | LedEngine,
+    engine: MassageEngine | LedEngine | TimedMassageEngine,
     routine: Routine,
     *,
     mode: str,
@@ -41,8 +42,12 @@ def session_summary(
     gaps: int,
     lost_samples: int,
     command_errors: int,
+    checks: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """What a finished (or interrupted) session says of itself: stored, shown, published."""
+    """What a finished (or interrupted) session says of itself: stored, shown, published.
+
+    ``checks``: which safety checks applied and how (``"pressure": "not measured by this
+    device"``: :func:`devicebridge.core.device_fit.checks_applied`)."""
     base: dict[str, Any] = {
         "routine": routine.name,
         "routine_version": routine.version,
@@ -59,7 +64,17 @@ def session_summary(
         "lost_samples": lost_samples,
         "command_errors": command_errors,
     }
-    if isinstance(engine, MassageEngine):
+    if checks is not None:
+        base["checks"] = dict(checks)
+    if isinstance(engine, TimedMassageEngine):
+        timed = engine.summary
+        base.update(
+            by_time=True,
+            time_s=round(timed.time_s, 3),
+            time_s_by_zone={z: round(v, 3) for z, v in timed.time_s_by_zone.items()},
+            move_cues=timed.cues,
+        )
+    elif isinstance(engine, MassageEngine):
         s = engine.summary
         base.update(
             contact_s=round(s.contact_s, 3),

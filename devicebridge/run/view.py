@@ -18,6 +18,7 @@ from devicebridge.core.engine import (
 from devicebridge.core.routine import (
     DeviceKindName,
 )
+from devicebridge.core.timed import MOVE_CUE
 
 # Decisions the live view counts as warnings.
 WARNING_KINDS: Final = frozenset({DecisionKind.WARNING, DecisionKind.LOWER_INTENSITY})
@@ -52,6 +53,9 @@ class RunnerState:
     warnings: int = 0
     gaps: int = 0
     mode: str = "host"
+    # What this device cannot measure, so the view shows no gauge for it ("pressure").
+    not_measured: tuple[str, ...] = ()
+    by_time: bool = False  # guidance by the host clock (no contact sensing)
 
 
 @dataclass(slots=True)
@@ -75,7 +79,9 @@ class Guidance:
                 self.step_text = decision.message
             if kind in SAFETY_KINDS:
                 self.last_warning = decision.message
-            if kind is DecisionKind.GUIDANCE and decision.reason != "step_start":
+            if kind is DecisionKind.GUIDANCE and decision.reason == MOVE_CUE:
+                self.text = decision.message  # a cue by time, not a warning
+            elif kind is DecisionKind.GUIDANCE and decision.reason != "step_start":
                 self.last_warning = decision.message  # a hint such as "wrong zone"
             elif kind is DecisionKind.RESUME:
                 self.text = self.step_text  # back to the step after a pause

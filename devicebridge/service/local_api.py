@@ -93,7 +93,7 @@ def state_from_json(body: Mapping[str, Any]) -> RunnerState:
     values["device_kind"] = DeviceKindName(values["device_kind"])
     if values.get("pressure_state") is not None:
         values["pressure_state"] = PressureState(values["pressure_state"])
-    for key in ("band_kpa",):
+    for key in ("band_kpa", "not_measured"):
         if values.get(key) is not None:
             values[key] = tuple(values[key])
     return RunnerState(**values)
@@ -230,7 +230,8 @@ class LocalApiServer:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await hang_up
         if result is None:
-            raise LocalApiError(f"{serial}: the routine failed (see the bridge's log)")
+            why = worker.last_failure or "the routine failed (see the bridge's log)"
+            raise LocalApiError(f"{serial}: {why}")
         send({"event": "result", **result_json(result)})
 
 

@@ -450,7 +450,10 @@ class BridgeService:
         self.publish_adherence()
 
     async def install_pending(self, worker: DeviceWorker) -> None:
-        """Install every valid program for this device kind not yet on this device."""
+        """Install every valid program for this device kind not yet on this device (none on
+        a device that cannot hold programs: it runs them from the host)."""
+        if not worker.holds_programs:
+            return
         for program in self.programs.pending_for(worker.kind, worker.serial):
             if worker.session.state is not ConnectionState.READY or worker.runner is not None:
                 return  # the next connect, or the end of the routine, tries again
@@ -470,9 +473,10 @@ class BridgeService:
             self.publish_adherence()
 
     def adherence(self) -> dict[str, Any]:
-        devices_by_kind: dict[str, list[str]] = {}
+        devices_by_kind: dict[str, list[str]] = {}  # those a program can be installed on
         for worker in self.workers.values():
-            devices_by_kind.setdefault(worker.kind, []).append(worker.serial)
+            if worker.holds_programs:
+                devices_by_kind.setdefault(worker.kind, []).append(worker.serial)
         programs = [
             _program_body(p, devices_by_kind, self.policy) for p in self.programs.programs()
         ]

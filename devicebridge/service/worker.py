@@ -19,6 +19,7 @@ from devicebridge.device.session import DeviceSession
 from devicebridge.device.transport.base import DeviceInfo
 from devicebridge.errors import (
     DeviceBridgeError,
+    DeviceUnsupportedError,
     NotConnectedError,
     RoutineRefusedError,
     ServiceError,
@@ -32,6 +33,7 @@ from devicebridge.service.telemetry import TelemetryBatcher
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.storage.sessions import SessionRecord
 from protocols import (
+    Capability,
     Event,
     EventCode,
     ProgramStepEvent,
@@ -85,6 +87,7 @@ class DeviceWorker:
         self.published_battery: int | None = None
         self.published_session_id: int | None = None
         self.samples_received = 0
+        self.last_failure: str | None = None  # why the latest routine could not run
         # Device jobs other than routines (program installs), one at a time, in order.
         self._jobs: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +104,16 @@ class DeviceWorker:
     @property
     def state(self) -> ConnectionState:
         return self.session.state
+
+    @property
+    def holds_programs(self) -> bool:
+        """Whether programs can be installed on the device (PROGRAM_TRANSFER); assumed
+        until it first connects. A device that cannot (FOREO) runs programs from the host."""
+        try:
+            info = self.session.device_info
+        except NotConnectedError:
+            return True
+        return bool(info.profile.capabilities & Capability.PROGRAM_TRANSFER)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -388,10 +401,32 @@ class DeviceWorker:
         LOG.info("%s: routine %r starting", self.serial, runner.routine.name)
         started_at = self.service.now()
         self.publish_state()
+        self.last_failure = None
         try:
             result = await runner.run(max_duration_s=max_duration_s)
+        except DeviceUnsupportedError as exc:
+            # Recorded as refused by the runner: published like an admission refusal.
+            LOG.warning("%s: %s", self.serial, exc)
+            self.last_failure = str(exc)
+            if exc.session_id is not None:
+                self.service.publish_summary(
+                    exc.session_id,
+                    self.serial,
+                    "refused",
+                    "; ".join(f"{p.path}: {p.message}" for p in exc.problems),
+                    {
+                        "routine": runner.routine.name,
+                        "device_problems": [
+                            {"path": p.path, "message": p.message} for p in exc.problems
+                        ],
+                    },
+                    runner.program_id,
+                    started_at,
+                )
+            return None
         except DeviceBridgeError as exc:
             LOG.warning("%s: routine %r failed: %s", self.serial, runner.routine.name, exc)
+            self.last_failure = str(exc)
             return None
         finally:
             self.runner = None

@@ -2,8 +2,11 @@
 
 A device is identified by its serial number, not by its address (addresses are
 not stable on every platform); the address is kept only as the last place the
-device was seen. Firmware versions are recorded with the time each was first
-seen, so a support question can be answered with the device's update history.
+device was seen. A device of a catalogue family that exposes no serial number is
+identified by the family's identity rule instead (``foreo@<address>``: see
+:func:`devicebridge.core.catalogue.device_identity`), kept in the same column.
+Firmware versions are recorded with the time each was first seen, so a support
+question can be answered with the device's update history.
 
 The schema is versioned with ``PRAGMA user_version`` and migrated forward on
 open; the database runs in WAL mode so that a ``watch`` in one terminal and a
@@ -53,6 +56,10 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         PRIMARY KEY (serial_number, version)
     );
     """,
+    # The device catalogue's family (devices paired before it existed speak OFCP).
+    """
+    ALTER TABLE devices ADD COLUMN family TEXT NOT NULL DEFAULT 'ofcp';
+    """,
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -60,13 +67,14 @@ SCHEMA_VERSION: Final = len(_MIGRATIONS)
 @dataclass(frozen=True, slots=True)
 class PairedDevice:
     name: str
-    serial_number: str
+    serial_number: str  # or the catalogue's identity of a device that exposes none
     kind: str  # "massager", "led_mask"
     model: str
     transport: TransportKind
     last_address: str | None = None  # BLE address last seen
     serial_port: str | None = None  # for transport == "serial"
     paired_at: datetime | None = None  # set by the registry when None
+    family: str = "ofcp"  # the device catalogue's family id
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +171,7 @@ class DeviceRegistry:
                 raise AlreadyPairedError(device.serial_number, existing_name=row[0], path=self.path)
             db.execute(
                 "INSERT INTO devices (serial_number, name, kind, model, last_address, transport,"
-                " serial_port, paired_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " serial_port, paired_at, family) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     device.serial_number,
                     device.name,
@@ -173,6 +181,7 @@ class DeviceRegistry:
                     device.transport,
                     device.serial_port,
                     paired_at.isoformat(),
+                    device.family,
                 ),
             )
         return PairedDevice(
@@ -184,11 +193,12 @@ class DeviceRegistry:
             device.last_address,
             device.serial_port,
             paired_at,
+            device.family,
         )
 
     @staticmethod
     def _row_to_device(row: sqlite3.Row | tuple[str, ...]) -> PairedDevice:
-        serial, name, kind, model, address, raw_transport, port, paired_at = row
+        serial, name, kind, model, address, raw_transport, port, paired_at, family = row
         # The CHECK constraint keeps other values out of the table.
         transport: TransportKind = "serial" if raw_transport == "serial" else "ble"
         return PairedDevice(
@@ -200,10 +210,12 @@ class DeviceRegistry:
             address,
             port,
             datetime.fromisoformat(paired_at),
+            family,
         )
 
     _COLUMNS: Final = (
-        "serial_number, name, kind, model, last_address, transport, serial_port, paired_at"
+        "serial_number, name, kind, model, last_address, transport, serial_port, paired_at,"
+        " family"
     )
 
     def get(self, name: str) -> PairedDevice:
@@ -245,7 +257,11 @@ class DeviceRegistry:
     # ------------------------------------------------------------------ firmware
 
     def record_firmware(self, serial_number: str, version: str) -> bool:
-        """Note that the device runs ``version``; ``True`` if this version is new for it."""
+        """Note that the device runs ``version``; ``True`` if this version is new for it.
+
+        A device that reports no version (an empty one: FOREO) has no history to keep."""
+        if not version:
+            return False
         with self._transaction() as db:
             if (
                 db.execute(

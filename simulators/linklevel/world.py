@@ -28,6 +28,7 @@ from bumble.link import LocalLink
 
 from simulators.clock import VirtualClock
 from simulators.devices.device import SimulatedDevice
+from simulators.devices.foreo import SimulatedForeo
 from simulators.linklevel.central import (
     CENTRAL_ADDRESS,
     DEFAULT_REQUESTED_MTU,
@@ -159,6 +160,10 @@ class LinkLevelWorld(SimulatedWorld):
 
     # ------------------------------------------------------------------ addresses
 
+    def add_foreo(self, *, name: str = "", battery_percent: float | None = None) -> SimulatedForeo:
+        """Not here: only OFCP firmware sits behind a virtual controller."""
+        raise NotImplementedError("FOREO devices are simulated on the in-process backend only")
+
     def _on_air_address(self, address: str) -> str:
         device = super().device_by_address(address)
         return controller_address(device) if device is not None else address
@@ -198,7 +203,7 @@ class LinkLevelWorld(SimulatedWorld):
 
     # ------------------------------------------------------------------ radio
 
-    def drop_link(self, device: SimulatedDevice, out_of_range_s: float = 0.0) -> None:
+    def drop_link(self, device: SimulatedDevice, out_of_range_s: float = 0.0) -> None:  # type: ignore[override]
         """Lose the link now, as a supervision timeout does: both sides notice at once.
 
         Both controllers drop the connection with reason CONNECTION_TIMEOUT and

@@ -59,11 +59,16 @@ from protocols.constants import (
     SMP_CHARACTERISTIC_UUID,
     SMP_SERVICE_UUID,
 )
+from protocols.foreo import FOREO_CONTROL_CHAR_UUID, FOREO_SERVICE_UUID
 from simulators.devices.device import SimulatedDevice
+from simulators.devices.foreo import SimulatedForeo
 from simulators.devices.link import Channel
 
 if TYPE_CHECKING:
     from simulators.world import SimulatedWorld
+
+# Every device the backend reaches: OFCP firmware, or a device of another family.
+Peripheral = SimulatedDevice | SimulatedForeo
 
 CCCD_NOTIFY: Final = 0x0001
 CCCD_INDICATE: Final = 0x0002
@@ -79,15 +84,30 @@ class CharacteristicSpec:
     uuid: str
     properties: tuple[CharacteristicPropertyName, ...]
     channel: Channel | None = None  # notifications / writes route here
-    read: Callable[[SimulatedDevice], bytes] | None = None
+    read: Callable[[Peripheral], bytes] | None = None
 
     @property
     def notifies(self) -> bool:
         return "notify" in self.properties or "indicate" in self.properties
 
 
-def _utf8(field: str) -> Callable[[SimulatedDevice], bytes]:
-    return lambda device: device.device_information[field].encode("utf-8")
+def _ofcp(read: Callable[[SimulatedDevice], bytes]) -> Callable[[Peripheral], bytes]:
+    """A read only OFCP firmware answers (its database is only offered by OFCP devices)."""
+
+    def on(device: Peripheral) -> bytes:
+        if not isinstance(device, SimulatedDevice):
+            raise BleakGATTProtocolError(BleakGATTProtocolErrorCode.READ_NOT_PERMITTED)
+        return read(device)
+
+    return on
+
+
+def _utf8(field: str) -> Callable[[Peripheral], bytes]:
+    return _ofcp(lambda device: device.device_information[field].encode("utf-8"))
+
+
+def _battery(device: Peripheral) -> bytes:
+    return bytes([device.battery_percent])
 
 
 GATT_DATABASE: Final[tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]] = (
@@ -95,7 +115,7 @@ GATT_DATABASE: Final[tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]] = (
         FACIAL_CARE_SERVICE_UUID,
         (
             CharacteristicSpec(
-                DEVICE_PROFILE_CHAR_UUID, ("read",), read=lambda d: d.profile.encode()
+                DEVICE_PROFILE_CHAR_UUID, ("read",), read=_ofcp(lambda d: d.profile.encode())
             ),
             CharacteristicSpec(CONTROL_CHAR_UUID, ("write", "notify"), Channel.CONTROL),
             CharacteristicSpec(TELEMETRY_CHAR_UUID, ("notify",), Channel.TELEMETRY),
@@ -110,7 +130,7 @@ GATT_DATABASE: Final[tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]] = (
                 BATTERY_LEVEL_CHAR_UUID,
                 ("read", "notify"),
                 Channel.BATTERY,
-                read=lambda d: bytes([d.battery_percent]),
+                read=_battery,
             ),
         ),
     ),
@@ -142,11 +162,39 @@ GATT_DATABASE: Final[tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]] = (
 )
 
 
-def build_services(mtu_size: Callable[[], int]) -> BleakGATTServiceCollection:
+# A FOREO device as the public description has it (simulators/devices/foreo.py): the control
+# characteristic takes writes with response only, and the standard Battery Service.
+FOREO_GATT_DATABASE: Final[tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]] = (
+    (
+        FOREO_SERVICE_UUID,
+        (CharacteristicSpec(FOREO_CONTROL_CHAR_UUID, ("write",), Channel.CONTROL),),
+    ),
+    (
+        BATTERY_SERVICE_UUID,
+        (
+            CharacteristicSpec(
+                BATTERY_LEVEL_CHAR_UUID, ("read", "notify"), Channel.BATTERY, read=_battery
+            ),
+        ),
+    ),
+)
+
+
+def gatt_database(
+    device: Peripheral,
+) -> tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...]:
+    """The services ``device`` offers."""
+    return FOREO_GATT_DATABASE if isinstance(device, SimulatedForeo) else GATT_DATABASE
+
+
+def build_services(
+    mtu_size: Callable[[], int],
+    database: tuple[tuple[str, tuple[CharacteristicSpec, ...]], ...] = GATT_DATABASE,
+) -> BleakGATTServiceCollection:
     """A fresh service collection (handles are stable: same database every time)."""
     collection = BleakGATTServiceCollection()
     handle = 0
-    for service_uuid, characteristics in GATT_DATABASE:
+    for service_uuid, characteristics in database:
         handle += 1
         service = BleakGATTService(None, handle, service_uuid)
         collection.add_service(service)
@@ -193,13 +241,15 @@ class SimulatedBleakScanner(BaseBleakScanner):
     async def stop(self) -> None:
         self.world.remove_scanner(self)
 
-    def receive_advertisement(self, device: SimulatedDevice, adv: AdvertisementData) -> None:
+    def receive_advertisement(self, device: Peripheral, adv: AdvertisementData) -> None:
         """One advertisement heard by this scanner (called by the world)."""
         if not self.is_allowed_uuid(adv.service_uuids):
             return
         # A dict like BlueZ's, but never with a "path" key: that means BlueZ to
         # bleak-retry-connector, which would then call D-Bus.
-        details = {"simulated": True, "serial_number": device.serial_number}
+        details: dict[str, object] = {"simulated": True}
+        if isinstance(device, SimulatedDevice):  # others expose no serial number on air
+            details["serial_number"] = device.serial_number
         ble_device = self.create_or_update_device(
             device.address, device.address, device.name, details, adv
         )
@@ -209,7 +259,7 @@ class SimulatedBleakScanner(BaseBleakScanner):
 class _BleLink:
     """The device's view of one BLE connection."""
 
-    def __init__(self, client: SimulatedBleakClient, device: SimulatedDevice) -> None:
+    def __init__(self, client: SimulatedBleakClient, device: Peripheral) -> None:
         self.client = client
         self.device = device
 
@@ -242,7 +292,7 @@ class SimulatedBleakClient(BaseBleakClient):
         super().__init__(
             address_or_ble_device, disconnected_callback=disconnected_callback, timeout=timeout
         )
-        self._device: SimulatedDevice | None = None
+        self._device: Peripheral | None = None
         self._link: _BleLink | None = None
         self._callbacks: dict[int, NotifyCallback] = {}
         self._cccd: dict[int, int] = {}
@@ -254,12 +304,12 @@ class SimulatedBleakClient(BaseBleakClient):
 
     @property
     def name(self) -> str:
-        device = self.world.device_by_address(self.address)
+        device = self.world.peripheral_by_address(self.address)
         return device.name if device is not None else self.address.replace(":", "-")
 
     @property
     def mtu_size(self) -> int:
-        device = self._device or self.world.device_by_address(self.address)
+        device = self._device or self.world.peripheral_by_address(self.address)
         if device is None:
             raise BleakError("Not connected")
         return device.mtu_size
@@ -272,7 +322,7 @@ class SimulatedBleakClient(BaseBleakClient):
         if self.is_connected:
             return
         await self.world.connect_delay()
-        device = self.world.device_by_address(self.address)
+        device = self.world.peripheral_by_address(self.address)
         if device is None or not self.world.is_connectable(device):
             raise BleakDeviceNotFoundError(
                 self.address, f"Device with address {self.address} was not found."
@@ -285,7 +335,9 @@ class SimulatedBleakClient(BaseBleakClient):
         self._link = link
         self._callbacks.clear()
         self._cccd.clear()
-        self.services = build_services(lambda: link.max_payload_bytes + ATT_NOTIFY_OVERHEAD_BYTES)
+        self.services = build_services(
+            lambda: link.max_payload_bytes + ATT_NOTIFY_OVERHEAD_BYTES, gatt_database(device)
+        )
         self._channel_handles = {
             char.obj.channel: char.handle
             for char in self.services.characteristics.values()
@@ -397,7 +449,7 @@ class SimulatedBleakClient(BaseBleakClient):
                 f"{len(payload)} bytes exceed max_write_without_response_size "
                 f"{characteristic.max_write_without_response_size}"
             )
-        if spec.channel is Channel.SMP:
+        if spec.channel is Channel.SMP and isinstance(device, SimulatedDevice):
             self.world.smp_firmware(device).receive_ble(self, payload)
             return
         device.receive(spec.channel, payload)
@@ -426,7 +478,7 @@ class SimulatedBleakClient(BaseBleakClient):
         else:
             self._cccd.pop(descriptor.characteristic_handle, None)
 
-    def _require_connected(self) -> SimulatedDevice:
+    def _require_connected(self) -> Peripheral:
         if self._link is None:
             raise BleakError("Not connected")
         return self._link.device

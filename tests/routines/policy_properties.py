@@ -274,7 +274,7 @@ def assert_routine_within_policy(routine: Routine, policy: SafetyPolicy) -> None
             assert 1 <= step.contact_time_s <= limits.pass_cap_s.value
             assert 0 <= step.pressure_min_kpa < step.pressure_max_kpa <= limits.cap_kpa.value
             assert step.pressure_max_kpa - step.pressure_min_kpa >= 0.02 - 1e-12
-            assert 1 <= step.intensity <= MAX_INTENSITY_LEVEL
+            assert 1 <= step.intensity <= limits.intensity_cap.value <= MAX_INTENSITY_LEVEL
         for zone in {s.zone for s in steps}:  # per routine zone: per side
             on_zone = [s for s in steps if s.zone == zone]
             limits = policy.zones[policy_zone(zone)]
@@ -443,7 +443,7 @@ def runnable_massage_texts(draw: st.DrawFn, policy: SafetyPolicy) -> tuple[str, 
                     "zone": zone,
                     "contact_time_s": round(draw(st.floats(1, limits.pass_cap_s.value)), 2),
                     "mode": draw(st.sampled_from(["vibration", "percussion", "pulse"])),
-                    "intensity": draw(st.integers(1, MAX_INTENSITY_LEVEL)),
+                    "intensity": draw(st.integers(1, int(limits.intensity_cap.value))),
                     "pressure_kpa": {"min": low, "max": limits.band_kpa.max},
                 },
             )

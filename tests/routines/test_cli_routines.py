@@ -86,7 +86,12 @@ def test_validate_prints_every_problem_with_line_key_and_rule(invoke, tmp_path: 
         and "zones.eye_area.cap_kpa = 4" in line
         for line in lines
     )
-    assert "3 problems" in result.stderr
+    assert any(
+        line.startswith(f"{path}:11: steps[1].intensity: intensity 4 on eye_area_left is above")
+        and "zones.eye_area.intensity_cap = 3" in line
+        for line in lines
+    )
+    assert "4 problems" in result.stderr
 
     good = invoke("routine", "validate", "devicebridge/data/routines/firming.toml")
     assert good.exit_code == 0, good.output

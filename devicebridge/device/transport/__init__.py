@@ -1,4 +1,5 @@
-"""Edges that carry protocol messages to and from a device: BLE (bleak) and serial (pyserial)."""
+"""Edges that carry the bridge's messages to and from a device, one driver per device family:
+OFCP over BLE (bleak) and serial (pyserial), FOREO over BLE."""
 
 from devicebridge.device.transport.base import DeviceInfo, Transport
 

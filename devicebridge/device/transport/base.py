@@ -3,6 +3,14 @@
 A session does not care whether messages travel over GATT notifications or a
 serial line; like smpclient's ``SMPTransport`` this is a :class:`typing.Protocol`
 that each link implements.
+
+It is also the seam of device families (the device catalogue): each family's **driver**
+is a transport. The session speaks the bridge's device model, the OFCP command set
+(connect, set mode, zone and intensity, stop, start and stop light, telemetry and events
+where the device has them, its profile and battery in :class:`DeviceInfo`); an OFCP
+device understands it as it is (``ble.BleTransport``, ``serial.SerialTransport``), and
+another family's driver carries each command to that family's wire and hands back the
+acknowledgement (``foreo.ForeoTransport``). Everything above the session is family-blind.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from devicebridge.core.catalogue import KindSupport
 from protocols import DeviceKind, DeviceProfile, FrameError
 
 MessageReceiver = Callable[[bytes], None]
@@ -33,6 +42,9 @@ class DeviceInfo:
     manufacturer_name: str
     battery_percent: int | None
     profile: DeviceProfile
+    # What the driver knows the device can do, where the profile's flags cannot say it all
+    # (a catalogue family's declared support); None: read it from the profile's flags.
+    support: KindSupport | None = None
 
     @property
     def kind(self) -> DeviceKind | int:

@@ -1,10 +1,12 @@
-"""Bluetooth LE transport over bleak, and scanning.
+"""Bluetooth LE transport over bleak (the OFCP driver), and scanning for every family.
 
-Devices are identified by the serial number they advertise in their
-manufacturer data, not by their address: macOS shows UUIDs instead of MAC
-addresses and some devices rotate addresses. ``backends`` passes bleak's
-``backend=`` through (``None`` is the platform backend); the simulator plugs in
-there.
+Scanning recognises the devices of every family of the device catalogue
+(:mod:`devicebridge.core.catalogue`) and ignores other BLE devices. OFCP devices are
+identified by the serial number they advertise in their manufacturer data, not by their
+address: macOS shows UUIDs instead of MAC addresses and some devices rotate addresses.
+Families that expose no serial number follow the catalogue's identity rule
+(:func:`~devicebridge.core.catalogue.device_identity`). ``backends`` passes bleak's
+``backend=`` through (``None`` is the platform backend); the simulator plugs in there.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from bleak.exc import BleakError, BleakGATTProtocolError, BleakGATTProtocolError
 from bleak_retry_connector import BleakNotFoundError, establish_connection
 
 from devicebridge.clock import Clock, wait_for
+from devicebridge.core.catalogue import (
+    OFCP_DRIVER,
+    OFCP_FAMILY,
+    WIRE_KIND,
+    CatalogueMatch,
+    DeviceCatalogue,
+    KindSupport,
+    default_catalogue,
+    device_identity,
+)
 from devicebridge.device.transport.base import (
     DeviceInfo,
     LinkLostReceiver,
@@ -88,7 +100,7 @@ class BleBackends:
 
 @dataclass(frozen=True, slots=True)
 class DiscoveredDevice:
-    """One device seen advertising the facial-care service."""
+    """One catalogued device seen advertising (``match``: its family and model)."""
 
     address: str
     name: str
@@ -99,10 +111,36 @@ class DiscoveredDevice:
     busy: bool = False
     pairing_mode: bool = False
     ble_device: BLEDevice | None = field(default=None, compare=False, repr=False)
+    match: CatalogueMatch | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind_label(self) -> str:
         return kind_label(self.kind)
+
+    @property
+    def family(self) -> str:
+        """The catalogue family's id (``ofcp`` unless the catalogue said otherwise)."""
+        return self.match.family.id if self.match is not None else OFCP_FAMILY
+
+    @property
+    def model(self) -> str | None:
+        """The catalogue's model name, when the advertised name says which."""
+        return self.match.model.name if self.match and self.match.model else None
+
+    @property
+    def support(self) -> KindSupport | None:
+        """What the catalogue says a device of this family and kind can do."""
+        if self.match is None:
+            return None
+        kind = WIRE_KIND_NAMES.get(self.kind) if isinstance(self.kind, DeviceKind) else None
+        return self.match.family.support(kind) or self.match.support
+
+    @property
+    def identity(self) -> str:
+        """What a registry knows it by: its serial number, else the family's rule."""
+        if self.match is None:
+            return self.serial_number or self.address
+        return device_identity(self.match.family, self.serial_number, self.address)
 
 
 def kind_label(kind: DeviceKind | int | None) -> str:
@@ -111,8 +149,29 @@ def kind_label(kind: DeviceKind | int | None) -> str:
     return "unknown" if kind is None else f"kind-{kind}"
 
 
-def _discovered(device: BLEDevice, adv: AdvertisementData) -> DiscoveredDevice | None:
-    """The device if it speaks our profile, else ``None`` (other BLE devices are ignored)."""
+WIRE_KIND_NAMES: Final = {wire: name for name, wire in WIRE_KIND.items()}
+
+
+def _discovered(
+    device: BLEDevice, adv: AdvertisementData, catalogue: DeviceCatalogue
+) -> DiscoveredDevice | None:
+    """The device if the catalogue knows its family, else ``None`` (others are ignored)."""
+    name = adv.local_name or device.name
+    match = catalogue.match(name, adv.service_uuids, adv.manufacturer_data)
+    if match is None:
+        return None
+    if match.family.driver != OFCP_DRIVER:
+        kind = match.kind
+        return DiscoveredDevice(
+            address=device.address,
+            name=name or device.address,
+            serial_number=None,
+            kind=WIRE_KIND[kind] if kind is not None else None,
+            battery_percent=None,
+            rssi=adv.rssi,
+            ble_device=device,
+            match=match,
+        )
     raw = adv.manufacturer_data.get(MANUFACTURER_ID)
     identity: AdvertisedIdentity | None = None
     if raw is not None:
@@ -133,17 +192,22 @@ def _discovered(device: BLEDevice, adv: AdvertisementData) -> DiscoveredDevice |
         busy=identity.busy if identity else False,
         pairing_mode=identity.pairing_mode if identity else False,
         ble_device=device,
+        match=match,
     )
 
 
 async def scan(
-    clock: Clock, duration_s: float, backend: type[BaseBleakScanner] | None = None
+    clock: Clock,
+    duration_s: float,
+    backend: type[BaseBleakScanner] | None = None,
+    catalogue: DeviceCatalogue | None = None,
 ) -> list[DiscoveredDevice]:
-    """Listen for ``duration_s`` (on ``clock``) and return every facial-care device seen."""
+    """Listen for ``duration_s`` (on ``clock``) and return every catalogued device seen."""
+    known = catalogue or default_catalogue()
     seen: dict[str, DiscoveredDevice] = {}
 
     def on_advertisement(device: BLEDevice, adv: AdvertisementData) -> None:
-        found = _discovered(device, adv)
+        found = _discovered(device, adv, known)
         if found is not None:
             seen[found.serial_number or found.address] = found
 
@@ -160,10 +224,12 @@ async def scan(
 
 
 def matches(device: DiscoveredDevice, identifier: str) -> bool:
-    """Does ``identifier`` (serial number, address or advertised name) name ``device``?"""
+    """Does ``identifier`` (serial number or identity, address or advertised name) name
+    ``device``?"""
     wanted = identifier.casefold()
     return wanted in {
         (device.serial_number or "").casefold(),
+        device.identity.casefold(),
         device.address.casefold(),
         device.name.casefold(),
     }
@@ -176,14 +242,16 @@ async def find_device(
     backend: type[BaseBleakScanner] | None = None,
     *,
     description: str = "device",
+    catalogue: DeviceCatalogue | None = None,
 ) -> DiscoveredDevice:
     """Scan until an advertisement satisfies ``predicate``; stop as soon as one does."""
+    known = catalogue or default_catalogue()
     found: asyncio.Future[DiscoveredDevice] = asyncio.get_running_loop().create_future()
 
     def on_advertisement(device: BLEDevice, adv: AdvertisementData) -> None:
         if found.done():
             return
-        candidate = _discovered(device, adv)
+        candidate = _discovered(device, adv, known)
         if candidate is not None and predicate(candidate):
             found.set_result(candidate)
 
@@ -200,28 +268,25 @@ async def find_device(
         raise TransportError(f"scan failed: {exc}", device="BLE adapter") from exc
 
 
-class BleTransport:
-    """One device over GATT; satisfies :class:`devicebridge.device.transport.base.Transport`.
+class GattTransport:
+    """What every GATT driver shares: finding the device, connecting through
+    bleak-retry-connector, the link-loss callback, disconnecting, pairing on demand.
 
-    ``serial_number`` identifies the device in advertisements; ``address`` is a
-    fallback for devices that do not advertise one. ``device`` (a fresh scan
-    result) saves the first scan.
+    A driver (:class:`BleTransport` for OFCP, ``transport.foreo.ForeoTransport``)
+    says which advertisement is its device (:meth:`_is_target`), what it does once
+    connected (:meth:`connect`) and how it talks.
     """
 
     def __init__(
         self,
         clock: Clock,
         *,
-        serial_number: str | None = None,
-        address: str | None = None,
-        device: DiscoveredDevice | None = None,
-        backends: BleBackends | None = None,
-        find_timeout_s: float = DEFAULT_FIND_TIMEOUT_S,
+        address: str | None,
+        device: DiscoveredDevice | None,
+        backends: BleBackends | None,
+        find_timeout_s: float,
     ) -> None:
-        if serial_number is None and address is None and device is None:
-            raise ValueError("BleTransport needs a serial number, an address or a scanned device")
         self._clock = clock
-        self._serial_number = serial_number or (device.serial_number if device else None)
         self._address = address or (device.address if device else None)
         self._ble_device = device.ble_device if device else None
         self._backends = backends or BleBackends()
@@ -236,8 +301,7 @@ class BleTransport:
 
     @property
     def description(self) -> str:
-        who = self._serial_number or self._address or "?"
-        return f"BLE {who}" if self._address in (None, who) else f"BLE {who} ({self._address})"
+        return f"BLE {self._address or '?'}"
 
     @property
     def address(self) -> str | None:
@@ -261,10 +325,6 @@ class BleTransport:
     def max_message_bytes(self) -> int:
         return self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
 
-    @property
-    def max_program_chunk_bytes(self) -> int:
-        return min(MAX_ATTRIBUTE_WRITE_BYTES, self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES)
-
     def set_receivers(
         self,
         on_message: MessageReceiver,
@@ -279,9 +339,13 @@ class BleTransport:
     # ------------------------------------------------------------------ link
 
     def _is_target(self, device: DiscoveredDevice) -> bool:
-        if self._serial_number is not None and device.serial_number is not None:
-            return device.serial_number == self._serial_number
+        """Whether an advertisement is this transport's device."""
         return self._address is not None and device.address.casefold() == self._address.casefold()
+
+    def _seen(self, device: DiscoveredDevice) -> None:
+        """The advertisement the next connect uses (a driver may read more of it)."""
+        self._ble_device = device.ble_device
+        self._address = device.address
 
     async def wait_for_device(self, timeout_s: float) -> None:
         found = await find_device(
@@ -289,12 +353,12 @@ class BleTransport:
             self._is_target,
             timeout_s,
             self._backends.scanner,
-            description=self._serial_number or self._address or "device",
+            description=self.description,
         )
-        self._ble_device = found.ble_device
-        self._address = found.address
+        self._seen(found)
 
-    async def connect(self) -> None:
+    async def _open_client(self) -> BleakClient:
+        """Connect (scanning first if no fresh advertisement is at hand)."""
         if self._ble_device is None:
             await self.wait_for_device(self._find_timeout_s)
         assert self._ble_device is not None
@@ -315,15 +379,7 @@ class BleTransport:
             raise TransportError(f"connect failed: {exc}", device=self.description) from exc
         self._client = client
         self._mtu_size = client.mtu_size
-        try:
-            # Notifications do not survive a reconnect: enable them on every connect.
-            for uuid in NOTIFY_CHAR_UUIDS:
-                await client.start_notify(uuid, self._on_notification)
-        except BleakError as exc:
-            await self.disconnect()
-            raise TransportError(
-                f"enabling notifications failed: {exc}", device=self.description
-            ) from exc
+        return client
 
     async def disconnect(self) -> None:
         self._closing = True
@@ -343,14 +399,6 @@ class BleTransport:
         _LOGGER.info("%s: link lost", self.description)
         if self._on_link_lost is not None:
             self._on_link_lost()
-
-    def _on_notification(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
-        # A plain callback: bleak runs an async one as one task per notification,
-        # which does not keep their order.
-        if self._on_message is not None:
-            self._on_message(bytes(data))
-
-    # ------------------------------------------------------------------ I/O
 
     def _connected_client(self) -> BleakClient:
         if self._client is None or not self._client.is_connected:
@@ -383,6 +431,89 @@ class BleTransport:
                 device=self.description,
             )
 
+    async def _read(self, client: BleakClient, uuid: str) -> bytes:
+        try:
+            return bytes(await self._paired_if_needed(client, lambda: client.read_gatt_char(uuid)))
+        except BleakError as exc:
+            raise TransportError(f"reading {uuid} failed: {exc}", device=self.description) from exc
+
+
+class BleTransport(GattTransport):
+    """One OFCP device over GATT: the OFCP driver (satisfies
+    :class:`devicebridge.device.transport.base.Transport`).
+
+    ``serial_number`` identifies the device in advertisements; ``address`` is a
+    fallback for devices that do not advertise one. ``device`` (a fresh scan
+    result) saves the first scan.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        serial_number: str | None = None,
+        address: str | None = None,
+        device: DiscoveredDevice | None = None,
+        backends: BleBackends | None = None,
+        find_timeout_s: float = DEFAULT_FIND_TIMEOUT_S,
+    ) -> None:
+        if serial_number is None and address is None and device is None:
+            raise ValueError("BleTransport needs a serial number, an address or a scanned device")
+        super().__init__(
+            clock,
+            address=address,
+            device=device,
+            backends=backends,
+            find_timeout_s=find_timeout_s,
+        )
+        self._serial_number = serial_number or (device.serial_number if device else None)
+
+    @property
+    def description(self) -> str:
+        who = self._serial_number or self._address or "?"
+        return f"BLE {who}" if self._address in (None, who) else f"BLE {who} ({self._address})"
+
+    @property
+    def max_program_chunk_bytes(self) -> int:
+        return min(MAX_ATTRIBUTE_WRITE_BYTES, self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES)
+
+    def _is_target(self, device: DiscoveredDevice) -> bool:
+        if device.match is not None and device.match.family.driver != OFCP_DRIVER:
+            return False  # another family's device, whatever its address
+        if self._serial_number is not None and device.serial_number is not None:
+            return device.serial_number == self._serial_number
+        return super()._is_target(device)
+
+    async def wait_for_device(self, timeout_s: float) -> None:
+        found = await find_device(
+            self._clock,
+            self._is_target,
+            timeout_s,
+            self._backends.scanner,
+            description=self._serial_number or self._address or "device",
+        )
+        self._seen(found)
+
+    async def connect(self) -> None:
+        client = await self._open_client()
+        try:
+            # Notifications do not survive a reconnect: enable them on every connect.
+            for uuid in NOTIFY_CHAR_UUIDS:
+                await client.start_notify(uuid, self._on_notification)
+        except BleakError as exc:
+            await self.disconnect()
+            raise TransportError(
+                f"enabling notifications failed: {exc}", device=self.description
+            ) from exc
+
+    def _on_notification(self, _char: BleakGATTCharacteristic, data: bytearray) -> None:
+        # A plain callback: bleak runs an async one as one task per notification,
+        # which does not keep their order.
+        if self._on_message is not None:
+            self._on_message(bytes(data))
+
+    # ------------------------------------------------------------------ I/O
+
     async def write_control(self, data: bytes) -> None:
         client = self._connected_client()
         self._check_write_size(data, "command")
@@ -404,12 +535,6 @@ class BleTransport:
             raise ConnectionLostError(
                 f"program chunk write failed: {exc}", device=self.description
             ) from exc
-
-    async def _read(self, client: BleakClient, uuid: str) -> bytes:
-        try:
-            return bytes(await self._paired_if_needed(client, lambda: client.read_gatt_char(uuid)))
-        except BleakError as exc:
-            raise TransportError(f"reading {uuid} failed: {exc}", device=self.description) from exc
 
     async def _read_text(self, client: BleakClient, uuid: str) -> str:
         return (await self._read(client, uuid)).decode("utf-8", errors="replace")
