@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {
+    "cli": "bench.bench_cli",
     "clinic": "bench.bench_clinic",
     "decode": "bench.bench_decode",
     "firmware": "bench.bench_firmware",

@@ -22,14 +22,11 @@ from devicebridge.config import Settings, data_dir
 from devicebridge.core.catalogue import (
     FOREO_DRIVER,
     OFCP_DRIVER,
-    DeviceCatalogue,
-    build_catalogue,
-    shipped_family_files,
+    load_catalogue,
 )
 from devicebridge.core.engine import ZONE_CODES, Decision
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import MassageStep, Routine, parse_routine
-from devicebridge.core.tomlpath import Problem
 from devicebridge.device.monitor import DeviceSnapshot, TelemetryMonitor
 from devicebridge.device.session import (
     DeviceSession,
@@ -49,7 +46,7 @@ from devicebridge.device.transport.ble import (
 )
 from devicebridge.device.transport.foreo import ForeoTransport
 from devicebridge.device.transport.serial import SerialTransport
-from devicebridge.errors import CatalogueError, DeviceBridgeError, DeviceNotFoundError
+from devicebridge.errors import DeviceBridgeError, DeviceNotFoundError
 from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.run.summary import RunSummary
 from devicebridge.run.view import RunnerState
@@ -71,27 +68,6 @@ DEMO_LED_RED_MW_CM2: Final = 30.0  # within the typical consumer range (domain-s
 DEMO_LED_NIR_MW_CM2: Final = 20.0
 DEMO_LED_FRACTION: Final = 0.6  # of the demo duration
 DEMO_ZONES: Final = (Zone.CHEEK_LEFT, Zone.FOREHEAD)
-
-
-def load_device_catalogue(extra_dir: Path | None) -> DeviceCatalogue:
-    """The shipped family files, and every ``*.toml`` of ``extra_dir`` (the
-    ``device_catalogue_dir`` setting): validated together, every problem of every file
-    named at once (:class:`CatalogueError`)."""
-    files = shipped_family_files()
-    if extra_dir is not None:
-        try:
-            paths = sorted(p for p in extra_dir.iterdir() if p.suffix == ".toml")
-        except OSError as exc:
-            where = Problem("(directory)", f"cannot list the directory: {exc.strerror}")
-            raise CatalogueError([(str(extra_dir), where)]) from exc
-        for path in paths:
-            try:
-                files.append((str(path), path.read_text(encoding="utf-8")))
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                problem = Problem("(file)", f"unreadable: {why}")
-                raise CatalogueError([(str(path), problem)]) from exc
-    return build_catalogue(files)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +94,7 @@ class App:
         self.rng = random.Random(options.sim_seed if options.simulate else None)
         # Validated at start-up: a malformed family file stops every command, as a
         # malformed configuration does.
-        self.catalogue = load_device_catalogue(options.settings.device_catalogue_dir)
+        self.catalogue = load_catalogue(options.settings.device_catalogue_dir)
 
     async def __aenter__(self) -> App:
         if self.options.simulate:
@@ -183,14 +159,30 @@ class App:
         return await scan(self.clock, duration_s, self.ble_backends.scanner, self.catalogue)
 
     async def find(self, identifier: str, timeout_s: float) -> DiscoveredDevice:
-        return await find_device(
-            self.clock,
-            lambda device: matches(device, identifier),
-            timeout_s,
-            self.ble_backends.scanner,
-            description=identifier,
-            catalogue=self.catalogue,
-        )
+        """The device ``identifier`` names; not found, the error lists what was in range."""
+        seen: dict[str, DiscoveredDevice] = {}
+
+        def wanted(device: DiscoveredDevice) -> bool:
+            seen[device.address] = device
+            return matches(device, identifier)
+
+        try:
+            return await find_device(
+                self.clock,
+                wanted,
+                timeout_s,
+                self.ble_backends.scanner,
+                description=identifier,
+                catalogue=self.catalogue,
+            )
+        except DeviceNotFoundError:
+            in_range = ", ".join(
+                f"{d.name} ({d.serial_number or d.address})"
+                for d in sorted(seen.values(), key=lambda d: d.name)
+            )
+            raise DeviceNotFoundError(
+                identifier, timeout_s=timeout_s, where=f"in range: {in_range or 'none'}"
+            ) from None
 
     def ble_transport(self, device: DiscoveredDevice) -> Transport:
         """The driver of a scanned device's family."""

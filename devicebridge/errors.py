@@ -8,6 +8,7 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     ├── TransportError                 the link to a device failed (device: where)
     │   ├── DeviceNotFoundError        no device answered to an identifier in time
     │   ├── ConnectionLostError        the link went down while in use
+    │   ├── BluetoothUnavailableError  no Bluetooth stack or adapter to scan with
     │   └── NotConnectedError          an operation that needs a link, without one
     ├── CommandError                   a command did not succeed (command_id, opcode)
     │   ├── CommandTimeoutError        no acknowledgement within timeout_s
@@ -45,6 +46,7 @@ caught (``raise X(...) from exc``), so callers need to know only this tree::
     ├── TherapistKeyError              a therapist key file (path)
     ├── QaError                        a QA run could not be set up
     ├── ConfigError                    an invalid configuration file (path, key)
+    ├── DataDirError                   the data directory cannot be created or written (path)
     ├── FirmwareError                  firmware updates: devicebridge/firmware/errors.py
     └── ClinicError                    the clinic console: devicebridge/clinic/errors.py
 """
@@ -93,6 +95,17 @@ class DeviceNotFoundError(TransportError):
 
 class ConnectionLostError(TransportError):
     """The link went down while an operation was using it."""
+
+
+class BluetoothUnavailableError(TransportError):
+    """Bluetooth cannot be used at all: no stack (BlueZ), no adapter, or it is off."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, device="Bluetooth")
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 class NotConnectedError(TransportError):
@@ -308,6 +321,18 @@ class ConfigError(DeviceBridgeError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.key = key
+
+
+class DataDirError(DeviceBridgeError):
+    """The data directory cannot be used; ``origin`` says where its path came from."""
+
+    def __init__(self, message: str, *, path: Path, origin: str) -> None:
+        super().__init__(
+            f"data directory: {message} (from {origin}); choose a writable folder with "
+            "--data-dir or DEVICEBRIDGE_DATA_DIR"
+        )
+        self.path = path
+        self.origin = origin
 
 
 # --------------------------------------------------------------------------- routines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from dataclasses import dataclass
@@ -46,9 +47,22 @@ _seed_option = click.option(
 @_massagers_option
 @_masks_option
 @_seed_option
-def list_devices(massagers: int, masks: int, seed: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of lines.")
+def list_devices(massagers: int, masks: int, seed: int, as_json: bool) -> None:
     """Print the devices a seed produces: kind, serial number, name, address."""
     world = _build_world(massagers, masks, seed, VirtualClock())
+    if as_json:
+        rows = [
+            {
+                "kind": device.kind_label,
+                "serial_number": device.serial_number,
+                "name": device.name,
+                "address": device.address,
+            }
+            for device in world.devices
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
     for device in world.devices:
         click.echo(f"{device.kind_label} {device.serial_number} {device.name} {device.address}")
 

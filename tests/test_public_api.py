@@ -38,3 +38,7 @@ def test_pure_cores_import_without_the_edges() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_protocols_lazy_exports_match_all() -> None:
+    assert sorted(protocols._EXPORTS) == sorted(protocols.__all__)

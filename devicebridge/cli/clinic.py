@@ -16,10 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 import click
 
-from devicebridge.app import App
-from devicebridge.cli.base import CliContext, main, pass_cli, reports_errors
-from devicebridge.cli.routines import load_policy
-from devicebridge.cli.service import mqtt_settings
+from devicebridge.cli.base import CliContext, pass_cli, reports_errors, writable_data_dir
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -40,7 +37,7 @@ def _database(cli: CliContext, database: str | None) -> str:
         return database
     from devicebridge.clinic.db import DEFAULT_DATABASE_FILENAME
 
-    return str(App(cli.options).data_dir / DEFAULT_DATABASE_FILENAME)
+    return str(writable_data_dir(cli) / DEFAULT_DATABASE_FILENAME)
 
 
 def _engine(cli: CliContext, database: str | None) -> Engine:
@@ -54,7 +51,7 @@ def _engine(cli: CliContext, database: str | None) -> Engine:
     return engine
 
 
-@main.group("clinic")
+@click.group("clinic")
 def clinic_group() -> None:
     """The clinic console: therapists follow their clients' bridges in a browser."""
 
@@ -111,10 +108,12 @@ def serve_command(
     from devicebridge.clinic import require_extra
 
     require_extra()
+    from devicebridge.cli.routines import load_policy
+    from devicebridge.cli.service import mqtt_settings
     from devicebridge.clinic.server import ServeOptions, serve
 
     settings = mqtt_settings(
-        cli.options.settings.mqtt,
+        cli.settings.mqtt,
         broker,
         username=username,
         password=password,

@@ -6,13 +6,12 @@ image never costs the link anything. On a terminal the upload shows a rich
 progress bar (bytes, rate, time left); elsewhere one plain line per tenth.
 Ctrl-C ends it with one line saying how to resume.
 
-The SMP stack (smpclient, pydantic) is imported when a firmware command runs,
-not when the command line starts.
+The SMP stack (smpclient, pydantic) and rich are imported when a firmware command
+runs, not when the command line starts.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -20,21 +19,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import click
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from devicebridge.app import App
-from devicebridge.cli.base import EXIT_ERROR, CliContext, fmt, main, pass_cli, reports_errors, run
+from devicebridge.cli.base import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    PROGRAM_NAME,
+    CliContext,
+    echo_json,
+    fmt,
+    pass_cli,
+    reports_errors,
+    run,
+)
+from devicebridge.cli.table import Table
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from devicebridge.app import App
     from devicebridge.firmware import (
         FirmwareImage,
         FirmwareUpdater,
@@ -47,8 +50,6 @@ if TYPE_CHECKING:
 
 PLAIN_PROGRESS_STEPS: Final = 10
 HASH_SHOWN_CHARS: Final = 16
-EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-PROGRAM_NAME: Final = "devicebridge"
 
 _smp_port_option = click.option(
     "--smp-port",
@@ -60,7 +61,7 @@ _smp_udp_option = click.option(
 )
 
 
-@main.group("firmware")
+@click.group("firmware")
 def firmware_group() -> None:
     """Device firmware over the standard MCUmgr/SMP protocol (BLE or serial)."""
 
@@ -106,10 +107,14 @@ def info_command(
     """The image slots of the paired device NAME: version, hash, active, pending, confirmed,
     and the size of each slot (when the device reports it)."""
 
+    from devicebridge.app import App
+    from devicebridge.cli.devices import open_registry, paired_device
+
+    with open_registry(cli) as registry:
+        paired = paired_device(registry, name)
+
     async def go() -> list[dict[str, Any]]:
         async with App(cli.options) as app:
-            with app.open_registry() as registry:
-                paired = registry.get(name)
             updater = _updater_for(app, paired, smp_port, smp_udp)
             try:
                 states = await updater.read_states()
@@ -121,11 +126,12 @@ def info_command(
 
     rows = run(go())
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
         return
-    table = Table(title=f"Firmware slots of {name}")
-    for column in ("image", "slot", "version", "hash", "active", "pending", "confirmed", "size"):
-        table.add_column(column)
+    table = Table(
+        ("image", "slot", "version", "hash", "active", "pending", "confirmed", "size"),
+        title=f"Firmware slots of {paired.name}",
+    )
     for row in rows:
         size = row["size_bytes"]
         table.add_row(
@@ -138,7 +144,7 @@ def info_command(
             fmt(row["confirmed"]),
             f"{size // 1024} KiB" if size is not None else "-",
         )
-    cli.console.print(table)
+    table.echo()
 
 
 class _ProgressView:
@@ -160,6 +166,15 @@ class _ProgressView:
 
     def __enter__(self) -> _ProgressView:
         if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -255,12 +270,13 @@ def update_command(
     An interrupted update (Ctrl-C, a lost link) resumes where it stopped when the same
     command runs again.
     """
+    from devicebridge.app import App
+    from devicebridge.cli.devices import open_registry, paired_device
     from devicebridge.firmware import UpdateOutcome, load_image
 
+    with open_registry(cli) as registry:
+        paired = paired_device(registry, name)
     image = load_image(image_path)
-    app = App(cli.options)
-    with app.open_registry() as registry:
-        paired = registry.get(name)
     # Refused here, before anything connects: a wrong image never costs a byte.
     image.check_model(paired.model, device=paired.name)
     cli.console.print(

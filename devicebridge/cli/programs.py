@@ -3,24 +3,35 @@ each was run (``devicebridge run --program ID`` runs one)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
-from devicebridge.app import App
-from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors
-from devicebridge.cli.routines import load_policy
-from devicebridge.core.routine import RoutineError, parse_routine
+from devicebridge.cli.base import (
+    CliContext,
+    choices_text,
+    echo_json,
+    fmt,
+    pass_cli,
+    reports_errors,
+    writable_data_dir,
+)
+from devicebridge.cli.table import Table
+from devicebridge.cli.words import kind_words
 from devicebridge.errors import CliInputError
-from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore, StoredProgram
-from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionRecord, SessionStore
+
+if TYPE_CHECKING:
+    from devicebridge.storage.programs import StoredProgram
+    from devicebridge.storage.sessions import SessionRecord
 
 
 def _program_rows(cli: CliContext) -> list[dict[str, Any]]:
-    data_dir = App(cli.options).data_dir
+    from devicebridge.cli.routines import load_policy
+    from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
+    from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
+
+    data_dir = writable_data_dir(cli)
     policy = load_policy(None)
     store = ProgramStore(data_dir / PROGRAMS_FILENAME)
     try:
@@ -36,6 +47,8 @@ def _program_rows(cli: CliContext) -> list[dict[str, Any]]:
 def _row(
     program: StoredProgram, records: list[SessionRecord], policy: Any, now: datetime
 ) -> dict[str, Any]:
+    from devicebridge.core.routine import RoutineError, parse_routine
+
     runs = [r for r in records if r.program_id == str(program.id) and r.status != "refused"]
     row: dict[str, Any] = {
         "program_id": program.id,
@@ -70,7 +83,7 @@ def _row(
     return row
 
 
-@main.group("programs", invoke_without_command=True)
+@click.group("programs", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def programs_group(ctx: click.Context, as_json: bool) -> None:
@@ -87,14 +100,15 @@ def programs_list_command(cli: CliContext, as_json: bool) -> None:
     """Each program: routine, therapist, expiry, where it is installed, how often it ran."""
     rows = _program_rows(cli)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
         return
     if not rows:
-        cli.console.print("No programs yet (a therapist pushes them to `devicebridge serve`).")
+        click.echo("No programs yet (a therapist pushes them to `devicebridge serve`).")
         return
-    table = Table(title="Programs (devicebridge run --program ID)")
-    for column in ("id", "routine", "for", "therapist", "expires", "sessions", "this period"):
-        table.add_column(column)
+    table = Table(
+        ("id", "routine", "for", "therapist", "expires", "sessions", "this period"),
+        title="Programs (devicebridge run --program ID)",
+    )
     for row in rows:
         schedule = row["schedule"]
         period = (
@@ -107,13 +121,13 @@ def programs_list_command(cli: CliContext, as_json: bool) -> None:
         table.add_row(
             str(row["program_id"]),
             f"{row['routine']} v{row['program_version']}",
-            row["device_kind"],
+            kind_words(row["device_kind"]),
             row["therapist_id"],
             expires if row["valid"] else f"{expires} (not valid)",
             f"{row['sessions']} ({row['completed']} completed)",
             period,
         )
-    cli.console.print(table)
+    table.echo()
 
 
 @programs_group.command("show")
@@ -122,18 +136,22 @@ def programs_list_command(cli: CliContext, as_json: bool) -> None:
 @reports_errors
 def programs_show_command(cli: CliContext, program_id: int) -> None:
     """The routine of program PROGRAM_ID, as the therapist wrote it."""
-    store = ProgramStore(App(cli.options).data_dir / PROGRAMS_FILENAME)
+    from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
+
+    store = ProgramStore(writable_data_dir(cli) / PROGRAMS_FILENAME)
     try:
-        program = next((p for p in store.programs() if p.id == program_id), None)
+        programs = store.programs()
     finally:
         store.close()
+    program = next((p for p in programs if p.id == program_id), None)
     if program is None:
-        raise CliInputError(f"no program {program_id} on this bridge (devicebridge programs)")
-    cli.console.print(
+        known = [str(p.id) for p in programs]
+        raise CliInputError(
+            f"no program {program_id} on this bridge ({choices_text(known, none='none yet')})"
+        )
+    click.echo(
         f"program {program.id}: {program.routine_name} v{program.program_version} from "
         f"{program.therapist_id}, expires {program.expires_at:%Y-%m-%d %H:%M} UTC, "
-        f"installed on {fmt(', '.join(program.installed_on) or None)}",
-        highlight=False,
-        markup=False,
+        f"installed on {fmt(', '.join(program.installed_on) or None)}"
     )
-    cli.console.print(program.program_text, highlight=False, markup=False)
+    click.echo(program.program_text)

@@ -1,71 +1,58 @@
-"""Routine commands: ``routine validate|list``, ``run``, ``history``, ``report``, ``treatment``.
+"""Routine commands: ``routine validate|list|copy`` (``sign``/``push`` load from
+cli/service.py), ``run``, ``history``, ``report``, ``treatment``.
 
 A routine file is parsed and checked against the policy before anything else happens: a
 malformed or unsafe file never causes a connection, let alone a command to a device.
+The light commands (``routine list``, ``history``, ``treatment ...``) import the pure
+cores and the stores only; ``run`` and ``report`` import the runner, bleak and numpy
+inside their functions.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
-from rich.console import Console, Group
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
 
-from devicebridge.app import App
-from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
-from devicebridge.core.catalogue import DeviceCatalogue
-from devicebridge.core.cooldown import BlockKind, TreatmentBlock, local_time, treatment_blocks
-from devicebridge.core.device_fit import device_problems
-from devicebridge.core.engine import Decision, DecisionKind, PressureState
-from devicebridge.core.library import starter_routines
-from devicebridge.core.policy import (
-    LED_CHANNELS,
-    POLICY_ZONES,
-    TREATMENTS,
-    SafetyPolicy,
-    default_policy,
-    parse_policy,
-    policy_zone,
+from devicebridge.cli.base import (
+    EXIT_INTERRUPTED,
+    POSITIVE_S,
+    CliContext,
+    LazyGroup,
+    choices_text,
+    echo_json,
+    fmt,
+    lazy,
+    pass_cli,
+    print_error,
+    reports_errors,
+    run,
+    writable_data_dir,
 )
-from devicebridge.core.routine import Routine, parse_routine
-from devicebridge.core.tomlpath import Problem, locate
-from devicebridge.device.transport.base import Transport
-from devicebridge.device.transport.ble import matches
-from devicebridge.errors import (
-    BridgeRefusedError,
-    CliInputError,
-    PolicyError,
-    RoutineError,
-    UnknownDeviceError,
+from devicebridge.cli.table import Table, echo_fields
+from devicebridge.cli.words import (
+    a_kind,
+    channel_words,
+    duration_words,
+    kind_words,
+    zone_words,
 )
-from devicebridge.reporting.report import (
-    SessionReport,
-    load_report,
-    summary_lines,
-    write_csv,
-    write_json,
-    write_png,
-)
-from devicebridge.run.recovery import recover_sessions
-from devicebridge.run.runner import RoutineRunner, RunMode
-from devicebridge.run.summary import RunSummary
-from devicebridge.run.view import RunnerState
-from devicebridge.service import local_api
-from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
-from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
+from devicebridge.errors import CliInputError
+
+if TYPE_CHECKING:
+    from devicebridge.app import App
+    from devicebridge.cli.views import GuidanceView
+    from devicebridge.core.cooldown import TreatmentBlock
+    from devicebridge.core.policy import SafetyPolicy
+    from devicebridge.core.routine import Routine
+    from devicebridge.device.transport.base import Transport
+    from devicebridge.reporting.report import SessionReport
+    from devicebridge.run.summary import RunSummary
+    from devicebridge.storage.sessions import SessionStore
 
 EXIT_INVALID: Final = 1
-LIVE_REFRESH_PER_S: Final = 8
-PLAIN_STATE_INTERVAL_S: Final = 1.0
-GAUGE_WIDTH: Final = 40
 SIM_HAND_LEAD_IN_S: Final = 1.0
 DEFAULT_RUN_LIMIT_S: Final = 3600.0
 
@@ -74,6 +61,8 @@ DEFAULT_RUN_LIMIT_S: Final = 3600.0
 
 
 def load_policy(path: Path | None) -> SafetyPolicy:
+    from devicebridge.core.policy import PolicyError, default_policy, parse_policy
+
     if path is None:
         return default_policy()
     try:
@@ -86,30 +75,39 @@ def load_policy(path: Path | None) -> SafetyPolicy:
         raise CliInputError(f"invalid policy {path}:\n{exc}") from exc
 
 
-def resolve_routine(spec: str, policy: SafetyPolicy) -> Routine:
-    """A routine file path, or the name of a starter routine (file stem or routine name)."""
+def routine_source(spec: str) -> tuple[str, str]:
+    """(TOML text, label) of a routine file path, or of a starter routine by its id."""
+    from devicebridge.core.library import starter_routines
+
     path = Path(spec)
+    if path.suffix == ".toml" and not path.exists():
+        stem_text = starter_routines().get(path.stem)
+        if stem_text is not None and path.parent == Path("."):
+            # "firming.toml" where no such file exists: the starter of that name.
+            return stem_text, f"starter {path.stem}"
     if path.suffix == ".toml" or path.exists():
         try:
-            text = path.read_text(encoding="utf-8")
+            # Bytes as they are (no newline translation): what is signed is the file.
+            return path.read_bytes().decode("utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise CliInputError(f"{spec}: not a text file (UTF-8)") from None
         except OSError as exc:
             raise CliInputError(f"{spec}: cannot read the routine: {exc.strerror}") from exc
-        label = str(path)
-    else:
-        starters = starter_routines()
-        text_or_none = starters.get(spec)
-        if text_or_none is None:
-            for stem, candidate in starters.items():
-                routine = parse_routine(candidate, policy, label=stem)
-                if routine.name.casefold() == spec.casefold():
-                    text_or_none = candidate
-                    break
-        if text_or_none is None:
-            raise CliInputError(
-                f"{spec}: no such routine file, and no starter routine of that name "
-                f"(starters: {', '.join(starters)})"
-            )
-        text, label = text_or_none, f"starter {spec}"
+    starters = starter_routines()
+    text = starters.get(spec)
+    if text is None:
+        raise CliInputError(
+            f"{spec}: no such routine file, and no starter routine of that name "
+            f"({choices_text(list(starters), spec)})"
+        )
+    return text, f"starter {spec}"
+
+
+def resolve_routine(spec: str, policy: SafetyPolicy) -> Routine:
+    """A routine file path, or the id of a starter routine, parsed against ``policy``."""
+    from devicebridge.core.routine import RoutineError, parse_routine
+
+    text, label = routine_source(spec)
     try:
         return parse_routine(text, policy, label=label)
     except RoutineError as exc:
@@ -121,20 +119,24 @@ def resolve_routine(spec: str, policy: SafetyPolicy) -> Routine:
 
 
 def open_store(cli: CliContext) -> SessionStore:
-    return SessionStore(App(cli.options).data_dir / SESSIONS_FILENAME)
+    from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
 
-
-def _duration(seconds: float) -> str:
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes}:{rest:02d}"
+    return SessionStore(writable_data_dir(cli) / SESSIONS_FILENAME)
 
 
 # --------------------------------------------------------------------------- routine ...
 
 
-@main.group("routine")
+@click.group(
+    "routine",
+    cls=LazyGroup,
+    lazy_commands={
+        "sign": lazy("devicebridge.cli.service:sign_command", "Sign a routine for one bridge."),
+        "push": lazy("devicebridge.cli.service:push_command", "Push a routine to a bridge."),
+    },
+)
 def routine_group() -> None:
-    """Routine files: check, list, sign and push them."""
+    """Routine files: check, list, copy, sign and push them."""
 
 
 @routine_group.command("validate")
@@ -157,41 +159,41 @@ def validate_command(
     cli: CliContext, file: Path, policy_file: Path | None, family: str | None
 ) -> None:
     """Check FILE: every problem with its line, key path and the policy rule that says so."""
+    from devicebridge.core.routine import RoutineError, parse_routine
+
     policy = load_policy(policy_file)
+    text, label = routine_source(str(file))
     try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CliInputError(f"{file}: cannot read: {exc.strerror}") from exc
-    try:
-        routine = parse_routine(text, policy, label=str(file))
+        routine = parse_routine(text, policy, label=label)
         if family is not None:
-            _check_family(App(cli.options).catalogue, family, routine, str(file))
+            _check_family(cli, family, routine, label)
     except RoutineError as exc:
         for problem in exc.problems:
-            cli.console.print(problem.render(str(file)), highlight=False, markup=False)
+            click.echo(problem.render(label))
         count = len(exc.problems)
-        cli.error_console.print(
-            f"{file}: invalid, {count} problem{'s' if count != 1 else ''}", highlight=False
-        )
+        print_error(f"{label}: invalid, {count} problem{'s' if count != 1 else ''} (above)")
         raise click.exceptions.Exit(EXIT_INVALID) from None
-    cli.console.print(
-        f"{file}: ok: {routine.name!r}, {routine.device_kind.value}, {len(routine.steps)} "
-        f"steps, {_duration(routine.total_time_s)} (checked against policy {policy.name!r})",
-        highlight=False,
-        markup=False,
+    click.echo(
+        f"{label}: ok: {routine.name!r}, {kind_words(routine.device_kind.value)}, "
+        f"{len(routine.steps)} steps, {duration_words(routine.total_time_s)} (checked against "
+        f"policy {policy.name!r})"
     )
     if not policy.knows_category(routine.category):
-        cli.console.print(
-            f"{file}: note: category {routine.category!r} is not one the policy knows "
+        click.echo(
+            f"{label}: note: category {routine.category!r} is not one the policy knows "
             f"({', '.join(policy.known_categories)}): every frequency rule of the policy "
-            "applies to it",
-            highlight=False,
-            markup=False,
+            "applies to it"
         )
 
 
-def _check_family(catalogue: DeviceCatalogue, family_id: str, routine: Routine, label: str) -> None:
+def _check_family(cli: CliContext, family_id: str, routine: Routine, label: str) -> None:
     """Raise RoutineError with every step a device of ``family_id`` cannot run."""
+    from devicebridge.core.catalogue import load_catalogue
+    from devicebridge.core.device_fit import device_problems
+    from devicebridge.core.tomlpath import Problem, locate
+    from devicebridge.errors import RoutineError
+
+    catalogue = load_catalogue(cli.settings.device_catalogue_dir)
     family = catalogue.family(family_id)
     if family is None:
         known = ", ".join(f.id for f in catalogue.families)
@@ -211,10 +213,13 @@ def _check_family(catalogue: DeviceCatalogue, family_id: str, routine: Routine, 
 
 @routine_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@pass_cli
 @reports_errors
-def list_command(cli: CliContext, as_json: bool) -> None:
-    """The starter library: name, device kind, category, total time."""
+def list_command(as_json: bool) -> None:
+    """The starter library: id, name, device kind, category, total time."""
+    from devicebridge.core.library import starter_routines
+    from devicebridge.core.policy import default_policy
+    from devicebridge.core.routine import parse_routine
+
     policy = default_policy()
     rows: list[dict[str, Any]] = []
     for stem, text in starter_routines().items():
@@ -230,223 +235,91 @@ def list_command(cli: CliContext, as_json: bool) -> None:
             }
         )
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
         return
-    table = Table(title="Starter routines (devicebridge run ID --device NAME)")
-    for column in ("id", "name", "device", "category", "steps", "total"):
-        table.add_column(column)
+    table = Table(
+        ("id", "name", "device", "steps", "total"),
+        title="Starter routines (devicebridge run ID --device NAME)",
+    )
     for row in rows:
         table.add_row(
             row["id"],
             row["name"],
-            row["device_kind"],
-            row["category"],
+            kind_words(row["device_kind"]),
             str(row["steps"]),
-            _duration(row["total_s"]),
+            duration_words(row["total_s"]),
         )
-    cli.console.print(table)
+    table.echo()
 
 
-# --------------------------------------------------------------------------- live guidance
+@routine_group.command("copy")
+@click.argument("starter")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@reports_errors
+def copy_command(starter: str, file: Path | None) -> None:
+    """Copy starter routine STARTER to FILE (default: STARTER.toml here) to adapt it."""
+    from devicebridge.core.library import starter_routines
 
-STATE_LABELS: Final = {
-    PressureState.NO_CONTACT: ("no contact", "dim"),
-    PressureState.TOO_LOW: ("TOO LOW", "yellow"),
-    PressureState.IN_BAND: ("in band", "green"),
-    PressureState.TOO_HIGH: ("TOO HIGH", "yellow"),
-    PressureState.ABOVE_CAP: ("ABOVE CAP", "bold red"),
-}
-
-
-def pressure_gauge(state: RunnerState, width: int = GAUGE_WIDTH) -> Text:
-    """``[....====|....!]``: the target band as ``=``, the pressure as ``|``, the cap ``!``."""
-    if state.band_kpa is None:
-        return Text("")
-    low, high = state.band_kpa
-    cap = state.cap_kpa or high
-    scale_kpa = max(cap * 1.25, (state.pressure_kpa or 0.0) * 1.05, high * 1.25)
-    cells = ["."] * width
-    for i in range(width):
-        value = (i + 0.5) / width * scale_kpa
-        if low <= value <= high:
-            cells[i] = "="
-    cap_cell = min(width - 1, int(cap / scale_kpa * width))
-    cells[cap_cell] = "!"
-    if state.pressure_kpa is not None and state.contact:
-        cells[min(width - 1, int(state.pressure_kpa / scale_kpa * width))] = "|"
-    label, style = STATE_LABELS[state.pressure_state or PressureState.NO_CONTACT]
-    text = Text("[" + "".join(cells) + "] ")
-    pressure = "-" if state.pressure_kpa is None else f"{state.pressure_kpa:5.1f} kPa"
-    text.append(f"{pressure} {label}", style=style)
-    text.append(f"  (target {low:g}-{high:g}, cap {cap:g})", style="dim")
-    return text
-
-
-def state_panel(state: RunnerState) -> Panel:
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(style="bold")
-    grid.add_column()
-    grid.add_row("step", f"{state.step}/{state.steps_total}  zone: {state.zone}")
-    grid.add_row("do", state.guidance)
-    grid.add_row(
-        "time left",
-        f"step {_duration(state.step_remaining_s)}, session {_duration(state.session_remaining_s)}"
-        + ("  [PAUSED]" if state.paused else ""),
+    starters = starter_routines()
+    text = starters.get(starter)
+    if text is None:
+        raise CliInputError(
+            f"no starter routine {starter!r} ({choices_text(list(starters), starter)})"
+        )
+    target = file or Path(f"{starter}.toml")
+    try:
+        with target.open("x", encoding="utf-8") as handle:
+            handle.write(text)
+    except FileExistsError:
+        raise CliInputError(f"{target} exists already; give another FILE") from None
+    click.echo(
+        f"{target}: a copy of starter {starter!r}; check it with: "
+        f"devicebridge routine validate {target}"
     )
-    if state.band_kpa is not None:
-        grid.add_row("pressure", pressure_gauge(state))
-    if state.not_measured:
-        what = ", ".join(m.replace("_", " ") for m in state.not_measured)
-        grid.add_row(
-            "checks",
-            Text(
-                f"{what}: not measured by this device"
-                + (" (guided by time)" if state.by_time else ""),
-                style="dim",
-            ),
-        )
-    if state.dose_j_cm2 is not None:
-        levels = state.irradiance_mw_cm2 or {}
-        allowed = state.dose_allowed_j_cm2 or {}
-        parts = [
-            f"{ch}: {levels.get(ch, 0.0):.1f} mW/cm², {state.dose_j_cm2[ch]:.2f}"
-            f"/{allowed.get(ch, 0.0):.1f} J/cm²"
-            for ch in LED_CHANNELS
-            if allowed.get(ch, 0.0) > 0 and (levels.get(ch, 0.0) > 0 or state.dose_j_cm2[ch] > 0)
-        ]
-        grid.add_row("light", "; ".join(parts) or "off")
-    if state.skin_temperature_c is not None:
-        grid.add_row("skin", f"{state.skin_temperature_c:.1f} °C")
-    grid.add_row("warning", Text(state.last_warning or "-", style="yellow"))
-    title = f"{state.routine} on {state.device} ({state.mode} mode, t={state.elapsed_s:.1f} s)"
-    return Panel(grid, title=title)
-
-
-def plain_state(state: RunnerState) -> str:
-    parts = [
-        f"step {state.step}/{state.steps_total}",
-        f"zone={state.zone}",
-        f"step_left={state.step_remaining_s:.1f}s",
-        f"session_left={state.session_remaining_s:.1f}s",
-    ]
-    if state.band_kpa is not None:
-        label = STATE_LABELS[state.pressure_state or PressureState.NO_CONTACT][0]
-        pressure = fmt(state.pressure_kpa, ".1f")
-        parts.append(
-            f"pressure={pressure}kPa [{state.band_kpa[0]:g}-{state.band_kpa[1]:g}] {label}"
-        )
-    if state.dose_j_cm2 is not None:
-        parts.append(
-            "dose=" + "/".join(f"{state.dose_j_cm2[ch]:.2f}" for ch in LED_CHANNELS) + "J/cm2"
-        )
-    if state.by_time:
-        parts.append("by_time")
-    if state.paused:
-        parts.append("PAUSED")
-    return " ".join(parts)
-
-
-def decision_line(device: str, decision: Decision) -> str:
-    rule = f" (policy: {decision.rule})" if decision.rule else ""
-    kind = decision.kind.value.upper()
-    return f"[{device} t={decision.at_s:7.2f}s] {kind}: {decision.message}{rule}"
-
-
-class GuidanceView:
-    """Rich Live panels on a terminal; a line per decision and per second elsewhere."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.states: dict[str, RunnerState] = {}
-        self._live: Live | None = None
-        self._last_plain_s: dict[str, float] = {}
-
-    def __enter__(self) -> GuidanceView:
-        if self.console.is_terminal:
-            self._live = Live(
-                Text("connecting..."),
-                console=self.console,
-                refresh_per_second=LIVE_REFRESH_PER_S,
-            )
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._live is not None:
-            self._live.__exit__(None, None, None)
-
-    def on_state(self, state: RunnerState) -> None:
-        self.states[state.device] = state
-        if self._live is not None:
-            self._live.update(Group(*(state_panel(s) for s in self.states.values())))
-            return
-        last = self._last_plain_s.get(state.device)
-        if last is None or state.elapsed_s - last >= PLAIN_STATE_INTERVAL_S or state.finished:
-            self._last_plain_s[state.device] = state.elapsed_s
-            self.console.print(
-                f"[{state.device} t={state.elapsed_s:7.2f}s] {plain_state(state)}",
-                highlight=False,
-                markup=False,
-            )
-
-    def on_decision(self, device: str, decision: Decision) -> None:
-        if decision.kind is DecisionKind.GUIDANCE and decision.reason == "step_start":
-            style = "bold"
-        elif decision.kind in (DecisionKind.PAUSE, DecisionKind.STOP, DecisionKind.STOP_STEP):
-            style = "bold red"
-        elif decision.kind in (DecisionKind.WARNING, DecisionKind.LOWER_INTENSITY):
-            style = "yellow"
-        else:
-            style = ""
-        line = Text(decision_line(device, decision), style=style)
-        if self._live is not None:
-            self._live.console.print(line)
-        else:
-            self.console.print(line, highlight=False)
-
-
-def summary_table(result: RunSummary) -> Table:
-    stored = f", session {result.session_id}" if result.session_id is not None else ""
-    table = Table(title=f"Summary: {result.summary.get('routine', 'routine')}{stored}")
-    table.add_column("")
-    table.add_column("")
-    summary = result.summary
-    table.add_row(
-        "status", result.status + (f" ({result.end_reason})" if result.end_reason else "")
-    )
-    table.add_row(
-        "completion",
-        f"{float(summary.get('completion', 0.0)) * 100:.0f} % "
-        f"({summary.get('steps_done')}/{summary.get('steps_total')} steps)",
-    )
-    if "time_s_by_zone" in summary:
-        for zone, seconds in summary["time_s_by_zone"].items():
-            table.add_row(f"time {zone}", f"{seconds:.1f} s (by the clock)")
-    if "contact_s_by_zone" in summary:
-        for zone, seconds in summary["contact_s_by_zone"].items():
-            table.add_row(f"contact {zone}", f"{seconds:.1f} s")
-        table.add_row(
-            "time in band",
-            f"{summary['time_in_band_s']:.1f} s of {summary['contact_s']:.1f} s "
-            f"({summary['in_band_fraction'] * 100:.0f} %)",
-        )
-        table.add_row("out-of-band events", str(summary["out_of_band_events"]))
-        table.add_row("above-cap events", str(summary["cap_events"]))
-    if "dose_j_cm2" in summary:
-        for ch, dose in summary["dose_j_cm2"].items():
-            table.add_row(f"dose {ch}", f"{dose:.2f} J/cm²")
-    table.add_row("warnings", str(summary.get("warnings", 0)))
-    for what, how in (summary.get("checks") or {}).items():
-        table.add_row(what.replace("_", " "), str(how))
-    if summary.get("gaps"):
-        table.add_row("telemetry gaps", f"{summary['gaps']} ({summary['lost_samples']} lost)")
-    return table
 
 
 # --------------------------------------------------------------------------- run
 
 
-@main.command("run")
+def echo_run_summary(result: RunSummary) -> None:
+    """The end-of-run summary, one field per line (no table header to leave empty)."""
+    summary = result.summary
+    stored = f", session {result.session_id}" if result.session_id is not None else ""
+    rows = [
+        ("status", result.status + (f" ({result.end_reason})" if result.end_reason else "")),
+        (
+            "completion",
+            f"{float(summary.get('completion', 0.0)) * 100:.0f} % "
+            f"({summary.get('steps_done')}/{summary.get('steps_total')} steps)",
+        ),
+    ]
+    if "time_s_by_zone" in summary:
+        for zone, seconds in summary["time_s_by_zone"].items():
+            rows.append((f"time {zone_words(zone)}", f"{seconds:.1f} s (by the clock)"))
+    if "contact_s_by_zone" in summary:
+        for zone, seconds in summary["contact_s_by_zone"].items():
+            rows.append((f"contact {zone_words(zone)}", f"{seconds:.1f} s"))
+        rows += [
+            (
+                "time in band",
+                f"{summary['time_in_band_s']:.1f} s of {summary['contact_s']:.1f} s "
+                f"({summary['in_band_fraction'] * 100:.0f} %)",
+            ),
+            ("out-of-band events", str(summary["out_of_band_events"])),
+            ("above-cap events", str(summary["cap_events"])),
+        ]
+    if "dose_j_cm2" in summary:
+        for ch, dose in summary["dose_j_cm2"].items():
+            rows.append((f"dose {channel_words(ch)}", f"{dose:.2f} J/cm²"))
+    rows.append(("warnings", str(summary.get("warnings", 0))))
+    for what, how in (summary.get("checks") or {}).items():
+        rows.append((what.replace("_", " "), str(how)))
+    if summary.get("gaps"):
+        rows.append(("telemetry gaps", f"{summary['gaps']} ({summary['lost_samples']} lost)"))
+    echo_fields(rows, title=f"Summary: {summary.get('routine', 'routine')}{stored}")
+
+
+@click.command("run")
 @click.argument("routine_spec", metavar="ROUTINE", required=False)
 @click.option(
     "--program",
@@ -455,7 +328,12 @@ def summary_table(result: RunSummary) -> Table:
     default=None,
     help="Run program ID pushed by your therapist (devicebridge programs) instead of ROUTINE.",
 )
-@click.option("--device", "device_name", default=None, help="Paired device name (or serial).")
+@click.option(
+    "--device",
+    "device_name",
+    default=None,
+    help="Paired device name or serial (default: the one paired device of the routine's kind).",
+)
 @click.option(
     "--policy",
     "policy_file",
@@ -465,15 +343,15 @@ def summary_table(result: RunSummary) -> Table:
 )
 @click.option(
     "--duration-s",
-    type=float,
+    type=POSITIVE_S,
     default=None,
     help="Stop after this long (seconds of device time); the session is stored as stopped.",
 )
 @click.option("--fast", is_flag=True, help="Simulated devices run as fast as possible.")
 @click.option(
     "--mode",
-    type=click.Choice([m.value for m in RunMode]),
-    default=RunMode.AUTO.value,
+    type=click.Choice(["auto", "device", "host"]),
+    default="auto",
     show_default=True,
     help="device: install the routine as a program on the device; host: drive it from here.",
 )
@@ -491,25 +369,34 @@ def run_command(
     mode: str,
     serial_port: str | None,
 ) -> None:
-    """Run ROUTINE (a file or a starter name), or --program ID, with live guidance.
+    """Run ROUTINE (a file or a starter id), or --program ID, with live guidance.
 
     When `devicebridge serve` runs on the same data directory, the routine runs on it
     (it holds the devices' links): same guidance, recorded and published by the bridge.
     """
+    from dataclasses import replace
+
+    from devicebridge.app import App
+    from devicebridge.cli.views import GuidanceView, spinner
+    from devicebridge.errors import BridgeRefusedError
+    from devicebridge.run.recovery import recover_sessions
+    from devicebridge.run.runner import RoutineRunner, RunMode
+    from devicebridge.service import local_api
+    from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
+
     if (routine_spec is None) == (program_id is None):
-        raise CliInputError("give either ROUTINE (a file or a starter name) or --program ID")
-    data_dir = App(cli.options).data_dir
+        raise CliInputError("give either ROUTINE (a file or a starter id) or --program ID")
+    data_dir = writable_data_dir(cli)
     program_label = None
+    policy = load_policy(policy_file)
     if program_id is not None:
         routine_text, program_label = _program_text(data_dir, program_id)
-        policy = load_policy(policy_file)
         routine = _parse_or_refuse(routine_text, policy, program_label)
     else:
         assert routine_spec is not None
-        policy = load_policy(policy_file)
         # Parsed and checked before any connection: a bad file never reaches a device.
         routine = resolve_routine(routine_spec, policy)
-    options = replace(cli.options, sim_fast=cli.options.sim_fast or fast)
+    options = replace(cli.options, sim_fast=cli.sim_fast or fast)
     limit_s = duration_s or DEFAULT_RUN_LIMIT_S
 
     async def on_bridge(view: GuidanceView) -> RunSummary | None:
@@ -547,12 +434,12 @@ def run_command(
             raise CliInputError(str(exc)) from None
 
     async def locally(view: GuidanceView) -> RunSummary:
-        if device_name is None:
-            raise CliInputError("--device NAME: which device to run it on (devicebridge devices)")
         async with App(options) as app:
-            with SessionStore(app.data_dir / SESSIONS_FILENAME) as store:
+            with SessionStore(data_dir / SESSIONS_FILENAME) as store:
                 recover_sessions(store, policy)
-                transport, name, serial = await _transport_for(app, device_name, serial_port)
+                transport, name, serial = await _device_for(
+                    app, device_name, serial_port, routine.device_kind.value
+                )
                 session = app.session(transport, routine.device_kind.value, name=name)
                 runner = RoutineRunner(
                     session,
@@ -567,7 +454,10 @@ def run_command(
                 )
                 runner.admit()  # refused: nothing is sent to the device
                 try:
-                    await session.start()
+                    async with spinner(
+                        f"Connecting to {name}", app.clock.now_s, app.settings.scan_timeout_s
+                    ):
+                        await session.start()
                     if options.simulate:
                         app.script_simulated_hand(
                             session.device_info.serial_number,
@@ -587,13 +477,19 @@ def run_command(
         with GuidanceView(cli.console) as view:
             result = run(go(view))
     except KeyboardInterrupt:
-        cli.console.print("Stopped (the device was told to stop all).")
-        return
-    cli.console.print(summary_table(result))
+        click.echo(
+            "Stopped: the device was told to stop, and the session is recorded as stopped "
+            "(devicebridge history).",
+            err=True,
+        )
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    echo_run_summary(result)
 
 
 def _program_text(data_dir: Path, program_id: int) -> tuple[str, str]:
     """The routine text of stored program ``program_id`` and a label naming it."""
+    from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
+
     store = ProgramStore(data_dir / PROGRAMS_FILENAME)
     try:
         program = next((p for p in store.programs() if p.id == program_id), None)
@@ -612,50 +508,104 @@ def _program_text(data_dir: Path, program_id: int) -> tuple[str, str]:
 
 
 def _parse_or_refuse(text: str, policy: SafetyPolicy, label: str) -> Routine:
+    from devicebridge.core.routine import RoutineError, parse_routine
+
     try:
         return parse_routine(text, policy, label=label)
     except RoutineError as exc:
         raise CliInputError(f"{label} does not pass this policy:\n{exc}") from exc
 
 
-async def _transport_for(
-    app: App, device_name: str, serial_port: str | None
+async def _device_for(
+    app: App, device_name: str | None, serial_port: str | None, kind: str
 ) -> tuple[Transport, str, str | None]:
+    """The device to run a routine for ``kind`` on: named, or the only one of that kind.
+
+    Candidates are only devices of the routine's kind: paired ones first, then those in
+    range. Several candidates, or none, is one line naming the ones there are.
+    """
+    from devicebridge.cli.devices import scan_with_spinner
+    from devicebridge.device.transport.ble import matches
+
     with app.open_registry() as registry:
-        try:
-            paired = registry.get(device_name)
-        except UnknownDeviceError:
-            paired = None
-    if paired is not None:
-        return app.transport_for(paired, serial_port), paired.name, paired.serial_number
-    if serial_port is not None:
-        return app.serial_transport(serial_port), device_name, None
-    # Not paired: find it by serial number, address or advertised name (or a unique prefix).
-    seen = await app.scan(app.settings.scan_timeout_s)
-    wanted = device_name.casefold()
-    exact = [d for d in seen if matches(d, device_name)]
-    prefixed = [d for d in seen if d.name.casefold().startswith(wanted)]
-    candidates = exact or prefixed
-    if len(candidates) != 1:
-        names = ", ".join(d.name for d in seen) or "none"
-        why = "several devices match" if candidates else "no paired device and none in range"
-        raise CliInputError(f"--device {device_name}: {why} (in range: {names})")
-    found = candidates[0]
-    return app.ble_transport(found), found.name, found.serial_number
+        paired_all = registry.list_devices()
+    paired_names = [p.name for p in paired_all if p.kind == kind]
+    kinds = f"{kind_words(kind)}s"
+    wanted = device_name.casefold() if device_name is not None else None
+    if wanted is not None:
+        named = [p for p in paired_all if wanted in (p.name.casefold(), p.serial_number.casefold())]
+        if named:
+            paired = named[0]
+            if paired.kind != kind:
+                raise CliInputError(
+                    f"--device {device_name}: {paired.name!r} is {a_kind(paired.kind)}; "
+                    f"this routine is for {a_kind(kind)} "
+                    f"({choices_text(paired_names, label=f'paired {kinds}')})"
+                )
+            return app.transport_for(paired, serial_port), paired.name, paired.serial_number
+        if serial_port is not None:
+            return app.serial_transport(serial_port), device_name or serial_port, None
+    else:
+        if len(paired_names) == 1:
+            paired = next(p for p in paired_all if p.kind == kind)
+            return app.transport_for(paired, serial_port), paired.name, paired.serial_number
+        if len(paired_names) > 1:
+            raise CliInputError(
+                f"several paired {kinds} ({', '.join(paired_names)}): choose one with --device NAME"
+            )
+        if serial_port is not None:
+            return app.serial_transport(serial_port), serial_port, None
+    # Not paired: a device of the routine's kind in range, by serial number, address or
+    # advertised name (or a unique prefix of the name).
+    seen = [
+        d for d in await scan_with_spinner(app, app.settings.scan_timeout_s) if d.kind_label == kind
+    ]
+    if wanted is None:
+        candidates = seen
+    else:
+        exact = [d for d in seen if matches(d, wanted)]
+        candidates = exact or [d for d in seen if d.name.casefold().startswith(wanted)]
+    if len(candidates) == 1:
+        found = candidates[0]
+        return app.ble_transport(found), found.name, found.serial_number
+    which = f"--device {device_name}" if device_name is not None else "--device NAME"
+    not_paired = (
+        f"not a paired {kind_words(kind)} "
+        f"({choices_text(paired_names, device_name, label=f'paired {kinds}')}); "
+        if device_name is not None
+        else f"no paired {kind_words(kind)}; "
+    )
+    if candidates:
+        listed = ", ".join(f"{d.name} ({d.serial_number})" for d in candidates)
+        raise CliInputError(
+            f"{which}: {not_paired}several {kinds} in range match: {listed}; give a serial number"
+        )
+    in_range = ", ".join(f"{d.name} ({d.serial_number})" for d in seen) or "none"
+    raise CliInputError(
+        f"{which}: {not_paired}none of that name in range ({kinds} in range: {in_range})"
+    )
 
 
 # --------------------------------------------------------------------------- history / report
 
 
-@main.command("history")
+def _device_names(cli: CliContext) -> dict[str, str]:
+    from devicebridge.cli.devices import open_registry
+
+    with open_registry(cli) as registry:
+        return {d.serial_number: d.name for d in registry.list_devices()}
+
+
+@click.command("history")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--limit", type=int, default=None, help="Only the most recent sessions.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the most recent.")
 @pass_cli
 @reports_errors
 def history_command(cli: CliContext, as_json: bool, limit: int | None) -> None:
     """Past sessions, newest first."""
     with open_store(cli) as store:
         records = store.sessions(limit=limit)
+    names = _device_names(cli)
     rows: list[dict[str, Any]] = [
         {
             "id": r.id,
@@ -663,6 +613,7 @@ def history_command(cli: CliContext, as_json: bool, limit: int | None) -> None:
             "routine": r.routine_name,
             "category": r.category,
             "device_serial": r.device_serial,
+            "device_name": names.get(r.device_serial),
             "device_kind": r.device_kind,
             "status": r.status,
             "completion": r.summary.get("completion"),
@@ -671,30 +622,28 @@ def history_command(cli: CliContext, as_json: bool, limit: int | None) -> None:
         for r in records
     ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
         return
     if not rows:
-        cli.console.print("No sessions yet.")
+        click.echo("No sessions yet (devicebridge run ROUTINE starts one).")
         return
-    table = Table(title="Sessions")
-    for column in ("id", "started", "routine", "device", "status", "completion", "why"):
-        table.add_column(column)
+    table = Table(("id", "started", "routine", "device", "status", "done", "why"), title="Sessions")
     for r in records:
         completion = r.summary.get("completion")
         table.add_row(
             str(r.id),
             r.started_at.astimezone().strftime("%Y-%m-%d %H:%M"),
             r.routine_name,
-            f"{r.device_serial} ({r.device_kind})",
+            names.get(r.device_serial, r.device_serial),
             r.status,
-            "-" if completion is None else f"{float(completion) * 100:.0f} %",
+            "-" if completion is None else f"{float(completion) * 100:.0f}%",
             fmt(r.end_reason),
         )
-    cli.console.print(table)
+    table.echo()
 
 
-@main.command("report")
-@click.argument("session_id", metavar="SESSION", type=int)
+@click.command("report")
+@click.argument("session_id", metavar="[SESSION]", type=int, required=False)
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -710,41 +659,56 @@ def history_command(cli: CliContext, as_json: bool, limit: int | None) -> None:
 @reports_errors
 def report_command(
     cli: CliContext,
-    session_id: int,
+    session_id: int | None,
     png: Path | None,
     csv_file: Path | None,
     json_file: Path | None,
     fhir_file: Path | None,
     policy_file: Path | None,
 ) -> None:
-    """The summary of SESSION; optionally a PNG plot, the telemetry as CSV or JSON, and the
-    session as a FHIR R4 Bundle."""
+    """The summary of SESSION (default: the latest); optionally a PNG plot, the telemetry
+    as CSV or JSON, and the session as a FHIR R4 Bundle."""
+    from devicebridge.reporting.report import (
+        load_report,
+        summary_lines,
+        write_csv,
+        write_json,
+        write_png,
+    )
+
     policy = load_policy(policy_file)
     with open_store(cli) as store:
+        if session_id is None:
+            latest = store.sessions(limit=1)
+            if not latest:
+                raise CliInputError("no sessions yet (devicebridge run ROUTINE starts one)")
+            session_id = latest[0].id
         report = load_report(store, session_id, policy)
     for line in summary_lines(report):
-        cli.console.print(line, highlight=False, markup=False)
+        click.echo(line)
     if png is not None:
         write_png(report, png, policy)
-        cli.console.print(f"plot written to {png}", highlight=False)
+        click.echo(f"plot written to {png}")
     if csv_file is not None:
         rows = write_csv(report, csv_file)
-        cli.console.print(f"{rows} samples written to {csv_file}", highlight=False)
+        click.echo(f"{rows} samples written to {csv_file}")
     if json_file is not None:
         rows = write_json(report, json_file)
-        cli.console.print(f"{rows} samples written to {json_file}", highlight=False)
+        click.echo(f"{rows} samples written to {json_file}")
     if fhir_file is not None:
         write_fhir(cli, report, fhir_file)
-        cli.console.print(f"FHIR R4 Bundle written to {fhir_file}", highlight=False)
+        click.echo(f"FHIR R4 Bundle written to {fhir_file}")
 
 
 def write_fhir(cli: CliContext, report: SessionReport, path: Path) -> None:
     """The session as a FHIR Bundle; the client is named by this bridge's id (a pseudonym)."""
+    import json
+
+    from devicebridge.cli.devices import open_registry
     from devicebridge.cli.service import default_bridge_id
     from devicebridge.clinic.fhir import DeviceFacts, report_bundle
 
-    app = App(cli.options)
-    with app.open_registry() as registry:
+    with open_registry(cli) as registry:
         paired = registry.find_by_serial(report.record.device_serial)
         firmware = registry.current_firmware(report.record.device_serial)
     device = DeviceFacts(
@@ -754,7 +718,7 @@ def write_fhir(cli: CliContext, report: SessionReport, path: Path) -> None:
         firmware,
         paired.name if paired else None,
     )
-    client = cli.options.settings.bridge_id or default_bridge_id()
+    client = cli.settings.bridge_id or default_bridge_id()
     data = report_bundle(report, client_pseudonym=client, device=device)
     try:
         path.write_text(json.dumps(data, indent=1), encoding="utf-8")
@@ -765,7 +729,7 @@ def write_fhir(cli: CliContext, report: SessionReport, path: Path) -> None:
 # --------------------------------------------------------------------------- treatments
 
 
-@main.group("treatment")
+@click.group("treatment")
 def treatment_group() -> None:
     """Aesthetic treatments: they block routines on the treated zones for a while."""
 
@@ -780,13 +744,16 @@ policy_option = click.option(
 
 
 def _parse_zones(text: str) -> list[str]:
+    from devicebridge.core.policy import POLICY_ZONES, policy_zone
+
     zones = [z.strip() for z in text.split(",") if z.strip()]
     if not zones:
         raise CliInputError("--zones: give at least one zone, e.g. --zones cheek,nasolabial")
     unknown = [z for z in zones if policy_zone(z) not in POLICY_ZONES]
     if unknown:
         raise CliInputError(
-            f"--zones: unknown zone {', '.join(unknown)}; known: {', '.join(POLICY_ZONES)}"
+            f"--zones: unknown zone {', '.join(unknown)} "
+            f"({choices_text(list(POLICY_ZONES), unknown[0])})"
         )
     return list(dict.fromkeys(policy_zone(z) for z in zones))
 
@@ -818,8 +785,11 @@ def treatment_add_command(
     policy_file: Path | None,
 ) -> None:
     """Record a treatment KIND (botulinum_toxin, filler, tissue_stimulator, mesotherapy)."""
+    from devicebridge.core.cooldown import local_time, treatment_blocks
+    from devicebridge.core.policy import TREATMENTS
+
     if kind not in TREATMENTS:
-        raise CliInputError(f"KIND: unknown treatment {kind!r}; known: {', '.join(TREATMENTS)}")
+        raise CliInputError(f"KIND: unknown treatment {kind!r} ({choices_text(TREATMENTS, kind)})")
     try:
         performed = datetime.fromisoformat(date_text)
     except ValueError:
@@ -839,10 +809,9 @@ def treatment_add_command(
     blocks = treatment_blocks(load_policy(policy_file), kind, performed)
     with open_store(cli) as store:
         treatment_id = store.add_treatment(kind, performed, zones, note)
-    cli.console.print(
+    click.echo(
         f"Recorded {'planned ' if planned else ''}treatment {treatment_id}: {kind} on "
-        f"{', '.join(zones)} at {local_time(performed)}; {_blocks_text(blocks)}",
-        highlight=False,
+        f"{', '.join(zones)} at {local_time(performed)}; {_blocks_text(blocks)}"
     )
 
 
@@ -853,6 +822,8 @@ def treatment_add_command(
 @reports_errors
 def treatment_list_command(cli: CliContext, as_json: bool, policy_file: Path | None) -> None:
     """Recorded treatments, and until when each blocks routines on its zones."""
+    from devicebridge.core.cooldown import BlockKind, local_time, treatment_blocks
+
     policy = load_policy(policy_file)
     with open_store(cli) as store:
         treatments = store.treatments()
@@ -874,36 +845,31 @@ def treatment_list_command(cli: CliContext, as_json: bool, policy_file: Path | N
         for t, blocks in zip(treatments, blocked, strict=True)
     ]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
         return
     if not rows:
-        cli.console.print("No treatments recorded.")
+        click.echo("No treatments recorded.")
         return
     now = datetime.now(UTC)
-    table = Table(title="Treatments")
-    for column in (
-        "id",
-        "kind",
-        "date",
-        "zones",
-        "massage blocked until",
-        "any routine blocked until",
-        "note",
-    ):
-        table.add_column(column)
+    table = Table(
+        ("id", "kind", "date", "zones", "massage blocked until", "any routine until", "note"),
+        title="Treatments",
+    )
     for t, blocks in zip(treatments, blocked, strict=True):
         table.add_row(
             str(t.id),
-            t.kind,
+            t.kind.replace("_", " "),
             local_time(t.performed_at),
-            ", ".join(t.zones),
+            ", ".join(zone_words(z) for z in t.zones),
             *(_until_cell(blocks.get(kind), now) for kind in BlockKind),
             t.note,
         )
-    cli.console.print(table)
+    table.echo()
 
 
 def _until_cell(block: TreatmentBlock | None, now: datetime) -> str:
+    from devicebridge.core.cooldown import local_time
+
     if block is None:
         return "-"
     return local_time(block.until) + (" (over)" if now >= block.until else "")
@@ -915,10 +881,11 @@ def _until_cell(block: TreatmentBlock | None, now: datetime) -> str:
 @reports_errors
 def treatment_remove_command(cli: CliContext, treatment_id: int) -> None:
     """Forget treatment ID (see `treatment list`), e.g. one recorded with a wrong date."""
+    from devicebridge.core.cooldown import local_time
+
     with open_store(cli) as store:
         removed = store.remove_treatment(treatment_id)
-    cli.console.print(
+    click.echo(
         f"Removed treatment {removed.id}: {removed.kind} on {', '.join(removed.zones)} at "
-        f"{local_time(removed.performed_at)}",
-        highlight=False,
+        f"{local_time(removed.performed_at)}"
     )

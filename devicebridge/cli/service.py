@@ -1,52 +1,40 @@
 """Service and therapist commands: ``serve``, ``status``, ``therapist ...``, ``trust ...``,
-and ``routine sign`` / ``routine push`` (added to the ``routine`` group of cli/routines.py).
+and ``routine sign`` / ``routine push`` (loaded into the ``routine`` group on use).
+
+``status`` and ``trust ...`` read files and stores only; ``serve``, the signing commands
+and the broker commands import the service, cryptography and aiomqtt inside their
+functions.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import logging
-import os
-import signal
-import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from rich.table import Table
 
-from devicebridge.app import App
-from devicebridge.cli.base import CliContext, fmt, main, pass_cli, reports_errors, run
-from devicebridge.cli.routines import routine_group
-from devicebridge.config import MqttConfig, Settings
-from devicebridge.core.policy import SafetyPolicy, default_policy, parse_policy
-from devicebridge.core.routine import Routine, RoutineError, parse_routine
-from devicebridge.core.signed_program import (
-    FORMAT,
-    ProgramRejectedError,
-    check_validity_period,
-    key_id,
-    load_public_key,
-    parse_envelope,
-    public_key_bytes,
-    sign_program,
+from devicebridge.cli.base import (
+    POSITIVE_S,
+    CliContext,
+    echo_json,
+    fmt,
+    pass_cli,
+    reports_errors,
+    run,
+    writable_data_dir,
 )
-from devicebridge.device.transport.ble import kind_label
-from devicebridge.errors import ConfigError, ServiceError, TherapistKeyError
-from devicebridge.integrations.mqtt import MqttSettings, Topics, read_retained, request_reply
-from devicebridge.service.logs import configure_logging
-from devicebridge.service.status import read_status_file
-from devicebridge.service.supervisor import BridgeService
-from devicebridge.storage import lock as bridge_lock
-from devicebridge.storage.files import PRIVATE_FILE_MODE
-from devicebridge.storage.keys import key_path, load_private_key, private_key_dir
-from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
-from devicebridge.storage.registry import PairedDevice
+from devicebridge.cli.table import Table
+from devicebridge.cli.words import kind_words
+from devicebridge.config import MqttSettings, Settings
+from devicebridge.errors import CliInputError, ConfigError, ServiceError
+
+if TYPE_CHECKING:
+    from devicebridge.app import App
+    from devicebridge.core.policy import SafetyPolicy
+    from devicebridge.storage.programs import ProgramStore
+    from devicebridge.storage.registry import PairedDevice
 
 DEFAULT_THERAPIST_ID: Final = "therapist"
 DEFAULT_VALID_DAYS: Final = 7
@@ -55,6 +43,7 @@ DEFAULT_READ_TIMEOUT_S: Final = 5.0
 SIMULATED_SCAN_S: Final = 2.0
 # With --simulate, a simulated hand follows each routine from this long after it starts.
 SIMULATED_HAND_LEAD_IN_S: Final = 1.0
+MAX_PORT: Final = 65535
 
 
 # --------------------------------------------------------------------------- helpers
@@ -68,13 +57,13 @@ def parse_broker(text: str, option: str = "--broker") -> tuple[str, int]:
         number = int(port)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not HOST:PORT", param_hint=option) from None
-    if not 0 < number < 65536:
+    if not 0 < number <= MAX_PORT:
         raise click.BadParameter(f"port {number} is out of range", param_hint=option)
     return host, number
 
 
 def mqtt_settings(
-    config: MqttConfig | None,
+    config: MqttSettings | None,
     broker: str | None,
     *,
     username: str | None = None,
@@ -82,36 +71,49 @@ def mqtt_settings(
     tls_ca_file: Path | None = None,
 ) -> MqttSettings | None:
     """The broker to use: ``--broker`` (and credentials) over the ``[mqtt]`` table."""
+    from dataclasses import replace
+
     if broker is None and config is None:
         return None
-    base = config or MqttConfig(host="localhost")
+    base = config or MqttSettings(host="localhost")
     host, port = parse_broker(broker) if broker else (base.host, base.port)
-    return MqttSettings(
+    return replace(
+        base,
         host=host,
         port=port,
         username=username if username is not None else base.username,
         password=password if password is not None else base.password,
         tls_ca_file=tls_ca_file or base.tls_ca_file,
-        tls_cert_file=base.tls_cert_file,
-        tls_key_file=base.tls_key_file,
-        keepalive_s=base.keepalive_s,
-        session_expiry_s=base.session_expiry_s,
     )
 
 
 def default_bridge_id() -> str:
     """``bridge-<hostname>``, with only characters a topic level may carry."""
+    import socket
+
     host = socket.gethostname().split(".")[0] or "local"
     return "bridge-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in host)
 
 
+def checked_bridge_id(bridge_id: str, option: str) -> str:
+    """A bridge id that can be one MQTT topic level, or a usage error saying why not."""
+    if not bridge_id or any(c in bridge_id for c in "/+#"):
+        raise click.BadParameter(
+            f"{bridge_id!r} cannot be a bridge id (non-empty, without '/', '+' or '#')",
+            param_hint=option,
+        )
+    return bridge_id
+
+
 def load_policy(settings: Settings) -> SafetyPolicy:
+    from devicebridge.core.policy import default_policy, parse_policy
+
     if settings.policy_file is None:
         return default_policy()
     try:
         text = settings.policy_file.read_text("utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read: {exc}", path=settings.policy_file) from exc
+        raise ConfigError(f"cannot read: {exc.strerror}", path=settings.policy_file) from exc
     try:
         return parse_policy(text, label=str(settings.policy_file))
     except ValueError as exc:
@@ -119,8 +121,9 @@ def load_policy(settings: Settings) -> SafetyPolicy:
 
 
 def open_programs(cli: CliContext) -> ProgramStore:
-    app = App(cli.options)
-    return ProgramStore(app.data_dir / PROGRAMS_FILENAME)
+    from devicebridge.storage.programs import PROGRAMS_FILENAME, ProgramStore
+
+    return ProgramStore(writable_data_dir(cli) / PROGRAMS_FILENAME)
 
 
 broker_options = [
@@ -145,16 +148,16 @@ def with_broker_options(func: Any) -> Any:
 # --------------------------------------------------------------------------- serve
 
 
-@main.command("serve")
+@click.command("serve")
 @click.option("--bridge-id", default=None, help="This bridge's id in MQTT topics (config).")
 @click.option("--broker", default=None, help="MQTT broker HOST:PORT (overrides [mqtt]).")
 @click.option("--log-json", is_flag=True, default=None, help="Log JSON lines (config log_json).")
 @click.option(
     "--run",
     "run_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Run this routine file once on --device when it connects (recorded as a session).",
+    help="Run this routine (a file or a starter id) once on --device when it connects.",
 )
 @click.option("--device", default=None, help="Device (name or serial) for --run.")
 @pass_cli
@@ -167,29 +170,41 @@ def serve_command(
     run_file: Path | None,
     device: str | None,
 ) -> None:
-    """Keep the paired devices connected, record sessions, talk to the MQTT broker."""
-    settings = cli.options.settings
+    """Keep the paired devices connected, record sessions, and publish them over MQTT.
+
+    Publishing needs a broker (--broker HOST:PORT or an [mqtt] table); without one the
+    bridge works locally. The bridge id names it in topics (--bridge-id, bridge_id in the
+    config, or bridge-<hostname>). On a terminal a full-screen view shows devices,
+    sessions, the outbox and the broker; elsewhere one JSON line per status change.
+    """
+    import asyncio
+    import logging
+    import signal
+
+    from devicebridge.app import App
+    from devicebridge.cli.routines import resolve_routine
+    from devicebridge.cli.views import ServeView
+    from devicebridge.service.logs import configure_logging
+    from devicebridge.service.supervisor import BridgeService
+    from devicebridge.storage import lock as bridge_lock
+
+    settings = cli.settings
     level = logging.getLogger().getEffectiveLevel()
     configure_logging(
         min(level, logging.INFO),
         json_lines=settings.log_json if log_json is None else log_json,
     )
     policy = load_policy(settings)
-    routine = None
-    if run_file is not None:
-        try:
-            routine = parse_routine(run_file.read_text("utf-8"), policy, label=str(run_file))
-        except RoutineError as exc:
-            raise click.ClickException(str(exc)) from None
+    routine = resolve_routine(str(run_file), policy) if run_file is not None else None
     mqtt = mqtt_settings(settings.mqtt, broker)
-    bid = bridge_id or settings.bridge_id or default_bridge_id()
-    Topics(bid)  # a bad id fails here, before anything starts
+    bid = checked_bridge_id(bridge_id or settings.bridge_id or default_bridge_id(), "--bridge-id")
+    data_dir = writable_data_dir(cli)
 
     async def go() -> None:
         async with App(cli.options) as app:
             devices = await _devices_to_serve(app)
 
-            def guide_hand(serial: str, started: Routine) -> None:
+            def guide_hand(serial: str, started: Any) -> None:
                 # --simulate: the simulated hand follows each routine that starts.
                 app.script_simulated_hand(
                     serial, started, policy, lead_in_s=SIMULATED_HAND_LEAD_IN_S
@@ -216,14 +231,25 @@ def serve_command(
             if routine is not None:
                 target = _pick_device(devices, routine.device_kind.value, device)
                 service.start_routine(target.serial_number, routine)
-            await task
+            view = asyncio.create_task(
+                ServeView(cli.console, lambda: service.status("running")).run()
+            )
+            try:
+                await task
+            finally:
+                view.cancel()
+                await asyncio.gather(view, return_exceptions=True)
 
     # One bridge per data directory, refused before anything starts (held until exit).
-    with bridge_lock.acquire(App(cli.options).data_dir):
+    with bridge_lock.acquire(data_dir):
         run(go())
+    click.echo(f"bridge {bid} stopped", err=True)
 
 
 async def _devices_to_serve(app: App) -> list[PairedDevice]:
+    from devicebridge.device.transport.ble import kind_label
+    from devicebridge.storage.registry import PairedDevice
+
     with app.open_registry() as registry:
         devices = registry.list_devices()
     if devices or not app.options.simulate:
@@ -249,22 +275,31 @@ def _pick_device(devices: list[PairedDevice], kind: str, wanted: str | None) -> 
             wanted is None and paired.kind == kind
         ):
             return paired
-    raise ServiceError(f"no {'device ' + wanted if wanted else kind} among the served devices")
+    served = ", ".join(f"{p.name} ({kind_words(p.kind)})" for p in devices) or "none"
+    raise ServiceError(
+        f"no {'device ' + wanted if wanted else kind_words(kind)} among the served devices "
+        f"({served})"
+    )
 
 
 # --------------------------------------------------------------------------- status
 
 
-@main.command("status")
+@click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the status file as JSON.")
 @pass_cli
 @reports_errors
 def status_command(cli: CliContext, as_json: bool) -> None:
     """Whether `devicebridge serve` runs here, its devices and its broker link."""
-    data_dir = App(cli.options).data_dir
+    from devicebridge.service.status import read_status_file
+
+    data_dir = cli.data_dir
     status = read_status_file(data_dir)
     if status is None:
-        raise ServiceError(f"the service has never run with data dir {data_dir}")
+        raise ServiceError(
+            f"the bridge has never run with data directory {data_dir}; start it with: "
+            "devicebridge serve"
+        )
     if as_json:
         click.echo(json.dumps(status, indent=2, sort_keys=True))
         return
@@ -276,7 +311,7 @@ def status_command(cli: CliContext, as_json: bool) -> None:
     else:
         state = f"not running (last: {last})"
     if last == "starting":
-        cli.console.print(f"bridge: {state}; starting, no status written yet", highlight=False)
+        click.echo(f"bridge: {state}; starting, no status written yet")
         return
     mqtt = status["mqtt"]
     link = (
@@ -284,31 +319,29 @@ def status_command(cli: CliContext, as_json: bool) -> None:
         if mqtt["configured"]
         else "no broker configured"
     )
-    cli.console.print(
-        f"bridge {status['bridge_id']}: {state}, updated {status['updated_at']}\n"
-        f"MQTT: {link}; outbox: {status['outbox_depth']} waiting",
-        highlight=False,
-    )
-    table = Table(title="Devices")
-    for column in ("serial", "name", "kind", "state", "battery", "session"):
-        table.add_column(column)
+    click.echo(f"bridge {status['bridge_id']}: {state}, updated {status['updated_at']}")
+    click.echo(f"MQTT: {link}; outbox: {status['outbox_depth']} waiting")
+    if not status["devices"]:
+        click.echo("No devices.")
+        return
+    table = Table(("name", "kind", "serial", "state", "battery", "session"), title="Devices")
     for d in status["devices"]:
         battery = d["battery_percent"]
         table.add_row(
-            d["serial"],
             d["name"],
-            d["kind"],
+            kind_words(d["kind"]),
+            d["serial"],
             d["state"],
             "-" if battery is None else f"{battery}%",
             fmt(d["session_id"]),
         )
-    cli.console.print(table if status["devices"] else "No devices.")
+    table.echo()
 
 
 # --------------------------------------------------------------------------- therapist
 
 
-@main.group("therapist")
+@click.group("therapist")
 def therapist_group() -> None:
     """For therapists: signing keys and adherence of their clients' bridges."""
 
@@ -317,7 +350,22 @@ def therapist_group() -> None:
 @click.option("--id", "therapist_id", default=DEFAULT_THERAPIST_ID, show_default=True)
 @reports_errors
 def keygen_command(therapist_id: str) -> None:
-    """Create an Ed25519 signing key; print the public key to give to clients."""
+    """Create an Ed25519 signing key; print the public key to give to clients.
+
+    The key is kept in the user config directory (keys/, or DEVICEBRIDGE_KEY_DIR),
+    whatever the data directory.
+    """
+    import base64
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from devicebridge.core.signed_program import key_id, public_key_bytes
+    from devicebridge.errors import TherapistKeyError
+    from devicebridge.storage.files import PRIVATE_FILE_MODE
+    from devicebridge.storage.keys import key_path, private_key_dir
+
     path = key_path(therapist_id)
     private_key_dir()
     key = Ed25519PrivateKey.generate()
@@ -343,8 +391,8 @@ def keygen_command(therapist_id: str) -> None:
 @therapist_group.command("status")
 @click.argument("bridge_id")
 @with_broker_options
-@click.option("--timeout-s", type=float, default=DEFAULT_READ_TIMEOUT_S, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--timeout-s", type=POSITIVE_S, default=DEFAULT_READ_TIMEOUT_S, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @pass_cli
 @reports_errors
 def therapist_status_command(
@@ -358,11 +406,14 @@ def therapist_status_command(
     as_json: bool,
 ) -> None:
     """Programs installed on BRIDGE_ID and the sessions run with them."""
+    from devicebridge.integrations.mqtt import Topics, read_retained
+
+    del cli
     settings = mqtt_settings(
         None, broker, username=username, password=password, tls_ca_file=tls_ca_file
     )
     assert settings is not None
-    topics = Topics(bridge_id)
+    topics = Topics(checked_bridge_id(bridge_id, "BRIDGE_ID"))
     found = run(
         read_retained(
             settings,
@@ -377,12 +428,13 @@ def therapist_status_command(
     adherence = json.loads(raw)
     availability = found.get(topics.availability, b"unknown").decode()
     if as_json:
-        click.echo(json.dumps({**adherence, "availability": availability}, indent=2))
+        echo_json({**adherence, "availability": availability})
         return
-    cli.console.print(f"bridge {bridge_id}: {availability}", highlight=False)
-    programs = Table(title="Programs")
-    for column in ("id", "routine", "version", "therapist", "installed on", "pending", "expires"):
-        programs.add_column(column)
+    click.echo(f"bridge {bridge_id}: {availability}")
+    programs = Table(
+        ("id", "routine", "version", "therapist", "installed on", "pending", "expires"),
+        title="Programs",
+    )
     for p in adherence["programs"]:
         programs.add_row(
             str(p["program_id"]),
@@ -391,21 +443,16 @@ def therapist_status_command(
             p["therapist_id"],
             ", ".join(p["installed_on"]) or "-",
             ", ".join(p["pending_on"]) or "-",
-            p["expires_at"][:16],
+            p["expires_at"][:16].replace("T", " "),
         )
-    cli.console.print(programs)
-    sessions = Table(title="Sessions run with these programs")
-    for column in (
-        "session",
-        "program",
-        "device",
-        "started",
-        "status",
-        "completion",
-        "in band",
-        "dose J/cm²",
-    ):
-        sessions.add_column(column)
+    programs.echo()
+    if not adherence["sessions"]:
+        click.echo("No sessions with these programs yet.")
+        return
+    sessions = Table(
+        ("session", "program", "device", "started", "status", "done", "in band", "dose J/cm²"),
+        title="Sessions run with these programs",
+    )
     for s in adherence["sessions"]:
         summary = s["summary"]
         dose = summary.get("dose_j_cm2")
@@ -413,13 +460,13 @@ def therapist_status_command(
             str(s["session_id"]),
             fmt(s["program_id"]),
             s["serial"],
-            s["started_at"][:16],
+            s["started_at"][:16].replace("T", " "),
             s["status"],
             _percent(summary.get("completion")),
             _percent(summary.get("in_band_fraction")),
             ", ".join(f"{k} {v:.1f}" for k, v in dose.items() if v) if dose else "-",
         )
-    cli.console.print(sessions if adherence["sessions"] else "No sessions with these programs yet.")
+    sessions.echo()
 
 
 def _percent(value: float | None) -> str:
@@ -429,7 +476,7 @@ def _percent(value: float | None) -> str:
 # --------------------------------------------------------------------------- trust
 
 
-@main.group("trust")
+@click.group("trust")
 def trust_group() -> None:
     """Therapist keys this bridge accepts signed programs from."""
 
@@ -445,10 +492,16 @@ def trust_add_command(cli: CliContext, public_key: str, therapist_id: str) -> No
     Programs signed with it are accepted only under that therapist id; a key already
     trusted for another therapist is refused (remove it first).
     """
+    import base64
+
+    from devicebridge.core.signed_program import key_id, load_public_key, public_key_bytes
+
     try:
         key = load_public_key(public_key)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="PUBLIC_KEY") from None
+    if not therapist_id.strip():
+        raise click.BadParameter("give the therapist's id", param_hint="--therapist")
     store = open_programs(cli)
     try:
         kid = key_id(key)
@@ -459,25 +512,42 @@ def trust_add_command(cli: CliContext, public_key: str, therapist_id: str) -> No
 
 
 @trust_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @pass_cli
 @reports_errors
-def trust_list_command(cli: CliContext) -> None:
+def trust_list_command(cli: CliContext, as_json: bool) -> None:
     """The trusted therapist keys."""
     store = open_programs(cli)
     try:
         keys = store.trusted_keys()
     finally:
         store.close()
-    table = Table(title="Trusted therapist keys")
-    for column in ("key id", "therapist", "public key", "added"):
-        table.add_column(column)
+    if as_json:
+        echo_json(
+            [
+                {
+                    "key_id": k.key_id,
+                    "therapist_id": k.therapist_id,
+                    "public_key": k.public_key,
+                    "added_at": k.added_at.isoformat(),
+                }
+                for k in keys
+            ]
+        )
+        return
+    if not keys:
+        click.echo("No trusted keys (devicebridge trust add PUBLIC_KEY --therapist ID).")
+        return
+    table = Table(("key id", "therapist", "added", "public key"), title="Trusted therapist keys")
     for k in keys:
-        table.add_row(k.key_id, k.therapist_id, k.public_key, k.added_at.isoformat()[:16])
-    cli.console.print(table if keys else "No trusted keys (devicebridge trust add).")
+        table.add_row(
+            k.key_id, k.therapist_id, k.added_at.isoformat()[:16].replace("T", " "), k.public_key
+        )
+    table.echo()
 
 
 @trust_group.command("remove")
-@click.argument("key_id_")
+@click.argument("key_id_", metavar="KEY_ID")
 @pass_cli
 @reports_errors
 def trust_remove_command(cli: CliContext, key_id_: str) -> None:
@@ -485,10 +555,13 @@ def trust_remove_command(cli: CliContext, key_id_: str) -> None:
     store = open_programs(cli)
     try:
         removed = store.distrust(key_id_)
+        known = [k.key_id for k in store.trusted_keys()]
     finally:
         store.close()
     if not removed:
-        raise ServiceError(f"no trusted key {key_id_} (devicebridge trust list)")
+        from devicebridge.cli.base import choices_text
+
+        raise ServiceError(f"no trusted key {key_id_} ({choices_text(known, key_id_)})")
     click.echo(f"removed key {key_id_}")
 
 
@@ -496,7 +569,7 @@ def trust_remove_command(cli: CliContext, key_id_: str) -> None:
 
 
 def sign_file(
-    path: Path,
+    spec: str,
     *,
     client: str,
     therapist_id: str | None,
@@ -504,25 +577,33 @@ def sign_file(
     version: str | None,
     max_validity: timedelta,
 ) -> bytes:
-    """Check the routine against the shipped policy, then sign it for ``client``."""
-    try:
-        Topics(client)  # a bridge id that could not be a topic level is refused early
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--client") from None
+    """Check a routine (a file or a starter id) against the shipped policy, then sign it
+    for ``client``."""
+    from devicebridge.cli.routines import routine_source
+    from devicebridge.core.policy import default_policy
+    from devicebridge.core.routine import RoutineError, parse_routine
+    from devicebridge.core.signed_program import (
+        ProgramRejectedError,
+        check_validity_period,
+        sign_program,
+    )
+    from devicebridge.storage.keys import load_private_key
+
+    checked_bridge_id(client, "--client")
     try:
         # Bridges refuse programs valid for longer than their maximum (the same rule).
         check_validity_period(timedelta(days=valid_days), max_validity)
     except ProgramRejectedError as exc:
         raise click.BadParameter(exc.message, param_hint="--valid-days") from None
-    program = path.read_bytes()
+    text, label = routine_source(spec)
     try:
-        routine = parse_routine(program.decode("utf-8"), default_policy(), label=str(path))
-    except (RoutineError, UnicodeDecodeError) as exc:
-        raise click.ClickException(f"{path} is not a valid routine:\n{exc}") from None
+        routine = parse_routine(text, default_policy(), label=label)
+    except RoutineError as exc:
+        raise CliInputError(f"{label} is not a valid routine:\n{exc}") from None
     therapist, key = load_private_key(therapist_id)
     signed = sign_program(
         key,
-        program,
+        text.encode("utf-8"),
         therapist_id=therapist,
         client_id=client,
         program_version=version or routine.version or "1",
@@ -532,8 +613,8 @@ def sign_file(
     return signed.to_json()
 
 
-@routine_group.command("sign")
-@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.command("sign")
+@click.argument("routine_spec", metavar="ROUTINE")
 @click.option("--client", required=True, help="The client's bridge id.")
 @click.option("--therapist", "therapist_id", default=None, help="Key to sign with (keygen --id).")
 @click.option(
@@ -549,25 +630,25 @@ def sign_file(
 @reports_errors
 def sign_command(
     cli: CliContext,
-    file: Path,
+    routine_spec: str,
     client: str,
     therapist_id: str | None,
     valid_days: float,
     version: str | None,
     output: Path,
 ) -> None:
-    """Sign routine FILE for one client's bridge; write the envelope to OUTPUT."""
+    """Sign ROUTINE (a file or a starter id) for one client's bridge; write it to OUTPUT."""
     envelope = sign_file(
-        file,
+        routine_spec,
         client=client,
         therapist_id=therapist_id,
         valid_days=valid_days,
         version=version,
-        max_validity=cli.options.settings.programs.max_validity,
+        max_validity=cli.settings.programs.max_validity,
     )
     output.write_bytes(envelope)
     meta = json.loads(envelope)["metadata"]
-    click.echo(f"signed {file.name} for {client}: {output} (expires {meta['expires_at']})")
+    click.echo(f"signed {routine_spec} for {client}: {output} (expires {meta['expires_at']})")
 
 
 async def push_envelope(
@@ -578,6 +659,9 @@ async def push_envelope(
     An envelope whose nonce the bridge could not read (not JSON, too large, no nonce) is
     refused here with :class:`ProgramRejectedError`: the bridge would drop it unanswered.
     """
+    from devicebridge.core.signed_program import ProgramRejectedError, parse_envelope
+    from devicebridge.integrations.mqtt import Topics, request_reply
+
     try:
         nonce = parse_envelope(envelope).metadata.nonce
     except ProgramRejectedError as exc:
@@ -606,8 +690,8 @@ async def push_envelope(
     return None if answer is None else dict(json.loads(answer))
 
 
-@routine_group.command("push")
-@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.command("push")
+@click.argument("routine_spec", metavar="FILE")
 @click.option("--client", required=True, help="The client's bridge id.")
 @with_broker_options
 @click.option("--therapist", "therapist_id", default=None, help="Key to sign a routine with.")
@@ -618,12 +702,12 @@ async def push_envelope(
     show_default=True,
     help="When signing: how long the program stays valid (at most max_validity_days).",
 )
-@click.option("--timeout-s", type=float, default=DEFAULT_ACK_TIMEOUT_S, show_default=True)
+@click.option("--timeout-s", type=POSITIVE_S, default=DEFAULT_ACK_TIMEOUT_S, show_default=True)
 @pass_cli
 @reports_errors
 def push_command(
     cli: CliContext,
-    file: Path,
+    routine_spec: str,
     client: str,
     broker: str,
     username: str | None,
@@ -633,16 +717,19 @@ def push_command(
     valid_days: float,
     timeout_s: float,
 ) -> None:
-    """Push FILE (a signed envelope, or a routine to sign now) to a client's bridge."""
-    data = file.read_bytes()
+    """Push FILE (a signed envelope, or a routine or starter id to sign now) to a client's
+    bridge, and wait for its answer."""
+    checked_bridge_id(client, "--client")
+    path = Path(routine_spec)
+    data = path.read_bytes() if path.is_file() else b""
     if not _is_envelope(data):
         data = sign_file(
-            file,
+            routine_spec,
             client=client,
             therapist_id=therapist_id,
             valid_days=valid_days,
             version=None,
-            max_validity=cli.options.settings.programs.max_validity,
+            max_validity=cli.settings.programs.max_validity,
         )
     settings = mqtt_settings(
         None, broker, username=username, password=password, tls_ca_file=tls_ca_file
@@ -652,7 +739,8 @@ def push_command(
     if ack is None:
         click.echo(
             f"no answer from bridge {client} within {timeout_s:g} s: if it is offline, the"
-            " broker keeps the push until it reconnects (see `devicebridge therapist status`)"
+            " broker keeps the push until it reconnects (see `devicebridge therapist status`)",
+            err=True,
         )
         raise click.exceptions.Exit(1)
     if ack["status"] == "accepted":
@@ -661,11 +749,13 @@ def push_command(
             f" on bridge {client}"
         )
         return
-    click.echo(f"rejected: {ack['reason']}: {ack['detail']}")
+    click.echo(f"rejected: {ack['reason']}: {ack['detail']}", err=True)
     raise click.exceptions.Exit(1)
 
 
 def _is_envelope(data: bytes) -> bool:
+    from devicebridge.core.signed_program import FORMAT
+
     try:
         return bool(json.loads(data).get("format") == FORMAT)
     except (ValueError, AttributeError):

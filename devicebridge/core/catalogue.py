@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final
 
 from devicebridge.core.policy import LED_CHANNELS
@@ -204,9 +205,7 @@ class DeviceCatalogue:
         services = {uuid.lower() for uuid in service_uuids}
         manufacturers = set(manufacturer_ids)
         for family in self.families:
-            if services & set(family.service_uuids) or manufacturers & set(
-                family.manufacturer_ids
-            ):
+            if services & set(family.service_uuids) or manufacturers & set(family.manufacturer_ids):
                 model = family.model_for_name(name) if name else None
                 return CatalogueMatch(family, model)
         if not name:
@@ -650,9 +649,7 @@ def _kinds(
                 read.add(f"{path}.modes", f"the driver cannot run {mode}")
             if programs and not driver.programs:
                 read.add(f"{path}.programs", "the driver cannot install device programs")
-        kinds[kind] = KindSupport(
-            kind, low, high, modes, frozenset(measures), led, programs
-        )
+        kinds[kind] = KindSupport(kind, low, high, modes, frozenset(measures), led, programs)
     return kinds
 
 
@@ -764,3 +761,24 @@ def default_catalogue() -> DeviceCatalogue:
     if not _DEFAULT:
         _DEFAULT.append(build_catalogue(shipped_family_files()))
     return _DEFAULT[0]
+
+
+def load_catalogue(extra_dir: Path | None) -> DeviceCatalogue:
+    """The shipped family files, and every ``*.toml`` of ``extra_dir`` (the
+    ``device_catalogue_dir`` setting): validated together, every problem of every file
+    named at once (:class:`CatalogueError`)."""
+    files = shipped_family_files()
+    if extra_dir is not None:
+        try:
+            paths = sorted(p for p in extra_dir.iterdir() if p.suffix == ".toml")
+        except OSError as exc:
+            where = Problem("(directory)", f"cannot list the directory: {exc.strerror}")
+            raise CatalogueError([(str(extra_dir), where)]) from exc
+        for path in paths:
+            try:
+                files.append((str(path), path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                problem = Problem("(file)", f"unreadable: {why}")
+                raise CatalogueError([(str(path), problem)]) from exc
+    return build_catalogue(files)

@@ -35,8 +35,7 @@ def device_problems(routine: Routine, support: KindSupport, device: str) -> list
     if routine.device_kind is not support.kind:
         add(
             "routine.device_kind",
-            f"the routine is for a {routine.device_kind.value}, {device} is a "
-            f"{support.kind.value}",
+            f"the routine is for a {routine.device_kind.value}, {device} is a {support.kind.value}",
         )
         return problems
     for number, step in enumerate(routine.steps, start=1):

@@ -445,9 +445,7 @@ def _zones(reader: _Reader, data: Mapping[str, Any]) -> dict[str, ZoneLimits]:
         cap = reader.limit(data, f"{base}.cap_kpa", 0.0, MAX_PRESSURE_CAP_KPA, above_low=True)
         pass_cap = reader.limit(data, f"{base}.pass_cap_s", MIN_TIME_CAP_S, MAX_TIME_CAP_S)
         session_cap = reader.limit(data, f"{base}.session_cap_s", MIN_TIME_CAP_S, MAX_TIME_CAP_S)
-        intensity = reader.limit(
-            data, f"{base}.intensity_cap", 1, MAX_INTENSITY_LEVEL, whole=True
-        )
+        intensity = reader.limit(data, f"{base}.intensity_cap", 1, MAX_INTENSITY_LEVEL, whole=True)
         rest = reader.limit(data, f"{base}.rest_after_pass_s", 0.0, MAX_TIME_CAP_S, required=False)
         # A pass is at least one step: a program holds at most MAX_PROGRAM_STEPS.
         passes = reader.limit(

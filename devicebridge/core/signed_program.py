@@ -14,6 +14,9 @@ as instants in UTC, whatever offset the signer wrote. Verification returns a typ
 rejection reason for every failure (with the envelope's nonce whenever it could be read,
 so that the pusher can be answered); nothing unverified reaches the routine parser, let
 alone a device.
+
+cryptography loads when a key is read or a signature checked, not on import, so the
+configuration (which names the default maximum validity) stays light to load.
 """
 
 from __future__ import annotations
@@ -29,10 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Final
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any, Final
 
 from devicebridge.errors import ProgramRejectedError as ProgramRejectedError  # re-exported
 
@@ -54,6 +54,12 @@ DEFAULT_MAX_VALIDITY_DAYS: Final = 30
 DEFAULT_MAX_VALIDITY: Final = timedelta(days=DEFAULT_MAX_VALIDITY_DAYS)
 MAX_VALIDITY_SETTING: Final = "[programs] max_validity_days"
 _LENGTH: Final = struct.Struct(">I")
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 
 class RejectReason(StrEnum):
@@ -133,6 +139,8 @@ def public_key_bytes(public_key: Ed25519PublicKey) -> bytes:
 
 def load_public_key(text: str) -> Ed25519PublicKey:
     """A public key written as base64 of its 32 raw bytes (``therapist keygen`` output)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         raw = base64.b64decode(text.strip(), validate=True)
         return Ed25519PublicKey.from_public_bytes(raw)
@@ -301,6 +309,8 @@ def verify(
     for, the window (as instants in UTC) must hold ``now`` and be no longer than
     ``max_validity``, and the nonce must be new.
     """
+    from cryptography.exceptions import InvalidSignature
+
     meta = signed.metadata
 
     def rejected(reason: RejectReason, message: str) -> ProgramRejectedError:

@@ -343,8 +343,7 @@ class TimedMassageEngine:
                     DecisionKind.STOP_STEP,
                     at_s,
                     "zone_time_cap",
-                    f"{step.zone} has had its {cap.value:g} s {what}{each}: step ended, "
-                    "move on.",
+                    f"{step.zone} has had its {cap.value:g} s {what}{each}: step ended, move on.",
                     self.policy.cite(cap),
                 )
             )

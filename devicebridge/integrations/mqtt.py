@@ -7,8 +7,9 @@ order at QoS 1 (a message leaves the outbox only after the broker's PUBACK), sub
 the bridge's command topics, and reconnects with exponential backoff and jitter on the
 injected clock. The topic contract is ``docs/mqtt.md``.
 
-A received message is handed to the ``on_message`` handler; a handler that raises loses
-that one message (logged, with its traceback, throttled), never the link.
+The broker settings are :class:`devicebridge.config.MqttSettings` (the ``[mqtt]`` table),
+re-exported here. A received message is handed to the ``on_message`` handler; a handler
+that raises loses that one message (logged, with its traceback, throttled), never the link.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ import functools
 import logging
 import math
 import random
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import aiomqtt
@@ -32,13 +30,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from devicebridge.clock import Clock
+from devicebridge.config import TOPIC_ROOT as TOPIC_ROOT  # re-exported
+from devicebridge.config import MqttSettings as MqttSettings  # re-exported
 from devicebridge.core.backoff import Backoff, BackoffPolicy
 from devicebridge.errors import MqttUnavailableError
 from devicebridge.logthrottle import ThrottledLog
 from devicebridge.storage.outbox import Outbox, OutgoingMessage
 
 LOG = logging.getLogger(__name__)
-TOPIC_ROOT: Final = "devicebridge/v1"
 AVAILABILITY_ONLINE: Final = b"online"
 AVAILABILITY_OFFLINE: Final = b"offline"
 OUTBOX_BATCH: Final = 200
@@ -88,41 +87,6 @@ class Topics:
     @property
     def programs_installed(self) -> str:
         return f"{self.base}/programs/installed"
-
-
-@dataclass(frozen=True, slots=True)
-class MqttSettings:
-    host: str
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_insecure_skip_verify: bool = False
-    keepalive_s: int = 30
-    client_id: str | None = None
-    # How long the broker keeps the bridge's subscriptions, and the program pushes that
-    # arrive meanwhile, while the bridge is offline (0: forget them at once).
-    session_expiry_s: int = 7 * 24 * 3600
-    topic_root: str = TOPIC_ROOT
-    reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if self.tls_ca_file is None and self.tls_cert_file is None:
-            return None
-        context = ssl.create_default_context(
-            cafile=str(self.tls_ca_file) if self.tls_ca_file else None
-        )
-        if self.tls_cert_file is not None:
-            context.load_cert_chain(
-                str(self.tls_cert_file), str(self.tls_key_file) if self.tls_key_file else None
-            )
-        if self.tls_insecure_skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
 
 def make_client(

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -36,7 +38,18 @@ def scenario_group() -> None:
     show_default=True,
     help="Where a failing scenario leaves its seed, timeline and telemetry.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON too.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the outcomes as one JSON list on stdout (verdicts and logs go to stderr).",
+)
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Hide the warnings the bridge logs for injected faults (errors still show).",
+)
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -46,15 +59,26 @@ def scenario_group() -> None:
     "A run replays exactly with the same seed and the same number of workers.",
 )
 def run_command(
-    files: tuple[Path, ...], seed: int | None, artifacts: Path, as_json: bool, workers: int
+    files: tuple[Path, ...],
+    seed: int | None,
+    artifacts: Path,
+    as_json: bool,
+    quiet: bool,
+    workers: int,
 ) -> None:
     """Run scenario FILES against the bridge and print a verdict for each (exit 1 on a failure)."""
+    if quiet:
+        # The faults a scenario injects make the bridge warn, as it should; the verdict
+        # says whether it coped.
+        logging.disable(logging.WARNING)
     failed = 0
+    outcomes: list[dict[str, Any]] = []
     for path in files:
         try:
             scenario = load_scenario(path)
         except ScenarioError as exc:
             click.echo(f"ERROR {path}\n{exc}", err=True)
+            outcomes.append({"file": str(path), "passed": False, "error": str(exc)})
             failed += 1
             continue
         with tempfile.TemporaryDirectory(prefix="devicebridge-qa-") as tmp:
@@ -64,15 +88,18 @@ def run_command(
                 )
             except DeviceBridgeError as exc:
                 click.echo(f"ERROR {path}: {exc}", err=True)
+                outcomes.append({"file": str(path), "passed": False, "error": str(exc)})
                 failed += 1
                 continue
-            click.echo(result.verdict())
+            # With --json, stdout carries the JSON only: the verdict goes to stderr.
+            click.echo(result.verdict(), err=as_json)
             if not result.passed:
                 failed += 1
                 folder = result.write_artifacts(artifacts / scenario.name.replace(" ", "_"))
-                click.echo(f"  artifacts: {folder}")
-        if as_json:
-            click.echo(json.dumps(_json(result), indent=2))
+                click.echo(f"  artifacts: {folder}", err=as_json)
+        outcomes.append({"file": str(path), **_json(result)})
+    if as_json:
+        click.echo(json.dumps(outcomes, indent=2))
     sys.exit(1 if failed else 0)
 
 

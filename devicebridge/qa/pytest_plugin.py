@@ -19,6 +19,10 @@ Fixtures (all function-scoped but ``sim_seed``):
 ``bridge``        a :class:`~devicebridge.qa.QaBridge` connected to every device of the
                   world, with the clock running
 ``sim_scenario``  ``await sim_scenario(path)``: run a scenario file, returns the result
+
+The async fixtures (``sim_world``, ``bridge`` and those built on them) need pytest-asyncio
+(``pip install 'devicebridge[qa]'``); without it the plugin still loads, its other fixtures
+work, and an async one fails its test with that hint.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
-import pytest_asyncio
 
 from devicebridge.qa.bridge import QaBridge
 from devicebridge.qa.scenario import ScenarioResult, run_scenario
@@ -46,6 +49,28 @@ REPORTS_KEY: Final = pytest.StashKey[dict[str, pytest.TestReport]]()
 DEFAULT_ARTIFACTS: Final = "sim-artifacts"
 SEED_LIMIT: Final = 2**31
 SCENARIO_FILE: Final = re.compile(r"^scenario_.*\.toml$")
+
+
+def async_fixture(func: Callable[..., Any]) -> Any:
+    """``pytest_asyncio.fixture``, or without pytest-asyncio a fixture that fails with the
+    command that installs it."""
+    try:
+        import pytest_asyncio
+    except ImportError:  # a bridge's install: pytest without pytest-asyncio
+        pass
+    else:
+        return pytest_asyncio.fixture(func)
+    name = func.__name__
+
+    @pytest.fixture(name=name)
+    def needs_pytest_asyncio() -> None:
+        pytest.fail(
+            f"the fixture {name!r} is async and needs pytest-asyncio: "
+            "pip install 'devicebridge[qa]'",
+            pytrace=False,
+        )
+
+    return needs_pytest_asyncio
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -168,7 +193,7 @@ def sim_recorder(request: pytest.FixtureRequest, sim_seed: int) -> Iterator[SimR
         request.node.add_report_section("teardown", "devicebridge-sim", f"artifacts: {folder}")
 
 
-@pytest_asyncio.fixture
+@async_fixture
 async def sim_world(
     request: pytest.FixtureRequest,
     sim_seed: int,
@@ -234,7 +259,7 @@ def sim_faults(
     return add
 
 
-@pytest_asyncio.fixture
+@async_fixture
 async def bridge(
     request: pytest.FixtureRequest,
     sim_world: SimulatedWorld,

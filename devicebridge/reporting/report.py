@@ -23,7 +23,7 @@ from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.routine import J_PER_MJ, MassageStep, Routine, parse_routine
 from devicebridge.errors import ReportError, RoutineError
 from devicebridge.storage.sessions import SessionRecord, SessionStore, StoredDecision
-from protocols import SampleFormat
+from protocols import MassageMode, SampleFormat
 from protocols.telemetry import (
     LED_MASK_FLAG_TREATMENT_RUNNING,
     LED_MASK_FLAG_WORN,
@@ -176,7 +176,7 @@ def telemetry_rows(report: SessionReport) -> list[dict[str, Any]]:
             "zone": [ZONE_NAMES.get(int(z), "none") for z in samples["zone"]],
             "motor_on": ((flags & MASSAGER_FLAG_MOTOR_ON) != 0).tolist(),
             "intensity": samples["intensity"].tolist(),
-            "mode": samples["mode"].tolist(),
+            "mode": [_mode_name(int(m)) for m in samples["mode"]],
         }
     else:
         flags = samples["flags"]
@@ -192,9 +192,22 @@ def telemetry_rows(report: SessionReport) -> list[dict[str, Any]]:
     return [{name: base[name][i] for name in columns} for i in range(int(report.sequences.size))]
 
 
+def _mode_name(code: int) -> str:
+    try:
+        return MassageMode(code).name.lower()
+    except ValueError:
+        return str(code)  # a mode newer than this host
+
+
 def write_csv(report: SessionReport, path: Path) -> int:
-    """Write the telemetry as CSV; returns the number of data rows."""
-    rows = telemetry_rows(report)
+    """Write the telemetry as CSV; returns the number of data rows.
+
+    Typed for a spreadsheet: numbers as numbers, flags (contact, motor, worn) as 0/1,
+    the zone and the mode by name."""
+    rows = [
+        {key: int(value) if isinstance(value, bool) else value for key, value in row.items()}
+        for row in telemetry_rows(report)
+    ]
     try:
         with path.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=telemetry_columns(report))

@@ -604,8 +604,7 @@ class RoutineRunner:
 
     def _link_loss_reason(self, at_s: float) -> str:
         what = (
-            f"the link was lost at {at_s:.1f} s (this device reports nothing, so the "
-            "session ends)"
+            f"the link was lost at {at_s:.1f} s (this device reports nothing, so the session ends)"
         )
         if self._final_stop_sent:
             return f"{what}; the device was stopped when it came back"

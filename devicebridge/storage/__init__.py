@@ -1,5 +1,3 @@
-"""Persistent state of the host (SQLite)."""
-
-from devicebridge.storage.registry import DeviceRegistry, FirmwareRecord, PairedDevice
-
-__all__ = ["DeviceRegistry", "FirmwareRecord", "PairedDevice"]
+"""Persistent state of the host (SQLite): import the module you need
+(``devicebridge.storage.registry``, ``.sessions``, ...); this package imports none of them,
+so that opening one store does not load the others."""

@@ -214,8 +214,7 @@ class DeviceRegistry:
         )
 
     _COLUMNS: Final = (
-        "serial_number, name, kind, model, last_address, transport, serial_port, paired_at,"
-        " family"
+        "serial_number, name, kind, model, last_address, transport, serial_port, paired_at, family"
     )
 
     def get(self, name: str) -> PairedDevice:

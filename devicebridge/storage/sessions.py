@@ -23,16 +23,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.lock import mark_process_alive, process_alive
 from devicebridge.storage.sqlite import connect, migrate
 from protocols import SampleFormat
-from protocols.telemetry import SAMPLE_DTYPES
+
+if TYPE_CHECKING:
+    # numpy loads with the first telemetry written or read, so that listing sessions
+    # (devicebridge history) starts without it.
+    import numpy as np
+    import numpy.typing as npt
 
 SESSIONS_FILENAME: Final = "sessions.sqlite3"
 SessionStatus = Literal["running", "completed", "stopped", "interrupted", "refused"]
@@ -242,6 +244,8 @@ class SessionStore:
         self, session_id: int, first_sequence: int, samples: npt.NDArray[np.void]
     ) -> None:
         """Store one batch at once (committed before returning). Re-sent batches are ignored."""
+        import numpy as np
+
         if samples.shape[0] == 0:
             return
         with self._transaction() as db:
@@ -267,6 +271,8 @@ class SessionStore:
 
         The same rows as :meth:`append_samples` and :meth:`append_decisions`, one commit.
         """
+        import numpy as np
+
         rows = [
             (
                 c.session_id,
@@ -393,6 +399,10 @@ class SessionStore:
 
     def telemetry(self, session_id: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.void]]:
         """(sequences, samples) of a session, in sequence order, each sample once."""
+        import numpy as np
+
+        from protocols.telemetry import SAMPLE_DTYPES
+
         record = self.session(session_id)
         dtype = SAMPLE_DTYPES[record.sample_format]
         chunks = self._db.execute(

@@ -92,9 +92,7 @@ def test_pair_run_history_and_report_of_a_foreo(invoke, tmp_path: Path) -> None:
     assert "Paired 'luna': massager LUNA 3, foreo device known as foreo@" in paired.stdout
     assert "firmware not reported, over ble" in paired.stdout
     devices = json.loads(invoke("devices", "--json").stdout)
-    assert [(d["name"], d["family"], d["kind"]) for d in devices] == [
-        ("luna", "foreo", "massager")
-    ]
+    assert [(d["name"], d["family"], d["kind"]) for d in devices] == [("luna", "foreo", "massager")]
     assert devices[0]["serial_number"].startswith("foreo@")
     assert devices[0]["firmware_history"] == []
     scanned = {r["family"]: r for r in json.loads(invoke("scan", "--json").stdout)}

@@ -103,8 +103,7 @@ def body_of(step: dict[str, Any]) -> CommandBody:
 
 def expected(step: dict[str, Any]) -> list[tuple[str, bytes, bool]]:
     return [
-        (w["characteristic"], bytes.fromhex(w["data"]), w["with_response"])
-        for w in step["writes"]
+        (w["characteristic"], bytes.fromhex(w["data"]), w["with_response"]) for w in step["writes"]
     ]
 
 

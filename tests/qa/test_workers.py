@@ -104,8 +104,9 @@ def test_cli_runs_a_scenario_on_two_workers(tmp_path: Path) -> None:
     path.write_text(INDEPENDENT, "utf-8")
     result = CliRunner().invoke(scenario_group, ["run", str(path), "--workers", "2", "--json"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("PASS independent fleet (seed 31): 7 device(s)")
-    payload = json.loads(result.output[result.output.index("{") :])
+    # --json: stdout is one JSON document; the verdict goes to stderr.
+    assert result.stderr.startswith("PASS independent fleet (seed 31): 7 device(s)")
+    [payload] = json.loads(result.stdout)
     assert payload["workers"] == 2
     assert set(payload["devices"]) == {
         *(f"clean-{i}" for i in range(3)),

@@ -192,6 +192,11 @@ def test_run_history_report_and_exports(invoke, tmp_path: Path) -> None:  # type
         rows = list(csv.DictReader(handle))
     assert len(rows) == stored
     assert {"pressure_kpa", "zone", "motor_on"} <= set(rows[0])
+    # Typed columns: flags as 0/1, the mode and the zone by name.
+    assert {row["contact"] for row in rows} <= {"0", "1"}
+    assert {row["motor_on"] for row in rows} == {"0", "1"}
+    assert {row["mode"] for row in rows} <= {"off", "vibration", "percussion", "pulse"}
+    assert "cheek_left" in {row["zone"] for row in rows}
     exported = json.loads(json_path.read_text())
     assert len(exported["telemetry"]) == stored
     assert exported["summary"]["completed"] is True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -43,6 +44,7 @@ from devicebridge.device.transport.base import (
     MessageReceiver,
 )
 from devicebridge.errors import (
+    BluetoothUnavailableError,
     ConnectionLostError,
     DeviceNotFoundError,
     NotConnectedError,
@@ -196,6 +198,29 @@ def _discovered(
     )
 
 
+async def _start_scanner(
+    on_advertisement: Callable[[BLEDevice, AdvertisementData], None],
+    backend: type[BaseBleakScanner] | None,
+) -> BleakScanner:
+    """A started scanner; no Bluetooth stack or adapter is one clear error, not a D-Bus trace."""
+    try:
+        scanner = BleakScanner(detection_callback=on_advertisement, backend=backend)
+        await scanner.start()
+    except (BleakError, OSError) as exc:
+        raise bluetooth_unavailable(exc) from exc
+    return scanner
+
+
+def bluetooth_unavailable(exc: BaseException) -> BluetoothUnavailableError:
+    """What a failure to start scanning means for the user."""
+    text = str(exc)
+    # No D-Bus socket (OSError), no BlueZ on the bus, or BlueZ without an adapter.
+    if isinstance(exc, OSError) or "ServiceUnknown" in text or "No Bluetooth adapters" in text:
+        stack = "BlueZ not running?" if sys.platform.startswith("linux") else "is Bluetooth on?"
+        return BluetoothUnavailableError(f"no Bluetooth adapter found ({stack})")
+    return BluetoothUnavailableError(f"Bluetooth is not available ({text or type(exc).__name__})")
+
+
 async def scan(
     clock: Clock,
     duration_s: float,
@@ -211,9 +236,8 @@ async def scan(
         if found is not None:
             seen[found.serial_number or found.address] = found
 
-    scanner = BleakScanner(detection_callback=on_advertisement, backend=backend)
+    scanner = await _start_scanner(on_advertisement, backend)
     try:
-        await scanner.start()
         try:
             await clock.sleep(duration_s)
         finally:
@@ -255,9 +279,8 @@ async def find_device(
         if candidate is not None and predicate(candidate):
             found.set_result(candidate)
 
-    scanner = BleakScanner(detection_callback=on_advertisement, backend=backend)
+    scanner = await _start_scanner(on_advertisement, backend)
     try:
-        await scanner.start()
         try:
             return await wait_for(clock, asyncio.shield(found), timeout_s)
         except TimeoutError:
