@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -88,48 +87,6 @@ class StuckSensorDetector:
             return SensorVerdict.STUCK
         return SensorVerdict.OK
 
-    # A few samples at once, for the engine's quiet runs: the same as calling :meth:`update`
-    # on each, for samples that all get an OK verdict.
-    def ok_count(self, raw: Sequence[int], motor_on_skin: Sequence[bool]) -> int:
-        """How many leading samples :meth:`update` would give an OK verdict; changes nothing.
-
-        Must not be called while stuck.
-        """
-        count = len(raw)
-        threshold = self.threshold_samples
-        if self._run + count < threshold:
-            return count  # the run cannot reach the threshold within these samples
-        value, run = self._value, self._run
-        for index in range(count):
-            reading = raw[index]
-            if not motor_on_skin[index] or reading == 0:
-                value, run = None, 0
-                continue
-            if reading == value:
-                run += 1
-            else:
-                value, run = reading, 1
-            if run >= threshold:
-                return index
-        return count
-
-    def skip(self, raw: Sequence[int], motor_on_skin: Sequence[bool]) -> None:
-        """The state after :meth:`update` on samples that all get an OK verdict (see ok_count)."""
-        count = len(raw)
-        if count == 0:
-            return
-        last = raw[-1]
-        if not motor_on_skin[-1] or last == 0:
-            self._value, self._run = None, 0
-            return
-        # The run is the trailing stretch of equal active readings, and the run before them
-        # when the stretch covers all samples and goes on from the stored value.
-        same = 1
-        while same < count and motor_on_skin[-same - 1] and raw[-same - 1] == last:
-            same += 1
-        self._run = self._run + count if same == count and last == self._value else same
-        self._value = last
-
 
 class ActuatorWatch:
     """Reports once when the motor stays off for ``grace_s`` while it should run."""
@@ -157,35 +114,6 @@ class ActuatorWatch:
             self.reported = True
             return True
         return False
-
-    # A few samples at once, for the engine's quiet runs: the same as calling :meth:`update`
-    # on each, for samples that all report nothing.
-    def ok_count(self, wanted_on: bool, motor_on: Sequence[bool]) -> int:
-        """How many leading samples :meth:`update` would report nothing for; changes nothing."""
-        count = len(motor_on)
-        if self.reported or not wanted_on or self._mismatch + count < self.grace_samples:
-            return count
-        mismatch = self._mismatch
-        for index in range(count):
-            mismatch = 0 if motor_on[index] else mismatch + 1
-            if mismatch >= self.grace_samples:
-                return index
-        return count
-
-    def skip(self, wanted_on: bool, motor_on: Sequence[bool]) -> None:
-        """The state after :meth:`update` on samples that all report nothing (see ok_count)."""
-        count = len(motor_on)
-        if count == 0:
-            return
-        if not wanted_on:
-            self._mismatch = 0
-            return
-        # The samples with the motor off since it last ran, and those before them if it
-        # never ran in these samples.
-        off = 0
-        while off < count and not motor_on[-off - 1]:
-            off += 1
-        self._mismatch = self._mismatch + count if off == count else off
 
 
 class RestartDetector:
