@@ -174,16 +174,34 @@ class _QuietWindow(NamedTuple):
     pressure_min: int = 0
     pressure_max: int = -1
 
-    def admits(self, raw_pressure: int, centi_c: int, zone_code: int, contact: bool) -> bool:
-        """Whether a sample with these raw readings is quiet (within ``limit``)."""
+    def quiet_count(
+        self,
+        raw_pressures: list[int],
+        centi_cs: list[int],
+        zone_codes: list[int],
+        flags: list[int],
+        start: int,
+        end: int,
+    ) -> int:
+        """How many samples from ``start`` (before ``end``, at most ``limit``) are quiet."""
+        end = min(end, start + self.limit)
+        below = self.temperature_below
         if not self.on_skin:
-            return not contact and centi_c < self.temperature_below
-        return (
-            contact
-            and self.pressure_min <= raw_pressure <= self.pressure_max
-            and centi_c < self.temperature_below
-            and (zone_code == self.zone_code or not MIN_ZONE_CODE <= zone_code <= MAX_ZONE_CODE)
-        )
+            for index in range(start, end):
+                if flags[index] & CONTACT_FLAG or centi_cs[index] >= below:
+                    return index - start
+            return end - start
+        low, high, code = self.pressure_min, self.pressure_max, self.zone_code
+        for index in range(start, end):
+            zone = zone_codes[index]
+            if not (
+                flags[index] & CONTACT_FLAG
+                and low <= raw_pressures[index] <= high
+                and centi_cs[index] < below
+                and (zone == code or not MIN_ZONE_CODE <= zone <= MAX_ZONE_CODE)
+            ):
+                return index - start
+        return end - start
 
 
 def _lowered_intensity(level: int) -> int:
@@ -332,59 +350,51 @@ class MassageEngine(Engine[MassageStep]):
         temperatures: list[int] = samples["skin_temperature_centi_c"].tolist()
         zones: list[int] = samples["zone"].tolist()
         flags: list[int] = samples["flags"].tolist()
-        checks = self._stuck is not None
+        actuators = self._actuators
+        motor = [value & MOTOR_FLAG != 0 for value in flags] if actuators is not None else []
         quiet_runs = self._quiet_runs
-        window: _QuietWindow | None = None
-        run = 0  # the samples the window has taken, counted when it closes
-        for i in range(count):
+        i = 0
+        while i < count and not self.finished:
             sequence = first_sequence + i
-            raw = raws[i]
-            sample_flags = flags[i]
-            contact = sample_flags & CONTACT_FLAG != 0
-            if checks:
-                decided = len(out)
-                faulty = self._device_fault(
-                    sequence, raw, sample_flags & MOTOR_FLAG != 0, contact, out
-                )
-                if faulty or len(out) != decided:
-                    # The fault checks read no count; a window closes on their decisions.
-                    if window is not None and run:
-                        self._count_quiet(window.on_skin, run)
-                    window, run = None, 0
-                    if self.finished:
-                        break
-                    if faulty:
-                        continue
-            centi_c = temperatures[i]
-            zone = zones[i]
-            if quiet_runs:
-                if (
-                    window is not None
-                    and run < window.limit
-                    and window.admits(raw, centi_c, zone, contact)
-                ):
-                    run += 1
+            contact = flags[i] & CONTACT_FLAG != 0
+            window = self._quiet_window(contact, sequence) if quiet_runs else None
+            if window is not None:
+                end = count
+                if actuators is not None and actuators.commanded_from is not None:
+                    # The run must not straddle the sample from which the motor counts as
+                    # commanded on: before it, the actuator check expects nothing.
+                    before = actuators.commanded_from - sequence
+                    if before > 0:
+                        end = min(end, i + before)
+                run = window.quiet_count(raws, temperatures, zones, flags, i, end)
+                if run:
+                    skip = False
+                    if actuators is not None:
+                        run, skip = self._device_faults(
+                            sequence, raws[i : i + run], motor[i : i + run], contact, out
+                        )
+                    quiet = run - 1 if skip else run
+                    if quiet:
+                        self._count_quiet(contact, quiet)
+                    i += run
                     continue
-                if window is not None and run:
-                    self._count_quiet(window.on_skin, run)
-                window, run = self._quiet_window(contact, sequence), 0
-                if window is not None and window.admits(raw, centi_c, zone, contact):
-                    run = 1
-                    continue
-                window = None
+            i += 1
+            if (
+                actuators is not None
+                and self._device_faults(sequence, raws[i - 1 : i], motor[i - 1 : i], contact, out)[
+                    1
+                ]
+            ):
+                continue
             self._sample(
                 self._session_time_s(sequence),
                 sequence,
-                raw * KPA_PER_UNIT,
-                centi_c * CELSIUS_PER_UNIT,
+                raws[i - 1] * KPA_PER_UNIT,
+                temperatures[i - 1] * CELSIUS_PER_UNIT,
                 contact,
-                zone,
+                zones[i - 1],
                 out,
             )
-            if self.finished:
-                break
-        if window is not None and run:
-            self._count_quiet(window.on_skin, run)
         if out:  # what _emit(out) does; most batches decide nothing
             self.decisions.extend(out)
         return out
@@ -665,50 +675,63 @@ class MassageEngine(Engine[MassageStep]):
         if self._step_contact_samples >= self._contact_samples[self._index]:
             self._advance(out, at_s, sequence)
 
-    def _device_fault(
+    def _device_faults(
         self,
         sequence: int,
-        raw_pressure: int,
-        motor_on: bool,
+        raw_pressures: list[int],
+        motor_on: list[bool],
         contact: bool,
         out: list[Decision],
-    ) -> bool:
-        """Stuck sensor and unapplied commands; ``True`` when the sample must not count."""
-        assert self._stuck is not None
-        assert self._actuators is not None
-        verdict = self._stuck.update(raw_pressure, motor_on and contact)
-        if verdict is SensorVerdict.STUCK:
-            self._pause(
-                out,
-                self._session_time_s(sequence),
-                sequence,
-                "sensor_stuck",
-                f"The pressure sensor has read {raw_pressure * KPA_PER_UNIT:.2f} kPa without "
-                f"any change for {self._stuck.stuck_after_s:g} s while the motor runs: it seems "
-                "stuck, so pressure cannot be watched. Motor paused; restart the device. The "
-                "routine goes on when the sensor reads again.",
-                None,
-            )
-            return True
-        if self._pause_reason == "sensor_stuck":
-            if verdict is SensorVerdict.RECOVERED:
-                self._resume(out, self._session_time_s(sequence), sequence)
-                return False
-            return True
-        wanted_on = not self.paused and contact and self._actuators.commanded(sequence)
-        if self._actuators.update(wanted_on, motor_on):
+    ) -> tuple[int, bool]:
+        """Stuck sensor and unapplied commands, on samples from ``sequence`` with one
+        contact flag over which the rules change nothing (a quiet run, or one sample).
+
+        Takes the samples up to the first on which a check decides; returns how many it
+        took and whether the last must not count (the checks paused or stopped on it).
+        """
+        stuck, actuators = self._stuck, self._actuators
+        assert stuck is not None
+        assert actuators is not None
+        taken, verdict = stuck.feed(
+            raw_pressures, motor_on if contact else [False] * len(raw_pressures)
+        )
+        if verdict is SensorVerdict.RECOVERED:
+            self._resume(out, self._session_time_s(sequence), sequence)
+            return taken, False
+        if verdict is SensorVerdict.STILL_STUCK:
+            return taken, True
+        ok = taken if verdict is SensorVerdict.OK else taken - 1
+        wanted_on = self._pause_reason is None and contact and actuators.commanded(sequence)
+        fed, reported = actuators.feed(
+            wanted_on, motor_on if ok == len(motor_on) else motor_on[:ok]
+        )
+        if reported:
             self._stop(
                 out,
-                self._session_time_s(sequence),
-                sequence,
+                self._session_time_s(sequence + fed - 1),
+                sequence + fed - 1,
                 "command_not_applied",
                 "The massager acknowledged its commands but its motor has stayed off for "
-                f"{self._actuators.grace_s:g} s: the device does not do what it is told. "
+                f"{actuators.grace_s:g} s: the device does not do what it is told. "
                 "Session stopped; restart the device.",
                 None,
             )
-            return True
-        return False
+            return fed, True
+        if verdict is SensorVerdict.STUCK:
+            at = sequence + taken - 1
+            self._pause(
+                out,
+                self._session_time_s(at),
+                at,
+                "sensor_stuck",
+                f"The pressure sensor has read {raw_pressures[taken - 1] * KPA_PER_UNIT:.2f} kPa "
+                f"without any change for {stuck.stuck_after_s:g} s while the motor runs: it "
+                "seems stuck, so pressure cannot be watched. Motor paused; restart the device. "
+                "The routine goes on when the sensor reads again.",
+                None,
+            )
+            return taken, True
+        return taken, False
 
     # ------------------------------------------------------------------ transitions
     def _default_zone(self) -> str:
