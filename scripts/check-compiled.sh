@@ -28,6 +28,10 @@ fi
 echo "== mypyc: compiling the pure cores"
 (cd "$TREE" && DEVICEBRIDGE_COMPILE=1 "$VENV/bin/python" setup.py --quiet build_ext --inplace \
     >"$TREE/build-compiled.log" 2>&1) || { tail -40 "$TREE/build-compiled.log"; exit 1; }
+# mypyc puts the runtime its modules share at the top of the tree: the whole tree goes on
+# the venv's path, so that commands started anywhere (console scripts, subprocesses) find it.
+"$VENV/bin/python" -c 'import sys, sysconfig; from pathlib import Path
+Path(sysconfig.get_paths()["purelib"], "devicebridge-compiled-tree.pth").write_text(sys.argv[1] + "\n")' "$TREE"
 
 PYTHON="$PYTHON" SMPMGR_VENV="$SMPMGR_VENV" bash scripts/smpmgr-venv.sh
 export PATH="$ROOT/$SMPMGR_VENV/bin:$PATH"

@@ -378,21 +378,19 @@ class MassageEngine(Engine[MassageStep]):
                         self._count_quiet(contact, quiet)
                     i += run
                     continue
-            i += 1
-            if (
-                actuators is not None
-                and self._device_faults(sequence, raws[i - 1 : i], motor[i - 1 : i], contact, out)[
-                    1
-                ]
-            ):
-                continue
+            # One sample through the fault checks and the rules.
+            at, i = i, i + 1
+            if actuators is not None:
+                _, skip = self._device_faults(sequence, raws[at:i], motor[at:i], contact, out)
+                if skip:
+                    continue
             self._sample(
                 self._session_time_s(sequence),
                 sequence,
-                raws[i - 1] * KPA_PER_UNIT,
-                temperatures[i - 1] * CELSIUS_PER_UNIT,
+                raws[at] * KPA_PER_UNIT,
+                temperatures[at] * CELSIUS_PER_UNIT,
                 contact,
-                zones[i - 1],
+                zones[at],
                 out,
             )
         if out:  # what _emit(out) does; most batches decide nothing
