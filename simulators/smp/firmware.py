@@ -58,6 +58,7 @@ from typing import Any, Final, Protocol
 import cbor2
 
 from protocols import ResetReason, ShutdownReason
+from protocols.constants import ATT_HEADER_BYTES
 from simulators.devices.device import FIRMWARE_REVISION, SimulatedDevice
 from simulators.devices.link import Channel
 from simulators.smp.constants import (
@@ -83,7 +84,7 @@ from simulators.smp.image import (
     build_image,
     check_image,
 )
-from simulators.smp.radio import ATT_OVERHEAD_BYTES, Direction, Radio
+from simulators.smp.radio import Direction, Radio
 
 # Zephyr's nRF Connect SDK "fast DFU" netbuf (CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE=2475),
 # and Zephyr's default CONFIG_MCUMGR_TRANSPORT_NETBUF_COUNT.
@@ -362,7 +363,7 @@ class SmpFirmware:
             self.radio.clear()
 
     def _payload_bytes(self, client: BleNotifier) -> int:
-        return max(1, client.mtu_size - ATT_OVERHEAD_BYTES)
+        return max(1, client.mtu_size - ATT_HEADER_BYTES)
 
     def _is_current(self, request: _AirRequest) -> bool:
         return (
