@@ -44,8 +44,9 @@ from simulators.devices.hand import HandScript, HandSegment
 from simulators.devices.link import Channel
 from simulators.devices.mask import SimulatedLedMask
 from simulators.devices.massager import SimulatedMassager
+from simulators.errors import FaultError
 from simulators.faults.injector import FaultInjector
-from simulators.faults.spec import FaultError, FaultKind, make_fault
+from simulators.faults.spec import FaultKind, make_fault
 from simulators.links.serial_port import PtySerialPort
 from simulators.links.tcp_port import LOCALHOST, TcpDevicePort
 from simulators.world import SimulatedWorld

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from devicebridge.clinic.errors import RecordError
 from devicebridge.core.policy import LED_CHANNELS
 from devicebridge.service.telemetry import decode_telemetry_message
 from protocols.constants import ZONE_NAMES
@@ -45,10 +46,6 @@ BRIDGE_TOPICS: Final = {
     ("programs", "installed"): "installed",
 }
 DEVICE_TOPICS: Final = {"state": "device_state", "telemetry": "telemetry", "events": "events"}
-
-
-class RecordError(ValueError):
-    """A message that cannot be read as the contract says (it is counted and skipped)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,7 @@ from protocols import ResetReason, ShutdownReason
 from protocols.constants import ATT_HEADER_BYTES
 from simulators.devices.device import FIRMWARE_REVISION, SimulatedDevice
 from simulators.devices.link import Channel
+from simulators.errors import ImageCheckError, SmpError
 from simulators.smp.constants import (
     IMAGE_MAGIC_BYTES,
     OP_MASK,
@@ -79,7 +80,6 @@ from simulators.smp.image import (
     IMAGE_HEADER,
     IMAGE_HEADER_SIZE,
     SHA256_BYTES,
-    ImageCheckError,
     ImageVersion,
     build_image,
     check_image,
@@ -172,15 +172,6 @@ class _AirRequest:
     message: bytes
     generation: int  # of the connection it came over
     buffers: int = 0  # SMP buffers it holds: its own, and its response's
-
-
-class SmpError(Exception):
-    """A request the server answers with an error (``rc``, and the group for SMP v2)."""
-
-    def __init__(self, rc: int, *, group: int | None = None) -> None:
-        super().__init__(rc)
-        self.rc = rc
-        self.group = group
 
 
 def _img_error(rc: ImgErr) -> SmpError:
