@@ -1,31 +1,42 @@
-"""What a sample's raw fields mean to the engines: zones, flags and units.
-
-The zone codes and flags are the wire's (``protocols``); the units are those of the sample
-formats (``protocols.telemetry``: pressure in 10 Pa, temperature in 0.01 °C, irradiance in
-0.01 mW/cm²).
+"""What a sample's raw fields mean to the engines: zones, flags and units, all the wire's
+(``protocols.constants``, ``protocols.telemetry``), under the names the engines use.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Final
 
-from protocols.constants import Zone
-from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_FLAG_MOTOR_ON
+from protocols.constants import ZONE_CODES, ZONE_NAMES
+from protocols.telemetry import (
+    IRRADIANCE_MW_CM2_PER_UNIT,
+    MASSAGER_FLAG_CONTACT,
+    MASSAGER_FLAG_MOTOR_ON,
+    PRESSURE_KPA_PER_UNIT,
+    TEMPERATURE_C_PER_UNIT,
+)
 
-# Zone codes of the wire, as the names routines use.
-ZONE_NAMES: Final[Mapping[int, str]] = {
-    int(zone): zone.name.lower() for zone in Zone if zone is not Zone.NONE
-}
-ZONE_CODES: Final[Mapping[str, int]] = {name: code for code, name in ZONE_NAMES.items()}
+__all__ = [
+    "CELSIUS_PER_UNIT",
+    "CONTACT_FLAG",
+    "KPA_PER_UNIT",
+    "MAX_ZONE_CODE",
+    "MIN_ZONE_CODE",
+    "MOTOR_FLAG",
+    "MW_CM2_PER_UNIT",
+    "ZONE_CODES",
+    "ZONE_NAMES",
+    "first_count_above",
+    "first_count_at_least",
+]
+
 MIN_ZONE_CODE: Final = min(ZONE_NAMES)
 MAX_ZONE_CODE: Final = max(ZONE_NAMES)
 CONTACT_FLAG: Final = MASSAGER_FLAG_CONTACT
 MOTOR_FLAG: Final = MASSAGER_FLAG_MOTOR_ON
-KPA_PER_UNIT: Final = 0.01
-CELSIUS_PER_UNIT: Final = 0.01
-MW_CM2_PER_UNIT: Final = 0.01
+KPA_PER_UNIT: Final = PRESSURE_KPA_PER_UNIT
+CELSIUS_PER_UNIT: Final = TEMPERATURE_C_PER_UNIT
+MW_CM2_PER_UNIT: Final = IRRADIANCE_MW_CM2_PER_UNIT
 
 
 def first_count_at_least(threshold: float, unit: float) -> int:
