@@ -1,4 +1,5 @@
-"""What an engine decides: the kinds of decision, the decision itself, the pressure states."""
+"""What an engine decides: the kinds of decision, the decision itself, the pressure states,
+and how much of its plan a session did."""
 
 from __future__ import annotations
 
@@ -39,3 +40,13 @@ class Decision:
     zone: str | None = None
     intensity: int | None = None  # for LOWER_INTENSITY / RESUME / GUIDANCE on massagers
     irradiance_mw_cm2: Mapping[str, float] | None = None  # for LED steps
+
+
+def completion(done: float, planned: float, *, every_step_done: bool) -> float:
+    """The fraction of a session's plan done: 1.0 once every step is done, else what was
+    done over what was planned (0.0 with nothing planned), at most 1.0."""
+    if every_step_done:
+        return 1.0
+    if not planned:
+        return 0.0
+    return min(1.0, done / planned)

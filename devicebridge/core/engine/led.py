@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from devicebridge.core.engine.base import Engine
-from devicebridge.core.engine.decisions import Decision, DecisionKind
+from devicebridge.core.engine.decisions import Decision, DecisionKind, completion
 from devicebridge.core.engine.readings import CELSIUS_PER_UNIT, MW_CM2_PER_UNIT
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy
 from devicebridge.core.routine import J_PER_MJ, LedStep, Routine
@@ -37,11 +37,11 @@ class LedSummary:
     @property
     def completion(self) -> float:
         """The fraction of the planned light time done (1.0 once every step is done)."""
-        if self.completed and self.steps_done == self.steps_total:
-            return 1.0
-        if not self.planned_light_s:
-            return 0.0
-        return min(1.0, self.light_s / self.planned_light_s)
+        return completion(
+            self.light_s,
+            self.planned_light_s,
+            every_step_done=self.completed and self.steps_done == self.steps_total,
+        )
 
 
 class LedEngine(Engine[LedStep]):

@@ -36,7 +36,12 @@ import numpy as np
 import numpy.typing as npt
 
 from devicebridge.core.engine.base import Engine
-from devicebridge.core.engine.decisions import Decision, DecisionKind, PressureState
+from devicebridge.core.engine.decisions import (
+    Decision,
+    DecisionKind,
+    PressureState,
+    completion,
+)
 from devicebridge.core.engine.readings import (
     CELSIUS_PER_UNIT,
     CONTACT_FLAG,
@@ -106,11 +111,11 @@ class MassageSummary:
     @property
     def completion(self) -> float:
         """The fraction of the planned contact time done (1.0 once every step is done)."""
-        if self.completed and self.steps_done == self.steps_total:
-            return 1.0
-        if not self.planned_contact_samples:
-            return 0.0
-        return min(1.0, self.steps_contact_samples / self.planned_contact_samples)
+        return completion(
+            self.steps_contact_samples,
+            self.planned_contact_samples,
+            every_step_done=self.completed and self.steps_done == self.steps_total,
+        )
 
     @property
     def in_band_fraction(self) -> float:
