@@ -24,7 +24,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
 "$VENV/bin/python" -m pip install --quiet "setuptools>=77" wheel mypy
-(cd "$TREE" && "$VENV/bin/python" -m pip install --quiet -e ".[test]")
+(cd "$TREE" && env -u DEVICEBRIDGE_COMPILE "$VENV/bin/python" -m pip install --quiet -e ".[test]")
 echo "== mypyc: compiling the pure cores"
 (cd "$TREE" && DEVICEBRIDGE_COMPILE=1 "$VENV/bin/python" setup.py --quiet build_ext --inplace \
     >"$TREE/build-compiled.log" 2>&1) || { tail -40 "$TREE/build-compiled.log"; exit 1; }
