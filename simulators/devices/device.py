@@ -157,6 +157,18 @@ def device_rng(seed: int, index: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, *map(int, stream)])
 
 
+def quiet_charges(
+    charges_percent: npt.NDArray[np.float64], drains_percent: npt.NDArray[np.float64], count: int
+) -> npt.NDArray[np.float64]:
+    """The battery charge of each device before and after each of ``count`` samples, one
+    row per device: the charge goes down by that device's drain per sample, one subtraction
+    per sample in order (as sample by sample), so every value is the same to the bit."""
+    steps = np.empty((charges_percent.shape[0], count + 1), dtype=np.float64)
+    steps[:, 0] = charges_percent
+    steps[:, 1:] = drains_percent[:, None]
+    return np.subtract.accumulate(steps, axis=1)
+
+
 def derived_seed(seed: int, index: int, stream: RandomStream) -> int:
     """A plain integer seed for a helper (such as a hand script) of one device."""
     return int(device_rng(seed, index, stream).integers(0, 2**63 - 1))
@@ -1047,10 +1059,9 @@ class SimulatedDevice(abc.ABC):
                 taken += 1
             self._battery_charge_percent = charge_percent
             return taken
-        steps = np.empty(count + 1, dtype=np.float64)
-        steps[0] = self._battery_charge_percent
-        steps[1:] = drain_percent
-        charges = np.subtract.accumulate(steps)
+        charges = quiet_charges(
+            np.array([self._battery_charge_percent]), np.array([drain_percent]), count
+        )[0]
         if drain_percent >= 0.0 and charges[count] > floor_percent:
             # The charge never goes up: when the last sample is quiet, all of them are.
             taken = count
