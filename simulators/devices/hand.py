@@ -48,7 +48,6 @@ ZONE_PRESSURE_BANDS_KPA: Final[dict[Zone, tuple[float, float]]] = {
 NO_ZONE: Final = int(Zone.NONE)
 # A pressure in kPa: one value, or an array of them.
 Kpa = TypeVar("Kpa", float, npt.NDArray[np.float64])
-_Cell = TypeVar("_Cell", bound=np.generic)
 
 # The default hand keeps this fraction of each band's width away from its edges.
 BAND_MARGIN_FRACTION: Final = 0.15
@@ -176,6 +175,7 @@ class _SegmentTable(NamedTuple):
     looped: npt.NDArray[np.bool_]  # (hands, 1)
     period_s: npt.NDArray[np.float64]  # (hands, 1); 1.0 where not looped
     any_looped: bool
+    rows: npt.NDArray[np.intp]  # (hands, 1): each row's index, for fancy indexing
 
     @classmethod
     def of(cls, hands: Sequence[HandScript]) -> _SegmentTable:
@@ -207,6 +207,7 @@ class _SegmentTable(NamedTuple):
             looped,
             period_s,
             bool(looped.any()),
+            np.arange(len(hands))[:, None],
         )
 
 
@@ -310,38 +311,37 @@ class HandScript:
     ) -> HandState:
         """Every script at the same times, in ``(hands, times)`` arrays: a row each."""
         table = _segment_table(hands)
-        count = int(times_s.shape[0])
-        times = np.broadcast_to(np.asarray(times_s, dtype=np.float64), (len(hands), count))
+        times = np.asarray(times_s, dtype=np.float64)[None, :]
         if table.any_looped:
             times = np.where(table.looped, np.mod(times, table.period_s), times)
         # The segment a time falls in: how many starts are at or before it, minus one.
-        if times.size * table.starts.shape[1] <= _BROADCAST_LOOKUP_LIMIT:
+        if len(hands) == 1:
+            index = np.searchsorted(table.starts[0], times[0], side="right")[None, :] - 1
+        elif len(hands) * times_s.shape[0] * table.starts.shape[1] <= _BROADCAST_LOOKUP_LIMIT:
             index = np.count_nonzero(table.starts[:, None, :] <= times[:, :, None], axis=2) - 1
         else:
+            rows = np.broadcast_to(times, (len(hands), times_s.shape[0]))
             index = (
                 np.stack(
                     [
                         np.searchsorted(starts, row, side="right")
-                        for starts, row in zip(table.starts, times, strict=True)
+                        for starts, row in zip(table.starts, rows, strict=True)
                     ]
                 )
                 - 1
             )
-        safe = np.clip(index, 0, None)
-
-        def at(column: npt.NDArray[_Cell]) -> npt.NDArray[_Cell]:
-            return np.take_along_axis(column, safe, axis=1)
-
-        durations = at(table.durations)
-        from_kpa = at(table.from_kpa)
-        elapsed = times - at(table.starts)
+        safe = (table.rows, np.maximum(index, 0))
+        durations = table.durations[safe]
+        from_kpa = table.from_kpa[safe]
+        elapsed = times - table.starts[safe]
         inside = (index >= 0) & (elapsed < durations)
-        fraction = np.clip(elapsed / durations, 0.0, 1.0)
-        pressure = from_kpa + (at(table.to_kpa) - from_kpa) * fraction
-        touching = inside & at(table.contact)
+        # The method np.clip calls, without its Python wrapper.
+        fraction = (elapsed / durations).clip(0.0, 1.0)
+        pressure = from_kpa + (table.to_kpa[safe] - from_kpa) * fraction
+        touching = inside & table.contact[safe]
         return HandState(
             np.where(touching, pressure, 0.0),
-            np.where(inside, at(table.zones), np.uint8(Zone.NONE)).astype(np.uint8),
+            np.where(inside, table.zones[safe], np.uint8(Zone.NONE)),
             touching,
         )
 

@@ -48,6 +48,7 @@ from simulators.devices.device import (
     derived_seed,
     quiet_charges,
 )
+from simulators.devices.fleet import MassagerFleet
 from simulators.devices.hand import (
     NO_ZONE,
     Hand,
@@ -96,6 +97,10 @@ _RUN_SAMPLE_LAYOUT: Final = (
         for index, name in enumerate(_RUN_FIELDS)
     )
 )
+# From this many devices on, generate_massagers takes the quiet ones together; from this
+# many quiet ones on, their sensors' temperatures are worked out in arrays.
+FLEET_MIN_DEVICES: Final = 3
+FLEET_LAG_MIN_DEVICES: Final = 8
 MODE_CYCLE: Final = (MassageMode.VIBRATION, MassageMode.PERCUSSION, MassageMode.PULSE)
 
 
@@ -150,6 +155,8 @@ class SimulatedMassager(SimulatedDevice):
         self._normals_rng = self.sensor_rng
         self._normals: npt.NDArray[np.float64] = np.empty(0)
         self._normals_used = 0
+        # The fleet this device takes its samples with at its ticks (None: on its own).
+        self.fleet: MassagerFleet | None = None
 
     @property
     def motor_on(self) -> bool:
@@ -290,6 +297,10 @@ class SimulatedMassager(SimulatedDevice):
             self._normals = normals
         self._normals_used = used + count
         return normals[used : used + count]
+
+    def _catch_up_on_tick(self) -> bool:
+        fleet = self.fleet
+        return self.catch_up() if fleet is None else fleet.catch_up(self)
 
     def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
         # A device on its own is a fleet of one: the one definition of the samples.
@@ -515,7 +526,10 @@ def generate_massagers(
     # Every random number of the block is drawn up front, always the same amount, so that
     # the stream (and so the telemetry) depends only on the seed. One draw of 3 x count
     # gives the numbers of three draws of count (pressure, ripple, temperature), in order.
-    noise = np.stack([device._sensor_normals(3 * count) for device in devices])
+    if len(devices) == 1:
+        noise = devices[0]._sensor_normals(3 * count).reshape(1, -1)
+    else:
+        noise = np.stack([device._sensor_normals(3 * count) for device in devices])
     hands = [device.hand for device in devices]
     hand = evaluate_hands(hands, times_s)
     motor = [device._motor_state() for device in devices]
@@ -536,7 +550,9 @@ def generate_massagers(
             hand.pressure_kpa, sigma_kpa, pressure_noise, ripple_noise, ripple_kpa, hand.touching
         ),
     )
-    quiet = _quiet_rows(devices, block, motor)
+    # A device or two cost less going straight to _react, which takes a quiet block as one
+    # quiet run.
+    quiet = _quiet_rows(devices, block, motor) if len(devices) >= FLEET_MIN_DEVICES else []
     samples: list[npt.NDArray[np.void] | None] = [None] * len(devices)
     if quiet:
         for row, taken in zip(quiet, _take_quiet(devices, block, motor, quiet), strict=True):
@@ -591,29 +607,25 @@ def _take_quiet(
     for device, row in zip(quiet, rows, strict=True):
         taken = device._drain_battery_quietly(motor[row][2], count)
         assert taken == count, "a quiet block drains quietly"
-    targets_c = np.array(
-        [device.skin_baseline_c if device.contact else AMBIENT_C for device in quiet]
-    )
-    lagged = thermal_lag(
-        np.array([device.sensor_temperature_c for device in quiet]),
-        targets_c,
-        np.array([device._thermal_alpha() for device in quiet]),
-        count,
-    )
-    temperatures = np.stack(lagged, axis=1)
-    values = np.array(
-        [
-            device._run_values(
-                device.battery_percent, device.zone, device.contact, motor[row][0], 0
-            )
-            for device, row in zip(quiet, rows, strict=True)
-        ],
-        dtype=np.uint8,
-    )
-    dtype = quiet[0].sample_dtype
-    taken_samples = np.zeros((len(quiet), count), dtype=dtype)
-    for column, name in enumerate(_RUN_FIELDS):
-        taken_samples[name] = values[:, column : column + 1]
+    targets_c = [device.skin_baseline_c if device.contact else AMBIENT_C for device in quiet]
+    sensors_c = [device.sensor_temperature_c for device in quiet]
+    alphas = [device._thermal_alpha() for device in quiet]
+    if len(quiet) < FLEET_LAG_MIN_DEVICES:
+        # A few devices: plain floats cost less than a numpy call per step.
+        temperatures = np.array(
+            [
+                thermal_lag(sensor_c, target_c, alpha, count)
+                for sensor_c, target_c, alpha in zip(sensors_c, targets_c, alphas, strict=True)
+            ]
+        )
+    else:
+        lagged = thermal_lag(np.array(sensors_c), np.array(targets_c), np.array(alphas), count)
+        temperatures = np.stack(lagged, axis=1)
+    values = [
+        device._run_values(device.battery_percent, device.zone, device.contact, motor[row][0], 0)
+        for device, row in zip(quiet, rows, strict=True)
+    ]
+    taken_samples = _Runs.blocks(values, count, quiet[0].sample_dtype)
     taken_samples["pressure_dapa"] = np.rint(
         np.divide(block.pressure_kpa[rows], PRESSURE_KPA_PER_UNIT)
     )
@@ -652,7 +664,8 @@ def sensor_reading_kpa(
     """Pressure readings: the true load with the load cell's noise, plus the motor's
     ripple while touching, clipped to the sensor's range (floats, or arrays)."""
     reading_kpa = true_kpa + pressure_noise * noise_sigma_kpa + ripple_noise * ripple_kpa * touching
-    return np.clip(reading_kpa, 0.0, SENSOR_MAX_KPA)  # type: ignore[no-any-return]
+    # What np.clip does, without its Python wrapper.
+    return np.minimum(np.maximum(reading_kpa, 0.0), SENSOR_MAX_KPA)  # type: ignore[no-any-return]
 
 
 class _Runs:
@@ -690,6 +703,20 @@ class _Runs:
                 for start, end, values in zip(self.starts, ends, self.values, strict=True)
             )
         return np.frombuffer(bytearray(data), dtype=dtype)
+
+    @staticmethod
+    def blocks(
+        values: Sequence[tuple[int, int, int, int, int]], count: int, dtype: np.dtype[np.void]
+    ) -> npt.NDArray[np.void]:
+        """``count`` samples for each of ``values`` (a row each, writable), with the fields
+        of ``_RUN_FIELDS`` set to those values and the others zero."""
+        if dtype is not MASSAGER_SAMPLE_DTYPE or not _RUN_SAMPLE_LAYOUT:
+            samples = np.zeros((len(values), count), dtype=dtype)
+            for column, name in enumerate(_RUN_FIELDS):
+                samples[name] = np.array([row[column] for row in values], np.uint8)[:, None]
+            return samples
+        data = b"".join(_RUN_SAMPLE.pack(*row) * count for row in values)
+        return np.frombuffer(bytearray(data), dtype=dtype).reshape(len(values), count)
 
     def write(self, samples: npt.NDArray[np.void]) -> None:
         """Write the runs' fields into ``samples`` (as many as the runs cover)."""
