@@ -60,22 +60,27 @@ class MassagerFleet:
 
         cohort = device.tick_cohort
         now_s = device.firmware_clock.now_s()
-        if self._taken_at_s.get(cohort) != now_s:
-            if len(self._taken_at_s) >= COHORTS_REMEMBERED:
-                self._taken_at_s.clear()
-            self._taken_at_s[cohort] = now_s
-            self.ticks += 1
-            spans: dict[SampleSpan, list[SimulatedMassager]] = {}
-            for member in self.members:
-                if member.is_sampling and member.tick_cohort == cohort:
-                    span = member.due_span()
-                    if span is not None:
-                        spans.setdefault(span, []).append(member)
-            for span, group in spans.items():
-                times_s = span.times_s()
-                if len(group) > 1:
-                    self.blocks_together += len(group)
-                for member, samples in zip(group, generate_massagers(group, times_s), strict=True):
-                    member.take_samples(times_s, samples)
-        # Anything still due (the device was not sampling a moment ago) is taken alone.
-        return device.catch_up()
+        if self._taken_at_s.get(cohort) == now_s:
+            # Taken with the cohort a moment ago (anything still due, when the device was
+            # not sampling then, is taken alone).
+            return device.catch_up()
+        if len(self._taken_at_s) >= COHORTS_REMEMBERED:
+            self._taken_at_s.clear()
+        self._taken_at_s[cohort] = now_s
+        self.ticks += 1
+        spans: dict[SampleSpan, list[SimulatedMassager]] = {}
+        for member in self.members:
+            if member.is_sampling and member.tick_cohort == cohort:
+                span = member.due_span()
+                if span is not None:
+                    spans.setdefault(span, []).append(member)
+        powered = device.is_powered
+        for span, group in spans.items():
+            times_s = span.times_s()
+            if len(group) > 1:
+                self.blocks_together += len(group)
+            for member, samples in zip(group, generate_massagers(group, times_s), strict=True):
+                still_powered = member.take_samples(times_s, samples)
+                if member is device:
+                    powered = still_powered
+        return powered

@@ -552,11 +552,13 @@ def generate_massagers(
     )
     # A device or two cost less going straight to _react, which takes a quiet block as one
     # quiet run.
-    quiet = _quiet_rows(devices, block, motor) if len(devices) >= FLEET_MIN_DEVICES else []
     samples: list[npt.NDArray[np.void] | None] = [None] * len(devices)
-    if quiet:
-        for row, taken in zip(quiet, _take_quiet(devices, block, motor, quiet), strict=True):
-            samples[row] = taken
+    if len(devices) >= FLEET_MIN_DEVICES and count:
+        quiet, charges = _quiet_rows(devices, block, motor)
+        if quiet:
+            taken = _take_quiet(devices, block, quiet, charges, motor)
+            for row, row_samples in zip(quiet, taken, strict=True):
+                samples[row] = row_samples
     for row, device in enumerate(devices):
         if samples[row] is None:
             samples[row] = device._react(block, row)
@@ -565,11 +567,10 @@ def generate_massagers(
 
 def _quiet_rows(
     devices: Sequence[SimulatedMassager], block: _Block, motor: Sequence[tuple[bool, float, float]]
-) -> list[int]:
-    """The rows of ``block`` where nothing happens that the firmware reacts to."""
+) -> tuple[list[int], npt.NDArray[np.float64]]:
+    """The rows of ``block`` (at least one sample) where nothing happens that the firmware
+    reacts to, and every device's battery charge over the block if it drains quietly."""
     count = int(block.times_s.shape[0])
-    if not count:
-        return []
     zones = block.hand.zone
     last_zones = np.array([[device._last_hand_zone] for device in devices])
     # Every sample off the skin, or on the zone the hand was last on: no zone reached.
@@ -590,23 +591,25 @@ def _quiet_rows(
     floors = np.array([[device._battery_quiet_floor_percent()] for device in devices])
     no_report = (charges[:, 1:] > floors).all(axis=1)
     free = no_zone & no_switch & no_report
-    return [row for row in np.flatnonzero(free).tolist() if devices[row]._program_run is None]
+    rows = [row for row in np.flatnonzero(free).tolist() if devices[row]._program_run is None]
+    return rows, charges
 
 
 def _take_quiet(
     devices: Sequence[SimulatedMassager],
     block: _Block,
-    motor: Sequence[tuple[bool, float, float]],
     rows: list[int],
+    charges: npt.NDArray[np.float64],
+    motor: Sequence[tuple[bool, float, float]],
 ) -> list[npt.NDArray[np.void]]:
     """The samples of the quiet ``rows`` of ``block``, together: every field but pressure
-    and temperature holds over the block, the battery drains quietly, the sensor's
-    temperature follows the skin or the air."""
+    and temperature holds over the block, the battery drains quietly (to the charge
+    ``charges`` ends at, as _drain_battery_quietly gives it), the sensor's temperature
+    follows the skin or the air."""
     count = int(block.times_s.shape[0])
     quiet = [devices[row] for row in rows]
-    for device, row in zip(quiet, rows, strict=True):
-        taken = device._drain_battery_quietly(motor[row][2], count)
-        assert taken == count, "a quiet block drains quietly"
+    for device, charge_percent in zip(quiet, charges[rows, count].tolist(), strict=True):
+        device._battery_charge_percent = charge_percent
     targets_c = [device.skin_baseline_c if device.contact else AMBIENT_C for device in quiet]
     sensors_c = [device.sensor_temperature_c for device in quiet]
     alphas = [device._thermal_alpha() for device in quiet]
