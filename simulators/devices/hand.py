@@ -136,6 +136,11 @@ def evaluate_hands(hands: Sequence[Hand], times_s: npt.NDArray[np.float64]) -> H
     The hands of a type with ``evaluate_many`` are worked out together, any other one on
     its own (:meth:`Hand.evaluate`).
     """
+    if len(hands) == 1:
+        many = getattr(type(hands[0]), "evaluate_many", None)
+        if many is not None:
+            one: HandState = many(hands, times_s)
+            return one
     count = int(times_s.shape[0])
     kinds: dict[type, list[int]] = {}
     for position, hand in enumerate(hands):
@@ -177,6 +182,17 @@ class _SegmentTable(NamedTuple):
     any_looped: bool
     rows: npt.NDArray[np.intp]  # (hands, 1): each row's index, for fancy indexing
 
+    def row(self, row: int) -> _SegmentTable:
+        """One script's row, its columns in one dimension."""
+        return self._replace(
+            starts=self.starts[row],
+            durations=self.durations[row],
+            from_kpa=self.from_kpa[row],
+            to_kpa=self.to_kpa[row],
+            zones=self.zones[row],
+            contact=self.contact[row],
+        )
+
     @classmethod
     def of(cls, hands: Sequence[HandScript]) -> _SegmentTable:
         width = max(1, *(len(h.segments) for h in hands))
@@ -211,6 +227,29 @@ class _SegmentTable(NamedTuple):
         )
 
 
+def _segment_values(
+    table: _SegmentTable,
+    times: npt.NDArray[np.float64],
+    index: npt.NDArray[np.intp],
+    safe: npt.NDArray[np.intp] | tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]],
+) -> HandState:
+    """The hand at ``times`` (since the script's start, looped) that fall in the segments
+    ``index`` (-1: before the first), which ``safe`` picks from the table's columns."""
+    durations = table.durations[safe]
+    from_kpa = table.from_kpa[safe]
+    elapsed = times - table.starts[safe]
+    inside = (index >= 0) & (elapsed < durations)
+    # The method np.clip calls, without its Python wrapper.
+    fraction = (elapsed / durations).clip(0.0, 1.0)
+    pressure = from_kpa + (table.to_kpa[safe] - from_kpa) * fraction
+    touching = inside & table.contact[safe]
+    return HandState(
+        np.where(touching, pressure, 0.0),
+        np.where(inside, table.zones[safe], np.uint8(Zone.NONE)),
+        touching,
+    )
+
+
 # evaluate_many compares every time with every segment start at once up to this many
 # comparisons; beyond (long blocks) it looks the times up a hand at a time.
 _BROADCAST_LOOKUP_LIMIT: Final = 1 << 16
@@ -228,6 +267,8 @@ def _segment_table(hands: Sequence[HandScript]) -> _SegmentTable:
     if len(_TABLES) >= _TABLES_LIMIT:
         _TABLES.clear()
     table = _SegmentTable.of(hands)
+    if len(hands) == 1:
+        table = table.row(0)  # what evaluate_many uses for one script
     _TABLES[key] = (tuple(hands), table)
     return table
 
@@ -311,13 +352,19 @@ class HandScript:
     ) -> HandState:
         """Every script at the same times, in ``(hands, times)`` arrays: a row each."""
         table = _segment_table(hands)
-        times = np.asarray(times_s, dtype=np.float64)[None, :]
+        times = np.asarray(times_s, dtype=np.float64)
+        if len(hands) == 1:
+            # One script: its own row, in one dimension (the same values, for less).
+            if table.any_looped:
+                times = np.mod(times, table.period_s[0, 0])
+            index = np.searchsorted(table.starts, times, side="right") - 1
+            row = _segment_values(table, times, index, np.maximum(index, 0))
+            return HandState(row.pressure_kpa[None, :], row.zone[None, :], row.touching[None, :])
+        times = times[None, :]
         if table.any_looped:
             times = np.where(table.looped, np.mod(times, table.period_s), times)
         # The segment a time falls in: how many starts are at or before it, minus one.
-        if len(hands) == 1:
-            index = np.searchsorted(table.starts[0], times[0], side="right")[None, :] - 1
-        elif len(hands) * times_s.shape[0] * table.starts.shape[1] <= _BROADCAST_LOOKUP_LIMIT:
+        if len(hands) * times_s.shape[0] * table.starts.shape[1] <= _BROADCAST_LOOKUP_LIMIT:
             index = np.count_nonzero(table.starts[:, None, :] <= times[:, :, None], axis=2) - 1
         else:
             rows = np.broadcast_to(times, (len(hands), times_s.shape[0]))
@@ -330,20 +377,7 @@ class HandScript:
                 )
                 - 1
             )
-        safe = (table.rows, np.maximum(index, 0))
-        durations = table.durations[safe]
-        from_kpa = table.from_kpa[safe]
-        elapsed = times - table.starts[safe]
-        inside = (index >= 0) & (elapsed < durations)
-        # The method np.clip calls, without its Python wrapper.
-        fraction = (elapsed / durations).clip(0.0, 1.0)
-        pressure = from_kpa + (table.to_kpa[safe] - from_kpa) * fraction
-        touching = inside & table.contact[safe]
-        return HandState(
-            np.where(touching, pressure, 0.0),
-            np.where(inside, table.zones[safe], np.uint8(Zone.NONE)),
-            touching,
-        )
+        return _segment_values(table, times, index, (table.rows, np.maximum(index, 0)))
 
     def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa:
         """Standard deviation of the sensor reading around ``pressure_kpa``."""

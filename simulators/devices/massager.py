@@ -533,10 +533,10 @@ def generate_massagers(
     hands = [device.hand for device in devices]
     hand = evaluate_hands(hands, times_s)
     motor = [device._motor_state() for device in devices]
-    ripple_kpa = np.array([[ripple] for _, ripple, _ in motor])
+    ripple_kpa = _per_device([ripple for _, ripple, _ in motor])
     sigma_kpa = noise_sigma_kpa(
-        np.array([[h.noise_floor_kpa] for h in hands]),
-        np.array([[h.noise_fraction] for h in hands]),
+        _per_device([h.noise_floor_kpa for h in hands]),
+        _per_device([h.noise_fraction for h in hands]),
         hand.pressure_kpa,
     )
     pressure_noise, ripple_noise = noise[:, :count], noise[:, count : 2 * count]
@@ -563,6 +563,14 @@ def generate_massagers(
         if samples[row] is None:
             samples[row] = device._react(block, row)
     return [s for s in samples if s is not None]
+
+
+def _per_device(values: list[float]) -> float | npt.NDArray[np.float64]:
+    """A value per device, to broadcast over ``(devices, samples)`` arrays: a column, or
+    for one device the value itself (the same element by element, for less)."""
+    if len(values) == 1:
+        return values[0]
+    return np.array(values)[:, None]
 
 
 def _quiet_rows(

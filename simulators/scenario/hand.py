@@ -132,7 +132,23 @@ class ScenarioHand:
         """What the hands do without their actions (writable arrays, a row each): from
         the lead-in on, a guided hand presses in the middle of its commanded zone's band."""
         guided = [h.guided and h.commanded_zone != Zone.NONE for h in hands]
-        on = np.zeros((len(hands), times.shape[0]), dtype=np.bool_)
+        count = times.shape[0]
+        if len(hands) == 1:
+            # One hand: its values themselves broadcast as a column would, for less.
+            (hand,) = hands
+            if not guided[0]:
+                return HandState(
+                    np.zeros((1, count)),
+                    np.zeros((1, count), dtype=np.uint8),
+                    np.zeros((1, count), dtype=np.bool_),
+                )
+            on = (times >= hand.lead_in_s).reshape(1, count)
+            return HandState(
+                np.where(on, hand.target_kpa(hand.commanded_zone), 0.0),
+                np.where(on, np.uint8(hand.commanded_zone), np.uint8(Zone.NONE)),
+                on,
+            )
+        on = np.zeros((len(hands), count), dtype=np.bool_)
         if any(guided):
             lead_in_s = np.array([[h.lead_in_s] for h in hands])
             on = (times >= lead_in_s) & np.array([[g] for g in guided])
