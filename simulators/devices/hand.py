@@ -16,7 +16,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +48,8 @@ ZONE_PRESSURE_BANDS_KPA: Final[dict[Zone, tuple[float, float]]] = {
 NO_ZONE: Final = int(Zone.NONE)
 # A pressure in kPa: one value, or an array of them.
 Kpa = TypeVar("Kpa", float, npt.NDArray[np.float64])
+# A value, or an array of them (one per hand, per time).
+FloatValues = float | npt.NDArray[np.float64]
 
 # The default hand keeps this fraction of each band's width away from its edges.
 BAND_MARGIN_FRACTION: Final = 0.15
@@ -124,7 +126,19 @@ class Hand(Protocol):
     def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa: ...
 
 
-def noise_sigma_kpa(floor_kpa: Kpa, fraction: Kpa, pressure_kpa: Kpa) -> Kpa:
+@overload
+def noise_sigma_kpa(floor_kpa: float, fraction: float, pressure_kpa: float) -> float: ...  # type: ignore[overload-overlap]
+
+
+@overload
+def noise_sigma_kpa(
+    floor_kpa: FloatValues, fraction: FloatValues, pressure_kpa: FloatValues
+) -> npt.NDArray[np.float64]: ...
+
+
+def noise_sigma_kpa(
+    floor_kpa: FloatValues, fraction: FloatValues, pressure_kpa: FloatValues
+) -> FloatValues:
     """Standard deviation of the sensor reading around ``pressure_kpa``: a floor from the
     ADC plus a part proportional to the load (floats, or arrays with a value per hand)."""
     return floor_kpa + fraction * pressure_kpa

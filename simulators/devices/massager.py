@@ -6,7 +6,7 @@ import bisect
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Final, NamedTuple, TypeVar, Unpack
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar, Unpack, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -51,10 +51,10 @@ from simulators.devices.device import (
 from simulators.devices.fleet import MassagerFleet
 from simulators.devices.hand import (
     NO_ZONE,
+    FloatValues,
     Hand,
     HandScript,
     HandState,
-    Kpa,
     evaluate_hands,
     noise_sigma_kpa,
 )
@@ -565,7 +565,7 @@ def generate_massagers(
     return [s for s in samples if s is not None]
 
 
-def _per_device(values: list[float]) -> float | npt.NDArray[np.float64]:
+def _per_device(values: list[float]) -> FloatValues:
     """A value per device, to broadcast over ``(devices, samples)`` arrays: a column, or
     for one device the value itself (the same element by element, for less)."""
     if len(values) == 1:
@@ -664,19 +664,42 @@ def thermal_lag(
     return lagged
 
 
+@overload
+def sensor_reading_kpa(  # type: ignore[overload-overlap]
+    true_kpa: float,
+    noise_sigma_kpa: float,
+    pressure_noise: float,
+    ripple_noise: float,
+    ripple_kpa: float,
+    touching: bool,
+) -> float: ...
+
+
+@overload
 def sensor_reading_kpa(
-    true_kpa: Kpa,
-    noise_sigma_kpa: Kpa,
-    pressure_noise: Kpa,
-    ripple_noise: Kpa,
-    ripple_kpa: Kpa,
+    true_kpa: FloatValues,
+    noise_sigma_kpa: FloatValues,
+    pressure_noise: FloatValues,
+    ripple_noise: FloatValues,
+    ripple_kpa: FloatValues,
     touching: bool | npt.NDArray[np.bool_],
-) -> Kpa:
+) -> npt.NDArray[np.float64]: ...
+
+
+def sensor_reading_kpa(
+    true_kpa: FloatValues,
+    noise_sigma_kpa: FloatValues,
+    pressure_noise: FloatValues,
+    ripple_noise: FloatValues,
+    ripple_kpa: FloatValues,
+    touching: bool | npt.NDArray[np.bool_],
+) -> FloatValues:
     """Pressure readings: the true load with the load cell's noise, plus the motor's
     ripple while touching, clipped to the sensor's range (floats, or arrays)."""
     reading_kpa = true_kpa + pressure_noise * noise_sigma_kpa + ripple_noise * ripple_kpa * touching
     # What np.clip does, without its Python wrapper.
-    return np.minimum(np.maximum(reading_kpa, 0.0), SENSOR_MAX_KPA)  # type: ignore[no-any-return]
+    clipped: FloatValues = np.minimum(np.maximum(reading_kpa, 0.0), SENSOR_MAX_KPA)
+    return clipped
 
 
 class _Runs:
