@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from simulators.devices.massager import generate_massagers
+
 if TYPE_CHECKING:
     from simulators.devices.device import SampleSpan
     from simulators.devices.massager import SimulatedMassager
@@ -56,8 +58,8 @@ class MassagerFleet:
     def catch_up(self, device: SimulatedMassager) -> bool:
         """``device``'s tick: the samples due of its whole cohort, if no member took them at
         this instant yet; returns whether ``device`` is still powered."""
-        from simulators.devices.massager import generate_massagers
-
+        if len(self.members) < 2:
+            return device.catch_up()  # a fleet of one
         cohort = device.tick_cohort
         now_s = device.firmware_clock.now_s()
         if self._taken_at_s.get(cohort) == now_s:

@@ -12,6 +12,7 @@ inside them with a margin so that a correct host never warns on it.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Sequence
@@ -111,6 +112,15 @@ class HandState:
     touching: npt.NDArray[np.bool_]
 
 
+class HandSamples(NamedTuple):
+    """The hand at a few times, in plain lists (what ``evaluate_each`` returns): the values
+    of :class:`HandState`, element by element."""
+
+    pressure_kpa: list[float]
+    zone: list[int]  # Zone.NONE where the script says nothing
+    touching: list[bool]
+
+
 class Hand(Protocol):
     """What holds a massager: the true load over time, and its sensor's noise parameters.
 
@@ -122,6 +132,11 @@ class Hand(Protocol):
     noise_fraction: float
 
     def evaluate(self, times_s: npt.NDArray[np.float64]) -> HandState: ...
+
+    def evaluate_each(self, times_s: Sequence[float]) -> HandSamples:
+        """:meth:`evaluate` at a few times (a live tick) in plain floats, which costs less
+        there than numpy calls; the same values."""
+        ...
 
     def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa: ...
 
@@ -241,6 +256,12 @@ class _SegmentTable(NamedTuple):
         )
 
 
+def segment_pressure_kpa(from_kpa: Kpa, to_kpa: Kpa, fraction: Kpa) -> Kpa:
+    """The pressure ``fraction`` of the way through a segment ramping from ``from_kpa`` to
+    ``to_kpa`` (floats, or arrays)."""
+    return from_kpa + (to_kpa - from_kpa) * fraction
+
+
 def _segment_values(
     table: _SegmentTable,
     times: npt.NDArray[np.float64],
@@ -255,7 +276,7 @@ def _segment_values(
     inside = (index >= 0) & (elapsed < durations)
     # The method np.clip calls, without its Python wrapper.
     fraction = (elapsed / durations).clip(0.0, 1.0)
-    pressure = from_kpa + (table.to_kpa[safe] - from_kpa) * fraction
+    pressure = segment_pressure_kpa(from_kpa, table.to_kpa[safe], fraction)
     touching = inside & table.contact[safe]
     return HandState(
         np.where(touching, pressure, 0.0),
@@ -318,6 +339,19 @@ class HandScript:
         self.period_s = end_s if period_s is None else period_s
         if loop and self.period_s < end_s:
             raise ValueError(f"period {self.period_s} s is shorter than the script ({end_s} s)")
+        # The segments as plain floats and ints, for evaluate_each.
+        self._start_list = [s.start_s for s in ordered]
+        self._rows = [
+            (
+                s.start_s,
+                s.duration_s,
+                s.pressure_from_kpa,
+                s.final_pressure_kpa,
+                int(s.zone),
+                s.contact,
+            )
+            for s in ordered
+        ]
 
     # ------------------------------------------------------------------ constructors
 
@@ -392,6 +426,37 @@ class HandScript:
                 - 1
             )
         return _segment_values(table, times, index, (table.rows, np.maximum(index, 0)))
+
+    def evaluate_each(self, times_s: Sequence[float]) -> HandSamples:
+        """:meth:`evaluate` one time after another, on plain floats: the segment found with
+        bisect instead of numpy's search, the pressure with :func:`segment_pressure_kpa`."""
+        count = len(times_s)
+        if not self.segments:
+            return HandSamples([0.0] * count, [NO_ZONE] * count, [False] * count)
+        rows = self._rows
+        starts = self._start_list
+        period_s = self.period_s if self.loop and self.period_s > 0 else None
+        pressure: list[float] = []
+        zone: list[int] = []
+        touching: list[bool] = []
+        for t_s in times_s:
+            if period_s is not None:
+                t_s %= period_s
+            index = bisect.bisect_right(starts, t_s) - 1
+            # Before the first segment (index -1) the row is not used.
+            start_s, duration_s, from_kpa, to_kpa, segment_zone, contact = rows[index]
+            elapsed_s = t_s - start_s
+            if index < 0 or elapsed_s >= duration_s:
+                pressure.append(0.0)
+                zone.append(NO_ZONE)
+                touching.append(False)
+                continue
+            # Inside the segment 0 <= elapsed < duration: the fraction needs no clipping.
+            fraction = elapsed_s / duration_s
+            pressure.append(segment_pressure_kpa(from_kpa, to_kpa, fraction) if contact else 0.0)
+            zone.append(segment_zone)
+            touching.append(contact)
+        return HandSamples(pressure, zone, touching)
 
     def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa:
         """Standard deviation of the sensor reading around ``pressure_kpa``."""

@@ -6,7 +6,7 @@ import bisect
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Final, NamedTuple, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeVar, Unpack, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +48,6 @@ from simulators.devices.device import (
     derived_seed,
     quiet_charges,
 )
-from simulators.devices.fleet import MassagerFleet
 from simulators.devices.hand import (
     NO_ZONE,
     FloatValues,
@@ -60,6 +59,9 @@ from simulators.devices.hand import (
 )
 from simulators.devices.program_runner import PROGRAM_END_OF_SHUTDOWN, MassagerProgramRun
 from simulators.devices.skin import AMBIENT_C, SKIN_BASELINE_C, SKIN_BASELINE_SPREAD_C
+
+if TYPE_CHECKING:
+    from simulators.devices.fleet import MassagerFleet
 
 MASSAGER_SAMPLE_RATE_HZ: Final = 100
 # Contact detection with hysteresis, so sensor noise at the threshold does not
@@ -97,6 +99,8 @@ _RUN_SAMPLE_LAYOUT: Final = (
         for index, name in enumerate(_RUN_FIELDS)
     )
 )
+# One device's blocks shorter than this are worked out in plain floats (a live tick).
+EACH_MAX_SAMPLES: Final = 48
 # From this many devices on, generate_massagers takes the quiet ones together; from this
 # many quiet ones on, their sensors' temperatures are worked out in arrays.
 FLEET_MIN_DEVICES: Final = 3
@@ -306,26 +310,56 @@ class SimulatedMassager(SimulatedDevice):
         # A device on its own is a fleet of one: the one definition of the samples.
         return generate_massagers((self,), times_s)[0]
 
+    def _read_each(self, times_s: npt.NDArray[np.float64]) -> _Row:
+        """What the sensor reads over a few samples, in plain lists: the hand's
+        ``evaluate_each`` and :func:`sensor_reading_kpa` on floats (see :class:`_Row`)."""
+        count = int(times_s.shape[0])
+        noise = self._sensor_normals(3 * count)
+        times = times_s.tolist()
+        hand = self.hand.evaluate_each(times)
+        values = noise[: 2 * count].tolist()
+        pressure_noise, ripple_noise = values[:count], values[count:]
+        ripple_kpa = self._motor_state()[1]
+        noise_sigma = self.hand.noise_sigma_kpa
+        pressure_kpa: list[float] = []
+        # The hand mostly holds one pressure over a tick: its noise sigma is worked out once
+        # per value (a function of the pressure alone).
+        sigma_of_kpa: float | None = None
+        sigma_kpa = 0.0
+        for true_kpa, load, ripple, on in zip(
+            hand.pressure_kpa, pressure_noise, ripple_noise, hand.touching, strict=True
+        ):
+            if true_kpa != sigma_of_kpa:
+                sigma_of_kpa, sigma_kpa = true_kpa, noise_sigma(true_kpa)
+            pressure_kpa.append(
+                sensor_reading_kpa(true_kpa, sigma_kpa, load, ripple, ripple_kpa, on)
+            )
+        return _Row(
+            times,
+            hand.pressure_kpa,
+            hand.zone,
+            hand.touching,
+            pressure_noise,
+            ripple_noise,
+            noise[2 * count :] * TEMPERATURE_NOISE_C,
+            pressure_kpa,
+        )
+
     def _thermal_alpha(self) -> float:
         """The weight of one sample's first-order step of the head's sensor (see
         :func:`thermal_lag`)."""
         period_s = 1.0 / self.sample_rate_hz
         return 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
 
-    def _react(self, block: _Block, row: int) -> npt.NDArray[np.void]:
-        """The firmware going through row ``row`` of ``block`` sample by sample, where
+    def _react(self, row: _Row) -> npt.NDArray[np.void]:
+        """The firmware going through the readings ``row`` sample by sample, where
         something happens that it must react to: the hand reaching another zone, contact
         going on or off (with hysteresis), a running program, the battery. Runs between
         those are taken at once, as :func:`generate_massagers` takes a quiet block."""
-        times_s = block.times_s
-        count = int(times_s.shape[0])
-        hand_kpa = block.hand.pressure_kpa[row]
-        hand_zones = block.hand.zone[row]
-        touching = block.hand.touching[row]
-        pressure_noise = block.pressure_noise[row]
-        ripple_noise = block.ripple_noise[row]
-        temperature_noise = block.temperature_noise[row]
-        pressure_kpa = block.pressure_kpa[row]  # a row of its own: reworked in place below
+        times_s, hand_kpa, hand_zones, touching, pressure_noise, ripple_noise = row[:6]
+        temperature_noise = row.temperature_noise
+        pressure_kpa = row.pressure_kpa  # the device's own: reworked in place below
+        count = len(times_s)
         # Commands and buttons take the samples due before they act, so the motor holds
         # its state over a block, except when a running program switches it mid-block:
         # then the pressure of the following samples is worked out again, one by one.
@@ -336,9 +370,20 @@ class SimulatedMassager(SimulatedDevice):
         sensor_c = self.sensor_temperature_c
         contact = self.contact
         target_c = self.skin_baseline_c if contact else AMBIENT_C
-        # Sorted sample positions, as lists for bisect (see _next_at).
-        zone_events = self._hand_zone_events(hand_zones).tolist()
-        crossings = _ContactCrossings(pressure_kpa)
+        # Arrays (a block), or lists (a live tick of one device, see _read_each).
+        bulk = isinstance(pressure_kpa, np.ndarray)
+        if bulk:
+            # Sorted sample positions, as lists for bisect (see _next_at).
+            zone_events = self._hand_zone_events(np.asarray(hand_zones)).tolist()
+            crossings = _ContactCrossings(np.asarray(pressure_kpa))
+            quiet_block = False
+        else:
+            # A few samples: the quiet way below takes the whole block or none of it.
+            quiet_block = (
+                self._program_run is None
+                and _no_zone_event(hand_zones, self._last_hand_zone)  # type: ignore[arg-type]
+                and _no_contact_change(pressure_kpa, contact)  # type: ignore[arg-type]
+            )
         thermal_alpha = self._thermal_alpha()
 
         temperatures: list[float] = []
@@ -350,10 +395,13 @@ class SimulatedMassager(SimulatedDevice):
         battery_percent = self.battery_percent
         i = 0
         while i < count:
-            if self._program_run is None and ripple_kpa == block_ripple_kpa:
-                quiet_end = min(
-                    _next_at(zone_events, i, count), crossings.next_switch(contact, i, count)
-                )
+            if (bulk or i == 0) and self._program_run is None and ripple_kpa == block_ripple_kpa:
+                if bulk:
+                    quiet_end = min(
+                        _next_at(zone_events, i, count), crossings.next_switch(contact, i, count)
+                    )
+                else:
+                    quiet_end = count if quiet_block else 0
                 quiet = self._drain_battery_quietly(
                     drain_percent, quiet_end - i, battery_floor_percent
                 )
@@ -494,6 +542,21 @@ class SimulatedMassager(SimulatedDevice):
         self.power_off(ShutdownReason.BUTTON)
 
 
+class _Row(NamedTuple):
+    """What one device's sensors read over a block: a row of a :class:`_Block` (arrays),
+    or a live tick in plain lists (:meth:`SimulatedMassager._read_each`); an element has
+    the same value either way."""
+
+    times_s: npt.NDArray[np.float64] | list[float]
+    hand_kpa: npt.NDArray[np.float64] | list[float]
+    hand_zones: npt.NDArray[np.uint8] | list[int]
+    touching: npt.NDArray[np.bool_] | list[bool]
+    pressure_noise: npt.NDArray[np.float64] | list[float]
+    ripple_noise: npt.NDArray[np.float64] | list[float]
+    temperature_noise: npt.NDArray[np.float64]
+    pressure_kpa: npt.NDArray[np.float64] | list[float]
+
+
 class _Block(NamedTuple):
     """What the sensors of a fleet read over one block of sample times, before the
     firmware acts on it: ``(devices, samples)`` arrays, a row per device."""
@@ -506,6 +569,19 @@ class _Block(NamedTuple):
     temperature_noise: npt.NDArray[np.float64]  # in degrees C
     # The readings, with each device's ripple of the motor as it ran at the block's start.
     pressure_kpa: npt.NDArray[np.float64]
+
+    def row(self, index: int) -> _Row:
+        """Device ``index``'s readings (views of the block's rows)."""
+        return _Row(
+            self.times_s,
+            self.hand.pressure_kpa[index],
+            self.hand.zone[index],
+            self.hand.touching[index],
+            self.pressure_noise[index],
+            self.ripple_noise[index],
+            self.temperature_noise[index],
+            self.pressure_kpa[index],
+        )
 
 
 def generate_massagers(
@@ -523,6 +599,11 @@ def generate_massagers(
     (:meth:`SimulatedMassager._react`), with the same float operations in the same order.
     """
     count = int(times_s.shape[0])
+    if len(devices) == 1 and count < EACH_MAX_SAMPLES:
+        # One device, a live tick: the same definitions on plain floats cost less than
+        # numpy calls on a few values (see SimulatedMassager._read_each).
+        device = devices[0]
+        return [device._react(device._read_each(times_s))]
     # Every random number of the block is drawn up front, always the same amount, so that
     # the stream (and so the telemetry) depends only on the seed. One draw of 3 x count
     # gives the numbers of three draws of count (pressure, ripple, temperature), in order.
@@ -559,9 +640,9 @@ def generate_massagers(
             taken = _take_quiet(devices, block, quiet, charges, motor)
             for row, row_samples in zip(quiet, taken, strict=True):
                 samples[row] = row_samples
-    for row, device in enumerate(devices):
-        if samples[row] is None:
-            samples[row] = device._react(block, row)
+    for index, device in enumerate(devices):
+        if samples[index] is None:
+            samples[index] = device._react(block.row(index))
     return [s for s in samples if s is not None]
 
 
@@ -698,6 +779,11 @@ def sensor_reading_kpa(
     ripple while touching, clipped to the sensor's range (floats, or arrays)."""
     reading_kpa = true_kpa + pressure_noise * noise_sigma_kpa + ripple_noise * ripple_kpa * touching
     # What np.clip does, without its Python wrapper.
+    if isinstance(reading_kpa, float):
+        # One reading: the comparisons np.clip makes, on a float.
+        reading_kpa = reading_kpa if reading_kpa > 0.0 else 0.0
+        return reading_kpa if reading_kpa < SENSOR_MAX_KPA else SENSOR_MAX_KPA
+    # What np.clip does, without its Python wrapper.
     clipped: FloatValues = np.minimum(np.maximum(reading_kpa, 0.0), SENSOR_MAX_KPA)
     return clipped
 
@@ -792,3 +878,21 @@ class _ContactCrossings:
         if self._on is None:
             self._on = np.greater_equal(self._pressure_kpa, CONTACT_ON_KPA).nonzero()[0].tolist()
         return _next_at(self._on, start, default)
+
+
+def _no_zone_event(hand_zones: list[int], last_hand_zone: int) -> bool:
+    """No sample of ``hand_zones`` is a zone event for ``_react``: each is ``NO_ZONE`` or
+    the zone the hand was last on (which then stays the last one)."""
+    away = hand_zones.count(NO_ZONE)
+    if last_hand_zone == NO_ZONE:
+        return away == len(hand_zones)
+    return away + hand_zones.count(last_hand_zone) == len(hand_zones)
+
+
+def _no_contact_change(pressure_kpa: list[float], contact: bool) -> bool:
+    """No reading of ``pressure_kpa`` switches ``contact`` (the thresholds of ``_react``)."""
+    if not pressure_kpa:
+        return True
+    if contact:
+        return min(pressure_kpa) >= CONTACT_OFF_KPA
+    return max(pressure_kpa) < CONTACT_ON_KPA

@@ -8,7 +8,14 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import Ack, Command, Opcode, ResultCode, SetZone, Zone
-from simulators.devices.hand import ZONE_PRESSURE_BANDS_KPA, HandState, Kpa, noise_sigma_kpa
+from simulators.devices.hand import (
+    NO_ZONE,
+    ZONE_PRESSURE_BANDS_KPA,
+    HandSamples,
+    HandState,
+    Kpa,
+    noise_sigma_kpa,
+)
 from simulators.devices.massager import SimulatedMassager
 from simulators.scenario.spec import (
     GUIDED_LEAD_IN_S,
@@ -105,6 +112,31 @@ class ScenarioHand:
                 elif action.zone is not None:
                     zone[inside] = int(action.zone)
         return HandState(pressure, zone, touching)
+
+    def evaluate_each(self, times_s: Sequence[float]) -> HandSamples:
+        """:meth:`evaluate` for a few times (a live tick), in plain lists.
+
+        Between scripted actions the hand is guided or away, which plain floats give for
+        less than the numpy calls of :meth:`evaluate`; times that may meet an action (rare)
+        go through :meth:`evaluate`, so every value is the same either way.
+        """
+        count = len(times_s)
+        if not count:
+            return HandSamples([], [], [])
+        first_s, last_s = min(times_s), max(times_s)
+        if self.actions and any(a.at_s <= last_s and first_s < a.end_s for a in self.actions):
+            state = self.evaluate(np.asarray(times_s, dtype=np.float64))
+            return HandSamples(
+                state.pressure_kpa.tolist(), state.zone.tolist(), state.touching.tolist()
+            )
+        zone = self.commanded_zone
+        if not self.guided or zone == Zone.NONE:
+            return HandSamples([0.0] * count, [NO_ZONE] * count, [False] * count)
+        target_kpa = self.target_kpa(zone)
+        on = [t_s >= self.lead_in_s for t_s in times_s]
+        return HandSamples(
+            [target_kpa if o else 0.0 for o in on], [int(zone) if o else NO_ZONE for o in on], on
+        )
 
     @classmethod
     def evaluate_many(

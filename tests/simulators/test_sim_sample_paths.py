@@ -73,12 +73,16 @@ def test_one_draw_gives_the_numbers_of_three(count: int) -> None:
 
 
 def assert_rows_are_their_own(hands: list[Hand], times: npt.NDArray[np.float64]) -> None:
+    """Hands evaluated together, each alone, and each time after time on plain floats (a
+    live tick's way) give the same values, to the bit."""
     together = evaluate_hands(hands, times)
     for row, hand in enumerate(hands):
         alone = hand.evaluate(times)
+        each = hand.evaluate_each(times.tolist())
         assert together.pressure_kpa[row].tobytes() == alone.pressure_kpa.tobytes()
-        assert together.zone[row].tolist() == alone.zone.tolist()
-        assert together.touching[row].tolist() == alone.touching.tolist()
+        assert np.array(each.pressure_kpa).tobytes() == alone.pressure_kpa.tobytes()
+        assert together.zone[row].tolist() == alone.zone.tolist() == each.zone
+        assert together.touching[row].tolist() == alone.touching.tolist() == each.touching
 
 
 @pytest.mark.parametrize("seed", [1, 7, 42])
@@ -248,10 +252,13 @@ async def test_quiet_devices_together_and_each_reacting_give_the_same_run(
     batch_interval_s: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Quiet blocks of a fleet are taken together from the smallest fleet on, or never
-    # (each device then goes through its block sample by sample, quiet runs at once).
+    # (each device then goes through its block sample by sample, quiet runs at once); a
+    # device's own blocks in plain floats up to a live tick's size, or always in arrays.
     monkeypatch.setattr(massager_module, "FLEET_MIN_DEVICES", 1)
+    monkeypatch.setattr(massager_module, "EACH_MAX_SAMPLES", 0)
     together = await run_massagers(batch_interval_s)
     monkeypatch.setattr(massager_module, "FLEET_MIN_DEVICES", 1_000_000)
+    monkeypatch.setattr(massager_module, "EACH_MAX_SAMPLES", 1_000_000)
     each = await run_massagers(batch_interval_s)
     assert each == together
     codes = [[Event.decode(e).code for e in events] for _, events, _ in together]
