@@ -4,11 +4,11 @@ Simulated massagers stream at 100 Hz (10 batches a second) in real time, each he
 hand that presses above the cheek cap for 0.2 s of every second. Devices boot at random
 phases within one batch interval (seeded), as independent radios would: their batches
 cluster and collide at times, which an even stagger would never show. Each device runs the
-real
-:class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite store
-shared by all runs, as ``devicebridge serve`` has) over a real transport, with the shipped
-policy: over-cap events end a session (its end, the blocking commit of the session's
-record, happens while other devices' samples arrive), and the next run starts at once.
+real :class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite
+store and one writer thread shared by all runs, as ``devicebridge serve`` has) over a real
+transport, with the shipped policy: over-cap events end a session (its end, the blocking
+commit of the session's record, happens while other devices' samples arrive), and the
+next run starts at once.
 
 Two setups, each measured in the same run against baselines:
 
@@ -69,6 +69,7 @@ from devicebridge.device.transport.serial import SerialTransport
 from devicebridge.errors import DeviceBridgeError
 from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.storage.sessions import SessionStore
+from devicebridge.storage.writer import StoreWriter
 from protocols import Command, MessageType, Opcode, StopAll, TelemetryBatch, Zone
 from protocols.telemetry import BATCH_HEADER, MASSAGER_SAMPLE_DTYPE
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
@@ -274,14 +275,16 @@ Until = Callable[[], bool]
 
 
 async def _runner_loop(
-    session: DeviceSession, probe: Probe, store: SessionStore, until: Until
+    session: DeviceSession, probe: Probe, store: SessionStore, writer: StoreWriter, until: Until
 ) -> None:
     # The shipped policy: every over-cap event pauses (STOP_ALL written at once, which is
     # what is measured) and the policy's count of them ends the session; a new run starts.
     policy = default_policy()
     routine = parse_routine(ROUTINE, policy, label="bench")
     while not until():
-        runner = RoutineRunner(session, routine, policy, store=store, mode=RunMode.HOST)
+        runner = RoutineRunner(
+            session, routine, policy, store=store, writer=writer, mode=RunMode.HOST
+        )
         measured: set[int] = set()
 
         def trigger(runner: RoutineRunner = runner, measured: set[int] = measured) -> int | None:
@@ -376,9 +379,11 @@ async def _drive(
         return now_s() >= deadline_s
 
     store = SessionStore(store_folder / "bench.sqlite3")
+    # One writer thread for every run, as ``devicebridge serve`` gives its runners.
+    writer = StoreWriter(store)
     tasks: list[Awaitable[None]]
     if variant == "runner":
-        tasks = [_runner_loop(s, p, store, until) for s, p in pairs]
+        tasks = [_runner_loop(s, p, store, writer, until) for s, p in pairs]
     elif variant == "observer":
         tasks = [_observer_loop(s, p, until) for s, p in pairs]
     else:
@@ -396,6 +401,7 @@ async def _drive(
     await asyncio.gather(*runs, return_exceptions=True)
     for _, probe in pairs:
         probe.stops[:], probe.unwatched = measured[id(probe)]  # not those of the shutdown
+    writer.close()
     store.close()
 
 
