@@ -208,14 +208,18 @@ class StoreWriter:
             job.result()
 
     def close(self) -> None:
-        """Stop the thread once its last write is done (without waiting here)."""
+        """Stop the writer thread once its last write is done (without waiting here), and
+        the compactor once its compactions are (waiting for them)."""
         if self._timer is not None:
             self._timer.cancel()
         self._submit()
         self._executor.submit(self._close_store)
         self._executor.shutdown(wait=False)
+        # The compactions asked for are waited for (a run's is done in a fraction of a
+        # second), so that nothing holds the file open once the writer's owner closed it.
         self._compactor.submit(self._close_compactor_store)
-        self._compactor.shutdown(wait=False)
+        self._compactor.shutdown(wait=True)
+        self._compactions = []
 
     def _close_compactor_store(self) -> None:
         if self._compactor_store is not None:
