@@ -35,13 +35,14 @@ from bleak.backends.scanner import AdvertisementData, AdvertisementDataCallback,
 from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection
 from bleak.exc import BleakDeviceNotFoundError, BleakError
 
+from protocols.constants import ATT_HEADER_BYTES
+
 LOCALHOST: Final = "127.0.0.1"
 _FRAME: Final = struct.Struct("!IB")
 _HANDLE: Final = struct.Struct("!H")
 CONTROL: Final = 0
 WRITE_COMMAND: Final = 1
 NOTIFICATION: Final = 2
-ATT_WRITE_OVERHEAD_BYTES: Final = 3
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
@@ -404,7 +405,7 @@ class ProxyBleakClient(BaseBleakClient):
                     info["handle"],
                     info["uuid"],
                     info["properties"],
-                    lambda: self._mtu - ATT_WRITE_OVERHEAD_BYTES,
+                    lambda: self._mtu - ATT_HEADER_BYTES,
                     service,
                 )
                 collection.add_characteristic(characteristic)

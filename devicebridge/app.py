@@ -24,7 +24,9 @@ from devicebridge.core.catalogue import (
     OFCP_DRIVER,
     load_catalogue,
 )
-from devicebridge.core.engine import ZONE_CODES, Decision
+from devicebridge.core.engine import (
+    Decision,
+)
 from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.routine import MassageStep, Routine, parse_routine
 from devicebridge.device.monitor import DeviceSnapshot, TelemetryMonitor
@@ -52,6 +54,7 @@ from devicebridge.run.summary import RunSummary
 from devicebridge.run.view import RunnerState
 from devicebridge.storage.registry import DeviceRegistry, PairedDevice
 from protocols import DeviceKind, MassageMode, Zone
+from protocols.constants import zone_named
 
 if TYPE_CHECKING:
     from simulators import HandScript, SimulatedWorld
@@ -308,7 +311,7 @@ def routine_hand_script(
     t_ticks = math.ceil(start_s * hz)
     steps = [s for s in routine.steps if isinstance(s, MassageStep)]
     for number, step in enumerate(steps, start=1):
-        zone = Zone(ZONE_CODES[step.zone])
+        zone = zone_named(step.zone)
         middle_kpa = (step.pressure_min_kpa + step.pressure_max_kpa) / 2
         contact_ticks = round(step.contact_time_s * hz)
         pieces = [(contact_ticks, middle_kpa)]

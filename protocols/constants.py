@@ -8,6 +8,7 @@ raising, so that a newer device does not crash an older host (see
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Final, TypeVar
 
 PROTOCOL_VERSION: Final = 1
@@ -53,8 +54,22 @@ CLIENT_CHARACTERISTIC_CONFIG_UUID: Final = sig_uuid(0x2902)
 MANUFACTURER_ID: Final = 0xFFFF
 
 ATT_DEFAULT_MTU: Final = 23
-ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
+# Opcode (1 byte) and attribute handle (2 bytes): what a notification, a write command and a
+# write request carry besides their value, so an ATT payload holds MTU - 3 bytes.
+ATT_HEADER_BYTES: Final = 3
 ATT_MAX_ATTRIBUTE_BYTES: Final = 512
+
+# Wire units: every field of a command, a telemetry sample or a device program that carries a
+# physical quantity carries it as an integer in one of these units.
+DS_PER_S: Final = 10  # contact time and no-contact pause, 0.1 s
+DAPA_PER_KPA: Final = 100  # pressure, 10 Pa
+CENTI_C_PER_C: Final = 100  # temperature, 0.01 degC
+CENTI_MW_CM2_PER_MW_CM2: Final = 100  # irradiance, 0.01 mW/cm2
+DECI_HZ_PER_HZ: Final = 10  # pulse frequency, 0.1 Hz
+CENTI_J_CM2_PER_J_CM2: Final = 100  # dose, 0.01 J/cm2
+MJ_PER_J: Final = 1000  # dose J/cm2 = irradiance mW/cm2 x s / 1000
+# Intensity levels of a massager's motor: 0 is off, 1..MAX_INTENSITY_LEVEL run it.
+MAX_INTENSITY_LEVEL: Final = 10
 
 
 class MessageType(enum.IntEnum):
@@ -113,6 +128,16 @@ class Zone(enum.IntEnum):
     NECK = 11
     MASSETER_LEFT = 12
     MASSETER_RIGHT = 13
+
+
+# Zone names as routines, policies and reports spell them (``Zone.CHEEK_LEFT`` -> ``cheek_left``).
+ZONE_NAMES: Final[Mapping[int, str]] = {zone.value: zone.name.lower() for zone in Zone if zone}
+ZONE_CODES: Final[Mapping[str, int]] = {name: code for code, name in ZONE_NAMES.items()}
+
+
+def zone_named(name: str) -> Zone:
+    """The zone a routine calls ``name`` (``cheek_left`` -> ``Zone.CHEEK_LEFT``), or KeyError."""
+    return Zone(ZONE_CODES[name])
 
 
 class MassageMode(enum.IntEnum):

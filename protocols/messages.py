@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from protocols.constants import (
+    CENTI_MW_CM2_PER_MW_CM2,
+    DECI_HZ_PER_HZ,
+    MAX_INTENSITY_LEVEL,
     PROTOCOL_VERSION,
     Capability,
     DeviceKind,
@@ -39,9 +42,6 @@ _PROGRAM_CHUNK_HEADER: Final = struct.Struct("<BHI")  # type, transfer_id, offse
 
 MAX_COMMAND_ID: Final = 0xFFFF
 MAX_STRING_BYTES: Final = 64
-IRRADIANCE_SCALE_PER_MW_CM2: Final = 100  # wire unit: 0.01 mW/cm²
-PULSE_SCALE_PER_HZ: Final = 10  # wire unit: 0.1 Hz
-MAX_INTENSITY_LEVEL: Final = 10
 
 
 def _u16(value: int, name: str) -> int:
@@ -198,14 +198,14 @@ class StartLed:
 
     def encode_params(self) -> bytes:
         def irr(value: float, name: str) -> int:
-            return _u16(round(value * IRRADIANCE_SCALE_PER_MW_CM2), name)
+            return _u16(round(value * CENTI_MW_CM2_PER_MW_CM2), name)
 
         return self._LAYOUT.pack(
             irr(self.red_mw_cm2, "red_mw_cm2"),
             irr(self.near_infrared_mw_cm2, "near_infrared_mw_cm2"),
             irr(self.blue_mw_cm2, "blue_mw_cm2"),
             _u16(self.duration_s, "duration_s"),
-            _u16(round(self.pulse_hz * PULSE_SCALE_PER_HZ), "pulse_hz"),
+            _u16(round(self.pulse_hz * DECI_HZ_PER_HZ), "pulse_hz"),
         )
 
     @classmethod
@@ -213,11 +213,11 @@ class StartLed:
         _exact(data, cls._LAYOUT.size, "START_LED parameters")
         red, nir, blue, duration_s, pulse = cls._LAYOUT.unpack(data)
         return cls(
-            red / IRRADIANCE_SCALE_PER_MW_CM2,
-            nir / IRRADIANCE_SCALE_PER_MW_CM2,
-            blue / IRRADIANCE_SCALE_PER_MW_CM2,
+            red / CENTI_MW_CM2_PER_MW_CM2,
+            nir / CENTI_MW_CM2_PER_MW_CM2,
+            blue / CENTI_MW_CM2_PER_MW_CM2,
             duration_s,
-            pulse / PULSE_SCALE_PER_HZ,
+            pulse / DECI_HZ_PER_HZ,
         )
 
 

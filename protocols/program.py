@@ -25,13 +25,22 @@ import struct
 import zlib
 from typing import Final, NoReturn, TypeAlias
 
-from protocols.constants import DeviceKind, MassageMode, Zone, enum_or_int
+from protocols.constants import (
+    CENTI_C_PER_C,
+    DAPA_PER_KPA,
+    DECI_HZ_PER_HZ,
+    DS_PER_S,
+    MAX_INTENSITY_LEVEL,
+    DeviceKind,
+    MassageMode,
+    Zone,
+    enum_or_int,
+)
 from protocols.errors import EncodeError, FrameError, InvalidFieldError, TruncatedFrameError
 
 PROGRAM_MAGIC: Final = b"OFPG"
 PROGRAM_FORMAT_VERSION: Final = 1
 MAX_PROGRAM_STEPS: Final = 64
-MAX_INTENSITY_LEVEL: Final = 10
 # Header: magic, version, device kind, step count, flags (reserved 0),
 # session length cap s, skin temperature stop 0.01 degC, no-contact pause 0.1 s, reserved.
 _HEADER: Final = struct.Struct("<4sBBBBHhHH")
@@ -46,14 +55,6 @@ MAX_PROGRAM_BYTES: Final = HEADER_BYTES + MAX_PROGRAM_STEPS * max(
     MASSAGE_STEP_BYTES, LED_STEP_BYTES
 )
 
-# Wire units.
-DS_PER_S: Final = 10  # contact time and no-contact pause, 0.1 s
-DAPA_PER_KPA: Final = 100  # pressure, 10 Pa
-CENTI_C_PER_C: Final = 100  # temperature, 0.01 degC
-CENTI_MW_CM2_PER_MW_CM2: Final = 100  # irradiance, 0.01 mW/cm2
-DECI_HZ_PER_HZ: Final = 10  # pulse frequency, 0.1 Hz
-CENTI_J_CM2_PER_J_CM2: Final = 100  # dose, 0.01 J/cm2
-MJ_PER_J: Final = 1000  # dose J/cm2 = irradiance mW/cm2 x s / 1000
 
 _U8_MAX: Final = 0xFF
 U16_MAX: Final = 0xFFFF  # the largest value of every unsigned 16-bit program field

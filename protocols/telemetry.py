@@ -23,7 +23,13 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from protocols.constants import MessageType, SampleFormat
+from protocols.constants import (
+    CENTI_C_PER_C,
+    CENTI_MW_CM2_PER_MW_CM2,
+    DAPA_PER_KPA,
+    MessageType,
+    SampleFormat,
+)
 from protocols.errors import FrameError, InvalidFieldError, TruncatedFrameError
 
 BATCH_HEADER: Final = struct.Struct("<BBII")
@@ -325,9 +331,9 @@ def concatenate(batches: Sequence[TelemetryBatch]) -> TelemetryBatch:
 
 # --------------------------------------------------------------------------- physical units
 
-PRESSURE_KPA_PER_UNIT: Final = 0.01
-TEMPERATURE_C_PER_UNIT: Final = 0.01
-IRRADIANCE_MW_CM2_PER_UNIT: Final = 0.01
+PRESSURE_KPA_PER_UNIT: Final = 1 / DAPA_PER_KPA
+TEMPERATURE_C_PER_UNIT: Final = 1 / CENTI_C_PER_C
+IRRADIANCE_MW_CM2_PER_UNIT: Final = 1 / CENTI_MW_CM2_PER_MW_CM2
 
 
 def pressure_kpa(samples: npt.NDArray[np.void]) -> npt.NDArray[np.float64]:

@@ -36,6 +36,7 @@ from typing import Any, Final, TypeVar
 import click
 
 from protocols import Zone
+from protocols.constants import ZONE_CODES, zone_named
 from protocols.telemetry import IRRADIANCE_MW_CM2_PER_UNIT, pressure_kpa
 from simulators.clock import VirtualClock
 from simulators.devices.device import SimulatedDevice
@@ -43,8 +44,9 @@ from simulators.devices.hand import HandScript, HandSegment
 from simulators.devices.link import Channel
 from simulators.devices.mask import SimulatedLedMask
 from simulators.devices.massager import SimulatedMassager
+from simulators.errors import FaultError
 from simulators.faults.injector import FaultInjector
-from simulators.faults.spec import FaultError, FaultKind, make_fault
+from simulators.faults.spec import FaultKind, make_fault
 from simulators.links.serial_port import PtySerialPort
 from simulators.links.tcp_port import LOCALHOST, TcpDevicePort
 from simulators.world import SimulatedWorld
@@ -201,10 +203,10 @@ def _number(request: Mapping[str, Any], key: str, low: float, high: float) -> fl
 
 
 def _zone(value: Any) -> Zone:
-    names = [z.name.lower() for z in Zone if z is not Zone.NONE]
-    if not isinstance(value, str) or value.lower() not in names:
-        raise FaultError(f"hand: zone must be one of {', '.join(names)}, got {value!r}")
-    return Zone[value.upper()]
+    if not isinstance(value, str) or value.lower() not in ZONE_CODES:
+        names = ", ".join(ZONE_CODES)
+        raise FaultError(f"hand: zone must be one of {names}, got {value!r}")
+    return zone_named(value.lower())
 
 
 def _applied(device: SimulatedDevice) -> dict[str, Any]:

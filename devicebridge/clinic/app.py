@@ -42,14 +42,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from devicebridge import __version__
-from devicebridge.clinic.auth import AccountError, Accounts, LoginSession, same_token
+from devicebridge.clinic.auth import Accounts, LoginSession, same_token
 from devicebridge.clinic.authoring import (
     DEFAULT_VALID_DAYS,
     queue_pushes,
     validate,
 )
-from devicebridge.clinic.errors import ClinicError
-from devicebridge.clinic.queries import ALERT_KINDS, NotFoundError, Queries
+from devicebridge.clinic.errors import AccountError, ClinicError, NotFoundError
+from devicebridge.clinic.queries import ALERT_KINDS, Queries
 from devicebridge.core.policy import SafetyPolicy, policy_zone
 from devicebridge.core.routine import MassageStep
 

@@ -22,7 +22,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import Connection, Engine, delete, insert, select, update
 
 from devicebridge.clinic import schema as t
-from devicebridge.clinic.errors import ClinicError
+from devicebridge.clinic.errors import AccountError
 
 SESSION_LIFETIME: Final = timedelta(hours=12)
 TOKEN_BYTES: Final = 32
@@ -31,10 +31,6 @@ USERNAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HASHER: Final = PasswordHasher()
 # Verified against when the user does not exist, so both cases take the same time.
 _DUMMY_HASH: Final = _HASHER.hash(secrets.token_hex(16))
-
-
-class AccountError(ClinicError):
-    """An account cannot be created or changed (the message says why)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,17 +21,13 @@ from sqlalchemy import Engine, insert
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.auth import User
-from devicebridge.clinic.errors import ClinicError
+from devicebridge.clinic.errors import AuthoringError
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.routine import Routine, RoutineError, parse_routine
 from devicebridge.core.signed_program import MAX_PROGRAM_BYTES, sign_program
 
 MAX_VALID_DAYS: Final = 90.0
 DEFAULT_VALID_DAYS: Final = 7.0
-
-
-class AuthoringError(ClinicError):
-    """A program cannot be signed or pushed (invalid, no key, no client)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,16 +16,12 @@ from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from devicebridge.clinic.errors import ClinicError
+from devicebridge.clinic.errors import DatabaseError
 
 LOG = logging.getLogger(__name__)
 DEFAULT_DATABASE_FILENAME: Final = "clinic.sqlite3"
 SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 POOL_SIZE: Final = 8
-
-
-class DatabaseError(ClinicError):
-    """The console's database cannot be opened, migrated or used."""
 
 
 def database_url(text: str | Path) -> URL:

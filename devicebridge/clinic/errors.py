@@ -5,7 +5,9 @@
     ├── DatabaseError                  its database cannot be opened or migrated (db.py)
     ├── AccountError                   an account cannot be created or changed (auth.py)
     ├── AuthoringError                 a program cannot be signed or pushed (authoring.py)
-    └── NotFoundError                  no such thing, or not this user's (queries.py)
+    ├── NotFoundError                  no such thing, or not this user's (queries.py)
+    └── RecordError                    a broker message the contract cannot read (ingest
+                                       counts and skips it)
 
 (``devicebridge.errors.FhirExportError`` is a DeviceBridgeError of its own: the CLI uses it
 without the console.)
@@ -29,3 +31,23 @@ class ClinicExtraMissingError(ClinicError):
             "pip install 'devicebridge[clinic]'"
         )
         self.missing = missing
+
+
+class DatabaseError(ClinicError):
+    """The console's database cannot be opened, migrated or used."""
+
+
+class AccountError(ClinicError):
+    """An account cannot be created or changed (the message says why)."""
+
+
+class AuthoringError(ClinicError):
+    """A program cannot be signed or pushed (invalid, no key, no client)."""
+
+
+class NotFoundError(ClinicError):
+    """No such thing, or not this user's to see."""
+
+
+class RecordError(ClinicError, ValueError):
+    """A message that cannot be read as the contract says (it is counted and skipped)."""

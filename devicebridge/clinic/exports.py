@@ -15,13 +15,14 @@ from starlette.routing import Route
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.auth import User
+from devicebridge.clinic.errors import NotFoundError
 from devicebridge.clinic.fhir import (
     DeviceFacts,
     ProgramFacts,
     bundle,
     session_facts_from_summary,
 )
-from devicebridge.clinic.queries import NotFoundError, Queries, aware
+from devicebridge.clinic.queries import Queries, aware
 
 if TYPE_CHECKING:
     from devicebridge.clinic.app import Console, Handler

@@ -39,9 +39,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.authoring import describe_program
+from devicebridge.clinic.errors import RecordError
 from devicebridge.clinic.records import (
     Place,
-    RecordError,
     digest_telemetry,
     integer,
     load_json,

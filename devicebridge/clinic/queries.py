@@ -36,7 +36,7 @@ from sqlalchemy import (
 
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.auth import User
-from devicebridge.clinic.errors import ClinicError
+from devicebridge.clinic.errors import NotFoundError
 
 PAGE_SIZE: Final = 50
 ADMIN_PAGE_SIZE: Final = 200
@@ -48,10 +48,6 @@ ALERT_KINDS: Final = {
     "device_fault": "device fault",
     "program_rejected": "program rejected",
 }
-
-
-class NotFoundError(ClinicError):
-    """No such thing, or not this user's to see."""
 
 
 def aware(moment: datetime | None) -> datetime | None:

@@ -17,11 +17,17 @@ from typing import Any, Final
 
 import numpy as np
 
-from devicebridge.core.engine import ZONE_NAMES
+from devicebridge.clinic.errors import RecordError
 from devicebridge.core.policy import LED_CHANNELS
-from devicebridge.reporting.report import CELSIUS_PER_UNIT, KPA_PER_UNIT, MW_CM2_PER_UNIT
 from devicebridge.service.telemetry import decode_telemetry_message
-from protocols.telemetry import LED_MASK_FLAG_WORN, MASSAGER_FLAG_CONTACT
+from protocols.constants import ZONE_NAMES
+from protocols.telemetry import (
+    IRRADIANCE_MW_CM2_PER_UNIT,
+    LED_MASK_FLAG_WORN,
+    MASSAGER_FLAG_CONTACT,
+    PRESSURE_KPA_PER_UNIT,
+    TEMPERATURE_C_PER_UNIT,
+)
 
 MASK_ZONE: Final = "face"
 NO_ZONE: Final = "none"
@@ -40,10 +46,6 @@ BRIDGE_TOPICS: Final = {
     ("programs", "installed"): "installed",
 }
 DEVICE_TOPICS: Final = {"state": "device_state", "telemetry": "telemetry", "events": "events"}
-
-
-class RecordError(ValueError):
-    """A message that cannot be read as the contract says (it is counted and skipped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +181,8 @@ def _massager_rows(samples: np.ndarray[Any, Any], base: dict[str, Any]) -> list[
     for code in np.unique(zones).tolist():
         in_zone = zones == code
         touching = in_zone & contact
-        pressure = samples["pressure_dapa"][touching].astype(np.float64) * KPA_PER_UNIT
-        temperature = samples["skin_temperature_centi_c"][in_zone] * CELSIUS_PER_UNIT
+        pressure = samples["pressure_dapa"][touching].astype(np.float64) * PRESSURE_KPA_PER_UNIT
+        temperature = samples["skin_temperature_centi_c"][in_zone] * TEMPERATURE_C_PER_UNIT
         rows.append(
             {
                 **base,
@@ -202,7 +204,9 @@ def _massager_rows(samples: np.ndarray[Any, Any], base: dict[str, Any]) -> list[
 def _mask_row(samples: np.ndarray[Any, Any], base: dict[str, Any]) -> dict[str, Any]:
     worn = (samples["flags"] & LED_MASK_FLAG_WORN) != 0
     irradiance = {
-        f"{ch}_mw_cm2": round(float(samples[f"{ch}_centi_mw_cm2"].mean() * MW_CM2_PER_UNIT), 3)
+        f"{ch}_mw_cm2": round(
+            float(samples[f"{ch}_centi_mw_cm2"].mean() * IRRADIANCE_MW_CM2_PER_UNIT), 3
+        )
         for ch in LED_CHANNELS
     }
     return {
@@ -214,7 +218,7 @@ def _mask_row(samples: np.ndarray[Any, Any], base: dict[str, Any]) -> dict[str, 
         "pressure_min_kpa": None,
         "pressure_max_kpa": None,
         "skin_temperature_max_c": round(
-            float(samples["skin_temperature_centi_c"].max() * CELSIUS_PER_UNIT), 2
+            float(samples["skin_temperature_centi_c"].max() * TEMPERATURE_C_PER_UNIT), 2
         ),
         **irradiance,
     }

@@ -32,16 +32,12 @@ from protocols import (
     StopLed,
     Zone,
 )
+from protocols.constants import zone_named
 
 # Decisions that stop actuators at once (STOP_ALL from the telemetry observer).
 SAFETY_KINDS: Final = frozenset({DecisionKind.PAUSE, DecisionKind.STOP, DecisionKind.STOP_STEP})
 # A step's remaining time is sent in whole seconds; a hair above a whole number stays it.
 _DURATION_EPSILON_S: Final = 1e-9
-
-
-def zone_of(name: str) -> Zone:
-    """The wire zone of a routine zone name (``cheek_left`` -> ``Zone.CHEEK_LEFT``)."""
-    return Zone[name.upper()]
 
 
 def mode_of(name: str) -> MassageMode:
@@ -93,7 +89,7 @@ class MassagerApplied:
 def massager_target(engine: MassageEngine | TimedMassageEngine) -> MassagerTarget:
     """What either massage engine wants (by contact or by time: the same commands)."""
     step = engine.current_step
-    return MassagerTarget(zone_of(step.zone), mode_of(step.mode), engine.intensity)
+    return MassagerTarget(zone_named(step.zone), mode_of(step.mode), engine.intensity)
 
 
 def next_massager_command(target: MassagerTarget, applied: MassagerApplied) -> CommandBody | None:

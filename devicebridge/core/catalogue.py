@@ -43,8 +43,8 @@ from protocols import (
     Capability,
     DeviceKind,
 )
+from protocols.constants import MAX_INTENSITY_LEVEL
 from protocols.foreo import MAX_MODE_BYTE, MAX_SPEED
-from protocols.program import MAX_INTENSITY_LEVEL
 
 # What a device may measure and report. Battery is reported by nearly everything; the
 # others decide which checks of a routine can run on the device.

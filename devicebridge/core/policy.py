@@ -22,13 +22,15 @@ from typing import Any, Final
 
 from devicebridge.core.tomlpath import Problem, is_real, locate, number_problem, show
 from devicebridge.errors import PolicyError as PolicyError  # raised here; importable from here
-from protocols.program import (
+from protocols.constants import (
     CENTI_J_CM2_PER_J_CM2,
     CENTI_MW_CM2_PER_MW_CM2,
     DAPA_PER_KPA,
     DECI_HZ_PER_HZ,
     DS_PER_S,
     MAX_INTENSITY_LEVEL,
+)
+from protocols.program import (
     MAX_PROGRAM_STEPS,
     U16_MAX,
 )

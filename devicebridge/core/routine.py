@@ -38,11 +38,13 @@ from devicebridge.core.tomlpath import (
     show,
 )
 from devicebridge.errors import RoutineError as RoutineError  # raised here; importable from here
-from protocols.program import (
+from protocols.constants import (
     CENTI_MW_CM2_PER_MW_CM2,
     DAPA_PER_KPA,
     DECI_HZ_PER_HZ,
     MAX_INTENSITY_LEVEL,
+)
+from protocols.program import (
     MAX_PROGRAM_STEPS,
     U16_MAX,
 )

@@ -57,16 +57,16 @@ from protocols import (
     ProgramRejectReason,
     ProgramStart,
     ProtocolError,
-    Zone,
     program_crc32,
 )
-from protocols.program import (
+from protocols.constants import (
     CENTI_C_PER_C,
     CENTI_J_CM2_PER_J_CM2,
     CENTI_MW_CM2_PER_MW_CM2,
     DAPA_PER_KPA,
     DECI_HZ_PER_HZ,
     DS_PER_S,
+    zone_named,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def program_from_routine(
 def _massage_step(step: MassageStep, policy: SafetyPolicy) -> MassageProgramStep:
     cap_dapa = _floor_units(policy.zones[step.policy_zone].cap_kpa.value, DAPA_PER_KPA)
     return MassageProgramStep(
-        zone=Zone[step.zone.upper()],
+        zone=zone_named(step.zone),
         mode=MassageMode[step.mode.upper()],
         intensity=step.intensity,
         contact_time_ds=max(1, round(step.contact_time_s * DS_PER_S)),

@@ -10,7 +10,9 @@
         ├── SmpCommandError            the device answered an SMP request with an error
         ├── SmpProtocolError           the device answered with something that is not SMP
         ├── FirmwareLinkError          the link kept failing (reconnects used up)
-        └── FirmwareVerifyError        the device does not hold what was sent
+        ├── FirmwareVerifyError        the device does not hold what was sent
+        └── UploadForgotten            the device has no upload in progress (the updater
+                                       reads the slots and finishes or starts over)
 """
 
 from __future__ import annotations
@@ -93,3 +95,12 @@ class FirmwareLinkError(FirmwareError):
 
 class FirmwareVerifyError(FirmwareError):
     """The device reports an image other than the one sent (hash or version)."""
+
+
+class UploadForgotten(FirmwareError):
+    """The device reports no upload in progress: it completed, or a reset lost it.
+
+    The updater catches it, reads the slots, and finishes or starts over."""
+
+    def __init__(self, *, device: str) -> None:
+        super().__init__("the device has no upload in progress any more", device=device)

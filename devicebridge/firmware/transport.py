@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Final
 
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
@@ -24,11 +23,9 @@ from devicebridge.clock import Clock, wait_for
 from devicebridge.device.transport.ble import BleTransport
 from devicebridge.errors import DeviceBridgeError, TransportError
 from devicebridge.firmware.channel import SMP_HEADER_BYTES, smp_message_bytes
-from protocols.constants import SMP_CHARACTERISTIC_UUID
+from protocols.constants import ATT_DEFAULT_MTU, ATT_HEADER_BYTES, SMP_CHARACTERISTIC_UUID
 
 _LOGGER = logging.getLogger(__name__)
-
-ATT_WRITE_OVERHEAD_BYTES: Final = 3
 
 
 class SmpBleLink(BleTransport):
@@ -71,8 +68,8 @@ class SmpBleLink(BleTransport):
     def att_payload_bytes(self) -> int:
         """Bytes one write without response carries (ATT MTU - 3)."""
         client = self._client
-        mtu = client.mtu_size if client is not None else 23
-        return mtu - ATT_WRITE_OVERHEAD_BYTES
+        mtu = client.mtu_size if client is not None else ATT_DEFAULT_MTU
+        return mtu - ATT_HEADER_BYTES
 
 
 class BleSmpTransport(SMPTransport):

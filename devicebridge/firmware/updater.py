@@ -38,10 +38,11 @@ from devicebridge.firmware.errors import (
     FirmwareVerifyError,
     ImageTooLargeError,
     SmpCommandError,
+    UploadForgotten,
 )
 from devicebridge.firmware.image import FirmwareImage
 from devicebridge.firmware.requests import ImageSlots, SlotInfoRead, decode_slot_info
-from devicebridge.firmware.upload import PipelinedUpload, UploadForgotten, UploadStats
+from devicebridge.firmware.upload import PipelinedUpload, UploadStats
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -41,21 +41,16 @@ from smpclient.requests.image_management import ImageUploadWrite
 
 from devicebridge.clock import wait_for
 from devicebridge.firmware.channel import SmpChannel, check_response, decode_response
-from devicebridge.firmware.errors import FirmwareError, FirmwareVerifyError, SmpProtocolError
+from devicebridge.firmware.errors import (
+    FirmwareVerifyError,
+    SmpProtocolError,
+    UploadForgotten,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
 # Answers missed in a row (each after a request timeout) before the link counts as down.
 MAX_SILENT_TIMEOUTS: Final = 3
-
-
-class UploadForgotten(FirmwareError):
-    """The device reports no upload in progress: it completed, or a reset lost it.
-
-    The updater catches it, reads the slots, and finishes or starts over."""
-
-    def __init__(self, *, device: str) -> None:
-        super().__init__("the device has no upload in progress any more", device=device)
 
 
 @dataclass(slots=True)

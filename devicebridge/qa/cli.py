@@ -20,7 +20,8 @@ from devicebridge.errors import DeviceBridgeError
 from devicebridge.qa.record import record_scenario
 from devicebridge.qa.scenario import ScenarioResult, run_scenario
 from devicebridge.storage.sessions import SessionStore
-from simulators.scenario.spec import ScenarioError, load_scenario
+from simulators.errors import ScenarioError
+from simulators.scenario.spec import load_scenario
 
 
 @click.group("scenario")

@@ -38,10 +38,11 @@ import pytest
 from devicebridge.qa.bridge import QaBridge
 from devicebridge.qa.scenario import ScenarioResult, run_scenario
 from simulators import SimulatedDevice, SimulatedWorld, VirtualClock
+from simulators.errors import ScenarioError
 from simulators.faults.injector import FaultInjector
 from simulators.faults.spec import make_fault
 from simulators.scenario.hand import ScenarioHand
-from simulators.scenario.spec import ScenarioError, load_scenario
+from simulators.scenario.spec import load_scenario
 
 SEED_KEY: Final = pytest.StashKey[int]()
 EXPLICIT_SEED_KEY: Final = pytest.StashKey[bool]()

@@ -16,9 +16,10 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from devicebridge.core.engine import CONTACT_FLAG, KPA_PER_UNIT, ZONE_NAMES
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.sessions import SessionStore
+from protocols.constants import ZONE_NAMES
+from protocols.telemetry import MASSAGER_FLAG_CONTACT, PRESSURE_KPA_PER_UNIT
 
 PROFILE_STEP_S: Final = 0.1
 REPLAY_TAIL_S: Final = 2.0
@@ -74,8 +75,8 @@ def _profile(samples: npt.NDArray[np.void], rate_hz: float, *, start_s: float) -
     per_step = max(1, round(rate_hz * PROFILE_STEP_S))
     count = len(samples) // per_step * per_step
     blocks = samples[:count].reshape(-1, per_step)
-    contact = (blocks["flags"] & CONTACT_FLAG) != 0
-    pressure = blocks["pressure_dapa"].astype(np.float64) * KPA_PER_UNIT
+    contact = (blocks["flags"] & MASSAGER_FLAG_CONTACT) != 0
+    pressure = blocks["pressure_dapa"].astype(np.float64) * PRESSURE_KPA_PER_UNIT
     # Lifted where most of the block had no contact; else the mean pressure while touching.
     touching = contact.sum(axis=1) * 2 > per_step
     kpa = np.where(

@@ -29,6 +29,7 @@ from devicebridge.errors import DeviceBridgeError, QaError
 from devicebridge.qa.bridge import QaBridge, TimelineEntry, load_routine, telemetry_digest
 from devicebridge.run.summary import RunSummary
 from protocols import Zone
+from protocols.constants import zone_named
 from simulators import SimulatedWorld, VirtualClock
 from simulators.faults.spec import FaultRecord
 from simulators.scenario.build import build_scenario
@@ -348,9 +349,7 @@ def _routine_bands(routine: Routine | None) -> dict[Zone, tuple[float, float]]:
         return bands
     for step in routine.steps:
         if isinstance(step, MassageStep):
-            bands.setdefault(
-                Zone[step.zone.upper()], (step.pressure_min_kpa, step.pressure_max_kpa)
-            )
+            bands.setdefault(zone_named(step.zone), (step.pressure_min_kpa, step.pressure_max_kpa))
     return bands
 
 

@@ -18,22 +18,26 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from devicebridge.core.engine import ZONE_NAMES, LedEngine, MassageEngine
+from devicebridge.core.engine import (
+    LedEngine,
+    MassageEngine,
+)
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
 from devicebridge.core.routine import J_PER_MJ, MassageStep, Routine, parse_routine
 from devicebridge.errors import ReportError, RoutineError
 from devicebridge.storage.sessions import SessionRecord, SessionStore, StoredDecision
 from protocols import MassageMode, SampleFormat
+from protocols.constants import ZONE_NAMES
 from protocols.telemetry import (
+    IRRADIANCE_MW_CM2_PER_UNIT,
     LED_MASK_FLAG_TREATMENT_RUNNING,
     LED_MASK_FLAG_WORN,
     MASSAGER_FLAG_CONTACT,
     MASSAGER_FLAG_MOTOR_ON,
+    PRESSURE_KPA_PER_UNIT,
+    TEMPERATURE_C_PER_UNIT,
 )
 
-KPA_PER_UNIT: Final = 0.01
-CELSIUS_PER_UNIT: Final = 0.01
-MW_CM2_PER_UNIT: Final = 0.01
 PLOT_WIDTH_IN: Final = 11.0
 PLOT_HEIGHT_IN: Final = 6.0
 PLOT_DPI: Final = 100
@@ -164,14 +168,14 @@ def telemetry_rows(report: SessionReport) -> list[dict[str, Any]]:
         "sequence": report.sequences.tolist(),
         "t_s": np.round(times, 4).tolist(),
         "skin_temperature_c": np.round(
-            samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT, 2
+            samples["skin_temperature_centi_c"] * TEMPERATURE_C_PER_UNIT, 2
         ).tolist(),
         "battery_percent": samples["battery_percent"].tolist(),
     }
     if report.is_massage:
         flags = samples["flags"]
         base |= {
-            "pressure_kpa": np.round(samples["pressure_dapa"] * KPA_PER_UNIT, 2).tolist(),
+            "pressure_kpa": np.round(samples["pressure_dapa"] * PRESSURE_KPA_PER_UNIT, 2).tolist(),
             "contact": ((flags & MASSAGER_FLAG_CONTACT) != 0).tolist(),
             "zone": [ZONE_NAMES.get(int(z), "none") for z in samples["zone"]],
             "motor_on": ((flags & MASSAGER_FLAG_MOTOR_ON) != 0).tolist(),
@@ -182,7 +186,7 @@ def telemetry_rows(report: SessionReport) -> list[dict[str, Any]]:
         flags = samples["flags"]
         for ch in LED_CHANNELS:
             base[f"{ch}_mw_cm2"] = np.round(
-                samples[f"{ch}_centi_mw_cm2"] * MW_CM2_PER_UNIT, 2
+                samples[f"{ch}_centi_mw_cm2"] * IRRADIANCE_MW_CM2_PER_UNIT, 2
             ).tolist()
         base |= {
             "worn": ((flags & LED_MASK_FLAG_WORN) != 0).tolist(),
@@ -294,7 +298,7 @@ def write_png(report: SessionReport, path: Path, policy: SafetyPolicy) -> None:
     title = f"Session {record.id}: {record.routine_name} ({record.status})"
     if report.is_massage:
         fig, axis = plt.subplots(figsize=(PLOT_WIDTH_IN, PLOT_HEIGHT_IN), dpi=PLOT_DPI)
-        pressure = rows["pressure_dapa"] * KPA_PER_UNIT
+        pressure = rows["pressure_dapa"] * PRESSURE_KPA_PER_UNIT
         zones = rows["zone"]
         colours = plt.get_cmap("tab20")
         touching = (rows["flags"] & MASSAGER_FLAG_CONTACT) != 0
@@ -343,7 +347,7 @@ def write_png(report: SessionReport, path: Path, policy: SafetyPolicy) -> None:
         )
         dt_s = 1.0 / record.sample_rate_hz if record.sample_rate_hz > 0 else 0.0
         for ch in LED_CHANNELS:
-            irradiance = rows[f"{ch}_centi_mw_cm2"] * MW_CM2_PER_UNIT
+            irradiance = rows[f"{ch}_centi_mw_cm2"] * IRRADIANCE_MW_CM2_PER_UNIT
             top.plot(times, irradiance, color=CHANNEL_COLOURS[ch], label=ch, linewidth=1)
             dose = np.cumsum(irradiance) * dt_s / J_PER_MJ
             bottom.plot(times, dose, color=CHANNEL_COLOURS[ch], label=ch, linewidth=1)

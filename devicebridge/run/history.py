@@ -15,9 +15,6 @@ from devicebridge.core.admission import (
     check_admission,
     session_completion,
 )
-from devicebridge.core.engine import (
-    MW_CM2_PER_UNIT,
-)
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy
 from devicebridge.core.routine import (
     J_PER_MJ,
@@ -25,6 +22,7 @@ from devicebridge.core.routine import (
     Routine,
 )
 from devicebridge.storage.sessions import SessionStore
+from protocols.telemetry import IRRADIANCE_MW_CM2_PER_UNIT
 
 # Admission looks back at least a day (the daily LED dose), longer for frequency rules.
 ADMISSION_MIN_LOOKBACK_DAYS: Final = 1.0
@@ -39,7 +37,7 @@ def led_dose_of_samples(samples: np.ndarray[Any, Any], sample_rate_hz: float) ->
     dt_s = 1.0 / sample_rate_hz if sample_rate_hz > 0 else 0.0
     return {
         ch: float(samples[f"{ch}_centi_mw_cm2"].astype(np.float64).sum())
-        * MW_CM2_PER_UNIT
+        * IRRADIANCE_MW_CM2_PER_UNIT
         * dt_s
         / J_PER_MJ
         for ch in LED_CHANNELS

@@ -84,11 +84,6 @@ from devicebridge.core.admission import (
 from devicebridge.core.catalogue import KindSupport, support_from_capabilities
 from devicebridge.core.device_fit import NOT_MEASURED, checks_applied, device_problems
 from devicebridge.core.engine import (
-    CELSIUS_PER_UNIT,
-    CONTACT_FLAG,
-    KPA_PER_UNIT,
-    MW_CM2_PER_UNIT,
-    ZONE_NAMES,
     Decision,
     LedEngine,
     MassageEngine,
@@ -133,6 +128,13 @@ from protocols import (
     SampleFormat,
     StopAll,
     TelemetryBatch,
+)
+from protocols.constants import ZONE_NAMES
+from protocols.telemetry import (
+    IRRADIANCE_MW_CM2_PER_UNIT,
+    MASSAGER_FLAG_CONTACT,
+    PRESSURE_KPA_PER_UNIT,
+    TEMPERATURE_C_PER_UNIT,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -376,10 +378,10 @@ class RoutineRunner:
             }
             if last is not None:
                 zone_name = ZONE_NAMES.get(int(last["zone"]), step.zone)
-                values["pressure_kpa"] = float(last["pressure_dapa"]) * KPA_PER_UNIT
-                values["contact"] = bool(int(last["flags"]) & CONTACT_FLAG)
+                values["pressure_kpa"] = float(last["pressure_dapa"]) * PRESSURE_KPA_PER_UNIT
+                values["contact"] = bool(int(last["flags"]) & MASSAGER_FLAG_CONTACT)
                 values["skin_temperature_c"] = (
-                    float(last["skin_temperature_centi_c"]) * CELSIUS_PER_UNIT
+                    float(last["skin_temperature_centi_c"]) * TEMPERATURE_C_PER_UNIT
                 )
                 values["cap_kpa"] = self.policy.zones[policy_zone(zone_name)].cap_kpa.value
             else:
@@ -392,10 +394,11 @@ class RoutineRunner:
             }
             if last is not None:
                 values["irradiance_mw_cm2"] = {
-                    ch: float(last[f"{ch}_centi_mw_cm2"]) * MW_CM2_PER_UNIT for ch in LED_CHANNELS
+                    ch: float(last[f"{ch}_centi_mw_cm2"]) * IRRADIANCE_MW_CM2_PER_UNIT
+                    for ch in LED_CHANNELS
                 }
                 values["skin_temperature_c"] = (
-                    float(last["skin_temperature_centi_c"]) * CELSIUS_PER_UNIT
+                    float(last["skin_temperature_centi_c"]) * TEMPERATURE_C_PER_UNIT
                 )
         return RunnerState(**common, **values)
 

@@ -99,7 +99,7 @@ from protocols import (
     TelemetryBatch,
     max_samples_per_batch,
 )
-from protocols.constants import ATT_NOTIFY_OVERHEAD_BYTES
+from protocols.constants import ATT_HEADER_BYTES
 from protocols.telemetry import SAMPLE_DTYPES, SEQUENCE_MODULUS, encode_batch
 from simulators.clock import VirtualClock
 from simulators.devices.link import Channel, DeviceLink, LinkLayer, LinkWrapper
@@ -736,7 +736,7 @@ class SimulatedDevice(abc.ABC):
     def _max_payload_bytes(self) -> int:
         link = self._outbound
         if link is None:
-            return self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+            return self.mtu_size - ATT_HEADER_BYTES
         return link.max_payload_bytes
 
     # ------------------------------------------------------------------ commands

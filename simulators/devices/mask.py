@@ -27,10 +27,8 @@ from protocols import (
     StopLed,
     TreatmentEndReason,
 )
+from protocols.constants import CENTI_C_PER_C, CENTI_MW_CM2_PER_MW_CM2, DECI_HZ_PER_HZ
 from protocols.program import (
-    CENTI_C_PER_C,
-    CENTI_MW_CM2_PER_MW_CM2,
-    DECI_HZ_PER_HZ,
     LED_CHANNEL_NAMES,
 )
 from protocols.telemetry import (

@@ -29,7 +29,7 @@ from protocols import (
     ShutdownReason,
     Zone,
 )
-from protocols.messages import MAX_INTENSITY_LEVEL
+from protocols.constants import MAX_INTENSITY_LEVEL
 from protocols.telemetry import (
     MASSAGER_FLAG_CONTACT,
     MASSAGER_FLAG_MOTOR_ON,

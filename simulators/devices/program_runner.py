@@ -45,13 +45,10 @@ from protocols import (
     ShutdownReason,
     program_crc32,
 )
+from protocols.constants import CENTI_J_CM2_PER_J_CM2, CENTI_MW_CM2_PER_MW_CM2, DS_PER_S, MJ_PER_J
 from protocols.program import (
-    CENTI_J_CM2_PER_J_CM2,
-    CENTI_MW_CM2_PER_MW_CM2,
     DOSE_CAP_LIMITS,
-    DS_PER_S,
     LED_CHANNEL_NAMES,
-    MJ_PER_J,
 )
 
 _LOGGER = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from protocols.telemetry import (
     TEMPERATURE_C_PER_UNIT,
 )
 from simulators.devices.link import Channel
+from simulators.errors import FaultError
 
 # Seeds the fault generators apart from the device's own streams (simulators.devices.device).
 FAULT_STREAM: Final = 0xFA17
@@ -24,10 +25,6 @@ EVENT_JITTER_FRACTION: Final = 0.25
 TYPE_DAMAGE_MASK: Final = 0x80
 DEFAULT_REBOOT_DOWN_S: Final = 1.5
 DEFAULT_OUT_OF_RANGE_S: Final = 2.0
-
-
-class FaultError(ValueError):
-    """A fault description is invalid; the message says which fault and which parameter."""
 
 
 class FaultClass(enum.StrEnum):

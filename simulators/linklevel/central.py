@@ -47,10 +47,10 @@ from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import AsyncPipeSink, Transport
 
-from protocols.constants import ATT_DEFAULT_MTU
+from protocols.constants import ATT_DEFAULT_MTU, ATT_HEADER_BYTES
 from simulators.linklevel.gatt import bleak_uuid, parse_advertising_data, property_names
 from simulators.linklevel.peripheral import virtual_controller
-from simulators.links.bleak_backend import ATT_WRITE_COMMAND_OVERHEAD_BYTES, bound_backend
+from simulators.links.bleak_backend import bound_backend
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ class LinkLevelBleakClient(BaseBleakClient):
                     characteristic.handle,
                     bleak_uuid(characteristic.uuid),
                     property_names(characteristic.properties),
-                    lambda: self.mtu_size - ATT_WRITE_COMMAND_OVERHEAD_BYTES,
+                    lambda: self.mtu_size - ATT_HEADER_BYTES,
                     bleak_service,
                 )
                 collection.add_characteristic(bleak_characteristic)

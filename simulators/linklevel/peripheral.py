@@ -22,7 +22,7 @@ from bumble.host import Host
 from bumble.link import LocalLink
 from bumble.transport.common import AsyncPipeSink
 
-from protocols.constants import ATT_NOTIFY_OVERHEAD_BYTES
+from protocols.constants import ATT_HEADER_BYTES
 from simulators.devices.device import MS_PER_S, SimulatedDevice
 from simulators.devices.link import Channel
 from simulators.linklevel.gatt import ENCRYPTED_CHAR_UUIDS, advertising_data, build_services
@@ -53,7 +53,7 @@ class _GattLink:
     @property
     def max_payload_bytes(self) -> int:
         # The negotiated ATT MTU of this connection: 23 until the host exchanges it.
-        return int(self.connection.att_mtu) - ATT_NOTIFY_OVERHEAD_BYTES
+        return int(self.connection.att_mtu) - ATT_HEADER_BYTES
 
     def send(self, channel: Channel, message: bytes) -> None:
         self.peripheral.notify(self.connection, channel, message)

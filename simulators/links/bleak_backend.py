@@ -53,8 +53,8 @@ from protocols import (
     TELEMETRY_CHAR_UUID,
 )
 from protocols.constants import (
+    ATT_HEADER_BYTES,
     ATT_MAX_ATTRIBUTE_BYTES,
-    ATT_NOTIFY_OVERHEAD_BYTES,
     CLIENT_CHARACTERISTIC_CONFIG_UUID,
     SMP_CHARACTERISTIC_UUID,
     SMP_SERVICE_UUID,
@@ -73,8 +73,6 @@ Peripheral = SimulatedDevice | SimulatedForeo
 CCCD_NOTIFY: Final = 0x0001
 CCCD_INDICATE: Final = 0x0002
 CCCD_BYTES: Final = 2
-# Write without response carries one ATT packet: MTU minus opcode and handle.
-ATT_WRITE_COMMAND_OVERHEAD_BYTES: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +203,7 @@ def build_services(
                 handle,
                 spec.uuid,
                 list(spec.properties),
-                lambda: mtu_size() - ATT_WRITE_COMMAND_OVERHEAD_BYTES,
+                lambda: mtu_size() - ATT_HEADER_BYTES,
                 service,
             )
             collection.add_characteristic(characteristic)
@@ -265,7 +263,7 @@ class _BleLink:
 
     @property
     def max_payload_bytes(self) -> int:
-        return self.device.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+        return self.device.mtu_size - ATT_HEADER_BYTES
 
     def send(self, channel: Channel, message: bytes) -> None:
         self.client.deliver(channel, message)
@@ -336,7 +334,7 @@ class SimulatedBleakClient(BaseBleakClient):
         self._callbacks.clear()
         self._cccd.clear()
         self.services = build_services(
-            lambda: link.max_payload_bytes + ATT_NOTIFY_OVERHEAD_BYTES, gatt_database(device)
+            lambda: link.max_payload_bytes + ATT_HEADER_BYTES, gatt_database(device)
         )
         self._channel_handles = {
             char.obj.channel: char.handle

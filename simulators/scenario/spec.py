@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from protocols import Zone
 from simulators.devices.device import KIND_LABELS
-from simulators.faults.spec import Fault, FaultError, make_fault
+from simulators.errors import FaultError, ScenarioError
+from simulators.faults.spec import Fault, make_fault
 
 DEVICE_KINDS: Final = tuple(KIND_LABELS.values())
 HAND_MODES: Final = ("guided", "default", "idle")
@@ -56,15 +57,6 @@ _FAULT_SCHEDULE_KEYS: Final = {
     "count",
     "channels",
 }
-
-
-class ScenarioError(ValueError):
-    """A scenario file is invalid; ``problems`` lists every problem with its place."""
-
-    def __init__(self, label: str, problems: Sequence[str]) -> None:
-        self.label = label
-        self.problems = list(problems)
-        super().__init__("\n".join(f"{label}: {p}" for p in problems))
 
 
 @dataclass(frozen=True, slots=True)

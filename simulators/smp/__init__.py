@@ -10,10 +10,10 @@ not with the ``smp`` package the host uses, so the two check each other; the
 stock ``smpmgr`` client is the referee in the tests.
 """
 
+from simulators.errors import ImageCheckError
 from simulators.smp.firmware import RequestSeen, Slot, SmpFirmware, SwapKind
 from simulators.smp.image import (
     MODEL_TLV,
-    ImageCheckError,
     ImageDefect,
     ImageVersion,
     build_image,

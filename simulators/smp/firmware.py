@@ -58,8 +58,10 @@ from typing import Any, Final, Protocol
 import cbor2
 
 from protocols import ResetReason, ShutdownReason
+from protocols.constants import ATT_HEADER_BYTES
 from simulators.devices.device import FIRMWARE_REVISION, SimulatedDevice
 from simulators.devices.link import Channel
+from simulators.errors import ImageCheckError, SmpError
 from simulators.smp.constants import (
     IMAGE_MAGIC_BYTES,
     OP_MASK,
@@ -78,12 +80,11 @@ from simulators.smp.image import (
     IMAGE_HEADER,
     IMAGE_HEADER_SIZE,
     SHA256_BYTES,
-    ImageCheckError,
     ImageVersion,
     build_image,
     check_image,
 )
-from simulators.smp.radio import ATT_OVERHEAD_BYTES, Direction, Radio
+from simulators.smp.radio import Direction, Radio
 
 # Zephyr's nRF Connect SDK "fast DFU" netbuf (CONFIG_MCUMGR_TRANSPORT_NETBUF_SIZE=2475),
 # and Zephyr's default CONFIG_MCUMGR_TRANSPORT_NETBUF_COUNT.
@@ -171,15 +172,6 @@ class _AirRequest:
     message: bytes
     generation: int  # of the connection it came over
     buffers: int = 0  # SMP buffers it holds: its own, and its response's
-
-
-class SmpError(Exception):
-    """A request the server answers with an error (``rc``, and the group for SMP v2)."""
-
-    def __init__(self, rc: int, *, group: int | None = None) -> None:
-        super().__init__(rc)
-        self.rc = rc
-        self.group = group
 
 
 def _img_error(rc: ImgErr) -> SmpError:
@@ -362,7 +354,7 @@ class SmpFirmware:
             self.radio.clear()
 
     def _payload_bytes(self, client: BleNotifier) -> int:
-        return max(1, client.mtu_size - ATT_OVERHEAD_BYTES)
+        return max(1, client.mtu_size - ATT_HEADER_BYTES)
 
     def _is_current(self, request: _AirRequest) -> bool:
         return (

@@ -26,6 +26,8 @@ from typing import Final
 
 import numpy as np
 
+from simulators.errors import ImageCheckError
+
 IMAGE_MAGIC: Final = 0x96F3B83D
 IMAGE_HEADER: Final = struct.Struct("<IIHHII BBHI 4x")
 IMAGE_HEADER_SIZE: Final = IMAGE_HEADER.size  # 32
@@ -84,10 +86,6 @@ class DeviceImage:
     model: str | None
     hash: bytes
     size: int
-
-
-class ImageCheckError(ValueError):
-    """The bytes are not a valid MCUboot image (the device would not boot them)."""
 
 
 def build_image(

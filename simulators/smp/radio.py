@@ -30,7 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-ATT_OVERHEAD_BYTES: Final = 3  # opcode + handle of a write command or a notification
+from protocols.constants import ATT_HEADER_BYTES
+
 # The shortest connection interval BLE allows: the least a waiting client loses to it.
 DEFAULT_CONNECTION_INTERVAL_S: Final = 0.0075
 
@@ -51,7 +52,7 @@ class _Clock(Protocol):
 def airtime_bytes(message_bytes: int, payload_bytes: int) -> int:
     """Bytes on air for a message cut into ATT packets of ``payload_bytes`` (MTU - 3)."""
     packets = max(1, -(-message_bytes // payload_bytes))
-    return message_bytes + ATT_OVERHEAD_BYTES * packets
+    return message_bytes + ATT_HEADER_BYTES * packets
 
 
 @dataclass(slots=True, eq=False)
@@ -119,7 +120,7 @@ class Radio:
             # the next connection event.
             self._free_at_s = self._next_event_s(max(self._free_at_s, self.clock.now_s()))
         sizes = collections.deque(
-            min(payload_bytes, message_bytes - start) + ATT_OVERHEAD_BYTES
+            min(payload_bytes, message_bytes - start) + ATT_HEADER_BYTES
             for start in range(0, max(message_bytes, 1), payload_bytes)
         )
         self._queues.of(direction).append(_Message(sizes, on_first_packet, on_last_packet))

@@ -19,7 +19,8 @@ from sqlalchemy import Engine, text
 
 from devicebridge.cli import main
 from devicebridge.clinic import ClinicExtraMissingError, require_extra
-from devicebridge.clinic.db import DatabaseError, migrate
+from devicebridge.clinic.db import migrate
+from devicebridge.clinic.errors import DatabaseError
 from devicebridge.clinic.queries import adherence
 from devicebridge.clinic.schema import metadata
 

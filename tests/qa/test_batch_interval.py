@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from devicebridge.qa import run_scenario
-from simulators.scenario.spec import ScenarioError, parse_scenario
+from simulators.errors import ScenarioError
+from simulators.scenario.spec import parse_scenario
 from tests.qa.conftest import scenario_text
 from tests.qa.test_fault_outcomes import COMPLETE_WITHOUT_LOSS
 

@@ -66,5 +66,6 @@ async def test_fifty_devices_with_mixed_faults_on_the_virtual_clock(tmp_path: Pa
     assert len(result.devices) == 50
     kinds = {e.what for e in result.timeline if e.source == "fault"}
     assert {"drop", "corrupt", "disconnect", "stuck_sensor", "reboot"} <= kinds
-    # Virtual time ran well ahead of the wall clock (the bench measures how far).
-    assert result.virtual_s > result.wall_s
+    # The whole scenario ran on the virtual clock (how fast against the wall clock is
+    # bench virtual_time's business, not a functional test's).
+    assert result.virtual_s >= scenario.duration_s

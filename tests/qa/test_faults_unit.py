@@ -7,9 +7,10 @@ import pytest
 
 from protocols import FrameDecoder, ProtocolError, decode_message
 from simulators import Channel, SimulatedMassager, VirtualClock
+from simulators.errors import FaultError
 from simulators.faults.injector import DriftingClock, FaultInjector
 from simulators.faults.link import FaultyLink, corrupt_frame
-from simulators.faults.spec import FaultError, FaultKind, make_fault
+from simulators.faults.spec import FaultKind, make_fault
 from tests.simulators.conftest import RecordingLink
 
 

@@ -23,9 +23,10 @@ from protocols import (
 from simulators import VirtualClock
 from simulators.cli import main as sim_main
 from simulators.control import ControlServer, FaultController, control_request, parse_fault_option
+from simulators.errors import ScenarioError
 from simulators.faults.injector import FaultInjector
 from simulators.links.tcp_port import TcpDevicePort
-from simulators.scenario.spec import ScenarioError, parse_scenario
+from simulators.scenario.spec import parse_scenario
 from simulators.world import SimulatedWorld
 from tests.qa.conftest import scenario_text
 

@@ -61,7 +61,10 @@ from devicebridge.core.routine import (
 from devicebridge.device.program_transfer import program_from_routine
 from devicebridge.errors import DeviceBridgeError, RoutineError
 from protocols import Zone
-from protocols.program import DECI_HZ_PER_HZ, MAX_INTENSITY_LEVEL, MAX_PROGRAM_STEPS
+from protocols.constants import DECI_HZ_PER_HZ, MAX_INTENSITY_LEVEL
+from protocols.program import (
+    MAX_PROGRAM_STEPS,
+)
 from simulators import HandScript, HandSegment
 
 LABEL: Final = "generated.toml"

@@ -69,10 +69,10 @@ from protocols import (
     DeviceProfile,
     ProtocolError,
 )
+from protocols.constants import ATT_HEADER_BYTES
 
 _LOGGER = logging.getLogger(__name__)
 
-ATT_NOTIFY_OVERHEAD_BYTES: Final = 3
 DEFAULT_FIND_TIMEOUT_S: Final = 10.0
 # Connect attempts inside bleak-retry-connector; our session retries on top with
 # its own backoff on the injected clock, so keep the library's own loop short.
@@ -346,7 +346,7 @@ class GattTransport:
 
     @property
     def max_message_bytes(self) -> int:
-        return self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES
+        return self.mtu_size - ATT_HEADER_BYTES
 
     def set_receivers(
         self,
@@ -498,7 +498,7 @@ class BleTransport(GattTransport):
 
     @property
     def max_program_chunk_bytes(self) -> int:
-        return min(MAX_ATTRIBUTE_WRITE_BYTES, self.mtu_size - ATT_NOTIFY_OVERHEAD_BYTES)
+        return min(MAX_ATTRIBUTE_WRITE_BYTES, self.mtu_size - ATT_HEADER_BYTES)
 
     def _is_target(self, device: DiscoveredDevice) -> bool:
         if device.match is not None and device.match.family.driver != OFCP_DRIVER:
