@@ -13,6 +13,7 @@ from bleak.backends.scanner import AdvertisementData
 from protocols import FACIAL_CARE_SERVICE_UUID, MANUFACTURER_ID
 from simulators.clock import VirtualClock
 from simulators.devices.device import DeviceOptions, SimulatedDevice
+from simulators.devices.fleet import MassagerFleet
 from simulators.devices.foreo import DEFAULT_NAME as FOREO_DEFAULT_NAME
 from simulators.devices.foreo import SimulatedForeo
 from simulators.devices.hand import HandScript
@@ -42,7 +43,8 @@ class SimulatedWorld:
 
     Devices get identities, noise and hand scripts from ``seed`` and the order
     they are added in, so the same calls on the same seed give the same devices
-    and the same telemetry bytes.
+    and the same telemetry bytes. Its massagers take their samples together
+    (:attr:`fleet`; ``fleet_generation=False``: each on its own, the same bytes).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class SimulatedWorld:
         *,
         advertising_interval_s: float = ADVERTISING_INTERVAL_S,
         connect_latency_s: float = 0.0,
+        fleet_generation: bool = True,
     ) -> None:
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
@@ -61,6 +64,9 @@ class SimulatedWorld:
         # Zero by default: a connect that waits on virtual time would hang a test
         # that does not drive the clock while it connects.
         self.connect_latency_s = connect_latency_s
+        # Massagers take their samples together at their ticks (simulators.devices.fleet);
+        # False: each on its own (the same bytes, for comparing the two).
+        self.fleet: MassagerFleet | None = MassagerFleet() if fleet_generation else None
         self.devices: list[SimulatedDevice] = []  # OFCP firmware
         self.foreo_devices: list[SimulatedForeo] = []
         self._by_address: dict[str, Peripheral] = {}
@@ -81,7 +87,10 @@ class SimulatedWorld:
     ) -> SimulatedMassager:
         options.setdefault("seed", self.seed)
         options.setdefault("index", len(self.all_devices))
-        return self._add(SimulatedMassager(self.clock, hand=hand, **options))
+        device = self._add(SimulatedMassager(self.clock, hand=hand, **options))
+        if self.fleet is not None:
+            self.fleet.add(device)
+        return device
 
     def add_mask(self, *, worn: bool = True, **options: Unpack[DeviceOptions]) -> SimulatedLedMask:
         options.setdefault("seed", self.seed)

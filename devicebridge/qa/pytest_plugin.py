@@ -6,6 +6,12 @@ summary so that a failure can be replayed exactly) and ``--sim-artifacts DIR`` (
 failing test leaves its seed, scenario, event timeline and telemetry; default
 ``sim-artifacts``). Files named ``scenario_*.toml`` are collected and run as tests.
 
+Under pytest-xdist (``-n 2``, ``-n auto``, remote workers with ``--tx``) the run's seed is
+the session's: each worker derives its own from it and its id (:func:`worker_seed`), keeps
+its artifacts under ``DIR/<worker id>``, and its seed is printed as the worker comes up and
+in the summary. A failing test's report names the seed it ran with, and
+``pytest <test> --sim-seed <that seed>`` (without ``-n``) runs it alone the same way.
+
 Fixtures (all function-scoped but ``sim_seed``):
 
 ``sim_seed``      the run's seed
@@ -27,6 +33,7 @@ work, and an async one fails its test with that hint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -44,12 +51,31 @@ from simulators.faults.spec import make_fault
 from simulators.scenario.hand import ScenarioHand
 from simulators.scenario.spec import load_scenario
 
-SEED_KEY: Final = pytest.StashKey[int]()
+SEED_KEY: Final = pytest.StashKey[int]()  # this process's seed (a worker's own under xdist)
+SESSION_SEED_KEY: Final = pytest.StashKey[int]()
 EXPLICIT_SEED_KEY: Final = pytest.StashKey[bool]()
+WORKER_ID_KEY: Final = pytest.StashKey[str]()  # only in an xdist worker
+WORKER_SEEDS_KEY: Final = pytest.StashKey[dict[str, int]]()  # the xdist controller's
+# What the xdist controller hands each worker (its workerinput).
+WORKER_INPUT_SEED: Final = "devicebridge_sim_session_seed"
+WORKER_INPUT_EXPLICIT: Final = "devicebridge_sim_explicit_seed"
 REPORTS_KEY: Final = pytest.StashKey[dict[str, pytest.TestReport]]()
 DEFAULT_ARTIFACTS: Final = "sim-artifacts"
 SEED_LIMIT: Final = 2**31
 SCENARIO_FILE: Final = re.compile(r"^scenario_.*\.toml$")
+# The fixtures that run on the simulator's seed.
+SIM_FIXTURES: Final = frozenset(
+    {
+        "sim_seed",
+        "sim_world",
+        "sim_massager",
+        "sim_mask",
+        "sim_fleet",
+        "sim_faults",
+        "bridge",
+        "sim_scenario",
+    }
+)
 
 
 def async_fixture(func: Callable[..., Any]) -> Any:
@@ -89,13 +115,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def worker_seed(session_seed: int, worker_id: str) -> int:
+    """The seed of the xdist worker ``worker_id`` (``gw0``, ``gw1``, ...) in a session
+    seeded with ``session_seed``: the same pair always gives the same seed."""
+    digest = hashlib.sha256(f"{session_seed}/{worker_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % SEED_LIMIT
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    seed = config.getoption("sim_seed")
-    config.stash[EXPLICIT_SEED_KEY] = seed is not None
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") % SEED_LIMIT
-    if seed < 0:
-        raise pytest.UsageError(f"--sim-seed must be non-negative, got {seed}")
+    workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+    if workerinput is not None and WORKER_INPUT_SEED in workerinput:
+        # An xdist worker: its own seed, from the session's and its id.
+        session_seed = int(workerinput[WORKER_INPUT_SEED])
+        worker_id = str(workerinput["workerid"])
+        config.stash[EXPLICIT_SEED_KEY] = bool(workerinput[WORKER_INPUT_EXPLICIT])
+        config.stash[WORKER_ID_KEY] = worker_id
+        seed = worker_seed(session_seed, worker_id)
+    else:
+        session_seed = config.getoption("sim_seed")
+        config.stash[EXPLICIT_SEED_KEY] = session_seed is not None
+        if session_seed is None:
+            session_seed = int.from_bytes(os.urandom(4), "little") % SEED_LIMIT
+        if session_seed < 0:
+            raise pytest.UsageError(f"--sim-seed must be non-negative, got {session_seed}")
+        seed = session_seed
+    config.stash[SESSION_SEED_KEY] = session_seed
     config.stash[SEED_KEY] = seed
     config.addinivalue_line(
         "markers", "sim_devices(massagers=0, masks=0): devices in the sim_world fixture"
@@ -103,22 +147,79 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _seed_line(config: pytest.Config) -> str:
-    return f"devicebridge-sim: --sim-seed={config.stash[SEED_KEY]}"
+    return f"devicebridge-sim: --sim-seed={config.stash[SESSION_SEED_KEY]}"
+
+
+def _worker_seed_line(worker_id: str, seed: int) -> str:
+    return f"devicebridge-sim: [{worker_id}] --sim-seed={seed}"
+
+
+def _distributed(config: pytest.Config) -> bool:
+    """Whether this is the controller of an xdist run (tests go to worker processes)."""
+    return str(config.getoption("dist", "no")) != "no"
 
 
 def pytest_report_header(config: pytest.Config) -> str:
+    if _distributed(config):
+        return (
+            _seed_line(config) + " (the session's: each xdist worker derives its own seed "
+            "from it, printed per worker; pass it again to replay this run)"
+        )
     return _seed_line(config) + " (pass it again to replay this run)"
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     terminalreporter.write_line(_seed_line(config))
+    for worker_id, seed in sorted(config.stash.get(WORKER_SEEDS_KEY, {}).items()):
+        terminalreporter.write_line(_worker_seed_line(worker_id, seed))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller, setting up a worker: the session's seed goes with it."""
+    config: pytest.Config = node.config
+    session_seed = config.stash[SESSION_SEED_KEY]
+    node.workerinput[WORKER_INPUT_SEED] = session_seed
+    node.workerinput[WORKER_INPUT_EXPLICIT] = config.stash[EXPLICIT_SEED_KEY]
+    worker_id = str(node.workerinput["workerid"])
+    seeds = config.stash.setdefault(WORKER_SEEDS_KEY, {})
+    seeds[worker_id] = worker_seed(session_seed, worker_id)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodeready(node: Any) -> None:
+    """xdist's controller: a worker is up; its seed is printed now."""
+    config: pytest.Config = node.config
+    worker_id = str(node.workerinput["workerid"])
+    seed = config.stash.get(WORKER_SEEDS_KEY, {}).get(worker_id)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if seed is not None and reporter is not None:
+        reporter.write_line(_worker_seed_line(worker_id, seed))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     item.stash.setdefault(REPORTS_KEY, {})[report.when] = report
+    if report.failed and _simulated(item):
+        seed = item.config.stash[SEED_KEY]
+        where = item.config.stash.get(WORKER_ID_KEY, None)
+        ran = f"ran on xdist worker {where} with" if where else "ran with"
+        report.sections.append(
+            (
+                "devicebridge-sim",
+                f"{ran} --sim-seed={seed}; alone: pytest '{item.nodeid}' --sim-seed={seed}",
+            )
+        )
     return report
+
+
+def _simulated(item: pytest.Item) -> bool:
+    """Whether ``item`` ran on the simulator's seed (a scenario file, or a sim fixture)."""
+    if isinstance(item, ScenarioItem):
+        return True
+    names = getattr(item, "fixturenames", ())
+    return any(name in SIM_FIXTURES for name in names)
 
 
 def _failed(item: pytest.Item) -> bool:
@@ -135,8 +236,12 @@ def guided_massager(world: SimulatedWorld) -> SimulatedDevice:
 
 
 def artifacts_dir(config: pytest.Config, nodeid: str) -> Path:
+    """Where the test ``nodeid`` leaves its artifacts: under the worker's own folder in an
+    xdist worker."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
-    return Path(config.getoption("sim_artifacts")).resolve() / safe
+    base = Path(config.getoption("sim_artifacts")).resolve()
+    worker_id = config.stash.get(WORKER_ID_KEY, None)
+    return (base / worker_id / safe) if worker_id else (base / safe)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -144,7 +249,8 @@ def artifacts_dir(config: pytest.Config, nodeid: str) -> Path:
 
 @pytest.fixture(scope="session")
 def sim_seed(pytestconfig: pytest.Config) -> int:
-    """The seed of this run (``--sim-seed``, or the fresh one in the header)."""
+    """The seed of this run (``--sim-seed``, or the fresh one in the header); in an xdist
+    worker, the worker's own (see :func:`worker_seed`)."""
     return pytestconfig.stash[SEED_KEY]
 
 

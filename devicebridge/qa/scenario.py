@@ -170,6 +170,7 @@ async def run_scenario(
     seed: int | None = None,
     workdir: Path | None = None,
     workers: int = 1,
+    fleet_generation: bool = True,
 ) -> ScenarioResult:
     """Run ``scenario`` (a parsed scenario or a file) with ``seed`` (default: its own).
 
@@ -183,6 +184,9 @@ async def run_scenario(
     with the same seed and the same number of workers. Between worker counts a device can
     differ in detail where it met another device at the same virtual instant (say, which
     of two tasks due then ran first), as it can when other devices join a scenario.
+
+    ``fleet_generation``: the simulated massagers of a process take their samples together
+    (the default), or each on its own (the same bytes; for comparing the two).
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -192,11 +196,11 @@ async def run_scenario(
     base_dir = scenario.path.parent if scenario.path is not None else None
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="devicebridge-qa-") as tmp:
-            result = await _run(scenario, used_seed, Path(tmp), base_dir, workers)
+            result = await _run(scenario, used_seed, Path(tmp), base_dir, workers, fleet_generation)
             result.workdir = None
             return result
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the run
-    return await _run(scenario, used_seed, workdir, base_dir, workers)
+    return await _run(scenario, used_seed, workdir, base_dir, workers, fleet_generation)
 
 
 def scenario_routine(scenario: Scenario, bridge: QaBridge, base_dir: Path | None) -> Routine | None:
@@ -220,13 +224,18 @@ class _ShardResult:
 
 
 async def _run(
-    scenario: Scenario, seed: int, workdir: Path, base_dir: Path | None, workers: int
+    scenario: Scenario,
+    seed: int,
+    workdir: Path,
+    base_dir: Path | None,
+    workers: int,
+    fleet_generation: bool,
 ) -> ScenarioResult:
     started_wall_s = time.perf_counter()
     labels = scenario.labels()
     shards = [labels[k::workers] for k in range(min(workers, len(labels)))]
     if len(shards) <= 1:
-        parts = [await _run_shard(scenario, seed, workdir, base_dir, None)]
+        parts = [await _run_shard(scenario, seed, workdir, base_dir, None, fleet_generation)]
     else:
         loop = asyncio.get_running_loop()
         # spawn, not fork: a forked child would inherit this process's running event loop.
@@ -236,7 +245,14 @@ async def _run(
                 await asyncio.gather(
                     *(
                         loop.run_in_executor(
-                            pool, _run_shard_process, scenario, seed, workdir, base_dir, shard
+                            pool,
+                            _run_shard_process,
+                            scenario,
+                            seed,
+                            workdir,
+                            base_dir,
+                            shard,
+                            fleet_generation,
                         )
                         for shard in shards
                     )
@@ -278,10 +294,15 @@ def _in_order(labels: Sequence[str], entries: Sequence[TimelineEntry]) -> list[T
 
 
 def _run_shard_process(
-    scenario: Scenario, seed: int, workdir: Path, base_dir: Path | None, labels: list[str]
+    scenario: Scenario,
+    seed: int,
+    workdir: Path,
+    base_dir: Path | None,
+    labels: list[str],
+    fleet_generation: bool,
 ) -> _ShardResult:
     """A worker process's whole job: its devices, on its own loop and virtual clock."""
-    return asyncio.run(_run_shard(scenario, seed, workdir, base_dir, labels))
+    return asyncio.run(_run_shard(scenario, seed, workdir, base_dir, labels, fleet_generation))
 
 
 async def _run_shard(
@@ -290,9 +311,10 @@ async def _run_shard(
     workdir: Path,
     base_dir: Path | None,
     only: Collection[str] | None,
+    fleet_generation: bool = True,
 ) -> _ShardResult:
     clock = VirtualClock()
-    world = SimulatedWorld(seed=seed, clock=clock)
+    world = SimulatedWorld(seed=seed, clock=clock, fleet_generation=fleet_generation)
     probe = QaBridge(world, workdir=workdir)  # for the policy and routine loading only
     routine = scenario_routine(scenario, probe, base_dir)
     bands = _routine_bands(routine)

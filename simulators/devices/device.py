@@ -53,7 +53,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final, Protocol, TypedDict
+from typing import ClassVar, Final, NamedTuple, Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -157,6 +157,18 @@ def device_rng(seed: int, index: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, *map(int, stream)])
 
 
+def quiet_charges(
+    charges_percent: npt.NDArray[np.float64], drains_percent: npt.NDArray[np.float64], count: int
+) -> npt.NDArray[np.float64]:
+    """The battery charge of each device before and after each of ``count`` samples, one
+    row per device: the charge goes down by that device's drain per sample, one subtraction
+    per sample in order (as sample by sample), so every value is the same to the bit."""
+    steps = np.empty((charges_percent.shape[0], count + 1), dtype=np.float64)
+    steps[:, 0] = charges_percent
+    steps[:, 1:] = drains_percent[:, None]
+    return np.subtract.accumulate(steps, axis=1)
+
+
 def derived_seed(seed: int, index: int, stream: RandomStream) -> int:
     """A plain integer seed for a helper (such as a hand script) of one device."""
     return int(device_rng(seed, index, stream).integers(0, 2**63 - 1))
@@ -198,6 +210,20 @@ def derive_identity(seed: int, index: int, serial_prefix: str, name_prefix: str)
     name = f"{name_prefix}-{tag & NAME_TAG_MASK:04X}"
     rssi = float(rng.uniform(*RSSI_RANGE_DBM))
     return DeviceIdentity(index, address, serial, name, rssi)
+
+
+class SampleSpan(NamedTuple):
+    """Samples ``start`` up to (not including) ``end`` of a device sampling at ``rate_hz``."""
+
+    start: int
+    end: int
+    rate_hz: int
+
+    def times_s(self) -> npt.NDArray[np.float64]:
+        """The samples' times in seconds since boot."""
+        # Float bounds give the same float64 sequence as integer ones with a float64 dtype
+        # (every value is a whole number), for a good deal less (numpy's cast path).
+        return np.arange(float(self.start), float(self.end)) / self.rate_hz
 
 
 class FirmwareClock(Protocol):
@@ -581,15 +607,23 @@ class SimulatedDevice(abc.ABC):
             self._tick()
 
     def _tick(self) -> None:
-        if not self.catch_up():
-            return
+        if self._catch_up_on_tick():
+            self._flush()
+
+    def _flush(self) -> None:
         self._flush_stream()
         self._flush_backfill()
+
+    def _catch_up_on_tick(self) -> bool:
+        """Hook: what a tick of the sampling loop takes (a fleet takes its members'
+        samples together, simulators.devices.fleet); :meth:`catch_up`'s answer."""
+        return self.catch_up()
 
     def send_pending(self) -> None:
         """Now, what a tick of the sampling loop does: take the samples due, send the stream
         and one interval's share of backfill (what a firmware flushes before it restarts)."""
-        self._tick()
+        if self.catch_up():
+            self._flush()
 
     # ------------------------------------------------------------------ links
 
@@ -941,14 +975,23 @@ class SimulatedDevice(abc.ABC):
         """
         if not self.is_powered:
             return False
-        due = math.ceil(self.uptime_s * self.sample_rate_hz - SAMPLE_TIME_EPSILON)
-        start = self.ring.next_sequence
-        if due <= start:
+        span = self.due_span()
+        if span is None:
             return True
-        # Float bounds give the same float64 sequence as integer ones with a float64 dtype
-        # (every value is a whole number), for a good deal less (numpy's cast path).
-        times_s = np.arange(float(start), float(due)) / self.sample_rate_hz
-        samples = self._generate(times_s)
+        times_s = span.times_s()
+        return self.take_samples(times_s, self._generate(times_s))
+
+    def due_span(self) -> SampleSpan | None:
+        """The samples due by now and not taken yet (``None``: none)."""
+        rate_hz = self.sample_rate_hz
+        due = math.ceil(self.uptime_s * rate_hz - SAMPLE_TIME_EPSILON)
+        start = self.ring.next_sequence
+        return SampleSpan(start, due, rate_hz) if due > start else None
+
+    def take_samples(self, times_s: npt.NDArray[np.float64], samples: npt.NDArray[np.void]) -> bool:
+        """What the firmware does with the samples it generated at ``times_s`` (fewer when
+        the battery ran out): through the sample filters into the ring. Returns whether
+        the device is still powered."""
         for sample_filter in self.sample_filters:
             samples = sample_filter(times_s, samples)
         self.ring.extend(samples)
@@ -956,6 +999,17 @@ class SimulatedDevice(abc.ABC):
             self.power_off(ShutdownReason.BATTERY_EMPTY)
             return False
         return True
+
+    @property
+    def tick_cohort(self) -> tuple[int, float, float]:
+        """Devices with the same cohort tick at the same moments: the same firmware clock,
+        booted at the same time, the same batch interval (see :meth:`_run`)."""
+        return (id(self._firmware_clock), self._boot_s, self.batch_interval_s)
+
+    @property
+    def is_sampling(self) -> bool:
+        """Powered, with its sampling loop running."""
+        return self._powered and self._task is not None and not self._task.done()
 
     @abc.abstractmethod
     def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
@@ -1047,10 +1101,9 @@ class SimulatedDevice(abc.ABC):
                 taken += 1
             self._battery_charge_percent = charge_percent
             return taken
-        steps = np.empty(count + 1, dtype=np.float64)
-        steps[0] = self._battery_charge_percent
-        steps[1:] = drain_percent
-        charges = np.subtract.accumulate(steps)
+        charges = quiet_charges(
+            np.array([self._battery_charge_percent]), np.array([drain_percent]), count
+        )[0]
         if drain_percent >= 0.0 and charges[count] > floor_percent:
             # The charge never goes up: when the last sample is quiet, all of them are.
             taken = count

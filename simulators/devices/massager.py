@@ -5,8 +5,8 @@ from __future__ import annotations
 import bisect
 import math
 import struct
-from collections.abc import Mapping
-from typing import Any, ClassVar, Final, NamedTuple, Unpack
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple, TypeVar, Unpack, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -46,10 +46,22 @@ from simulators.devices.device import (
     RandomStream,
     SimulatedDevice,
     derived_seed,
+    quiet_charges,
 )
-from simulators.devices.hand import NO_ZONE, HandScript
+from simulators.devices.hand import (
+    NO_ZONE,
+    FloatValues,
+    Hand,
+    HandScript,
+    HandState,
+    evaluate_hands,
+    noise_sigma_kpa,
+)
 from simulators.devices.program_runner import PROGRAM_END_OF_SHUTDOWN, MassagerProgramRun
 from simulators.devices.skin import AMBIENT_C, SKIN_BASELINE_C, SKIN_BASELINE_SPREAD_C
+
+if TYPE_CHECKING:
+    from simulators.devices.fleet import MassagerFleet
 
 MASSAGER_SAMPLE_RATE_HZ: Final = 100
 # Contact detection with hysteresis, so sensor noise at the threshold does not
@@ -70,8 +82,6 @@ IDLE_DRAIN_PERCENT_PER_S: Final = 100.0 / STANDBY_LIFE_S
 MOTOR_DRAIN_PERCENT_PER_S_PER_LEVEL: Final = 100.0 / (MOTOR_LIFE_AT_MAX_S * MAX_INTENSITY_LEVEL)
 # The level a short press of the power button starts at (firmware default).
 DEFAULT_BUTTON_INTENSITY: Final = 3
-# Blocks at least this long are generated in bulk between events (see _generate).
-BULK_MIN_SAMPLES: Final = 48
 # _sensor_normals draws this many standard normals at a time (5 s of samples at 100 Hz).
 NORMALS_AHEAD: Final = 1500
 # The sample fields that _generate keeps as runs of equal values.
@@ -89,25 +99,13 @@ _RUN_SAMPLE_LAYOUT: Final = (
         for index, name in enumerate(_RUN_FIELDS)
     )
 )
+# One device's blocks shorter than this are worked out in plain floats (a live tick).
+EACH_MAX_SAMPLES: Final = 48
+# From this many devices on, generate_massagers takes the quiet ones together; from this
+# many quiet ones on, their sensors' temperatures are worked out in arrays.
+FLEET_MIN_DEVICES: Final = 3
+FLEET_LAG_MIN_DEVICES: Final = 8
 MODE_CYCLE: Final = (MassageMode.VIBRATION, MassageMode.PERCUSSION, MassageMode.PULSE)
-
-
-class _Reading(NamedTuple):
-    """What the sensor reads over a block of samples, before the firmware acts on it.
-
-    Numpy arrays for a block generated in bulk, plain lists for a few samples; an element
-    has the same value either way.
-    """
-
-    times_s: npt.NDArray[np.float64] | list[float]
-    hand_kpa: npt.NDArray[np.float64] | list[float]  # the true pressure
-    hand_zones: npt.NDArray[np.uint8] | list[int]
-    touching: npt.NDArray[np.bool_] | list[bool]
-    # Standard normal draws: the load cell's noise and the motor's ripple.
-    pressure_noise: npt.NDArray[np.float64] | list[float]
-    ripple_noise: npt.NDArray[np.float64] | list[float]
-    # The reading with the block's motor ripple (see _sensor_reading_kpa).
-    pressure_kpa: npt.NDArray[np.float64] | list[float]
 
 
 class SimulatedMassager(SimulatedDevice):
@@ -137,11 +135,11 @@ class SimulatedMassager(SimulatedDevice):
         self,
         clock: VirtualClock,
         *,
-        hand: HandScript | None = None,
+        hand: Hand | None = None,
         **options: Unpack[DeviceOptions],
     ) -> None:
         super().__init__(clock, **options)
-        self.hand = (
+        self.hand: Hand = (
             hand
             if hand is not None
             else HandScript.default(derived_seed(self.seed, self.index, RandomStream.HAND))
@@ -161,6 +159,8 @@ class SimulatedMassager(SimulatedDevice):
         self._normals_rng = self.sensor_rng
         self._normals: npt.NDArray[np.float64] = np.empty(0)
         self._normals_used = 0
+        # The fleet this device takes its samples with at its ticks (None: on its own).
+        self.fleet: MassagerFleet | None = None
 
     @property
     def motor_on(self) -> bool:
@@ -302,36 +302,76 @@ class SimulatedMassager(SimulatedDevice):
         self._normals_used = used + count
         return normals[used : used + count]
 
+    def _catch_up_on_tick(self) -> bool:
+        fleet = self.fleet
+        return self.catch_up() if fleet is None else fleet.catch_up(self)
+
     def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
+        # A device on its own is a fleet of one: the one definition of the samples.
+        return generate_massagers((self,), times_s)[0]
+
+    def _read_each(self, times_s: npt.NDArray[np.float64]) -> _Row:
+        """What the sensor reads over a few samples, in plain lists: the hand's
+        ``evaluate_each`` and :func:`sensor_reading_kpa` on floats (see :class:`_Row`)."""
         count = int(times_s.shape[0])
-        # Draw every random number of the block up front, always the same amount, so that
-        # the stream (and so the telemetry) depends only on the seed. One draw of 3 x count
-        # gives the numbers of three draws of count (pressure, ripple, temperature), in order.
         noise = self._sensor_normals(3 * count)
-        temperature_noise = noise[2 * count :] * TEMPERATURE_NOISE_C
+        times = times_s.tolist()
+        hand = self.hand.evaluate_each(times)
+        values = noise[: 2 * count].tolist()
+        pressure_noise, ripple_noise = values[:count], values[count:]
+        ripple_kpa = self._motor_state()[1]
+        noise_sigma = self.hand.noise_sigma_kpa
+        pressure_kpa: list[float] = []
+        # The hand mostly holds one pressure over a tick: its noise sigma is worked out once
+        # per value (a function of the pressure alone).
+        sigma_of_kpa: float | None = None
+        sigma_kpa = 0.0
+        for true_kpa, load, ripple, on in zip(
+            hand.pressure_kpa, pressure_noise, ripple_noise, hand.touching, strict=True
+        ):
+            if true_kpa != sigma_of_kpa:
+                sigma_of_kpa, sigma_kpa = true_kpa, noise_sigma(true_kpa)
+            pressure_kpa.append(
+                sensor_reading_kpa(true_kpa, sigma_kpa, load, ripple, ripple_kpa, on)
+            )
+        return _Row(
+            times,
+            hand.pressure_kpa,
+            hand.zone,
+            hand.touching,
+            pressure_noise,
+            ripple_noise,
+            noise[2 * count :] * TEMPERATURE_NOISE_C,
+            pressure_kpa,
+        )
+
+    def _thermal_alpha(self) -> float:
+        """The weight of one sample's first-order step of the head's sensor (see
+        :func:`thermal_lag`)."""
+        period_s = 1.0 / self.sample_rate_hz
+        return 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
+
+    def _react(self, row: _Row) -> npt.NDArray[np.void]:
+        """The firmware going through the readings ``row`` sample by sample, where
+        something happens that it must react to: the hand reaching another zone, contact
+        going on or off (with hysteresis), a running program, the battery. Runs between
+        those are taken at once, as :func:`generate_massagers` takes a quiet block."""
+        times_s, hand_kpa, hand_zones, touching, pressure_noise, ripple_noise = row[:6]
+        temperature_noise = row.temperature_noise
+        pressure_kpa = row.pressure_kpa  # the device's own: reworked in place below
+        count = len(times_s)
         # Commands and buttons take the samples due before they act, so the motor holds
         # its state over a block, except when a running program switches it mid-block:
-        # then the pressure of the following samples is worked out again, one by one,
-        # with the same float operations in the same order.
+        # then the pressure of the following samples is worked out again, one by one.
         motor_on, ripple_kpa, drain_percent = self._motor_state()
         block_ripple_kpa = ripple_kpa
-        # Where something happens that the firmware must react to one sample at a time: the
-        # hand reaching another zone, contact going on or off (with hysteresis). In between,
-        # without a program, every sample is the same but for pressure and temperature, and
-        # is written in bulk.
-        # Small blocks (live ticks of about 10 samples) cost less one sample at a time, in
-        # plain floats, than in the numpy calls that find the events and work out the block;
-        # both ways do the same float operations, so they give the same samples.
-        bulk = count >= BULK_MIN_SAMPLES
-        read = self._read_block if bulk else self._read_each
-        times, hand_kpa, hand_zones, touching, pressure_noise, ripple_noise, pressure_kpa = read(
-            times_s, noise, ripple_kpa
-        )
-        noise_sigma_kpa = self.hand.noise_sigma_kpa
+        noise_sigma = self.hand.noise_sigma_kpa
         # The sensor's first-order lag and the contact state, kept in locals over the block.
         sensor_c = self.sensor_temperature_c
         contact = self.contact
         target_c = self.skin_baseline_c if contact else AMBIENT_C
+        # Arrays (a block), or lists (a live tick of one device, see _read_each).
+        bulk = isinstance(pressure_kpa, np.ndarray)
         if bulk:
             # Sorted sample positions, as lists for bisect (see _next_at).
             zone_events = self._hand_zone_events(np.asarray(hand_zones)).tolist()
@@ -344,8 +384,7 @@ class SimulatedMassager(SimulatedDevice):
                 and _no_zone_event(hand_zones, self._last_hand_zone)  # type: ignore[arg-type]
                 and _no_contact_change(pressure_kpa, contact)  # type: ignore[arg-type]
             )
-        period_s = 1.0 / self.sample_rate_hz
-        thermal_alpha = 1.0 - math.exp(-period_s / SENSOR_THERMAL_TAU_S)
+        thermal_alpha = self._thermal_alpha()
 
         temperatures: list[float] = []
         # Every other field changes only when something happens: kept as runs.
@@ -368,19 +407,16 @@ class SimulatedMassager(SimulatedDevice):
                 )
                 if quiet:
                     runs.add(i, self._run_values(battery_percent, self.zone, contact, motor_on, 0))
-                    # The sensor's first-order lag, one step per sample as below (the
-                    # comprehension assigns sensor_c of this function, sample by sample).
-                    if sensor_c + (target_c - sensor_c) * thermal_alpha == sensor_c:
+                    (next_c,) = thermal_lag(sensor_c, target_c, thermal_alpha, 1)
+                    if next_c == sensor_c:
                         # Settled (to the last bit): every step gives the same value again.
                         temperatures += [sensor_c] * quiet
                     else:
-                        temperatures += [
-                            sensor_c := sensor_c + (target_c - sensor_c) * thermal_alpha
-                            for _ in range(quiet)
-                        ]
+                        temperatures += thermal_lag(sensor_c, target_c, thermal_alpha, quiet)
+                        sensor_c = temperatures[-1]
                     i += quiet
                     continue
-            t_s = float(times[i])
+            t_s = float(times_s[i])
             hand_zone = int(hand_zones[i])
             if hand_zone != NO_ZONE and hand_zone != self._last_hand_zone:
                 # The hand moved to another zone: that wins over an earlier SET_ZONE.
@@ -389,9 +425,9 @@ class SimulatedMassager(SimulatedDevice):
                 changed = True
             if ripple_kpa != block_ripple_kpa:
                 true_kpa = float(hand_kpa[i])
-                pressure_kpa[i] = _sensor_reading_kpa(
+                pressure_kpa[i] = sensor_reading_kpa(
                     true_kpa,
-                    noise_sigma_kpa(true_kpa),
+                    noise_sigma(true_kpa),
                     float(pressure_noise[i]),
                     float(ripple_noise[i]),
                     ripple_kpa,
@@ -403,7 +439,7 @@ class SimulatedMassager(SimulatedDevice):
                 self._emit(EventCode.CONTACT_CHANGED, b"\x01" if contact else b"\x00", t_s)
                 target_c = self.skin_baseline_c if contact else AMBIENT_C
                 changed = True
-            sensor_c += (target_c - sensor_c) * thermal_alpha
+            (sensor_c,) = thermal_lag(sensor_c, target_c, thermal_alpha, 1)
             # The reading was taken on the zone the device was on before the program
             # (possibly) moves to its next step on this very sample: label it with that one,
             # or the sample that completes a step would count toward the next zone.
@@ -466,62 +502,6 @@ class SimulatedMassager(SimulatedDevice):
         )
         return battery_percent, int(zone), self.intensity, int(self.mode), flags
 
-    def _read_block(
-        self, times_s: npt.NDArray[np.float64], noise: npt.NDArray[np.float64], ripple_kpa: float
-    ) -> _Reading:
-        """What the sensor reads over a block, in numpy arrays (see :class:`_Reading`)."""
-        count = int(times_s.shape[0])
-        hand = self.hand.evaluate(times_s)
-        pressure_noise, ripple_noise = noise[:count], noise[count : 2 * count]
-        base_kpa = hand.pressure_kpa + pressure_noise * self.hand.noise_sigma_kpa(hand.pressure_kpa)
-        # The method np.clip calls, without its Python wrapper.
-        pressure_kpa = (base_kpa + ripple_noise * ripple_kpa * hand.touching).clip(
-            0.0, SENSOR_MAX_KPA
-        )
-        return _Reading(
-            times_s,
-            hand.pressure_kpa,
-            hand.zone,
-            hand.touching,
-            pressure_noise,
-            ripple_noise,
-            pressure_kpa,
-        )
-
-    def _read_each(
-        self, times_s: npt.NDArray[np.float64], noise: npt.NDArray[np.float64], ripple_kpa: float
-    ) -> _Reading:
-        """What the sensor reads over a few samples, in plain lists (see :class:`_Reading`)."""
-        count = int(times_s.shape[0])
-        times = times_s.tolist()
-        hand = self.hand.evaluate_each(times)
-        noise_values = noise[: 2 * count].tolist()
-        pressure_noise, ripple_noise = noise_values[:count], noise_values[count:]
-        noise_sigma_kpa = self.hand.noise_sigma_kpa
-        pressure_kpa: list[float] = []
-        # The hand mostly holds one pressure over a tick: its noise sigma is worked out once
-        # per value (a function of the pressure alone).
-        sigma_of_kpa: float | None = None
-        sigma_kpa = 0.0
-        for true_kpa, load, ripple, on in zip(
-            hand.pressure_kpa, pressure_noise, ripple_noise, hand.touching, strict=True
-        ):
-            if true_kpa != sigma_of_kpa:
-                sigma_of_kpa, sigma_kpa = true_kpa, noise_sigma_kpa(true_kpa)
-            # _sensor_reading_kpa, written out: the same operations without a call each.
-            reading_kpa = true_kpa + load * sigma_kpa + ripple * ripple_kpa * on
-            reading_kpa = reading_kpa if reading_kpa > 0.0 else 0.0
-            pressure_kpa.append(reading_kpa if reading_kpa < SENSOR_MAX_KPA else SENSOR_MAX_KPA)
-        return _Reading(
-            times,
-            hand.pressure_kpa,
-            hand.zone,
-            hand.touching,
-            pressure_noise,
-            ripple_noise,
-            pressure_kpa,
-        )
-
     def _hand_zone_events(self, hand_zones: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
         """Samples where the hand reaches a zone other than the last one it was on."""
         # logical_or.reduce is what .any() runs, without its Python wrapper.
@@ -550,7 +530,7 @@ class SimulatedMassager(SimulatedDevice):
     def _on_power_off(self, reason: ShutdownReason) -> None:
         self._stop_program(PROGRAM_END_OF_SHUTDOWN[reason])
 
-    def hold_hand(self, hand: HandScript) -> None:
+    def hold_hand(self, hand: Hand) -> None:
         """From the next sample on, ``hand`` holds the device (its times count from boot)."""
         if self.is_powered:
             self.catch_up()  # samples up to now were taken under the old hand
@@ -562,23 +542,250 @@ class SimulatedMassager(SimulatedDevice):
         self.power_off(ShutdownReason.BUTTON)
 
 
-def _sensor_reading_kpa(
+class _Row(NamedTuple):
+    """What one device's sensors read over a block: a row of a :class:`_Block` (arrays),
+    or a live tick in plain lists (:meth:`SimulatedMassager._read_each`); an element has
+    the same value either way."""
+
+    times_s: npt.NDArray[np.float64] | list[float]
+    hand_kpa: npt.NDArray[np.float64] | list[float]
+    hand_zones: npt.NDArray[np.uint8] | list[int]
+    touching: npt.NDArray[np.bool_] | list[bool]
+    pressure_noise: npt.NDArray[np.float64] | list[float]
+    ripple_noise: npt.NDArray[np.float64] | list[float]
+    temperature_noise: npt.NDArray[np.float64]
+    pressure_kpa: npt.NDArray[np.float64] | list[float]
+
+
+class _Block(NamedTuple):
+    """What the sensors of a fleet read over one block of sample times, before the
+    firmware acts on it: ``(devices, samples)`` arrays, a row per device."""
+
+    times_s: npt.NDArray[np.float64]
+    hand: HandState  # the true load, the zone the hand is on, touching
+    # Standard normal draws: the load cell's noise and the motor's ripple.
+    pressure_noise: npt.NDArray[np.float64]
+    ripple_noise: npt.NDArray[np.float64]
+    temperature_noise: npt.NDArray[np.float64]  # in degrees C
+    # The readings, with each device's ripple of the motor as it ran at the block's start.
+    pressure_kpa: npt.NDArray[np.float64]
+
+    def row(self, index: int) -> _Row:
+        """Device ``index``'s readings (views of the block's rows)."""
+        return _Row(
+            self.times_s,
+            self.hand.pressure_kpa[index],
+            self.hand.zone[index],
+            self.hand.touching[index],
+            self.pressure_noise[index],
+            self.ripple_noise[index],
+            self.temperature_noise[index],
+            self.pressure_kpa[index],
+        )
+
+
+def generate_massagers(
+    devices: Sequence[SimulatedMassager], times_s: npt.NDArray[np.float64]
+) -> list[npt.NDArray[np.void]]:
+    """The samples of every device at ``times_s`` (seconds since its boot), updating their
+    firmware state; fewer for a device whose battery ran out on the way.
+
+    The one definition of a massager's samples: a device on its own is a fleet of one
+    (:meth:`SimulatedMassager._generate`). The hands, the sensors' noise and readings of
+    all devices are worked out together, in ``(devices, samples)`` arrays. A device where
+    nothing happens over the block (no program, no zone reached, no contact change, no
+    battery report) gets its samples with the other quiet ones in the same arrays; on one
+    where something happens the firmware reacts sample by sample
+    (:meth:`SimulatedMassager._react`), with the same float operations in the same order.
+    """
+    count = int(times_s.shape[0])
+    if len(devices) == 1 and count < EACH_MAX_SAMPLES:
+        # One device, a live tick: the same definitions on plain floats cost less than
+        # numpy calls on a few values (see SimulatedMassager._read_each).
+        device = devices[0]
+        return [device._react(device._read_each(times_s))]
+    # Every random number of the block is drawn up front, always the same amount, so that
+    # the stream (and so the telemetry) depends only on the seed. One draw of 3 x count
+    # gives the numbers of three draws of count (pressure, ripple, temperature), in order.
+    if len(devices) == 1:
+        noise = devices[0]._sensor_normals(3 * count).reshape(1, -1)
+    else:
+        noise = np.stack([device._sensor_normals(3 * count) for device in devices])
+    hands = [device.hand for device in devices]
+    hand = evaluate_hands(hands, times_s)
+    motor = [device._motor_state() for device in devices]
+    ripple_kpa = _per_device([ripple for _, ripple, _ in motor])
+    sigma_kpa = noise_sigma_kpa(
+        _per_device([h.noise_floor_kpa for h in hands]),
+        _per_device([h.noise_fraction for h in hands]),
+        hand.pressure_kpa,
+    )
+    pressure_noise, ripple_noise = noise[:, :count], noise[:, count : 2 * count]
+    block = _Block(
+        times_s,
+        hand,
+        pressure_noise,
+        ripple_noise,
+        noise[:, 2 * count :] * TEMPERATURE_NOISE_C,
+        sensor_reading_kpa(
+            hand.pressure_kpa, sigma_kpa, pressure_noise, ripple_noise, ripple_kpa, hand.touching
+        ),
+    )
+    # A device or two cost less going straight to _react, which takes a quiet block as one
+    # quiet run.
+    samples: list[npt.NDArray[np.void] | None] = [None] * len(devices)
+    if len(devices) >= FLEET_MIN_DEVICES and count:
+        quiet, charges = _quiet_rows(devices, block, motor)
+        if quiet:
+            taken = _take_quiet(devices, block, quiet, charges, motor)
+            for row, row_samples in zip(quiet, taken, strict=True):
+                samples[row] = row_samples
+    for index, device in enumerate(devices):
+        if samples[index] is None:
+            samples[index] = device._react(block.row(index))
+    return [s for s in samples if s is not None]
+
+
+def _per_device(values: list[float]) -> FloatValues:
+    """A value per device, to broadcast over ``(devices, samples)`` arrays: a column, or
+    for one device the value itself (the same element by element, for less)."""
+    if len(values) == 1:
+        return values[0]
+    return np.array(values)[:, None]
+
+
+def _quiet_rows(
+    devices: Sequence[SimulatedMassager], block: _Block, motor: Sequence[tuple[bool, float, float]]
+) -> tuple[list[int], npt.NDArray[np.float64]]:
+    """The rows of ``block`` (at least one sample) where nothing happens that the firmware
+    reacts to, and every device's battery charge over the block if it drains quietly."""
+    count = int(block.times_s.shape[0])
+    zones = block.hand.zone
+    last_zones = np.array([[device._last_hand_zone] for device in devices])
+    # Every sample off the skin, or on the zone the hand was last on: no zone reached.
+    no_zone = ((zones == NO_ZONE) | (zones == last_zones)).all(axis=1)
+    contact = np.array([device.contact for device in devices])
+    readings = block.pressure_kpa
+    no_switch = np.where(
+        contact,
+        readings.min(axis=1) >= CONTACT_OFF_KPA,
+        readings.max(axis=1) < CONTACT_ON_KPA,
+    )
+    # The battery reports nothing while the charge stays above the quiet floor.
+    charges = quiet_charges(
+        np.array([device.battery_charge_percent for device in devices]),
+        np.array([drain for _, _, drain in motor]),
+        count,
+    )
+    floors = np.array([[device._battery_quiet_floor_percent()] for device in devices])
+    no_report = (charges[:, 1:] > floors).all(axis=1)
+    free = no_zone & no_switch & no_report
+    rows = [row for row in np.flatnonzero(free).tolist() if devices[row]._program_run is None]
+    return rows, charges
+
+
+def _take_quiet(
+    devices: Sequence[SimulatedMassager],
+    block: _Block,
+    rows: list[int],
+    charges: npt.NDArray[np.float64],
+    motor: Sequence[tuple[bool, float, float]],
+) -> list[npt.NDArray[np.void]]:
+    """The samples of the quiet ``rows`` of ``block``, together: every field but pressure
+    and temperature holds over the block, the battery drains quietly (to the charge
+    ``charges`` ends at, as _drain_battery_quietly gives it), the sensor's temperature
+    follows the skin or the air."""
+    count = int(block.times_s.shape[0])
+    quiet = [devices[row] for row in rows]
+    for device, charge_percent in zip(quiet, charges[rows, count].tolist(), strict=True):
+        device._battery_charge_percent = charge_percent
+    targets_c = [device.skin_baseline_c if device.contact else AMBIENT_C for device in quiet]
+    sensors_c = [device.sensor_temperature_c for device in quiet]
+    alphas = [device._thermal_alpha() for device in quiet]
+    if len(quiet) < FLEET_LAG_MIN_DEVICES:
+        # A few devices: plain floats cost less than a numpy call per step.
+        temperatures = np.array(
+            [
+                thermal_lag(sensor_c, target_c, alpha, count)
+                for sensor_c, target_c, alpha in zip(sensors_c, targets_c, alphas, strict=True)
+            ]
+        )
+    else:
+        lagged = thermal_lag(np.array(sensors_c), np.array(targets_c), np.array(alphas), count)
+        temperatures = np.stack(lagged, axis=1)
+    values = [
+        device._run_values(device.battery_percent, device.zone, device.contact, motor[row][0], 0)
+        for device, row in zip(quiet, rows, strict=True)
+    ]
+    taken_samples = _Runs.blocks(values, count, quiet[0].sample_dtype)
+    taken_samples["pressure_dapa"] = np.rint(
+        np.divide(block.pressure_kpa[rows], PRESSURE_KPA_PER_UNIT)
+    )
+    taken_samples["skin_temperature_centi_c"] = np.rint(
+        np.add(temperatures, block.temperature_noise[rows]) / TEMPERATURE_C_PER_UNIT
+    )
+    for device, last_c in zip(quiet, temperatures[:, -1].tolist(), strict=True):
+        device.sensor_temperature_c = last_c
+    return list(taken_samples)
+
+
+_Temperature = TypeVar("_Temperature", float, npt.NDArray[np.float64])
+
+
+def thermal_lag(
+    sensor_c: _Temperature, target_c: _Temperature, alpha: _Temperature, count: int
+) -> list[_Temperature]:
+    """The head's sensor following the skin or the air with a first-order lag: its
+    temperature after each of ``count`` samples (floats, or arrays of one per device).
+    ``alpha``: the weight of one sample's step (:meth:`SimulatedMassager._thermal_alpha`)."""
+    lagged: list[_Temperature] = []
+    for _ in range(count):
+        sensor_c = sensor_c + (target_c - sensor_c) * alpha
+        lagged.append(sensor_c)
+    return lagged
+
+
+@overload
+def sensor_reading_kpa(  # type: ignore[overload-overlap]
     true_kpa: float,
     noise_sigma_kpa: float,
     pressure_noise: float,
     ripple_noise: float,
     ripple_kpa: float,
     touching: bool,
-) -> float:
-    """One pressure reading: the true load with the load cell's noise, plus the motor's
-    ripple while touching, clipped to the sensor's range.
+) -> float: ...
 
-    The float operations of the vectorised reading in ``_generate``, in the same order; the
-    clipping compares as ``np.clip`` does.
-    """
+
+@overload
+def sensor_reading_kpa(
+    true_kpa: FloatValues,
+    noise_sigma_kpa: FloatValues,
+    pressure_noise: FloatValues,
+    ripple_noise: FloatValues,
+    ripple_kpa: FloatValues,
+    touching: bool | npt.NDArray[np.bool_],
+) -> npt.NDArray[np.float64]: ...
+
+
+def sensor_reading_kpa(
+    true_kpa: FloatValues,
+    noise_sigma_kpa: FloatValues,
+    pressure_noise: FloatValues,
+    ripple_noise: FloatValues,
+    ripple_kpa: FloatValues,
+    touching: bool | npt.NDArray[np.bool_],
+) -> FloatValues:
+    """Pressure readings: the true load with the load cell's noise, plus the motor's
+    ripple while touching, clipped to the sensor's range (floats, or arrays)."""
     reading_kpa = true_kpa + pressure_noise * noise_sigma_kpa + ripple_noise * ripple_kpa * touching
-    reading_kpa = reading_kpa if reading_kpa > 0.0 else 0.0
-    return reading_kpa if reading_kpa < SENSOR_MAX_KPA else SENSOR_MAX_KPA
+    # What np.clip does, without its Python wrapper.
+    if isinstance(reading_kpa, float):
+        # One reading: the comparisons np.clip makes, on a float.
+        reading_kpa = reading_kpa if reading_kpa > 0.0 else 0.0
+        return reading_kpa if reading_kpa < SENSOR_MAX_KPA else SENSOR_MAX_KPA
+    # What np.clip does, without its Python wrapper.
+    clipped: FloatValues = np.minimum(np.maximum(reading_kpa, 0.0), SENSOR_MAX_KPA)
+    return clipped
 
 
 class _Runs:
@@ -616,6 +823,20 @@ class _Runs:
                 for start, end, values in zip(self.starts, ends, self.values, strict=True)
             )
         return np.frombuffer(bytearray(data), dtype=dtype)
+
+    @staticmethod
+    def blocks(
+        values: Sequence[tuple[int, int, int, int, int]], count: int, dtype: np.dtype[np.void]
+    ) -> npt.NDArray[np.void]:
+        """``count`` samples for each of ``values`` (a row each, writable), with the fields
+        of ``_RUN_FIELDS`` set to those values and the others zero."""
+        if dtype is not MASSAGER_SAMPLE_DTYPE or not _RUN_SAMPLE_LAYOUT:
+            samples = np.zeros((len(values), count), dtype=dtype)
+            for column, name in enumerate(_RUN_FIELDS):
+                samples[name] = np.array([row[column] for row in values], np.uint8)[:, None]
+            return samples
+        data = b"".join(_RUN_SAMPLE.pack(*row) * count for row in values)
+        return np.frombuffer(bytearray(data), dtype=dtype).reshape(len(values), count)
 
     def write(self, samples: npt.NDArray[np.void]) -> None:
         """Write the runs' fields into ``samples`` (as many as the runs cover)."""
@@ -660,7 +881,7 @@ class _ContactCrossings:
 
 
 def _no_zone_event(hand_zones: list[int], last_hand_zone: int) -> bool:
-    """No sample of ``hand_zones`` is a zone event for ``_generate``: each is ``NO_ZONE`` or
+    """No sample of ``hand_zones`` is a zone event for ``_react``: each is ``NO_ZONE`` or
     the zone the hand was last on (which then stays the last one)."""
     away = hand_zones.count(NO_ZONE)
     if last_hand_zone == NO_ZONE:
@@ -669,7 +890,7 @@ def _no_zone_event(hand_zones: list[int], last_hand_zone: int) -> bool:
 
 
 def _no_contact_change(pressure_kpa: list[float], contact: bool) -> bool:
-    """No reading of ``pressure_kpa`` switches ``contact`` (the thresholds of ``_generate``)."""
+    """No reading of ``pressure_kpa`` switches ``contact`` (the thresholds of ``_react``)."""
     if not pressure_kpa:
         return True
     if contact:

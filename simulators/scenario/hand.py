@@ -8,7 +8,14 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols import Ack, Command, Opcode, ResultCode, SetZone, Zone
-from simulators.devices.hand import NO_ZONE, ZONE_PRESSURE_BANDS_KPA, HandSamples, HandState, Kpa
+from simulators.devices.hand import (
+    NO_ZONE,
+    ZONE_PRESSURE_BANDS_KPA,
+    HandSamples,
+    HandState,
+    Kpa,
+    noise_sigma_kpa,
+)
 from simulators.devices.massager import SimulatedMassager
 from simulators.scenario.spec import (
     GUIDED_LEAD_IN_S,
@@ -67,26 +74,8 @@ class ScenarioHand:
 
     def evaluate(self, times_s: npt.NDArray[np.float64]) -> HandState:
         times = np.asarray(times_s, dtype=np.float64)
-        count = times.shape[0]
-        guided = self.guided and self.commanded_zone != Zone.NONE
-        on = times >= self.lead_in_s if guided else None
-        # logical_and.reduce is what on.all() runs, without its Python wrapper.
-        if on is not None and np.logical_and.reduce(on):
-            # Every time after the lead-in (every block but the first few): the guided
-            # values throughout, as the masked assignments below would give.
-            pressure = np.empty(count, dtype=np.float64)
-            pressure.fill(self.target_kpa(self.commanded_zone))
-            zone = np.empty(count, dtype=np.uint8)
-            zone.fill(int(self.commanded_zone))
-            touching = on
-        else:
-            pressure = np.zeros(count)
-            zone = np.zeros(count, dtype=np.uint8)
-            touching = np.zeros(count, dtype=np.bool_)
-            if on is not None:
-                pressure[on] = self.target_kpa(self.commanded_zone)
-                zone[on] = int(self.commanded_zone)
-                touching[on] = True
+        base = self._guided_many((self,), times)
+        pressure, zone, touching = base.pressure_kpa[0], base.zone[0], base.touching[0]
         for action in self.actions:
             inside = (times >= action.at_s) & (times < action.end_s)
             if not inside.any():
@@ -136,17 +125,75 @@ class ScenarioHand:
             return HandSamples([], [], [])
         first_s, last_s = min(times_s), max(times_s)
         if self.actions and any(a.at_s <= last_s and first_s < a.end_s for a in self.actions):
-            return HandSamples.of(self.evaluate(np.asarray(times_s, dtype=np.float64)))
+            state = self.evaluate(np.asarray(times_s, dtype=np.float64))
+            return HandSamples(
+                state.pressure_kpa.tolist(), state.zone.tolist(), state.touching.tolist()
+            )
         zone = self.commanded_zone
         if not self.guided or zone == Zone.NONE:
             return HandSamples([0.0] * count, [NO_ZONE] * count, [False] * count)
         target_kpa = self.target_kpa(zone)
-        if first_s >= self.lead_in_s:  # every tick but those of the lead-in
-            return HandSamples([target_kpa] * count, [int(zone)] * count, [True] * count)
         on = [t_s >= self.lead_in_s for t_s in times_s]
         return HandSamples(
             [target_kpa if o else 0.0 for o in on], [int(zone) if o else NO_ZONE for o in on], on
         )
 
+    @classmethod
+    def evaluate_many(
+        cls, hands: Sequence[ScenarioHand], times_s: npt.NDArray[np.float64]
+    ) -> HandState:
+        """Every hand at the same times, in ``(hands, times)`` arrays: a row each.
+
+        Between scripted actions a hand is guided or away, which all hands get together;
+        a hand with an action among the times goes through :meth:`evaluate`.
+        """
+        times = np.asarray(times_s, dtype=np.float64)
+        state = cls._guided_many(hands, times)
+        if times.shape[0]:
+            first_s, last_s = float(times.min()), float(times.max())
+            for row, hand in enumerate(hands):
+                if any(a.at_s <= last_s and first_s < a.end_s for a in hand.actions):
+                    one = hand.evaluate(times)
+                    state.pressure_kpa[row] = one.pressure_kpa
+                    state.zone[row] = one.zone
+                    state.touching[row] = one.touching
+        return state
+
+    @staticmethod
+    def _guided_many(hands: Sequence[ScenarioHand], times: npt.NDArray[np.float64]) -> HandState:
+        """What the hands do without their actions (writable arrays, a row each): from
+        the lead-in on, a guided hand presses in the middle of its commanded zone's band."""
+        guided = [h.guided and h.commanded_zone != Zone.NONE for h in hands]
+        count = times.shape[0]
+        if len(hands) == 1:
+            # One hand: its values themselves broadcast as a column would, for less.
+            (hand,) = hands
+            if not guided[0]:
+                return HandState(
+                    np.zeros((1, count)),
+                    np.zeros((1, count), dtype=np.uint8),
+                    np.zeros((1, count), dtype=np.bool_),
+                )
+            on = (times >= hand.lead_in_s).reshape(1, count)
+            return HandState(
+                np.where(on, hand.target_kpa(hand.commanded_zone), 0.0),
+                np.where(on, np.uint8(hand.commanded_zone), np.uint8(Zone.NONE)),
+                on,
+            )
+        on = np.zeros((len(hands), count), dtype=np.bool_)
+        if any(guided):
+            lead_in_s = np.array([[h.lead_in_s] for h in hands])
+            on = (times >= lead_in_s) & np.array([[g] for g in guided])
+        targets_kpa = np.array(
+            [
+                [h.target_kpa(h.commanded_zone) if g else 0.0]
+                for h, g in zip(hands, guided, strict=True)
+            ]
+        )
+        zones = np.array([[int(h.commanded_zone)] for h in hands], dtype=np.uint8)
+        return HandState(
+            np.where(on, targets_kpa, 0.0), np.where(on, zones, np.uint8(Zone.NONE)), on
+        )
+
     def noise_sigma_kpa(self, pressure_kpa: Kpa) -> Kpa:
-        return self.noise_floor_kpa + self.noise_fraction * pressure_kpa
+        return noise_sigma_kpa(self.noise_floor_kpa, self.noise_fraction, pressure_kpa)

@@ -1,9 +1,11 @@
-"""Live ticks and bulk blocks give the same samples, to the bit.
+"""Hands and sensors worked out together give each device's own samples, to the bit.
 
-The massager works out a live tick (about 10 samples) one sample at a time in plain floats,
-and a long block with numpy; the ring keeps samples as raw bytes. A seed must replay a run
-byte for byte, so each fast way is checked here against the way it replaces, and the
-readings against the sensor model worked out sample by sample.
+Massagers take their samples with one definition for any number of devices
+(``generate_massagers``): hands of one type are evaluated together, devices where nothing
+happens over a block get their samples together, the others react sample by sample; the
+ring keeps samples as raw bytes. A seed must replay a run byte for byte, so each fast way
+is checked here against the way it replaces, and the readings against the sensor model
+worked out sample by sample.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from simulators import (
     VirtualClock,
 )
 from simulators.devices.device import RandomStream, device_rng
-from simulators.devices.hand import HandSamples
+from simulators.devices.hand import Hand, evaluate_hands
 from simulators.devices.massager import MOTOR_RIPPLE_KPA_PER_LEVEL, SENSOR_MAX_KPA
 from simulators.scenario.hand import ScenarioHand
 from simulators.scenario.spec import HandAction
@@ -52,12 +54,6 @@ from simulators.scenario.spec import HandAction
 from .conftest import Commander, RecordingLink
 
 RATE_HZ = 100
-
-
-def assert_same_bits(each: HandSamples, state: HandSamples) -> None:
-    assert np.array(each.pressure_kpa).tobytes() == np.array(state.pressure_kpa).tobytes()
-    assert each.zone == state.zone
-    assert each.touching == state.touching
 
 
 def tick_times(first_s: float, last_s: float, per_tick: int = 10) -> list[npt.NDArray[np.float64]]:
@@ -76,31 +72,42 @@ def test_one_draw_gives_the_numbers_of_three(count: int) -> None:
     assert three.standard_normal(5).tobytes() == one.standard_normal(5).tobytes()
 
 
+def assert_rows_are_their_own(hands: list[Hand], times: npt.NDArray[np.float64]) -> None:
+    """Hands evaluated together, each alone, and each time after time on plain floats (a
+    live tick's way) give the same values, to the bit."""
+    together = evaluate_hands(hands, times)
+    for row, hand in enumerate(hands):
+        alone = hand.evaluate(times)
+        each = hand.evaluate_each(times.tolist())
+        assert together.pressure_kpa[row].tobytes() == alone.pressure_kpa.tobytes()
+        assert np.array(each.pressure_kpa).tobytes() == alone.pressure_kpa.tobytes()
+        assert together.zone[row].tolist() == alone.zone.tolist() == each.zone
+        assert together.touching[row].tolist() == alone.touching.tolist() == each.touching
+
+
 @pytest.mark.parametrize("seed", [1, 7, 42])
-def test_hand_script_each_matches_evaluate(seed: int) -> None:
-    hand = HandScript.default(seed)
+def test_hand_scripts_together_match_each_alone(seed: int) -> None:
+    hands: list[Hand] = [HandScript.default(seed + k) for k in range(5)]
+    hands += [
+        HandScript(
+            [
+                HandSegment(0.5, 1.0, Zone.FOREHEAD, 2.0, 6.0),
+                HandSegment(2.0, 0.7, Zone.NECK, 3.0, contact=False),
+                HandSegment(3.0, 2.0, Zone.CHIN, 9.0, 1.0),
+            ]
+        ),
+        HandScript.idle(),
+        HandScript.constant(Zone.CHEEK_LEFT, 4.0),
+    ]
+    script = HandScript.default(seed)
     rng = np.random.default_rng(seed)
-    edges = np.array([t for s in hand.segments for t in (s.start_s, s.end_s)])
-    anywhere = rng.uniform(-1.0, 3 * hand.period_s, 2000)
-    for times in (edges, anywhere, *tick_times(0.0, 2 * hand.period_s)):
-        assert_same_bits(hand.evaluate_each(times.tolist()), HandSamples.of(hand.evaluate(times)))
+    edges = np.array([t for s in script.segments for t in (s.start_s, s.end_s)])
+    anywhere = rng.uniform(-1.0, 3 * script.period_s, 2000)  # long: looked up hand by hand
+    for times in (edges, anywhere, *tick_times(0.0, 2 * script.period_s)):
+        assert_rows_are_their_own(hands, times)
 
 
-def test_hand_script_each_covers_gaps_lifts_and_no_script() -> None:
-    hand = HandScript(
-        [
-            HandSegment(0.5, 1.0, Zone.FOREHEAD, 2.0, 6.0),
-            HandSegment(2.0, 0.7, Zone.NECK, 3.0, contact=False),
-            HandSegment(3.0, 2.0, Zone.CHIN, 9.0, 1.0),
-        ]
-    )
-    times = np.linspace(-0.5, 6.0, 1301)
-    for script in (hand, HandScript.idle(), HandScript.constant(Zone.CHEEK_LEFT, 4.0)):
-        each = script.evaluate_each(times.tolist())
-        assert_same_bits(each, HandSamples.of(script.evaluate(times)))
-
-
-def test_scenario_hand_each_matches_evaluate() -> None:
+def test_scenario_hands_together_match_each_alone() -> None:
     actions = [
         HandAction("*", 2.0, 3.0, "press", Zone.JAWLINE_LEFT, 5.0, 12.0),
         HandAction("*", 6.0, 1.5, "lift", Zone.JAWLINE_LEFT),
@@ -116,16 +123,22 @@ def test_scenario_hand_each_matches_evaluate() -> None:
         HandAction("*", 11.0, 1.0, "profile", Zone.NECK, step_s=0.25, profile_kpa=(1.0, 0.0)),
         HandAction("*", 13.0, 2.0, "press", None, 7.0, 0.0),
     ]
-    for hand in (
+    scenario_hands = [
         ScenarioHand(actions, guided=True),
         ScenarioHand(actions, guided=False),
         ScenarioHand([], guided=True),
-    ):
-        for commanded in (Zone.NONE, Zone.CHEEK_RIGHT):
+        ScenarioHand([], guided=True, lead_in_s=0.4),
+    ]
+    mixed: list[Hand] = [*scenario_hands, HandScript.default(3), HandScript.idle()]
+    for commanded in (Zone.NONE, Zone.CHEEK_RIGHT):
+        for hand in scenario_hands:
             hand.commanded_zone = commanded
-            for times in tick_times(0.0, 16.0):
-                each = hand.evaluate_each(times.tolist())
-                assert_same_bits(each, HandSamples.of(hand.evaluate(times)))
+        scenario_hands[2].commanded_zone = Zone.CHIN
+        for times in tick_times(0.0, 16.0):
+            assert_rows_are_their_own(list(scenario_hands), times)
+            assert_rows_are_their_own(mixed, times)
+            for hand in scenario_hands:
+                assert_rows_are_their_own([hand], times)
 
 
 def test_ring_holds_what_a_list_would() -> None:
@@ -235,15 +248,20 @@ async def run_massagers(batch_interval_s: float) -> list[tuple[bytes, list[bytes
 
 
 @pytest.mark.parametrize("batch_interval_s", [0.1, 0.47, 5.0])
-async def test_live_ticks_and_bulk_blocks_give_the_same_run(
+async def test_quiet_devices_together_and_each_reacting_give_the_same_run(
     batch_interval_s: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(massager_module, "BULK_MIN_SAMPLES", 1)
-    in_bulk = await run_massagers(batch_interval_s)
-    monkeypatch.setattr(massager_module, "BULK_MIN_SAMPLES", 1_000_000)
-    one_by_one = await run_massagers(batch_interval_s)
-    assert one_by_one == in_bulk
-    codes = [[Event.decode(e).code for e in events] for _, events, _ in in_bulk]
+    # Quiet blocks of a fleet are taken together from the smallest fleet on, or never
+    # (each device then goes through its block sample by sample, quiet runs at once); a
+    # device's own blocks in plain floats up to a live tick's size, or always in arrays.
+    monkeypatch.setattr(massager_module, "FLEET_MIN_DEVICES", 1)
+    monkeypatch.setattr(massager_module, "EACH_MAX_SAMPLES", 0)
+    together = await run_massagers(batch_interval_s)
+    monkeypatch.setattr(massager_module, "FLEET_MIN_DEVICES", 1_000_000)
+    monkeypatch.setattr(massager_module, "EACH_MAX_SAMPLES", 1_000_000)
+    each = await run_massagers(batch_interval_s)
+    assert each == together
+    codes = [[Event.decode(e).code for e in events] for _, events, _ in together]
     assert EventCode.SHUTDOWN in codes[3]  # ran empty
     assert EventCode.BATTERY_LOW in codes[4]
     assert codes[1].count(EventCode.CONTACT_CHANGED) > 10  # chatter at the thresholds
