@@ -13,6 +13,7 @@ BENCHMARKS = {
     "latency": "bench.bench_latency",
     "linklevel": "bench.bench_linklevel",
     "service": "bench.bench_service",
+    "storage": "bench.bench_storage",
     "virtual_time": "bench.bench_virtual_time",
 }
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -230,12 +231,24 @@ async def _in_process_smpclient_upload(
     return {"upload_s": upload_s}
 
 
+def _create_smpmgr_venv(venv_python: Path) -> bool:
+    """Create smpmgr's own environment with the project's script (a fresh clone has none)."""
+    print(f"\nbench firmware: creating smpmgr's environment with `bash {SMPMGR_VENV_SCRIPT}`")
+    env = {**os.environ, "SMPMGR_VENV": str(venv_python.parent.parent)}
+    done = subprocess.run(["bash", str(ROOT / SMPMGR_VENV_SCRIPT)], cwd=ROOT, env=env, check=False)
+    return done.returncode == 0 and venv_python.exists()
+
+
 def run() -> bool:
     smpmgr_python: Path | None = _smpmgr_python()
-    if smpmgr_python is not None and not smpmgr_python.exists():
+    if (
+        smpmgr_python is not None
+        and not smpmgr_python.exists()
+        and not _create_smpmgr_venv(smpmgr_python)
+    ):
         print(
-            f"\nbench firmware: smpmgr's environment is missing ({smpmgr_python}); create it "
-            f"with `bash {SMPMGR_VENV_SCRIPT}` (scripts/check.sh creates it too). "
+            f"bench firmware: smpmgr's environment could not be created ({smpmgr_python}); "
+            f"run `bash {SMPMGR_VENV_SCRIPT}` (it needs the package index). "
             "Measuring the bridge alone."
         )
         smpmgr_python = None

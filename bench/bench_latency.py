@@ -1,11 +1,14 @@
 """Safety-stop latency: a too-high pressure sample reaching the bridge -> STOP_ALL written.
 
 Simulated massagers stream at 100 Hz (10 batches a second) in real time, each held by a
-hand that presses above the cheek cap for 0.2 s of every second. Devices boot staggered
-across one batch interval, as independent radios would be (with aligned boots every
-batch of every device would arrive in the same instant). Each device runs the real
-:class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite store
-shared by all runs, as ``devicebridge serve`` has) over a real transport.
+hand that presses above the cheek cap for 0.2 s of every second. Devices boot at random
+phases within one batch interval (seeded), as independent radios would: their batches
+cluster and collide at times, which an even stagger would never show. Each device runs the
+real :class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite
+store and one writer thread shared by all runs, as ``devicebridge serve`` has) over a real
+transport, with the shipped policy: over-cap events end a session (its end, the blocking
+commit of the session's record, happens while other devices' samples arrive), and the
+next run starts at once.
 
 Two setups, each measured in the same run against baselines:
 
@@ -29,14 +32,14 @@ Baselines, same devices and transport, no engine and no store:
 * ``queued``: a bare consumer of the session's telemetry subscription that awaits
   STOP_ALL: the floor of the path the runner used before (callback -> queue -> task).
 
-Target (issue 3): p99 under 2 ms with 100 devices.
+Targets (issues 3 and 15), serial at 100 devices: p99 under 2 ms, and at most 1.5x the
+observer's p99 measured in the same run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -53,7 +56,7 @@ from typing import Final
 
 import numpy as np
 
-from bench.report import print_table
+from bench.report import describe_machine, print_table
 from devicebridge.clock import SystemClock
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import default_policy
@@ -66,6 +69,7 @@ from devicebridge.device.transport.serial import SerialTransport
 from devicebridge.errors import DeviceBridgeError
 from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.storage.sessions import SessionStore
+from devicebridge.storage.writer import StoreWriter
 from protocols import Command, MessageType, Opcode, StopAll, TelemetryBatch, Zone
 from protocols.telemetry import BATCH_HEADER, MASSAGER_SAMPLE_DTYPE
 from simulators import HandScript, HandSegment, SimulatedWorld, VirtualClock
@@ -76,6 +80,7 @@ DEVICE_COUNTS: Final = (1, 10, 100)
 MEASURE_S: Final = float(os.environ.get("BENCH_LATENCY_S", "8"))
 BATCH_INTERVAL_S: Final = 0.1
 TARGET_P99_MS: Final = 2.0
+TARGET_X_OBSERVER: Final = 1.5
 TARGET_DEVICES: Final = 100
 CHEEK_CAP_KPA: Final = 15.0
 IN_BAND_KPA: Final = 7.0
@@ -124,6 +129,13 @@ def hand() -> HandScript:
     )
 
 
+def boot_delays_s(count: int) -> list[float]:
+    """Waits between device boots: random phases within one batch interval (seeded)."""
+    rng = random.Random(SEED)
+    phases_s = sorted(rng.uniform(0, BATCH_INTERVAL_S) for _ in range(count))
+    return [b - a for a, b in zip([0.0, *phases_s], phases_s, strict=False)]
+
+
 def _telemetry_span(data: bytes) -> tuple[int, int]:
     _, _, first, _ = BATCH_HEADER.unpack_from(data)
     return first, (len(data) - BATCH_HEADER.size) // SAMPLE_BYTES
@@ -155,12 +167,12 @@ async def _serve(count: int) -> None:
     ports: list[StampedPort] = []
     async with world:
         clock.start()
-        for _ in range(count):
+        for delay_s in boot_delays_s(count):
+            await clock.sleep(delay_s)
             port = StampedPort(world.add_massager(hand=hand()))
             await port.start()
             ports.append(port)
             print(port.path, flush=True)
-            await clock.sleep(BATCH_INTERVAL_S / count)
         await stop.wait()
         await clock.stop()
         for port in ports:
@@ -263,21 +275,16 @@ Until = Callable[[], bool]
 
 
 async def _runner_loop(
-    session: DeviceSession, probe: Probe, store: SessionStore, until: Until
+    session: DeviceSession, probe: Probe, store: SessionStore, writer: StoreWriter, until: Until
 ) -> None:
-    # Every over-cap event pauses (STOP_ALL written at once, which is what is measured);
-    # the default policy ends a session at the third, which would make every device start
-    # a new run every few seconds and measure run start-up instead of the safety path.
-    default = default_policy()
-    policy = dataclasses.replace(
-        default,
-        pressure_cap_events_before_stop=dataclasses.replace(
-            default.pressure_cap_events_before_stop, value=float(10**9)
-        ),
-    )
+    # The shipped policy: every over-cap event pauses (STOP_ALL written at once, which is
+    # what is measured) and the policy's count of them ends the session; a new run starts.
+    policy = default_policy()
     routine = parse_routine(ROUTINE, policy, label="bench")
     while not until():
-        runner = RoutineRunner(session, routine, policy, store=store, mode=RunMode.HOST)
+        runner = RoutineRunner(
+            session, routine, policy, store=store, writer=writer, mode=RunMode.HOST
+        )
         measured: set[int] = set()
 
         def trigger(runner: RoutineRunner = runner, measured: set[int] = measured) -> int | None:
@@ -372,9 +379,11 @@ async def _drive(
         return now_s() >= deadline_s
 
     store = SessionStore(store_folder / "bench.sqlite3")
+    # One writer thread for every run, as ``devicebridge serve`` gives its runners.
+    writer = StoreWriter(store)
     tasks: list[Awaitable[None]]
     if variant == "runner":
-        tasks = [_runner_loop(s, p, store, until) for s, p in pairs]
+        tasks = [_runner_loop(s, p, store, writer, until) for s, p in pairs]
     elif variant == "observer":
         tasks = [_observer_loop(s, p, until) for s, p in pairs]
     else:
@@ -392,6 +401,7 @@ async def _drive(
     await asyncio.gather(*runs, return_exceptions=True)
     for _, probe in pairs:
         probe.stops[:], probe.unwatched = measured[id(probe)]  # not those of the shutdown
+    writer.close()
     store.close()
 
 
@@ -451,9 +461,9 @@ async def _measure_ble(count: int, variant: str) -> Result:
     world = SimulatedWorld(seed=SEED, clock=clock)
     async with world:
         clock.start()
-        for _ in range(count):
+        for delay_s in boot_delays_s(count):
+            await clock.sleep(delay_s)
             world.add_massager(hand=hand())
-            await clock.sleep(BATCH_INTERVAL_S / count)
         backends = BleBackends(world.scanner_backend, world.client_backend)
         found = await scan(clock, SCAN_S, backends.scanner)
         rng = random.Random(SEED)
@@ -499,9 +509,13 @@ def run() -> bool:
         )
         verdict = "-"
         if count == TARGET_DEVICES:
-            ok = bool(full.latencies_s) and p99 < TARGET_P99_MS
-            met = met and ok
-            verdict = "met" if ok else "MISSED"
+            under = bool(full.latencies_s) and p99 < TARGET_P99_MS
+            near = bool(full.latencies_s) and p99 <= TARGET_X_OBSERVER * observer
+            met = met and under and near
+            verdict = (
+                f"< {TARGET_P99_MS:g} ms {'met' if under else 'MISSED'}, "
+                f"<= {TARGET_X_OBSERVER:g}x observer {'met' if near else 'MISSED'}"
+            )
         serial_rows.append(
             [
                 count,
@@ -539,8 +553,9 @@ def run() -> bool:
     common = ["devices", "stops", "between runs", "p50 ms", "p99 ms", "max ms"]
     print_table(
         f"Safety-stop latency, serial, devices in another process: device's frame written -> "
-        f"STOP_ALL written ({MEASURE_S:g} s per case, 100 Hz per device; target p99 < "
-        f"{TARGET_P99_MS:g} ms at {TARGET_DEVICES} devices)",
+        f"STOP_ALL written ({MEASURE_S:g} s per case, 100 Hz per device, shipped policy, random "
+        f"boot phases; targets at {TARGET_DEVICES} devices: p99 < {TARGET_P99_MS:g} ms and "
+        f"<= {TARGET_X_OBSERVER:g}x the observer's p99)",
         [
             *common,
             "read-> p99",
@@ -563,6 +578,8 @@ def run() -> bool:
         "ending or starting; the previous run's STOP_ALL had already stopped the device); "
         "not in the percentiles."
     )
+    print(describe_machine())
+    print(f"latency target {'met' if met else 'MISSED'}")
     return met
 
 

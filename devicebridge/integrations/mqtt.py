@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
@@ -40,7 +41,7 @@ from devicebridge.storage.outbox import Outbox, OutgoingMessage
 LOG = logging.getLogger(__name__)
 AVAILABILITY_ONLINE: Final = b"online"
 AVAILABILITY_OFFLINE: Final = b"offline"
-OUTBOX_BATCH: Final = 200
+OUTBOX_IN_FLIGHT: Final = 200
 CONNACK_UNSUPPORTED_PROTOCOL: Final = (1, 132)  # 3.1.1 and 5 codes for "unsupported version"
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
@@ -214,6 +215,8 @@ class MqttLink:
         self.protocol = aiomqtt.ProtocolVersion.V5
         self.connections = 0
         self.published = 0
+        self.in_flight = 0  # publishes handed to the client, not yet acknowledged
+        self.peak_in_flight = 0
         self.handler_failures = 0
         self._failure_log = ThrottledLog(LOG)
 
@@ -324,57 +327,78 @@ class MqttLink:
                 )
 
     async def _pump(self, client: aiomqtt.Client) -> None:
-        # A batch is published at once and its PUBACKs awaited together (paho keeps at
-        # most its in-flight window on the wire and sends in order): one PUBACK round trip
-        # per message would let a burst of messages (acknowledgements of a flood of
-        # pushes) pile up in the outbox faster than they leave it.
-        client.pending_calls_threshold = OUTBOX_BATCH  # aiomqtt warns above it
-        while True:
-            # The outbox counts its messages in memory: an empty one costs no query.
-            batch = self.outbox.pending(OUTBOX_BATCH) if len(self.outbox) else []
-            if not batch:
-                # Nothing can be appended between the check above and clear() (no await
-                # in between), so a notify() is never missed.
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            publishes = [
-                asyncio.ensure_future(
-                    client.publish(
-                        message.topic,
-                        message.payload,
-                        qos=message.qos,
-                        retain=message.retain,
-                        properties=message_properties(message.message_id, self.protocol),
-                        # No per-publish timer: asyncio.wait_for with a timeout wraps every
-                        # PUBACK wait in a task and a timer. A broker that stops answering
-                        # is caught by the keepalive, which ends the session (and the pump).
-                        timeout=math.inf,
-                    )
-                )
-                for message in batch
-            ]
-            try:
-                await asyncio.wait(publishes)
-            finally:
-                for publish in publishes:
-                    publish.cancel()  # only those still waiting (when the pump is cancelled)
-                failures = [
-                    p.exception() if p.done() and not p.cancelled() else None for p in publishes
-                ]
-                # One delete for the longest acknowledged start of the batch (MQTT keeps
-                # order); a crash before it only re-sends messages with the same ids.
-                acknowledged: OutgoingMessage | None = None
-                for message, publish, failure in zip(batch, publishes, failures, strict=True):
-                    if not publish.done() or publish.cancelled() or failure is not None:
+        """Keep up to :data:`OUTBOX_IN_FLIGHT` publishes in flight, in outbox order.
+
+        A message is handed to the client as soon as it is stored and there is room (paho
+        sends in order and keeps its own in-flight window on the wire); each PUBACK wakes
+        the pump, which deletes the longest acknowledged start of what is in flight with
+        one DELETE (MQTT keeps order). A crash or a lost link before that delete only
+        re-sends messages with the same ids, on the next session, from the outbox.
+        """
+        client.pending_calls_threshold = OUTBOX_IN_FLIGHT  # aiomqtt warns above it
+        in_flight: deque[tuple[OutgoingMessage, asyncio.Future[None]]] = deque()
+        last_sent = 0  # the sequence of the last message handed to the client
+        wake = self._wake
+
+        def acknowledged(_publish: asyncio.Future[None]) -> None:
+            wake.set()
+
+        try:
+            while True:
+                retired: OutgoingMessage | None = None
+                while in_flight and in_flight[0][1].done():
+                    message, publish = in_flight[0]
+                    failure = publish.exception() if not publish.cancelled() else None
+                    if publish.cancelled() or failure is not None:
                         break
-                    acknowledged = message
+                    in_flight.popleft()
+                    retired = message
                     self.published += 1
-                if acknowledged is not None:
-                    self.outbox.delivered(acknowledged.sequence)
-            for failure in failures:
-                if failure is not None:
-                    raise failure  # usually the link going down: the session ends
+                if retired is not None:
+                    self.outbox.delivered(retired.sequence)
+                if in_flight and in_flight[0][1].done():
+                    publish = in_flight[0][1]
+                    # Usually the link going down: the session ends, the rest is re-sent.
+                    raise publish.exception() or aiomqtt.MqttError("publish cancelled")
+                room = OUTBOX_IN_FLIGHT - len(in_flight)
+                # The outbox counts its messages in memory: nothing new costs no query.
+                batch = (
+                    self.outbox.pending_after(last_sent, room)
+                    if room and len(self.outbox) > len(in_flight)
+                    else []
+                )
+                for message in batch:
+                    publish = asyncio.ensure_future(
+                        client.publish(
+                            message.topic,
+                            message.payload,
+                            qos=message.qos,
+                            retain=message.retain,
+                            properties=message_properties(message.message_id, self.protocol),
+                            # No per-publish timer: asyncio.wait_for with a timeout wraps
+                            # every PUBACK wait in a task and a timer. A broker that stops
+                            # answering is caught by the keepalive, which ends the session.
+                            timeout=math.inf,
+                        )
+                    )
+                    publish.add_done_callback(acknowledged)
+                    in_flight.append((message, publish))
+                    last_sent = message.sequence
+                self.in_flight = len(in_flight)
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                if batch or retired is not None:
+                    continue
+                # Nothing can be stored or acknowledged between the checks above and
+                # clear() (no await in between), so no notify() or PUBACK is missed.
+                wake.clear()
+                await wake.wait()
+        finally:
+            self.in_flight = 0
+            for _, publish in in_flight:
+                publish.cancel()  # those still waiting (the pump is cancelled or failed)
+            for _, publish in in_flight:
+                if publish.done() and not publish.cancelled():
+                    publish.exception()  # retrieved: re-sent on the next session
 
 
 # --------------------------------------------------------------------------- one-shot clients

@@ -236,10 +236,8 @@ class SessionResumption:
             )
         self.writer.commit_session(record.id)
         summary = recorded_summary(self.store, record, self.policy)
-        self.writer.run_now(
-            lambda store: store.finish_session(
-                record.id, status="interrupted", end_reason=reason, summary=summary
-            )
+        self.writer.finish_session(
+            record.id, status="interrupted", end_reason=reason, summary=summary
         )
         self.record = self.store.session(record.id)
         _LOGGER.info("session %d: %d samples taken from the device", record.id, self.samples)
@@ -259,5 +257,6 @@ def recover_sessions(store: SessionStore, policy: SafetyPolicy) -> list[SessionR
             end_reason=record.end_reason,
             summary=recorded_summary(store, record, policy),
         )
+        store.compact_telemetry(session_id)
         recovered.append(store.session(session_id))
     return recovered

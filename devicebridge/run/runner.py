@@ -887,14 +887,12 @@ class RoutineRunner:
         session_id, writer = self.session_id, self._writer
         ended_at = self._now()
         if writer is not None and session_id is not None:
-            writer.run_now(
-                lambda store: store.finish_session(
-                    session_id,
-                    status=status,
-                    end_reason=end_reason,
-                    summary=summary,
-                    ended_at=ended_at,
-                )
+            writer.finish_session(
+                session_id,
+                status=status,
+                end_reason=end_reason,
+                summary=summary,
+                ended_at=ended_at,
             )
         if status != "completed" and end_reason:
             self._final_note = f"Session {status}: {end_reason}"

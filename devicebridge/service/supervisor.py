@@ -258,6 +258,7 @@ class BridgeService:
         workers = list(self.workers.values())
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         self.publish_status("stopped")
+        self.publisher.flush()
         link_task = next((t for t in tasks if t.get_name() == "mqtt link"), None)
         if self.link is not None and self.outbox is not None and self.link.connected:
             # Give what is queued a moment to reach the broker (wall time: a hang guard).
@@ -275,6 +276,7 @@ class BridgeService:
         self.session_writer.close()
         self.sessions.close()
         self.programs.close()
+        self.publisher.flush()
         if self.outbox is not None:
             self.outbox.close()
         LOG.info("bridge %s stopped", self.bridge_id)

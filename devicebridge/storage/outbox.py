@@ -6,6 +6,10 @@ in order. Each message carries a ``message_id`` (``<bridge>:<sequence>``) that i
 its payload and its MQTT 5 user properties: a message re-sent after a crash between the
 broker's PUBACK and the local delete has the same id, so a subscriber that keeps the ids
 it has seen processes it once.
+
+A writer that produces many messages (the service) stages them (:meth:`Outbox.stage`) and
+stores each group with one :meth:`Outbox.commit`: one transaction for a group instead of
+one per message. A staged message is not yet stored and not yet offered to the link.
 """
 
 from __future__ import annotations
@@ -75,15 +79,22 @@ class Outbox:
         self._next_sequence = int(row[0]) + 1
         # Every waiting message, in order, or None while SQLite alone holds them all.
         self._mirror: deque[OutgoingMessage] | None = deque() if self._count == 0 else None
+        self._staged: list[tuple[int, str, bytes, int, int]] = []
+        self.commits = 0  # transactions that stored messages (for tests and benchmarks)
 
     def close(self) -> None:
-        self._db.close()
+        """Store what is staged, then close."""
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
     def message_id(self, sequence: int) -> str:
         return f"{self.bridge_id}:{sequence}"
 
     def next_sequence(self) -> int:
-        """The sequence the next appended message will get (to put its id in the payload)."""
+        """The sequence the next appended or staged message will get (to put its id in the
+        payload)."""
         return self._next_sequence
 
     def append(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
@@ -93,21 +104,43 @@ class Outbox:
         """Append ``(topic, payload, qos, retain)`` messages in order, in one transaction.
 
         All of them are stored or none (a full outbox refuses the whole group): one commit
-        for a group of messages instead of one per message.
+        for a group of messages instead of one per message. Messages staged before are
+        stored with them (they come first).
         """
         if not messages:
             return []
-        if self._count + len(messages) > self.max_messages:
-            raise OutboxFullError(
-                f"{self._count} messages waiting for the broker (limit {self.max_messages})",
-                path=self.path,
-            )
-        first = self._next_sequence
-        created_at = datetime.now(UTC).isoformat()
-        rows = [
-            (first + i, topic, payload, qos, int(retain), created_at)
-            for i, (topic, payload, qos, retain) in enumerate(messages)
+        self._check_room(len(messages))
+        sequences = [
+            self.stage(topic, payload, qos=qos, retain=retain)
+            for topic, payload, qos, retain in messages
         ]
+        self.commit()
+        return sequences
+
+    @property
+    def staged(self) -> int:
+        """Messages staged and not yet committed."""
+        return len(self._staged)
+
+    def stage(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Give a message its sequence and keep it for the next :meth:`commit`."""
+        self._check_room(1)
+        sequence = self._next_sequence
+        self._next_sequence = sequence + 1
+        self._staged.append((sequence, topic, payload, qos, int(retain)))
+        return sequence
+
+    def commit(self) -> int:
+        """Store every staged message in one transaction; returns how many.
+
+        On an error nothing is stored and the messages stay staged (a later commit tries
+        them again, with the same sequences).
+        """
+        staged = self._staged
+        if not staged:
+            return 0
+        created_at = datetime.now(UTC).isoformat()
+        rows = [(*row, created_at) for row in staged]
         try:
             if len(rows) == 1:
                 self._db.execute(_INSERT, rows[0])  # autocommit: one statement, one transaction
@@ -117,7 +150,8 @@ class Outbox:
                     self._db.executemany(_INSERT, rows)
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
-        self._next_sequence = first + len(rows)
+        self._staged = []
+        self.commits += 1
         self._count += len(rows)
         mirror = self._mirror
         if mirror is not None:
@@ -126,17 +160,36 @@ class Outbox:
             else:
                 mirror.extend(
                     OutgoingMessage(seq, self.message_id(seq), topic, payload, qos, bool(retain))
-                    for seq, topic, payload, qos, retain, _ in rows
+                    for seq, topic, payload, qos, retain in staged
                 )
-        return [row[0] for row in rows]
+        return len(rows)
+
+    def _check_room(self, adding: int) -> None:
+        waiting = self._count + len(self._staged)
+        if waiting + adding > self.max_messages:
+            raise OutboxFullError(
+                f"{waiting} messages waiting for the broker (limit {self.max_messages})",
+                path=self.path,
+            )
 
     def pending(self, limit: int = 100) -> list[OutgoingMessage]:
         """The oldest ``limit`` messages not yet acknowledged, in order."""
-        if self._mirror is not None:
-            return list(itertools.islice(self._mirror, limit))
+        return self.pending_after(0, limit)
+
+    def pending_after(self, sequence: int, limit: int) -> list[OutgoingMessage]:
+        """The oldest ``limit`` stored messages after ``sequence`` (those already in flight
+        on the link come before it), in order."""
+        mirror = self._mirror
+        if mirror is not None:
+            return list(
+                itertools.islice(
+                    itertools.dropwhile(lambda m: m.sequence <= sequence, mirror), limit
+                )
+            )
         rows = self._db.execute(
-            "SELECT sequence, topic, payload, qos, retain FROM outbox ORDER BY sequence LIMIT ?",
-            (limit,),
+            "SELECT sequence, topic, payload, qos, retain FROM outbox WHERE sequence > ?"
+            " ORDER BY sequence LIMIT ?",
+            (sequence, limit),
         ).fetchall()
         messages = [
             OutgoingMessage(seq, self.message_id(seq), topic, bytes(payload), qos, bool(retain))

@@ -11,10 +11,17 @@ thread commits every 0.25 s: a killed bridge loses at most that last quarter sec
 telemetry). On the
 next start :meth:`SessionStore.recover` marks sessions left ``running`` as
 ``interrupted``; their committed samples are all there.
+
+A running session's chunks are stored raw (cheap to write while the samples stream in);
+once it has ended, :meth:`SessionStore.compact_telemetry` rewrites them as a few large
+compressed chunks (field planes, zlib: :mod:`devicebridge.storage.sample_codec`), in one
+transaction. Raw chunks (of a running session, or of a store from before schema version 3)
+and compressed ones read the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -27,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.lock import mark_process_alive, process_alive
+from devicebridge.storage.sample_codec import SampleEncoding, decode_samples, encode_samples
 from devicebridge.storage.sqlite import connect, migrate
 from protocols import SampleFormat
 
@@ -96,7 +104,14 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE sessions ADD COLUMN device_program_from INTEGER;
     ALTER TABLE sessions ADD COLUMN owner_pid INTEGER;
     """,
+    # How a chunk's samples are stored (devicebridge.storage.sample_codec): 0 raw, as
+    # every chunk before this version; a finished session's chunks are compressed.
+    """
+    ALTER TABLE telemetry_chunks ADD COLUMN encoding INTEGER NOT NULL DEFAULT 0;
+    """,
 )
+# A finished session's telemetry is rewritten in chunks of at most this many samples.
+COMPACT_CHUNK_SAMPLES: Final = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,19 +421,25 @@ class SessionStore:
         record = self.session(session_id)
         dtype = SAMPLE_DTYPES[record.sample_format]
         chunks = self._db.execute(
-            "SELECT first_sequence, samples FROM telemetry_chunks WHERE session_id = ?"
-            " ORDER BY first_sequence",
+            "SELECT first_sequence, sample_count, encoding, samples FROM telemetry_chunks"
+            " WHERE session_id = ? ORDER BY first_sequence",
             (session_id,),
         ).fetchall()
         if not chunks:
             return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=dtype)
+        blobs = [
+            blob
+            if encoding == SampleEncoding.RAW
+            else self._decoded(blob, encoding, dtype, count).tobytes()
+            for _, count, encoding, blob in chunks
+        ]
         counts = np.fromiter(
-            (len(blob) // dtype.itemsize for _, blob in chunks), dtype=np.int64, count=len(chunks)
+            (len(blob) // dtype.itemsize for blob in blobs), dtype=np.int64, count=len(chunks)
         )
-        firsts = np.fromiter((first for first, _ in chunks), dtype=np.uint64, count=len(chunks))
+        firsts = np.fromiter((c[0] for c in chunks), dtype=np.uint64, count=len(chunks))
         # One buffer and one view: concatenating thousands of small structured arrays costs
         # a dtype promotion per array.
-        samples = np.frombuffer(b"".join(blob for _, blob in chunks), dtype=dtype)
+        samples = np.frombuffer(b"".join(blobs), dtype=dtype)
         offsets = np.repeat(np.cumsum(counts) - counts, counts).astype(np.uint64)
         sequences = np.repeat(firsts, counts) + (
             np.arange(int(counts.sum()), dtype=np.uint64) - offsets
@@ -428,6 +449,80 @@ class SessionStore:
         # Overlapping chunks (a backfill that re-sent samples) keep the first copy.
         unique, index = np.unique(sequences, return_index=True)
         return unique, samples[index]
+
+    def _decoded(
+        self, blob: bytes, encoding: int, dtype: np.dtype[np.void], count: int
+    ) -> npt.NDArray[np.void]:
+        try:
+            return decode_samples(blob, encoding, dtype, count)
+        except ValueError as exc:
+            raise SessionStoreError(f"telemetry unreadable: {exc}", path=self.path) from exc
+
+    def compact_telemetry(
+        self, session_id: int, *, chunk_samples: int = COMPACT_CHUNK_SAMPLES
+    ) -> int:
+        """Rewrite a session's telemetry as compressed chunks of contiguous samples (at
+        most ``chunk_samples`` each); returns the chunks written.
+
+        For a session that has ended: what it stored reads back the same (each sample
+        once, in order). The samples are read and compressed outside any transaction; the
+        swap is one short transaction, skipped (returning 0) if chunks came or went in
+        between. A session whose chunks are all compressed already is left alone.
+        """
+        import numpy as np
+
+        stored = self._chunk_state(session_id)
+        if not stored[2]:
+            return 0  # no raw chunk
+        received = self._db.execute(
+            "SELECT first_sequence, received_at FROM telemetry_chunks"
+            " WHERE session_id = ? ORDER BY first_sequence",
+            (session_id,),
+        ).fetchall()
+        sequences, samples = self.telemetry(session_id)
+        # Where the sequence jumps (a gap) a chunk must end: chunks are contiguous.
+        total = int(sequences.shape[0])
+        runs = [0, *(np.flatnonzero(np.diff(sequences) != 1) + 1).tolist(), total]
+        starts = [
+            start
+            for run_start, run_end in itertools.pairwise(runs)
+            for start in range(run_start, run_end, chunk_samples)
+        ]
+        firsts = np.fromiter((r[0] for r in received), dtype=np.uint64, count=len(received))
+        rows = []
+        for start, end in zip(starts, [*starts[1:], total], strict=True):
+            # When the chunk's first sample came: that of the chunk it was stored in.
+            origin = int(np.searchsorted(firsts, sequences[start], side="right")) - 1
+            rows.append(
+                (
+                    session_id,
+                    int(sequences[start]),
+                    end - start,
+                    received[max(origin, 0)][1],
+                    encode_samples(samples[start:end], SampleEncoding.PLANES_ZLIB),
+                    int(SampleEncoding.PLANES_ZLIB),
+                )
+            )
+        with self._transaction() as db:
+            if self._chunk_state(session_id) != stored:
+                return 0  # written to meanwhile: compacted another time
+            db.execute("DELETE FROM telemetry_chunks WHERE session_id = ?", (session_id,))
+            db.executemany(
+                "INSERT INTO telemetry_chunks"
+                " (session_id, first_sequence, sample_count, received_at, samples, encoding)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return len(rows)
+
+    def _chunk_state(self, session_id: int) -> tuple[int, int, int]:
+        """(chunks, samples, raw chunks) of a session: what a compaction must find unchanged."""
+        chunks, samples, raw = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(sample_count), 0),"
+            " COALESCE(SUM(encoding = ?), 0) FROM telemetry_chunks WHERE session_id = ?",
+            (int(SampleEncoding.RAW), session_id),
+        ).fetchone()
+        return int(chunks), int(samples), int(raw)
 
     def decisions(self, session_id: int) -> list[StoredDecision]:
         rows = self._db.execute(

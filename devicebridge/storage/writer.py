@@ -82,6 +82,9 @@ class StoreWriter:
         self._decisions: list[tuple[int, Sequence[Decision]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
+        self._compactions: list[Future[None]] = []
+        self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-compact")
+        self._compactor_store: SessionStore | None = None  # used on the compactor only
 
     def add_samples(
         self, session_id: int, first_sequence: int, samples: np.ndarray[Any, Any]
@@ -180,13 +183,48 @@ class StoreWriter:
             raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
         self.run_now(lambda thread_store: thread_store.append_many(chunks, decisions))
 
+    def finish_session(self, session_id: int, **record: Any) -> None:
+        """:meth:`SessionStore.finish_session` on the writer's connection (blocks), then
+        the session's telemetry compacted on the thread (:meth:`SessionStore.
+        compact_telemetry`), without waiting: the event loop does not pay for it."""
+        self.run_now(lambda store: store.finish_session(session_id, **record))
+        # A thread and a connection of its own, so that the writer's next commits (and a
+        # run's commit_session, which the event loop waits for) do not queue behind it.
+        self._compactions.append(self._compactor.submit(self._compact, session_id))
+
+    def _compact(self, session_id: int) -> None:
+        try:
+            if self._compactor_store is None:
+                self._compactor_store = SessionStore(self.path)
+            self._compactor_store.compact_telemetry(session_id)
+        except SessionStoreError as exc:
+            # Its raw chunks stay: they read the same, only larger.
+            _LOGGER.error("session %d: telemetry not compacted: %s", session_id, exc)
+
+    def wait_compacted(self) -> None:
+        """Until every compaction asked for so far has run (for tests and benchmarks)."""
+        compactions, self._compactions = self._compactions, []
+        for job in compactions:
+            job.result()
+
     def close(self) -> None:
-        """Stop the thread once its last write is done (without waiting here)."""
+        """Stop the writer thread once its last write is done (without waiting here), and
+        the compactor once its compactions are (waiting for them)."""
         if self._timer is not None:
             self._timer.cancel()
         self._submit()
         self._executor.submit(self._close_store)
         self._executor.shutdown(wait=False)
+        # The compactions asked for are waited for (a run's is done in a fraction of a
+        # second), so that nothing holds the file open once the writer's owner closed it.
+        self._compactor.submit(self._close_compactor_store)
+        self._compactor.shutdown(wait=True)
+        self._compactions = []
+
+    def _close_compactor_store(self) -> None:
+        if self._compactor_store is not None:
+            self._compactor_store.close()
+            self._compactor_store = None
 
     def _close_store(self) -> None:
         if self._thread_store is not None:

@@ -3,7 +3,9 @@ grouped outbox appends (one transaction, ids in order, nothing half-stored)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import sqlite3
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from devicebridge.core.reassembly import GapReason, TelemetryGap
 from devicebridge.errors import OutboxFullError
+from devicebridge.service.publishing import Publisher
 from devicebridge.service.telemetry import TelemetryBatcher, decode_telemetry_message
 from devicebridge.storage.outbox import Outbox
 from protocols import SampleFormat, TelemetryBatch
@@ -84,3 +87,37 @@ def test_a_group_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
     assert outbox.next_sequence() == 2
     with contextlib.closing(sqlite3.connect(tmp_path / "o.sqlite3")) as db:
         assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (1,)
+
+
+async def test_the_publisher_stores_a_group_of_messages_in_one_transaction(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite3", bridge_id="b")
+    stored = asyncio.Event()
+    publisher = Publisher(outbox, stored.set, group_s=0.0)
+    for n in range(5):
+        publisher.publish(f"t/{n}", {"n": n}, retain=n == 4)
+    # Staged, with their ids, not yet stored nor offered to the link.
+    assert (outbox.staged, len(outbox), outbox.pending()) == (5, 0, [])
+    async with asyncio.timeout(10):
+        await stored.wait()  # the group is stored on the loop, after the publishes
+    assert (outbox.staged, len(outbox), outbox.commits) == (0, 5, 1)
+    pending = outbox.pending()
+    assert [json.loads(m.payload) for m in pending] == [
+        {"message_id": f"b:{n + 1}", "n": n} for n in range(5)
+    ]
+    assert [m.retain for m in pending] == [False] * 4 + [True]
+    publisher.publish("t/5", {"n": 5})
+    publisher.flush()  # what the service does before it drains and closes the outbox
+    assert (len(outbox), outbox.commits) == (6, 2)
+    with contextlib.closing(sqlite3.connect(tmp_path / "o.sqlite3")) as db:
+        assert db.execute("SELECT COUNT(*) FROM outbox").fetchone() == (6,)
+
+
+def test_closing_the_outbox_stores_what_is_staged(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite3", bridge_id="b")
+    assert [outbox.stage("t", bytes([n])) for n in range(3)] == [1, 2, 3]
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.sqlite3", bridge_id="b")
+    assert [m.payload for m in reopened.pending()] == [b"\x00", b"\x01", b"\x02"]
+    assert reopened.next_sequence() == 4
