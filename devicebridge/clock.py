@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
+from concurrent.futures import Future
 from typing import Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
@@ -61,3 +62,23 @@ async def wait_for(clock: Clock, awaitable: Awaitable[T], timeout_s: float | Non
     # Let the cancellation land so the awaitable's cleanup runs before we report.
     await asyncio.gather(task, return_exceptions=True)
     raise TimeoutError(f"timed out after {timeout_s:g} s")
+
+
+async def result_off_loop(clock: Clock, job: Future[T]) -> T:
+    """The result of ``job``, which runs on another thread (a store's writer).
+
+    On the wall clock the event loop serves every other device while the job runs. A
+    clock whose time moves only when it is driven (the simulators' virtual clock) would
+    jump ahead while the loop waits, so there, and in a task being cancelled, the result
+    is waited for without yielding: a simulated run stays deterministic, and a cancelled
+    run still stores what it must. A cancellation that arrives while waiting lets the
+    job finish first, then goes on.
+    """
+    task = asyncio.current_task()
+    if not isinstance(clock, SystemClock) or (task is not None and task.cancelling()):
+        return job.result()
+    try:
+        return await asyncio.shield(asyncio.wrap_future(job))
+    except asyncio.CancelledError:
+        job.result()
+        raise

@@ -234,11 +234,11 @@ class SessionResumption:
                 + (f", {self.lost_samples} no longer held" if self.lost_samples else "")
                 + ")"
             )
-        self.writer.commit_session(record.id)
+        self.writer.commit_session(record.id).result()
         summary = recorded_summary(self.store, record, self.policy)
         self.writer.finish_session(
             record.id, status="interrupted", end_reason=reason, summary=summary
-        )
+        ).result()
         self.record = self.store.session(record.id)
         _LOGGER.info("session %d: %d samples taken from the device", record.id, self.samples)
         if self._on_done is not None:

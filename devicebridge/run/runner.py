@@ -67,7 +67,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
-from devicebridge.clock import Clock, wait_for
+from devicebridge.clock import Clock, result_off_loop, wait_for
 from devicebridge.core.actuation import (
     SAFETY_KINDS,
     LedApplied,
@@ -487,18 +487,21 @@ class RoutineRunner:
                 self._writer, self._own_writer = StoreWriter(self.store), True
             started_at = self._now()
             try:
-                self.session_id = self._writer.run_now(
-                    lambda thread_store: thread_store.start_session(
-                        routine_name=self.routine.name,
-                        category=self.routine.category,
-                        device_serial=self._device_serial or info.serial_number,
-                        device_kind=self.routine.device_kind.value,
-                        sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-                        sample_rate_hz=rate_hz,
-                        routine_text=self.routine.source_text,
-                        program_id=None if self.program_id is None else str(self.program_id),
-                        started_at=started_at,
-                    )
+                self.session_id = await result_off_loop(
+                    self.clock,
+                    self._writer.submit(
+                        lambda thread_store: thread_store.start_session(
+                            routine_name=self.routine.name,
+                            category=self.routine.category,
+                            device_serial=self._device_serial or info.serial_number,
+                            device_kind=self.routine.device_kind.value,
+                            sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
+                            sample_rate_hz=rate_hz,
+                            routine_text=self.routine.source_text,
+                            program_id=None if self.program_id is None else str(self.program_id),
+                            started_at=started_at,
+                        )
+                    ),
                 )
             except BaseException:
                 self._close_writer()
@@ -548,10 +551,10 @@ class RoutineRunner:
             try:
                 if self._writer is not None and self.session_id is not None:
                     # Everything of this run committed before its summary is.
-                    self._writer.commit_session(self.session_id)
+                    await result_off_loop(self.clock, self._writer.commit_session(self.session_id))
             finally:
                 try:
-                    result = self._finish(status, end_reason)
+                    result = await self._finish(status, end_reason)
                 finally:
                     self._close_writer()
         return result
@@ -880,19 +883,22 @@ class RoutineRunner:
             self.stop_all_writes += 1
             self._final_stop_sent = True
 
-    def _finish(self, status: SessionStatus, end_reason: str | None) -> RunSummary:
+    async def _finish(self, status: SessionStatus, end_reason: str | None) -> RunSummary:
         engine = self.engine
         assert engine is not None
         summary = self.summary_dict()
         session_id, writer = self.session_id, self._writer
         ended_at = self._now()
         if writer is not None and session_id is not None:
-            writer.finish_session(
-                session_id,
-                status=status,
-                end_reason=end_reason,
-                summary=summary,
-                ended_at=ended_at,
+            await result_off_loop(
+                self.clock,
+                writer.finish_session(
+                    session_id,
+                    status=status,
+                    end_reason=end_reason,
+                    summary=summary,
+                    ended_at=ended_at,
+                ),
             )
         if status != "completed" and end_reason:
             self._final_note = f"Session {status}: {end_reason}"

@@ -66,9 +66,10 @@ class StoreWriter:
     Commits ``interval_s`` after the first row waiting, through a
     connection of its own on a thread of its own, so neither the commits nor SQLite's
     checkpoints (fsync) hold up the event loop. :meth:`commit_session` writes what is left
-    of one run at once, on the caller's thread and without yielding (so the end of a run
-    lands at the same clock time on every run of a deterministic simulation); a run calls
-    it before it stores its summary.
+    of one run at once, and a run waits for it before it stores its summary; a run waits
+    for its own jobs with :func:`devicebridge.clock.result_off_loop`, which keeps the
+    loop serving other devices on the wall clock and keeps a virtual-clock run
+    deterministic.
     """
 
     def __init__(self, store: SessionStore, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
@@ -137,14 +138,19 @@ class StoreWriter:
             self._thread_store = SessionStore(self.path)
         return self._thread_store
 
-    def run_now(self, operation: Callable[[SessionStore], T]) -> T:
-        """``operation`` on the writer's connection, after the writes before it; blocks.
+    def submit(self, operation: Callable[[SessionStore], T]) -> Future[T]:
+        """``operation`` on the writer's connection, after the writes before it.
 
         A run's own writes go this way too, so the two connections never wait for each
-        other's lock (SQLite's busy wait sleeps in steps of milliseconds).
+        other's lock (SQLite's busy wait sleeps in steps of milliseconds). A run on the
+        event loop waits for it with :func:`devicebridge.clock.result_off_loop`.
         """
         self._prune()
-        return self._executor.submit(lambda: operation(self._store_of_thread())).result()
+        return self._executor.submit(lambda: operation(self._store_of_thread()))
+
+    def run_now(self, operation: Callable[[SessionStore], T]) -> T:
+        """:meth:`submit`, waiting for the result (blocks)."""
+        return self.submit(operation).result()
 
     def _prune(self) -> None:
         still: list[tuple[Future[None], frozenset[int]]] = []
@@ -160,12 +166,12 @@ class StoreWriter:
                 )
         self._in_flight = still
 
-    def commit_session(self, session_id: int) -> None:
-        """Everything of session ``session_id`` committed before this returns (blocks).
+    def commit_session(self, session_id: int) -> Future[None]:
+        """Everything of session ``session_id`` committed once the returned job is done.
 
         Its rows still waiting are written after the thread's earlier writes (decisions
-        keep their order). Raises :class:`SessionStoreError` if any of its rows could not
-        be stored.
+        keep their order). The job raises :class:`SessionStoreError` if any of its rows
+        could not be stored.
         """
         chunks = [c for c in self._chunks if c.session_id == session_id]
         run = self._runs.pop(session_id, None)
@@ -174,23 +180,30 @@ class StoreWriter:
         decisions = [d for d in self._decisions if d[0] == session_id]
         self._chunks = [c for c in self._chunks if c.session_id != session_id]
         self._decisions = [d for d in self._decisions if d[0] != session_id]
-        failure: BaseException | None = None
-        for job, sessions in self._in_flight:
-            if session_id in sessions:
-                failure = failure or job.exception()  # waits for the job
-        self._prune()
-        if failure is not None:
-            raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
-        self.run_now(lambda thread_store: thread_store.append_many(chunks, decisions))
+        earlier = [job for job, sessions in self._in_flight if session_id in sessions]
 
-    def finish_session(self, session_id: int, **record: Any) -> None:
-        """:meth:`SessionStore.finish_session` on the writer's connection (blocks), then
-        the session's telemetry compacted on the thread (:meth:`SessionStore.
-        compact_telemetry`), without waiting: the event loop does not pay for it."""
-        self.run_now(lambda store: store.finish_session(session_id, **record))
-        # A thread and a connection of its own, so that the writer's next commits (and a
-        # run's commit_session, which the event loop waits for) do not queue behind it.
-        self._compactions.append(self._compactor.submit(self._compact, session_id))
+        def commit(thread_store: SessionStore) -> None:
+            # The thread runs its jobs in order: the earlier writes are done by now.
+            failure = next((e for e in (j.exception() for j in earlier) if e is not None), None)
+            if failure is not None:
+                raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
+            thread_store.append_many(chunks, decisions)
+
+        return self.submit(commit)
+
+    def finish_session(self, session_id: int, **record: Any) -> Future[None]:
+        """:meth:`SessionStore.finish_session` on the writer's connection, then the
+        session's telemetry compacted on a thread of its own (:meth:`SessionStore.
+        compact_telemetry`) once the returned job is done."""
+        job = self.submit(lambda store: store.finish_session(session_id, **record))
+        # A thread and a connection of its own, so that the writer's next commits (and
+        # runs' commits, which their tasks wait for) do not queue behind it.
+        self._compactions.append(self._compactor.submit(self._compact_after, job, session_id))
+        return job
+
+    def _compact_after(self, finished: Future[None], session_id: int) -> None:
+        if finished.exception() is None:  # waits for it
+            self._compact(session_id)
 
     def _compact(self, session_id: int) -> None:
         try:

@@ -164,7 +164,7 @@ async def test_store_writer_groups_commits_and_commits_a_session_on_demand(
                 samples["pressure_dapa"] = np.arange(first, first + 10)
                 writer.add_samples(session_id, first, samples)
         assert store.telemetry(ids[0])[0].size == 0  # nothing committed yet
-        writer.commit_session(ids[0])
+        writer.commit_session(ids[0]).result()
         assert store.telemetry(ids[0])[0].tolist() == list(range(50))
         assert store.telemetry(ids[1])[0].size == 0  # the other run is not this one's
         writer.close()
@@ -190,7 +190,7 @@ async def test_store_writer_writes_contiguous_batches_as_one_row_and_keeps_gaps(
             samples = np.zeros(10, dtype=store_dtype())
             samples["pressure_dapa"] = np.arange(first, first + 10)
             writer.add_samples(session_id, first, samples)
-        writer.commit_session(session_id)
+        writer.commit_session(session_id).result()
         writer.close()
         sequences, samples = store.telemetry(session_id)
         assert sequences.tolist() == [*range(30), *range(50, 70)]

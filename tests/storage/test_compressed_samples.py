@@ -128,7 +128,7 @@ def test_the_writer_compacts_a_finished_session_on_its_own_thread(tmp_path: Path
         writer = StoreWriter(store)
         writer.run_now(lambda s: s.append_samples(session, 0, samples[:300]))
         writer.run_now(lambda s: s.append_samples(session, 300, samples[300:]))
-        writer.finish_session(session, status="completed", end_reason=None, summary={})
+        writer.finish_session(session, status="completed", end_reason=None, summary={}).result()
         writer.wait_compacted()
         writer.close()
         assert chunk_rows(path) == [(0, 600, 1)]
