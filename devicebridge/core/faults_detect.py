@@ -69,66 +69,42 @@ class StuckSensorDetector:
         return self._value
 
     def update(self, raw: int, motor_on_skin: bool) -> SensorVerdict:
-        if self.stuck:
-            if raw != self._value:
-                self.stuck = False
-                self._value, self._run = raw, 1
-                return SensorVerdict.RECOVERED
-            return SensorVerdict.STILL_STUCK
-        if not motor_on_skin or raw == 0:
-            # Off the skin (or a motor at rest) a steady reading is normal.
-            self._value, self._run = None, 0
-            return SensorVerdict.OK
-        if raw == self._value:
-            self._run += 1
-        else:
-            self._value, self._run = raw, 1
-        if self._run >= self.threshold_samples:
-            self.stuck = True
-            return SensorVerdict.STUCK
-        return SensorVerdict.OK
+        """The verdict on one sample."""
+        return self.feed((raw,), (motor_on_skin,))[1]
 
-    # A few samples at once, for the engine's quiet runs: the same as calling :meth:`update`
-    # on each, for samples that all get an OK verdict.
-    def ok_count(self, raw: Sequence[int], motor_on_skin: Sequence[bool]) -> int:
-        """How many leading samples :meth:`update` would give an OK verdict; changes nothing.
+    def feed(self, raw: Sequence[int], motor_on_skin: Sequence[bool]) -> tuple[int, SensorVerdict]:
+        """Samples in order, up to the first whose verdict is not OK (that one included).
 
-        Must not be called while stuck.
+        Returns how many samples it took and the verdict on the last (OK when all were).
+        While stuck, a sample with the stuck reading is STILL_STUCK; one with another
+        reading is RECOVERED and starts a new run. Otherwise a sample with the motor on the
+        skin and a nonzero reading continues the run of its reading (or starts one), any
+        other sample ends the run, and the sample on which a run reaches
+        ``threshold_samples`` is STUCK.
         """
-        count = len(raw)
-        threshold = self.threshold_samples
-        if self._run + count < threshold:
-            return count  # the run cannot reach the threshold within these samples
-        value, run = self._value, self._run
-        for index in range(count):
-            reading = raw[index]
-            if not motor_on_skin[index] or reading == 0:
+        if self.stuck:
+            reading = raw[0]
+            if reading != self._value:
+                self.stuck = False
+                self._value, self._run = reading, 1
+                return 1, SensorVerdict.RECOVERED
+            return 1, SensorVerdict.STILL_STUCK
+        value, run, threshold = self._value, self._run, self.threshold_samples
+        taken = 0
+        for reading, active in zip(raw, motor_on_skin, strict=True):
+            taken += 1
+            if not active or reading == 0:
+                # Off the skin (or a motor at rest) a steady reading is normal.
                 value, run = None, 0
-                continue
-            if reading == value:
+            elif reading == value:
                 run += 1
+                if run >= threshold:
+                    self._value, self._run, self.stuck = value, run, True
+                    return taken, SensorVerdict.STUCK
             else:
-                value, run = reading, 1
-            if run >= threshold:
-                return index
-        return count
-
-    def skip(self, raw: Sequence[int], motor_on_skin: Sequence[bool]) -> None:
-        """The state after :meth:`update` on samples that all get an OK verdict (see ok_count)."""
-        count = len(raw)
-        if count == 0:
-            return
-        last = raw[-1]
-        if not motor_on_skin[-1] or last == 0:
-            self._value, self._run = None, 0
-            return
-        # The run is the trailing stretch of equal active readings, and the run before them
-        # when the stretch covers all samples and goes on from the stored value.
-        same = 1
-        while same < count and motor_on_skin[-same - 1] and raw[-same - 1] == last:
-            same += 1
-        self._run = self._run + count if same == count and last == self._value else same
-        self._value = last
+                value, run = reading, 1  # never STUCK: threshold_samples is at least 2
+        self._value, self._run = value, run
+        return taken, SensorVerdict.OK
 
 
 class ActuatorWatch:
@@ -149,43 +125,32 @@ class ActuatorWatch:
         return commanded_from is not None and sequence >= commanded_from
 
     def update(self, wanted_on: bool, motor_on: bool) -> bool:
-        if not wanted_on or motor_on:
-            self._mismatch = 0
-            return False
-        self._mismatch += 1
-        if self._mismatch >= self.grace_samples and not self.reported:
-            self.reported = True
-            return True
-        return False
+        """Whether this sample reports."""
+        return self.feed(wanted_on, (motor_on,))[1]
 
-    # A few samples at once, for the engine's quiet runs: the same as calling :meth:`update`
-    # on each, for samples that all report nothing.
-    def ok_count(self, wanted_on: bool, motor_on: Sequence[bool]) -> int:
-        """How many leading samples :meth:`update` would report nothing for; changes nothing."""
-        count = len(motor_on)
-        if self.reported or not wanted_on or self._mismatch + count < self.grace_samples:
-            return count
-        mismatch = self._mismatch
-        for index in range(count):
-            mismatch = 0 if motor_on[index] else mismatch + 1
-            if mismatch >= self.grace_samples:
-                return index
-        return count
+    def feed(self, wanted_on: bool, motor_on: Sequence[bool]) -> tuple[int, bool]:
+        """Samples in order, all wanted on or all not, up to the first that reports.
 
-    def skip(self, wanted_on: bool, motor_on: Sequence[bool]) -> None:
-        """The state after :meth:`update` on samples that all report nothing (see ok_count)."""
-        count = len(motor_on)
-        if count == 0:
-            return
-        if not wanted_on:
+        Returns how many samples it took and whether the last reported. A sample with the
+        motor wanted on and reported off is one more of a run of them; any other ends it;
+        the first sample on which such a run reaches ``grace_samples`` reports, once.
+        """
+        if not wanted_on or False not in motor_on:
             self._mismatch = 0
-            return
-        # The samples with the motor off since it last ran, and those before them if it
-        # never ran in these samples.
-        off = 0
-        while off < count and not motor_on[-off - 1]:
-            off += 1
-        self._mismatch = self._mismatch + count if off == count else off
+            return len(motor_on), False
+        mismatch, grace, reported = self._mismatch, self.grace_samples, self.reported
+        taken = 0
+        for on in motor_on:
+            taken += 1
+            if on:
+                mismatch = 0
+            else:
+                mismatch += 1
+                if mismatch >= grace and not reported:
+                    self._mismatch, self.reported = mismatch, True
+                    return taken, True
+        self._mismatch = mismatch
+        return taken, False
 
 
 class RestartDetector:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from devicebridge.core.engine import Decision, DecisionKind
+from devicebridge.core.engine.decisions import completion
 from devicebridge.core.policy import SIDED_ZONES, Limit, SafetyPolicy
 from devicebridge.core.routine import MassageStep, Routine
 
@@ -59,11 +60,11 @@ class TimedSummary:
     @property
     def completion(self) -> float:
         """The fraction of the planned time done (1.0 once every step is done)."""
-        if self.completed and self.steps_done == self.steps_total:
-            return 1.0
-        if not self.planned_s:
-            return 0.0
-        return min(1.0, self.time_s / self.planned_s)
+        return completion(
+            self.time_s,
+            self.planned_s,
+            every_step_done=self.completed and self.steps_done == self.steps_total,
+        )
 
 
 class TimedMassageEngine:

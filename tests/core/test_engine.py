@@ -147,14 +147,14 @@ def cheek_samples(dapa: list[int] | np.ndarray) -> np.ndarray:
     return samples
 
 
-def firming(vectorised: bool) -> MassageEngine:
+def firming(quiet_runs: bool) -> MassageEngine:
     return MassageEngine(
-        routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ, vectorised=vectorised
+        routine("firming.toml"), default_policy(), sample_rate_hz=RATE_HZ, quiet_runs=quiet_runs
     )
 
 
-@pytest.mark.parametrize("vectorised", [True, False])
-def test_flicker_above_the_band_shorter_than_the_dwell_gives_no_warning(vectorised: bool) -> None:
+@pytest.mark.parametrize("quiet_runs", [True, False])
+def test_flicker_above_the_band_shorter_than_the_dwell_gives_no_warning(quiet_runs: bool) -> None:
     # A hand at the band's top edge: the load cell's noise crosses 12 kPa every few samples,
     # in excursions of 1 to DWELL - 1 samples (up to 0.29 s), across the 10-sample batches.
     rng = np.random.default_rng(7)
@@ -167,7 +167,7 @@ def test_flicker_above_the_band_shorter_than_the_dwell_gives_no_warning(vectoris
         out_of_band += above
     dapa += [1195] * 3 + [1210] * (DWELL - 1) + [1195] * 5  # the longest without a warning
     out_of_band += DWELL - 1
-    engine = firming(vectorised)
+    engine = firming(quiet_runs)
     feeder = Feeder(engine)
     seen = set()
     for start in range(0, len(dapa), 10):
@@ -180,9 +180,9 @@ def test_flicker_above_the_band_shorter_than_the_dwell_gives_no_warning(vectoris
     assert engine.summary.time_in_band_s == pytest.approx((len(dapa) - out_of_band) * DT_S)
 
 
-@pytest.mark.parametrize("vectorised", [True, False])
-def test_a_sustained_excursion_warns_once_when_it_reaches_the_dwell(vectorised: bool) -> None:
-    engine = firming(vectorised)
+@pytest.mark.parametrize("quiet_runs", [True, False])
+def test_a_sustained_excursion_warns_once_when_it_reaches_the_dwell(quiet_runs: bool) -> None:
+    engine = firming(quiet_runs)
     feeder = Feeder(engine)
     assert feeder.feed(cheek_samples([800] * 100)) == []  # 1 s in band
     # Just short of the dwell, one sample back in band: no warning, and the count restarts.
@@ -204,9 +204,9 @@ def test_a_sustained_excursion_warns_once_when_it_reaches_the_dwell(vectorised: 
     assert engine.summary.time_in_band_s == pytest.approx((100 + 11) * DT_S)
 
 
-@pytest.mark.parametrize("vectorised", [True, False])
-def test_the_cap_pauses_on_the_first_sample_above_it_without_a_dwell(vectorised: bool) -> None:
-    engine = firming(vectorised)
+@pytest.mark.parametrize("quiet_runs", [True, False])
+def test_the_cap_pauses_on_the_first_sample_above_it_without_a_dwell(quiet_runs: bool) -> None:
+    engine = firming(quiet_runs)
     feeder = Feeder(engine)
     # In band, then a few samples too high, then one sample above the 15 kPa cap.
     decisions = feeder.feed(cheek_samples([800] * 95 + [1300] * 5 + [1510] + [1300] * 4))

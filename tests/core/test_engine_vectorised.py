@@ -2,10 +2,9 @@
 
 Random telemetry made of regimes (steady runs, as real hands give, with random pressure,
 contact, zone, temperature and motor flags, and noisy stretches that change every sample)
-is cut into random batches and fed to ``MassageEngine(vectorised=True)`` and to the
-sample-by-sample reference ``MassageEngine(vectorised=False)``. Batches are of 1 to 60
-samples (live notifications) or longer (replays, backfill), and go through the plain-Python
-path for short batches, the numpy path for long ones, or a mix as in production. A policy
+is cut into random batches and fed to ``MassageEngine(quiet_runs=True)`` and to the
+sample-by-sample reference ``MassageEngine(quiet_runs=False)``. Batches are of 1 to 60
+samples (live notifications) or longer (replays, backfill). A policy
 with short caps makes every rule fire inside a few thousand samples: pass caps, zone
 session caps (contact per zone per session, which also end steps), no-contact pauses, the
 session cap, step ends, temperature warn and stop, the stuck sensor and the
@@ -20,7 +19,6 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import asdict
-from typing import Any
 
 import numpy as np
 import pytest
@@ -29,14 +27,14 @@ from hypothesis import strategies as st
 
 import protocols as p
 from devicebridge.core.engine import (
-    BULK_MIN_SAMPLES,
     CONTACT_FLAG,
     MOTOR_FLAG,
     OUT_OF_BAND_WARNING_DWELL_S,
     MassageEngine,
-    _first_count_above,
-    _first_count_at_least,
+    PressureState,
 )
+from devicebridge.core.engine import ZONE_CODES as ZONE_CODES_BY_NAME
+from devicebridge.core.engine.readings import first_count_above, first_count_at_least
 from devicebridge.core.faults_detect import (
     ActuatorWatch,
     FaultChecks,
@@ -157,18 +155,12 @@ def flicker(rng: np.random.Generator, dapa: int, length: int) -> np.ndarray:
     return np.clip(out, 0, None)
 
 
-# Which batches the numpy path takes: all of them, the long ones (as in production), none.
-ALL_BULK, NO_BULK = 1, 10**9
-PATHS = (ALL_BULK, BULK_MIN_SAMPLES, NO_BULK)
-
-
 def run(
     samples: np.ndarray,
     bounds: list[int],
-    vectorised: bool,
+    quiet_runs: bool,
     step_s: float,
     checks: bool,
-    bulk_min_samples: int = ALL_BULK,
     gaps: bool = False,
 ) -> MassageEngine:
     engine = MassageEngine(
@@ -176,16 +168,20 @@ def run(
         POLICY,
         sample_rate_hz=RATE_HZ,
         fault_checks=FaultChecks(stuck_sensor_s=0.3, actuator_grace_s=0.2) if checks else None,
-        vectorised=vectorised,
+        quiet_runs=quiet_runs,
     )
-    engine.bulk_min_samples = bulk_min_samples
     engine.start()
     sequence = 5000
     for batch, (start, end) in enumerate(itertools.pairwise(bounds)):
         if gaps and batch % 3 == 2:
             sequence += 1 + batch % 2  # a sample or two lost before this batch
         engine.feed(samples[start:end], sequence + start)
+    NEXT_SEQUENCE[id(engine)] = sequence + (bounds[-1] if bounds else 0)
     return engine
+
+
+# The sequence number that follows each engine's last batch (for the probes below).
+NEXT_SEQUENCE: dict[int, int] = {}
 
 
 def at_cuts(count: int, cuts: list[int]) -> list[int]:
@@ -203,13 +199,37 @@ def in_sizes(count: int, sizes: list[int]) -> list[int]:
     return bounds
 
 
+def probe(dapa: int, zone: int, length: int) -> np.ndarray:
+    samples = np.zeros(length, dtype=p.MASSAGER_SAMPLE_DTYPE)
+    samples["pressure_dapa"] = dapa
+    samples["zone"] = zone
+    samples["skin_temperature_centi_c"] = 3340
+    samples["flags"] = CONTACT_FLAG | MOTOR_FLAG
+    samples["battery_percent"] = 80
+    return samples
+
+
 def assert_same(engine: MassageEngine, reference: MassageEngine) -> None:
     assert engine.decisions == reference.decisions
     assert asdict(engine.summary) == asdict(reference.summary)
     assert engine.state is reference.state
     assert engine.finished == reference.finished
     assert engine.step_number == reference.step_number
-    assert engine._excursion == reference._excursion
+    # What the engines carry on to the next samples (an excursion under way, the pass, the
+    # counts toward each threshold) decides alike: the same samples after the stream, on
+    # the step's zone and in the pressure state the stream ended in (in band otherwise),
+    # get the same decisions from both. The engines are not used after this.
+    following = NEXT_SEQUENCE[id(engine)]
+    assert following == NEXT_SEQUENCE[id(reference)]
+    code = ZONE_CODES_BY_NAME[engine.current_step.zone]
+    dapa = {PressureState.TOO_LOW: 550, PressureState.TOO_HIGH: 1250}.get(engine.state, 900)
+    tail = probe(dapa, code, 2 * DWELL + 1)
+    for start in range(0, tail.shape[0], 7):
+        engine.feed(tail[start : start + 7], following + start)
+        reference.feed(tail[start : start + 7], following + start)
+    assert engine.decisions == reference.decisions
+    assert asdict(engine.summary) == asdict(reference.summary)
+    assert engine.state is reference.state
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -247,7 +267,6 @@ def test_bulk_path_decides_exactly_as_the_per_sample_path(
     seed=st.integers(0, 2**32 - 1),
     step_s=st.sampled_from([1.0, 2.5]),
     checks=st.booleans(),
-    bulk_min_samples=st.sampled_from(PATHS),
     gaps=st.sampled_from([False, False, True]),
 )
 def test_small_batches_decide_exactly_as_the_per_sample_path(
@@ -256,13 +275,12 @@ def test_small_batches_decide_exactly_as_the_per_sample_path(
     seed: int,
     step_s: float,
     checks: bool,
-    bulk_min_samples: int,
     gaps: bool,
 ) -> None:
     samples = telemetry(regimes, seed)
     bounds = in_sizes(samples.shape[0], sizes)
     reference = run(samples, bounds, False, step_s, checks, gaps=gaps)
-    assert_same(run(samples, bounds, True, step_s, checks, bulk_min_samples, gaps), reference)
+    assert_same(run(samples, bounds, True, step_s, checks, gaps=gaps), reference)
 
 
 @settings(max_examples=500, deadline=None)
@@ -275,11 +293,11 @@ def test_small_batches_decide_exactly_as_the_per_sample_path(
 def test_raw_counts_compare_as_the_float_readings(
     threshold: float, unit: float, offset: int
 ) -> None:
-    # The quiet-run checks compare raw readings with these counts instead of readings in
+    # The quiet window compares raw readings with these counts instead of readings in
     # units with the policy's limits: the same answers for every count around the boundary.
     for first, holds in (
-        (_first_count_at_least(threshold, unit), lambda n: n * unit >= threshold),
-        (_first_count_above(threshold, unit), lambda n: n * unit > threshold),
+        (first_count_at_least(threshold, unit), lambda n: n * unit >= threshold),
+        (first_count_above(threshold, unit), lambda n: n * unit > threshold),
     ):
         assert holds(first)
         assert not holds(first - 1)
@@ -288,67 +306,69 @@ def test_raw_counts_compare_as_the_float_readings(
 
 
 # Samples for the fault checks: a few raw readings (0 is a motor at rest) and flags.
-fault_samples = st.lists(st.tuples(st.sampled_from([0, 7, 7, 8]), st.booleans()), max_size=40)
+fault_samples = st.lists(st.tuples(st.sampled_from([0, 7, 7, 8]), st.booleans()), max_size=80)
 
 
 @settings(max_examples=500, deadline=None)
-@given(before=fault_samples, after=fault_samples, threshold_s=st.sampled_from([0.02, 0.05, 0.1]))
-def test_the_stuck_sensor_takes_a_quiet_run_as_sample_by_sample(
-    before: list[tuple[int, bool]], after: list[tuple[int, bool]], threshold_s: float
+@given(samples=fault_samples, threshold_s=st.sampled_from([0.02, 0.05, 0.1]))
+def test_the_stuck_sensor_is_stuck_after_one_active_reading_for_its_whole_time(
+    samples: list[tuple[int, bool]], threshold_s: float
 ) -> None:
-    # ok_count and skip, as the short-batch path uses them, against update on each sample.
+    # The verdicts against the rule as stated: the first STUCK comes on the first sample that
+    # ends ``threshold`` samples in a row with the motor on the skin and one nonzero reading;
+    # then STILL_STUCK while the reading stays, RECOVERED on the first that moves.
     detector = StuckSensorDetector(RATE_HZ, threshold_s)
-    for raw, active in before:
-        detector.update(raw, active)
-        if detector.stuck:
-            return  # never called while stuck
-    reference = StuckSensorDetector(RATE_HZ, threshold_s)
-    reference._value, reference._run = detector._value, detector._run
-    raw = [r for r, _ in after]
-    active = [a for _, a in after]
-    ok = detector.ok_count(raw, active)
-    verdicts = [reference.update(r, a) for r, a in after]
-    assert SensorVerdict.STUCK not in verdicts[:ok]
-    assert ok == len(after) or verdicts[ok] is SensorVerdict.STUCK
-    replay = StuckSensorDetector(RATE_HZ, threshold_s)
-    replay._value, replay._run = detector._value, detector._run
-    for r, a in after[:ok]:
-        replay.update(r, a)
-    detector.skip(raw[:ok], active[:ok])
-    assert (detector._value, detector._run, detector.stuck) == (replay._value, replay._run, False)
+    threshold = detector.threshold_samples
+    verdicts = [detector.update(raw, active) for raw, active in samples]
+    stuck_at = next(
+        (
+            k
+            for k in range(threshold - 1, len(samples))
+            if all(
+                active and raw == samples[k][0] != 0
+                for raw, active in samples[k - threshold + 1 : k + 1]
+            )
+        ),
+        None,
+    )
+    if stuck_at is None:
+        assert set(verdicts) <= {SensorVerdict.OK}
+        return
+    assert verdicts[:stuck_at] == [SensorVerdict.OK] * stuck_at
+    assert verdicts[stuck_at] is SensorVerdict.STUCK
+    value = samples[stuck_at][0]
+    moved = next((k for k in range(stuck_at + 1, len(samples)) if samples[k][0] != value), None)
+    end = len(samples) if moved is None else moved
+    assert verdicts[stuck_at + 1 : end] == [SensorVerdict.STILL_STUCK] * (end - stuck_at - 1)
+    if moved is not None:
+        assert verdicts[moved] is SensorVerdict.RECOVERED
 
 
 @settings(max_examples=500, deadline=None)
 @given(
-    before=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=40),
-    motor=st.lists(st.booleans(), max_size=40),
-    wanted_on=st.booleans(),
+    samples=st.lists(st.tuples(st.booleans(), st.booleans()), max_size=80),
     grace_s=st.sampled_from([0.01, 0.05, 0.1]),
 )
-def test_the_actuator_watch_takes_a_quiet_run_as_sample_by_sample(
-    before: list[tuple[bool, bool]], motor: list[bool], wanted_on: bool, grace_s: float
+def test_the_actuator_watch_reports_once_when_the_motor_stays_off_for_its_grace(
+    samples: list[tuple[bool, bool]], grace_s: float
 ) -> None:
+    # Against the rule as stated: one report, on the first sample that ends ``grace``
+    # samples in a row with the motor wanted on and reported off.
     watch = ActuatorWatch(RATE_HZ, grace_s)
-    for wanted, on in before:
-        watch.update(wanted, on)
-    replay = ActuatorWatch(RATE_HZ, grace_s)
-    replay._mismatch, replay.reported = watch._mismatch, watch.reported
-    ok = watch.ok_count(wanted_on, motor)
-    reports = [replay.update(wanted_on, on) for on in motor]
-    assert not any(reports[:ok])
-    assert ok == len(motor) or reports[ok]
-    replay = ActuatorWatch(RATE_HZ, grace_s)
-    replay._mismatch, replay.reported = watch._mismatch, watch.reported
-    for on in motor[:ok]:
-        replay.update(wanted_on, on)
-    watch.skip(wanted_on, motor[:ok])
-    assert (watch._mismatch, watch.reported) == (replay._mismatch, replay.reported)
+    grace = watch.grace_samples
+    reports = [watch.update(wanted, on) for wanted, on in samples]
+    first = next(
+        (
+            k
+            for k in range(grace - 1, len(samples))
+            if all(wanted and not on for wanted, on in samples[k - grace + 1 : k + 1])
+        ),
+        None,
+    )
+    assert reports == [k == first for k in range(len(samples))]
 
 
-@pytest.mark.parametrize("bulk_min_samples", PATHS)
-def test_a_clean_stream_takes_quiet_runs_and_matches(
-    bulk_min_samples: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_clean_stream_takes_quiet_runs_and_matches() -> None:
     # Long in-band runs on each step's zone, in live 10-sample batches: the common case.
     # A short stroke on the neck between the two cheek_left steps starts a new pass.
     regimes = [
@@ -359,40 +379,25 @@ def test_a_clean_stream_takes_quiet_runs_and_matches(
     samples = telemetry(regimes, 1)
     bounds = in_sizes(samples.shape[0], [10])
     reference = run(samples, bounds, False, 2.5, True)
-    judged_one_by_one = 0
-    one_sample = MassageEngine._sample
-
-    def counted(engine: MassageEngine, *args: Any) -> None:
-        nonlocal judged_one_by_one
-        judged_one_by_one += 1
-        one_sample(engine, *args)
-
-    monkeypatch.setattr(MassageEngine, "_sample", counted)
-    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    engine = run(samples, bounds, True, 2.5, True)
     reasons = [d.reason for d in engine.decisions]
     assert reasons.count("step_done") == 4
     assert reasons[-1] == "complete"
     assert_same(engine, reference)
-    # Of the 1565 samples, only those where something happens go through the per-sample
-    # rules: each step's first and last, the neck stroke, and the ones still on the last
-    # step's zone (10 to 20 after each step end, as the regimes run 260 samples).
-    assert judged_one_by_one <= 60
 
 
-@pytest.mark.parametrize("bulk_min_samples", PATHS)
-def test_the_session_cap_stops_a_quiet_run_at_its_sample(bulk_min_samples: int) -> None:
+def test_the_session_cap_stops_a_quiet_run_at_its_sample() -> None:
     # Paused off the skin until just before the 15 s cap, then in band on the step's zone.
     regimes = [(1490, 0, False, 4, 3340, True, "steady"), (40, 900, True, 4, 3340, True, "jitter")]
     samples = telemetry(regimes, 2)
     bounds = at_cuts(samples.shape[0], [700, 1495])
     reference = run(samples, bounds, False, 2.5, True)
-    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    engine = run(samples, bounds, True, 2.5, True)
     assert engine.decisions[-1].reason == "session_length"
     assert_same(engine, reference)
 
 
-@pytest.mark.parametrize("bulk_min_samples", PATHS)
-def test_the_zone_session_cap_ends_a_quiet_run_at_its_sample(bulk_min_samples: int) -> None:
+def test_the_zone_session_cap_ends_a_quiet_run_at_its_sample() -> None:
     # Half a second on the chin during step 1 counts there; when step 3 (chin) comes, its
     # quiet run stops at the chin's 2.6 s cap, 2.1 s in, and the step ends.
     regimes = [
@@ -405,30 +410,26 @@ def test_the_zone_session_cap_ends_a_quiet_run_at_its_sample(bulk_min_samples: i
     samples = telemetry(regimes, 4)
     bounds = in_sizes(samples.shape[0], [10, 26, 300])
     reference = run(samples, bounds, False, 2.5, True)
-    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    engine = run(samples, bounds, True, 2.5, True)
     stop = [d for d in engine.decisions if d.reason == "zone_session"]
     assert [(d.kind.value, d.step, d.sequence) for d in stop] == [("stop_step", 3, 5000 + 765)]
     assert engine.summary.steps_contact_samples == 250 + 250 + 210
     assert_same(engine, reference)
 
 
-@pytest.mark.parametrize("bulk_min_samples", PATHS)
-def test_the_pass_cap_ends_a_quiet_run_at_its_sample(bulk_min_samples: int) -> None:
+def test_the_pass_cap_ends_a_quiet_run_at_its_sample() -> None:
     # Steps 1 and 2 are both on cheek_left: one pass of 3 s spans them.
     regimes = [(400, 900, True, 4, 3340, True, "jitter")]
     samples = telemetry(regimes, 3)
     bounds = at_cuts(samples.shape[0], [100, 290, 305])
     reference = run(samples, bounds, False, 2.5, True)
-    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
+    engine = run(samples, bounds, True, 2.5, True)
     assert [d.reason for d in engine.decisions][-1] == "zone_time"
     assert_same(engine, reference)
 
 
-@pytest.mark.parametrize("bulk_min_samples", PATHS)
 @pytest.mark.parametrize("sizes", [[10], [7, 13], [1000]])
-def test_excursions_around_the_dwell_warn_at_the_same_sample(
-    bulk_min_samples: int, sizes: list[int]
-) -> None:
+def test_excursions_around_the_dwell_warn_at_the_same_sample(sizes: list[int]) -> None:
     # On step 1's zone (6-12 kPa): excursions of DWELL - 1, DWELL and DWELL + 1 samples, a
     # short one and a long one, too high and too low, with a few samples in band between.
     high, low, band = 1250, 550, 900
@@ -438,8 +439,7 @@ def test_excursions_around_the_dwell_warn_at_the_same_sample(
     samples = telemetry(regimes, 4)
     bounds = in_sizes(samples.shape[0], sizes)
     reference = run(samples, bounds, False, 2.5, True)
-    engine = run(samples, bounds, True, 2.5, True, bulk_min_samples)
-    assert_same(engine, reference)
+    engine = run(samples, bounds, True, 2.5, True)
     warnings = [(d.reason, d.sequence) for d in engine.decisions if d.kind == "warning"]
     starts = list(itertools.accumulate([5000] + [length for length, _ in parts]))
     assert warnings == [
@@ -448,3 +448,4 @@ def test_excursions_around_the_dwell_warn_at_the_same_sample(
         ("pressure_too_high", starts[9] + DWELL - 1),
     ]
     assert engine.summary.out_of_band_events == 3
+    assert_same(engine, reference)
