@@ -35,9 +35,10 @@ from bleak.backends.scanner import AdvertisementData, AdvertisementDataCallback,
 from bleak.backends.service import BleakGATTService, BleakGATTServiceCollection
 from bleak.exc import BleakDeviceNotFoundError, BleakError
 
-from protocols.constants import ATT_HEADER_BYTES
-
 LOCALHOST: Final = "127.0.0.1"
+# protocols.constants.ATT_HEADER_BYTES: this file also runs in smpmgr's own environment,
+# where the project is not installed (tests/firmware checks the two agree).
+ATT_HEADER_BYTES: Final = 3
 _FRAME: Final = struct.Struct("!IB")
 _HANDLE: Final = struct.Struct("!H")
 CONTROL: Final = 0
