@@ -29,6 +29,7 @@ from bumble.link import LocalLink
 from simulators.clock import VirtualClock
 from simulators.devices.device import SimulatedDevice
 from simulators.devices.foreo import SimulatedForeo
+from simulators.errors import SimulatorError
 from simulators.linklevel.central import (
     CENTRAL_ADDRESS,
     DEFAULT_REQUESTED_MTU,
@@ -161,8 +162,8 @@ class LinkLevelWorld(SimulatedWorld):
     # ------------------------------------------------------------------ addresses
 
     def add_foreo(self, *, name: str = "", battery_percent: float | None = None) -> SimulatedForeo:
-        """Not here: only OFCP firmware sits behind a virtual controller."""
-        raise NotImplementedError("FOREO devices are simulated on the in-process backend only")
+        """Refused: only OFCP firmware sits behind a virtual controller."""
+        raise SimulatorError("FOREO devices are simulated on the in-process backend only")
 
     def _on_air_address(self, address: str) -> str:
         device = super().device_by_address(address)
