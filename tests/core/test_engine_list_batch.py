@@ -17,8 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocols as p
-from devicebridge.core.engine import CONTACT_FLAG, MOTOR_FLAG, MassageEngine
+from devicebridge.core.engine import (
+    MassageEngine,
+)
 from devicebridge.core.faults_detect import FaultChecks
+from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_FLAG_MOTOR_ON
 from tests.core.test_engine_vectorised import POLICY, short_routine
 
 RATE_HZ = 100
@@ -36,7 +39,15 @@ sample = st.tuples(
     st.sampled_from([0, 599, 600, 900, 1200, 1201]),
     st.sampled_from([3340, 4099, 4100]),
     st.sampled_from([0, 4, 5, 14]),
-    st.sampled_from([0, CONTACT_FLAG, MOTOR_FLAG, CONTACT_FLAG | MOTOR_FLAG, 0x0B]),
+    st.sampled_from(
+        [
+            0,
+            MASSAGER_FLAG_CONTACT,
+            MASSAGER_FLAG_MOTOR_ON,
+            MASSAGER_FLAG_CONTACT | MASSAGER_FLAG_MOTOR_ON,
+            0x0B,
+        ]
+    ),
 )
 steady = st.tuples(sample, st.integers(1, 30)).map(lambda pair: [pair[0]] * pair[1])
 columns = st.lists(st.one_of(steady, st.lists(sample, min_size=1, max_size=5)), min_size=1).map(

@@ -27,14 +27,17 @@ from hypothesis import strategies as st
 
 import protocols as p
 from devicebridge.core.engine import (
-    CONTACT_FLAG,
-    MOTOR_FLAG,
     OUT_OF_BAND_WARNING_DWELL_S,
     MassageEngine,
     PressureState,
 )
-from devicebridge.core.engine import ZONE_CODES as ZONE_CODES_BY_NAME
-from devicebridge.core.engine.readings import first_count_above, first_count_at_least
+from devicebridge.core.engine import (
+    ZONE_CODES as ZONE_CODES_BY_NAME,
+)
+from devicebridge.core.engine.readings import (
+    first_count_above,
+    first_count_at_least,
+)
 from devicebridge.core.faults_detect import (
     ActuatorWatch,
     FaultChecks,
@@ -43,6 +46,7 @@ from devicebridge.core.faults_detect import (
 )
 from devicebridge.core.policy import SafetyPolicy, default_policy_text, parse_policy
 from devicebridge.core.routine import Routine, parse_routine
+from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_FLAG_MOTOR_ON
 
 RATE_HZ = 100
 # cheek_left twice: one pass runs on across a step end, into the pass cap.
@@ -118,7 +122,9 @@ def telemetry(regimes: list[tuple[int, int, bool, int, int, bool, str]], seed: i
         part["pressure_dapa"] = dapa
         part["zone"] = zone
         part["skin_temperature_centi_c"] = centi_c
-        part["flags"] = (CONTACT_FLAG if contact else 0) | (MOTOR_FLAG if motor else 0)
+        part["flags"] = (MASSAGER_FLAG_CONTACT if contact else 0) | (
+            MASSAGER_FLAG_MOTOR_ON if motor else 0
+        )
         if kind == "jitter":  # a live sensor: a few counts of noise, flags steady
             part["pressure_dapa"] = np.clip(dapa + rng.integers(-3, 4, length), 0, None)
         elif kind == "noisy":  # everything changes every sample
@@ -128,7 +134,7 @@ def telemetry(regimes: list[tuple[int, int, bool, int, int, bool, str]], seed: i
         elif kind == "flicker":  # a band edge under a noisy load cell
             part["pressure_dapa"] = flicker(rng, dapa, length)
             if rng.random() < 0.5:  # now and then a sample off the skin
-                part["flags"][rng.random(length) < 0.01] &= 0xFF ^ CONTACT_FLAG
+                part["flags"][rng.random(length) < 0.01] &= 0xFF ^ MASSAGER_FLAG_CONTACT
         part["battery_percent"] = 80
         parts.append(part)
     return np.concatenate(parts)
@@ -204,7 +210,7 @@ def probe(dapa: int, zone: int, length: int) -> np.ndarray:
     samples["pressure_dapa"] = dapa
     samples["zone"] = zone
     samples["skin_temperature_centi_c"] = 3340
-    samples["flags"] = CONTACT_FLAG | MOTOR_FLAG
+    samples["flags"] = MASSAGER_FLAG_CONTACT | MASSAGER_FLAG_MOTOR_ON
     samples["battery_percent"] = 80
     return samples
 

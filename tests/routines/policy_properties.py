@@ -37,9 +37,6 @@ from hypothesis import strategies as st
 
 from devicebridge.core.admission import PastSession, check_admission
 from devicebridge.core.engine import (
-    CONTACT_FLAG,
-    KPA_PER_UNIT,
-    MOTOR_FLAG,
     ZONE_CODES,
     ZONE_NAMES,
 )
@@ -65,6 +62,7 @@ from protocols.constants import DECI_HZ_PER_HZ, MAX_INTENSITY_LEVEL
 from protocols.program import (
     MAX_PROGRAM_STEPS,
 )
+from protocols.telemetry import MASSAGER_FLAG_CONTACT, MASSAGER_FLAG_MOTOR_ON, PRESSURE_KPA_PER_UNIT
 from simulators import HandScript, HandSegment
 
 LABEL: Final = "generated.toml"
@@ -568,9 +566,9 @@ def assert_run_within_policy(record: RunRecord, routine: Routine, policy: Safety
         ZONE_NAMES.get(code, steps[index].zone)
         for code, index in zip(samples["zone"].tolist(), step_at.tolist(), strict=True)
     ]
-    contact = (samples["flags"] & CONTACT_FLAG) != 0
-    motor = (samples["flags"] & MOTOR_FLAG) != 0
-    pressure = samples["pressure_dapa"].astype(np.float64) * KPA_PER_UNIT
+    contact = (samples["flags"] & MASSAGER_FLAG_CONTACT) != 0
+    motor = (samples["flags"] & MASSAGER_FLAG_MOTOR_ON) != 0
+    pressure = samples["pressure_dapa"].astype(np.float64) * PRESSURE_KPA_PER_UNIT
     caps = np.array([policy.zones[policy_zone(z)].cap_kpa.value for z in zones])
     above = contact & (pressure > caps)
 
@@ -635,7 +633,7 @@ def assert_run_within_policy(record: RunRecord, routine: Routine, policy: Safety
     late = np.flatnonzero(motor & (sequences - first >= cap_offset))
     assert late.size == 0, f"motor on at sequence {first + int(late[0])}, after the session cap"
     if record.device_samples is not None and record.device_first_sequence is not None:
-        device_motor = (record.device_samples["flags"] & MOTOR_FLAG) != 0
+        device_motor = (record.device_samples["flags"] & MASSAGER_FLAG_MOTOR_ON) != 0
         offsets = np.arange(device_motor.size) + record.device_first_sequence - first
         late = np.flatnonzero(device_motor & (offsets >= cap_offset))
         assert late.size == 0, "the device ran its motor after the session cap"

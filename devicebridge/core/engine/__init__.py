@@ -22,11 +22,6 @@ from devicebridge.core.engine.massage import (
     MassageSummary,
 )
 from devicebridge.core.engine.readings import (
-    CELSIUS_PER_UNIT,
-    CONTACT_FLAG,
-    KPA_PER_UNIT,
-    MOTOR_FLAG,
-    MW_CM2_PER_UNIT,
     ZONE_CODES,
     ZONE_NAMES,
 )
@@ -35,12 +30,7 @@ from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.routine import DeviceKindName, Routine
 
 __all__ = [
-    "CELSIUS_PER_UNIT",
-    "CONTACT_FLAG",
-    "KPA_PER_UNIT",
     "LOWERED_IRRADIANCE_FRACTION",
-    "MOTOR_FLAG",
-    "MW_CM2_PER_UNIT",
     "OUT_OF_BAND_WARNING_DWELL_S",
     "ZONE_CODES",
     "ZONE_NAMES",

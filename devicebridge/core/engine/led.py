@@ -16,9 +16,9 @@ import numpy.typing as npt
 
 from devicebridge.core.engine.base import Engine
 from devicebridge.core.engine.decisions import Decision, DecisionKind, completion
-from devicebridge.core.engine.readings import CELSIUS_PER_UNIT, MW_CM2_PER_UNIT
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy
 from devicebridge.core.routine import J_PER_MJ, LedStep, Routine
+from protocols.telemetry import IRRADIANCE_MW_CM2_PER_UNIT, TEMPERATURE_C_PER_UNIT
 
 LOWERED_IRRADIANCE_FRACTION: Final = 0.5
 
@@ -102,9 +102,10 @@ class LedEngine(Engine[LedStep]):
         if self._finished or samples.shape[0] == 0:
             return out
         irradiance = {
-            ch: (samples[f"{ch}_centi_mw_cm2"] * MW_CM2_PER_UNIT).tolist() for ch in LED_CHANNELS
+            ch: (samples[f"{ch}_centi_mw_cm2"] * IRRADIANCE_MW_CM2_PER_UNIT).tolist()
+            for ch in LED_CHANNELS
         }
-        temperature = (samples["skin_temperature_centi_c"] * CELSIUS_PER_UNIT).tolist()
+        temperature = (samples["skin_temperature_centi_c"] * TEMPERATURE_C_PER_UNIT).tolist()
         policy = self.policy
         for i in range(samples.shape[0]):
             sequence = first_sequence + i

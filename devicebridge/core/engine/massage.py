@@ -43,12 +43,8 @@ from devicebridge.core.engine.decisions import (
     completion,
 )
 from devicebridge.core.engine.readings import (
-    CELSIUS_PER_UNIT,
-    CONTACT_FLAG,
-    KPA_PER_UNIT,
     MAX_ZONE_CODE,
     MIN_ZONE_CODE,
-    MOTOR_FLAG,
     ZONE_CODES,
     ZONE_NAMES,
     first_count_above,
@@ -62,6 +58,12 @@ from devicebridge.core.faults_detect import (
 )
 from devicebridge.core.policy import SIDED_ZONES, SafetyPolicy, ZoneLimits, policy_zone
 from devicebridge.core.routine import MassageStep, Routine
+from protocols.telemetry import (
+    MASSAGER_FLAG_CONTACT,
+    MASSAGER_FLAG_MOTOR_ON,
+    PRESSURE_KPA_PER_UNIT,
+    TEMPERATURE_C_PER_UNIT,
+)
 
 # An alarm-condition delay in the sense of IEC 60601-1-8: pressure out of the step's band
 # (too low / too high, below the zone's cap) is warned about, and counted as an out-of-band
@@ -193,14 +195,14 @@ class _QuietWindow(NamedTuple):
         below = self.temperature_below
         if not self.on_skin:
             for index in range(start, end):
-                if flags[index] & CONTACT_FLAG or centi_cs[index] >= below:
+                if flags[index] & MASSAGER_FLAG_CONTACT or centi_cs[index] >= below:
                     return index - start
             return end - start
         low, high, code = self.pressure_min, self.pressure_max, self.zone_code
         for index in range(start, end):
             zone = zone_codes[index]
             if not (
-                flags[index] & CONTACT_FLAG
+                flags[index] & MASSAGER_FLAG_CONTACT
                 and low <= raw_pressures[index] <= high
                 and centi_cs[index] < below
                 and (zone == code or not MIN_ZONE_CODE <= zone <= MAX_ZONE_CODE)
@@ -265,8 +267,8 @@ class MassageEngine(Engine[MassageStep]):
         self._session_cap_offset = first_count_at_least(
             policy.massage_length_cap_s.value, self.dt_s
         )
-        stop_centi_c = first_count_at_least(policy.temperature_stop_c.value, CELSIUS_PER_UNIT)
-        warn_centi_c = first_count_at_least(policy.temperature_warn_c.value, CELSIUS_PER_UNIT)
+        stop_centi_c = first_count_at_least(policy.temperature_stop_c.value, TEMPERATURE_C_PER_UNIT)
+        warn_centi_c = first_count_at_least(policy.temperature_warn_c.value, TEMPERATURE_C_PER_UNIT)
         self._quiet_below_centi_c = (min(warn_centi_c, stop_centi_c), stop_centi_c)
 
     @property
@@ -322,10 +324,10 @@ class MassageEngine(Engine[MassageStep]):
         if rules is None:
             step = self.current_step
             zone = self._zone_rules(step.zone)
-            # Raw pressure r reads r * KPA_PER_UNIT kPa; the whole counts at each boundary:
-            at_least_low = first_count_at_least(step.pressure_min_kpa, KPA_PER_UNIT)
-            above_high = first_count_above(step.pressure_max_kpa, KPA_PER_UNIT)
-            above_cap = first_count_above(zone.limits.cap_kpa.value, KPA_PER_UNIT)
+            # Raw pressure r reads r * PRESSURE_KPA_PER_UNIT kPa; the whole counts at each boundary:
+            at_least_low = first_count_at_least(step.pressure_min_kpa, PRESSURE_KPA_PER_UNIT)
+            above_high = first_count_above(step.pressure_max_kpa, PRESSURE_KPA_PER_UNIT)
+            above_cap = first_count_above(zone.limits.cap_kpa.value, PRESSURE_KPA_PER_UNIT)
             rules = _StepRules(
                 step.zone,
                 zone,
@@ -356,12 +358,16 @@ class MassageEngine(Engine[MassageStep]):
         zones: list[int] = samples["zone"].tolist()
         flags: list[int] = samples["flags"].tolist()
         actuators = self._actuators
-        motor = [value & MOTOR_FLAG != 0 for value in flags] if actuators is not None else []
+        motor = (
+            [value & MASSAGER_FLAG_MOTOR_ON != 0 for value in flags]
+            if actuators is not None
+            else []
+        )
         quiet_runs = self._quiet_runs
         i = 0
         while i < count and not self.finished:
             sequence = first_sequence + i
-            contact = flags[i] & CONTACT_FLAG != 0
+            contact = flags[i] & MASSAGER_FLAG_CONTACT != 0
             window = self._quiet_window(contact, sequence) if quiet_runs else None
             if window is not None:
                 end = count
@@ -392,8 +398,8 @@ class MassageEngine(Engine[MassageStep]):
             self._sample(
                 self._session_time_s(sequence),
                 sequence,
-                raws[at] * KPA_PER_UNIT,
-                temperatures[at] * CELSIUS_PER_UNIT,
+                raws[at] * PRESSURE_KPA_PER_UNIT,
+                temperatures[at] * TEMPERATURE_C_PER_UNIT,
                 contact,
                 zones[at],
                 out,
@@ -722,12 +728,13 @@ class MassageEngine(Engine[MassageStep]):
             return fed, True
         if verdict is SensorVerdict.STUCK:
             at = sequence + taken - 1
+            stuck_kpa = raw_pressures[taken - 1] * PRESSURE_KPA_PER_UNIT
             self._pause(
                 out,
                 self._session_time_s(at),
                 at,
                 "sensor_stuck",
-                f"The pressure sensor has read {raw_pressures[taken - 1] * KPA_PER_UNIT:.2f} kPa "
+                f"The pressure sensor has read {stuck_kpa:.2f} kPa "
                 f"without any change for {stuck.stuck_after_s:g} s while the motor runs: it "
                 "seems stuck, so pressure cannot be watched. Motor paused; restart the device. "
                 "The routine goes on when the sensor reads again.",

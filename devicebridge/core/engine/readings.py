@@ -1,5 +1,6 @@
-"""What a sample's raw fields mean to the engines: zones, flags and units, all the wire's
-(``protocols.constants``, ``protocols.telemetry``), under the names the engines use.
+"""What a sample's raw fields mean to the engines: the range of zone codes, and whole counts
+of raw readings at a limit. Zones, flags and units are the wire's (``protocols.constants``,
+``protocols.telemetry``) and imported from there.
 """
 
 from __future__ import annotations
@@ -8,22 +9,10 @@ import math
 from typing import Final
 
 from protocols.constants import ZONE_CODES, ZONE_NAMES
-from protocols.telemetry import (
-    IRRADIANCE_MW_CM2_PER_UNIT,
-    MASSAGER_FLAG_CONTACT,
-    MASSAGER_FLAG_MOTOR_ON,
-    PRESSURE_KPA_PER_UNIT,
-    TEMPERATURE_C_PER_UNIT,
-)
 
 __all__ = [
-    "CELSIUS_PER_UNIT",
-    "CONTACT_FLAG",
-    "KPA_PER_UNIT",
     "MAX_ZONE_CODE",
     "MIN_ZONE_CODE",
-    "MOTOR_FLAG",
-    "MW_CM2_PER_UNIT",
     "ZONE_CODES",
     "ZONE_NAMES",
     "first_count_above",
@@ -32,11 +21,6 @@ __all__ = [
 
 MIN_ZONE_CODE: Final = min(ZONE_NAMES)
 MAX_ZONE_CODE: Final = max(ZONE_NAMES)
-CONTACT_FLAG: Final = MASSAGER_FLAG_CONTACT
-MOTOR_FLAG: Final = MASSAGER_FLAG_MOTOR_ON
-KPA_PER_UNIT: Final = PRESSURE_KPA_PER_UNIT
-CELSIUS_PER_UNIT: Final = TEMPERATURE_C_PER_UNIT
-MW_CM2_PER_UNIT: Final = IRRADIANCE_MW_CM2_PER_UNIT
 
 
 def first_count_at_least(threshold: float, unit: float) -> int:
