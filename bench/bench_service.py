@@ -216,7 +216,7 @@ async def _service(
         while not all(w.batcher is not None for w in service.workers.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # waiting for every device to connect
         for device in devices if with_routine else ():
-            service.start_routine(device.serial_number, routine)
+            await service.start_routine(device.serial_number, routine)
         if with_routine:
             # Measure the routines running, not their start (configuring 100 devices, the
             # first guidance): a one-off that a 5 s window would charge to every sample.

@@ -452,7 +452,7 @@ def run_command(
                     on_update=view.on_state,
                     on_decision=lambda d: view.on_decision(name, d),
                 )
-                runner.admit()  # refused: nothing is sent to the device
+                await runner.admit()  # refused: nothing is sent to the device
                 try:
                     async with spinner(
                         f"Connecting to {name}", app.clock.now_s, app.settings.scan_timeout_s

@@ -230,7 +230,7 @@ def serve_command(
             await service.wait_started()
             if routine is not None:
                 target = _pick_device(devices, routine.device_kind.value, device)
-                service.start_routine(target.serial_number, routine)
+                await service.start_routine(target.serial_number, routine)
             view = asyncio.create_task(
                 ServeView(cli.console, lambda: service.status("running")).run()
             )

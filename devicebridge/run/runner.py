@@ -260,45 +260,69 @@ class RoutineRunner:
 
     # ------------------------------------------------------------------ admission
 
-    def admit(self) -> Admission:
-        """Check admission; on refusal record the attempt and raise RoutineRefusedError."""
-        admission = check_routine_admission(self.routine, self.policy, self.store, now=self._now())
+    async def admit(self) -> Admission:
+        """Check admission; on refusal record the attempt and raise RoutineRefusedError.
+
+        The history is read on the store writer's thread when the run has one (``serve``
+        and the benches share one among all runs): with a long history the event loop
+        keeps serving every other device meanwhile.
+        """
+        now = self._now()
+        routine, policy = self.routine, self.policy
+        if self.store is None:
+            admission = check_routine_admission(routine, policy, None, now=now)
+        else:
+            admission = await self._on_store(
+                lambda store: check_routine_admission(routine, policy, store, now=now)
+            )
         self.admission = admission
         if not admission.allowed:
-            session_id = self._record_refusal(
+            session_id = await self._record_refusal(
                 "; ".join(r.message for r in admission.refusals),
                 {"refusals": [refusal_json(r) for r in admission.refusals]},
             )
             raise RoutineRefusedError(self.routine, admission, session_id)
         return admission
 
-    def _record_refusal(
+    async def _on_store(self, operation: Callable[[SessionStore], T]) -> T:
+        """``operation`` on the store: on the writer's thread (after the writes queued
+        before it) when the run has a writer, here otherwise (nothing else writes yet)."""
+        assert self.store is not None
+        if self._writer is None:
+            return operation(self.store)
+        return await result_off_loop(self.clock, self._writer.submit(operation))
+
+    async def _record_refusal(
         self, end_reason: str, summary: dict[str, Any], device_serial: str | None = None
     ) -> int | None:
         """Store a refused attempt (``history`` shows it; it never counts as a session)."""
         if self.store is None:
             return None
-        session_id = self.store.start_session(
-            routine_name=self.routine.name,
-            category=self.routine.category,
-            device_serial=self._device_serial or device_serial or self.session.name,
-            device_kind=self.routine.device_kind.value,
-            sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-            sample_rate_hz=0.0,
-            routine_text=self.routine.source_text,
-            program_id=None if self.program_id is None else str(self.program_id),
-            started_at=self._now(),
-        )
-        self.store.finish_session(
-            session_id,
-            status="refused",
-            end_reason=end_reason,
-            summary=summary,
-            ended_at=self._now(),
-        )
-        return session_id
+        at = self._now()
+        routine = self.routine
+        serial = self._device_serial or device_serial or self.session.name
+        program_id = None if self.program_id is None else str(self.program_id)
 
-    def _check_device_support(self) -> KindSupport:
+        def record_refused(store: SessionStore) -> int:
+            session_id = store.start_session(
+                routine_name=routine.name,
+                category=routine.category,
+                device_serial=serial,
+                device_kind=routine.device_kind.value,
+                sample_format=SAMPLE_FORMAT_OF[routine.device_kind],
+                sample_rate_hz=0.0,
+                routine_text=routine.source_text,
+                program_id=program_id,
+                started_at=at,
+            )
+            store.finish_session(
+                session_id, status="refused", end_reason=end_reason, summary=summary, ended_at=at
+            )
+            return session_id
+
+        return await self._on_store(record_refused)
+
+    async def _check_device_support(self) -> KindSupport:
         """What the connected device can do; a routine it cannot run is refused (and the
         attempt recorded) before anything is sent."""
         info = self.session.device_info
@@ -308,7 +332,7 @@ class RoutineRunner:
         problems = device_problems(self.routine, support, self.session.name)
         if problems:
             refused = DeviceUnsupportedError(self.routine, self.session.name, problems)
-            refused.session_id = self._record_refusal(
+            refused.session_id = await self._record_refusal(
                 "; ".join(f"{p.path}: {p.message}" for p in problems),
                 {"device_problems": [{"path": p.path, "message": p.message} for p in problems]},
                 info.serial_number,
@@ -437,7 +461,7 @@ class RoutineRunner:
         missed). Raises :class:`RoutineRefusedError` before anything reaches the device.
         """
         if self.admission is None:
-            self.admit()
+            await self.admit()
         # Every item is judged and recorded by the observer, inside the transport's receive
         # callback: no hand-off to this task per batch (see _take).
         remove_observer = self.session.observe_telemetry(self._observe)
@@ -463,7 +487,7 @@ class RoutineRunner:
         expected = DEVICE_KIND_OF[self.routine.device_kind]
         if info.kind != expected:
             raise DeviceMismatchError(self.routine, self.session.name, info.kind)
-        support = self.support = self._check_device_support()
+        support = self.support = await self._check_device_support()
         rate_hz = float(info.profile.sample_rate_hz)
         assert self.admission is not None
         # A massager that cannot sense the skin runs the routine by the host's clock.

@@ -206,7 +206,7 @@ class LocalApiServer:
         serial = service.device_for(
             str(device) if device is not None else None, routine.device_kind.value
         )
-        runner = service.start_routine(
+        runner = await service.start_routine(
             serial,
             routine,
             program_id=program_id,

@@ -289,7 +289,7 @@ class BridgeService:
         except KeyError:
             raise ServiceError("not supervised by this bridge", device=serial) from None
 
-    def start_routine(
+    async def start_routine(
         self,
         serial: str,
         routine: Routine,
@@ -312,7 +312,7 @@ class BridgeService:
                 f"this is a {worker.kind}",
                 device=serial,
             )
-        runner = worker.start_routine(
+        runner = await worker.start_routine(
             routine,
             program_id,
             mode=mode,
@@ -371,7 +371,7 @@ class BridgeService:
             )
         return parse_routine(program.program_text, self.policy, label=f"program {program_id}")
 
-    def start_program(
+    async def start_program(
         self,
         serial: str,
         program_id: int,
@@ -382,7 +382,7 @@ class BridgeService:
         on_decision: Callable[[Decision], None] | None = None,
     ) -> RoutineRunner:
         """Run the stored program ``program_id`` on the device; the session counts for it."""
-        return self.start_routine(
+        return await self.start_routine(
             serial,
             self.program_routine(program_id),
             program_id=program_id,

@@ -269,7 +269,9 @@ class DeviceWorker:
         else:
             program_id, routine = known
             try:
-                self.start_routine(routine, program_id, mode=RunMode.DEVICE, adopt_program=True)
+                await self.start_routine(
+                    routine, program_id, mode=RunMode.DEVICE, adopt_program=True
+                )
                 LOG.info("%s: program %d started from the device", self.serial, program_id)
                 return
             except RoutineRefusedError as refused:
@@ -320,7 +322,7 @@ class DeviceWorker:
 
     # ------------------------------------------------------------------ routines
 
-    def start_routine(
+    async def start_routine(
         self,
         routine: Routine,
         program_id: int | None,
@@ -334,7 +336,9 @@ class DeviceWorker:
         """Admit ``routine`` and run it now, or when the device is next ready.
 
         Raises :class:`~devicebridge.errors.RoutineRefusedError` (recorded and published)
-        when admission refuses it, and :class:`ServiceError` while another routine runs.
+        when admission refuses it, and :class:`ServiceError` while another routine runs (or
+        is being admitted: the worker holds the runner from the first moment) or the
+        bridge stops meanwhile.
         """
         if self.runner is not None:
             raise ServiceError("a routine is already running", device=self.serial)
@@ -368,9 +372,13 @@ class DeviceWorker:
             on_update=on_update,
             on_decision=decided,
         )
+        # Held while admission reads the history (off the event loop): a second start
+        # meanwhile is refused as while the routine runs.
+        self.runner = runner
         try:
-            runner.admit()
+            await runner.admit()
         except RoutineRefusedError as refused:
+            self.runner = None
             LOG.warning("%s: %s", self.serial, refused)
             if refused.session_id is not None:
                 service.publish_summary(
@@ -386,7 +394,12 @@ class DeviceWorker:
                     service.now(),
                 )
             raise
-        self.runner = runner
+        except BaseException:
+            self.runner = None
+            raise
+        if self.stopping:
+            self.runner = None
+            raise ServiceError("the bridge is stopping", device=self.serial)
         self._run_task = asyncio.get_running_loop().create_task(
             self._run(runner, max_duration_s), name=f"{self.serial} routine"
         )

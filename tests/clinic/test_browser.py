@@ -180,7 +180,7 @@ async def test_a_therapist_pushes_a_program_and_watches_the_session_arrive(
             await page.evaluate("window.devicebridgeNoReload = true")
 
             program_id = rig.service.programs.programs()[0].id
-            rig.service.start_program(worker.serial, program_id)
+            await rig.service.start_program(worker.serial, program_id)
             await rig.wait(lambda: worker.runner is not None)
             await rig.wait(lambda: worker.runner is None)
             session = page.locator("tr.session.completed")

@@ -72,7 +72,7 @@ async def test_a_program_session_is_ingested_once_and_caught_up_after_an_outage(
             assert ack is not None
             assert ack["status"] == "accepted", ack
             await rig.wait(lambda: bool(rig.service.programs.programs()[0].installed_on))
-            rig.service.start_program(worker.serial, int(ack["program_id"]))
+            await rig.service.start_program(worker.serial, int(ack["program_id"]))
             await rig.wait(lambda: worker.runner is not None)
             await rig.wait(lambda: worker.runner is None)
             await until(lambda: count(engine, t.sessions, t.sessions.c.status != "running") == 1)
@@ -95,7 +95,7 @@ async def test_a_program_session_is_ingested_once_and_caught_up_after_an_outage(
 
         # The console is down while the bridge runs a second session: the broker keeps
         # what the bridge publishes for the console's persistent session.
-        rig.service.start_program(worker.serial, int(ack["program_id"]))
+        await rig.service.start_program(worker.serial, int(ack["program_id"]))
         await rig.wait(lambda: worker.runner is not None)
         await rig.wait(lambda: worker.runner is None)
         async with ingesting(engine, mosquitto.port):

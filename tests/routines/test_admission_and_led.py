@@ -130,7 +130,7 @@ async def test_massage_of_a_filler_zone_within_14_days_is_refused(
     later = RoutineRunner(
         session, firming(policy), policy, store=store, now=lambda: NOW + timedelta(days=5)
     )
-    assert later.admit().allowed
+    assert (await later.admit()).allowed
 
 
 LED_ROUTINE = """
@@ -245,11 +245,11 @@ async def test_a_session_cancelled_before_it_counts_leaves_the_week_open(
     later = RoutineRunner(
         session, routine, policy, store=store, now=lambda: NOW + timedelta(hours=1)
     )
-    assert later.admit().allowed
+    assert (await later.admit()).allowed
     # A session that got past half of its planned contact counts.
     record_past(store, routine, 1.0, "stopped", completion=0.6)
     again = RoutineRunner(
         session, routine, policy, store=store, now=lambda: NOW + timedelta(hours=2)
     )
     with pytest.raises(RoutineRefusedError, match=r"frequency\.firming\.max_sessions = 2"):
-        again.admit()
+        await again.admit()

@@ -64,7 +64,7 @@ async def run_through_serve(routine: Routine, hand: HandScript, *, mode: RunMode
                         ack = service.handle_push(therapist.sign(routine.source_text.encode()))
                         assert ack is not None
                         assert ack["status"] == "accepted", ack
-                        service.start_program(worker.serial, int(ack["program_id"]))
+                        await service.start_program(worker.serial, int(ack["program_id"]))
                         result = await worker.wait_routine()
                         assert result is not None
                         await clock.sleep(0.5)  # the device's samples after the end, too

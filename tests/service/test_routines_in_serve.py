@@ -76,7 +76,7 @@ async def test_over_temperature_on_a_massager_in_serve_stops_the_motor(
         massager = rig.devices[0]
         assert isinstance(massager, SimulatedMassager)
         massager.hand = routine_hand_script(routine, policy, start_s=massager.uptime_s + 1.0)
-        runner = rig.service.start_routine(serial, routine)
+        runner = await rig.service.start_routine(serial, routine)
         await rig.wait(lambda: runner.engine is not None and runner.samples_recorded > 1000)
         massager.skin_baseline_c = 46.0  # the head heats the skin above the 43 °C stop
         worker = rig.service.workers[serial]
@@ -128,7 +128,7 @@ async def test_the_daily_led_cap_holds_in_serve(tmp_path: Path) -> None:
             return samples
 
         mask.sample_filters.append(over_deliver)
-        runner = rig.service.start_routine(serial, routine)
+        runner = await rig.service.start_routine(serial, routine)
         result = await rig.service.workers[serial].wait_routine()
     assert result is not None
     assert runner.engine is not None
@@ -148,7 +148,7 @@ async def test_a_third_firming_in_seven_days_is_refused_in_serve(tmp_path: Path)
         massager = rig.devices[0]
         commands_before = massager.commands_received
         with pytest.raises(RoutineRefusedError) as refused:
-            rig.service.start_routine(serial, routine)
+            await rig.service.start_routine(serial, routine)
         assert rig.service.workers[serial].runner is None
         await rig.clock.sleep(1.0)
         assert massager.commands_received == commands_before  # nothing reached the device

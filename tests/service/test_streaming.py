@@ -49,7 +49,7 @@ async def test_a_broker_outage_during_streaming_loses_nothing_and_keeps_order(
         service, link = rig.service, rig.service.link
         assert link is not None
         worker = next(iter(service.workers.values()))
-        service.start_routine(worker.serial, routine)
+        await service.start_routine(worker.serial, routine)
         await rig.wait(lambda: len(subscriber.on("/telemetry")) >= 3 and worker.runner is not None)
 
         # Hold virtual time while the subscriber catches up: a message the broker has
@@ -112,7 +112,7 @@ async def test_a_clean_stop_stops_devices_finishes_sessions_and_goes_offline(
         await rig.wait(subscriber.subscribed.is_set)
         await rig.start()
         worker = next(iter(rig.service.workers.values()))
-        rig.service.start_routine(worker.serial, routine)
+        await rig.service.start_routine(worker.serial, routine)
         massager = rig.devices[0]
         assert isinstance(massager, SimulatedMassager)
         await rig.wait(lambda: worker.runner is not None and worker.runner.samples_recorded > 200)
@@ -143,7 +143,7 @@ async def test_without_a_broker_the_service_records_locally(tmp_path: Path) -> N
     async with service_rig(tmp_path) as rig:
         await rig.start()
         worker = next(iter(rig.service.workers.values()))
-        rig.service.start_routine(worker.serial, routine)
+        await rig.service.start_routine(worker.serial, routine)
         await rig.wait(lambda: worker.runner is not None and worker.runner.samples_recorded >= 300)
         session_id = worker.runner.session_id if worker.runner else 0
         await rig.stop()
