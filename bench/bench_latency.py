@@ -57,6 +57,7 @@ from typing import Final
 import numpy as np
 
 from bench.report import describe_machine, print_table
+from devicebridge.app import event_loop_first, freeze_start_up
 from devicebridge.clock import SystemClock
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import default_policy
@@ -98,7 +99,7 @@ name = "latency bench"
 author = "bench"
 version = "1"
 device_kind = "massager"
-category = "bench"
+category = "drainage"
 """ + "".join(
     f"""
 [[steps]]
@@ -300,8 +301,10 @@ async def _runner_loop(
             return None
 
         def watching(runner: RoutineRunner = runner) -> bool:
-            # From engine.start() on (the runner's state exists) until the engine ends.
-            return runner.state is not None and not runner.state.finished
+            # While the run drives the device: from its start (record stored, engine
+            # started) to its end. Before it, the previous run's final STOP_ALL has
+            # stopped the device and this one has commanded nothing yet.
+            return runner.judging
 
         probe.trigger, probe.watching = trigger, watching
         await runner.run()
@@ -378,6 +381,8 @@ async def _drive(
     def until() -> bool:
         return now_s() >= deadline_s
 
+    # As ``devicebridge serve`` once its devices are connected (every variant alike).
+    freeze_start_up()
     store = SessionStore(store_folder / "bench.sqlite3")
     # One writer thread for every run, as ``devicebridge serve`` gives its runners.
     writer = StoreWriter(store)
@@ -398,7 +403,10 @@ async def _drive(
     measured = {id(probe): (list(probe.stops), probe.unwatched) for _, probe in pairs}
     for run in runs:
         run.cancel()
-    await asyncio.gather(*runs, return_exceptions=True)
+    ended = await asyncio.gather(*runs, return_exceptions=True)
+    failed = [e for e in ended if isinstance(e, Exception)]
+    if failed:  # a device that stopped running routines would quietly lighten the load
+        raise RuntimeError(f"{len(failed)} device loops ended early: {failed[0]!r}")
     for _, probe in pairs:
         probe.stops[:], probe.unwatched = measured[id(probe)]  # not those of the shutdown
     writer.close()
@@ -500,7 +508,9 @@ def run() -> bool:
     met = True
     serial_rows, ble_rows = [], []
     for count in DEVICE_COUNTS:
-        serial = {v: asyncio.run(_measure_serial(count, v)) for v in VARIANTS}
+        # Every variant in the process the way every devicebridge command runs (App).
+        with event_loop_first():
+            serial = {v: asyncio.run(_measure_serial(count, v)) for v in VARIANTS}
         full = serial["runner"]
         p99 = _ms(full.latencies_s, 99)
         observer, queued = (
@@ -532,7 +542,8 @@ def run() -> bool:
                 verdict,
             ]
         )
-        ble = {v: asyncio.run(_measure_ble(count, v)) for v in VARIANTS}
+        with event_loop_first():
+            ble = {v: asyncio.run(_measure_ble(count, v)) for v in VARIANTS}
         full = ble["runner"]
         p99 = _ms(full.latencies_s, 99)
         observer, queued = _ms(ble["observer"].latencies_s, 99), _ms(ble["queued"].latencies_s, 99)

@@ -181,7 +181,7 @@ def serve_command(
     import logging
     import signal
 
-    from devicebridge.app import App
+    from devicebridge.app import App, freeze_start_up
     from devicebridge.cli.routines import resolve_routine
     from devicebridge.cli.views import ServeView
     from devicebridge.service.logs import configure_logging
@@ -228,6 +228,7 @@ def serve_command(
                 loop.add_signal_handler(signum, service.request_stop)
             task = asyncio.create_task(service.run())
             await service.wait_started()
+            freeze_start_up()
             if routine is not None:
                 target = _pick_device(devices, routine.device_kind.value, device)
                 await service.start_routine(target.serial_number, routine)

@@ -15,10 +15,10 @@ a session whose progress is unknown counts as one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 from devicebridge.core.cooldown import local_time, routine_block
 from devicebridge.core.policy import LED_CHANNELS, TREATMENTS, SafetyPolicy, policy_zone
@@ -47,9 +47,8 @@ class PastSession:
     completion: float | None = None
 
 
-def session_completion(summary: Mapping[str, Any]) -> float | None:
-    """The ``completion`` of a stored session summary, or None when it has none we trust."""
-    value = summary.get("completion")
+def session_completion(value: object) -> float | None:
+    """A stored session summary's ``completion`` value, or None when it is none we trust."""
     if not is_real(value) or not 0.0 <= value <= 1.0:
         return None
     return float(value)
@@ -151,11 +150,6 @@ def _window_refusal(
 def _frequency_refusals(
     routine: Routine, policy: SafetyPolicy, now: datetime, history: Sequence[PastSession]
 ) -> list[Refusal]:
-    weighted = [
-        (s.started_at, frequency_weight(s, policy))
-        for s in history
-        if policy.counts_with(routine.category, s.category)
-    ]
     preface = ""
     if not policy.knows_category(routine.category):
         preface = (
@@ -178,6 +172,13 @@ def _frequency_refusals(
         (m, d) for m, d, _, _ in limits
     }:
         limits.append((schedule.max_sessions, schedule.per_days, "routine [schedule]", ""))
+    if not limits:
+        return []  # a category without a frequency rule, and no schedule of its own
+    weighted = [
+        (s.started_at, frequency_weight(s, policy))
+        for s in history
+        if policy.counts_with(routine.category, s.category)
+    ]
     refusals: list[Refusal] = []
     for max_sessions, per_days, rule_text, note in limits:
         refusal = _window_refusal(

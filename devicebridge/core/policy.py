@@ -13,6 +13,7 @@ is finite and in the range ``docs/policy.md`` documents, and a misspelt key is a
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Mapping
@@ -104,6 +105,7 @@ _TOP_KEYS: Final = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=1024)  # a few names, compared for every past session
 def canonical_category(name: str) -> str:
     """The form a category is matched in: lower case, runs of spaces, hyphens and
     underscores as one underscore (``"LED red near-infrared"`` ->

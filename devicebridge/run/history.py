@@ -44,32 +44,30 @@ def led_dose_of_samples(samples: np.ndarray[Any, Any], sample_rate_hz: float) ->
     }
 
 
-def admission_history(store: SessionStore, *, since: datetime | None = None) -> list[PastSession]:
+def admission_history(store: SessionStore, *, since: datetime) -> list[PastSession]:
     """Past sessions as admission sees them; refused attempts are not sessions.
 
     A session that ended without a summary (the bridge was stopped) gets its LED dose from
     its stored telemetry, so a crash never hides light from the daily cap.
     """
     history: list[PastSession] = []
-    for record in store.sessions(since=since):
-        if record.status == "refused":
-            continue
+    for row in store.admission_rows(since=since):
         try:
-            kind = DeviceKindName(record.device_kind)
+            kind = DeviceKindName(row.device_kind)
         except ValueError:
             continue
-        dose = record.summary.get("dose_j_cm2")
-        if kind is DeviceKindName.LED_MASK and not isinstance(dose, dict):
-            _, samples = store.telemetry(record.id)
-            dose = led_dose_of_samples(samples, record.sample_rate_hz) if len(samples) else {}
+        dose = row.dose_j_cm2
+        if kind is DeviceKindName.LED_MASK and dose is None:
+            _, samples = store.telemetry(row.id)
+            dose = led_dose_of_samples(samples, row.sample_rate_hz) if len(samples) else {}
         history.append(
             PastSession(
-                _aware(record.started_at),
-                record.category,
+                _aware(row.started_at),
+                row.category,
                 kind,
-                record.status == "completed",
+                row.status == "completed",
                 {str(k): float(v) for k, v in (dose or {}).items()},
-                session_completion(record.summary),
+                session_completion(row.completion),
             )
         )
     return history

@@ -340,6 +340,13 @@ class RoutineRunner:
             raise refused
         return support
 
+    @property
+    def judging(self) -> bool:
+        """The engine judges every batch as it arrives: from the moment the run drives the
+        device (its record stored, the engine started) until the run ends. Before that the
+        device has been told nothing by this run; what came meanwhile is judged first."""
+        return self._armed and self._ended is None
+
     # ------------------------------------------------------------------ state for the UI
 
     @property

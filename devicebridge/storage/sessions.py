@@ -134,6 +134,20 @@ class SessionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionRow:
+    """The part of a stored session admission reads (:meth:`SessionStore.admission_rows`)."""
+
+    id: int
+    started_at: datetime
+    category: str
+    device_kind: str
+    status: SessionStatus
+    sample_rate_hz: float
+    dose_j_cm2: dict[str, Any] | None  # the summary's, when it has one
+    completion: Any  # the summary's ``completion`` as stored (checked by admission)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredDecision:
     at_s: float
     kind: str
@@ -411,6 +425,47 @@ class SessionStore:
         if limit:
             query += f" LIMIT {int(limit)}"
         return [_record(r) for r in self._db.execute(query, params).fetchall()]
+
+    def admission_rows(self, *, since: datetime) -> list[AdmissionRow]:
+        """What admission reads of the sessions started at or after ``since`` (a UTC time),
+        refused attempts left out: a few columns and two values of the summary, taken out
+        by SQLite, not whole records (admission runs before every session, over the whole
+        look-back window). A summary SQLite does not take for JSON (Python wrote a NaN in
+        it) is read whole, as :meth:`sessions` reads it."""
+        rows = self._db.execute(
+            "SELECT id, started_at, category, device_kind, status, sample_rate_hz, valid,"
+            " CASE WHEN valid AND json_type(summary_json, '$.dose_j_cm2') = 'object'"
+            "  THEN json_extract(summary_json, '$.dose_j_cm2') END,"
+            " CASE WHEN valid AND json_type(summary_json, '$.completion') IN ('integer', 'real')"
+            "  THEN json_extract(summary_json, '$.completion') END,"
+            " CASE WHEN valid THEN NULL ELSE summary_json END"
+            " FROM (SELECT *, json_valid(summary_json) AS valid FROM sessions"
+            "  WHERE started_at >= ? AND status != 'refused')"
+            " ORDER BY started_at DESC, id DESC",
+            (since.astimezone(UTC).isoformat(),),
+        ).fetchall()
+        found: list[AdmissionRow] = []
+        for id_, started, category, kind, status, rate, _, dose, completion, whole in rows:
+            if whole is not None:
+                summary = json.loads(whole)
+                dose = summary.get("dose_j_cm2")
+                dose_j_cm2 = dose if isinstance(dose, dict) else None
+                completion = summary.get("completion")
+            else:
+                dose_j_cm2 = json.loads(dose) if dose is not None else None
+            found.append(
+                AdmissionRow(
+                    id_,
+                    datetime.fromisoformat(started),
+                    category,
+                    kind,
+                    status,
+                    rate,
+                    dose_j_cm2,
+                    completion,
+                )
+            )
+        return found
 
     def telemetry(self, session_id: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.void]]:
         """(sequences, samples) of a session, in sequence order, each sample once."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import protocols as p
+from devicebridge.core.admission import session_completion
 from devicebridge.core.engine import Decision, DecisionKind
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.sessions import SessionStore
@@ -178,3 +179,50 @@ def test_sessions_since_keeps_only_the_window(tmp_path: Path) -> None:
         recent = store.sessions(since=now - timedelta(days=7))
         assert [r.routine_name for r in recent] == ["1 days ago", "6 days ago"]
         assert len(store.sessions()) == 4
+
+
+SUMMARIES: list[tuple[str, dict[str, object]]] = [
+    ("completed", {"completion": 1.0, "dose_j_cm2": {"red": 12.5, "nir": 3}}),
+    ("stopped", {"completion": 0.25, "zones": {"cheek": {"mean_kpa": 5.0}}}),
+    ("stopped", {"completion": True}),  # not a number: admission does not trust it
+    ("stopped", {"completion": 2, "dose_j_cm2": [1.0]}),  # a list is no dose
+    ("interrupted", {}),  # ended without a summary
+    # NaN is not JSON to SQLite: this one is read whole, as sessions() reads it
+    ("stopped", {"completion": 0.5, "mean_kpa": float("nan"), "dose_j_cm2": {"red": 1.0}}),
+    ("refused", {"refusals": []}),  # never a session for admission
+]
+
+
+def test_admission_reads_of_each_session_what_the_whole_record_says(tmp_path: Path) -> None:
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        start = datetime(2026, 3, 1, tzinfo=UTC)
+        for hour, (status, summary) in enumerate(SUMMARIES):
+            session = store.start_session(
+                routine_name="r",
+                category="Firming",
+                device_serial="SN-1",
+                device_kind="led_mask",
+                sample_format=p.SampleFormat.LED_MASK_V1,
+                sample_rate_hz=50,
+                started_at=start.replace(hour=hour),
+            )
+            store.finish_session(session, status=status, end_reason=None, summary=summary)
+        since = start.replace(hour=1)
+        rows = store.admission_rows(since=since)
+        records = [r for r in store.sessions(since=since) if r.status != "refused"]
+        assert [row.id for row in rows] == [r.id for r in records]
+        for row, record in zip(rows, records, strict=True):
+            dose = record.summary.get("dose_j_cm2")
+            assert row.dose_j_cm2 == (dose if isinstance(dose, dict) else None)
+            assert session_completion(row.completion) == session_completion(
+                record.summary.get("completion")
+            )
+            assert (row.started_at, row.category, row.device_kind, row.status) == (
+                record.started_at,
+                record.category,
+                record.device_kind,
+                record.status,
+            )
+            assert row.sample_rate_hz == record.sample_rate_hz
+        completions = [session_completion(row.completion) for row in rows]
+        assert completions[::-1] == [0.25, None, None, None, 0.5]
