@@ -47,6 +47,20 @@ class PastSession:
     completion: float | None = None
 
 
+def history_span(routine: Routine, policy: SafetyPolicy) -> timedelta:
+    """How far back :func:`check_admission` looks at past sessions of every kind for
+    ``routine``: the frequency windows that apply to it and its sequencing window (zero
+    when none does). Beyond that it only adds up the light of the last :data:`DAY`, which
+    only sessions with a dose carry."""
+    rules = policy.frequency_rules(routine.category)
+    spans = [timedelta(days=rule.per_days.value) for rule in rules]
+    if routine.schedule is not None:
+        spans.append(timedelta(days=routine.schedule.per_days))
+    if routine.device_kind is not DeviceKindName.MASSAGER and routine.sequencing is not None:
+        spans.append(timedelta(minutes=routine.sequencing.within_min))
+    return max(spans, default=timedelta(0))
+
+
 def session_completion(value: object) -> float | None:
     """A stored session summary's ``completion`` value, or None when it is none we trust."""
     if not is_real(value) or not 0.0 <= value <= 1.0:

@@ -3,16 +3,18 @@ dose already received."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
 from devicebridge.core.admission import (
+    DAY,
     Admission,
     PastSession,
     Treatment,
     check_admission,
+    history_span,
     session_completion,
 )
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy
@@ -23,9 +25,6 @@ from devicebridge.core.routine import (
 )
 from devicebridge.storage.sessions import SessionStore
 from protocols.telemetry import IRRADIANCE_MW_CM2_PER_UNIT
-
-# Admission looks back at least a day (the daily LED dose), longer for frequency rules.
-ADMISSION_MIN_LOOKBACK_DAYS: Final = 1.0
 
 
 def _aware(moment: datetime) -> datetime:
@@ -44,14 +43,18 @@ def led_dose_of_samples(samples: np.ndarray[Any, Any], sample_rate_hz: float) ->
     }
 
 
-def admission_history(store: SessionStore, *, since: datetime) -> list[PastSession]:
+def admission_history(
+    store: SessionStore, *, every_kind_since: datetime | None, dose_since: datetime
+) -> list[PastSession]:
     """Past sessions as admission sees them; refused attempts are not sessions.
 
-    A session that ended without a summary (the bridge was stopped) gets its LED dose from
-    its stored telemetry, so a crash never hides light from the daily cap.
+    Those started since ``every_kind_since`` (None: none), and those with a dose started
+    since ``dose_since``. A session that ended without a summary (the bridge was stopped)
+    gets its LED dose from its stored telemetry, so a crash never hides light from the
+    daily cap.
     """
     history: list[PastSession] = []
-    for row in store.admission_rows(since=since):
+    for row in store.admission_rows(every_kind_since=every_kind_since, dose_since=dose_since):
         try:
             kind = DeviceKindName(row.device_kind)
         except ValueError:
@@ -80,15 +83,17 @@ def recorded_treatments(store: SessionStore) -> list[Treatment]:
 def check_routine_admission(
     routine: Routine, policy: SafetyPolicy, store: SessionStore | None, *, now: datetime
 ) -> Admission:
-    # Only the longest window any rule looks back over: reading every session ever stored
-    # made each admission slower as the history grew (and held the event loop meanwhile).
-    lookback_days = max(
-        [ADMISSION_MIN_LOOKBACK_DAYS]
-        + [rule.per_days.value for rule in policy.frequency.values()]
-        + ([routine.schedule.per_days] if routine.schedule else [])
+    # Only the sessions admission can use: those within the windows that apply to this
+    # routine, and the light of the last day. Reading more made each admission slower as
+    # the history grew, on the thread that commits every device's telemetry.
+    span = history_span(routine, policy)
+    history = (
+        admission_history(
+            store, every_kind_since=now - span if span else None, dose_since=now - DAY
+        )
+        if store is not None
+        else []
     )
-    since = now - timedelta(days=lookback_days)
-    history = admission_history(store, since=since) if store is not None else []
     treatments = recorded_treatments(store) if store is not None else []
     return check_admission(routine, policy, now=now, history=history, treatments=treatments)
 

@@ -426,12 +426,18 @@ class SessionStore:
             query += f" LIMIT {int(limit)}"
         return [_record(r) for r in self._db.execute(query, params).fetchall()]
 
-    def admission_rows(self, *, since: datetime) -> list[AdmissionRow]:
-        """What admission reads of the sessions started at or after ``since`` (a UTC time),
-        refused attempts left out: a few columns and two values of the summary, taken out
-        by SQLite, not whole records (admission runs before every session, over the whole
-        look-back window). A summary SQLite does not take for JSON (Python wrote a NaN in
-        it) is read whole, as :meth:`sessions` reads it."""
+    def admission_rows(
+        self, *, every_kind_since: datetime | None, dose_since: datetime
+    ) -> list[AdmissionRow]:
+        """What admission reads of past sessions, refused attempts left out: those started
+        since ``every_kind_since`` (None: none), and since ``dose_since`` those that may
+        carry light (LED sessions, and any whose summary has a dose). A few columns and two
+        values of the summary, taken out by SQLite, not whole records: admission runs
+        before every session, on the thread that commits every device's telemetry. A
+        summary SQLite does not take for JSON (Python wrote a NaN in it) is read whole, as
+        :meth:`sessions` reads it."""
+        earliest = dose_since if every_kind_since is None else min(every_kind_since, dose_since)
+        every_kind = "started_at >= :every OR " if every_kind_since is not None else ""
         rows = self._db.execute(
             "SELECT id, started_at, category, device_kind, status, sample_rate_hz, valid,"
             " CASE WHEN valid AND json_type(summary_json, '$.dose_j_cm2') = 'object'"
@@ -440,9 +446,14 @@ class SessionStore:
             "  THEN json_extract(summary_json, '$.completion') END,"
             " CASE WHEN valid THEN NULL ELSE summary_json END"
             " FROM (SELECT *, json_valid(summary_json) AS valid FROM sessions"
-            "  WHERE started_at >= ? AND status != 'refused')"
+            "  WHERE started_at >= :earliest AND status != 'refused')"
+            f" WHERE {every_kind}device_kind = 'led_mask' OR CASE WHEN valid"
+            "  THEN json_type(summary_json, '$.dose_j_cm2') = 'object' ELSE 1 END"
             " ORDER BY started_at DESC, id DESC",
-            (since.astimezone(UTC).isoformat(),),
+            {
+                "earliest": earliest.astimezone(UTC).isoformat(),
+                "every": (every_kind_since or earliest).astimezone(UTC).isoformat(),
+            },
         ).fetchall()
         found: list[AdmissionRow] = []
         for id_, started, category, kind, status, rate, _, dose, completion, whole in rows:

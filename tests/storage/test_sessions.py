@@ -208,7 +208,7 @@ def test_admission_reads_of_each_session_what_the_whole_record_says(tmp_path: Pa
             )
             store.finish_session(session, status=status, end_reason=None, summary=summary)
         since = start.replace(hour=1)
-        rows = store.admission_rows(since=since)
+        rows = store.admission_rows(every_kind_since=since, dose_since=since)
         records = [r for r in store.sessions(since=since) if r.status != "refused"]
         assert [row.id for row in rows] == [r.id for r in records]
         for row, record in zip(rows, records, strict=True):
