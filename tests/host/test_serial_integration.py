@@ -129,3 +129,37 @@ async def test_missing_port_is_not_found(clock: VirtualClock) -> None:
     with pytest.raises(TransportError, match="does-not-exist"):
         await transport.connect()
     await clock.stop()
+
+
+async def test_frames_written_while_the_line_is_full_go_out_whole_and_in_order() -> None:
+    import os
+    import tty
+
+    from protocols import FrameDecoder
+
+    controller, line = os.openpty()
+    tty.setraw(line)  # a line, not a terminal: bytes as they are
+    transport = SerialTransport(os.ttyname(line), SystemClock())
+    try:
+        await transport.connect()
+        # Nobody reads the other end: the kernel's buffer fills and the rest waits.
+        messages = [bytes([index % 256]) * 200 for index in range(2000)]
+        for message in messages:
+            transport.write_control_nowait(message)
+        os.set_blocking(controller, False)
+        decoder, received = FrameDecoder(), []
+        async with asyncio.timeout(HANG_GUARD_S):
+            while len(received) < len(messages):
+                try:
+                    chunk = os.read(controller, 65536)
+                except BlockingIOError:
+                    await asyncio.sleep(0)  # the transport finishes when writable again
+                    continue
+                frames, errors = decoder.feed(chunk)
+                assert errors == []
+                received += frames
+        assert received == messages
+    finally:
+        await transport.disconnect()
+        os.close(controller)
+        os.close(line)

@@ -75,6 +75,7 @@ class SerialTransport:
         self._fd: int | None = None
         self._decoder = FrameDecoder()
         self._out = bytearray()
+        self._waiting_writable = False  # _flush is registered for when the port drains
         self._on_message: MessageReceiver | None = None
         self._on_link_lost: LinkLostReceiver | None = None
         self._on_malformed: MalformedReceiver | None = None
@@ -152,6 +153,7 @@ class SerialTransport:
             loop = asyncio.get_running_loop()
             loop.remove_reader(fd)
             loop.remove_writer(fd)
+            self._waiting_writable = False
         if port is not None:
             try:
                 port.close()
@@ -231,7 +233,8 @@ class SerialTransport:
         if self._fd is None:
             raise NotConnectedError("not connected", device=self.description)
         self._out += frame
-        self._flush()
+        if not self._waiting_writable:  # else it goes out, in order, when the port drains
+            self._flush()
 
     def _flush(self) -> None:
         fd = self._fd
@@ -243,12 +246,16 @@ class SerialTransport:
                 del self._out[:written]
         except BlockingIOError:
             # The kernel buffer is full: finish when the port is writable again.
-            asyncio.get_running_loop().add_writer(fd, self._flush)
+            if not self._waiting_writable:
+                asyncio.get_running_loop().add_writer(fd, self._flush)
+                self._waiting_writable = True
             return
         except OSError as exc:
             self._lost(f"write: {exc}")
             raise ConnectionLostError(f"write failed: {exc}", device=self.description) from exc
-        asyncio.get_running_loop().remove_writer(fd)
+        if self._waiting_writable:
+            asyncio.get_running_loop().remove_writer(fd)
+            self._waiting_writable = False
 
     async def read_device_info(self) -> DeviceInfo:
         if self._fd is None:
