@@ -60,7 +60,7 @@ from bench.report import describe_machine, print_table
 from devicebridge.app import event_loop_first, freeze_start_up
 from devicebridge.clock import SystemClock
 from devicebridge.core.engine import DecisionKind
-from devicebridge.core.policy import default_policy
+from devicebridge.core.policy import SafetyPolicy, default_policy
 from devicebridge.core.reassembly import TelemetryGap, TelemetryItem
 from devicebridge.core.routine import parse_routine
 from devicebridge.device.session import DeviceSession, MassagerSession
@@ -276,11 +276,15 @@ Until = Callable[[], bool]
 
 
 async def _runner_loop(
-    session: DeviceSession, probe: Probe, store: SessionStore, writer: StoreWriter, until: Until
+    session: DeviceSession,
+    probe: Probe,
+    store: SessionStore,
+    writer: StoreWriter,
+    policy: SafetyPolicy,
+    until: Until,
 ) -> None:
     # The shipped policy: every over-cap event pauses (STOP_ALL written at once, which is
     # what is measured) and the policy's count of them ends the session; a new run starts.
-    policy = default_policy()
     routine = parse_routine(ROUTINE, policy, label="bench")
     while not until():
         runner = RoutineRunner(
@@ -381,14 +385,16 @@ async def _drive(
     def until() -> bool:
         return now_s() >= deadline_s
 
-    # As ``devicebridge serve`` once its devices are connected (every variant alike).
+    # One policy for every device, as ``devicebridge serve`` has; then what start-up made
+    # is frozen, as serve does once its devices are connected (every variant alike).
+    policy = default_policy()
     freeze_start_up()
     store = SessionStore(store_folder / "bench.sqlite3")
     # One writer thread for every run, as ``devicebridge serve`` gives its runners.
     writer = StoreWriter(store)
     tasks: list[Awaitable[None]]
     if variant == "runner":
-        tasks = [_runner_loop(s, p, store, writer, until) for s, p in pairs]
+        tasks = [_runner_loop(s, p, store, writer, policy, until) for s, p in pairs]
     elif variant == "observer":
         tasks = [_observer_loop(s, p, until) for s, p in pairs]
     else:

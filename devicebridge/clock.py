@@ -45,6 +45,17 @@ async def wait_for(clock: Clock, awaitable: Awaitable[T], timeout_s: float | Non
     Raises :class:`TimeoutError` when ``timeout_s`` of clock time pass first;
     the awaitable is then cancelled. ``None`` waits without a limit.
     """
+    if timeout_s is not None and isinstance(clock, SystemClock):
+        # The loop's own timer (the loop's time is this clock's): no timer task and no
+        # asyncio.wait per call, which every command to every device pays.
+        scope = asyncio.timeout(max(0.0, timeout_s))
+        try:
+            async with scope:
+                return await awaitable
+        except TimeoutError:
+            if scope.expired():
+                raise TimeoutError(f"timed out after {timeout_s:g} s") from None
+            raise  # the awaitable's own
     task = asyncio.ensure_future(awaitable)
     if timeout_s is None:
         return await task

@@ -36,6 +36,33 @@ async def test_wait_for_times_out_on_virtual_time(clock: VirtualClock) -> None:
     await clock.stop()
 
 
+async def test_wait_for_on_the_wall_clock_keeps_the_same_contract() -> None:
+    system = SystemClock()
+    never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError, match=r"timed out after 0\.01 s"):
+        await wait_for(system, never, 0.01)
+    assert never.cancelled()
+    cleaned_up = asyncio.Event()
+
+    async def slow() -> int:
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            cleaned_up.set()
+        return 0
+
+    with pytest.raises(TimeoutError):
+        await wait_for(system, slow(), 0.0)
+    assert cleaned_up.is_set()  # the awaitable's cleanup ran before the timeout was raised
+
+    async def own_timeout() -> int:
+        raise TimeoutError("the awaitable's own")
+
+    with pytest.raises(TimeoutError, match="the awaitable's own"):
+        await wait_for(system, own_timeout(), 5.0)
+    assert await wait_for(system, asyncio.sleep(0, result=7), 5.0) == 7
+
+
 async def test_system_clock_satisfies_the_protocol() -> None:
     system = SystemClock()
     assert isinstance(system, Clock)
