@@ -484,8 +484,12 @@ class SessionStore:
 
         from protocols.telemetry import SAMPLE_DTYPES
 
-        record = self.session(session_id)
-        dtype = SAMPLE_DTYPES[record.sample_format]
+        row = self._db.execute(
+            "SELECT sample_format FROM sessions WHERE id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise SessionStoreError(f"no session {session_id}", path=self.path)
+        dtype = SAMPLE_DTYPES[SampleFormat(row[0])]
         chunks = self._db.execute(
             "SELECT first_sequence, sample_count, encoding, samples FROM telemetry_chunks"
             " WHERE session_id = ? ORDER BY first_sequence",
