@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import protocols as p
 from devicebridge.storage.sessions import SessionStore
 from devicebridge.storage.writer import BACKGROUND_NICE_INCREMENT, StoreWriter
+
+from .test_sessions import open_session
 
 
 def threads_nice() -> dict[str, int]:
@@ -29,16 +30,7 @@ def test_the_writer_and_compactor_threads_run_below_the_loop(tmp_path: Path) -> 
     with SessionStore(tmp_path / "s.sqlite3") as store:
         writer = StoreWriter(store)
         try:
-            session = writer.submit(
-                lambda thread_store: thread_store.start_session(
-                    routine_name="r",
-                    category="general",
-                    device_serial="SN-1",
-                    device_kind="massager",
-                    sample_format=p.SampleFormat.MASSAGER_V1,
-                    sample_rate_hz=100,
-                )
-            ).result(timeout=10)
+            session = writer.submit(open_session).result(timeout=10)
             # Finishing a session compacts it on the compactor's thread.
             writer.finish_session(session, status="completed", end_reason=None, summary={})
             writer.submit(lambda _: None).result(timeout=10)
