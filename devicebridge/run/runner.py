@@ -518,21 +518,18 @@ class RoutineRunner:
                 self._writer, self._own_writer = StoreWriter(self.store), True
             started_at = self._now()
             try:
-                self.session_id = await result_off_loop(
-                    self.clock,
-                    self._writer.submit(
-                        lambda thread_store: thread_store.start_session(
-                            routine_name=self.routine.name,
-                            category=self.routine.category,
-                            device_serial=self._device_serial or info.serial_number,
-                            device_kind=self.routine.device_kind.value,
-                            sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-                            sample_rate_hz=rate_hz,
-                            routine_text=self.routine.source_text,
-                            program_id=None if self.program_id is None else str(self.program_id),
-                            started_at=started_at,
-                        )
-                    ),
+                self.session_id = await self._on_store(
+                    lambda thread_store: thread_store.start_session(
+                        routine_name=self.routine.name,
+                        category=self.routine.category,
+                        device_serial=self._device_serial or info.serial_number,
+                        device_kind=self.routine.device_kind.value,
+                        sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
+                        sample_rate_hz=rate_hz,
+                        routine_text=self.routine.source_text,
+                        program_id=None if self.program_id is None else str(self.program_id),
+                        started_at=started_at,
+                    )
                 )
             except BaseException:
                 self._close_writer()
