@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from devicebridge.core.engine import Decision, DecisionKind
+from devicebridge.core.engine.base import StepCursor
 from devicebridge.core.engine.decisions import completion
 from devicebridge.core.policy import SIDED_ZONES, Limit, SafetyPolicy
 from devicebridge.core.routine import MassageStep, Routine
@@ -67,7 +68,7 @@ class TimedSummary:
         )
 
 
-class TimedMassageEngine:
+class TimedMassageEngine(StepCursor[MassageStep]):
     """Runs a massage routine by the host clock (see the module doc).
 
     ``start`` once, then ``tick(now_s)`` whenever time has passed; :attr:`next_due_s` says
@@ -75,37 +76,18 @@ class TimedMassageEngine:
     """
 
     def __init__(self, routine: Routine, policy: SafetyPolicy) -> None:
-        self._steps = [s for s in routine.steps if isinstance(s, MassageStep)]
-        if not self._steps:
-            raise ValueError(f"routine {routine.name!r} has no massage steps")
-        self.routine = routine
-        self.policy = policy
-        self.decisions: list[Decision] = []
+        super().__init__(routine, policy, MassageStep)
         self.summary = TimedSummary(
             steps_total=len(self._steps), planned_s=sum(s.contact_time_s for s in self._steps)
         )
         self.cue_interval_s = policy.move_cue_interval_s.value
-        self._index = 0
         self._now_s = 0.0
         self._step_start_s = 0.0
         self._next_cue_s = 0.0
         self._zone_used_s: dict[str, float] = {}
         self._started = False
-        self._finished = False
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
-    @property
-    def step_number(self) -> int:
-        return self._index + 1
-
-    @property
-    def current_step(self) -> MassageStep:
-        return self._steps[min(self._index, len(self._steps) - 1)]
 
     @property
     def elapsed_s(self) -> float:

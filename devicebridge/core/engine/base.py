@@ -13,33 +13,24 @@ from devicebridge.core.routine import LedStep, MassageStep, Routine
 StepT = TypeVar("StepT", MassageStep, LedStep)
 
 
-class Engine(abc.ABC, Generic[StepT]):
-    """The steps of one device kind in a routine, the session's sample clock (a sample's
-    session time is its sequence distance from the first sample divided by the sample
-    rate) and the decisions made so far."""
+class StepCursor(abc.ABC, Generic[StepT]):
+    """What every engine keeps, whether it times a routine by the device's samples or by
+    the host's clock: the steps of its device kind in the routine, which one runs, whether
+    the routine is over, and the decisions made so far."""
 
-    def __init__(
-        self, routine: Routine, policy: SafetyPolicy, step_type: type[StepT], sample_rate_hz: float
-    ) -> None:
+    def __init__(self, routine: Routine, policy: SafetyPolicy, step_type: type[StepT]) -> None:
         self._steps: list[StepT] = [s for s in routine.steps if isinstance(s, step_type)]
         if not self._steps:
             raise ValueError(f"routine {routine.name!r} has no {step_type.__name__} steps")
         self.routine = routine
         self.policy = policy
-        self.dt_s = 1.0 / sample_rate_hz
         self.decisions: list[Decision] = []
         self._index = 0
-        self._first_sequence: int | None = None
         self._finished = False
 
     @property
     def finished(self) -> bool:
         return self._finished
-
-    @property
-    def first_sequence(self) -> int | None:
-        """The sequence number of the session's first sample (None before one was fed)."""
-        return self._first_sequence
 
     @property
     def step_number(self) -> int:
@@ -48,6 +39,23 @@ class Engine(abc.ABC, Generic[StepT]):
     @property
     def current_step(self) -> StepT:
         return self._steps[min(self._index, len(self._steps) - 1)]
+
+
+class Engine(StepCursor[StepT]):
+    """An engine on the session's sample clock: a sample's session time is its sequence
+    distance from the first sample divided by the sample rate."""
+
+    def __init__(
+        self, routine: Routine, policy: SafetyPolicy, step_type: type[StepT], sample_rate_hz: float
+    ) -> None:
+        StepCursor.__init__(self, routine, policy, step_type)
+        self.dt_s = 1.0 / sample_rate_hz
+        self._first_sequence: int | None = None
+
+    @property
+    def first_sequence(self) -> int | None:
+        """The sequence number of the session's first sample (None before one was fed)."""
+        return self._first_sequence
 
     def _session_time_s(self, sequence: int) -> float:
         """Session time of a sample, from the device's sample clock."""
