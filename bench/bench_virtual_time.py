@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from bench.report import print_table
+from bench.report import describe_machine, print_table
 from devicebridge.qa import run_scenario
 from protocols import Command, MassageMode, SetIntensity, SetMode, SetZone, StartStream, Zone
 from simulators import Channel, SimulatedWorld, VirtualClock
@@ -300,4 +300,5 @@ def run() -> bool:
         " simulator: the share of it the simulator alone takes (same devices, same"
         " generation, its table above)"
     )
+    print(describe_machine())
     return all(verdicts)

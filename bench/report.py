@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
 import os
 import platform
 import time
@@ -58,5 +60,15 @@ def describe_machine() -> str:
         load = ", load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     return (
         f"measured on: {model}, {os.cpu_count()} cores{load}, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}"
+        f"{platform.release()}, Python {platform.python_version()}, {describe_build()}"
     )
+
+
+def describe_build() -> str:
+    """Which build of the pure cores ran (``[tool.devicebridge.compile]`` in pyproject.toml):
+    the same bench gives other figures on the pure-Python install and on the mypyc build."""
+    engine = importlib.import_module("devicebridge.core.engine.massage")
+    path = getattr(engine, "__file__", None) or ""
+    if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        return "pure cores compiled with mypyc"
+    return "pure-Python install (cores not compiled)"
