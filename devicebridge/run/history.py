@@ -3,6 +3,7 @@ dose already received."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,9 +81,28 @@ def recorded_treatments(store: SessionStore) -> list[Treatment]:
     return [Treatment(t.kind, _aware(t.performed_at), t.zones) for t in store.treatments()]
 
 
+def admitted_run(routine: Routine, now: datetime) -> PastSession:
+    """A run admitted at ``now`` whose session is not stored yet, as admission counts it
+    meanwhile: a whole session of its category, and, for light, all of its planned dose
+    (the most it can deliver) until its record says what it did."""
+    planned_dose = (
+        {ch: routine.dose_j_cm2(ch) for ch in LED_CHANNELS}
+        if routine.device_kind is DeviceKindName.LED_MASK
+        else {}
+    )
+    return PastSession(now, routine.category, routine.device_kind, False, planned_dose, None)
+
+
 def check_routine_admission(
-    routine: Routine, policy: SafetyPolicy, store: SessionStore | None, *, now: datetime
+    routine: Routine,
+    policy: SafetyPolicy,
+    store: SessionStore | None,
+    *,
+    now: datetime,
+    admitted: Sequence[PastSession] = (),
 ) -> Admission:
+    """Admission of ``routine`` at ``now`` against the stored history, and ``admitted``:
+    runs admitted before it whose sessions are not stored yet (:func:`admitted_run`)."""
     # Only the sessions admission can use: those within the windows that apply to this
     # routine, and the light of the last day. Reading more made each admission slower as
     # the history grew, on the thread that commits every device's telemetry.
@@ -93,7 +113,7 @@ def check_routine_admission(
         )
         if store is not None
         else []
-    )
+    ) + list(admitted)
     treatments = recorded_treatments(store) if store is not None else []
     return check_admission(routine, policy, now=now, history=history, treatments=treatments)
 

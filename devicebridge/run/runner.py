@@ -113,7 +113,7 @@ from devicebridge.errors import (
     SessionClosedError,
     TransportError,
 )
-from devicebridge.run.history import check_routine_admission, refusal_json
+from devicebridge.run.history import admitted_run, check_routine_admission, refusal_json
 from devicebridge.run.summary import RunSummary, session_summary
 from devicebridge.run.view import Guidance, RunnerState
 from devicebridge.storage.sessions import SessionStatus, SessionStore
@@ -257,6 +257,8 @@ class RoutineRunner:
         self._stops: set[asyncio.Task[Ack]] = set()  # STOP_ALL commands in flight
         self._writer: StoreWriter | None = writer
         self._own_writer = False
+        # The writer counting this run as admitted until its session is stored (admit).
+        self._admitted_on: StoreWriter | None = None
 
     # ------------------------------------------------------------------ admission
 
@@ -268,14 +270,27 @@ class RoutineRunner:
         keeps serving every other device meanwhile.
         """
         now = self._now()
-        routine, policy = self.routine, self.policy
-        if self.store is None:
-            admission = check_routine_admission(routine, policy, None, now=now)
-        else:
-            admission = await self._on_store(
-                lambda store: check_routine_admission(routine, policy, store, now=now)
+        routine, policy, writer, run_key = self.routine, self.policy, self._writer, id(self)
+
+        def admit_on_store(store: SessionStore | None) -> Admission:
+            # On the writer's thread: what it admits counts for the next admission at once,
+            # before this run's session is stored (two starts in one instant on two
+            # devices of one person are two sessions).
+            admitted = writer.admitted_runs if writer is not None else {}
+            admission = check_routine_admission(
+                routine, policy, store, now=now, admitted=tuple(admitted.values())
             )
+            if admission.allowed and writer is not None:
+                admitted[run_key] = admitted_run(routine, now)
+            return admission
+
+        if self.store is None:
+            admission = admit_on_store(None)
+        else:
+            admission = await self._on_store(admit_on_store)
         self.admission = admission
+        if admission.allowed:
+            self._admitted_on = writer
         if not admission.allowed:
             session_id = await self._record_refusal(
                 "; ".join(r.message for r in admission.refusals),
@@ -482,6 +497,15 @@ class RoutineRunner:
             self._observing = self._armed = False
             remove_observer()
             self._backlog.clear()
+            self.release_admission()
+
+    def release_admission(self) -> None:
+        """This run no longer counts as admitted (it ended before its session was stored,
+        or it will not run): later admissions stop counting it. Its stored session, if
+        any, counts from the store."""
+        writer, self._admitted_on = self._admitted_on, None
+        if writer is not None:
+            writer.admitted_run_ended(id(self))
 
     def request_stop(self, reason: str) -> None:
         """End the run as ``stopped`` with ``reason`` (the device is stopped, the record kept)."""
@@ -517,20 +541,28 @@ class RoutineRunner:
             if self._writer is None:
                 self._writer, self._own_writer = StoreWriter(self.store), True
             started_at = self._now()
-            try:
-                self.session_id = await self._on_store(
-                    lambda thread_store: thread_store.start_session(
-                        routine_name=self.routine.name,
-                        category=self.routine.category,
-                        device_serial=self._device_serial or info.serial_number,
-                        device_kind=self.routine.device_kind.value,
-                        sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-                        sample_rate_hz=rate_hz,
-                        routine_text=self.routine.source_text,
-                        program_id=None if self.program_id is None else str(self.program_id),
-                        started_at=started_at,
-                    )
+            admitted_on, run_key = self._admitted_on, id(self)
+
+            def start_session(thread_store: SessionStore) -> int:
+                session_id = thread_store.start_session(
+                    routine_name=self.routine.name,
+                    category=self.routine.category,
+                    device_serial=self._device_serial or info.serial_number,
+                    device_kind=self.routine.device_kind.value,
+                    sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
+                    sample_rate_hz=rate_hz,
+                    routine_text=self.routine.source_text,
+                    program_id=None if self.program_id is None else str(self.program_id),
+                    started_at=started_at,
                 )
+                if admitted_on is not None:
+                    # Stored: from here on admission reads it from the store.
+                    admitted_on.admitted_runs.pop(run_key, None)
+                return session_id
+
+            try:
+                self.session_id = await self._on_store(start_session)
+                self._admitted_on = None
             except BaseException:
                 self._close_writer()
                 raise

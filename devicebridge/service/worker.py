@@ -399,6 +399,7 @@ class DeviceWorker:
             raise
         if self.stopping:
             self.runner = None
+            runner.release_admission()  # it will not run
             raise ServiceError("the bridge is stopping", device=self.serial)
         self._run_task = asyncio.get_running_loop().create_task(
             self._run(runner, max_duration_s), name=f"{self.serial} routine"

@@ -17,6 +17,7 @@ from typing import Any, Final, TypeVar
 
 import numpy as np
 
+from devicebridge.core.admission import PastSession
 from devicebridge.core.engine import (
     Decision,
 )
@@ -129,6 +130,12 @@ class StoreWriter:
             initializer=functools.partial(_background_priority, when_idle=True),
         )
         self._compactor_store: SessionStore | None = None  # used on the compactor only
+        # Runs admitted on this store whose sessions are not stored yet, by run: read and
+        # changed only by jobs on the writer's thread, which runs them one at a time, so
+        # that an admission there counts every run admitted before it (see
+        # RoutineRunner.admit).
+        self.admitted_runs: dict[int, PastSession] = {}
+        self._closing = False
 
     def add_samples(
         self, session_id: int, first_sequence: int, samples: np.ndarray[Any, Any]
@@ -192,6 +199,12 @@ class StoreWriter:
         """
         self._prune()
         return self._executor.submit(lambda: operation(self._store_of_thread()))
+
+    def admitted_run_ended(self, run_key: int) -> None:
+        """Run ``run_key`` no longer counts as admitted (:attr:`admitted_runs`), once the
+        jobs before this one are done."""
+        if not self._closing:
+            self._executor.submit(self.admitted_runs.pop, run_key, None)
 
     def run_now(self, operation: Callable[[SessionStore], T]) -> T:
         """:meth:`submit`, waiting for the result (blocks)."""
@@ -268,6 +281,7 @@ class StoreWriter:
     def close(self) -> None:
         """Stop the writer thread once its last write is done (without waiting here), and
         the compactor once its compactions are (waiting for them)."""
+        self._closing = True
         if self._timer is not None:
             self._timer.cancel()
         self._submit()

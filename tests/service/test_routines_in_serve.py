@@ -3,6 +3,7 @@ LED dose, admission, and the summaries a therapist sees."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -156,3 +157,34 @@ async def test_a_third_firming_in_seven_days_is_refused_in_serve(tmp_path: Path)
     with SessionStore(tmp_path / SESSIONS_FILENAME) as store:
         record = store.session(refused.value.session_id or 0)
     assert record.status == "refused"
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["together", "one-after-another"])
+async def test_firming_started_on_three_massagers_at_once_is_admitted_twice(
+    tmp_path: Path, together: bool
+) -> None:
+    """The frequency rule counts a run from its admission, not from the moment its record
+    is stored: three starts in the same instant on three massagers of one bridge (one
+    person's history), concurrent or each awaited, are two firming sessions admitted and
+    one refused."""
+    policy = default_policy()
+    routine = parse_routine(routine_text("firming").decode(), policy)
+    async with service_rig(tmp_path, massagers=3) as rig:
+        await rig.start()
+        workers = list(rig.service.workers.values())
+        await rig.wait(lambda: all(w.batcher is not None for w in workers))
+        starts = [rig.service.start_routine(w.serial, routine) for w in workers]
+        if together:
+            started = await asyncio.gather(*starts, return_exceptions=True)
+        else:
+            started = []
+            for start in starts:
+                try:
+                    started.append(await start)
+                except RoutineRefusedError as refusal:
+                    started.append(refusal)
+        refused = [r for r in started if isinstance(r, RoutineRefusedError)]
+        assert len(refused) == 1, started
+        assert [r for r in started if isinstance(r, BaseException)] == refused
+        assert "frequency.firming.max_sessions = 2" in str(refused[0])
+        assert sum(w.runner is not None for w in workers) == 2
