@@ -65,7 +65,13 @@ FLOOR_RECORD: Final = "floor, record (minimal script)"
 ROUTINE_CASE: Final = "bridge: + routine recorded"
 CASES: Final = (BARE, FLOOR_STREAM, STREAM, FLOOR_RECORD, ROUTINE_CASE)
 BRIDGE: Final = "bench"
-ROUTINE: Final = Path(__file__).resolve().parents[1] / "devicebridge/data/routines/firming.toml"
+# The starter drainage routine: its category has no frequency limit. The devices of one
+# bridge are one person's, and admission counts every run from its admission, so a routine
+# limited to a few sessions a week (firming: 2 in 7 days) is refused on all but the first
+# devices started together.
+ROUTINE: Final = (
+    Path(__file__).resolve().parents[1] / "devicebridge/data/routines/lymphatic_drainage.toml"
+)
 
 SUBSCRIBER = r"""
 import asyncio, json, sys
