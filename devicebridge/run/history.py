@@ -3,7 +3,7 @@ dose already received."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,17 +45,23 @@ def led_dose_of_samples(samples: np.ndarray[Any, Any], sample_rate_hz: float) ->
 
 
 def admission_history(
-    store: SessionStore, *, every_kind_since: datetime | None, dose_since: datetime
+    store: SessionStore,
+    *,
+    every_kind_since: datetime | None,
+    dose_since: datetime,
+    leave_out: Collection[int] = (),
 ) -> list[PastSession]:
     """Past sessions as admission sees them; refused attempts are not sessions.
 
     Those started since ``every_kind_since`` (None: none), and those with a dose started
-    since ``dose_since``. A session that ended without a summary (the bridge was stopped)
-    gets its LED dose from its stored telemetry, so a crash never hides light from the
-    daily cap.
+    since ``dose_since``; not those of ``leave_out`` (runs still going, counted as
+    admitted). A session that ended without a summary (the bridge was stopped) gets its LED
+    dose from its stored telemetry, so a crash never hides light from the daily cap.
     """
     history: list[PastSession] = []
     for row in store.admission_rows(every_kind_since=every_kind_since, dose_since=dose_since):
+        if row.id in leave_out:
+            continue
         try:
             kind = DeviceKindName(row.device_kind)
         except ValueError:
@@ -82,9 +88,9 @@ def recorded_treatments(store: SessionStore) -> list[Treatment]:
 
 
 def admitted_run(routine: Routine, now: datetime) -> PastSession:
-    """A run admitted at ``now`` whose session is not stored yet, as admission counts it
-    meanwhile: a whole session of its category, and, for light, all of its planned dose
-    (the most it can deliver) until its record says what it did."""
+    """A run admitted at ``now`` that has not ended, as admission counts it meanwhile: a
+    whole session of its category, and, for light, all of its planned dose (the most it
+    can deliver), until its stored summary says what it did."""
     planned_dose = (
         {ch: routine.dose_j_cm2(ch) for ch in LED_CHANNELS}
         if routine.device_kind is DeviceKindName.LED_MASK
@@ -99,21 +105,26 @@ def check_routine_admission(
     store: SessionStore | None,
     *,
     now: datetime,
-    admitted: Sequence[PastSession] = (),
+    admitted: Sequence[tuple[PastSession, int | None]] = (),
 ) -> Admission:
     """Admission of ``routine`` at ``now`` against the stored history, and ``admitted``:
-    runs admitted before it whose sessions are not stored yet (:func:`admitted_run`)."""
+    runs admitted before it that have not ended (:func:`admitted_run`), each with the id of
+    its stored session if it has one, which they stand for until they end."""
+    leave_out = {session_id for _, session_id in admitted if session_id is not None}
     # Only the sessions admission can use: those within the windows that apply to this
     # routine, and the light of the last day. Reading more made each admission slower as
     # the history grew, on the thread that commits every device's telemetry.
     span = history_span(routine, policy)
     history = (
         admission_history(
-            store, every_kind_since=now - span if span else None, dose_since=now - DAY
+            store,
+            every_kind_since=now - span if span else None,
+            dose_since=now - DAY,
+            leave_out=leave_out,
         )
         if store is not None
         else []
-    ) + list(admitted)
+    ) + [run for run, _ in admitted]
     treatments = recorded_treatments(store) if store is not None else []
     return check_admission(routine, policy, now=now, history=history, treatments=treatments)
 

@@ -257,7 +257,7 @@ class RoutineRunner:
         self._stops: set[asyncio.Task[Ack]] = set()  # STOP_ALL commands in flight
         self._writer: StoreWriter | None = writer
         self._own_writer = False
-        # The writer counting this run as admitted until its session is stored (admit).
+        # The writer counting this run as admitted until it ends (admit).
         self._admitted_on: StoreWriter | None = None
 
     # ------------------------------------------------------------------ admission
@@ -281,7 +281,7 @@ class RoutineRunner:
                 routine, policy, store, now=now, admitted=tuple(admitted.values())
             )
             if admission.allowed and writer is not None:
-                admitted[run_key] = admitted_run(routine, now)
+                admitted[run_key] = (admitted_run(routine, now), None)
             return admission
 
         if self.store is None:
@@ -500,9 +500,8 @@ class RoutineRunner:
             self.release_admission()
 
     def release_admission(self) -> None:
-        """This run no longer counts as admitted (it ended before its session was stored,
-        or it will not run): later admissions stop counting it. Its stored session, if
-        any, counts from the store."""
+        """This run no longer counts as admitted (it ended, or it will not run): later
+        admissions count its stored session, if it has one, as the store says."""
         writer, self._admitted_on = self._admitted_on, None
         if writer is not None:
             writer.admitted_run_ended(id(self))
@@ -555,14 +554,15 @@ class RoutineRunner:
                     program_id=None if self.program_id is None else str(self.program_id),
                     started_at=started_at,
                 )
-                if admitted_on is not None:
-                    # Stored: from here on admission reads it from the store.
-                    admitted_on.admitted_runs.pop(run_key, None)
+                if admitted_on is not None and run_key in admitted_on.admitted_runs:
+                    # Until the run ends its record says less than the run will do (light
+                    # so far, no completion): admission counts the admitted run instead.
+                    admitted, _ = admitted_on.admitted_runs[run_key]
+                    admitted_on.admitted_runs[run_key] = (admitted, session_id)
                 return session_id
 
             try:
                 self.session_id = await self._on_store(start_session)
-                self._admitted_on = None
             except BaseException:
                 self._close_writer()
                 raise
@@ -950,16 +950,12 @@ class RoutineRunner:
         session_id, writer = self.session_id, self._writer
         ended_at = self._now()
         if writer is not None and session_id is not None:
-            await result_off_loop(
-                self.clock,
-                writer.finish_session(
-                    session_id,
-                    status=status,
-                    end_reason=end_reason,
-                    summary=summary,
-                    ended_at=ended_at,
-                ),
+            finished = writer.finish_session(
+                session_id, status=status, end_reason=end_reason, summary=summary, ended_at=ended_at
             )
+            # Queued right behind its summary: no admission reads the one without the other.
+            self.release_admission()
+            await result_off_loop(self.clock, finished)
         if status != "completed" and end_reason:
             self._final_note = f"Session {status}: {end_reason}"
         self._publish()

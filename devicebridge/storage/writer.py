@@ -130,11 +130,11 @@ class StoreWriter:
             initializer=functools.partial(_background_priority, when_idle=True),
         )
         self._compactor_store: SessionStore | None = None  # used on the compactor only
-        # Runs admitted on this store whose sessions are not stored yet, by run: read and
-        # changed only by jobs on the writer's thread, which runs them one at a time, so
-        # that an admission there counts every run admitted before it (see
-        # RoutineRunner.admit).
-        self.admitted_runs: dict[int, PastSession] = {}
+        # Runs admitted on this store that have not ended, by run, with the id of the
+        # session each has stored so far (None before it has): read and changed only by
+        # jobs on the writer's thread, which runs them one at a time, so that an admission
+        # there counts every run admitted before it (see RoutineRunner.admit).
+        self.admitted_runs: dict[int, tuple[PastSession, int | None]] = {}
         self._closing = False
 
     def add_samples(
@@ -202,7 +202,7 @@ class StoreWriter:
 
     def admitted_run_ended(self, run_key: int) -> None:
         """Run ``run_key`` no longer counts as admitted (:attr:`admitted_runs`), once the
-        jobs before this one are done."""
+        jobs before this one are done: its stored session, if any, counts from then on."""
         if not self._closing:
             self._executor.submit(self.admitted_runs.pop, run_key, None)
 

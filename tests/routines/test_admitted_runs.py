@@ -35,14 +35,19 @@ duration_s = 600
 """
 
 
-def runner(
+def runners(
     session: DeviceSession,
     routine: Routine,
     policy: SafetyPolicy,
     store: SessionStore,
     writer: StoreWriter,
-) -> RoutineRunner:
-    return RoutineRunner(session, routine, policy, store=store, writer=writer, now=lambda: NOW)
+    count: int = 3,
+) -> list[RoutineRunner]:
+    """``count`` runs of ``routine`` sharing one store writer, as in ``devicebridge serve``."""
+    return [
+        RoutineRunner(session, routine, policy, store=store, writer=writer, now=lambda: NOW)
+        for _ in range(count)
+    ]
 
 
 async def test_a_third_firming_admitted_before_two_are_stored_is_refused_until_one_is_released(
@@ -54,7 +59,7 @@ async def test_a_third_firming_admitted_before_two_are_stored_is_refused_until_o
     async with world:
         clock.start()
         session = await connect(world, massager)
-        first, second, third = (runner(session, routine, policy, store, writer) for _ in "123")
+        first, second, third, fourth = runners(session, routine, policy, store, writer, 4)
         assert (await first.admit()).allowed
         assert (await second.admit()).allowed
         with pytest.raises(RoutineRefusedError) as refused:
@@ -64,7 +69,7 @@ async def test_a_third_firming_admitted_before_two_are_stored_is_refused_until_o
         # The first ends before its session is stored (its device went, say): it no longer
         # counts, and a new start is admitted in its place.
         first.release_admission()
-        assert (await runner(session, routine, policy, store, writer).admit()).allowed
+        assert (await fourth.admit()).allowed
     writer.close()
     # Refused attempts are stored (history shows them); admitted ones not yet.
     assert [record.status for record in store.sessions()] == ["refused"]
@@ -78,8 +83,7 @@ async def test_light_admitted_but_not_stored_counts_its_planned_dose_toward_the_
     mask = world.add_mask()
     async with world:
         clock.start()
-        session = await connect(world, mask)
-        first, second, third = (runner(session, routine, policy, store, writer) for _ in "123")
+        first, second, third = runners(await connect(world, mask), routine, policy, store, writer)
         assert (await first.admit()).allowed
         admission = await second.admit()
         assert admission.allowed

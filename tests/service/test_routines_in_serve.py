@@ -25,7 +25,9 @@ from simulators.devices.mask import SimulatedLedMask
 
 from .conftest import Rig, routine_text, service_rig
 
-LED_ROUTINE = """
+
+def led_routine(red_mw_cm2: float, duration_s: float) -> str:
+    return f"""
 [routine]
 name = "red test"
 author = "tests"
@@ -34,8 +36,8 @@ device_kind = "led_mask"
 category = "general"
 
 [[steps]]
-red_mw_cm2 = 20.0
-duration_s = 500
+red_mw_cm2 = {red_mw_cm2}
+duration_s = {duration_s}
 """
 
 
@@ -106,7 +108,7 @@ async def test_over_temperature_on_a_massager_in_serve_stops_the_motor(
 
 async def test_the_daily_led_cap_holds_in_serve(tmp_path: Path) -> None:
     policy = default_policy()
-    routine = parse_routine(LED_ROUTINE, policy)
+    routine = parse_routine(led_routine(20.0, 500), policy)
     async with service_rig(tmp_path, massagers=0, masks=1, run_mode=RunMode.HOST) as rig:
         # 50 of the 60 J/cm² daily red dose three hours ago: 10 J/cm² remain.
         record_past(
@@ -188,3 +190,24 @@ async def test_firming_started_on_three_massagers_at_once_is_admitted_twice(
         assert [r for r in started if isinstance(r, BaseException)] == refused
         assert "frequency.firming.max_sessions = 2" in str(refused[0])
         assert sum(w.runner is not None for w in workers) == 2
+
+
+async def test_light_on_a_second_mask_counts_what_the_first_still_plans(tmp_path: Path) -> None:
+    """While a mask's session runs, its stored record holds only the light delivered so
+    far: a light routine started on another mask of the same bridge meanwhile counts the
+    first run's whole planned dose, so the two together stay within the daily cap."""
+    policy = default_policy()
+    # 50 mW/cm² for 600 s: 30 of the 60 J/cm² of red a day
+    routine = parse_routine(led_routine(50.0, 600), policy)
+    async with service_rig(tmp_path, massagers=0, masks=3) as rig:
+        await rig.start()
+        workers = list(rig.service.workers.values())
+        await rig.wait(lambda: all(w.batcher is not None for w in workers))
+        first = await rig.service.start_routine(workers[0].serial, routine)
+        await rig.wait(lambda: first.session_id is not None and first.samples_recorded >= 500)
+        second = await rig.service.start_routine(workers[1].serial, routine)
+        assert second.admission is not None
+        assert second.admission.dose_today_j_cm2["red"] == pytest.approx(30.0)
+        with pytest.raises(RoutineRefusedError) as refused:
+            await rig.service.start_routine(workers[2].serial, routine)
+    assert "red light: 60.0 J/cm² already" in str(refused.value)
