@@ -1,8 +1,11 @@
 """The two baselines every host-cost figure is measured against, in the bench's own run.
 
-* ``bare``: the simulated massagers and the bleak simulator backend, each device's
-  telemetry notifications going to a callback that only counts them. What is left when
-  the host does nothing: the simulator, bleak's backend, the event loop.
+Both reach the devices through the bleak backends they are given (``bench service``: the
+simulated massagers in a process of their own, behind :mod:`bench.ble_proxy`).
+
+* ``bare``: each device's telemetry notifications going to a callback that only counts
+  them. What is left when the host does nothing: bleak and its backend delivering the
+  notifications, the event loop.
 * ``floor``: a minimal, self-contained script doing the bridge's work on the same
   devices without the bridge's layers (no transport, session, reassembly, engine, store,
   outbox): each notification decoded with numpy; when recording, its pressures compared
@@ -31,9 +34,9 @@ import numpy as np
 from bleak import BleakClient, BleakScanner
 
 from devicebridge.core.policy import default_policy
+from devicebridge.device.transport.ble import BleBackends
 from protocols import CONTROL_CHAR_UUID, TELEMETRY_CHAR_UUID, Command, StartStream
 from protocols.telemetry import BATCH_HEADER, MASSAGER_SAMPLE_DTYPE
-from simulators import SimulatedWorld
 
 WRITE_INTERVAL_S: Final = 0.25
 MESSAGE_SAMPLES: Final = 100  # one message per device per second at 100 Hz
@@ -52,14 +55,14 @@ class Measured:
 
 
 async def _connect(
-    world: SimulatedWorld, address: str, on_telemetry: Callable[[Any, bytearray], None]
+    backends: BleBackends, address: str, on_telemetry: Callable[[Any, bytearray], None]
 ) -> BleakClient:
     device = await BleakScanner.find_device_by_address(
-        address, timeout=FIND_TIMEOUT_S, backend=world.scanner_backend
+        address, timeout=FIND_TIMEOUT_S, backend=backends.scanner
     )
     if device is None:
         raise RuntimeError(f"{address} not found")
-    client = BleakClient(device, backend=world.client_backend)
+    client = BleakClient(device, backend=backends.client)
     await client.connect()
     await client.start_notify(CONTROL_CHAR_UUID, lambda _c, _d: None)
     await client.start_notify(TELEMETRY_CHAR_UUID, on_telemetry)
@@ -75,7 +78,7 @@ async def _window(duration_s: float, samples: Callable[[], int]) -> Measured:
     return Measured(time.process_time() - cpu0, time.perf_counter() - wall0, samples() - samples0)
 
 
-async def bare(world: SimulatedWorld, addresses: list[str], duration_s: float) -> Measured:
+async def bare(backends: BleBackends, addresses: list[str], duration_s: float) -> Measured:
     """Counts the samples of every notification; nothing else."""
     received = 0
     sample_bytes = MASSAGER_SAMPLE_DTYPE.itemsize
@@ -84,7 +87,7 @@ async def bare(world: SimulatedWorld, addresses: list[str], duration_s: float) -
         nonlocal received
         received += (len(data) - _HEADER.size) // sample_bytes
 
-    clients = [await _connect(world, a, count) for a in addresses]
+    clients = [await _connect(backends, a, count) for a in addresses]
     measured = await _window(duration_s, lambda: received)
     for client in clients:
         await client.disconnect()
@@ -181,7 +184,7 @@ def _samples_db(data_dir: Path) -> sqlite3.Connection:
 
 
 async def floor(
-    world: SimulatedWorld,
+    backends: BleBackends,
     devices: list[tuple[str, str]],
     broker_port: int,
     data_dir: Path,
@@ -198,7 +201,7 @@ async def floor(
         clients = []
         for address, serial in devices:
             device = _FloorDevice(state, serial)
-            clients.append(await _connect(world, address, device.on_telemetry))
+            clients.append(await _connect(backends, address, device.on_telemetry))
         measured = await _window(duration_s, lambda: state.samples)
         for ble in clients:
             await ble.disconnect()
