@@ -270,7 +270,9 @@ class RoutineRunner:
         keeps serving every other device meanwhile.
         """
         now = self._now()
-        routine, policy, writer, run_key = self.routine, self.policy, self._writer, id(self)
+        routine, policy, run_key = self.routine, self.policy, id(self)
+        # Only a run whose admission goes through the writer's thread is counted there.
+        writer = self._writer if self.store is not None else None
 
         def admit_on_store(store: SessionStore | None) -> Admission:
             # On the writer's thread: what it admits counts for the next admission at once,
@@ -289,14 +291,13 @@ class RoutineRunner:
         else:
             admission = await self._on_store(admit_on_store)
         self.admission = admission
-        if admission.allowed:
-            self._admitted_on = writer
         if not admission.allowed:
             session_id = await self._record_refusal(
                 "; ".join(r.message for r in admission.refusals),
                 {"refusals": [refusal_json(r) for r in admission.refusals]},
             )
             raise RoutineRefusedError(self.routine, admission, session_id)
+        self._admitted_on = writer
         return admission
 
     async def _on_store(self, operation: Callable[[SessionStore], T]) -> T:
