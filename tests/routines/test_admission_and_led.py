@@ -13,9 +13,9 @@ from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.routine import Routine
 from devicebridge.errors import RoutineRefusedError
-from devicebridge.run.runner import RoutineRunner
+from devicebridge.run.runner import SAMPLE_FORMAT_OF, RoutineRunner
 from devicebridge.storage.sessions import SessionStatus, SessionStore
-from protocols import Opcode, SampleFormat
+from protocols import Opcode
 from simulators import SimulatedWorld, VirtualClock
 from simulators.devices import mask as mask_module
 
@@ -42,9 +42,7 @@ def record_past(
         category=routine.category,
         device_serial="FM-PAST",
         device_kind=routine.device_kind.value,
-        sample_format=SampleFormat.MASSAGER_V1
-        if routine.device_kind.value == "massager"
-        else SampleFormat.LED_MASK_V1,
+        sample_format=SAMPLE_FORMAT_OF[routine.device_kind],
         sample_rate_hz=100.0,
         started_at=NOW - timedelta(days=when_days_ago),
     )

@@ -21,8 +21,8 @@ from devicebridge.core.library import starter_routines
 from devicebridge.core.policy import default_policy
 from devicebridge.core.routine import DeviceKindName, Routine, parse_routine
 from devicebridge.run.history import check_routine_admission, recorded_treatments
+from devicebridge.run.runner import SAMPLE_FORMAT_OF
 from devicebridge.storage.sessions import SessionStore
-from protocols import SampleFormat
 
 from .conftest import NOW
 
@@ -105,9 +105,7 @@ def test_admission_decides_as_if_it_read_every_session(
                 category=category,
                 device_serial="SN-1",
                 device_kind=kind,
-                sample_format=SampleFormat.MASSAGER_V1
-                if kind == "massager"
-                else SampleFormat.LED_MASK_V1,
+                sample_format=SAMPLE_FORMAT_OF[DeviceKindName(kind)],
                 sample_rate_hz=50.0,
                 started_at=NOW + timedelta(days=days),
             )

@@ -14,11 +14,10 @@ import pytest
 from devicebridge.app import routine_hand_script
 from devicebridge.core.engine import DecisionKind
 from devicebridge.core.policy import default_policy
-from devicebridge.core.routine import parse_routine
+from devicebridge.core.routine import DeviceKindName, parse_routine
 from devicebridge.errors import RoutineRefusedError
-from devicebridge.run.runner import RunMode
+from devicebridge.run.runner import SAMPLE_FORMAT_OF, RunMode
 from devicebridge.storage.sessions import SESSIONS_FILENAME, SessionStore
-from protocols import SampleFormat
 from protocols.telemetry import MASSAGER_FLAG_MOTOR_ON
 from simulators import SimulatedMassager
 from simulators.devices.mask import SimulatedLedMask
@@ -50,9 +49,7 @@ def record_past(
             category=category,
             device_serial="PAST",
             device_kind=kind,
-            sample_format=SampleFormat.MASSAGER_V1
-            if kind == "massager"
-            else SampleFormat.LED_MASK_V1,
+            sample_format=SAMPLE_FORMAT_OF[DeviceKindName(kind)],
             sample_rate_hz=100.0,
             started_at=rig.service.now() - timedelta(days=days_ago),
         )
