@@ -7,14 +7,20 @@ cluster and collide at times, which an even stagger would never show. Each devic
 real :class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite
 store and one writer thread shared by all runs, as ``devicebridge serve`` has) over a real
 transport, with the shipped policy: over-cap events end a session (its end, the commit
-of the session's record and its compaction, happens while other devices' samples
-arrive), and the next run starts at once, admitted against the whole history stored so
+of the session's record, happens while other devices' samples arrive), and the next run
+starts at once, admitted against the whole history stored so
 far (the routine is a drainage massage, a category the policy admits any number of
 times a day, so every device keeps running sessions for the whole window; a device loop
 that ends fails the bench). A stop is measured while a run drives its device (from the
 run's start, its record stored and its engine started, to its end): samples that come
 between two runs, when the previous run's STOP_ALL has stopped the device and the next
 has commanded nothing yet, are counted apart ("between runs").
+
+The devices never pause, so, as in ``devicebridge serve``, no finished session is
+compacted within the window: compaction (another process) waits for a pause in the
+telemetry, at most ``COMPACT_WAIT_S`` (a minute) after a session ended, longer than the
+window (:data:`devicebridge.storage.writer.COMPACT_IDLE_S` gives the p99 measured with
+every session compacted as it ended).
 
 The process is set up as ``devicebridge serve`` sets itself up
 (:func:`devicebridge.app.event_loop_first`, one policy for every device, and what

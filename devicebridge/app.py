@@ -75,7 +75,7 @@ DEMO_LED_NIR_MW_CM2: Final = 20.0
 DEMO_LED_FRACTION: Final = 0.6  # of the demo duration
 DEMO_ZONES: Final = (Zone.CHEEK_LEFT, Zone.FOREHEAD)
 # The event loop answers every device's over-cap sample with STOP_ALL, while the store's
-# writer and compactor threads run Python too. CPython lets a thread keep the GIL for the
+# writer thread runs Python too. CPython lets a thread keep the GIL for the
 # switch interval (5 ms by default) before one that waits gets it, so a safety stop could
 # wait that long behind a commit; a command runs with this bound instead (measured with
 # ``python -m bench latency``: the bridge's read -> STOP p99 at 100 devices went from about

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from devicebridge.core.engine import (
 from devicebridge.errors import (
     SessionStoreError,
 )
+from devicebridge.storage.compactor import COMPACTOR
 from devicebridge.storage.sessions import SampleChunk, SessionStore
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,28 +39,41 @@ T = TypeVar("T")
 FLUSH_INTERVAL_S: Final = 0.25
 
 
-# How much lower than the event loop's the OS priority of the writer's threads is (a nice
-# increment, Linux only). With the device process, the loop and these threads on a few
-# cores, the scheduler otherwise lets a commit or a compaction run for a whole time slice
+# Compaction of finished sessions (CPU work in another process) waits for a pause of
+# this long in the telemetry written, so that it does not compete with live devices for
+# the machine: ``python -m bench latency`` at 100 devices gave a p99 of 0.73-1.65 ms
+# (median 1.21) with no compaction while sessions streamed, and 2.42-4.58 ms (median
+# 3.51) with each session compacted as it ended, five runs each (wall seconds).
+COMPACT_IDLE_S: Final = 2.0
+# ... but no longer than this after a session ended (a bridge whose devices never pause
+# still compacts, a minute's sessions at a time; wall seconds).
+COMPACT_WAIT_S: Final = 60.0
+
+
+# How much lower than the event loop's the OS priority of the writer's thread is (a nice
+# increment, Linux only). With the device process, the loop and this thread on a few
+# cores, the scheduler otherwise lets a commit run for a whole time slice
 # while the loop's safety stop waits (``python -m bench latency``: the 100-device p99
-# went from 4-15 ms to about 3 ms). They still get every core the loop leaves idle.
+# went from 4-15 ms to about 3 ms). It still gets every core the loop leaves idle.
 BACKGROUND_NICE_INCREMENT: Final = 10
 _MAX_NICE: Final = 19
+
+
+# Wall seconds for the compaction's wait (a name of its own, so that tests can move it).
+_now_s = time.monotonic
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _background_priority(*, when_idle: bool = False) -> None:
+def _background_priority() -> None:
     """Run the calling thread below the event loop's OS priority, where the OS has
     per-thread priorities (Linux); elsewhere, or when refused, at the same priority.
 
-    ``when_idle``: work that can wait any time (compaction) runs only on a core the rest
-    of the machine leaves idle (SCHED_IDLE), and the OS switches to the loop the moment
-    the loop has work: ``bench latency`` gave a lower p99 in 7 of 8 paired runs with both
-    threads so, but the writer keeps a share of a busy machine, so that what a killed
-    bridge loses stays about ``FLUSH_INTERVAL_S`` of telemetry.
+    The writer keeps a share of a busy machine (not SCHED_IDLE, as the compactor's
+    process has), so that what a killed bridge loses stays about ``FLUSH_INTERVAL_S`` of
+    telemetry.
     """
     if sys.platform != "linux":
         return
@@ -67,10 +83,8 @@ def _background_priority(*, when_idle: bool = False) -> None:
         os.setpriority(
             os.PRIO_PROCESS, thread_id, min(_MAX_NICE, current + BACKGROUND_NICE_INCREMENT)
         )
-        if when_idle:
-            os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
     except OSError as exc:
-        _LOGGER.debug("store threads keep the loop's priority: %s", exc)
+        _LOGGER.debug("the store writer keeps the loop's priority: %s", exc)
 
 
 @dataclass(slots=True)
@@ -123,13 +137,12 @@ class StoreWriter:
         self._decisions: list[tuple[int, Sequence[Decision]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
-        self._compactions: list[Future[None]] = []
-        self._compactor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="session-compact",
-            initializer=functools.partial(_background_priority, when_idle=True),
-        )
-        self._compactor_store: SessionStore | None = None  # used on the compactor only
+        # Sessions whose record is stored, to compact: appended and taken on the thread.
+        self._finished: list[int] = []
+        self._compactions = 0  # finished since compactions were last waited for
+        self._streamed_at_s = -math.inf  # (monotonic) the last write that held samples
+        self._first_waiting_s: float | None = None  # (monotonic) since a compaction waits
+        self._idle_check: asyncio.TimerHandle | None = None
         # Runs admitted on this store that have not ended, by run, with the id of the
         # session each has stored so far (None before it has): read and changed only by
         # jobs on the writer's thread, which runs them one at a time, so that an admission
@@ -173,6 +186,8 @@ class StoreWriter:
         decisions, self._decisions = self._decisions, []
         if not runs and not decisions:
             return
+        if runs:
+            self._streamed_at_s = _now_s()
         sessions = frozenset(run.session_id for run in runs) | {d[0] for d in decisions}
         job = self._executor.submit(self._write, runs, decisions)
         self._in_flight.append((job, sessions))
@@ -250,53 +265,79 @@ class StoreWriter:
         return self.submit(commit)
 
     def finish_session(self, session_id: int, **record: Any) -> Future[None]:
-        """:meth:`SessionStore.finish_session` on the writer's connection, then the
-        session's telemetry compacted on a thread of its own (:meth:`SessionStore.
-        compact_telemetry`) once the returned job is done."""
+        """:meth:`SessionStore.finish_session` on the writer's connection; the session's
+        telemetry is compacted later, in the compactor's process
+        (:mod:`devicebridge.storage.compactor`), once no telemetry has been written for
+        ``COMPACT_IDLE_S`` (at most ``COMPACT_WAIT_S`` after it ended), or when the
+        writer closes."""
         job = self.submit(lambda store: store.finish_session(session_id, **record))
-        # A thread and a connection of its own, so that the writer's next commits (and
-        # runs' commits, which their tasks wait for) do not queue behind it.
-        self._compactions.append(self._compactor.submit(self._compact_after, job, session_id))
+        job.add_done_callback(functools.partial(self._finished_stored, session_id))
+        self._compactions += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop, so no telemetry streams: now
+            self._executor.submit(self._compact_finished)
+            return job
+        if self._first_waiting_s is None:
+            self._first_waiting_s = _now_s()
+        if self._idle_check is None:
+            self._idle_check = loop.call_later(COMPACT_IDLE_S, self._compact_when_idle)
         return job
 
-    def _compact_after(self, finished: Future[None], session_id: int) -> None:
-        if finished.exception() is None:  # waits for it
-            self._compact(session_id)
+    def _finished_stored(self, session_id: int, finished: Future[None]) -> None:
+        # On the writer's thread (or here, if it was done already): it may be compacted.
+        if not finished.cancelled() and finished.exception() is None:
+            self._finished.append(session_id)
 
-    def _compact(self, session_id: int) -> None:
-        try:
-            if self._compactor_store is None:
-                self._compactor_store = SessionStore(self.path)
-            self._compactor_store.compact_telemetry(session_id)
-        except SessionStoreError as exc:
-            # Its raw chunks stay: they read the same, only larger.
-            _LOGGER.error("session %d: telemetry not compacted: %s", session_id, exc)
+    def _compact_when_idle(self) -> None:
+        """Hand the finished sessions to the compactor once telemetry has paused, or
+        once the first of them has waited long enough; else look again later."""
+        self._idle_check = None
+        now_s = _now_s()
+        waited_s = 0.0 if self._first_waiting_s is None else now_s - self._first_waiting_s
+        idle_s = now_s - self._streamed_at_s
+        if idle_s >= COMPACT_IDLE_S or waited_s >= COMPACT_WAIT_S:
+            self._first_waiting_s = None
+            self._executor.submit(self._compact_finished)
+        else:
+            delay_s = min(COMPACT_IDLE_S - idle_s, COMPACT_WAIT_S - waited_s)
+            self._idle_check = asyncio.get_running_loop().call_later(
+                delay_s, self._compact_when_idle
+            )
+
+    def _compact_finished(self) -> None:
+        """On the writer's thread, after the jobs before it: every session finished so
+        far to the compactor."""
+        finished, self._finished = self._finished, []
+        for session_id in finished:
+            COMPACTOR.compact(self.path, session_id)
 
     def wait_compacted(self) -> None:
-        """Until every compaction asked for so far has run (for tests and benchmarks)."""
-        compactions, self._compactions = self._compactions, []
-        for job in compactions:
-            job.result()
+        """Every session finished so far compacted (for tests and benchmarks; blocks)."""
+        self._compactions = 0
+        self._executor.submit(self._compact_finished)
+        self._executor.submit(COMPACTOR.sync).result()
 
     def close(self) -> None:
-        """Stop the writer thread once its last write is done (without waiting here), and
-        the compactor once its compactions are (waiting for them)."""
+        """Stop the writer thread once its last write is done, without waiting for it,
+        unless sessions finished on it since compactions were last waited for: then
+        until they are compacted, so that nothing opens the file once the writer's owner
+        closed it (a run's compaction takes a fraction of a second)."""
         self._closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._idle_check):
+            if handle is not None:
+                handle.cancel()
+        self._idle_check = None
         self._submit()
+        synced = None
+        if self._compactions:
+            self._executor.submit(self._compact_finished)
+            synced = self._executor.submit(COMPACTOR.sync)
         self._executor.submit(self._close_store)
         self._executor.shutdown(wait=False)
-        # The compactions asked for are waited for (a run's is done in a fraction of a
-        # second), so that nothing holds the file open once the writer's owner closed it.
-        self._compactor.submit(self._close_compactor_store)
-        self._compactor.shutdown(wait=True)
-        self._compactions = []
-
-    def _close_compactor_store(self) -> None:
-        if self._compactor_store is not None:
-            self._compactor_store.close()
-            self._compactor_store = None
+        if synced is not None:
+            synced.result()
+        self._compactions = 0
 
     def _close_store(self) -> None:
         if self._thread_store is not None:

@@ -1,4 +1,4 @@
-"""The store writer's threads yield to the event loop: a lower OS priority (Linux)."""
+"""The store writer's thread and the compactor's process yield to the event loop (Linux)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from devicebridge.storage.compactor import COMPACTOR
 from devicebridge.storage.sessions import SessionStore
 from devicebridge.storage.writer import BACKGROUND_NICE_INCREMENT, StoreWriter
 
@@ -25,27 +26,28 @@ def threads_nice() -> dict[str, int]:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
-def test_the_writer_and_compactor_threads_run_below_the_loop(tmp_path: Path) -> None:
+def test_the_writer_thread_and_the_compactor_process_run_below_the_loop(tmp_path: Path) -> None:
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with SessionStore(tmp_path / "s.sqlite3") as store:
         writer = StoreWriter(store)
         try:
             session = writer.submit(open_session).result(timeout=10)
-            # Finishing a session compacts it on the compactor's thread.
+            # A finished session is compacted in the compactor's process.
             writer.finish_session(session, status="completed", end_reason=None, summary={})
-            writer.wait_compacted()  # so both threads have started
+            writer.wait_compacted()  # so the thread and the process have started
             niceness = threads_nice()
-            policies = {
-                thread.name.split("_")[0]: os.sched_getscheduler(thread.native_id or 0)
-                for thread in threading.enumerate()
-                if thread.name.startswith("session-")
-            }
+            compactor = COMPACTOR.pid
+            assert compactor is not None
+            compactor_nice = os.getpriority(os.PRIO_PROCESS, compactor)
+            compactor_policy = os.sched_getscheduler(compactor)
         finally:
             writer.close()
     expected = min(19, own + BACKGROUND_NICE_INCREMENT)
     ours = {name: nice for name, nice in niceness.items() if name.startswith("session-")}
-    assert {name.split("_")[0] for name in ours} == {"session-store", "session-compact"}
+    assert {name.split("_")[0] for name in ours} == {"session-store"}
     assert set(ours.values()) == {expected}
-    # Compaction, which can wait, runs only on a core nothing else wants.
-    assert policies == {"session-store": os.SCHED_OTHER, "session-compact": os.SCHED_IDLE}
     assert niceness[threading.current_thread().name] == own  # the event loop's thread
+    # Compaction, which can wait, runs only on a core nothing else wants, and holds no
+    # lock the loop's thread needs (the GIL): another process.
+    assert compactor != os.getpid()
+    assert (compactor_nice, compactor_policy) == (19, os.SCHED_IDLE)

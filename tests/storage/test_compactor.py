@@ -1,0 +1,181 @@
+"""Compaction in a process of its own, once telemetry pauses: the writer defers it while
+devices stream (at most ``COMPACT_WAIT_S``), the child answers a sync once the jobs before
+it are done, skips what it cannot read, never creates a store, and a killed child is
+replaced at the next compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devicebridge.storage import writer as writer_module
+from devicebridge.storage.compactor import COMPACTOR, serve
+from devicebridge.storage.sessions import SessionStore
+from devicebridge.storage.writer import COMPACT_IDLE_S, COMPACT_WAIT_S, StoreWriter
+
+from .test_compressed_samples import chunk_rows, sensor_like
+from .test_sessions import open_session
+
+
+class Clock:
+    """The writer's wall seconds, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(writer_module, "_now_s", clock)
+    return clock
+
+
+def raw_chunks(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM telemetry_chunks WHERE encoding = 0").fetchone()
+    return int(count)
+
+
+async def stream_and_finish(writer: StoreWriter, session: int) -> None:
+    """Two batches of ``session`` through the writer's flush, then its record finished."""
+    samples = sensor_like(200, seed=5)
+    writer.add_samples(session, 0, samples[:100])
+    writer.add_samples(session, 100, samples[100:])
+    writer._submit()  # the flush that would follow: it notes that telemetry flowed
+    writer.finish_session(session, status="completed", end_reason=None, summary={}).result(
+        timeout=10
+    )
+
+
+def compactions_done(writer: StoreWriter) -> None:
+    """Every job queued on the compactor so far is done (without asking for more)."""
+    writer.submit(lambda _store: COMPACTOR.sync()).result(timeout=30)
+
+
+def test_a_session_waits_while_telemetry_streams_and_is_compacted_once_it_pauses(
+    tmp_path: Path, clock: Clock
+) -> None:
+    path = tmp_path / "s.sqlite3"
+
+    async def scenario() -> None:
+        with SessionStore(path) as store:
+            writer = StoreWriter(store)
+            session = writer.submit(open_session).result(timeout=10)
+            await stream_and_finish(writer, session)
+            check = writer._idle_check
+            assert check is not None  # a look at the telemetry, later
+            clock.now_s += COMPACT_IDLE_S / 2
+            check._run()  # too soon after the last telemetry: nothing yet
+            compactions_done(writer)
+            assert raw_chunks(path) > 0
+            assert writer._idle_check is not None  # looks again
+            clock.now_s += COMPACT_IDLE_S
+            writer._idle_check._run()
+            compactions_done(writer)
+            assert raw_chunks(path) == 0
+            assert chunk_rows(path) == [(0, 200, 1)]
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_devices_that_never_pause_still_get_compacted_after_the_longest_wait(
+    tmp_path: Path, clock: Clock
+) -> None:
+    path = tmp_path / "s.sqlite3"
+
+    async def scenario() -> None:
+        with SessionStore(path) as store:
+            writer = StoreWriter(store)
+            first = writer.submit(open_session).result(timeout=10)
+            await stream_and_finish(writer, first)
+            while clock.now_s < 1000.0 + COMPACT_WAIT_S:
+                clock.now_s += COMPACT_IDLE_S / 2
+                writer._streamed_at_s = clock.now_s  # another device streamed just now
+                assert writer._idle_check is not None
+                writer._idle_check._run()
+                compactions_done(writer)
+                if clock.now_s < 1000.0 + COMPACT_WAIT_S:
+                    assert raw_chunks(path) > 0
+            assert raw_chunks(path) == 0
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+def test_closing_the_writer_compacts_what_is_waiting(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "s.sqlite3"
+
+    async def scenario() -> None:
+        with SessionStore(path) as store:
+            writer = StoreWriter(store)
+            session = writer.submit(open_session).result(timeout=10)
+            await stream_and_finish(writer, session)
+            writer.close()  # before any pause: the compaction is not left behind
+            assert raw_chunks(path) == 0
+            assert store.telemetry(session)[1].tobytes() == sensor_like(200, seed=5).tobytes()
+
+    asyncio.run(scenario())
+
+
+def test_the_child_answers_syncs_in_order_and_skips_what_it_cannot_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "gone" / "s.sqlite3"
+    jobs = io.BytesIO(
+        b"not json\n"
+        + json.dumps({"compact": [str(missing), 1]}).encode()
+        + b"\n"
+        + json.dumps({"compact": "no"}).encode()
+        + b"\n"
+        + json.dumps({"sync": 7}).encode()
+        + b"\n"
+    )
+    answers = io.BytesIO()
+    with caplog.at_level(logging.ERROR, logger="devicebridge.storage.compactor"):
+        serve(jobs, answers)
+    assert answers.getvalue() == b'{"synced": 7}\n'
+    assert not missing.parent.exists()  # a store that went away is never created
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3
+    assert "is gone" in messages[1]
+
+
+def test_a_killed_compactor_is_replaced_at_the_next_compaction(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    samples = sensor_like(300, seed=2)
+    with SessionStore(path) as store:
+        writer = StoreWriter(store)
+        sessions = []
+        for _ in range(2):
+            session = writer.submit(open_session).result(timeout=10)
+            writer.run_now(lambda s, session=session: s.append_samples(session, 0, samples))
+            sessions.append(session)
+        writer.finish_session(sessions[0], status="completed", end_reason=None, summary={})
+        writer.wait_compacted()
+        first = COMPACTOR.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(first, 0)
+        writer.finish_session(sessions[1], status="completed", end_reason=None, summary={})
+        writer.wait_compacted()
+        assert COMPACTOR.pid not in (None, first)
+        writer.close()
+        assert raw_chunks(path) == 0
+        for session in sessions:
+            assert np.array_equal(store.telemetry(session)[1], samples)
