@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
@@ -37,6 +38,9 @@ _LOGGER = logging.getLogger(__name__)
 
 # How long a sync (a writer closing, the exit of this process) waits for the compactor.
 SYNC_WAIT_S: Final = 30.0
+# Sessions per job line: a line stays shorter than PIPE_BUF (4096 bytes), so that it is
+# written whole or not at all.
+SESSIONS_PER_JOB: Final = 200
 
 
 class _Child:
@@ -65,24 +69,35 @@ class _Child:
         assert self.process.stdout is not None
         self.jobs = self.process.stdin.fileno()
         self.answers = self.process.stdout
-        os.set_blocking(self.jobs, False)
+        # Where pipes can be polled (POSIX), a full pipe refuses a job rather than block
+        # the writer's thread; elsewhere a write waits for room.
+        self.pollable = os.name == "posix"
+        if self.pollable:
+            os.set_blocking(self.jobs, False)
         self.syncs = 0
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def send(self, line: bytes, *, wait_s: float = 0.0) -> None:
-        """Write one job line (shorter than PIPE_BUF: all or nothing). Raises
-        BlockingIOError if the pipe stays full ``wait_s``, OSError if the child is gone."""
+        """Write one job line. Raises BlockingIOError if the pipe stays full ``wait_s``
+        before any of it went (nothing was sent), OSError if the child is gone."""
         deadline_s = time.monotonic() + wait_s
-        while True:
+        left = memoryview(line)
+        while left:
             try:
-                os.write(self.jobs, line)
-                return
+                left = left[os.write(self.jobs, left) :]
+                continue
             except BlockingIOError:
-                left_s = deadline_s - time.monotonic()
-                if left_s <= 0 or not select.select([], [self.jobs], [], left_s)[1]:
-                    raise
+                if len(left) == len(line):
+                    wait = deadline_s - time.monotonic()
+                    if wait <= 0:
+                        raise
+                else:  # half a line went: the rest must follow, or the child goes
+                    wait = SYNC_WAIT_S
+            if not select.select([], [self.jobs], [], wait)[1] and len(left) < len(line):
+                self.process.kill()
+                raise BrokenPipeError("the compactor stopped reading half-way through a job")
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -104,18 +119,22 @@ class Compactor:
         self._child: _Child | None = None
         self._exit_hook = False
 
-    def compact(self, path: Path, session_id: int) -> None:
-        """Queue the compaction of session ``session_id`` of the store at ``path``.
+    def compact(self, path: Path, session_ids: Sequence[int]) -> None:
+        """Queue the compaction of sessions ``session_ids`` of the store at ``path``.
 
-        Never waits: with the child gone, or its queue full, the session keeps its raw
-        chunks (logged).
+        Never waits: with the child gone, or its queue full (thousands of sessions
+        behind), the sessions keep their raw chunks (logged).
         """
-        line = (json.dumps({"compact": [str(path), session_id]}) + "\n").encode()
         with self._lock:
-            try:
-                self._running().send(line)
-            except OSError as exc:
-                _LOGGER.error("session %d: telemetry not compacted: %s", session_id, exc)
+            for start in range(0, len(session_ids), SESSIONS_PER_JOB):
+                chunk = [
+                    int(session_id) for session_id in session_ids[start : start + SESSIONS_PER_JOB]
+                ]
+                line = (json.dumps({"compact": [str(path), chunk]}) + "\n").encode()
+                try:
+                    self._running().send(line)
+                except OSError as exc:
+                    _LOGGER.error("sessions %s: telemetry not compacted: %s", chunk, exc)
 
     def sync(self) -> None:
         """Wait until every compaction queued before this call is done."""
@@ -128,7 +147,9 @@ class Compactor:
             try:
                 child.send((json.dumps({"sync": token}) + "\n").encode(), wait_s=SYNC_WAIT_S)
                 while True:
-                    ready, _, _ = select.select([child.answers], [], [], SYNC_WAIT_S)
+                    ready = (
+                        not child.pollable or select.select([child.answers], [], [], SYNC_WAIT_S)[0]
+                    )
                     raw = child.answers.readline() if ready else b""
                     if not raw:
                         _LOGGER.warning("the compactor did not answer within %g s", SYNC_WAIT_S)
@@ -178,19 +199,23 @@ def _lowest_priority() -> None:
         _LOGGER.debug("the compactor keeps its priority: %s", exc)
 
 
-def _compact(path: Path, session_id: int) -> None:
+def _compact(path: Path, session_ids: Sequence[int]) -> None:
     from devicebridge.errors import SessionStoreError
     from devicebridge.storage.sessions import SessionStore
 
     if not path.is_file():  # never create a store that went away
-        _LOGGER.error("session %d: telemetry not compacted: %s is gone", session_id, path)
+        _LOGGER.error("sessions %s: telemetry not compacted: %s is gone", list(session_ids), path)
         return
     try:
         with SessionStore(path) as store:
-            store.compact_telemetry(session_id)
+            for session_id in session_ids:
+                try:
+                    store.compact_telemetry(session_id)
+                except SessionStoreError as exc:
+                    # Its raw chunks stay: they read the same, only larger.
+                    _LOGGER.error("session %d: telemetry not compacted: %s", session_id, exc)
     except SessionStoreError as exc:
-        # Its raw chunks stay: they read the same, only larger.
-        _LOGGER.error("session %d: telemetry not compacted: %s", session_id, exc)
+        _LOGGER.error("sessions %s: telemetry not compacted: %s", list(session_ids), exc)
 
 
 def serve(jobs: IO[bytes], answers: IO[bytes]) -> None:
@@ -202,8 +227,8 @@ def serve(jobs: IO[bytes], answers: IO[bytes]) -> None:
                 answers.write((json.dumps({"synced": job["sync"]}) + "\n").encode())
                 answers.flush()
                 continue
-            path, session_id = job["compact"]
-            _compact(Path(path), int(session_id))
+            path, session_ids = job["compact"]
+            _compact(Path(path), [int(session_id) for session_id in session_ids])
         except (ValueError, KeyError, TypeError) as exc:
             _LOGGER.error("the compactor skipped a job it cannot read (%s): %r", exc, line)
 

@@ -4,6 +4,7 @@ committed together every ``FLUSH_INTERVAL_S``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -11,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,8 +139,9 @@ class StoreWriter:
         self._decisions: list[tuple[int, Sequence[Decision]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
-        # Sessions whose record is stored, to compact: appended and taken on the thread.
-        self._finished: list[int] = []
+        # Sessions whose record is stored, to compact (appended where their job ended,
+        # taken on the thread; a deque's append and popleft are atomic).
+        self._finished: deque[int] = deque()
         self._compactions = 0  # finished since compactions were last waited for
         self._streamed_at_s = -math.inf  # (monotonic) the last write that held samples
         self._first_waiting_s: float | None = None  # (monotonic) since a compaction waits
@@ -308,9 +311,12 @@ class StoreWriter:
     def _compact_finished(self) -> None:
         """On the writer's thread, after the jobs before it: every session finished so
         far to the compactor."""
-        finished, self._finished = self._finished, []
-        for session_id in finished:
-            COMPACTOR.compact(self.path, session_id)
+        finished = []
+        with contextlib.suppress(IndexError):
+            while True:
+                finished.append(self._finished.popleft())
+        if finished:
+            COMPACTOR.compact(self.path, finished)
 
     def wait_compacted(self) -> None:
         """Every session finished so far compacted (for tests and benchmarks; blocks)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from devicebridge.storage import compactor as compactor_module
 from devicebridge.storage import writer as writer_module
 from devicebridge.storage.compactor import COMPACTOR, serve
 from devicebridge.storage.sessions import SessionStore
@@ -138,7 +139,7 @@ def test_the_child_answers_syncs_in_order_and_skips_what_it_cannot_read(
     missing = tmp_path / "gone" / "s.sqlite3"
     jobs = io.BytesIO(
         b"not json\n"
-        + json.dumps({"compact": [str(missing), 1]}).encode()
+        + json.dumps({"compact": [str(missing), [1, 2]]}).encode()
         + b"\n"
         + json.dumps({"compact": "no"}).encode()
         + b"\n"
@@ -176,6 +177,26 @@ def test_a_killed_compactor_is_replaced_at_the_next_compaction(tmp_path: Path) -
         writer.wait_compacted()
         assert COMPACTOR.pid not in (None, first)
         writer.close()
+        assert raw_chunks(path) == 0
+        for session in sessions:
+            assert np.array_equal(store.telemetry(session)[1], samples)
+
+
+def test_many_finished_sessions_go_in_jobs_of_a_bounded_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compactor_module, "SESSIONS_PER_JOB", 2)
+    path = tmp_path / "s.sqlite3"
+    samples = sensor_like(120, seed=4)
+    with SessionStore(path) as store:
+        writer = StoreWriter(store)
+        sessions = []
+        for _ in range(5):
+            session = writer.submit(open_session).result(timeout=10)
+            writer.run_now(lambda s, session=session: s.append_samples(session, 0, samples))
+            writer.finish_session(session, status="completed", end_reason=None, summary={})
+            sessions.append(session)
+        writer.close()  # five sessions: three job lines
         assert raw_chunks(path) == 0
         for session in sessions:
             assert np.array_equal(store.telemetry(session)[1], samples)
