@@ -43,9 +43,10 @@ FLUSH_INTERVAL_S: Final = 0.25
 
 # Compaction of finished sessions (CPU work in another process) waits for a pause of
 # this long in the telemetry written, so that it does not compete with live devices for
-# the machine: ``python -m bench latency`` at 100 devices gave a p99 of 0.73-1.65 ms
-# (median 1.21) with no compaction while sessions streamed, and 2.42-4.58 ms (median
-# 3.51) with each session compacted as it ended, five runs each (wall seconds).
+# the machine: ``python -m bench latency`` at 100 devices (2 cores) gave a p99 of
+# 0.73-1.65 ms (median 1.21) with no compaction while sessions streamed, 2.42-4.58 ms
+# (median 3.51) with each session compacted in that process as it ended (five runs
+# each), and 1.25-4.17 ms with each compacted on a thread of the bridge (wall seconds).
 COMPACT_IDLE_S: Final = 2.0
 # ... but no longer than this after a session ended (a bridge whose devices never pause
 # still compacts, a minute's sessions at a time; wall seconds).
