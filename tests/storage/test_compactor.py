@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,31 +68,46 @@ def compactions_done(writer: StoreWriter) -> None:
     writer.submit(lambda _store: COMPACTOR.sync()).result(timeout=30)
 
 
-def test_a_session_waits_while_telemetry_streams_and_is_compacted_once_it_pauses(
-    tmp_path: Path, clock: Clock
+def look_again(writer: StoreWriter) -> None:
+    """The writer's next look at the telemetry, now (it was due later)."""
+    check = writer._idle_check
+    assert check is not None
+    check._run()
+    compactions_done(writer)
+
+
+def with_a_finished_session(
+    path: Path, then: Callable[[StoreWriter, SessionStore, int], None]
 ) -> None:
-    path = tmp_path / "s.sqlite3"
+    """A session streamed through a writer and finished, then ``then``, on a loop."""
 
     async def scenario() -> None:
         with SessionStore(path) as store:
             writer = StoreWriter(store)
             session = writer.submit(open_session).result(timeout=10)
             await stream_and_finish(writer, session)
-            check = writer._idle_check
-            assert check is not None  # a look at the telemetry, later
-            clock.now_s += COMPACT_IDLE_S / 2
-            check._run()  # too soon after the last telemetry: nothing yet
-            compactions_done(writer)
-            assert raw_chunks(path) > 0
-            assert writer._idle_check is not None  # looks again
-            clock.now_s += COMPACT_IDLE_S
-            writer._idle_check._run()
-            compactions_done(writer)
-            assert raw_chunks(path) == 0
-            assert chunk_rows(path) == [(0, 200, 1)]
-            writer.close()
+            then(writer, store, session)
+            if not writer._closing:
+                writer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_session_waits_while_telemetry_streams_and_is_compacted_once_it_pauses(
+    tmp_path: Path, clock: Clock
+) -> None:
+    path = tmp_path / "s.sqlite3"
+
+    def then(writer: StoreWriter, _store: SessionStore, _session: int) -> None:
+        clock.now_s += COMPACT_IDLE_S / 2
+        look_again(writer)  # too soon after the last telemetry: nothing yet
+        assert raw_chunks(path) > 0
+        clock.now_s += COMPACT_IDLE_S
+        look_again(writer)
+        assert raw_chunks(path) == 0
+        assert chunk_rows(path) == [(0, 200, 1)]
+
+    with_a_finished_session(path, then)
 
 
 def test_devices_that_never_pause_still_get_compacted_after_the_longest_wait(
@@ -99,38 +115,27 @@ def test_devices_that_never_pause_still_get_compacted_after_the_longest_wait(
 ) -> None:
     path = tmp_path / "s.sqlite3"
 
-    async def scenario() -> None:
-        with SessionStore(path) as store:
-            writer = StoreWriter(store)
-            first = writer.submit(open_session).result(timeout=10)
-            await stream_and_finish(writer, first)
-            while clock.now_s < 1000.0 + COMPACT_WAIT_S:
-                clock.now_s += COMPACT_IDLE_S / 2
-                writer._streamed_at_s = clock.now_s  # another device streamed just now
-                assert writer._idle_check is not None
-                writer._idle_check._run()
-                compactions_done(writer)
-                if clock.now_s < 1000.0 + COMPACT_WAIT_S:
-                    assert raw_chunks(path) > 0
-            assert raw_chunks(path) == 0
-            writer.close()
+    def then(writer: StoreWriter, _store: SessionStore, _session: int) -> None:
+        ended_s = clock.now_s
+        while clock.now_s < ended_s + COMPACT_WAIT_S:
+            assert raw_chunks(path) > 0
+            clock.now_s += COMPACT_IDLE_S / 2
+            writer._streamed_at_s = clock.now_s  # another device streamed just now
+            look_again(writer)
+        assert raw_chunks(path) == 0
 
-    asyncio.run(scenario())
+    with_a_finished_session(path, then)
 
 
 def test_closing_the_writer_compacts_what_is_waiting(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "s.sqlite3"
 
-    async def scenario() -> None:
-        with SessionStore(path) as store:
-            writer = StoreWriter(store)
-            session = writer.submit(open_session).result(timeout=10)
-            await stream_and_finish(writer, session)
-            writer.close()  # before any pause: the compaction is not left behind
-            assert raw_chunks(path) == 0
-            assert store.telemetry(session)[1].tobytes() == sensor_like(200, seed=5).tobytes()
+    def then(writer: StoreWriter, store: SessionStore, session: int) -> None:
+        writer.close()  # before any pause: the compaction is not left behind
+        assert raw_chunks(path) == 0
+        assert store.telemetry(session)[1].tobytes() == sensor_like(200, seed=5).tobytes()
 
-    asyncio.run(scenario())
+    with_a_finished_session(path, then)
 
 
 def test_the_child_answers_syncs_in_order_and_skips_what_it_cannot_read(
