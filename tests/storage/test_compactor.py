@@ -161,16 +161,22 @@ def test_the_child_answers_syncs_in_order_and_skips_what_it_cannot_read(
     assert "is gone" in messages[1]
 
 
+def sessions_with(writer: StoreWriter, samples: np.ndarray, *, count: int) -> list[int]:
+    """``count`` sessions stored through ``writer``, each holding ``samples``."""
+    sessions = []
+    for _ in range(count):
+        session = writer.submit(open_session).result(timeout=10)
+        writer.run_now(lambda s, session=session: s.append_samples(session, 0, samples))
+        sessions.append(session)
+    return sessions
+
+
 def test_a_killed_compactor_is_replaced_at_the_next_compaction(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     samples = sensor_like(300, seed=2)
     with SessionStore(path) as store:
         writer = StoreWriter(store)
-        sessions = []
-        for _ in range(2):
-            session = writer.submit(open_session).result(timeout=10)
-            writer.run_now(lambda s, session=session: s.append_samples(session, 0, samples))
-            sessions.append(session)
+        sessions = sessions_with(writer, samples, count=2)
         writer.finish_session(sessions[0], status="completed", end_reason=None, summary={})
         writer.wait_compacted()
         first = COMPACTOR.pid
@@ -195,12 +201,9 @@ def test_many_finished_sessions_go_in_jobs_of_a_bounded_size(
     samples = sensor_like(120, seed=4)
     with SessionStore(path) as store:
         writer = StoreWriter(store)
-        sessions = []
-        for _ in range(5):
-            session = writer.submit(open_session).result(timeout=10)
-            writer.run_now(lambda s, session=session: s.append_samples(session, 0, samples))
+        sessions = sessions_with(writer, samples, count=5)
+        for session in sessions:
             writer.finish_session(session, status="completed", end_reason=None, summary={})
-            sessions.append(session)
         writer.close()  # five sessions: three job lines
         assert raw_chunks(path) == 0
         for session in sessions:
