@@ -152,7 +152,9 @@ class Compactor:
                     )
                     raw = child.answers.readline() if ready else b""
                     if not raw:
-                        _LOGGER.warning("the compactor did not answer within %g s", SYNC_WAIT_S)
+                        _LOGGER.warning(
+                            "the compactor ended, or did not answer within %g s", SYNC_WAIT_S
+                        )
                         return
                     if json.loads(raw).get("synced") == token:
                         return
