@@ -11,11 +11,12 @@ another process did the same, so nothing of the bridge waits for them.
 
 One child process per bridge process (``python -m devicebridge.storage.compactor``)
 compacts, at the lowest OS priority (SCHED_IDLE on Linux: only on a core nothing else
-wants). It starts when the first session ends and reads one line per job on its stdin:
-``{"compact": [path, session_id]}`` (it opens the store for the job and closes it after,
-and logs what it could not compact: the session's raw chunks stay, and read the same) or
-``{"sync": token}``, which it answers on its stdout once every job before it is done. It
-ends when its stdin closes: when the bridge exits, or is killed.
+wants). It starts when the first sessions are handed to it (the store writer waits for a
+pause in the telemetry first) and reads one line per job on its stdin:
+``{"compact": [path, [session_id, ...]]}`` (it opens the store for the job and closes it
+after, and logs what it could not compact: those sessions' raw chunks stay, and read the
+same) or ``{"sync": token}``, which it answers on its stdout once every job before it is
+done. It ends when its stdin closes: when the bridge exits, or is killed.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ _LOGGER = logging.getLogger(__name__)
 
 # How long a sync (a writer closing, the exit of this process) waits for the compactor.
 SYNC_WAIT_S: Final = 30.0
-# Sessions per job line: a line stays shorter than PIPE_BUF (4096 bytes), so that it is
-# written whole or not at all.
+# Sessions per job line: a line stays a few kilobytes, under Linux's PIPE_BUF (4096
+# bytes), so that it is written whole or refused whole there (elsewhere a line begun is
+# finished: see _Child.send).
 SESSIONS_PER_JOB: Final = 200
 
 

@@ -321,9 +321,14 @@ class StoreWriter:
 
     def wait_compacted(self) -> None:
         """Every session finished so far compacted (for tests and benchmarks; blocks)."""
+        self._compacted_after_writes().result()
+
+    def _compacted_after_writes(self) -> Future[None]:
+        """On the thread, after the jobs queued so far: every finished session to the
+        compactor, then until it has compacted them."""
         self._compactions = 0
         self._executor.submit(self._compact_finished)
-        self._executor.submit(COMPACTOR.sync).result()
+        return self._executor.submit(COMPACTOR.sync)
 
     def close(self) -> None:
         """Stop the writer thread once its last write is done, without waiting for it,
@@ -336,15 +341,11 @@ class StoreWriter:
                 handle.cancel()
         self._idle_check = None
         self._submit()
-        synced = None
-        if self._compactions:
-            self._executor.submit(self._compact_finished)
-            synced = self._executor.submit(COMPACTOR.sync)
+        synced = self._compacted_after_writes() if self._compactions else None
         self._executor.submit(self._close_store)
         self._executor.shutdown(wait=False)
         if synced is not None:
             synced.result()
-        self._compactions = 0
 
     def _close_store(self) -> None:
         if self._thread_store is not None:
