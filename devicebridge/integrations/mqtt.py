@@ -331,9 +331,10 @@ class MqttLink:
 
         A message is handed to the client as soon as it is stored and there is room (paho
         sends in order and keeps its own in-flight window on the wire); each PUBACK wakes
-        the pump, which deletes the longest acknowledged start of what is in flight with
-        one DELETE (MQTT keeps order). A crash or a lost link before that delete only
-        re-sends messages with the same ids, on the next session, from the outbox.
+        the pump, which retires the longest acknowledged start of what is in flight at once
+        (MQTT keeps order; the outbox removes them from SQLite with its next commit). A crash
+        or a lost link before that removal only re-sends messages with the same ids, on the
+        next session, from the outbox.
         """
         client.pending_calls_threshold = OUTBOX_IN_FLIGHT  # aiomqtt warns above it
         in_flight: deque[tuple[OutgoingMessage, asyncio.Future[None]]] = deque()

@@ -10,6 +10,12 @@ it has seen processes it once.
 A writer that produces many messages (the service) stages them (:meth:`Outbox.stage`) and
 stores each group with one :meth:`Outbox.commit`: one transaction for a group instead of
 one per message. A staged message is not yet stored and not yet offered to the link.
+
+Acknowledged messages leave at once in memory (:meth:`Outbox.delivered`: they are neither
+counted nor offered again) and from SQLite with the next commit, in its transaction, or at
+the latest once :data:`MAX_UNPURGED_MESSAGES` wait to be removed (and on close): one
+transaction for what a flush stores and what the broker took since, instead of one per
+PUBACK. A bridge killed meanwhile re-sends those (at most that many) with their ids.
 """
 
 from __future__ import annotations
@@ -32,8 +38,12 @@ DEFAULT_MAX_MESSAGES: Final = 1_000_000
 # link does not read back from SQLite what was just written (the usual case: the broker
 # keeps up). After a long outage the waiting messages are read from SQLite again.
 MIRROR_MAX_MESSAGES: Final = 10_000
+# Acknowledged messages removed from SQLite at the latest once this many wait for it (their
+# removal otherwise goes with the next commit): what a killed bridge may re-send.
+MAX_UNPURGED_MESSAGES: Final = 1_000
 
 
+_DELETE_THROUGH: Final = "DELETE FROM outbox WHERE sequence <= ?"
 _INSERT: Final = (
     "INSERT INTO outbox (sequence, topic, payload, qos, retain, created_at)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -80,12 +90,18 @@ class Outbox:
         # Every waiting message, in order, or None while SQLite alone holds them all.
         self._mirror: deque[OutgoingMessage] | None = deque() if self._count == 0 else None
         self._staged: list[tuple[int, str, bytes, int, int]] = []
+        # Everything up to this sequence was acknowledged; SQLite still holds what was
+        # acknowledged after ``_purged_through`` (removed with the next commit).
+        self._delivered_through = 0
+        self._purged_through = 0
+        self._unpurged = 0
         self.commits = 0  # transactions that stored messages (for tests and benchmarks)
 
     def close(self) -> None:
-        """Store what is staged, then close."""
+        """Store what is staged, remove what was acknowledged, then close."""
         try:
             self.commit()
+            self._purge()
         finally:
             self._db.close()
 
@@ -141,15 +157,21 @@ class Outbox:
             return 0
         created_at = datetime.now(UTC).isoformat()
         rows = [(*row, created_at) for row in staged]
+        delivered_through = self._delivered_through
+        purge = delivered_through > self._purged_through
         try:
-            if len(rows) == 1:
+            if len(rows) == 1 and not purge:
                 self._db.execute(_INSERT, rows[0])  # autocommit: one statement, one transaction
             else:
                 with self._db:  # sqlite3 commits (or rolls back) the group as one transaction
                     self._db.execute("BEGIN")
+                    if purge:
+                        self._db.execute(_DELETE_THROUGH, (delivered_through,))
                     self._db.executemany(_INSERT, rows)
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
+        if purge:
+            self._purged_through, self._unpurged = delivered_through, 0
         self._staged = []
         self.commits += 1
         self._count += len(rows)
@@ -189,7 +211,7 @@ class Outbox:
         rows = self._db.execute(
             "SELECT sequence, topic, payload, qos, retain FROM outbox WHERE sequence > ?"
             " ORDER BY sequence LIMIT ?",
-            (sequence, limit),
+            (max(sequence, self._delivered_through), limit),  # acknowledged: gone
         ).fetchall()
         messages = [
             OutgoingMessage(seq, self.message_id(seq), topic, bytes(payload), qos, bool(retain))
@@ -200,15 +222,42 @@ class Outbox:
         return messages
 
     def delivered(self, sequence: int) -> None:
-        """The broker acknowledged this message (and, MQTT keeping order, all before it)."""
+        """The broker acknowledged this message (and, MQTT keeping order, all before it).
+
+        They leave the outbox now; SQLite drops them with the next commit (see the module's
+        doc), or now once :data:`MAX_UNPURGED_MESSAGES` wait for it.
+        """
+        if sequence <= self._delivered_through:
+            return
+        mirror = self._mirror
+        if mirror is not None:
+            removed = 0
+            while mirror and mirror[0].sequence <= sequence:
+                mirror.popleft()
+                removed += 1
+        else:
+            # Sequences are dense (one per message, never reused), apart from those the
+            # outbox never held: count what SQLite has in the range.
+            (removed,) = self._db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE sequence > ? AND sequence <= ?",
+                (self._delivered_through, sequence),
+            ).fetchone()
+        self._delivered_through = sequence
+        self._count -= removed
+        self._unpurged += removed
+        if self._unpurged >= MAX_UNPURGED_MESSAGES:
+            self._purge()
+
+    def _purge(self) -> None:
+        """Remove from SQLite what the broker acknowledged."""
+        through = self._delivered_through
+        if through <= self._purged_through:
+            return
         try:
-            removed = self._db.execute("DELETE FROM outbox WHERE sequence <= ?", (sequence,))
+            self._db.execute(_DELETE_THROUGH, (through,))
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
-        self._count -= removed.rowcount
-        mirror = self._mirror
-        while mirror and mirror[0].sequence <= sequence:
-            mirror.popleft()
+        self._purged_through, self._unpurged = through, 0
 
     def __len__(self) -> int:
         return int(self._count)

@@ -78,6 +78,68 @@ def test_grouped_appends_are_one_transaction_in_order(tmp_path: Path) -> None:
     assert reopened.append("t", b"x") == 4
 
 
+def _stored_sequences(path: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [row[0] for row in db.execute("SELECT sequence FROM outbox ORDER BY sequence")]
+
+
+def test_acknowledged_messages_leave_at_once_and_sqlite_with_the_next_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, bridge_id="b")
+    first = outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(4)])
+    outbox.delivered(first[1])
+    outbox.delivered(first[0])  # an older acknowledgement changes nothing
+    # Gone from what waits and from what the link is offered, not yet from SQLite.
+    assert (len(outbox), [m.sequence for m in outbox.pending()]) == (2, first[2:])
+    assert [m.sequence for m in outbox.pending_after(0, 10)] == first[2:]
+    assert _stored_sequences(path) == first
+    # A bridge killed now re-sends the acknowledged ones, with the same ids.
+    killed = Outbox(path, bridge_id="b")
+    assert [m.message_id for m in killed.pending()] == [f"b:{s}" for s in first]
+    killed.close()
+    # The next commit removes them in its transaction.
+    (later,) = outbox.append_many([("t/late", b"y", 1, False)])
+    assert _stored_sequences(path) == [*first[2:], later]
+    outbox.delivered(later)
+    assert len(outbox) == 0
+    outbox.close()  # closing removes what was acknowledged since
+    assert _stored_sequences(path) == []
+
+
+def test_acknowledged_messages_are_read_back_the_same_from_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Too many to mirror in memory: the outbox reads SQLite, which still holds the
+    # acknowledged ones until the next commit.
+    monkeypatch.setattr("devicebridge.storage.outbox.MIRROR_MAX_MESSAGES", 3)
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, bridge_id="b")
+    sequences = outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(6)])
+    outbox.delivered(sequences[2])
+    assert len(outbox) == 3
+    assert [m.sequence for m in outbox.pending()] == sequences[3:]
+    assert [m.sequence for m in outbox.pending_after(sequences[3], 10)] == sequences[4:]
+    assert _stored_sequences(path) == sequences
+    outbox.close()
+    assert _stored_sequences(path) == sequences[3:]
+
+
+def test_many_acknowledged_messages_are_removed_without_waiting_for_a_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("devicebridge.storage.outbox.MAX_UNPURGED_MESSAGES", 3)
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, bridge_id="b")
+    sequences = outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(5)])
+    outbox.delivered(sequences[1])
+    assert _stored_sequences(path) == sequences
+    outbox.delivered(sequences[2])  # three wait for their removal: removed now
+    assert _stored_sequences(path) == sequences[3:]
+    outbox.close()
+
+
 def test_a_group_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "o.sqlite3", bridge_id="b", max_messages=3)
     outbox.append("t", b"x")
