@@ -78,6 +78,10 @@ DEFAULT_BACKFILL_STALL_S: Final = 1.0
 MAX_BACKFILL_REQUEST_SAMPLES: Final = 0xFFFF_FFFF
 # A stalled backfill is asked again this many times before what is left becomes a gap.
 MAX_BACKFILL_RETRIES: Final = 3
+# The clock drift estimate takes one live batch in this many (its arrival time and sequence
+# end): a least-squares slope over at least 20 s needs no more, and every batch paid a
+# clock read and the estimate's arithmetic for it.
+DRIFT_BATCH_STRIDE: Final = 8
 _FIRST_COMMAND_ID: Final = 1
 _LAST_COMMAND_ID: Final = TRANSPORT_COMMAND_ID - 1  # that id is the transport's own
 
@@ -204,6 +208,7 @@ class DeviceSession:
         self._restart_seen_on_link = False  # a restart was handled since the link came up
         self._drift: ClockDriftEstimator | None = None
         self._drift_reported = False
+        self._drift_countdown = 1  # live batches until the next one the estimate takes
 
     # ------------------------------------------------------------------ public state
 
@@ -658,6 +663,10 @@ class DeviceSession:
         self._deliver(items)
 
     def _track_drift(self) -> None:
+        self._drift_countdown -= 1
+        if self._drift_countdown > 0:
+            return
+        self._drift_countdown = DRIFT_BATCH_STRIDE
         drift = self._drift
         end = self._reassembler.next_live_sequence
         if drift is None or end is None:
