@@ -90,6 +90,20 @@ class StuckSensorDetector:
                 return 1, SensorVerdict.RECOVERED
             return 1, SensorVerdict.STILL_STUCK
         value, run, threshold = self._value, self._run, self.threshold_samples
+        count = len(raw)
+        if count and run + count < threshold and len(motor_on_skin) == count:
+            # No run can reach the threshold within these samples: all are OK, and only the
+            # run they end on is kept, counted from the last sample back.
+            last = raw[-1]
+            if not motor_on_skin[-1] or last == 0:
+                self._value, self._run = None, 0
+                return count, SensorVerdict.OK
+            tail = 1
+            while tail < count and raw[-1 - tail] == last and motor_on_skin[-1 - tail]:
+                tail += 1
+            self._value = last
+            self._run = tail + run if tail == count and last == value else tail
+            return count, SensorVerdict.OK
         taken = 0
         for reading, active in zip(raw, motor_on_skin, strict=True):
             taken += 1

@@ -311,8 +311,11 @@ def test_raw_counts_compare_as_the_float_readings(
         assert holds(n) == (n >= first)
 
 
-# Samples for the fault checks: a few raw readings (0 is a motor at rest) and flags.
-fault_samples = st.lists(st.tuples(st.sampled_from([0, 7, 7, 8]), st.booleans()), max_size=80)
+# Samples for the fault checks: a few raw readings (0 is a motor at rest) and flags, in runs
+# of one (reading, flag), so that runs as long as the thresholds come up often.
+fault_samples = st.lists(
+    st.tuples(st.sampled_from([0, 7, 7, 8]), st.booleans(), st.integers(1, 14)), max_size=16
+).map(lambda runs: [(raw, active) for raw, active, length in runs for _ in range(length)])
 
 
 @settings(max_examples=500, deadline=None)
@@ -348,6 +351,33 @@ def test_the_stuck_sensor_is_stuck_after_one_active_reading_for_its_whole_time(
     assert verdicts[stuck_at + 1 : end] == [SensorVerdict.STILL_STUCK] * (end - stuck_at - 1)
     if moved is not None:
         assert verdicts[moved] is SensorVerdict.RECOVERED
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    samples=fault_samples,
+    threshold_s=st.sampled_from([0.02, 0.05, 0.1, 0.3]),
+    cuts=st.lists(st.integers(1, 40), max_size=30),
+)
+def test_the_stuck_sensor_gives_the_same_verdicts_on_samples_fed_together(
+    samples: list[tuple[int, bool]], threshold_s: float, cuts: list[int]
+) -> None:
+    # feed() on several samples at once (short ones take the shortcut that counts only the
+    # run they end on) against the same samples one at a time.
+    one_by_one = StuckSensorDetector(RATE_HZ, threshold_s)
+    expected = [one_by_one.update(raw, active) for raw, active in samples]
+    together = StuckSensorDetector(RATE_HZ, threshold_s)
+    verdicts: list[SensorVerdict] = []
+    sizes = itertools.cycle(cuts or [len(samples) or 1])
+    start = 0
+    while start < len(samples):
+        chunk = samples[start : start + next(sizes)]
+        taken, verdict = together.feed([raw for raw, _ in chunk], [on for _, on in chunk])
+        assert 1 <= taken <= len(chunk)
+        verdicts += [SensorVerdict.OK] * (taken - 1) + [verdict]
+        start += taken
+    assert verdicts == expected
+    assert (together.value, together.stuck) == (one_by_one.value, one_by_one.stuck)
 
 
 @settings(max_examples=500, deadline=None)
