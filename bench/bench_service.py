@@ -56,7 +56,7 @@ from simulators import SimulatedWorld, VirtualClock
 
 DEVICE_COUNTS: Final = (10, 100)
 DURATION_S: Final = float(os.environ.get("BENCH_SERVICE_S", "5"))
-REPEATS: Final = int(os.environ.get("BENCH_SERVICE_REPEATS", "3"))
+REPEATS: Final = int(os.environ.get("BENCH_SERVICE_REPEATS", "5"))
 ROUTINE_SETTLE_S: Final = 1.0
 SAMPLE_RATE_HZ: Final = 100
 BYTES_PER_SAMPLE: Final = 9
