@@ -205,6 +205,7 @@ class RoutineRunner:
     ) -> None:
         self.session = session
         self.routine = routine
+        self._sample_format = SAMPLE_FORMAT_OF[routine.device_kind]  # of the batches it judges
         self.policy = policy
         self.store = store
         self.clock = clock or session.clock
@@ -765,7 +766,7 @@ class RoutineRunner:
             elif item.reason is GapReason.DEVICE_SHUT_DOWN:
                 self.device_ended = "device shut down"
             return []
-        if item.sample_format is not SAMPLE_FORMAT_OF[self.routine.device_kind]:
+        if item.sample_format is not self._sample_format:
             return []
         if isinstance(engine, TimedMassageEngine):
             return []  # recorded, but a routine by time is timed by the host's clock
@@ -779,7 +780,7 @@ class RoutineRunner:
         """The rest of one judged item: store, reconnect handling, commands, UI state."""
         if isinstance(item, TelemetryGap):
             return
-        if item.sample_format is not SAMPLE_FORMAT_OF[self.routine.device_kind]:
+        if item.sample_format is not self._sample_format:
             return
         self._last_batch = item
         self.samples_recorded += len(item)
