@@ -78,6 +78,12 @@ def test_grouped_appends_are_one_transaction_in_order(tmp_path: Path) -> None:
     assert reopened.append("t", b"x") == 4
 
 
+def _outbox_of(path: Path, messages: int) -> tuple[Outbox, list[int]]:
+    """An outbox at ``path`` holding ``messages`` stored messages, and their sequences."""
+    outbox = Outbox(path, bridge_id="b")
+    return outbox, outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(messages)])
+
+
 def _stored_sequences(path: Path) -> list[int]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         return [row[0] for row in db.execute("SELECT sequence FROM outbox ORDER BY sequence")]
@@ -87,8 +93,7 @@ def test_acknowledged_messages_leave_at_once_and_sqlite_with_the_next_commit(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "o.sqlite3"
-    outbox = Outbox(path, bridge_id="b")
-    first = outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(4)])
+    outbox, first = _outbox_of(path, 4)
     outbox.delivered(first[1])
     outbox.delivered(first[0])  # an older acknowledgement changes nothing
     # Gone from what waits and from what the link is offered, not yet from SQLite.
@@ -113,10 +118,10 @@ def test_acknowledged_messages_are_read_back_the_same_from_sqlite(
 ) -> None:
     # Too many to mirror in memory: the outbox reads SQLite, which still holds the
     # acknowledged ones until the next commit.
-    monkeypatch.setattr("devicebridge.storage.outbox.MIRROR_MAX_MESSAGES", 3)
     path = tmp_path / "o.sqlite3"
-    outbox = Outbox(path, bridge_id="b")
-    sequences = outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(6)])
+    with monkeypatch.context() as patched:
+        patched.setattr("devicebridge.storage.outbox.MIRROR_MAX_MESSAGES", 3)
+        outbox, sequences = _outbox_of(path, 6)
     outbox.delivered(sequences[2])
     assert len(outbox) == 3
     assert [m.sequence for m in outbox.pending()] == sequences[3:]
@@ -131,12 +136,12 @@ def test_many_acknowledged_messages_are_removed_without_waiting_for_a_commit(
 ) -> None:
     monkeypatch.setattr("devicebridge.storage.outbox.MAX_UNPURGED_MESSAGES", 3)
     path = tmp_path / "o.sqlite3"
-    outbox = Outbox(path, bridge_id="b")
-    sequences = outbox.append_many([(f"t/{n}", b"x", 1, False) for n in range(5)])
-    outbox.delivered(sequences[1])
-    assert _stored_sequences(path) == sequences
-    outbox.delivered(sequences[2])  # three wait for their removal: removed now
-    assert _stored_sequences(path) == sequences[3:]
+    outbox, sequences = _outbox_of(path, 5)
+    stored = []
+    for acknowledged in sequences[1:3]:  # the second leaves three waiting for their removal
+        outbox.delivered(acknowledged)
+        stored.append(_stored_sequences(path))
+    assert stored == [sequences, sequences[3:]]
     outbox.close()
 
 
