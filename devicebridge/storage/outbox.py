@@ -235,13 +235,14 @@ class Outbox:
             while mirror and mirror[0].sequence <= sequence:
                 mirror.popleft()
                 removed += 1
-        else:
-            # Sequences are dense (one per message, never reused), apart from those the
-            # outbox never held: count what SQLite has in the range.
-            (removed,) = self._db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE sequence > ? AND sequence <= ?",
-                (self._delivered_through, sequence),
-            ).fetchone()
+        else:  # no copy in memory: count what SQLite holds of the range
+            try:
+                (removed,) = self._db.execute(
+                    "SELECT COUNT(*) FROM outbox WHERE sequence > ? AND sequence <= ?",
+                    (self._delivered_through, sequence),
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise OutboxError(str(exc), path=self.path) from exc
         self._delivered_through = sequence
         self._count -= removed
         self._unpurged += removed
