@@ -91,10 +91,11 @@ class Outbox:
         self._mirror: deque[OutgoingMessage] | None = deque() if self._count == 0 else None
         self._staged: list[tuple[int, str, bytes, int, int]] = []
         # Everything up to this sequence was acknowledged; SQLite still holds what was
-        # acknowledged after ``_purged_through`` (removed with the next commit).
-        self._delivered_through = 0
-        self._purged_through = 0
-        self._unpurged = 0
+        # acknowledged after ``_purged_through`` (removed with the next commit). At open,
+        # everything before the oldest stored message is gone.
+        (oldest,) = self._db.execute("SELECT MIN(sequence) FROM outbox").fetchone()
+        self._delivered_through = self._next_sequence - 1 if oldest is None else oldest - 1
+        self._purged_through = self._delivered_through
         self.commits = 0  # transactions that stored messages (for tests and benchmarks)
 
     def close(self) -> None:
@@ -171,7 +172,7 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
         if purge:
-            self._purged_through, self._unpurged = delivered_through, 0
+            self._purged_through = delivered_through
         self._staged = []
         self.commits += 1
         self._count += len(rows)
@@ -245,8 +246,8 @@ class Outbox:
                 raise OutboxError(str(exc), path=self.path) from exc
         self._delivered_through = sequence
         self._count -= removed
-        self._unpurged += removed
-        if self._unpurged >= MAX_UNPURGED_MESSAGES:
+        # One sequence per message: the distance is how many wait for their removal.
+        if sequence - self._purged_through >= MAX_UNPURGED_MESSAGES:
             self._purge()
 
     def _purge(self) -> None:
@@ -258,7 +259,7 @@ class Outbox:
             self._db.execute(_DELETE_THROUGH, (through,))
         except sqlite3.Error as exc:
             raise OutboxError(str(exc), path=self.path) from exc
-        self._purged_through, self._unpurged = through, 0
+        self._purged_through = through
 
     def __len__(self) -> int:
         return int(self._count)
