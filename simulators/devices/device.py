@@ -489,6 +489,11 @@ class SimulatedDevice(abc.ABC):
         return self._firmware_clock.now_s() - self._boot_s
 
     @property
+    def boot_s(self) -> float:
+        """When the device last booted, on its firmware clock."""
+        return self._boot_s
+
+    @property
     def firmware_clock(self) -> FirmwareClock:
         """The clock the firmware counts its time on (:attr:`clock` unless set otherwise)."""
         return self._firmware_clock
@@ -599,14 +604,18 @@ class SimulatedDevice(abc.ABC):
             link.device_closed()
 
     async def _run(self) -> None:
-        tick = 0
+        await self.sample_from_tick(1)
+
+    async def sample_from_tick(self, tick: int) -> None:
+        """The sampling loop, from tick ``tick`` after boot on, until the device is off."""
         while self.is_powered:
-            tick += 1
             # Multiply rather than accumulate, so float error never drifts the rate.
             await self._firmware_clock.sleep_until(self._boot_s + tick * self.batch_interval_s)
-            self._tick()
+            self.sample_tick()
+            tick += 1
 
-    def _tick(self) -> None:
+    def sample_tick(self) -> None:
+        """What the sampling loop does at a tick: take the samples due, send them."""
         if self._catch_up_on_tick():
             self._flush()
 

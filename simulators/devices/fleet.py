@@ -1,13 +1,16 @@
 """Massagers of one world that take their samples together, in one vectorised tick.
 
-Each device keeps its own sampling loop (:meth:`SimulatedDevice._run`): it wakes on its
-tick, sends its stream and its backfill. What a fleet changes is where the samples come
-from: the first member of a tick cohort (same firmware clock, boot time and batch interval,
-so the same tick times) to wake at a tick takes the samples due of every member of the
-cohort at once, with :func:`~simulators.devices.massager.generate_massagers` (one numpy
-call for the hands and sensors of all of them); the others find theirs taken. A device on
-its own goes through the same function with one device, so a seed gives the same bytes
-either way (``tests/simulators/test_sim_fleet.py``).
+Devices of a tick cohort (same firmware clock, boot time and batch interval, so the same
+tick times) share one sampling loop, a :class:`_CohortTicker`: it wakes once a tick and
+ticks every member in the order they joined, where each device on its own would wake
+its own task (:meth:`SimulatedDevice.sample_from_tick`). The first member ticked takes
+the samples due of the whole cohort at once, with
+:func:`~simulators.devices.massager.generate_massagers` (one numpy call for the hands and
+sensors of all of them); the others find theirs taken, and each sends its own. A device
+on its own goes through the same function with one device, so a seed gives the same
+bytes either way (``tests/simulators/test_sim_fleet.py``). A member whose cohort changes
+(its firmware clock is replaced) or that leaves the fleet goes on with a loop of its own
+from its next tick.
 
 Taking a cohort member's samples a little earlier within the same virtual instant changes
 nothing: a sample is due strictly before its tick, and whatever changes a device's
@@ -16,13 +19,16 @@ sampling (a command, a button, another hand) takes the samples due first.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Final
 
 from simulators.devices.massager import generate_massagers
 
 if TYPE_CHECKING:
-    from simulators.devices.device import SampleSpan
+    from simulators.devices.device import FirmwareClock, SampleSpan
     from simulators.devices.massager import SimulatedMassager
+
+TickCohort = tuple[int, float, float]
 
 # The fleet remembers when it last took each cohort's samples; cohorts come and go with
 # reboots, so it forgets them all past this many.
@@ -34,7 +40,8 @@ class MassagerFleet:
 
     def __init__(self) -> None:
         self.members: list[SimulatedMassager] = []
-        self._taken_at_s: dict[tuple[int, float, float], float] = {}
+        self._taken_at_s: dict[TickCohort, float] = {}
+        self._tickers: dict[TickCohort, _CohortTicker] = {}
         # Cohort ticks taken, and the blocks of samples taken in them with other devices'
         # (for tests and benches).
         self.ticks = 0
@@ -54,6 +61,22 @@ class MassagerFleet:
             self.members.remove(device)
         if device.fleet is self:
             device.fleet = None
+
+    async def sample(self, device: SimulatedMassager) -> None:
+        """``device``'s sampling loop (from its boot on): ticked with its cohort, then on
+        its own if it leaves the cohort while powered."""
+        cohort = device.tick_cohort
+        ticker = self._tickers.get(cohort)
+        if ticker is None or ticker.ended:
+            ticker = _CohortTicker(self, cohort, device.firmware_clock, device.boot_s)
+            self._tickers[cohort] = ticker
+        next_tick = await ticker.tick_with_cohort(device)
+        if next_tick is not None:
+            await device.sample_from_tick(next_tick)
+
+    def _ticker_ended(self, ticker: _CohortTicker) -> None:
+        if self._tickers.get(ticker.cohort) is ticker:
+            del self._tickers[ticker.cohort]
 
     def catch_up(self, device: SimulatedMassager) -> bool:
         """``device``'s tick: the samples due of its whole cohort, if no member took them at
@@ -86,3 +109,62 @@ class MassagerFleet:
                 if member is device:
                     powered = still_powered
         return powered
+
+
+class _CohortTicker:
+    """One sampling loop for the devices of a tick cohort: one wake a tick for all."""
+
+    def __init__(
+        self, fleet: MassagerFleet, cohort: TickCohort, clock: FirmwareClock, boot_s: float
+    ) -> None:
+        self.fleet = fleet
+        self.cohort = cohort
+        self._clock = clock
+        self._boot_s = boot_s
+        self._interval_s = cohort[2]
+        # Each member's way out of the loop, in the order they joined: ``None`` once it is
+        # off, else the tick it goes on from alone.
+        self._members: dict[SimulatedMassager, asyncio.Future[int | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.ended = False
+
+    async def tick_with_cohort(self, device: SimulatedMassager) -> int | None:
+        """Until ``device`` is off (``None``) or leaves the cohort (its next tick)."""
+        loop = asyncio.get_running_loop()
+        way_out: asyncio.Future[int | None] = loop.create_future()
+        self._members[device] = way_out
+        if self._task is None:
+            self._task = loop.create_task(self._run(), name=f"fleet ticker {self.cohort}")
+        try:
+            return await way_out
+        finally:
+            # Also when the device's own task is cancelled (stop()).
+            if self._members.get(device) is way_out:
+                del self._members[device]
+            if not self._members:
+                self._end()
+
+    async def _run(self) -> None:
+        tick = 0
+        while self._members:
+            tick += 1
+            # Multiply rather than accumulate, as SimulatedDevice.sample_from_tick does.
+            await self._clock.sleep_until(self._boot_s + tick * self._interval_s)
+            for device, way_out in tuple(self._members.items()):
+                if way_out.done():
+                    continue  # cancelled with its device's task
+                try:
+                    device.sample_tick()
+                except Exception as exc:  # the device's own task ends with it
+                    way_out.set_exception(exc)
+                    continue
+                if not device.is_powered:
+                    way_out.set_result(None)
+                elif device.fleet is not self.fleet or device.tick_cohort != self.cohort:
+                    way_out.set_result(tick + 1)
+
+    def _end(self) -> None:
+        self.ended = True
+        self.fleet._ticker_ended(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()

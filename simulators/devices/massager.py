@@ -302,6 +302,13 @@ class SimulatedMassager(SimulatedDevice):
         self._normals_used = used + count
         return normals[used : used + count]
 
+    async def _run(self) -> None:
+        fleet = self.fleet
+        if fleet is None:
+            await super()._run()
+        else:
+            await fleet.sample(self)
+
     def _catch_up_on_tick(self) -> bool:
         fleet = self.fleet
         return self.catch_up() if fleet is None else fleet.catch_up(self)

@@ -12,6 +12,7 @@ from the per-device code before the fleet, so both ways are also checked against
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -215,3 +216,95 @@ async def test_fleet_bytes_over_the_bleak_backend() -> None:
     together = await run(True)
     assert all(len(stream) > 40_000 for stream in alone)
     assert together == alone
+
+
+async def streaming_world(
+    fleet_generation: bool, devices: int = 4
+) -> tuple[SimulatedWorld, list[SimulatedMassager], list[RecordingLink]]:
+    """A world of ``devices`` massagers booted together (one tick cohort), not started."""
+    world = SimulatedWorld(seed=3, clock=VirtualClock(), fleet_generation=fleet_generation)
+    return world, [world.add_massager() for _ in range(devices)], []
+
+
+def stream_from(devices: list[SimulatedMassager], links: list[RecordingLink]) -> None:
+    for device in devices:
+        link = RecordingLink()
+        device.attach_link(link)
+        links.append(link)
+        command = Commander(device, link)
+        command(StartStream())
+        command(SetIntensity(4))
+        command(SetMode(MassageMode.VIBRATION))
+
+
+async def test_a_cohort_wakes_once_a_tick() -> None:
+    """Massagers booted together share one sampling loop: one clock sleeper for all."""
+    sleepers = {}
+    for fleet_generation in (False, True):
+        world, devices, links = await streaming_world(fleet_generation, devices=10)
+        async with world:
+            stream_from(devices, links)
+            await world.clock.advance(1.05)
+            sleepers[fleet_generation] = world.clock.pending_sleepers
+            assert all(len(link.batches()) == 10 for link in links)
+    assert sleepers[False] - sleepers[True] == 9
+
+
+async def test_a_member_that_leaves_the_fleet_goes_on_alone_with_the_same_bytes() -> None:
+    received = {}
+    for fleet_generation in (False, True):
+        world, devices, links = await streaming_world(fleet_generation)
+        async with world:
+            stream_from(devices, links)
+            await world.clock.advance(2.33)
+            if world.fleet is not None:
+                world.fleet.remove(devices[1])
+            await world.clock.advance(2.0)
+            assert devices[1].is_sampling
+        received[fleet_generation] = [link.messages for link in links]
+    assert received[True] == received[False]
+    assert all(len(messages) > 40 for messages in received[True])
+
+
+async def test_stopped_members_leave_their_cohort_and_its_loop_ends() -> None:
+    world, devices, links = await streaming_world(True)
+    async with world:
+        stream_from(devices, links)
+        await world.clock.advance(1.0)
+        await devices[0].stop()
+        sent_before = [len(link.messages) for link in links]
+        await world.clock.advance(1.0)
+        sent_after = [len(link.messages) for link in links]
+        assert sent_after[0] == sent_before[0]
+        assert all(a > b for a, b in zip(sent_after[1:], sent_before[1:], strict=True))
+        for device in devices[1:]:
+            await device.stop()
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("fleet ticker")]
+
+
+async def test_a_tick_that_fails_ends_only_its_own_device() -> None:
+    world, devices, links = await streaming_world(True)
+    broken = RuntimeError("a bug in a tick")
+
+    def fail() -> None:
+        raise broken
+
+    async def run() -> None:
+        async with world:
+            stream_from(devices, links)
+            await world.clock.advance(1.0)
+            devices[2]._flush = fail  # type: ignore[method-assign]
+            sent_before = [len(link.messages) for link in links]
+            await world.clock.advance(1.0)
+            assert devices[2].task_exception() is broken
+            assert not devices[2].is_sampling
+            assert all(
+                len(link.messages) > before
+                for link, before, device in zip(links, sent_before, devices, strict=True)
+                if device is not devices[2]
+            )
+
+    # The world reports the crash when it closes.
+    with pytest.raises(RuntimeError, match="a simulator task crashed") as crashed:
+        await run()
+    assert crashed.value.__cause__ is broken
