@@ -51,3 +51,38 @@ def test_the_writer_thread_and_the_compactor_process_run_below_the_loop(tmp_path
     # lock the loop's thread needs (the GIL): another process.
     assert compactor != os.getpid()
     assert (compactor_nice, compactor_policy) == (19, os.SCHED_IDLE)
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("session-store")]
+
+
+def test_every_store_of_a_process_is_written_by_one_thread(tmp_path: Path) -> None:
+    """A QA run has a store per simulated person: one thread writes them all, each
+    writer's jobs in order, and it goes once the last writer closed."""
+    for thread in writer_threads():  # left by an earlier test's writers, on their way out
+        thread.join(timeout=10)
+    stores = [SessionStore(tmp_path / f"person-{k}.sqlite3") for k in range(3)]
+    writers = [StoreWriter(store) for store in stores]
+    try:
+        threads = {w.submit(lambda _: threading.get_ident()).result(timeout=10) for w in writers}
+        assert len(threads) == 1
+        assert len(writer_threads()) == 1
+        sessions = [w.submit(open_session).result(timeout=10) for w in writers]
+        writers[0].close()
+        # The others go on writing, each in its own file.
+        for writer, session in zip(writers[1:], sessions[1:], strict=True):
+            writer.finish_session(session, status="completed", end_reason=None, summary={})
+            writer.run_now(lambda _: None)
+        statuses = [
+            store.session(session).status for store, session in zip(stores, sessions, strict=True)
+        ]
+        assert statuses == ["running", "completed", "completed"]
+    finally:
+        for writer in writers:
+            writer.close()
+        for store in stores:
+            store.close()
+    for thread in writer_threads():
+        thread.join(timeout=10)
+    assert not writer_threads()
