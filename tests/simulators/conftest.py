@@ -6,7 +6,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from protocols import Ack, AnyMessage, Command, CommandBody, Event, TelemetryBatch, decode_message
+from protocols import (
+    Ack,
+    AnyMessage,
+    Command,
+    CommandBody,
+    Event,
+    StartStream,
+    TelemetryBatch,
+    decode_message,
+)
 from simulators import Channel, SimulatedDevice, SimulatedWorld, VirtualClock
 
 SEED = 1234
@@ -65,6 +74,15 @@ class Commander:
         assert ack.command_id == command_id
         assert ack.opcode == body.opcode
         return ack
+
+
+def streaming(device: SimulatedDevice) -> tuple[RecordingLink, Commander]:
+    """A recording link attached to ``device``, which streams to it (START_STREAM acked)."""
+    link = RecordingLink()
+    device.attach_link(link)
+    command = Commander(device, link)
+    command(StartStream())
+    return link, command
 
 
 @pytest.fixture

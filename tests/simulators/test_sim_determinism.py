@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from protocols import MassageMode, SetIntensity, SetMode, StartLed, StartStream
+from protocols import MassageMode, SetIntensity, SetMode, StartLed
 from simulators import SimulatedWorld, VirtualClock
 
-from .conftest import Commander, RecordingLink
+from .conftest import streaming
 
 
 async def _run(seed: int) -> tuple[list[str], list[bytes]]:
@@ -15,11 +15,8 @@ async def _run(seed: int) -> tuple[list[str], list[bytes]]:
     links = []
     async with world:
         for device in devices:
-            link = RecordingLink()
-            device.attach_link(link)
+            link, command = streaming(device)
             links.append(link)
-            command = Commander(device, link)
-            command(StartStream())
             if device is devices[2]:
                 command(StartLed(30.0, 30.0, 0.0, 60))
             else:

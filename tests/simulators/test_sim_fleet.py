@@ -37,7 +37,7 @@ from simulators.faults.spec import make_fault
 from simulators.scenario.hand import ScenarioHand
 from simulators.scenario.spec import HandAction
 
-from .conftest import Commander, RecordingLink
+from .conftest import Commander, RecordingLink, streaming
 from .test_sim_sample_paths import massage_program, start_program
 
 # (seed, batch interval) -> digest of every device's messages and ring, per device.
@@ -114,11 +114,8 @@ async def run_world(
             injector.start()
             injectors.append(injector)
         for device in everyone:
-            link = RecordingLink()
-            device.attach_link(link)
+            link, command = streaming(device)
             links.append(link)
-            command = Commander(device, link)
-            command(StartStream())
             if device is devices[2]:
                 start_program(command, device, massage_program())
             elif device is devices[5]:
@@ -228,11 +225,8 @@ async def streaming_world(
 
 def stream_from(devices: list[SimulatedMassager], links: list[RecordingLink]) -> None:
     for device in devices:
-        link = RecordingLink()
-        device.attach_link(link)
+        link, command = streaming(device)
         links.append(link)
-        command = Commander(device, link)
-        command(StartStream())
         command(SetIntensity(4))
         command(SetMode(MassageMode.VIBRATION))
 

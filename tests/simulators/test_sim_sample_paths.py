@@ -31,7 +31,6 @@ from protocols import (
     SetIntensity,
     SetMode,
     SetZone,
-    StartStream,
     Zone,
     program_crc32,
 )
@@ -51,7 +50,7 @@ from simulators.devices.massager import MOTOR_RIPPLE_KPA_PER_LEVEL, SENSOR_MAX_K
 from simulators.scenario.hand import ScenarioHand
 from simulators.scenario.spec import HandAction
 
-from .conftest import Commander, RecordingLink
+from .conftest import Commander, RecordingLink, streaming
 
 RATE_HZ = 100
 
@@ -223,11 +222,8 @@ async def run_massagers(batch_interval_s: float) -> list[tuple[bytes, list[bytes
     links = []
     async with world:
         for device in massagers:
-            link = RecordingLink()
-            device.attach_link(link)
+            link, command = streaming(device)
             links.append(link)
-            command = Commander(device, link)
-            command(StartStream())
             if device is massagers[2]:
                 start_program(command, device, massage_program())
             else:
