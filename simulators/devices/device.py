@@ -611,22 +611,12 @@ class SimulatedDevice(abc.ABC):
         while self.is_powered:
             # Multiply rather than accumulate, so float error never drifts the rate.
             await self._firmware_clock.sleep_until(self._boot_s + tick * self.batch_interval_s)
-            self.sample_tick()
+            self.send_pending()
             tick += 1
-
-    def sample_tick(self) -> None:
-        """What the sampling loop does at a tick: take the samples due, send them."""
-        if self._catch_up_on_tick():
-            self._flush()
 
     def _flush(self) -> None:
         self._flush_stream()
         self._flush_backfill()
-
-    def _catch_up_on_tick(self) -> bool:
-        """Hook: what a tick of the sampling loop takes (a fleet takes its members'
-        samples together, simulators.devices.fleet); :meth:`catch_up`'s answer."""
-        return self.catch_up()
 
     def send_pending(self) -> None:
         """Now, what a tick of the sampling loop does: take the samples due, send the stream

@@ -1,16 +1,16 @@
 """Massagers of one world that take their samples together, in one vectorised tick.
 
 Devices of a tick cohort (same firmware clock, boot time and batch interval, so the same
-tick times) share one sampling loop, a :class:`_CohortTicker`: it wakes once a tick and
-ticks every member in the order they joined, where each device on its own would wake
-its own task (:meth:`SimulatedDevice.sample_from_tick`). The first member ticked takes
-the samples due of the whole cohort at once, with
+tick times) share one sampling loop, a :class:`_CohortTicker`, where each device on its
+own wakes a task of its own (:meth:`SimulatedDevice.sample_from_tick`). At each tick it
+takes the samples due of the whole cohort at once, with
 :func:`~simulators.devices.massager.generate_massagers` (one numpy call for the hands and
-sensors of all of them); the others find theirs taken, and each sends its own. A device
-on its own goes through the same function with one device, so a seed gives the same
-bytes either way (``tests/simulators/test_sim_fleet.py``). A member whose cohort changes
-(its firmware clock is replaced) or that leaves the fleet goes on with a loop of its own
-from its next tick.
+sensors of all of them), then each member, in the order they joined, sends its own
+(:meth:`SimulatedDevice.send_pending`). A device on its own goes through the same
+function with one device, so a seed gives the same bytes either way
+(``tests/simulators/test_sim_fleet.py``). A member whose cohort changes (its firmware
+clock is replaced) or that leaves the fleet goes on with a loop of its own from its next
+tick.
 
 Taking a cohort member's samples a little earlier within the same virtual instant changes
 nothing: a sample is due strictly before its tick, and whatever changes a device's
@@ -20,7 +20,8 @@ sampling (a command, a button, another hand) takes the samples due first.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Final
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from simulators.devices.massager import generate_massagers
 
@@ -30,20 +31,15 @@ if TYPE_CHECKING:
 
 TickCohort = tuple[int, float, float]
 
-# The fleet remembers when it last took each cohort's samples; cohorts come and go with
-# reboots, so it forgets them all past this many.
-COHORTS_REMEMBERED: Final = 1024
-
 
 class MassagerFleet:
     """The massagers of a world, sampled together at their ticks."""
 
     def __init__(self) -> None:
         self.members: list[SimulatedMassager] = []
-        self._taken_at_s: dict[TickCohort, float] = {}
         self._tickers: dict[TickCohort, _CohortTicker] = {}
-        # Cohort ticks taken, and the blocks of samples taken in them with other devices'
-        # (for tests and benches).
+        # Cohort ticks, and the blocks of samples taken in them with other devices' (for
+        # tests and benches).
         self.ticks = 0
         self.blocks_together = 0
 
@@ -78,37 +74,22 @@ class MassagerFleet:
         if self._tickers.get(ticker.cohort) is ticker:
             del self._tickers[ticker.cohort]
 
-    def catch_up(self, device: SimulatedMassager) -> bool:
-        """``device``'s tick: the samples due of its whole cohort, if no member took them at
-        this instant yet; returns whether ``device`` is still powered."""
-        if len(self.members) < 2:
-            return device.catch_up()  # a fleet of one
-        cohort = device.tick_cohort
-        now_s = device.firmware_clock.now_s()
-        if self._taken_at_s.get(cohort) == now_s:
-            # Taken with the cohort a moment ago (anything still due, when the device was
-            # not sampling then, is taken alone).
-            return device.catch_up()
-        if len(self._taken_at_s) >= COHORTS_REMEMBERED:
-            self._taken_at_s.clear()
-        self._taken_at_s[cohort] = now_s
+    def take_together(self, devices: Sequence[SimulatedMassager]) -> None:
+        """The samples due of ``devices`` (a cohort at its tick) that are sampling, those
+        due over the same span in one call of ``generate_massagers``."""
         self.ticks += 1
         spans: dict[SampleSpan, list[SimulatedMassager]] = {}
-        for member in self.members:
-            if member.is_sampling and member.tick_cohort == cohort:
-                span = member.due_span()
+        for device in devices:
+            if device.is_sampling:
+                span = device.due_span()
                 if span is not None:
-                    spans.setdefault(span, []).append(member)
-        powered = device.is_powered
+                    spans.setdefault(span, []).append(device)
         for span, group in spans.items():
             times_s = span.times_s()
             if len(group) > 1:
                 self.blocks_together += len(group)
-            for member, samples in zip(group, generate_massagers(group, times_s), strict=True):
-                still_powered = member.take_samples(times_s, samples)
-                if member is device:
-                    powered = still_powered
-        return powered
+            for device, samples in zip(group, generate_massagers(group, times_s), strict=True):
+                device.take_samples(times_s, samples)
 
 
 class _CohortTicker:
@@ -150,11 +131,14 @@ class _CohortTicker:
             tick += 1
             # Multiply rather than accumulate, as SimulatedDevice.sample_from_tick does.
             await self._clock.sleep_until(self._boot_s + tick * self._interval_s)
-            for device, way_out in tuple(self._members.items()):
+            members = [device for device, way_out in self._members.items() if not way_out.done()]
+            self.fleet.take_together(members)
+            for device in members:
+                way_out = self._members[device]
                 if way_out.done():
-                    continue  # cancelled with its device's task
+                    continue  # cancelled with its device's task (by another's tick)
                 try:
-                    device.sample_tick()
+                    device.send_pending()  # its samples are taken: it sends them
                 except Exception as exc:  # the device's own task ends with it
                     way_out.set_exception(exc)
                     continue

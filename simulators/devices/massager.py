@@ -309,10 +309,6 @@ class SimulatedMassager(SimulatedDevice):
         else:
             await fleet.sample(self)
 
-    def _catch_up_on_tick(self) -> bool:
-        fleet = self.fleet
-        return self.catch_up() if fleet is None else fleet.catch_up(self)
-
     def _generate(self, times_s: npt.NDArray[np.float64]) -> npt.NDArray[np.void]:
         # A device on its own is a fleet of one: the one definition of the samples.
         return generate_massagers((self,), times_s)[0]
