@@ -61,6 +61,9 @@ class MassagerFleet:
     async def sample(self, device: SimulatedMassager) -> None:
         """``device``'s sampling loop (from its boot on): ticked with its cohort, then on
         its own if it leaves the cohort while powered."""
+        if len(self.members) < 2:
+            await device.sample_from_tick(1)  # a fleet of one: nothing to take together
+            return
         cohort = device.tick_cohort
         ticker = self._tickers.get(cohort)
         if ticker is None or ticker.ended:
