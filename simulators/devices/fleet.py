@@ -135,10 +135,16 @@ class _CohortTicker:
             # Multiply rather than accumulate, as SimulatedDevice.sample_from_tick does.
             await self._clock.sleep_until(self._boot_s + tick * self._interval_s)
             members = [device for device, way_out in self._members.items() if not way_out.done()]
-            self.fleet.take_together(members)
+            try:
+                self.fleet.take_together(members)
+            except Exception as exc:  # every member's task ends with it, as its own tick would
+                for failed in self._members.values():
+                    if not failed.done():
+                        failed.set_exception(exc)
+                continue
             for device in members:
-                way_out = self._members[device]
-                if way_out.done():
+                way_out = self._members.get(device)
+                if way_out is None or way_out.done():
                     continue  # cancelled with its device's task (by another's tick)
                 try:
                     device.send_pending()  # its samples are taken: it sends them

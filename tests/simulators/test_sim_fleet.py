@@ -302,3 +302,28 @@ async def test_a_tick_that_fails_ends_only_its_own_device() -> None:
     with pytest.raises(RuntimeError, match="a simulator task crashed") as crashed:
         await run()
     assert crashed.value.__cause__ is broken
+
+
+async def test_a_cohort_whose_samples_cannot_be_taken_ends_its_devices_tasks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world, devices, links = await streaming_world(True)
+    broken = RuntimeError("a bug in the generation")
+    fleet = world.fleet
+    assert fleet is not None
+
+    def fail(_: object) -> None:
+        raise broken
+
+    async def run() -> None:
+        async with world:
+            stream_from(devices, links)
+            await world.clock.advance(1.0)
+            monkeypatch.setattr(fleet, "take_together", fail)
+            await world.clock.advance(0.2)
+            assert all(device.task_exception() is broken for device in devices)
+            assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("fleet ticker")]
+
+    with pytest.raises(RuntimeError, match="a simulator task crashed") as crashed:
+        await run()
+    assert crashed.value.__cause__ is broken
