@@ -98,8 +98,9 @@ class _WriterThread:
     massagers with a routine in virtual time: 1.6-1.8 s against 0.7 s outside the event
     loop's thread, over about 11 s), and every thread woken took the GIL from the loop.
     Jobs run one at a time in the order they were submitted, so each writer's jobs keep
-    theirs. Started with its first writer, let go (without waiting) when the last one
-    closes.
+    theirs; a long job of one store (a close that waits for its compactions) holds the
+    others' commits back meanwhile, their rows waiting in memory. Started with its first
+    writer, let go (without waiting) when the last one closes.
     """
 
     def __init__(self) -> None:
