@@ -66,7 +66,7 @@ class MassagerFleet:
             return
         cohort = device.tick_cohort
         ticker = self._tickers.get(cohort)
-        if ticker is None or ticker.ended:
+        if ticker is None:
             ticker = _CohortTicker(self, cohort, device.firmware_clock, device.boot_s)
             self._tickers[cohort] = ticker
         next_tick = await ticker.tick_with_cohort(device)
@@ -110,7 +110,6 @@ class _CohortTicker:
         # off, else the tick it goes on from alone.
         self._members: dict[SimulatedMassager, asyncio.Future[int | None]] = {}
         self._task: asyncio.Task[None] | None = None
-        self.ended = False
 
     async def tick_with_cohort(self, device: SimulatedMassager) -> int | None:
         """Until ``device`` is off (``None``) or leaves the cohort (its next tick)."""
@@ -157,7 +156,6 @@ class _CohortTicker:
                     way_out.set_result(tick + 1)
 
     def _end(self) -> None:
-        self.ended = True
         self.fleet._ticker_ended(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
