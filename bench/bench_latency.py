@@ -48,6 +48,10 @@ Baselines, same devices and transport, no engine and no store:
 * ``queued``: a bare consumer of the session's telemetry subscription that awaits
   STOP_ALL: the floor of the path the runner used before (callback -> queue -> task).
 
+Also shown (serial), as a diagnostic and not a baseline: ``runner, no store``, the same
+runs with no session store (nothing written, no writer thread): what the store costs the
+runner's p99.
+
 Targets (issues 3 and 15), serial at 100 devices: p99 under 2 ms, and at most 1.5x the
 observer's p99 measured in the same run.
 """
@@ -108,6 +112,10 @@ SEED: Final = 99
 MS_PER_S: Final = 1000.0
 SAMPLE_BYTES: Final = MASSAGER_SAMPLE_DTYPE.itemsize
 VARIANTS: Final = ("runner", "observer", "queued")
+# Serial only, a diagnostic beside the baselines: the same runner with no session store
+# (nothing written, no writer thread, no record at a session's start or end), to show how
+# much of the runner's p99 the store costs the loop. Not a target's baseline.
+UNSTORED: Final = "runner, no store"
 
 ROUTINE = """
 [routine]
@@ -294,8 +302,8 @@ Until = Callable[[], bool]
 async def _runner_loop(
     session: DeviceSession,
     probe: Probe,
-    store: SessionStore,
-    writer: StoreWriter,
+    store: SessionStore | None,
+    writer: StoreWriter | None,
     policy: SafetyPolicy,
     until: Until,
 ) -> None:
@@ -411,6 +419,8 @@ async def _drive(
     tasks: list[Awaitable[None]]
     if variant == "runner":
         tasks = [_runner_loop(s, p, store, writer, policy, until) for s, p in pairs]
+    elif variant == UNSTORED:
+        tasks = [_runner_loop(s, p, None, None, policy, until) for s, p in pairs]
     elif variant == "observer":
         tasks = [_observer_loop(s, p, until) for s, p in pairs]
     else:
@@ -532,7 +542,7 @@ def run() -> bool:
     for count in DEVICE_COUNTS:
         # Every variant in the process the way every devicebridge command runs (App).
         with event_loop_first():
-            serial = {v: asyncio.run(_measure_serial(count, v)) for v in VARIANTS}
+            serial = {v: asyncio.run(_measure_serial(count, v)) for v in (*VARIANTS, UNSTORED)}
         full = serial["runner"]
         p99 = _ms(full.latencies_s, 99)
         observer, queued = (
@@ -557,6 +567,7 @@ def run() -> bool:
                 round(p99, 3),
                 round(_ms(full.latencies_s, 100), 3),
                 round(_ms(full.bridge_s, 99), 3),
+                round(_ms(serial[UNSTORED].latencies_s, 99), 3),
                 round(observer, 3),
                 round(queued, 3),
                 _ratio(p99, observer),
@@ -592,6 +603,7 @@ def run() -> bool:
         [
             *common,
             "read-> p99",
+            "no store p99",
             "observer p99",
             "queued p99",
             "p99/observer",
@@ -605,6 +617,10 @@ def run() -> bool:
         "STOP_ALL write (simulator work shares the loop; for comparison)",
         [*common, "observer p99", "queued p99", "p99/observer", "p99/queued"],
         ble_rows,
+    )
+    print(
+        "no store p99: the serial runner's p99 with no session store (nothing written, no "
+        "writer thread): a diagnostic of the store's share, not a baseline of the targets."
     )
     print(
         "between runs: stops for samples that arrived while no engine watched (a run was "
