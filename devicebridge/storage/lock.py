@@ -153,6 +153,10 @@ def _read_pid(fd: int) -> int | None:
 
 OWNERS_DIRNAME: Final = "owners"
 _marks: dict[Path, int] = {}  # data directories this process marked itself alive in
+# The same, as absolute paths given: every session's start marks its store's directory, and
+# resolving it again took a system call per path component on the thread that commits every
+# device's telemetry.
+_marked_as_given: set[Path] = set()
 
 
 def mark_process_alive(data_dir: Path) -> None:
@@ -164,8 +168,11 @@ def mark_process_alive(data_dir: Path) -> None:
     another process still running them (two ``run`` commands on two devices at once).
     Idempotent.
     """
+    if data_dir in _marked_as_given:
+        return
     folder = data_dir.resolve() / OWNERS_DIRNAME
     if folder in _marks:
+        _remember_as_given(data_dir)
         return
     private_directory(folder)
     path = folder / f"{os.getpid()}.lock"
@@ -178,8 +185,14 @@ def mark_process_alive(data_dir: Path) -> None:
             current = None
         if current == os.fstat(fd).st_ino:
             _marks[folder] = fd  # kept open: the lock lives as long as the process
+            _remember_as_given(data_dir)
             return
         os.close(fd)  # that reader removed the file meanwhile: lock the new one
+
+
+def _remember_as_given(data_dir: Path) -> None:
+    if data_dir.is_absolute():  # a relative one may name another folder after a chdir
+        _marked_as_given.add(data_dir)
 
 
 def process_alive(data_dir: Path, pid: int) -> bool:

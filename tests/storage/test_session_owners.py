@@ -8,6 +8,8 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from devicebridge.storage.sessions import SessionStore
 from protocols import SampleFormat
 
@@ -48,3 +50,33 @@ def test_a_running_process_keeps_its_session_and_a_killed_one_loses_it(tmp_path:
         assert store.recover() == [record.id]
         assert store.session(record.id).status == "interrupted"
         assert store.recover() == []
+
+
+def test_a_process_marks_a_data_directory_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every session's start marks its store's directory; after the first, the mark is
+    not looked for on the file system again (its path is not resolved anew)."""
+    store_path = tmp_path / "data" / "sessions.sqlite3"
+    resolved: list[Path] = []
+    original_resolve = Path.resolve
+
+    def counting_resolve(self: Path, strict: bool = False) -> Path:
+        resolved.append(self)
+        return original_resolve(self, strict)
+
+    with SessionStore(store_path) as store:
+        monkeypatch.setattr(Path, "resolve", counting_resolve)
+        for _ in range(3):
+            store.start_session(
+                routine_name="r",
+                category="c",
+                device_serial="S",
+                device_kind="massager",
+                sample_format=SampleFormat.MASSAGER_V1,
+                sample_rate_hz=100.0,
+            )
+        monkeypatch.undo()
+        assert resolved.count(store_path.parent) <= 1
+        owners = store_path.parent / "owners"
+        assert [p.name for p in owners.iterdir()] == [f"{os.getpid()}.lock"]
