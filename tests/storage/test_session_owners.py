@@ -16,16 +16,19 @@ from protocols import SampleFormat
 TIMEOUT_S = 60.0  # a hang net for the helper process; not a correctness wait
 
 
-def _run_a_session(path: str, started: multiprocessing.synchronize.Event) -> None:
-    store = SessionStore(Path(path))
-    store.start_session(
+def _start_a_session(store: SessionStore, device_serial: str) -> int:
+    return store.start_session(
         routine_name="r",
         category="c",
-        device_serial="OTHER",
+        device_serial=device_serial,
         device_kind="massager",
         sample_format=SampleFormat.MASSAGER_V1,
         sample_rate_hz=100.0,
     )
+
+
+def _run_a_session(path: str, started: multiprocessing.synchronize.Event) -> None:
+    _start_a_session(SessionStore(Path(path)), "OTHER")
     started.set()
     signal.pause()  # runs its session until it is killed
 
@@ -68,14 +71,7 @@ def test_a_process_marks_a_data_directory_once(
     with SessionStore(store_path) as store:
         monkeypatch.setattr(Path, "resolve", counting_resolve)
         for _ in range(3):
-            store.start_session(
-                routine_name="r",
-                category="c",
-                device_serial="S",
-                device_kind="massager",
-                sample_format=SampleFormat.MASSAGER_V1,
-                sample_rate_hz=100.0,
-            )
+            _start_a_session(store, "S")
         monkeypatch.undo()
         assert resolved.count(store_path.parent) <= 1
         owners = store_path.parent / "owners"
