@@ -5,7 +5,7 @@ hand that presses above the cheek cap for 0.2 s of every second. Devices boot at
 phases within one batch interval (seeded), as independent radios would: their batches
 cluster and collide at times, which an even stagger would never show. Each device runs the
 real :class:`~devicebridge.run.runner.RoutineRunner` (host mode, engine, a real SQLite
-store and one writer thread shared by all runs, as ``devicebridge serve`` has) over a real
+store and one store writer shared by all runs, as ``devicebridge serve`` has) over a real
 transport, with the shipped policy: over-cap events end a session (its end, the commit
 of the session's record, happens while other devices' samples arrive), and the next run
 starts at once, admitted against the whole history stored so
@@ -49,7 +49,7 @@ Baselines, same devices and transport, no engine and no store:
   STOP_ALL: the floor of the path the runner used before (callback -> queue -> task).
 
 Also shown (serial), as a diagnostic and not a baseline: ``runner, no store``, the same
-runs with no session store (nothing written, no writer thread): what the store costs the
+runs with no session store (nothing written, no writer's process): what the store costs the
 runner's p99.
 
 Targets (issues 3 and 15), serial at 100 devices: p99 under 2 ms, and at most 1.5x the
@@ -113,7 +113,7 @@ MS_PER_S: Final = 1000.0
 SAMPLE_BYTES: Final = MASSAGER_SAMPLE_DTYPE.itemsize
 VARIANTS: Final = ("runner", "observer", "queued")
 # Serial only, a diagnostic beside the baselines: the same runner with no session store
-# (nothing written, no writer thread, no record at a session's start or end), to show how
+# (nothing written, no writer's process, no record at a session's start or end), to show how
 # much of the runner's p99 the store costs the loop. Not a target's baseline.
 UNSTORED: Final = "runner, no store"
 
@@ -414,7 +414,7 @@ async def _drive(
     policy = default_policy()
     freeze_start_up()
     store = SessionStore(store_folder / "bench.sqlite3")
-    # One writer thread for every run, as ``devicebridge serve`` gives its runners.
+    # One store writer for every run, as ``devicebridge serve`` gives its runners.
     writer = StoreWriter(store)
     tasks: list[Awaitable[None]]
     if variant == "runner":
@@ -620,7 +620,7 @@ def run() -> bool:
     )
     print(
         "no store p99: the serial runner's p99 with no session store (nothing written, no "
-        "writer thread): a diagnostic of the store's share, not a baseline of the targets."
+        "writer's process): a diagnostic of the store's share, not a baseline of the targets."
     )
     print(
         "between runs: stops for samples that arrived while no engine watched (a run was "

@@ -74,12 +74,13 @@ DEMO_LED_RED_MW_CM2: Final = 30.0  # within the typical consumer range (domain-s
 DEMO_LED_NIR_MW_CM2: Final = 20.0
 DEMO_LED_FRACTION: Final = 0.6  # of the demo duration
 DEMO_ZONES: Final = (Zone.CHEEK_LEFT, Zone.FOREHEAD)
-# The event loop answers every device's over-cap sample with STOP_ALL, while the store's
-# writer thread runs Python too. CPython lets a thread keep the GIL for the
-# switch interval (5 ms by default) before one that waits gets it, so a safety stop could
-# wait that long behind a commit; a command runs with this bound instead (measured with
-# ``python -m bench latency``: the bridge's read -> STOP p99 at 100 devices went from about
-# 2.2 ms to 0.9 ms).
+# The event loop answers every device's over-cap sample with STOP_ALL, while another
+# thread of the process may run Python (a QA scenario's, the clinic's; the store's writer
+# was one, before it became a process). CPython lets a thread keep the GIL for the switch
+# interval (5 ms by default) before one that waits gets it, so a safety stop could wait
+# that long; a command runs with this bound instead (measured with ``python -m bench
+# latency`` and the writer's thread of the time: the bridge's read -> STOP p99 at 100
+# devices went from about 2.2 ms to 0.9 ms).
 THREAD_SWITCH_INTERVAL_S: Final = 0.0005
 
 

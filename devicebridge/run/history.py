@@ -113,7 +113,7 @@ def check_routine_admission(
     leave_out = {session_id for _, session_id in admitted if session_id is not None}
     # Only the sessions admission can use: those within the windows that apply to this
     # routine, and the light of the last day. Reading more made each admission slower as
-    # the history grew, on the thread that commits every device's telemetry.
+    # the history grew, in the process that commits every device's telemetry.
     span = history_span(routine, policy)
     history = (
         admission_history(

@@ -29,8 +29,10 @@ the :class:`~devicebridge.storage.sessions.SessionStore` and a clock:
    out-of-band events, contact time per zone, dose per wavelength), stored with the session.
 
 Storage stays off the safety path: telemetry and decisions go to a :class:`StoreWriter`,
-one writer thread with its own SQLite connection, which commits what arrived every
-``FLUSH_INTERVAL_S`` (0.25 s of wall time), and always before the run stores its summary.
+which hands what arrived every ``FLUSH_INTERVAL_S`` (0.25 s of wall time), and always
+before the run stores its summary, to the store writer's process, with its own SQLite
+connection (the run's reads and writes of its store are jobs there too: the functions at
+the end of this module).
 Several runners on one store share the writer they are given (``serve`` gives all of its
 runners one); a runner given none makes its own. A killed bridge loses at most that last
 quarter second; :func:`recover_sessions` marks the run interrupted with the summary of
@@ -61,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -111,13 +114,14 @@ from devicebridge.errors import (
     RoutineRefusedError,
     RoutineRunError,
     SessionClosedError,
+    SessionStoreError,
     TransportError,
 )
 from devicebridge.run.history import admitted_run, check_routine_admission, refusal_json
 from devicebridge.run.summary import RunSummary, session_summary
 from devicebridge.run.view import Guidance, RunnerState
 from devicebridge.storage.sessions import SessionStatus, SessionStore
-from devicebridge.storage.writer import StoreWriter
+from devicebridge.storage.writer import StoreDesk, StoreWriter
 from protocols import (
     Ack,
     Capability,
@@ -266,31 +270,20 @@ class RoutineRunner:
     async def admit(self) -> Admission:
         """Check admission; on refusal record the attempt and raise RoutineRefusedError.
 
-        The history is read on the store writer's thread when the run has one (``serve``
-        and the benches share one among all runs): with a long history the event loop
-        keeps serving every other device meanwhile.
+        The history is read in the store writer's process when the run has a writer
+        (``serve`` and the benches share one among all runs): with a long history the
+        event loop keeps serving every other device meanwhile.
         """
         now = self._now()
-        routine, policy, run_key = self.routine, self.policy, id(self)
-        # Only a run whose admission goes through the writer's thread is counted there.
-        writer = self._writer if self.store is not None else None
-
-        def admit_on_store(store: SessionStore | None) -> Admission:
-            # On the writer's thread: what it admits counts for the next admission at once,
-            # before this run's session is stored (two starts in one instant on two
-            # devices of one person are two sessions).
-            admitted = writer.admitted_runs if writer is not None else {}
-            admission = check_routine_admission(
-                routine, policy, store, now=now, admitted=tuple(admitted.values())
-            )
-            if admission.allowed and writer is not None:
-                admitted[run_key] = (admitted_run(routine, now), None)
-            return admission
-
         if self.store is None:
-            admission = admit_on_store(None)
+            admission = check_routine_admission(self.routine, self.policy, None, now=now)
+        elif self._writer is None:  # nothing else writes yet: here
+            admission = check_routine_admission(self.routine, self.policy, self.store, now=now)
         else:
-            admission = await self._on_store(admit_on_store)
+            admission = await result_off_loop(
+                self.clock,
+                self._writer.submit(_admit_on_store, self.routine, self.policy, now, id(self)),
+            )
         self.admission = admission
         if not admission.allowed:
             session_id = await self._record_refusal(
@@ -298,16 +291,17 @@ class RoutineRunner:
                 {"refusals": [refusal_json(r) for r in admission.refusals]},
             )
             raise RoutineRefusedError(self.routine, admission, session_id)
-        self._admitted_on = writer
+        self._admitted_on = self._writer if self.store is not None else None
         return admission
 
-    async def _on_store(self, operation: Callable[[SessionStore], T]) -> T:
-        """``operation`` on the store: on the writer's thread (after the writes queued
-        before it) when the run has a writer, here otherwise (nothing else writes yet)."""
+    async def _on_store(self, job: Callable[..., T], *args: Any) -> T:
+        """``job(desk, *args)`` on the store: in the writer's process (after the writes
+        queued before it) when the run has a writer, here otherwise (nothing else writes
+        yet)."""
         assert self.store is not None
         if self._writer is None:
-            return operation(self.store)
-        return await result_off_loop(self.clock, self._writer.submit(operation))
+            return job(StoreDesk.of(self.store), *args)
+        return await result_off_loop(self.clock, self._writer.submit(job, *args))
 
     async def _record_refusal(
         self, end_reason: str, summary: dict[str, Any], device_serial: str | None = None
@@ -319,25 +313,8 @@ class RoutineRunner:
         routine = self.routine
         serial = self._device_serial or device_serial or self.session.name
         program_id = None if self.program_id is None else str(self.program_id)
-
-        def record_refused(store: SessionStore) -> int:
-            session_id = store.start_session(
-                routine_name=routine.name,
-                category=routine.category,
-                device_serial=serial,
-                device_kind=routine.device_kind.value,
-                sample_format=SAMPLE_FORMAT_OF[routine.device_kind],
-                sample_rate_hz=0.0,
-                routine_text=routine.source_text,
-                program_id=program_id,
-                started_at=at,
-            )
-            store.finish_session(
-                session_id, status="refused", end_reason=end_reason, summary=summary, ended_at=at
-            )
-            return session_id
-
-        return await self._on_store(record_refused)
+        record = _session_fields(routine, serial, 0.0, program_id, at)
+        return await self._on_store(_record_refused, record, end_reason, summary, at)
 
     async def _check_device_support(self) -> KindSupport:
         """What the connected device can do; a routine it cannot run is refused (and the
@@ -541,30 +518,15 @@ class RoutineRunner:
         if self.store is not None:
             if self._writer is None:
                 self._writer, self._own_writer = StoreWriter(self.store), True
-            started_at = self._now()
-            admitted_on, run_key = self._admitted_on, id(self)
-
-            def start_session(thread_store: SessionStore) -> int:
-                session_id = thread_store.start_session(
-                    routine_name=self.routine.name,
-                    category=self.routine.category,
-                    device_serial=self._device_serial or info.serial_number,
-                    device_kind=self.routine.device_kind.value,
-                    sample_format=SAMPLE_FORMAT_OF[self.routine.device_kind],
-                    sample_rate_hz=rate_hz,
-                    routine_text=self.routine.source_text,
-                    program_id=None if self.program_id is None else str(self.program_id),
-                    started_at=started_at,
-                )
-                if admitted_on is not None and run_key in admitted_on.admitted_runs:
-                    # Until the run ends its record says less than the run will do (light
-                    # so far, no completion): admission counts the admitted run instead.
-                    admitted, _ = admitted_on.admitted_runs[run_key]
-                    admitted_on.admitted_runs[run_key] = (admitted, session_id)
-                return session_id
+            serial = self._device_serial or info.serial_number
+            program_id = None if self.program_id is None else str(self.program_id)
+            record = _session_fields(self.routine, serial, rate_hz, program_id, self._now())
+            counted = self._admitted_on is not None
 
             try:
-                self.session_id = await self._on_store(start_session)
+                self.session_id = await self._on_store(
+                    _start_session, record, id(self) if counted else None
+                )
             except BaseException:
                 self._close_writer()
                 raise
@@ -611,14 +573,9 @@ class RoutineRunner:
                 unstopped = "the device could not be told to stop: switch it off by hand"
                 end_reason = f"{end_reason}; {unstopped}" if end_reason else unstopped
             try:
-                if self._writer is not None and self.session_id is not None:
-                    # Everything of this run committed before its summary is.
-                    await result_off_loop(self.clock, self._writer.commit_session(self.session_id))
+                result = await self._finish(status, end_reason)
             finally:
-                try:
-                    result = await self._finish(status, end_reason)
-                finally:
-                    self._close_writer()
+                self._close_writer()
         return result
 
     # ------------------------------------------------------------------ by time
@@ -951,16 +908,30 @@ class RoutineRunner:
         summary = self.summary_dict()
         session_id, writer = self.session_id, self._writer
         ended_at = self._now()
+        unstored: SessionStoreError | None = None
         if writer is not None and session_id is not None:
+            # Everything of this run committed, then its summary, then it no longer counts
+            # as admitted: one job, so that no admission reads the one without the other.
+            admitted_on, self._admitted_on = self._admitted_on, None
             finished = writer.finish_session(
-                session_id, status=status, end_reason=end_reason, summary=summary, ended_at=ended_at
+                session_id,
+                status=status,
+                end_reason=end_reason,
+                summary=summary,
+                ended_at=ended_at,
+                admitted_run=id(self) if admitted_on is writer else None,
             )
-            # Queued right behind its summary: no admission reads the one without the other.
-            self.release_admission()
-            await result_off_loop(self.clock, finished)
+            if admitted_on is not None and admitted_on is not writer:
+                admitted_on.admitted_run_ended(id(self))
+            try:
+                await result_off_loop(self.clock, finished)
+            except SessionStoreError as exc:  # some telemetry not stored: said once done
+                unstored = exc
         if status != "completed" and end_reason:
             self._final_note = f"Session {status}: {end_reason}"
         self._publish()
+        if unstored is not None:
+            raise unstored
         return RunSummary(self.session_id, status, end_reason, summary, tuple(engine.decisions))
 
     def summary_dict(self) -> dict[str, Any]:
@@ -1022,7 +993,9 @@ class RoutineRunner:
             waited_s += PROGRAM_MARK_POLL_S
             start = self.session.live_sequence_end
         if start is not None:
-            writer.run_now(lambda store: store.mark_device_program(session_id, start))
+            await result_off_loop(
+                self.clock, writer.submit(_mark_device_program, session_id, start)
+            )
 
     async def _watch_program(self, events: Subscription[Event]) -> None:
         """When the device program ends before the engine does, the host takes over."""
@@ -1043,3 +1016,69 @@ class RoutineRunner:
 
 def _step_time_s(step: MassageStep | LedStep) -> float:
     return step.contact_time_s if isinstance(step, MassageStep) else step.duration_s
+
+
+# --------------------------------------------------------------------------- store jobs
+# A run's reads and writes of its store, sent by name to the store writer's process
+# (StoreWriter.submit), or run here on the store itself when the run has no writer.
+
+
+def _session_fields(
+    routine: Routine, serial: str, rate_hz: float, program_id: str | None, at: datetime
+) -> dict[str, Any]:
+    """The fields of a session record of ``routine`` (SessionStore.start_session)."""
+    return {
+        "routine_name": routine.name,
+        "category": routine.category,
+        "device_serial": serial,
+        "device_kind": routine.device_kind.value,
+        "sample_format": SAMPLE_FORMAT_OF[routine.device_kind],
+        "sample_rate_hz": rate_hz,
+        "routine_text": routine.source_text,
+        "program_id": program_id,
+        "started_at": at,
+        "owner_pid": os.getpid(),  # the bridge's, also when its writer's process stores it
+    }
+
+
+def _admit_on_store(
+    desk: StoreDesk, routine: Routine, policy: SafetyPolicy, now: datetime, run_key: int
+) -> Admission:
+    """Admission against the store and the runs admitted on it that have not ended; an
+    admitted run counts for the next admission at once, before its session is stored (two
+    starts in one instant on two devices of one person are two sessions)."""
+    admitted = desk.admitted_runs
+    admission = check_routine_admission(
+        routine, policy, desk.store, now=now, admitted=tuple(admitted.values())
+    )
+    if admission.allowed:
+        admitted[run_key] = (admitted_run(routine, now), None)
+    return admission
+
+
+def _start_session(desk: StoreDesk, record: dict[str, Any], run_key: int | None) -> int:
+    session_id = desk.store.start_session(**record)
+    if run_key is not None and run_key in desk.admitted_runs:
+        # Until the run ends its record says less than the run will do (light so far, no
+        # completion): admission counts the admitted run instead.
+        admitted, _ = desk.admitted_runs[run_key]
+        desk.admitted_runs[run_key] = (admitted, session_id)
+    return session_id
+
+
+def _record_refused(
+    desk: StoreDesk,
+    record: dict[str, Any],
+    end_reason: str,
+    summary: dict[str, Any],
+    at: datetime,
+) -> int:
+    session_id = desk.store.start_session(**record)
+    desk.store.finish_session(
+        session_id, status="refused", end_reason=end_reason, summary=summary, ended_at=at
+    )
+    return session_id
+
+
+def _mark_device_program(desk: StoreDesk, session_id: int, from_sequence: int) -> None:
+    desk.store.mark_device_program(session_id, from_sequence)

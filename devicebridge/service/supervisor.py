@@ -122,9 +122,9 @@ class BridgeService:
         self.status_interval_s = status_interval_s
         self.rng = rng or random.Random()
         self.sessions = SessionStore(data_dir / SESSIONS_FILENAME)
-        # Telemetry and decisions of running sessions: committed together on a thread of
-        # their own every FLUSH_INTERVAL_S, so a hundred devices cost four commits a
-        # second, not a thousand (a killed bridge loses at most that much).
+        # Telemetry and decisions of running sessions: committed together in the store
+        # writer's process every FLUSH_INTERVAL_S, so a hundred devices cost four commits
+        # a second, not a thousand (a killed bridge loses at most that much).
         self.session_writer = StoreWriter(self.sessions)
         self.programs = ProgramStore(data_dir / PROGRAMS_FILENAME)
         self.inbox = ProgramInbox(

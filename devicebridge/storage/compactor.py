@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Final
 
+from devicebridge.storage.children import lowest_priority, start_helper
+
 _LOGGER = logging.getLogger(__name__)
 
 # How long a sync (a writer closing, the exit of this process) waits for the compactor.
@@ -49,30 +51,13 @@ class _Child:
     """One compactor process."""
 
     def __init__(self) -> None:
-        import devicebridge
-
-        # The child imports the very devicebridge this process runs (an editable
-        # checkout, a compiled build, a path a script put first).
-        root = str(Path(devicebridge.__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            part for part in (root, env.get("PYTHONPATH", "")) if part
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "devicebridge.storage.compactor"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            # Not in the terminal's process group: Ctrl-C stops the bridge, which ends
-            # this process by closing its stdin.
-            start_new_session=True,
-        )
+        self.process = start_helper("devicebridge.storage.compactor")
         assert self.process.stdin is not None
         assert self.process.stdout is not None
         self.jobs = self.process.stdin.fileno()
         self.answers = self.process.stdout
         # Where pipes can be polled (POSIX), a full pipe refuses a job rather than block
-        # the writer's thread; elsewhere a write waits for room.
+        # the event loop; elsewhere a write waits for room.
         self.pollable = os.name == "posix"
         if self.pollable:
             os.set_blocking(self.jobs, False)
@@ -194,15 +179,6 @@ COMPACTOR: Final = Compactor()
 # --------------------------------------------------------------------------- the child
 
 
-def _lowest_priority() -> None:
-    try:
-        os.nice(19)
-        if sys.platform == "linux":
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError as exc:  # refused: compact at the priority given
-        _LOGGER.debug("the compactor keeps its priority: %s", exc)
-
-
 def _compact(path: Path, session_ids: Sequence[int]) -> None:
     from devicebridge.errors import SessionStoreError
     from devicebridge.storage.sessions import SessionStore
@@ -239,5 +215,5 @@ def serve(jobs: IO[bytes], answers: IO[bytes]) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(format="devicebridge compactor: %(message)s", level=logging.WARNING)
-    _lowest_priority()
+    lowest_priority()
     serve(sys.stdin.buffer, sys.stdout.buffer)

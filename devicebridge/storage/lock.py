@@ -154,8 +154,8 @@ def _read_pid(fd: int) -> int | None:
 OWNERS_DIRNAME: Final = "owners"
 _marks: dict[Path, int] = {}  # data directories this process marked itself alive in
 # The same, as absolute paths given: every session's start marks its store's directory, and
-# resolving it again took a system call per path component on the thread that commits every
-# device's telemetry.
+# resolving it again took a system call per path component, on the writer's thread of the time
+# that committed every device's telemetry.
 _marked_as_given: set[Path] = set()
 
 

@@ -6,9 +6,9 @@ samples (9 or 10 bytes each), one per batch, or one per run of contiguous batche
 writer commits together.
 :meth:`SessionStore.append_samples` commits each batch before it returns, so a killed
 process keeps every sample stored so far; :meth:`SessionStore.append_many` commits many
-batches in one transaction for a writer that groups commits (the routine runner's writer
-thread commits every 0.25 s: a killed bridge loses at most that last quarter second of
-telemetry). On the
+batches in one transaction for a writer that groups commits (the store writer's process
+commits every 0.25 s what the bridge sent it: a killed bridge loses at most that last
+quarter second of telemetry). On the
 next start :meth:`SessionStore.recover` marks sessions left ``running`` as
 ``interrupted``; their committed samples are all there.
 
@@ -177,8 +177,22 @@ class SampleChunk:
     received_at: datetime
 
 
+# One stored decision: at_s, kind, step, reason, message, rule, sequence (the fields of
+# StoredDecision, as a tuple: a store writer's rows cross to its process as builtins).
+DecisionRow = tuple[float, str, int, str, str, str | None, int | None]
+# One stored chunk of raw samples: session id, first sequence, sample count, received at
+# (ISO 8601, UTC), the samples' bytes (a store writer's rows, built where they are added).
+ChunkRow = tuple[int, int, int, str, bytes]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def decision_row(decision: Any) -> DecisionRow:
+    """An engine decision (or anything with the fields of StoredDecision) as stored."""
+    d = decision
+    return (d.at_s, str(d.kind), d.step, d.reason, d.message, d.rule, d.sequence)
 
 
 class SessionStore:
@@ -236,8 +250,14 @@ class SessionStore:
         routine_text: str = "",
         program_id: str | None = None,
         started_at: datetime | None = None,
+        owner_pid: int | None = None,
     ) -> int:
-        mark_process_alive(self.path.parent)
+        """A session ``running`` from ``started_at`` (now), owned by process ``owner_pid``
+        (this one by default, marked alive here; another must have marked itself: the
+        bridge whose store writer's process stores it, see :func:`mark_process_alive`)."""
+        if owner_pid is None or owner_pid == os.getpid():
+            mark_process_alive(self.path.parent)
+            owner_pid = os.getpid()
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO sessions (routine_name, category, device_serial, device_kind,"
@@ -254,7 +274,7 @@ class SessionStore:
                     (started_at or _now()).isoformat(),
                     routine_text,
                     program_id,
-                    os.getpid(),
+                    owner_pid,
                 ),
             )
             assert cursor.lastrowid is not None
@@ -302,22 +322,32 @@ class SessionStore:
         """
         import numpy as np
 
-        rows = [
-            (
-                c.session_id,
-                c.first_sequence,
-                int(c.samples.shape[0]),
-                c.received_at.isoformat(),
-                np.ascontiguousarray(c.samples).tobytes(),
-            )
-            for c in chunks
-            if c.samples.shape[0]
-        ]
+        self.append_rows(
+            [
+                (
+                    c.session_id,
+                    c.first_sequence,
+                    int(c.samples.shape[0]),
+                    c.received_at.isoformat(),
+                    np.ascontiguousarray(c.samples).tobytes(),
+                )
+                for c in chunks
+            ],
+            [(session_id, [decision_row(d) for d in items]) for session_id, items in decisions],
+        )
+
+    def append_rows(
+        self,
+        rows: Sequence[ChunkRow],
+        decisions: Sequence[tuple[int, Sequence[DecisionRow]]] = (),
+    ) -> None:
+        """:meth:`append_many` of chunks and decisions already made rows (empty chunks
+        are skipped)."""
+        rows = [row for row in rows if row[2]]
         if not rows and not any(items for _, items in decisions):
             return
-        # One insert per session for its decision lists (in order): a writer thread pays a
-        # GIL hand-off per statement.
-        by_session: dict[int, list[Any]] = {}
+        # One insert per session for its decision lists (in order): fewer statements.
+        by_session: dict[int, list[DecisionRow]] = {}
         for session_id, items in decisions:
             by_session.setdefault(session_id, []).extend(items)
         with self._transaction() as db:
@@ -336,11 +366,11 @@ class SessionStore:
         if not decisions:
             return
         with self._transaction() as db:
-            self._insert_decisions(db, session_id, decisions)
+            self._insert_decisions(db, session_id, [decision_row(d) for d in decisions])
 
     @staticmethod
     def _insert_decisions(
-        db: sqlite3.Connection, session_id: int, decisions: Sequence[Any]
+        db: sqlite3.Connection, session_id: int, decisions: Sequence[DecisionRow]
     ) -> None:
         (position,) = db.execute(
             "SELECT COALESCE(MAX(position), -1) + 1 FROM decisions WHERE session_id = ?",
@@ -348,20 +378,7 @@ class SessionStore:
         ).fetchone()
         db.executemany(
             "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    session_id,
-                    position + i,
-                    d.at_s,
-                    str(d.kind),
-                    d.step,
-                    d.reason,
-                    d.message,
-                    d.rule,
-                    d.sequence,
-                )
-                for i, d in enumerate(decisions)
-            ],
+            [(session_id, position + i, *row) for i, row in enumerate(decisions)],
         )
 
     def finish_session(
@@ -433,7 +450,7 @@ class SessionStore:
         since ``every_kind_since`` (None: none), and since ``dose_since`` those that may
         carry light (LED sessions, and any whose summary has a dose). A few columns and two
         values of the summary, taken out by SQLite, not whole records: admission runs
-        before every session, on the thread that commits every device's telemetry. A
+        before every session, in the process that commits every device's telemetry. A
         summary SQLite does not take for JSON (Python wrote a NaN in it) is read whole, as
         :meth:`sessions` reads it."""
         earliest = dose_since if every_kind_since is None else min(every_kind_since, dose_since)

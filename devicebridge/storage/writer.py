@@ -1,35 +1,51 @@
 """The session stores' writer: telemetry and decisions of running sessions, committed
-together every ``FLUSH_INTERVAL_S`` on one thread that writes every store of the process."""
+together every ``FLUSH_INTERVAL_S`` by one process that writes every store of the bridge's
+process (``python -m devicebridge.storage.writer_process``), so that the stores' work never
+holds the event loop's GIL."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import copyreg
+import dataclasses
+import fcntl
 import functools
+import io
+import itertools
 import logging
 import math
 import os
+import pickle
+import select
+import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Final, TypeVar
 
 import numpy as np
 
+from devicebridge.core import admission as admission_module
+from devicebridge.core import policy as policy_module
+from devicebridge.core import routine as routine_module
 from devicebridge.core.admission import PastSession
-from devicebridge.core.engine import (
-    Decision,
-)
-from devicebridge.errors import (
-    SessionStoreError,
-)
+from devicebridge.core.engine import Decision
+from devicebridge.core.policy import SafetyPolicy
+from devicebridge.errors import SessionStoreError
+from devicebridge.storage.children import start_helper
 from devicebridge.storage.compactor import COMPACTOR
-from devicebridge.storage.sessions import SampleChunk, SessionStore
+from devicebridge.storage.lock import mark_process_alive
+from devicebridge.storage.sessions import ChunkRow, DecisionRow, SessionStore, decision_row
 
 _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,151 +69,454 @@ COMPACT_IDLE_S: Final = 2.0
 COMPACT_WAIT_S: Final = 60.0
 
 
-# How much lower than the event loop's the OS priority of the writer's thread is (a nice
-# increment, Linux only). With the device process, the loop and this thread on a few
-# cores, the scheduler otherwise lets a commit run for a whole time slice
-# while the loop's safety stop waits (``python -m bench latency``: the 100-device p99
-# went from 4-15 ms to about 3 ms). It still gets every core the loop leaves idle.
-BACKGROUND_NICE_INCREMENT: Final = 10
-_MAX_NICE: Final = 19
+# How many bytes of jobs the pipe to the writer's process holds (Linux; elsewhere the
+# system's size): a few seconds of a hundred devices' telemetry, so that a writer behind
+# for a moment does not hold up the loop that hands it its jobs.
+JOB_PIPE_BYTES: Final = 1 << 20
+_F_SETPIPE_SZ: Final = 1031  # fcntl(2), Linux
 
 
 # Wall seconds for the compaction's wait (a name of its own, so that tests can move it).
 _now_s = time.monotonic
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+def _utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat()
 
 
-def _background_priority() -> None:
-    """Run the calling thread below the event loop's OS priority, where the OS has
-    per-thread priorities (Linux); elsewhere, or when refused, at the same priority.
+class StoreDesk:
+    """A store as the writer's process holds it for one :class:`StoreWriter`: its
+    connection (opened with the first job that uses it), and the runs admitted on it.
 
-    The writer keeps a share of a busy machine (not SCHED_IDLE, as the compactor's
-    process has), so that what a killed bridge loses stays about ``FLUSH_INTERVAL_S`` of
-    telemetry.
+    Every job of a writer gets its desk as its first argument, in the writer's process.
     """
-    if sys.platform != "linux":
-        return
-    thread_id = threading.get_native_id()
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, thread_id)
-        os.setpriority(
-            os.PRIO_PROCESS, thread_id, min(_MAX_NICE, current + BACKGROUND_NICE_INCREMENT)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._store: SessionStore | None = None
+        # Runs admitted on this store that have not ended, by run, with the id of the
+        # session each has stored so far (None before it has): read and changed only by
+        # the writer's jobs, which run one at a time, so that an admission there counts
+        # every run admitted before it (see RoutineRunner.admit).
+        self.admitted_runs: dict[int, tuple[PastSession, int | None]] = {}
+        # Sessions whose telemetry a failed commit lost, with the failure (a session's
+        # last commit raises it: its record must not say it was all stored).
+        self.unstored: dict[int, str] = {}
+        self.closed = False
+
+    @classmethod
+    def of(cls, store: SessionStore) -> StoreDesk:
+        """A desk on a store already open here (a run with no writer: nothing counted)."""
+        desk = cls(store.path)
+        desk._store = store
+        return desk
+
+    @property
+    def store(self) -> SessionStore:
+        if self._store is None:
+            self._store = SessionStore(self.path)
+        return self._store
+
+    def close(self) -> None:
+        self.closed = True
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+class _Shared:
+    """Objects jobs name again and again (a policy: ten kilobytes to pickle, for every
+    admission), sent to the writer's process once and named by a token afterwards."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, tuple[object, int]] = {}  # by id(): the object kept alive
+        self.sent: set[int] = set()  # tokens the current process has
+
+    def token(self, obj: object) -> tuple[int, bool]:
+        """The object's token, and whether the writer's process still needs the object."""
+        known = self.tokens.get(id(obj))
+        if known is None:
+            known = self.tokens[id(obj)] = (obj, len(self.tokens))
+        token = known[1]
+        return token, token not in self.sent
+
+
+class _JobPickler(pickle.Pickler):
+    """Pickles a job, naming every safety policy in it by its token (:class:`_Shared`)
+    (used for the jobs given a policy: the others, only the C pickler).
+
+    ``reducer_override`` is called only for objects other than numbers, strings, bytes
+    and the builtin containers (``persistent_id`` would be called for every one of a
+    flush's thousands: milliseconds of the loop's time).
+    """
+
+    def __init__(self, file: io.BytesIO, shared: _Shared) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._shared = shared
+        self.new: list[tuple[int, object]] = []  # objects the process does not have yet
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, SafetyPolicy):
+            return NotImplemented
+        token, new = self._shared.token(obj)
+        if new and all(token != known for known, _ in self.new):
+            self.new.append((token, obj))
+        return (shared_object, (token,))
+
+
+def _rebuilt(cls: type[Any], values: dict[str, Any]) -> Any:
+    return cls(**values)
+
+
+def _reduce_dataclass(obj: Any) -> tuple[Any, ...]:
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+    return (_rebuilt, (type(obj), values))
+
+
+def _cross_by_init(*modules: ModuleType) -> None:
+    """The dataclasses of ``modules`` cross to and from the writer's process through
+    their ``__init__``: compiled with mypyc (the compiled build), a frozen dataclass's
+    own unpickling sets its fields one by one, which it refuses."""
+    for module in modules:
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and dataclasses.is_dataclass(obj)
+                and obj.__module__ == module.__name__
+            ):
+                copyreg.pickle(obj, _reduce_dataclass)
+
+
+# What a job sends or answers: policies and routines (admission), admissions.
+_cross_by_init(admission_module, policy_module, routine_module)
+
+
+# What the bridge's process sent once for later jobs to name (in the writer's process).
+_SHARED_OBJECTS: Final[dict[int, object]] = {}
+
+
+def shared_object(token: int) -> object:
+    """The object the bridge's process shared as ``token`` (in the writer's process)."""
+    return _SHARED_OBJECTS[token]
+
+
+def share_object(token: int, obj: object) -> None:
+    _SHARED_OBJECTS[token] = obj
+
+
+class _Child:
+    """One writer's process, and the pipes of its jobs and answers."""
+
+    def __init__(self) -> None:
+        from multiprocessing.connection import Connection
+
+        self.process = start_helper("devicebridge.storage.writer_process")
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):  # refused: the system's size
+                fcntl.fcntl(self.process.stdin.fileno(), _F_SETPIPE_SZ, JOB_PIPE_BYTES)
+        self.jobs = Connection(os.dup(self.process.stdin.fileno()), readable=False)
+        self.answers = Connection(os.dup(self.process.stdout.fileno()), writable=False)
+        self.process.stdin.close()
+        self.process.stdout.close()
+        self.answers_fd = self.answers.fileno()
+        self._poller = select.poll()
+        self._poller.register(self.answers_fd, select.POLLIN)
+        self.broken = False  # a job could not be sent: the next job starts another
+        self.ended = False  # its answers ended (it exited, or was killed)
+        self.shared: set[int] = set()  # tokens of the objects it has
+        # The event loops that read its answers as they come (loop -> nothing).
+        self.loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, None] = (
+            weakref.WeakKeyDictionary()
         )
-    except OSError as exc:
-        _LOGGER.debug("the store writer keeps the loop's priority: %s", exc)
+
+    def answered(self, timeout_s: float) -> bool:
+        """An answer (or the end of them) waits to be read, within ``timeout_s``."""
+        return bool(self._poller.poll(max(0, int(timeout_s * 1000))))
 
 
-class _WriterThread:
-    """The one thread that writes every session store of this process.
+class _Job(Future[T]):
+    """A job's future: waiting for its result reads the writer's answers when no event
+    loop of this thread does (a run on the virtual clock, a blocking caller)."""
 
-    A bridge has one store; a QA run has one per simulated person. Fifty stores with a
-    thread each took 2.4 times the CPU of one thread for the same commits (50 simulated
-    massagers with a routine in virtual time: 1.6-1.8 s against 0.7 s outside the event
-    loop's thread, over about 11 s), and every thread woken took the GIL from the loop.
-    Jobs run one at a time in the order they were submitted, so each writer's jobs keep
-    theirs; a long job of one store (a close that waits for its compactions) holds the
-    others' commits back meanwhile, their rows waiting in memory. Started with its first
-    writer, let go (without waiting) when the last one closes.
+    def __init__(self, owner: _WriterProcess) -> None:
+        super().__init__()
+        self._owner = owner
+        self.child: _Child | None = None  # the process it was sent to
+
+    def result(self, timeout: float | None = None) -> T:
+        self._owner.wait_for(self, timeout)
+        return super().result(timeout=0 if timeout is not None else None)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._owner.wait_for(self, timeout)
+        return super().exception(timeout=0 if timeout is not None else None)
+
+
+class _WriterProcess:
+    """The one process that writes every session store of this process, seen from here.
+
+    Started with the first job, it runs the jobs of every writer one at a time in the
+    order they were sent (each writer's jobs keep theirs) and answers each. The stores'
+    work is SQLite and Python that holds a GIL for most of its time: on a thread of the
+    bridge's process it took the GIL from the event loop while frames waited (``python -m
+    bench latency``, 100 devices: the runner's p99 2-5 times the observer's with that
+    thread, 1.3-1.7 times with no store at all), and so did a thread here that only
+    relayed the process's answers. So no thread of this process waits for them: the
+    event loop that sent a job reads the answers when they come (a reader on their pipe),
+    and a caller that blocks on a job's result reads them itself (:class:`_Job`); the
+    bridge's thread pickles each job and writes it to a pipe (microseconds; a quarter
+    second of a hundred devices' telemetry, a few hundred).
+
+    A bridge has one store; a QA run has one per simulated person: one process for all
+    (fifty processes, or threads, cost far more than one for the same commits). The
+    process ends when its stdin closes: at this process's exit (after its last jobs),
+    or when this process is killed (it still does every job it was sent).
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._writers = 0
+        # Sends (and starts) under one lock, reads of answers under another, the futures
+        # waiting under a third: a reader never waits for a sender blocked on a full pipe.
+        self._send_lock = threading.Lock()
+        # Reentrant: a job's callback, run where its answer was read, may wait for another.
+        self._read_lock = threading.RLock()
+        self._waiting_lock = threading.Lock()
+        self._child: _Child | None = None
+        self._waiting: dict[int, tuple[Future[Any], Path, _Child]] = {}
+        self._job_ids = itertools.count()
+        self._shared = _Shared()
+        self._exit_hook = False
 
-    def join(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=1,
-                    thread_name_prefix="session-store",
-                    initializer=_background_priority,
+    def submit(
+        self, writer_id: int, path: Path, function: Callable[..., T], args: tuple[Any, ...]
+    ) -> Future[T]:
+        future: _Job[T] = _Job(self)
+        job_id = -1
+        with self._send_lock:
+            child = self._child
+            try:
+                new: list[tuple[int, object]] = []
+                if any(isinstance(arg, SafetyPolicy) for arg in args):
+                    buffer = io.BytesIO()
+                    pickler = _JobPickler(buffer, self._shared)
+                    pickler.dump((function, args))
+                    body, new = buffer.getvalue(), pickler.new
+                else:  # the C pickler alone (most jobs: rows, records)
+                    body = pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL)
+                if child is None or child.broken or child.ended:
+                    child = self._start()
+                self._read_on_this_loop(child)
+                for token, obj in new:
+                    if token not in child.shared:
+                        child.jobs.send_bytes(
+                            pickle.dumps(("share", token, obj), pickle.HIGHEST_PROTOCOL)
+                        )
+                        child.shared.add(token)
+                job_id = next(self._job_ids)
+                with self._waiting_lock:
+                    self._waiting[job_id] = (future, path, child)
+                future.child = child
+                child.jobs.send_bytes(
+                    pickle.dumps(
+                        ("job", job_id, writer_id, str(path), body),
+                        pickle.HIGHEST_PROTOCOL,
+                    )
                 )
-            self._writers += 1
-            return self._executor
+            except (OSError, pickle.PicklingError, TypeError, AttributeError) as exc:
+                if isinstance(exc, OSError) and child is not None:
+                    child.broken = True  # gone: the next job starts another
+                with self._waiting_lock:
+                    self._waiting.pop(job_id, None)
+                if not future.done():
+                    future.set_exception(
+                        SessionStoreError(f"the store writer took no job: {exc}", path=path)
+                    )
+        return future
 
-    def leave(self) -> None:
-        with self._lock:
-            self._writers -= 1
-            if self._writers == 0 and self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+    def _start(self) -> _Child:
+        child = self._child = _Child()
+        self._shared.sent = child.shared
+        if not self._exit_hook:
+            atexit.register(self.close)
+            self._exit_hook = True
+        return child
+
+    def _read_on_this_loop(self, child: _Child) -> None:
+        """The running event loop (if any) reads ``child``'s answers as they come."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop not in child.loops:
+            loop.add_reader(child.answers_fd, self._read_ready, child)
+            child.loops[loop] = None
+
+    def _read_ready(self, child: _Child) -> None:
+        """On an event loop: every answer of ``child`` that has come (if no other thread
+        reads them now: it hands this loop's answers over the same way)."""
+        if self._read_lock.acquire(blocking=False):
+            try:
+                while not child.ended and child.answered(0):
+                    self._read_one(child)
+            finally:
+                self._read_lock.release()
+
+    def wait_for(self, job: _Job[Any], timeout_s: float | None) -> None:
+        """Read answers until ``job`` is done (or ``timeout_s`` has passed)."""
+        deadline_s = None if timeout_s is None else time.monotonic() + timeout_s
+        while not job.done():
+            child = job.child
+            left_s = 1.0 if deadline_s is None else deadline_s - time.monotonic()
+            if child is None or left_s <= 0:  # never sent (done, then), or too long
+                return
+            with self._read_lock:
+                if not job.done() and not child.ended and child.answered(min(left_s, 1.0)):
+                    self._read_one(child)
+
+    def _read_one(self, child: _Child) -> None:
+        """One answer of ``child`` (the read lock held), or the end of its answers."""
+        try:
+            job_id, ok, outcome = pickle.loads(child.answers.recv_bytes())
+        except (EOFError, OSError):
+            self._ended(child)
+            return
+        with self._waiting_lock:
+            future, path, _ = self._waiting.pop(job_id)
+        if ok:
+            future.set_result(outcome)
+        else:
+            future.set_exception(_raised(outcome, path))
+
+    def _ended(self, child: _Child) -> None:
+        """``child``'s answers ended (it exited, or was killed): its jobs fail."""
+        child.ended = True
+        for loop in list(child.loops):
+            if loop.is_closed():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is running:
+                loop.remove_reader(child.answers_fd)
+            else:
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(loop.remove_reader, child.answers_fd)
+        child.loops.clear()
+        status = child.process.wait()
+        with self._waiting_lock:
+            gone = [job for job, (*_, sent_to) in self._waiting.items() if sent_to is child]
+            unanswered = [self._waiting.pop(job)[:2] for job in gone]
+        for future, path in unanswered:
+            future.set_exception(
+                SessionStoreError(
+                    f"the store writer's process ended (exit status {status})", path=path
+                )
+            )
+
+    def close(self) -> None:
+        """Let the process do every job sent, and end (at this process's exit)."""
+        with self._send_lock:
+            child, self._child = self._child, None
+        if child is None:
+            return
+        child.jobs.close()
+        try:
+            child.process.wait(PROCESS_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+    @property
+    def pid(self) -> int | None:
+        """The process's id, while it runs (for tests)."""
+        child = self._child
+        return child.process.pid if child is not None and child.process.poll() is None else None
 
     def forget(self) -> None:
-        """In a forked child: the parent's thread is not there (a writer starts another)."""
-        self._lock = threading.Lock()
-        self._executor = None
-        self._writers = 0
+        """In a forked child: the parent's process is not ours (a job starts another)."""
+        child = self._child
+        if child is not None:
+            with contextlib.suppress(OSError):  # this fork's copies: the parent's stay open
+                child.jobs.close()
+                child.answers.close()
+        self.__init__()  # type: ignore[misc]
 
 
-_WRITER_THREAD: Final = _WriterThread()
+def _raised(outcome: Any, path: Path) -> BaseException:
+    """The exception a job raised, from what the writer's process sent back."""
+    if isinstance(outcome, BaseException):
+        return outcome
+    return SessionStoreError(f"the store writer failed:\n{outcome}", path=path)
+
+
+# How long this process's exit waits for the writer's last jobs (wall seconds).
+PROCESS_EXIT_WAIT_S: Final = 30.0
+
+_WRITER_PROCESS: Final = _WriterProcess()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_WRITER_THREAD.forget)
+    os.register_at_fork(after_in_child=_WRITER_PROCESS.forget)
+_writer_ids: Final = itertools.count()
 
 
 @dataclass(slots=True)
 class _SampleRun:
     """Contiguous batches of one session waiting for the writer: one row once committed.
 
-    A row per 100 ms batch made the writer thread hand the GIL back and forth with the
-    event loop for every row (SQLite releases it around each statement step), which cost
-    the loop more than the writing itself.
+    A row per 100 ms batch made the writer hand the GIL back and forth with the event
+    loop for every row, which cost the loop more than the writing itself.
     """
 
     session_id: int
     first_sequence: int
     end_sequence: int
     parts: list[np.ndarray[Any, Any]]
-    received_at: datetime
+    received_at: str  # ISO 8601, UTC
 
-    def chunk(self) -> SampleChunk:
+    def row(self) -> ChunkRow:
         parts = self.parts
-        samples = (
-            parts[0]
-            if len(parts) == 1
-            else np.frombuffer(b"".join(part.tobytes() for part in parts), dtype=parts[0].dtype)
-        )
-        return SampleChunk(self.session_id, self.first_sequence, samples, self.received_at)
+        data = parts[0].tobytes() if len(parts) == 1 else b"".join([p.tobytes() for p in parts])
+        count = self.end_sequence - self.first_sequence
+        return (self.session_id, self.first_sequence, count, self.received_at, data)
 
 
 class StoreWriter:
     """Groups the telemetry and decisions of every run on one store into one commit.
 
     Commits ``interval_s`` after the first row waiting, through a connection of its own
-    on the process's writer thread (:class:`_WriterThread`), so neither the commits nor
-    SQLite's checkpoints (fsync) hold up the event loop. :meth:`commit_session` writes what is left
-    of one run at once, and a run waits for it before it stores its summary; a run waits
-    for its own jobs with :func:`devicebridge.clock.result_off_loop`, which keeps the
-    loop serving other devices on the wall clock and keeps a virtual-clock run
-    deterministic.
+    in the writer's process (:class:`_WriterProcess`), so neither the commits, nor
+    SQLite's checkpoints (fsync), nor the Python around them hold up the event loop.
+    :meth:`commit_session` writes what is left of one run at once, and a run waits for
+    it before it stores its summary; a run waits for its own jobs with
+    :func:`devicebridge.clock.result_off_loop`, which keeps the loop serving other
+    devices on the wall clock and keeps a virtual-clock run deterministic.
+
+    A job (:meth:`submit`) is a function defined at a module's top level (it is sent by
+    name), called in the writer's process with the writer's :class:`StoreDesk` and the
+    arguments given (pickled), one job at a time, after the jobs sent before it.
     """
 
     def __init__(self, store: SessionStore, *, interval_s: float = FLUSH_INTERVAL_S) -> None:
         self.path = store.path
         self.interval_s = interval_s
-        self.commits = 0  # of the thread (for tests and benchmarks)
-        self._executor = _WRITER_THREAD.join()
-        self._thread_store: SessionStore | None = None  # opened and used on the thread only
-        self._closed: list[_SampleRun] = []  # runs a gap ended, waiting for the thread
+        self._id = next(_writer_ids)
+        # The sessions stored through the writer's process name this process as their
+        # owner (recovery leaves them alone while it runs): it says it is alive itself.
+        mark_process_alive(store.path.parent)
+        self._closed: list[_SampleRun] = []  # runs a gap ended, waiting for the process
         self._runs: dict[int, _SampleRun] = {}  # the open run of each session
-        self._decisions: list[tuple[int, Sequence[Decision]]] = []
+        self._decisions: list[tuple[int, Sequence[DecisionRow]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
-        # Sessions whose record is stored, to compact (appended where their job ended,
-        # taken on the thread; a deque's append and popleft are atomic).
+        # Sessions whose record is stored, to compact (appended where their job's answer
+        # arrived, taken on the loop; a deque's append and popleft are atomic).
         self._finished: deque[int] = deque()
+        self._finishing: list[Future[None]] = []  # records sent, not answered yet
         self._compactions = 0  # finished since compactions were last waited for
         self._streamed_at_s = -math.inf  # (monotonic) the last write that held samples
         self._first_waiting_s: float | None = None  # (monotonic) since a compaction waits
         self._idle_check: asyncio.TimerHandle | None = None
-        # Runs admitted on this store that have not ended, by run, with the id of the
-        # session each has stored so far (None before it has): read and changed only by
-        # jobs on the writer's thread, which runs them one at a time, so that an admission
-        # there counts every run admitted before it (see RoutineRunner.admit).
-        self.admitted_runs: dict[int, tuple[PastSession, int | None]] = {}
         self._closing = False
 
     def add_samples(
@@ -212,13 +531,13 @@ class StoreWriter:
             if run is not None:
                 self._closed.append(run)
             self._runs[session_id] = _SampleRun(
-                session_id, first_sequence, first_sequence + count, [samples], _utc_now()
+                session_id, first_sequence, first_sequence + count, [samples], _utc_now_iso()
             )
         if self._timer is None:  # else _schedule() has nothing to do
             self._schedule()
 
     def add_decisions(self, session_id: int, decisions: Sequence[Decision]) -> None:
-        self._decisions.append((session_id, tuple(decisions)))
+        self._decisions.append((session_id, [decision_row(d) for d in decisions]))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -227,7 +546,7 @@ class StoreWriter:
         self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._submit)
 
     def _submit(self) -> None:
-        """Hand everything added so far to the thread (its jobs run in order)."""
+        """Hand everything added so far to the writer's process (its jobs run in order)."""
         self._timer = None
         self._prune()
         runs, self._closed = self._closed, []
@@ -239,41 +558,29 @@ class StoreWriter:
         if runs:
             self._streamed_at_s = _now_s()
         sessions = frozenset(run.session_id for run in runs) | {d[0] for d in decisions}
-        job = self._executor.submit(self._write, runs, decisions)
+        job = self.submit(_write, [run.row() for run in runs], decisions)
         self._in_flight.append((job, sessions))
 
-    def _write(
-        self, runs: list[_SampleRun], decisions: list[tuple[int, Sequence[Decision]]]
-    ) -> None:
-        # The runs' batches are joined here, not on the event loop (a quarter second of
-        # every device's telemetry took the loop about half a millisecond).
-        self._store_of_thread().append_many([run.chunk() for run in runs], decisions)
-        self.commits += 1
-
-    def _store_of_thread(self) -> SessionStore:
-        if self._thread_store is None:
-            self._thread_store = SessionStore(self.path)
-        return self._thread_store
-
-    def submit(self, operation: Callable[[SessionStore], T]) -> Future[T]:
-        """``operation`` on the writer's connection, after the writes before it.
+    def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        """``function(desk, *args)`` in the writer's process, after the jobs before it.
 
         A run's own writes go this way too, so the two connections never wait for each
         other's lock (SQLite's busy wait sleeps in steps of milliseconds). A run on the
         event loop waits for it with :func:`devicebridge.clock.result_off_loop`.
         """
         self._prune()
-        return self._executor.submit(lambda: operation(self._store_of_thread()))
+        return _WRITER_PROCESS.submit(self._id, self.path, function, args)
 
     def admitted_run_ended(self, run_key: int) -> None:
-        """Run ``run_key`` no longer counts as admitted (:attr:`admitted_runs`), once the
-        jobs before this one are done: its stored session, if any, counts from then on."""
+        """Run ``run_key`` no longer counts as admitted (:attr:`StoreDesk.admitted_runs`),
+        once the jobs before this one are done: its stored session, if any, counts from
+        then on."""
         if not self._closing:
-            self._executor.submit(self.admitted_runs.pop, run_key, None)
+            self.submit(_admitted_run_ended, run_key)
 
-    def run_now(self, operation: Callable[[SessionStore], T]) -> T:
+    def run_now(self, function: Callable[..., T], *args: Any) -> T:
         """:meth:`submit`, waiting for the result (blocks)."""
-        return self.submit(operation).result()
+        return self.submit(function, *args).result()
 
     def _prune(self) -> None:
         still: list[tuple[Future[None], frozenset[int]]] = []
@@ -292,42 +599,52 @@ class StoreWriter:
     def commit_session(self, session_id: int) -> Future[None]:
         """Everything of session ``session_id`` committed once the returned job is done.
 
-        Its rows still waiting are written after the thread's earlier writes (decisions
-        keep their order). The job raises :class:`SessionStoreError` if any of its rows
-        could not be stored.
+        Its rows still waiting are written after the earlier writes (decisions keep their
+        order). The job raises :class:`SessionStoreError` if any of its rows could not be
+        stored.
         """
+        rows, decisions = self._take_waiting(session_id)
+        return self.submit(_commit_session, session_id, rows, decisions)
+
+    def _take_waiting(
+        self, session_id: int
+    ) -> tuple[list[ChunkRow], list[tuple[int, Sequence[DecisionRow]]]]:
+        """The rows of ``session_id`` waiting here for the next commit, taken out."""
         runs = [run for run in self._closed if run.session_id == session_id]
         run = self._runs.pop(session_id, None)
         if run is not None:
             runs.append(run)
+        if runs:
+            self._closed = [run for run in self._closed if run.session_id != session_id]
         decisions = [d for d in self._decisions if d[0] == session_id]
-        self._closed = [run for run in self._closed if run.session_id != session_id]
-        self._decisions = [d for d in self._decisions if d[0] != session_id]
-        earlier = [job for job, sessions in self._in_flight if session_id in sessions]
+        if decisions:
+            self._decisions = [d for d in self._decisions if d[0] != session_id]
+        return [run.row() for run in runs], decisions
 
-        def commit(thread_store: SessionStore) -> None:
-            # The thread runs its jobs in order: the earlier writes are done by now.
-            failure = next((e for e in (j.exception() for j in earlier) if e is not None), None)
-            if failure is not None:
-                raise SessionStoreError(f"telemetry not stored: {failure}", path=self.path)
-            thread_store.append_many([run.chunk() for run in runs], decisions)
+    def finish_session(
+        self, session_id: int, *, admitted_run: int | None = None, **record: Any
+    ) -> Future[None]:
+        """:meth:`SessionStore.finish_session` in the writer's process, after the rows of
+        the session still waiting here (one job: a run's end is one round trip), and the
+        end of ``admitted_run`` (:meth:`admitted_run_ended`) right behind it, so that no
+        admission reads the one without the other. The job raises
+        :class:`SessionStoreError` if any of the session's rows could not be stored (its
+        record is finished all the same).
 
-        return self.submit(commit)
-
-    def finish_session(self, session_id: int, **record: Any) -> Future[None]:
-        """:meth:`SessionStore.finish_session` on the writer's connection; the session's
-        telemetry is compacted later, in the compactor's process
+        The session's telemetry is compacted later, in the compactor's process
         (:mod:`devicebridge.storage.compactor`), once no telemetry has been written for
         ``COMPACT_IDLE_S`` (at most ``COMPACT_WAIT_S`` after it ended), or when the
         writer closes."""
-        job = self.submit(lambda store: store.finish_session(session_id, **record))
-        job.add_done_callback(functools.partial(self._finished_stored, session_id))
+        rows, decisions = self._take_waiting(session_id)
+        job = self.submit(_finish_session, session_id, rows, decisions, record, admitted_run)
         self._compactions += 1
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop, so no telemetry streams: now
-            self._executor.submit(self._compact_finished)
+        except RuntimeError:  # no loop, so no telemetry streams: once it is stored
+            job.add_done_callback(functools.partial(self._compact_once_stored, session_id))
             return job
+        job.add_done_callback(functools.partial(self._finished_stored, session_id))
+        self._finishing.append(job)
         if self._first_waiting_s is None:
             self._first_waiting_s = _now_s()
         if self._idle_check is None:
@@ -335,9 +652,13 @@ class StoreWriter:
         return job
 
     def _finished_stored(self, session_id: int, finished: Future[None]) -> None:
-        # On the writer's thread (or here, if it was done already): it may be compacted.
+        # Where its answer arrived (or here, if it was done already): it may be compacted.
         if not finished.cancelled() and finished.exception() is None:
             self._finished.append(session_id)
+
+    def _compact_once_stored(self, session_id: int, finished: Future[None]) -> None:
+        self._finished_stored(session_id, finished)
+        self._compact_finished()
 
     def _compact_when_idle(self) -> None:
         """Hand the finished sessions to the compactor once telemetry has paused, or
@@ -348,7 +669,13 @@ class StoreWriter:
         idle_s = now_s - self._streamed_at_s
         if idle_s >= COMPACT_IDLE_S or waited_s >= COMPACT_WAIT_S:
             self._first_waiting_s = None
-            self._executor.submit(self._compact_finished)
+            self._finishing = [job for job in self._finishing if not job.done()]
+            self._compact_finished()
+            if self._finishing:  # their records are not stored yet: at the next look
+                self._first_waiting_s = now_s
+                self._idle_check = asyncio.get_running_loop().call_later(
+                    COMPACT_IDLE_S, self._compact_when_idle
+                )
         else:
             delay_s = min(COMPACT_IDLE_S - idle_s, COMPACT_WAIT_S - waited_s)
             self._idle_check = asyncio.get_running_loop().call_later(
@@ -356,8 +683,7 @@ class StoreWriter:
             )
 
     def _compact_finished(self) -> None:
-        """On the writer's thread, after the jobs before it: every session finished so
-        far to the compactor."""
+        """Every session whose record is stored so far to the compactor (it never waits)."""
         finished = []
         with contextlib.suppress(IndexError):
             while True:
@@ -367,21 +693,17 @@ class StoreWriter:
 
     def wait_compacted(self) -> None:
         """Every session finished so far compacted (for tests and benchmarks; blocks)."""
-        self._compacted_after_writes().result()
-
-    def _compacted_after_writes(self) -> Future[None]:
-        """On the thread, after the jobs queued so far: every finished session to the
-        compactor, then until it has compacted them."""
         self._compactions = 0
-        self._executor.submit(self._compact_finished)
-        return self._executor.submit(COMPACTOR.sync)
+        self.run_now(_nothing)  # every record finished so far is stored, and answered
+        self._compact_finished()
+        COMPACTOR.sync()
 
     def close(self) -> None:
-        """Hand the last write and the store's closing to the writer thread, without
-        waiting for them (the thread stops once no writer of the process uses it), unless
-        sessions finished on it since compactions were last waited for: then wait
-        until they are compacted, so that nothing opens the file once the writer's owner
-        closed it (a run's compaction takes a fraction of a second)."""
+        """Hand the last write and the store's closing to the writer's process, without
+        waiting for them, unless sessions finished on it since compactions were last
+        waited for: then wait until they are compacted, so that nothing opens the file
+        once the writer's owner closed it (a run's compaction takes a fraction of a
+        second)."""
         if self._closing:
             return
         self._closing = True
@@ -390,13 +712,63 @@ class StoreWriter:
                 handle.cancel()
         self._idle_check = None
         self._submit()
-        synced = self._compacted_after_writes() if self._compactions else None
-        self._executor.submit(self._close_store)
-        _WRITER_THREAD.leave()
-        if synced is not None:
-            synced.result()
+        if self._compactions:
+            self.wait_compacted()
+        self.submit(_close_desk)
 
-    def _close_store(self) -> None:
-        if self._thread_store is not None:
-            self._thread_store.close()
-            self._thread_store = None
+
+# --------------------------------------------------------------------------- jobs
+# Each runs in the writer's process, with the writer's desk.
+
+
+def _nothing(desk: StoreDesk) -> None:
+    """Done once every job sent before it is done."""
+
+
+def _write(
+    desk: StoreDesk, rows: list[ChunkRow], decisions: list[tuple[int, Sequence[DecisionRow]]]
+) -> None:
+    try:
+        desk.store.append_rows(rows, decisions)
+    except SessionStoreError as exc:
+        for session_id in {row[0] for row in rows} | {d[0] for d in decisions}:
+            desk.unstored.setdefault(session_id, str(exc))
+        raise
+
+
+def _commit_session(
+    desk: StoreDesk,
+    session_id: int,
+    rows: list[ChunkRow],
+    decisions: list[tuple[int, Sequence[DecisionRow]]],
+) -> None:
+    failure = desk.unstored.pop(session_id, None)
+    if failure is not None:
+        raise SessionStoreError(f"telemetry not stored: {failure}", path=desk.path)
+    desk.store.append_rows(rows, decisions)
+
+
+def _finish_session(
+    desk: StoreDesk,
+    session_id: int,
+    rows: list[ChunkRow],
+    decisions: list[tuple[int, Sequence[DecisionRow]]],
+    record: dict[str, Any],
+    admitted_run: int | None,
+) -> None:
+    try:
+        _commit_session(desk, session_id, rows, decisions)
+    finally:
+        try:
+            desk.store.finish_session(session_id, **record)
+        finally:
+            if admitted_run is not None:
+                desk.admitted_runs.pop(admitted_run, None)
+
+
+def _admitted_run_ended(desk: StoreDesk, run_key: int) -> None:
+    desk.admitted_runs.pop(run_key, None)
+
+
+def _close_desk(desk: StoreDesk) -> None:
+    desk.close()

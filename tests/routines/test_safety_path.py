@@ -168,7 +168,7 @@ async def test_store_writer_groups_commits_and_commits_a_session_on_demand(
         assert store.telemetry(ids[0])[0].tolist() == list(range(50))
         assert store.telemetry(ids[1])[0].size == 0  # the other run is not this one's
         writer.close()
-        # close() hands the rest to the writer thread; its commit becomes visible.
+        # close() hands the rest to the writer's process; its commit becomes visible.
         assert await _poll(lambda: store.telemetry(ids[1])[0].size == 50)
 
 

@@ -26,7 +26,7 @@ from devicebridge.storage.sessions import SessionStore
 from devicebridge.storage.writer import COMPACT_IDLE_S, COMPACT_WAIT_S, StoreWriter
 
 from .test_compressed_samples import chunk_rows, sensor_like
-from .test_sessions import open_session
+from .writer_jobs import append_samples_job, nothing_job, open_session_job
 
 
 class Clock:
@@ -65,7 +65,8 @@ async def stream_and_finish(writer: StoreWriter, session: int) -> None:
 
 def compactions_done(writer: StoreWriter) -> None:
     """Every job queued on the compactor so far is done (without asking for more)."""
-    writer.submit(lambda _store: COMPACTOR.sync()).result(timeout=30)
+    writer.run_now(nothing_job)  # the records finished so far are stored
+    COMPACTOR.sync()
 
 
 def look_again(writer: StoreWriter) -> None:
@@ -84,7 +85,7 @@ def with_a_finished_session(
     async def scenario() -> None:
         with SessionStore(path) as store:
             writer = StoreWriter(store)
-            session = writer.submit(open_session).result(timeout=10)
+            session = writer.submit(open_session_job).result(timeout=10)
             await stream_and_finish(writer, session)
             then(writer, store, session)
             if not writer._closing:
@@ -165,8 +166,8 @@ def sessions_with(writer: StoreWriter, samples: np.ndarray, *, count: int) -> li
     """``count`` sessions stored through ``writer``, each holding ``samples``."""
     sessions = []
     for _ in range(count):
-        session = writer.submit(open_session).result(timeout=10)
-        writer.run_now(lambda s, session=session: s.append_samples(session, 0, samples))
+        session = writer.submit(open_session_job).result(timeout=10)
+        writer.run_now(append_samples_job, session, 0, samples)
         sessions.append(session)
     return sessions
 

@@ -26,6 +26,8 @@ from devicebridge.storage.sqlite import connect, migrate
 from devicebridge.storage.writer import StoreWriter
 from tests.clinic.web import massager_samples
 
+from .writer_jobs import append_samples_job
+
 DTYPES = (p.MASSAGER_SAMPLE_DTYPE, p.LED_MASK_SAMPLE_DTYPE)
 OLD_SCHEMA_VERSION = 2  # raw chunks only, no encoding column
 
@@ -120,14 +122,14 @@ def test_a_compacted_session_reads_the_same_in_fewer_smaller_chunks(tmp_path: Pa
         assert store.compact_telemetry(session) == 0  # nothing raw left
 
 
-def test_the_writer_compacts_a_finished_session_on_its_own_thread(tmp_path: Path) -> None:
+def test_the_writer_has_a_finished_session_compacted(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     samples = sensor_like(600, seed=3)
     with SessionStore(path) as store:
         session = open_session(store)
         writer = StoreWriter(store)
-        writer.run_now(lambda s: s.append_samples(session, 0, samples[:300]))
-        writer.run_now(lambda s: s.append_samples(session, 300, samples[300:]))
+        writer.run_now(append_samples_job, session, 0, samples[:300])
+        writer.run_now(append_samples_job, session, 300, samples[300:])
         writer.finish_session(session, status="completed", end_reason=None, summary={}).result()
         writer.wait_compacted()
         writer.close()

@@ -1,0 +1,142 @@
+"""The store writer's process: one for every store of a process, below the event loop's
+priority (the compactor's below it, on idle cores only), its jobs run in order, their
+failures back where they were sent, and a killed process replaced at the next job."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from devicebridge.errors import SessionStoreError
+from devicebridge.storage.compactor import COMPACTOR
+from devicebridge.storage.sessions import SessionStore
+from devicebridge.storage.writer import _WRITER_PROCESS, StoreWriter
+
+from .writer_jobs import (
+    bug_job,
+    failing_job,
+    nothing_job,
+    open_session_job,
+    where_job,
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE is Linux's")
+def test_the_writer_and_the_compactor_run_in_processes_on_idle_cores_only(tmp_path: Path) -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            session = writer.run_now(open_session_job)
+            # A finished session is compacted in the compactor's process.
+            writer.finish_session(session, status="completed", end_reason=None, summary={})
+            writer.wait_compacted()  # so that the compactor has started
+            writer_pid, _ = writer.run_now(where_job)
+            compactor = COMPACTOR.pid
+            assert compactor is not None
+            compactor_nice = os.getpriority(os.PRIO_PROCESS, compactor)
+            compactor_policy = os.sched_getscheduler(compactor)
+            writer_nice = os.getpriority(os.PRIO_PROCESS, writer_pid)
+            writer_policy = os.sched_getscheduler(writer_pid)
+        finally:
+            writer.close()
+    # Neither holds the lock the loop's thread needs (the GIL): other processes.
+    assert os.getpid() not in (writer_pid, compactor)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the event loop's is untouched
+    # Both run only on a core nothing else wants: a waking loop takes it at once.
+    assert (writer_nice, writer_policy) == (19, os.SCHED_IDLE)
+    assert (compactor_nice, compactor_policy) == (19, os.SCHED_IDLE)
+    # No thread here waits for its answers either: a caller reads them.
+    assert [t.name for t in threading.enumerate()] == [threading.current_thread().name]
+
+
+def test_every_store_of_a_process_is_written_by_one_process(tmp_path: Path) -> None:
+    """A QA run has a store per simulated person: one process writes them all, each
+    writer's jobs in order, each store in its own file."""
+    stores = [SessionStore(tmp_path / f"person-{k}.sqlite3") for k in range(3)]
+    writers = [StoreWriter(store) for store in stores]
+    try:
+        where = {w.run_now(where_job) for w in writers}
+        assert len(where) == 1
+        ((pid, _),) = where
+        assert pid != os.getpid()
+        sessions = [w.run_now(open_session_job) for w in writers]
+        writers[0].close()
+        # The others go on writing, each in its own file.
+        for writer, session in zip(writers[1:], sessions[1:], strict=True):
+            writer.finish_session(session, status="completed", end_reason=None, summary={})
+            writer.run_now(nothing_job)
+        statuses = [
+            store.session(session).status for store, session in zip(stores, sessions, strict=True)
+        ]
+        assert statuses == ["running", "completed", "completed"]
+    finally:
+        for writer in writers:
+            writer.close()
+        for store in stores:
+            store.close()
+
+
+def test_a_job_that_fails_raises_where_it_was_sent(tmp_path: Path) -> None:
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            with pytest.raises(SessionStoreError, match="disk full") as raised:
+                writer.run_now(failing_job)
+            assert raised.value.path == store.path
+            # An exception that cannot cross whole comes as its traceback.
+            with pytest.raises(SessionStoreError, match="_Unpicklable: a bug in a job"):
+                writer.run_now(bug_job)
+            # The process goes on with the next job.
+            assert writer.run_now(open_session_job) == 1
+        finally:
+            writer.close()
+
+
+def test_a_killed_writer_process_fails_its_jobs_and_is_replaced(tmp_path: Path) -> None:
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            first, _ = writer.run_now(where_job)
+            os.kill(first, signal.SIGKILL)
+            with contextlib.suppress(SessionStoreError):
+                writer.run_now(nothing_job)  # sent before the kill was seen, or refused
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(first, 0)
+            second, _ = writer.run_now(where_job)
+            assert second != first
+            session = writer.run_now(open_session_job)
+            assert store.session(session).status == "running"
+            assert _WRITER_PROCESS.pid == second
+        finally:
+            writer.close()
+
+
+def test_policies_routines_and_admissions_cross_to_the_writer_whole() -> None:
+    """What admission sends and answers survives pickling as itself (also compiled: a
+    frozen dataclass compiled with mypyc crosses through its __init__)."""
+    import pickle
+    from datetime import UTC, datetime
+    from importlib.resources import files
+
+    import devicebridge.storage.writer  # noqa: F401 - registers how they cross
+    from devicebridge.core.policy import default_policy
+    from devicebridge.core.routine import parse_routine
+    from devicebridge.run.history import check_routine_admission
+
+    policy = default_policy()
+    assert pickle.loads(pickle.dumps(policy, pickle.HIGHEST_PROTOCOL)) == policy
+    folder = files("devicebridge") / "data" / "routines"
+    texts = [item.read_text() for item in folder.iterdir() if item.name.endswith(".toml")]
+    assert len(texts) >= 5
+    for text in texts:
+        routine = parse_routine(text, policy, label="shipped")
+        assert pickle.loads(pickle.dumps(routine, pickle.HIGHEST_PROTOCOL)) == routine
+        admission = check_routine_admission(routine, policy, None, now=datetime.now(UTC))
+        assert pickle.loads(pickle.dumps(admission, pickle.HIGHEST_PROTOCOL)) == admission
