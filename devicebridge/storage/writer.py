@@ -42,7 +42,7 @@ from devicebridge.core.admission import PastSession
 from devicebridge.core.engine import Decision
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.errors import SessionStoreError
-from devicebridge.storage.children import start_helper
+from devicebridge.storage.children import process_cpu_s, start_helper
 from devicebridge.storage.compactor import COMPACTOR
 from devicebridge.storage.lock import mark_process_alive
 from devicebridge.storage.sessions import ChunkRow, DecisionRow, SessionStore, decision_row
@@ -428,6 +428,12 @@ class _WriterProcess:
             child.process.kill()
             child.process.wait()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the current writer's process has used so far (0.0 with none; for
+        benchmarks: its work is the bridge's)."""
+        pid = self.pid
+        return 0.0 if pid is None else process_cpu_s(pid)
+
     @property
     def pid(self) -> int | None:
         """The process's id, while it runs (for tests)."""
@@ -455,6 +461,14 @@ def _raised(outcome: Any, path: Path) -> BaseException:
 PROCESS_EXIT_WAIT_S: Final = 30.0
 
 _WRITER_PROCESS: Final = _WriterProcess()
+
+
+def writer_cpu_s() -> float:
+    """CPU seconds the store writer's process of this process has used (see
+    :meth:`_WriterProcess.cpu_s`)."""
+    return _WRITER_PROCESS.cpu_s()
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WRITER_PROCESS.forget)
 _writer_ids: Final = itertools.count()

@@ -23,6 +23,7 @@ from .writer_jobs import (
     failing_job,
     nothing_job,
     open_session_job,
+    spin_job,
     where_job,
 )
 
@@ -140,3 +141,18 @@ def test_policies_routines_and_admissions_cross_to_the_writer_whole() -> None:
         assert pickle.loads(pickle.dumps(routine, pickle.HIGHEST_PROTOCOL)) == routine
         admission = check_routine_admission(routine, policy, None, now=datetime.now(UTC))
         assert pickle.loads(pickle.dumps(admission, pickle.HIGHEST_PROTOCOL)) == admission
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="read from /proc")
+def test_the_cpu_the_writer_uses_is_counted_for_benchmarks(tmp_path: Path) -> None:
+    from devicebridge.storage.writer import writer_cpu_s
+
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            writer.run_now(nothing_job)
+            before_s = writer_cpu_s()
+            writer.run_now(spin_job, 0.2)
+            assert writer_cpu_s() - before_s >= 0.15
+        finally:
+            writer.close()

@@ -42,3 +42,12 @@ def bug_job(desk: StoreDesk) -> None:
 
 def nothing_job(desk: StoreDesk) -> None:
     """Done once every job sent before it is done."""
+
+
+def spin_job(desk: StoreDesk, cpu_s: float) -> None:
+    """Use ``cpu_s`` of CPU time in the writer's process."""
+    import time
+
+    end_s = time.process_time() + cpu_s
+    while time.process_time() < end_s:
+        pass
