@@ -121,7 +121,7 @@ from devicebridge.run.history import admitted_run, check_routine_admission, refu
 from devicebridge.run.summary import RunSummary, session_summary
 from devicebridge.run.view import Guidance, RunnerState
 from devicebridge.storage.sessions import SessionStatus, SessionStore
-from devicebridge.storage.writer import StoreDesk, StoreWriter
+from devicebridge.storage.writer import StoreDesk, StoreWriter, start_store_writer
 from protocols import (
     Ack,
     Capability,
@@ -212,6 +212,9 @@ class RoutineRunner:
         self._sample_format = SAMPLE_FORMAT_OF[routine.device_kind]  # of the batches it judges
         self.policy = policy
         self.store = store
+        if store is not None:
+            # Its first job (the session's record) would wait for the process to start.
+            start_store_writer()
         self.clock = clock or session.clock
         self._now = now
         self._device_serial = device_serial

@@ -334,6 +334,12 @@ class _WriterProcess:
                     )
         return future
 
+    def start_soon(self) -> None:
+        with self._send_lock:
+            child = self._child
+            if child is None or child.broken or child.ended:
+                self._start()
+
     def _start(self) -> _Child:
         child = self._child = _Child()
         self._shared.sent = child.shared
@@ -463,6 +469,12 @@ PROCESS_EXIT_WAIT_S: Final = 30.0
 _WRITER_PROCESS: Final = _WriterProcess()
 
 
+def start_store_writer() -> None:
+    """Start the store writer's process now, if it does not run, so that it is ready for
+    the first job (it takes a few tenths of a second to start; it does not wait for it)."""
+    _WRITER_PROCESS.start_soon()
+
+
 def writer_cpu_s() -> float:
     """CPU seconds the store writer's process of this process has used (see
     :meth:`_WriterProcess.cpu_s`)."""
@@ -515,6 +527,7 @@ class StoreWriter:
         self.path = store.path
         self.interval_s = interval_s
         self._id = next(_writer_ids)
+        _WRITER_PROCESS.start_soon()
         # The sessions stored through the writer's process name this process as their
         # owner (recovery leaves them alone while it runs): it says it is alive itself.
         mark_process_alive(store.path.parent)
