@@ -130,15 +130,12 @@ class _Shared:
 
     def __init__(self) -> None:
         self.tokens: dict[int, tuple[object, int]] = {}  # by id(): the object kept alive
-        self.sent: set[int] = set()  # tokens the current process has
 
-    def token(self, obj: object) -> tuple[int, bool]:
-        """The object's token, and whether the writer's process still needs the object."""
+    def token(self, obj: object) -> int:
         known = self.tokens.get(id(obj))
         if known is None:
             known = self.tokens[id(obj)] = (obj, len(self.tokens))
-        token = known[1]
-        return token, token not in self.sent
+        return known[1]
 
 
 class _JobPickler(pickle.Pickler):
@@ -153,14 +150,13 @@ class _JobPickler(pickle.Pickler):
     def __init__(self, file: io.BytesIO, shared: _Shared) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._shared = shared
-        self.new: list[tuple[int, object]] = []  # objects the process does not have yet
+        self.named: dict[int, object] = {}  # the objects named, by token
 
     def reducer_override(self, obj: Any) -> Any:
         if not isinstance(obj, SafetyPolicy):
             return NotImplemented
-        token, new = self._shared.token(obj)
-        if new and all(token != known for known, _ in self.new):
-            self.new.append((token, obj))
+        token = self._shared.token(obj)
+        self.named[token] = obj
         return (shared_object, (token,))
 
 
@@ -296,18 +292,18 @@ class _WriterProcess:
         with self._send_lock:
             child = self._child
             try:
-                new: list[tuple[int, object]] = []
+                named: dict[int, object] = {}
                 if any(isinstance(arg, SafetyPolicy) for arg in args):
                     buffer = io.BytesIO()
                     pickler = _JobPickler(buffer, self._shared)
                     pickler.dump((function, args))
-                    body, new = buffer.getvalue(), pickler.new
+                    body, named = buffer.getvalue(), pickler.named
                 else:  # the C pickler alone (most jobs: rows, records)
                     body = pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL)
                 if child is None or child.broken or child.ended:
                     child = self._start()
                 self._read_on_this_loop(child)
-                for token, obj in new:
+                for token, obj in named.items():  # sent once to each process
                     if token not in child.shared:
                         child.jobs.send_bytes(
                             pickle.dumps(("share", token, obj), pickle.HIGHEST_PROTOCOL)
@@ -341,8 +337,16 @@ class _WriterProcess:
                 self._start()
 
     def _start(self) -> _Child:
+        old = self._child
+        if old is not None and not old.ended:  # broken: its pipe refused a job
+            with contextlib.suppress(OSError):
+                old.process.kill()
+            self._ended(old)  # its jobs fail; it is reaped
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.jobs.close()
+                old.answers.close()
         child = self._child = _Child()
-        self._shared.sent = child.shared
         if not self._exit_hook:
             atexit.register(self.close)
             self._exit_hook = True

@@ -23,6 +23,7 @@ from .writer_jobs import (
     failing_job,
     nothing_job,
     open_session_job,
+    policy_limits_job,
     spin_job,
     where_job,
 )
@@ -154,5 +155,27 @@ def test_the_cpu_the_writer_uses_is_counted_for_benchmarks(tmp_path: Path) -> No
             before_s = writer_cpu_s()
             writer.run_now(spin_job, 0.2)
             assert writer_cpu_s() - before_s >= 0.15
+        finally:
+            writer.close()
+
+
+def test_a_policy_goes_once_to_each_writer_process_and_comes_back_whole(tmp_path: Path) -> None:
+    from devicebridge.core.policy import default_policy
+
+    policy = default_policy()
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            assert writer.run_now(policy_limits_job, policy) == policy
+            assert writer.run_now(policy_limits_job, policy) == policy  # named, not sent
+            first, _ = writer.run_now(where_job)
+            os.kill(first, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(first, 0)
+            with contextlib.suppress(SessionStoreError):
+                writer.run_now(nothing_job)  # the kill seen
+            # A new process gets the policy again before the job that names it.
+            assert writer.run_now(policy_limits_job, policy) == policy
+            assert writer.run_now(where_job)[0] != first
         finally:
             writer.close()
