@@ -915,6 +915,7 @@ class RoutineRunner:
         if writer is not None and session_id is not None:
             # Everything of this run committed, then its summary, then it no longer counts
             # as admitted: one job, so that no admission reads the one without the other.
+            # (A run counted as admitted was admitted on this writer: the one it has.)
             admitted_on, self._admitted_on = self._admitted_on, None
             finished = writer.finish_session(
                 session_id,
@@ -922,10 +923,8 @@ class RoutineRunner:
                 end_reason=end_reason,
                 summary=summary,
                 ended_at=ended_at,
-                admitted_run=id(self) if admitted_on is writer else None,
+                admitted_run=id(self) if admitted_on is not None else None,
             )
-            if admitted_on is not None and admitted_on is not writer:
-                admitted_on.admitted_run_ended(id(self))
             try:
                 await result_off_loop(self.clock, finished)
             except SessionStoreError as exc:  # some telemetry not stored: said once done

@@ -36,8 +36,6 @@ from devicebridge.storage.writer import StoreDesk, share_object
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-_LOGGER = logging.getLogger(__name__)
-
 
 def _crossing(exc: BaseException) -> BaseException | str:
     """``exc`` if it survives a pickle's round trip as itself, else its traceback's text."""
