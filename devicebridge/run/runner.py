@@ -117,11 +117,13 @@ from devicebridge.errors import (
     SessionStoreError,
     TransportError,
 )
-from devicebridge.run.history import admitted_run, check_routine_admission, refusal_json
+from devicebridge.run import store_jobs
+from devicebridge.run.history import check_routine_admission, refusal_json
 from devicebridge.run.summary import RunSummary, session_summary
 from devicebridge.run.view import Guidance, RunnerState
+from devicebridge.storage.desk import StoreDesk
 from devicebridge.storage.sessions import SessionStatus, SessionStore
-from devicebridge.storage.writer import StoreDesk, StoreWriter, start_store_writer
+from devicebridge.storage.writer import StoreWriter, start_store_writer
 from protocols import (
     Ack,
     Capability,
@@ -285,7 +287,9 @@ class RoutineRunner:
         else:
             admission = await result_off_loop(
                 self.clock,
-                self._writer.submit(_admit_on_store, self.routine, self.policy, now, id(self)),
+                self._writer.submit(
+                    store_jobs.admit_on_store, self.routine, self.policy, now, id(self)
+                ),
             )
         self.admission = admission
         if not admission.allowed:
@@ -317,7 +321,7 @@ class RoutineRunner:
         serial = self._device_serial or device_serial or self.session.name
         program_id = None if self.program_id is None else str(self.program_id)
         record = _session_fields(routine, serial, 0.0, program_id, at)
-        return await self._on_store(_record_refused, record, end_reason, summary, at)
+        return await self._on_store(store_jobs.record_refused, record, end_reason, summary, at)
 
     async def _check_device_support(self) -> KindSupport:
         """What the connected device can do; a routine it cannot run is refused (and the
@@ -528,7 +532,7 @@ class RoutineRunner:
 
             try:
                 self.session_id = await self._on_store(
-                    _start_session, record, id(self) if counted else None
+                    store_jobs.start_session, record, id(self) if counted else None
                 )
             except BaseException:
                 self._close_writer()
@@ -996,7 +1000,7 @@ class RoutineRunner:
             start = self.session.live_sequence_end
         if start is not None:
             await result_off_loop(
-                self.clock, writer.submit(_mark_device_program, session_id, start)
+                self.clock, writer.submit(store_jobs.mark_device_program, session_id, start)
             )
 
     async def _watch_program(self, events: Subscription[Event]) -> None:
@@ -1020,11 +1024,6 @@ def _step_time_s(step: MassageStep | LedStep) -> float:
     return step.contact_time_s if isinstance(step, MassageStep) else step.duration_s
 
 
-# --------------------------------------------------------------------------- store jobs
-# A run's reads and writes of its store, sent by name to the store writer's process
-# (StoreWriter.submit), or run here on the store itself when the run has no writer.
-
-
 def _session_fields(
     routine: Routine, serial: str, rate_hz: float, program_id: str | None, at: datetime
 ) -> dict[str, Any]:
@@ -1041,46 +1040,3 @@ def _session_fields(
         "started_at": at,
         "owner_pid": os.getpid(),  # the bridge's, also when its writer's process stores it
     }
-
-
-def _admit_on_store(
-    desk: StoreDesk, routine: Routine, policy: SafetyPolicy, now: datetime, run_key: int
-) -> Admission:
-    """Admission against the store and the runs admitted on it that have not ended; an
-    admitted run counts for the next admission at once, before its session is stored (two
-    starts in one instant on two devices of one person are two sessions)."""
-    admitted = desk.admitted_runs
-    admission = check_routine_admission(
-        routine, policy, desk.store, now=now, admitted=tuple(admitted.values())
-    )
-    if admission.allowed:
-        admitted[run_key] = (admitted_run(routine, now), None)
-    return admission
-
-
-def _start_session(desk: StoreDesk, record: dict[str, Any], run_key: int | None) -> int:
-    session_id = desk.store.start_session(**record)
-    if run_key is not None and run_key in desk.admitted_runs:
-        # Until the run ends its record says less than the run will do (light so far, no
-        # completion): admission counts the admitted run instead.
-        admitted, _ = desk.admitted_runs[run_key]
-        desk.admitted_runs[run_key] = (admitted, session_id)
-    return session_id
-
-
-def _record_refused(
-    desk: StoreDesk,
-    record: dict[str, Any],
-    end_reason: str,
-    summary: dict[str, Any],
-    at: datetime,
-) -> int:
-    session_id = desk.store.start_session(**record)
-    desk.store.finish_session(
-        session_id, status="refused", end_reason=end_reason, summary=summary, ended_at=at
-    )
-    return session_id
-
-
-def _mark_device_program(desk: StoreDesk, session_id: int, from_sequence: int) -> None:
-    desk.store.mark_device_program(session_id, from_sequence)

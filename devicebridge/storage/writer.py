@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import copyreg
-import dataclasses
 import fcntl
 import functools
 import io
@@ -30,20 +28,25 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final, TypeVar
 
 import numpy as np
 
-from devicebridge.core import admission as admission_module
-from devicebridge.core import policy as policy_module
-from devicebridge.core import routine as routine_module
-from devicebridge.core.admission import PastSession
 from devicebridge.core.engine import Decision
 from devicebridge.core.policy import SafetyPolicy
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.children import process_cpu_s, start_helper
 from devicebridge.storage.compactor import COMPACTOR
+from devicebridge.storage.desk import (
+    close_desk,
+    commit_rows,
+    cross_core_dataclasses,
+    finish_session_rows,
+    nothing,
+    release_admitted_run,
+    shared_object,
+    write_rows,
+)
 from devicebridge.storage.lock import mark_process_alive
 from devicebridge.storage.sessions import ChunkRow, DecisionRow, SessionStore, decision_row
 
@@ -84,46 +87,6 @@ def _utc_now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-class StoreDesk:
-    """A store as the writer's process holds it for one :class:`StoreWriter`: its
-    connection (opened with the first job that uses it), and the runs admitted on it.
-
-    Every job of a writer gets its desk as its first argument, in the writer's process.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._store: SessionStore | None = None
-        # Runs admitted on this store that have not ended, by run, with the id of the
-        # session each has stored so far (None before it has): read and changed only by
-        # the writer's jobs, which run one at a time, so that an admission there counts
-        # every run admitted before it (see RoutineRunner.admit).
-        self.admitted_runs: dict[int, tuple[PastSession, int | None]] = {}
-        # Sessions whose telemetry a failed commit lost, with the failure (a session's
-        # last commit raises it: its record must not say it was all stored).
-        self.unstored: dict[int, str] = {}
-        self.closed = False
-
-    @classmethod
-    def of(cls, store: SessionStore) -> StoreDesk:
-        """A desk on a store already open here (a run with no writer: nothing counted)."""
-        desk = cls(store.path)
-        desk._store = store
-        return desk
-
-    @property
-    def store(self) -> SessionStore:
-        if self._store is None:
-            self._store = SessionStore(self.path)
-        return self._store
-
-    def close(self) -> None:
-        self.closed = True
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
-
 class _Shared:
     """Objects jobs name again and again (a policy: ten kilobytes to pickle, for every
     admission), sent to the writer's process once and named by a token afterwards."""
@@ -160,44 +123,8 @@ class _JobPickler(pickle.Pickler):
         return (shared_object, (token,))
 
 
-def _rebuilt(cls: type[Any], values: dict[str, Any]) -> Any:
-    return cls(**values)
-
-
-def _reduce_dataclass(obj: Any) -> tuple[Any, ...]:
-    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
-    return (_rebuilt, (type(obj), values))
-
-
-def _cross_by_init(*modules: ModuleType) -> None:
-    """The dataclasses of ``modules`` cross to and from the writer's process through
-    their ``__init__``: compiled with mypyc (the compiled build), a frozen dataclass's
-    own unpickling sets its fields one by one, which it refuses."""
-    for module in modules:
-        for obj in vars(module).values():
-            if (
-                isinstance(obj, type)
-                and dataclasses.is_dataclass(obj)
-                and obj.__module__ == module.__name__
-            ):
-                copyreg.pickle(obj, _reduce_dataclass)
-
-
-# What a job sends or answers: policies and routines (admission), admissions.
-_cross_by_init(admission_module, policy_module, routine_module)
-
-
-# What the bridge's process sent once for later jobs to name (in the writer's process).
-_SHARED_OBJECTS: Final[dict[int, object]] = {}
-
-
-def shared_object(token: int) -> object:
-    """The object the bridge's process shared as ``token`` (in the writer's process)."""
-    return _SHARED_OBJECTS[token]
-
-
-def share_object(token: int, obj: object) -> None:
-    _SHARED_OBJECTS[token] = obj
+# What a job sends or answers crosses whole, also from the compiled build.
+cross_core_dataclasses()
 
 
 class _Child:
@@ -475,8 +402,10 @@ _WRITER_PROCESS: Final = _WriterProcess()
 
 def start_store_writer() -> None:
     """Start the store writer's process now, if it does not run, so that it is ready for
-    the first job (it takes a few tenths of a second to start; it does not wait for it)."""
+    the first job, and the compactor's, ready for the first finished session (each takes a
+    few hundredths of a second to start; this does not wait for them)."""
     _WRITER_PROCESS.start_soon()
+    COMPACTOR.start_soon()
 
 
 def writer_cpu_s() -> float:
@@ -531,7 +460,7 @@ class StoreWriter:
         self.path = store.path
         self.interval_s = interval_s
         self._id = next(_writer_ids)
-        _WRITER_PROCESS.start_soon()
+        start_store_writer()
         # The sessions stored through the writer's process name this process as their
         # owner (recovery leaves them alone while it runs): it says it is alive itself.
         mark_process_alive(store.path.parent)
@@ -589,7 +518,7 @@ class StoreWriter:
         if runs:
             self._streamed_at_s = _now_s()
         sessions = frozenset(run.session_id for run in runs) | {d[0] for d in decisions}
-        job = self.submit(_write, [run.row() for run in runs], decisions)
+        job = self.submit(write_rows, [run.row() for run in runs], decisions)
         self._in_flight.append((job, sessions))
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
@@ -607,7 +536,7 @@ class StoreWriter:
         once the jobs before this one are done: its stored session, if any, counts from
         then on."""
         if not self._closing:
-            self.submit(_admitted_run_ended, run_key)
+            self.submit(release_admitted_run, run_key)
 
     def run_now(self, function: Callable[..., T], *args: Any) -> T:
         """:meth:`submit`, waiting for the result (blocks)."""
@@ -635,7 +564,7 @@ class StoreWriter:
         stored.
         """
         rows, decisions = self._take_waiting(session_id)
-        return self.submit(_commit_session, session_id, rows, decisions)
+        return self.submit(commit_rows, session_id, rows, decisions)
 
     def _take_waiting(
         self, session_id: int
@@ -667,7 +596,7 @@ class StoreWriter:
         ``COMPACT_IDLE_S`` (at most ``COMPACT_WAIT_S`` after it ended), or when the
         writer closes."""
         rows, decisions = self._take_waiting(session_id)
-        job = self.submit(_finish_session, session_id, rows, decisions, record, admitted_run)
+        job = self.submit(finish_session_rows, session_id, rows, decisions, record, admitted_run)
         self._compactions += 1
         try:
             loop = asyncio.get_running_loop()
@@ -725,7 +654,7 @@ class StoreWriter:
     def wait_compacted(self) -> None:
         """Every session finished so far compacted (for tests and benchmarks; blocks)."""
         self._compactions = 0
-        self.run_now(_nothing)  # every record finished so far is stored, and answered
+        self.run_now(nothing)  # every record finished so far is stored, and answered
         self._compact_finished()
         COMPACTOR.sync()
 
@@ -745,61 +674,4 @@ class StoreWriter:
         self._submit()
         if self._compactions:
             self.wait_compacted()
-        self.submit(_close_desk)
-
-
-# --------------------------------------------------------------------------- jobs
-# Each runs in the writer's process, with the writer's desk.
-
-
-def _nothing(desk: StoreDesk) -> None:
-    """Done once every job sent before it is done."""
-
-
-def _write(
-    desk: StoreDesk, rows: list[ChunkRow], decisions: list[tuple[int, Sequence[DecisionRow]]]
-) -> None:
-    try:
-        desk.store.append_rows(rows, decisions)
-    except SessionStoreError as exc:
-        for session_id in {row[0] for row in rows} | {d[0] for d in decisions}:
-            desk.unstored.setdefault(session_id, str(exc))
-        raise
-
-
-def _commit_session(
-    desk: StoreDesk,
-    session_id: int,
-    rows: list[ChunkRow],
-    decisions: list[tuple[int, Sequence[DecisionRow]]],
-) -> None:
-    failure = desk.unstored.pop(session_id, None)
-    if failure is not None:
-        raise SessionStoreError(f"telemetry not stored: {failure}", path=desk.path)
-    desk.store.append_rows(rows, decisions)
-
-
-def _finish_session(
-    desk: StoreDesk,
-    session_id: int,
-    rows: list[ChunkRow],
-    decisions: list[tuple[int, Sequence[DecisionRow]]],
-    record: dict[str, Any],
-    admitted_run: int | None,
-) -> None:
-    try:
-        _commit_session(desk, session_id, rows, decisions)
-    finally:
-        try:
-            desk.store.finish_session(session_id, **record)
-        finally:
-            if admitted_run is not None:
-                desk.admitted_runs.pop(admitted_run, None)
-
-
-def _admitted_run_ended(desk: StoreDesk, run_key: int) -> None:
-    desk.admitted_runs.pop(run_key, None)
-
-
-def _close_desk(desk: StoreDesk) -> None:
-    desk.close()
+        self.submit(close_desk)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devicebridge.storage.children import lowest_priority
-from devicebridge.storage.writer import StoreDesk, share_object
+from devicebridge.storage.desk import StoreDesk, share_object
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,40 @@ def test_a_killed_writer_process_fails_its_jobs_and_is_replaced(tmp_path: Path) 
             assert _WRITER_PROCESS.pid == second
         finally:
             writer.close()
+
+
+def test_a_new_writer_process_answers_a_run_s_first_job_without_the_host_s_heavy_modules(
+    tmp_path: Path,
+) -> None:
+    """A run waits for its first job (its session's record): the writer's process answers
+    it with the store and the job's module loaded, not the runner, the engines or the
+    device layers (a few tenths of a second of imports, which a QA run or a ``devicebridge
+    run`` waited for)."""
+    import devicebridge
+    from devicebridge.core.policy import default_policy
+    from devicebridge.core.routine import parse_routine
+    from devicebridge.run import store_jobs
+    from devicebridge.run.runner import _session_fields
+
+    from .light_jobs import modules_loaded_job
+
+    starter = Path(devicebridge.__file__).parent / "data/routines/lymphatic_drainage.toml"
+    routine = parse_routine(starter.read_text(), default_policy())
+    record = _session_fields(routine, "SIM-1", 100.0, None, datetime.now(UTC))
+    _WRITER_PROCESS.close()  # the next job starts a new process
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            session = writer.run_now(store_jobs.start_session, record, None)
+            loaded = writer.run_now(modules_loaded_job, ("devicebridge", "bleak", "asyncio"))
+        finally:
+            writer.close()
+    assert store_jobs.__name__ in loaded
+    heavy = {"devicebridge.run.runner", "devicebridge.core.engine", "devicebridge.device"}
+    heavy |= {"devicebridge.storage.writer", "devicebridge.core.admission", "bleak", "asyncio"}
+    assert heavy.isdisjoint(loaded)
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        assert store.session(session).routine_name == routine.name
 
 
 def test_policies_routines_and_admissions_cross_to_the_writer_whole() -> None:

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from devicebridge.errors import SessionStoreError
-from devicebridge.storage.writer import StoreDesk
+from devicebridge.storage.desk import StoreDesk
 
 from .test_sessions import open_session
 
