@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from devicebridge.storage.desk import StoreDesk, cross_core_dataclasses
+from devicebridge.storage.desk import StoreDesk
 
 if TYPE_CHECKING:
     from devicebridge.core.admission import Admission
@@ -29,7 +29,6 @@ def admit_on_store(
     starts in one instant on two devices of one person are two sessions)."""
     from devicebridge.run.history import admitted_run, check_routine_admission
 
-    cross_core_dataclasses()  # the admission answered crosses whole (compiled build)
     admitted = desk.admitted_runs
     admission = check_routine_admission(
         routine, policy, desk.store, now=now, admitted=tuple(admitted.values())

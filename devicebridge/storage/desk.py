@@ -94,7 +94,8 @@ def _cross_by_init(*modules: ModuleType) -> None:
 def cross_core_dataclasses() -> None:
     """What a job sends or answers (policies and routines for admission, admissions)
     crosses through ``__init__`` (see :func:`_cross_by_init`): called where such a job is
-    sent or run (once is enough)."""
+    sent, and in the writer's process before it answers a job once the core's policy is
+    loaded there (once is enough)."""
     from devicebridge.core import admission, policy, routine
 
     _cross_by_init(admission, policy, routine)

@@ -28,13 +28,15 @@ import pickle
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from devicebridge.storage.children import lowest_priority
-from devicebridge.storage.desk import StoreDesk, share_object
+from devicebridge.storage.desk import StoreDesk, cross_core_dataclasses, share_object
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
+
+_CORE_POLICY: Final = "devicebridge.core.policy"
 
 
 def _crossing(exc: BaseException) -> BaseException | str:
@@ -65,13 +67,22 @@ def serve(jobs: Connection, answers: Connection) -> None:
         desk = desks.get(writer_id)
         if desk is None:
             desk = desks[writer_id] = StoreDesk(Path(path))
+        failure: Exception | None = None
         try:
             function, args = pickle.loads(body)
-            answer: tuple[int, bool, Any] = (job_id, True, function(desk, *args))
+            result = function(desk, *args)
         except Exception as exc:  # every failure goes back to the job's owner
-            answer = (job_id, False, _crossing(exc))
+            failure = exc
         if desk.closed:
             del desks[writer_id]
+        if _CORE_POLICY in sys.modules:
+            # The answer may hold the core's dataclasses (an admission, a policy), which
+            # cross through their __init__ (see cross_core_dataclasses); a job that has
+            # none loaded the policy's module (every one of them uses it).
+            cross_core_dataclasses()
+        answer: tuple[int, bool, Any] = (
+            (job_id, True, result) if failure is None else (job_id, False, _crossing(failure))
+        )
         try:
             data = pickle.dumps(answer, pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # a result that cannot cross: a bug
