@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-ZLIB_LEVEL: Final = 6
+# zlib's fastest level: on 20 minutes of a massager at 200 Hz it stores 7 % more than
+# level 6 (0.44 MB against 0.40 MB) in a third of the time (14 ms against 48 ms; decoding
+# takes the same). A QA run waits for its sessions' compaction at its end.
+ZLIB_LEVEL: Final = 1
 # Delta-code a field only when its differences span at most this share of its values' span.
 DELTA_SPREAD_SHARE: Final = 0.5
 
