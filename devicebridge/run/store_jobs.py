@@ -1,7 +1,6 @@
 """A run's reads and writes of its store: jobs sent by name to the store writer's process
-(:meth:`~devicebridge.storage.writer.StoreWriter.submit`), or run here on the store itself
-when the run has no writer (:meth:`RoutineRunner._on_store
-<devicebridge.run.runner.RoutineRunner>`).
+(:meth:`~devicebridge.storage.writer.StoreWriter.submit`), or run in the runner's process
+on the store itself when the run has no writer (``RoutineRunner._on_store``).
 
 A module of their own, and light: the writer's process imports the module of a job's
 function when the job arrives, and the first job of a run (its session's record) waits
