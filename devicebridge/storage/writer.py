@@ -227,8 +227,7 @@ class _WriterProcess:
                     body, named = buffer.getvalue(), pickler.named
                 else:  # the C pickler alone (most jobs: rows, records)
                     body = pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL)
-                if child is None or child.broken or child.ended:
-                    child = self._start()
+                child = self._running_child()
                 self._read_on_this_loop(child)
                 for token, obj in named.items():  # sent once to each process
                     if token not in child.shared:
@@ -259,9 +258,14 @@ class _WriterProcess:
 
     def start_soon(self) -> None:
         with self._send_lock:
-            child = self._child
-            if child is None or child.broken or child.ended:
-                self._start()
+            self._running_child()
+
+    def _running_child(self) -> _Child:
+        """The process that takes jobs now, started if there is none (send lock held)."""
+        child = self._child
+        if child is None or child.broken or child.ended:
+            child = self._start()
+        return child
 
     def _start(self) -> _Child:
         old = self._child
@@ -328,13 +332,13 @@ class _WriterProcess:
     def _ended(self, child: _Child) -> None:
         """``child``'s answers ended (it exited, or was killed): its jobs fail."""
         child.ended = True
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for loop in list(child.loops):
             if loop.is_closed():
                 continue
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
             if loop is running:
                 loop.remove_reader(child.answers_fd)
             else:
@@ -446,8 +450,8 @@ class StoreWriter:
     Commits ``interval_s`` after the first row waiting, through a connection of its own
     in the writer's process (:class:`_WriterProcess`), so neither the commits, nor
     SQLite's checkpoints (fsync), nor the Python around them hold up the event loop.
-    :meth:`commit_session` writes what is left of one run at once, and a run waits for
-    it before it stores its summary; a run waits for its own jobs with
+    :meth:`finish_session` writes what is left of one run and its record in one job
+    (:meth:`commit_session`, what is left alone); a run waits for its own jobs with
     :func:`devicebridge.clock.result_off_loop`, which keeps the loop serving other
     devices on the wall clock and keeps a virtual-clock run deterministic.
 
