@@ -132,7 +132,9 @@ class TelemetryReassembler:
         self._rate_hz = sample_rate_hz
         self._max_held = max_held_samples
         self._tracker = SequenceTracker()
-        self._queue: deque[TelemetryBatch | _Missing] = deque()
+        # What is held back, in order: missing ranges and the live batches behind them.
+        # Empty in the common case; others only read it (empty: nothing to ask for).
+        self.queue: deque[TelemetryBatch | _Missing] = deque()
         self._held_samples = 0
         self._restart: _Restart | None = None
         self.counters = ReassemblyCounters()
@@ -141,7 +143,7 @@ class TelemetryReassembler:
 
     @property
     def backfill_pending(self) -> bool:
-        return any(isinstance(entry, _Missing) for entry in self._queue)
+        return any(isinstance(entry, _Missing) for entry in self.queue)
 
     @property
     def awaiting_backfill(self) -> bool:
@@ -180,9 +182,9 @@ class TelemetryReassembler:
     # ------------------------------------------------------------------ inputs
 
     def on_live(self, batch: TelemetryBatch) -> list[TelemetryItem]:
-        count = len(batch)
+        count = len(batch.samples)
         self._restart = None
-        if not self._queue:
+        if not self.queue:
             # The common case: nothing held back and the batch continues the stream. The
             # same as below for a CONTIGUOUS verdict: the whole batch, renumbered to the
             # unwrapped sequence (the batch itself when that is its own), delivered at once.
@@ -200,11 +202,11 @@ class TelemetryReassembler:
         if verdict.status is SequenceStatus.GAP:
             assert verdict.missing is not None
             self.counters.gaps_detected += 1
-            self._queue.append(_Missing(verdict.missing, verdict.missing.first))
+            self.queue.append(_Missing(verdict.missing, verdict.missing.first))
         item = _slice(
             batch, verdict.first_sequence, verdict.trim_samples, len(batch), self._rate_hz
         )
-        self._queue.append(item)
+        self.queue.append(item)
         self._held_samples += len(item)
         if self._head_missing() is not None and self._held_samples > self._max_held:
             # Holding more would grow without bound if a backfill never ends.
@@ -284,7 +286,7 @@ class TelemetryReassembler:
             return self._restart_gap(pending, sequence_end, first_report=False)
         self.counters.device_restarts += 1
         out: list[TelemetryItem] = []
-        for entry in list(self._queue):
+        for entry in list(self.queue):
             if isinstance(entry, _Missing):
                 out += self._lose(entry, entry.range.end, reason)
         out += self._drain()
@@ -319,8 +321,8 @@ class TelemetryReassembler:
     # ------------------------------------------------------------------ internals
 
     def _head_missing(self) -> _Missing | None:
-        if self._queue and isinstance(self._queue[0], _Missing):
-            return self._queue[0]
+        if self.queue and isinstance(self.queue[0], _Missing):
+            return self.queue[0]
         return None
 
     def _restart_gap(
@@ -375,14 +377,14 @@ class TelemetryReassembler:
 
     def _drain(self) -> list[TelemetryItem]:
         out: list[TelemetryItem] = []
-        while self._queue:
-            head = self._queue[0]
+        while self.queue:
+            head = self.queue[0]
             if isinstance(head, _Missing):
                 if not head.done:
                     break
-                self._queue.popleft()
+                self.queue.popleft()
                 continue
-            self._queue.popleft()
+            self.queue.popleft()
             self._held_samples -= len(head)
             self.counters.delivered_samples += len(head)
             out.append(head)

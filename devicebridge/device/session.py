@@ -636,9 +636,12 @@ class DeviceSession:
                 self._on_device_restart(GapReason.DEVICE_REBOOTED)
             self.last_batch = batch
             items = reassembler.on_live(batch)
-            self._track_drift()
+            self._drift_countdown -= 1
+            if self._drift_countdown <= 0:  # the estimate takes every DRIFT_BATCH_STRIDE-th
+                self._track_drift()
         self._deliver(items)
-        self._kick_backfill()
+        if reassembler.queue:  # nothing held back: nothing missing to ask for
+            self._kick_backfill()
 
     def _on_restart_event(self, reason: GapReason, event: Event) -> None:
         if self._reassembler.next_live_sequence is None:
@@ -663,9 +666,7 @@ class DeviceSession:
         self._deliver(items)
 
     def _track_drift(self) -> None:
-        self._drift_countdown -= 1
-        if self._drift_countdown > 0:
-            return
+        """Feed the drift estimate (on every DRIFT_BATCH_STRIDE-th live batch)."""
         self._drift_countdown = DRIFT_BATCH_STRIDE
         drift = self._drift
         end = self._reassembler.next_live_sequence

@@ -747,7 +747,7 @@ class RoutineRunner:
         if item.sample_format is not self._sample_format:
             return
         self._last_batch = item
-        self.samples_recorded += len(item)
+        self.samples_recorded += len(item.samples)
         if self._writer is not None and self.session_id is not None:
             self._writer.add_samples(self.session_id, item.first_sequence, item.samples)
         reconnects = self.session.reconnects

@@ -201,7 +201,7 @@ class DeviceWorker:
             if self.batcher is not None:
                 self._publish_telemetry(self.batcher.gap(item))
             return
-        self.samples_received += len(item)
+        self.samples_received += len(item.samples)
         if self.batcher is not None:
             self._publish_telemetry(self.batcher.add(item))
 
