@@ -608,6 +608,10 @@ class StoreWriter:
             job.add_done_callback(functools.partial(self._compact_once_stored, session_id))
             return job
         job.add_done_callback(functools.partial(self._finished_stored, session_id))
+        # Only the unanswered ones: an answered job kept here would keep its future, its
+        # callbacks and the awaiting run's future alive until the next compaction (a
+        # minute of a busy bridge's session ends, promoted through every GC generation).
+        self._finishing = [waiting for waiting in self._finishing if not waiting.done()]
         self._finishing.append(job)
         if self._first_waiting_s is None:
             self._first_waiting_s = _now_s()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -214,3 +215,24 @@ def test_a_policy_goes_once_to_each_writer_process_and_comes_back_whole(tmp_path
             assert writer.run_now(where_job)[0] != first
         finally:
             writer.close()
+
+
+async def test_an_answered_session_end_is_not_kept_while_compaction_waits(tmp_path: Path) -> None:
+    """On a busy bridge sessions end every few seconds, and their compaction waits for a
+    pause in the telemetry (up to COMPACT_WAIT_S): what waits is the session's id, not its
+    answered job (a future with its lock and callbacks, and the run's future awaiting it),
+    which kept a minute of session ends alive through every GC generation."""
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            first, second = writer.run_now(open_session_job), writer.run_now(open_session_job)
+            job = writer.finish_session(first, status="completed", end_reason=None, summary={})
+            job.result()  # answered
+            answered = weakref.ref(job)
+            del job
+            writer.finish_session(second, status="completed", end_reason=None, summary={}).result()
+            assert answered() is None
+        finally:
+            writer.close()
+    with SessionStore(tmp_path / "s.sqlite3") as store:  # both stored (and compacted)
+        assert [store.session(s).status for s in (first, second)] == ["completed"] * 2
