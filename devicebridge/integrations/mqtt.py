@@ -19,11 +19,10 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 import aiomqtt
 from paho.mqtt import client as paho_client
@@ -329,38 +328,34 @@ class MqttLink:
     async def _pump(self, client: aiomqtt.Client) -> None:
         """Keep up to :data:`OUTBOX_IN_FLIGHT` publishes in flight, in outbox order.
 
-        A message is handed to the client as soon as it is stored and there is room (paho
-        sends in order and keeps its own in-flight window on the wire); each PUBACK wakes
-        the pump, which retires the longest acknowledged start of what is in flight at once
+        A message is handed to paho as soon as it is stored and there is room (paho sends
+        in order and keeps its own in-flight window on the wire); each PUBACK wakes the
+        pump, which retires the longest acknowledged start of what is in flight at once
         (MQTT keeps order; the outbox removes them from SQLite with its next commit). A crash
         or a lost link before that removal only re-sends messages with the same ids, on the
-        next session, from the outbox.
-        """
-        client.pending_calls_threshold = OUTBOX_IN_FLIGHT  # aiomqtt warns above it
-        in_flight: deque[tuple[OutgoingMessage, asyncio.Future[None]]] = deque()
-        last_sent = 0  # the sequence of the last message handed to the client
-        wake = self._wake
+        next session, from the outbox. A lost link ends the session through the receiving
+        task (aiomqtt fails its message iterator); what is in flight then stays in the
+        outbox.
 
-        def acknowledged(_publish: asyncio.Future[None]) -> None:
-            wake.set()
+        The publishes go to paho directly, each acknowledgement registered where aiomqtt's
+        own PUBACK callback resolves it (:class:`_Acknowledgement`): ``aiomqtt.Client.
+        publish`` would cost a task, an event, a context manager and a scan of every
+        pending call per message, more than the rest of the publish.
+        """
+        paho = client._client  # aiomqtt's own paho client, see above
+        pending = cast("dict[int, _Acknowledgement]", client._pending_publishes)
+        in_flight: deque[tuple[OutgoingMessage, _Acknowledgement]] = deque()
+        last_sent = 0  # the sequence of the last message handed to paho
+        wake = self._wake
 
         try:
             while True:
                 retired: OutgoingMessage | None = None
-                while in_flight and in_flight[0][1].done():
-                    message, publish = in_flight[0]
-                    failure = publish.exception() if not publish.cancelled() else None
-                    if publish.cancelled() or failure is not None:
-                        break
-                    in_flight.popleft()
-                    retired = message
+                while in_flight and in_flight[0][1].done:
+                    retired = in_flight.popleft()[0]
                     self.published += 1
                 if retired is not None:
                     self.outbox.delivered(retired.sequence)
-                if in_flight and in_flight[0][1].done():
-                    publish = in_flight[0][1]
-                    # Usually the link going down: the session ends, the rest is re-sent.
-                    raise publish.exception() or aiomqtt.MqttError("publish cancelled")
                 room = OUTBOX_IN_FLIGHT - len(in_flight)
                 # The outbox counts its messages in memory: nothing new costs no query.
                 batch = (
@@ -369,21 +364,22 @@ class MqttLink:
                     else []
                 )
                 for message in batch:
-                    publish = asyncio.ensure_future(
-                        client.publish(
-                            message.topic,
-                            message.payload,
-                            qos=message.qos,
-                            retain=message.retain,
-                            properties=message_properties(message.message_id, self.protocol),
-                            # No per-publish timer: asyncio.wait_for with a timeout wraps
-                            # every PUBACK wait in a task and a timer. A broker that stops
-                            # answering is caught by the keepalive, which ends the session.
-                            timeout=math.inf,
-                        )
+                    acknowledgement = _Acknowledgement(wake)
+                    info = paho.publish(
+                        message.topic,
+                        message.payload,
+                        message.qos,
+                        message.retain,
+                        message_properties(message.message_id, self.protocol),
                     )
-                    publish.add_done_callback(acknowledged)
-                    in_flight.append((message, publish))
+                    if info.rc != paho_client.MQTT_ERR_SUCCESS:
+                        # Usually the link going down: the session ends, the rest is re-sent.
+                        raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                    if info.is_published():
+                        acknowledgement.done = True  # QoS 0, already written to the socket
+                    else:
+                        pending[info.mid] = acknowledgement
+                    in_flight.append((message, acknowledgement))
                     last_sent = message.sequence
                 self.in_flight = len(in_flight)
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -395,11 +391,23 @@ class MqttLink:
                 await wake.wait()
         finally:
             self.in_flight = 0
-            for _, publish in in_flight:
-                publish.cancel()  # those still waiting (the pump is cancelled or failed)
-            for _, publish in in_flight:
-                if publish.done() and not publish.cancelled():
-                    publish.exception()  # retrieved: re-sent on the next session
+            for mid, acknowledgement in list(pending.items()):
+                if isinstance(acknowledgement, _Acknowledgement):
+                    del pending[mid]  # re-sent on the next session
+
+
+class _Acknowledgement:
+    """One publish waiting for its PUBACK: aiomqtt's ``on_publish`` calls :meth:`set`."""
+
+    __slots__ = ("_wake", "done")
+
+    def __init__(self, wake: asyncio.Event) -> None:
+        self._wake = wake
+        self.done = False
+
+    def set(self) -> None:
+        self.done = True
+        self._wake.set()
 
 
 # --------------------------------------------------------------------------- one-shot clients

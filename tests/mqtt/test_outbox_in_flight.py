@@ -154,3 +154,34 @@ async def test_a_broker_restart_mid_flight_resends_what_was_not_acknowledged(
     assert subscriber.unique() == list(range(total))  # everything, first seen in order
     assert link.connections == 2
     assert len(outbox) == 0
+
+
+async def test_qos_0_messages_between_qos_1_ones_do_not_hold_the_outbox(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A QoS 0 message has no PUBACK: it counts as delivered once paho has written it, and
+    the QoS 1 messages after it are retired as their PUBACKs come. (paho sends a QoS 0
+    message at once, past QoS 1 ones waiting for room in its window: only the QoS 1
+    messages keep their order.)"""
+    topics = Topics("bridge-6")
+    outbox = Outbox(tmp_path / "outbox.sqlite3", bridge_id="bridge-6")
+    link = MqttLink(MqttSettings("127.0.0.1", mosquitto.port), topics, outbox, clock=VirtualClock())
+    subscriber = Subscriber(mosquitto.port, topics.telemetry("SN1"))
+    total = 60
+    async with running(subscriber.run()), running(link.run()):
+        async with asyncio.timeout(WAIT_S):
+            await subscriber.subscribed.wait()
+            await link.wait_connected()
+        for n in range(total):
+            body = {"message_id": outbox.message_id(outbox.next_sequence()), "n": n}
+            outbox.append(topics.telemetry("SN1"), json.dumps(body).encode(), qos=1 if n % 3 else 0)
+        link.notify()
+        await subscriber.wait_for(total)
+        async with asyncio.timeout(WAIT_S):
+            while len(outbox):  # noqa: ASYNC110 - the last PUBACKs are on their way
+                await asyncio.sleep(0.01)
+
+    received = [int(str(m["n"])) for m in subscriber.received]
+    assert sorted(received) == list(range(total))
+    assert [n for n in received if n % 3] == [n for n in range(total) if n % 3]
+    assert link.published == total
