@@ -435,7 +435,7 @@ class _SampleRun:
     first_sequence: int
     end_sequence: int
     parts: list[np.ndarray[Any, Any]]
-    received_at: str  # ISO 8601, UTC
+    received_at: str  # ISO 8601, UTC: when its write group's first batch arrived
 
     def row(self) -> ChunkRow:
         parts = self.parts
@@ -473,6 +473,10 @@ class StoreWriter:
         self._decisions: list[tuple[int, Sequence[DecisionRow]]] = []
         self._in_flight: list[tuple[Future[None], frozenset[int]]] = []
         self._timer: asyncio.Handle | None = None
+        # The arrival time of the runs begun since the last submit: one clock reading and
+        # ISO string per write group instead of one per device and group (a run's stamp is
+        # at most ``interval_s`` older than its first batch).
+        self._received_at: str | None = None
         # Sessions whose record is stored, to compact (appended where their job's answer
         # arrived, taken on the loop; a deque's append and popleft are atomic).
         self._finished: deque[int] = deque()
@@ -494,8 +498,11 @@ class StoreWriter:
         else:
             if run is not None:
                 self._closed.append(run)
+            received_at = self._received_at
+            if received_at is None:
+                received_at = self._received_at = _utc_now_iso()
             self._runs[session_id] = _SampleRun(
-                session_id, first_sequence, first_sequence + count, [samples], _utc_now_iso()
+                session_id, first_sequence, first_sequence + count, [samples], received_at
             )
         if self._timer is None:  # else _schedule() has nothing to do
             self._schedule()
@@ -512,6 +519,7 @@ class StoreWriter:
     def _submit(self) -> None:
         """Hand everything added so far to the writer's process (its jobs run in order)."""
         self._timer = None
+        self._received_at = None
         self._prune()
         runs, self._closed = self._closed, []
         runs += self._runs.values()
