@@ -72,10 +72,23 @@ async def _connect(
     return client
 
 
-async def _window(duration_s: float, samples: Callable[[], int]) -> Measured:
-    cpu0, wall0, samples0 = time.process_time(), time.perf_counter(), samples()
+async def _window(
+    duration_s: float, samples: Callable[[], int], messages: Callable[[], int] = lambda: 0
+) -> Measured:
+    """CPU, wall time, samples and (in ``extra``) MQTT messages over ``duration_s``."""
+    cpu0, wall0, samples0, messages0 = (
+        time.process_time(),
+        time.perf_counter(),
+        samples(),
+        messages(),
+    )
     await asyncio.sleep(duration_s)  # measuring a realtime stream
-    return Measured(time.process_time() - cpu0, time.perf_counter() - wall0, samples() - samples0)
+    return Measured(
+        time.process_time() - cpu0,
+        time.perf_counter() - wall0,
+        samples() - samples0,
+        {"messages": messages() - messages0},
+    )
 
 
 async def bare(backends: BleBackends, addresses: list[str], duration_s: float) -> Measured:
@@ -202,7 +215,7 @@ async def floor(
         for address, serial in devices:
             device = _FloorDevice(state, serial)
             clients.append(await _connect(backends, address, device.on_telemetry))
-        measured = await _window(duration_s, lambda: state.samples)
+        measured = await _window(duration_s, lambda: state.samples, lambda: state.sequence)
         for ble in clients:
             await ble.disconnect()
         if writer is not None:
@@ -211,5 +224,5 @@ async def floor(
             await asyncio.wait(state.in_flight)
     if db is not None:
         db.close()
-    measured.extra = {"published": state.published, "over_cap": state.over_cap}
+    measured.extra.update(published=state.published, over_cap=state.over_cap)
     return measured
