@@ -80,6 +80,7 @@ def console_topics(root: str) -> tuple[str, ...]:
 
 
 BATCH_MAX: Final = 2000  # messages committed together at most
+CLIENTS_PER_LOOKUP: Final = 500  # bridge ids in one SELECT ... IN (...)
 PUSH_POLL_S: Final = 5.0
 # What a database refuses of a value (sqlite3 raises OverflowError for a too large int).
 REFUSED: Final = (
@@ -128,6 +129,54 @@ class IngestStats:
             self.by_kind[kind] += seen
 
 
+def _availability_value(payload: bytes) -> str:
+    value = payload.strip().decode("ascii", "replace")
+    if value not in ("online", "offline"):
+        raise RecordError(f"availability {value[:20]!r} is neither online nor offline")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Availability:
+    """A bridge's last availability in a batch, and whether it was online at some point."""
+
+    value: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _RunItem:
+    """One message of a run: its row's natural key and values (and a session's summary)."""
+
+    key: tuple[int, Any]
+    values: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# Kinds whose consecutive messages are written together (one upsert with RETURNING).
+_RUN_KINDS: Final = frozenset({"summary", "device_state"})
+
+
+@dataclass(slots=True)
+class _Run:
+    """Consecutive messages of one kind with distinct keys: one statement writes them.
+
+    A repeated key ends the run (one statement cannot change a row twice, and the
+    second message must see what the first wrote).
+    """
+
+    kind: str
+    items: list[_RunItem] = field(default_factory=list)
+    keys: set[tuple[int, Any]] = field(default_factory=set)
+
+    def takes(self, kind: str, key: tuple[int, Any]) -> bool:
+        return kind == self.kind and key not in self.keys
+
+    def add(self, item: _RunItem) -> None:
+        self.items.append(item)
+        self.keys.add(item.key)
+
+
 class IngestStore:
     """Applies batches of messages to the database, in one transaction per batch."""
 
@@ -173,20 +222,31 @@ class IngestStore:
     def client_id(self, db: Connection, bridge_id: str) -> int:
         """The console's id of a bridge, creating the client on its first message."""
         found = self._client_ids.get(bridge_id)
-        if found is not None:
-            return found
+        if found is None:
+            self._know_clients(db, [bridge_id])
+            found = self._client_ids[bridge_id]
+        return found
+
+    def _know_clients(self, db: Connection, bridge_ids: Iterable[str]) -> None:
+        """Create the clients not seen before and learn their ids: two statements for a
+        batch, whatever the number of bridges in it (a console started afresh learns a
+        clinic's thousands of bridges from its first batches)."""
+        new = list(dict.fromkeys(b for b in bridge_ids if b not in self._client_ids))
+        if not new:
+            return
+        now = self.now()
         db.execute(
-            self._insert(t.clients)
-            .values(bridge_id=bridge_id, created_at=self.now(), status_seq=0, adherence_seq=0)
-            .on_conflict_do_nothing(index_elements=["bridge_id"])
+            self._sql.client_insert,
+            [{"bridge_id": b, "created_at": now, "status_seq": 0, "adherence_seq": 0} for b in new],
         )
-        client_id = int(
-            db.execute(
-                select(t.clients.c.id).where(t.clients.c.bridge_id == bridge_id)
-            ).scalar_one()
-        )
-        self._client_ids[bridge_id] = client_id
-        return client_id
+        for start in range(0, len(new), CLIENTS_PER_LOOKUP):
+            chunk = new[start : start + CLIENTS_PER_LOOKUP]
+            rows = db.execute(
+                select(t.clients.c.id, t.clients.c.bridge_id).where(
+                    t.clients.c.bridge_id.in_(chunk)
+                )
+            )
+            self._client_ids.update({row.bridge_id: row.id for row in rows})
 
     # ------------------------------------------------------------------ batches
 
@@ -224,15 +284,35 @@ class IngestStore:
 
     def _apply(self, batch: Sequence[Incoming]) -> None:
         counted = IngestStats()
+        places = [parse_topic(message.topic, self.topic_root) for message in batch]
         with self.engine.begin() as db:
+            # Every bridge that publishes on its topics is a client, whatever it sent.
+            self._know_clients(db, (place.bridge_id for place in places if place is not None))
             statuses: dict[int, dict[str, Any]] = {}
-            for message in batch:
+            availability: dict[int, _Availability] = {}
+            # A run of consecutive summaries (or device states) is written in one
+            # statement: nothing else of the batch comes between them, so this is the
+            # order of the messages, one round trip instead of one per message.
+            run: _Run | None = None
+            for message, place in zip(batch, places, strict=True):
                 counted.messages += 1
-                place = parse_topic(message.topic, self.topic_root)
                 if place is None:
                     counted.skipped += 1
                     continue
                 try:
+                    if place.kind in _RUN_KINDS:
+                        item = self._run_item(db, place, message.payload)
+                        if run is not None and not run.takes(place.kind, item.key):
+                            self._flush(db, run, counted)
+                            run = None
+                        if run is None:
+                            run = _Run(place.kind)
+                        run.add(item)
+                        counted.by_kind[place.kind] += 1
+                        continue
+                    if run is not None:
+                        self._flush(db, run, counted)
+                        run = None
                     if place.kind == "status":
                         # Only the newest status of a bridge in a batch needs writing.
                         body = load_json(message.payload)
@@ -240,6 +320,15 @@ class IngestStore:
                         client = self.client_id(db, place.bridge_id)
                         if client not in statuses or statuses[client]["seq"] < seq:
                             statuses[client] = {"seq": seq, "body": body}
+                        counted.applied += 1
+                    elif place.kind == "availability":
+                        # Also written once per bridge, at the end: nothing reads it before.
+                        value = _availability_value(message.payload)
+                        client = self.client_id(db, place.bridge_id)
+                        seen = availability.get(client)
+                        availability[client] = _Availability(
+                            value, online=value == "online" or (seen is not None and seen.online)
+                        )
                         counted.applied += 1
                     else:
                         changed = self._apply_one(db, place, message.payload)
@@ -251,27 +340,44 @@ class IngestStore:
                 except RecordError as exc:
                     counted.skipped += 1
                     LOG.warning("skipped a message on %s: %s", message.topic, exc)
+            if run is not None:
+                self._flush(db, run, counted)
+            if availability:
+                self._write_availability(db, availability)
             if statuses:
                 self._write_statuses(db, statuses)
         # Counted once committed: a batch applied again message by message counts once.
         self.stats.add(counted)
 
+    def _run_item(self, db: Connection, place: Place, payload: bytes) -> _RunItem:
+        client = self.client_id(db, place.bridge_id)
+        body = load_json(payload)
+        seq = message_sequence(body, place.bridge_id)
+        if place.kind == "summary":
+            values, summary = self._session_values(client, seq, body)
+            return _RunItem((client, values["bridge_session_id"]), values, summary)
+        return _RunItem(
+            (client, place.serial or ""), self._device_values(client, place.serial or "", seq, body)
+        )
+
+    def _flush(self, db: Connection, run: _Run, counted: IngestStats) -> None:
+        if run.kind == "summary":
+            changed = self._store_sessions(db, run.items)
+        else:
+            changed = self._store_devices(db, run.items)
+        counted.applied += changed
+        counted.duplicates += len(run.items) - changed
+
     def _apply_one(self, db: Connection, place: Place, payload: bytes) -> bool:
         client = self.client_id(db, place.bridge_id)
-        if place.kind == "availability":
-            return self._availability(db, client, payload)
         if place.kind == "push":
             return self._push_seen(db, client, place.bridge_id, payload)
         body = load_json(payload)
         seq = message_sequence(body, place.bridge_id)
-        if place.kind == "device_state":
-            return self._device_state(db, client, place.serial or "", seq, body)
         if place.kind == "telemetry":
             return self._telemetry(db, client, place.serial or "", body)
         if place.kind == "events":
             return self._event(db, client, place.serial or "", seq, body)
-        if place.kind == "summary":
-            return self._summary(db, client, seq, body)
         if place.kind == "ack":
             return self._ack(db, client, seq, body)
         if place.kind == "installed":
@@ -280,16 +386,25 @@ class IngestStore:
 
     # ------------------------------------------------------------------ bridge state
 
-    def _availability(self, db: Connection, client: int, payload: bytes) -> bool:
-        value = payload.strip().decode("ascii", "replace")
-        if value not in ("online", "offline"):
-            raise RecordError(f"availability {value[:20]!r} is neither online nor offline")
+    def _write_availability(
+        self, db: Connection, availability: Mapping[int, _Availability]
+    ) -> None:
         now = self.now()
-        values: dict[str, Any] = {"availability": value, "availability_at": now}
-        if value == "online":
-            values["last_seen_at"] = now
-        db.execute(update(t.clients).where(t.clients.c.id == client).values(**values))
-        return True
+        for online in (True, False):
+            rows = [
+                {"b_id": client, "b_value": seen.value, "b_at": now}
+                for client, seen in availability.items()
+                if seen.online is online
+            ]
+            if not rows:
+                continue
+            values: dict[str, Any] = {"availability": bindparam("b_value"), "availability_at": now}
+            if online:  # an "online" in the batch, even one followed by "offline"
+                values["last_seen_at"] = now
+            db.execute(
+                update(t.clients).where(t.clients.c.id == bindparam("b_id")).values(**values),
+                rows,
+            )
 
     def _write_statuses(self, db: Connection, statuses: Mapping[int, Mapping[str, Any]]) -> None:
         now = self.now()
@@ -322,14 +437,12 @@ class IngestStore:
             rows,
         )
 
-    def _device_state(
-        self, db: Connection, client: int, serial: str, seq: int, body: Mapping[str, Any]
-    ) -> bool:
+    def _device_values(
+        self, client: int, serial: str, seq: int, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
         if not serial or len(serial) > 64:
             raise RecordError("bad serial number in the topic")
-        session_id = integer(body.get("session_id"))
-        updated_at = moment(body.get("updated_at")) or self.now()
-        values: dict[str, Any] = {
+        return {
             "client_id": client,
             "serial": serial,
             "name": text(body.get("name"), 128),
@@ -338,20 +451,29 @@ class IngestStore:
             "firmware": text(body.get("firmware"), 64),
             "state": text(body.get("state"), 32),
             "battery_percent": integer(body.get("battery_percent")),
-            "session_id": session_id,
+            "session_id": integer(body.get("session_id")),
             "seq": seq,
-            "updated_at": updated_at,
+            "updated_at": moment(body.get("updated_at")) or self.now(),
         }
-        result = db.execute(self._sql.device_upsert, values)
-        if result.rowcount == 0:
-            return False
-        if session_id is None:
-            self._open_sessions.pop((client, serial), None)
-        else:
-            self._open_sessions[(client, serial)] = self._session_row(
-                db, client, session_id, serial=serial, started_at=updated_at
-            )
-        return True
+
+    def _store_devices(self, db: Connection, items: Sequence[_RunItem]) -> int:
+        """Upsert device states of distinct devices in one statement; how many changed."""
+        changed = {
+            (row[0], row[1])
+            for row in db.execute(self._sql.device_upsert, [item.values for item in items])
+        }
+        for item in items:
+            if item.key not in changed:
+                continue
+            client, serial = item.key
+            session_id = item.values["session_id"]
+            if session_id is None:
+                self._open_sessions.pop((client, serial), None)
+            else:
+                self._open_sessions[(client, serial)] = self._session_row(
+                    db, client, session_id, serial=serial, started_at=item.values["updated_at"]
+                )
+        return len(changed)
 
     def _session_row(
         self,
@@ -447,10 +569,10 @@ class IngestStore:
 
     # ------------------------------------------------------------------ sessions
 
-    def _summary(self, db: Connection, client: int, seq: int, body: Mapping[str, Any]) -> bool:
-        return self._session(db, client, seq, body)
-
-    def _session(self, db: Connection, client: int, seq: int, body: Mapping[str, Any]) -> bool:
+    def _session_values(
+        self, client: int, seq: int, body: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A session's row from its summary message, and the summary it carries."""
         session_id = integer(body.get("session_id"))
         if session_id is None:
             raise RecordError("a session without session_id")
@@ -472,47 +594,58 @@ class IngestStore:
             "summary": json.dumps(summary, separators=(",", ":"))[:20000],
             "seq": seq,
         }
-        result = db.execute(self._sql.session_upsert, values)
-        if result.rowcount == 0:
-            return False
-        self._session_alerts(db, client, session_id, values, summary)
-        return True
+        return values, summary
+
+    def _store_sessions(self, db: Connection, items: Sequence[_RunItem]) -> int:
+        """Upsert sessions of distinct keys in one statement, then their alerts; how many
+        changed (a session replaced by an older or repeated summary does not)."""
+        changed = {
+            (row[0], row[1])
+            for row in db.execute(self._sql.session_upsert, [item.values for item in items])
+        }
+        alerts = [
+            alert
+            for item in items
+            if item.key in changed
+            for alert in self._session_alerts(item.values, item.summary)
+        ]
+        if alerts:
+            db.execute(self._sql.alert_insert, alerts)
+        return len(changed)
 
     def _session_alerts(
-        self,
-        db: Connection,
-        client: int,
-        session_id: int,
-        values: Mapping[str, Any],
-        summary: Mapping[str, Any],
-    ) -> None:
+        self, values: Mapping[str, Any], summary: Mapping[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The alert rows a stored session raises (over the cap, stopped, refused)."""
+        session_id = values["bridge_session_id"]
         ref = f"session:{session_id}"
-        when = values["ended_at"] or self.now()
-        serial = values["serial"]
+        common = {
+            "client_id": values["client_id"],
+            "ref": ref,
+            "serial": values["serial"],
+            "bridge_session_id": session_id,
+            "rule": None,
+            "raised_at": values["ended_at"] or self.now(),
+        }
+        alerts = []
         caps = values["cap_events"] or 0
         if caps > 0:
-            self._alert(
-                db,
-                client,
-                "over_cap",
-                ref,
-                message=f"{caps} pressure excursion(s) above the zone cap in session {session_id}"
-                f" ({values['routine'] or 'routine'})",
-                serial=serial,
-                bridge_session_id=session_id,
-                raised_at=when,
+            alerts.append(
+                {
+                    **common,
+                    "kind": "over_cap",
+                    "message": f"{caps} pressure excursion(s) above the zone cap in session "
+                    f"{session_id} ({values['routine'] or 'routine'})",
+                }
             )
         stopped_reason = summary.get("stopped_reason") or values["end_reason"]
         if values["status"] == "stopped" and stopped_reason not in ORDINARY_STOPS:
-            self._alert(
-                db,
-                client,
-                "safety_stop",
-                ref,
-                message=f"session {session_id} stopped: {text(stopped_reason, 300)}",
-                serial=serial,
-                bridge_session_id=session_id,
-                raised_at=when,
+            alerts.append(
+                {
+                    **common,
+                    "kind": "safety_stop",
+                    "message": f"session {session_id} stopped: {text(stopped_reason, 300)}",
+                }
             )
         if values["status"] == "refused":
             refusals = summary.get("refusals")
@@ -521,16 +654,15 @@ class IngestStore:
                 if isinstance(refusals, list)
                 else values["end_reason"]
             )
-            self._alert(
-                db,
-                client,
-                "refused_start",
-                ref,
-                message=f"start of {values['routine'] or 'a routine'} refused: {text(why, 500)}",
-                serial=serial,
-                bridge_session_id=session_id,
-                raised_at=when,
+            alerts.append(
+                {
+                    **common,
+                    "kind": "refused_start",
+                    "message": f"start of {values['routine'] or 'a routine'} refused: "
+                    f"{text(why, 500)}",
+                }
             )
+        return alerts
 
     # ------------------------------------------------------------------ programs
 
@@ -604,21 +736,21 @@ class IngestStore:
             )
             changed = bool(result.rowcount)
             if not changed:
-                known = db.execute(select(t.pushes.c.id).where(t.pushes.c.nonce == nonce)).first()
-                if known is None:
-                    db.execute(
-                        self._insert(t.pushes)
-                        .values(
-                            client_id=client,
-                            nonce=nonce,
-                            routine=text(body.get("routine"), 200),
-                            program_version=text(body.get("program_version"), 32),
-                            created_at=self.now(),
-                            **values,
-                        )
-                        .on_conflict_do_nothing(index_elements=["nonce"])
+                # An answer to a push this console never saw: its row is made here (a push
+                # already answered, or another bridge's, keeps its row).
+                result = db.execute(
+                    self._insert(t.pushes)
+                    .values(
+                        client_id=client,
+                        nonce=nonce,
+                        routine=text(body.get("routine"), 200),
+                        program_version=text(body.get("program_version"), 32),
+                        created_at=self.now(),
+                        **values,
                     )
-                    changed = True
+                    .on_conflict_do_nothing(index_elements=["nonce"])
+                )
+                changed = bool(result.rowcount)
         if status == "rejected":
             routine = (
                 db.execute(
@@ -667,10 +799,19 @@ class IngestStore:
             if ids
             else set()
         )
+        run = _Run("summary")
         for session in sessions:
-            if integer(session.get("session_id")) not in finished:
-                with contextlib.suppress(RecordError):
-                    self._session(db, client, seq, session)
+            if integer(session.get("session_id")) in finished:
+                continue
+            with contextlib.suppress(RecordError):
+                values, summary = self._session_values(client, seq, session)
+                item = _RunItem((client, values["bridge_session_id"]), values, summary)
+                if not run.takes("summary", item.key):
+                    self._store_sessions(db, run.items)
+                    run = _Run("summary")
+                run.add(item)
+        if run.items:
+            self._store_sessions(db, run.items)
         return True
 
     def _program(self, db: Connection, client: int, seq: int, body: Mapping[str, Any]) -> None:
@@ -752,6 +893,7 @@ class _Statements:
     """The ingester's statements, built once: building an upsert costs more than running it."""
 
     def __init__(self, insert: Callable[[Any], Any]) -> None:
+        self.client_insert = insert(t.clients).on_conflict_do_nothing(index_elements=["bridge_id"])
         devices = insert(t.devices)
         self.device_upsert = devices.on_conflict_do_update(
             index_elements=["client_id", "serial"],
@@ -773,7 +915,7 @@ class _Statements:
                 "firmware": func.coalesce(devices.excluded.firmware, t.devices.c.firmware),
             },
             where=t.devices.c.seq < devices.excluded.seq,
-        )
+        ).returning(t.devices.c.client_id, t.devices.c.serial)
         self.session_placeholder = insert(t.sessions).on_conflict_do_nothing(
             index_elements=["client_id", "bridge_session_id"]
         )
@@ -801,7 +943,7 @@ class _Statements:
                 )
             },
             where=(t.sessions.c.status == RUNNING) | (t.sessions.c.seq < sessions.excluded.seq),
-        )
+        ).returning(t.sessions.c.client_id, t.sessions.c.bridge_session_id)
         self.series_insert = insert(t.session_series).on_conflict_do_nothing(
             index_elements=["session_id", "first_sequence", "zone"]
         )

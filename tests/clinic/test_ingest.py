@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from click.testing import CliRunner
@@ -20,6 +22,7 @@ from devicebridge.cli.service import push_envelope
 from devicebridge.clinic import schema as t
 from devicebridge.clinic.auth import Accounts
 from devicebridge.clinic.authoring import queue_pushes
+from devicebridge.clinic.db import migrate, open_engine
 from devicebridge.clinic.ingest import Incoming, IngestStore
 from devicebridge.clinic.queries import Queries
 from devicebridge.core.policy import default_policy
@@ -412,14 +415,15 @@ def test_hostile_messages_are_skipped_and_the_rest_of_their_batch_still_counts(
     )
     assert count(engine, t.session_series) == 2  # first_sequence 0 and 10
     # Whatever the database still refuses costs only that message, not its batch.
-    real = IngestStore._device_state
+    # (The two states are written by one statement, which the database refuses whole.)
+    real = IngestStore._store_devices
 
-    def refuse_bad(self: IngestStore, db: Any, client: int, serial: str, *args: Any) -> bool:
-        if serial == "BAD":
+    def refuse_bad(self: IngestStore, db: Any, items: Any) -> int:
+        if any(item.values["serial"] == "BAD" for item in items):
             raise DataError("INSERT ...", {}, Exception("value too long"))
-        return real(self, db, client, serial, *args)
+        return real(self, db, items)
 
-    monkeypatch.setattr(IngestStore, "_device_state", refuse_bad)
+    monkeypatch.setattr(IngestStore, "_store_devices", refuse_bad)
     before = store.stats.skipped
     store.apply(
         [
@@ -442,3 +446,158 @@ def test_hostile_messages_are_skipped_and_the_rest_of_their_batch_still_counts(
     assert (device.battery_percent, device.session_id, device.firmware) == (None, 3, "['x']")
     assert store.stats.skipped >= 5
     assert store.stats.messages == len(batch) + 8  # every message counted once
+
+
+def _random_messages(rng: random.Random, bridge: str, count_: int) -> list[Incoming]:
+    """Messages of one bridge in a random order, sequence numbers repeated and out of order
+    (re-deliveries, retained states), every kind the console keeps."""
+    root = f"devicebridge/v1/{bridge}"
+    samples = base64.b64encode(massager_samples(10, "chin", 9.0).tobytes()).decode()
+
+    def session(session_id: int) -> dict[str, object]:
+        status = rng.choice(["completed", "stopped", "refused", "running"])
+        return {
+            "session_id": session_id,
+            "serial": "FM-1",
+            "status": status,
+            "end_reason": "pressure cap" if status == "stopped" else None,
+            "program_id": 1,
+            "started_at": f"2026-12-0{session_id}T10:00:00+00:00",
+            "ended_at": f"2026-12-0{session_id}T10:05:00+00:00",
+            "summary": {
+                "routine": rng.choice(["Firming", "Drainage"]),
+                "completion": rng.choice([0.4, 1.0]),
+                "cap_events": rng.randint(0, 2),
+                "refusals": [{"message": "over the daily limit"}],
+            },
+        }
+
+    def body(kind: str) -> tuple[str, object]:
+        if kind == "availability":
+            return "availability", rng.choice(["online", "offline"])
+        if kind == "status":
+            return "status", {"version": "0.1.0", "state": rng.choice(["running", "stopped"])}
+        if kind == "state":
+            serial = rng.choice(["FM-1", "LM-1"])
+            return f"devices/{serial}/state", {
+                "serial": serial,
+                "kind": "massager",
+                "state": rng.choice(["ready", "running"]),
+                "battery_percent": rng.randint(1, 100),
+                "session_id": rng.choice([None, 1, 2, 3]),
+            }
+        if kind == "telemetry":
+            return "devices/FM-1/telemetry", {
+                "serial": "FM-1",
+                "sample_format": "massager_v1",
+                "sample_rate_hz": 100,
+                "device_time_ms": 0,
+                "first_sequence": 10 * rng.randint(0, 5),
+                "count": 10,
+                "samples_b64": samples,
+                "gaps": [],
+            }
+        if kind == "event":
+            return "devices/FM-1/events", rng.choice(
+                [
+                    {"type": "decision", "session_id": rng.randint(1, 4), "kind": "stop"},
+                    {"type": "decision", "session_id": rng.randint(1, 4), "kind": "slow"},
+                    {"type": "device_event", "code": "fault"},
+                ]
+            )
+        if kind == "summary":
+            return "sessions/summary", session(rng.randint(1, 4))
+        if kind == "ack":
+            return "programs/ack", {
+                "nonce": rng.choice(["n1", "n2"]) + bridge,
+                "status": rng.choice(["accepted", "rejected"]),
+                "program_id": 1,
+            }
+        return "programs/installed", {
+            "programs": [{"program_id": 1, "routine": "Firming", "installed_on": ["FM-1"]}],
+            "sessions": [session(rng.randint(1, 4)) for _ in range(rng.randint(0, 3))],
+        }
+
+    kinds = ["availability", "status", "state", "telemetry", "event", "ack", "installed"]
+    messages = []
+    for _ in range(count_):
+        # Summaries and device states come in runs, as a bridge back online sends them.
+        kind = rng.choice([*kinds, "summary", "summary", "summary", "state"])
+        topic, payload = body(kind)
+        if isinstance(payload, dict):
+            payload = {"message_id": f"{bridge}:{rng.randint(1, 40)}", **payload}
+            data = json.dumps(payload).encode()
+        else:
+            data = str(payload).encode()
+        messages.append(Incoming(f"{root}/{topic}", data))
+    return messages
+
+
+def _contents(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every ingested row, with the database's own ids replaced by the natural keys."""
+    with engine.connect() as db:
+        bridges = {row.id: row.bridge_id for row in db.execute(select(t.clients))}
+        sessions = {
+            row.id: (bridges[row.client_id], row.bridge_session_id)
+            for row in db.execute(select(t.sessions))
+        }
+        contents = {}
+        for table in (t.clients, t.devices, t.sessions, t.session_series, t.programs, t.pushes):
+            rows = []
+            for row in db.execute(select(table)).mappings():
+                values = {k: v for k, v in row.items() if k != "id"}
+                if "client_id" in values:
+                    values["client_id"] = bridges[values["client_id"]]
+                if table is t.session_series:
+                    values["session_id"] = sessions[values["session_id"]]
+                rows.append(tuple(sorted((k, repr(v)) for k, v in values.items())))
+            contents[table.name] = sorted(rows)
+        contents["alerts"] = sorted(
+            (bridges[row.client_id], row.kind, row.ref, row.message, repr(row.raised_at))
+            for row in db.execute(select(t.alerts))
+        )
+    return contents
+
+
+BATCH_SIZE: Final = 20
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_applied_at_once_is_each_message_applied_alone(
+    engine: Engine, database_url: str, tmp_path: Path, request: pytest.FixtureRequest, seed: int
+) -> None:
+    """Runs of summaries and device states are written one statement per run, and the
+    statuses and availabilities once per batch: the database ends as if every message had
+    been applied on its own, in order."""
+    if engine.dialect.name == "sqlite":
+        alone_url = str(tmp_path / "alone.sqlite3")
+    else:
+        alone_url = request.getfixturevalue("postgres").new_database()
+    alone_engine = open_engine(alone_url)
+    migrate(alone_engine)
+    moment = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    try:
+        rng = random.Random(seed)
+        # Two bridges' messages, each in its order, mixed with each other's.
+        first, second = (_random_messages(rng, bridge, 150) for bridge in ("bridge-a", "bridge-b"))
+        messages = []
+        while first or second:
+            messages.append(
+                (first if first and (not second or rng.random() < 0.5) else second).pop(0)
+            )
+        # The clock reads one second more per batch, for both stores: what a batch stamps
+        # with "now" (last seen, availability) shows which batch wrote it.
+        clock = [moment]
+        together = IngestStore(engine, now=lambda: clock[0])
+        alone = IngestStore(alone_engine, now=lambda: clock[0])
+        for batch, start in enumerate(range(0, len(messages), BATCH_SIZE)):
+            clock[0] = moment + timedelta(seconds=batch)
+            together.apply(messages[start : start + BATCH_SIZE])
+            for message in messages[start : start + BATCH_SIZE]:
+                alone.apply([message])
+        assert _contents(engine) == _contents(alone_engine)
+        assert replace(together.stats, batches=0) == replace(alone.stats, batches=0)
+        assert together.stats.applied > 100
+        assert together.stats.duplicates > 20
+    finally:
+        alone_engine.dispose()
