@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -175,6 +175,18 @@ class _Run:
     def add(self, item: _RunItem) -> None:
         self.items.append(item)
         self.keys.add(item.key)
+
+
+def _distinct_runs(kind: str, items: Iterable[_RunItem]) -> Iterator[_Run]:
+    """``items`` in order, cut into runs where a key comes again."""
+    run = _Run(kind)
+    for item in items:
+        if not run.takes(kind, item.key):
+            yield run
+            run = _Run(kind)
+        run.add(item)
+    if run.items:
+        yield run
 
 
 class IngestStore:
@@ -799,18 +811,14 @@ class IngestStore:
             if ids
             else set()
         )
-        run = _Run("summary")
+        items = []
         for session in sessions:
             if integer(session.get("session_id")) in finished:
                 continue
             with contextlib.suppress(RecordError):
                 values, summary = self._session_values(client, seq, session)
-                item = _RunItem((client, values["bridge_session_id"]), values, summary)
-                if not run.takes("summary", item.key):
-                    self._store_sessions(db, run.items)
-                    run = _Run("summary")
-                run.add(item)
-        if run.items:
+                items.append(_RunItem((client, values["bridge_session_id"]), values, summary))
+        for run in _distinct_runs("summary", items):
             self._store_sessions(db, run.items)
         return True
 
