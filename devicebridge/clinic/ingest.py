@@ -404,7 +404,7 @@ class IngestStore:
         now = self.now()
         for online in (True, False):
             rows = [
-                {"b_id": client, "b_value": seen.value, "b_at": now}
+                {"b_id": client, "b_value": seen.value}
                 for client, seen in availability.items()
                 if seen.online is online
             ]
