@@ -22,6 +22,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+from mypy_extensions import mypyc_attr
 
 from protocols.constants import (
     CENTI_C_PER_C,
@@ -93,6 +94,9 @@ def max_samples_per_batch(sample_format: SampleFormat, payload_bytes: int) -> in
     return count if count > 0 else 0
 
 
+# A plain Python class in the compiled build too (the module's functions are compiled):
+# its __init__ writes the instance's __dict__, which a native class does not have.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, eq=False)
 class TelemetryBatch:
     """Samples of one notification (or several merged ones), in sequence order."""
