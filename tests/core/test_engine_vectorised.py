@@ -465,6 +465,34 @@ def test_the_pass_cap_ends_a_quiet_run_at_its_sample() -> None:
 
 
 @pytest.mark.parametrize("sizes", [[10], [7, 13], [1000]])
+def test_a_pass_off_the_steps_zone_takes_quiet_runs_and_matches(sizes: list[int]) -> None:
+    # During step 1 (cheek_left) the head rests on the neck (band 0.5-5 kPa, session cap
+    # 2.6 s in the short policy): in its band, then too low past the warning's dwell, then
+    # in band until the neck has had its session; then back on the step's zone. Only the
+    # step's zone counts toward the step; every neck sample counts toward the neck.
+    regimes = [
+        (120, 300, True, int(p.Zone.NECK), 3340, True, "jitter"),
+        (40, 30, True, int(p.Zone.NECK), 3340, True, "jitter"),
+        (150, 300, True, int(p.Zone.NECK), 3340, True, "jitter"),
+        (260, 900, True, int(p.Zone.CHEEK_LEFT), 3340, True, "jitter"),
+    ]
+    samples = telemetry(regimes, 5)
+    bounds = in_sizes(samples.shape[0], sizes)
+    reference = run(samples, bounds, False, 2.5, True)
+    engine = run(samples, bounds, True, 2.5, True)
+    reasons = [d.reason for d in engine.decisions]
+    assert reasons.count("wrong_zone") == 1
+    assert "pressure_too_low" in reasons
+    # The neck's session cap pauses the motor; back on the step's zone it resumes.
+    spent = [(d.kind.value, d.sequence) for d in engine.decisions if d.reason == "zone_session"]
+    assert [kind for kind, _ in spent] == ["pause", "resume"]
+    assert spent[0][1] == 5000 + 120 + 40 + 100
+    assert "step_done" in reasons
+    assert engine.summary.contact_samples_by_zone["neck"] == 260
+    assert_same(engine, reference)
+
+
+@pytest.mark.parametrize("sizes", [[10], [7, 13], [1000]])
 def test_excursions_around_the_dwell_warn_at_the_same_sample(sizes: list[int]) -> None:
     # On step 1's zone (6-12 kPa): excursions of DWELL - 1, DWELL and DWELL + 1 samples, a
     # short one and a long one, too high and too low, with a few samples in band between.

@@ -124,14 +124,35 @@ class MassageSummary:
         return self.in_band_samples / self.contact_samples if self.contact_samples else 0.0
 
 
+QuietPressure = Mapping[PressureState, tuple[int, int]]
+
+
+def _quiet_pressure(band_min_kpa: float, band_max_kpa: float, cap_kpa: float) -> QuietPressure:
+    """The raw pressures (whole counts, inclusive) that keep each counted pressure state as
+    it is against the band ``band_min_kpa..band_max_kpa``, below the cap ``cap_kpa``: raw
+    pressure r reads r * PRESSURE_KPA_PER_UNIT kPa, compared as :meth:`MassageEngine._sample`
+    compares it."""
+    at_least_low = first_count_at_least(band_min_kpa, PRESSURE_KPA_PER_UNIT)
+    above_high = first_count_above(band_max_kpa, PRESSURE_KPA_PER_UNIT)
+    above_cap = first_count_above(cap_kpa, PRESSURE_KPA_PER_UNIT)
+    return {
+        PressureState.TOO_LOW: (0, min(at_least_low, above_cap) - 1),
+        PressureState.IN_BAND: (at_least_low, min(above_high, above_cap) - 1),
+        PressureState.TOO_HIGH: (above_high, above_cap - 1),
+    }
+
+
 @dataclass(slots=True)
 class _ZoneRules:
     """A zone's policy limits, with its pass and session caps in samples, and the contact
-    it has had this session (per side: one per routine zone name)."""
+    it has had this session (per side: one per routine zone name); its code on the wire
+    and the quiet pressures of a pass on it off the step's zone (against its own band)."""
 
     limits: ZoneLimits
     pass_cap_samples: int
     session_cap_samples: int
+    zone_code: int
+    off_step_quiet_pressure: QuietPressure
     session_samples: int = 0
 
     @property
@@ -147,9 +168,9 @@ class _StepRules:
     zone: _ZoneRules  # the step zone's
     zone_code: int
     contact_samples: int  # the step's contact time
-    # Raw pressures (whole counts, inclusive) that keep each counted pressure state as it is,
-    # below the zone's cap.
-    quiet_pressure: Mapping[PressureState, tuple[int, int]]
+    # Raw pressures (whole counts, inclusive) that keep each counted pressure state as it is
+    # against the step's band, below the zone's cap.
+    quiet_pressure: QuietPressure
 
 
 @dataclass(slots=True)
@@ -168,10 +189,10 @@ class _QuietWindow(NamedTuple):
 
     From the engine's state before them, a sample is quiet when it has this contact flag,
     a raw skin temperature below ``temperature_below`` and, on the skin, a raw pressure in
-    ``pressure_min..pressure_max`` on the step's zone (or an unknown zone, which counts as
-    it); and not more than ``limit`` in a row are: the next would reach a threshold (pass
-    cap, the zone's session cap, step end, no-contact pause, session cap, the out-of-band
-    warning's dwell).
+    ``pressure_min..pressure_max`` on the zone of the pass (``zone_code``; on the step's
+    zone, an unknown zone counts as it: ``unknown_zone_counts``); and not more than
+    ``limit`` in a row are: the next would reach a threshold (pass cap, the zone's session
+    cap, step end, no-contact pause, session cap, the out-of-band warning's dwell).
     """
 
     on_skin: bool
@@ -180,6 +201,7 @@ class _QuietWindow(NamedTuple):
     zone_code: int = 0
     pressure_min: int = 0
     pressure_max: int = -1
+    unknown_zone_counts: bool = True
 
     def quiet_count(
         self,
@@ -199,6 +221,16 @@ class _QuietWindow(NamedTuple):
                     return index - start
             return end - start
         low, high, code = self.pressure_min, self.pressure_max, self.zone_code
+        if not self.unknown_zone_counts:
+            for index in range(start, end):
+                if not (
+                    flags[index] & MASSAGER_FLAG_CONTACT
+                    and low <= raw_pressures[index] <= high
+                    and centi_cs[index] < below
+                    and zone_codes[index] == code
+                ):
+                    return index - start
+            return end - start
         for index in range(start, end):
             zone = zone_codes[index]
             if not (
@@ -315,6 +347,8 @@ class MassageEngine(Engine[MassageStep]):
                 limits,
                 self._samples_for(limits.pass_cap_s.value),
                 max(self._samples_for(limits.session_cap_s.value), planned),
+                ZONE_CODES[zone],
+                _quiet_pressure(limits.band_kpa.min, limits.band_kpa.max, limits.cap_kpa.value),
             )
             self._zone_rules_cache[zone] = rules
         return rules
@@ -324,20 +358,14 @@ class MassageEngine(Engine[MassageStep]):
         if rules is None:
             step = self.current_step
             zone = self._zone_rules(step.zone)
-            # Raw pressure r reads r * PRESSURE_KPA_PER_UNIT kPa; the whole counts at each boundary:
-            at_least_low = first_count_at_least(step.pressure_min_kpa, PRESSURE_KPA_PER_UNIT)
-            above_high = first_count_above(step.pressure_max_kpa, PRESSURE_KPA_PER_UNIT)
-            above_cap = first_count_above(zone.limits.cap_kpa.value, PRESSURE_KPA_PER_UNIT)
             rules = _StepRules(
                 step.zone,
                 zone,
                 ZONE_CODES[step.zone],
                 self._contact_samples[self._index],
-                {
-                    PressureState.TOO_LOW: (0, min(at_least_low, above_cap) - 1),
-                    PressureState.IN_BAND: (at_least_low, min(above_high, above_cap) - 1),
-                    PressureState.TOO_HIGH: (above_high, above_cap - 1),
-                },
+                _quiet_pressure(
+                    step.pressure_min_kpa, step.pressure_max_kpa, zone.limits.cap_kpa.value
+                ),
             )
             self._step_rules_cache[self._index] = rules
         return rules
@@ -430,15 +458,29 @@ class MassageEngine(Engine[MassageStep]):
         if reason is not None or state not in _COUNTED_STATES:
             return None
         rules = self._step_rules()
-        if self._pass_zone != rules.zone_name:
+        pass_zone = self._pass_zone
+        if pass_zone == rules.zone_name:
+            zone_rules = rules.zone
+            zone_code, quiet_pressure = rules.zone_code, rules.quiet_pressure
+            limit = min(
+                limit,
+                zone_rules.pass_cap_samples - self._pass_samples,
+                rules.contact_samples - 1 - self._step_contact_samples,
+                zone_rules.session_cap_samples - zone_rules.session_samples,
+            )
+        elif pass_zone is not None and self._off_zone_warned:
+            # A pass on another zone than the step's, warned about already: its samples
+            # count toward that zone's pass and session (against its own band), not toward
+            # the step. Only that zone's code is on it: an unknown one counts as the step's.
+            zone_rules = self._zone_rules(pass_zone)
+            zone_code, quiet_pressure = zone_rules.zone_code, zone_rules.off_step_quiet_pressure
+            limit = min(
+                limit,
+                zone_rules.pass_cap_samples - self._pass_samples,
+                zone_rules.session_cap_samples - zone_rules.session_samples,
+            )
+        else:
             return None
-        zone_rules = rules.zone
-        limit = min(
-            limit,
-            zone_rules.pass_cap_samples - self._pass_samples,
-            rules.contact_samples - 1 - self._step_contact_samples,
-            zone_rules.session_cap_samples - zone_rules.session_samples,
-        )
         if state is not PressureState.IN_BAND:
             # Out of band: the samples continue the excursion when the one before was its
             # last. With contiguous sequence numbers it always was here (a sample that ends
@@ -452,14 +494,14 @@ class MassageEngine(Engine[MassageStep]):
                 limit = min(limit, excursion.dwell_samples - 1 - excursion.samples)
         if limit <= 0:
             return None
-        low, high = rules.quiet_pressure[state]
-        return _QuietWindow(True, limit, below, rules.zone_code, low, high)
+        low, high = quiet_pressure[state]
+        return _QuietWindow(True, limit, below, zone_code, low, high, pass_zone == rules.zone_name)
 
     def _count_quiet(self, on_skin: bool, run: int) -> None:
         """What :meth:`_sample` does to ``run`` quiet samples, at once.
 
         Only for a run in the window :meth:`_quiet_window` gave just before: on the skin,
-        the pass is on the current step's zone.
+        the run goes on with the pass (on the current step's zone, or on another one).
         """
         if not on_skin:
             self.state = PressureState.NO_CONTACT
@@ -468,12 +510,13 @@ class MassageEngine(Engine[MassageStep]):
         zone = self._pass_zone
         assert zone is not None
         self._no_contact_samples = 0
-        self._off_zone_warned = False
         self._zone_rules_cache[zone].session_samples += run
         self._count_contact(zone, run, in_band=self.state is PressureState.IN_BAND)
         self._pass_samples += run
-        self._step_contact_samples += run
-        self.summary.steps_contact_samples += run
+        if zone == self.current_step.zone:
+            self._off_zone_warned = False
+            self._step_contact_samples += run
+            self.summary.steps_contact_samples += run
         if self.state is not PressureState.IN_BAND:
             # Each sample is one more of the excursion (see _quiet_window).
             excursion = self._excursion
