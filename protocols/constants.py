@@ -70,6 +70,10 @@ CENTI_J_CM2_PER_J_CM2: Final = 100  # dose, 0.01 J/cm2
 MJ_PER_J: Final = 1000  # dose J/cm2 = irradiance mW/cm2 x s / 1000
 # Intensity levels of a massager's motor: 0 is off, 1..MAX_INTENSITY_LEVEL run it.
 MAX_INTENSITY_LEVEL: Final = 10
+# A device program (protocols.program): its steps at most, and the largest value of each of
+# its unsigned 16-bit fields (what a limit in the units above can reach on the wire).
+MAX_PROGRAM_STEPS: Final = 64
+U16_MAX: Final = 0xFFFF
 
 
 class MessageType(enum.IntEnum):

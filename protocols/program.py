@@ -31,6 +31,8 @@ from protocols.constants import (
     DECI_HZ_PER_HZ,
     DS_PER_S,
     MAX_INTENSITY_LEVEL,
+    MAX_PROGRAM_STEPS,
+    U16_MAX,
     DeviceKind,
     MassageMode,
     Zone,
@@ -40,7 +42,6 @@ from protocols.errors import EncodeError, FrameError, InvalidFieldError, Truncat
 
 PROGRAM_MAGIC: Final = b"OFPG"
 PROGRAM_FORMAT_VERSION: Final = 1
-MAX_PROGRAM_STEPS: Final = 64
 # Header: magic, version, device kind, step count, flags (reserved 0),
 # session length cap s, skin temperature stop 0.01 degC, no-contact pause 0.1 s, reserved.
 _HEADER: Final = struct.Struct("<4sBBBBHhHH")
@@ -57,7 +58,6 @@ MAX_PROGRAM_BYTES: Final = HEADER_BYTES + MAX_PROGRAM_STEPS * max(
 
 
 _U8_MAX: Final = 0xFF
-U16_MAX: Final = 0xFFFF  # the largest value of every unsigned 16-bit program field
 _I16_MIN: Final = -0x8000
 _I16_MAX: Final = 0x7FFF
 _U32_MAX: Final = 0xFFFF_FFFF

@@ -30,8 +30,6 @@ from protocols.constants import (
     DECI_HZ_PER_HZ,
     DS_PER_S,
     MAX_INTENSITY_LEVEL,
-)
-from protocols.program import (
     MAX_PROGRAM_STEPS,
     U16_MAX,
 )

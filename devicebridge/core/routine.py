@@ -43,8 +43,6 @@ from protocols.constants import (
     DAPA_PER_KPA,
     DECI_HZ_PER_HZ,
     MAX_INTENSITY_LEVEL,
-)
-from protocols.program import (
     MAX_PROGRAM_STEPS,
     U16_MAX,
 )

@@ -66,6 +66,7 @@ from protocols.constants import (
     DAPA_PER_KPA,
     DECI_HZ_PER_HZ,
     DS_PER_S,
+    U16_MAX,
     zone_named,
 )
 
@@ -76,7 +77,6 @@ CHUNK_HEADER_BYTES: Final = 7
 # A chunk write with response that takes longer has failed (as a command without its ack).
 DEFAULT_CHUNK_TIMEOUT_S: Final = 2.0
 CHUNK_WRITE_ATTEMPTS: Final = 2  # the first write and one retry
-_U16_MAX: Final = 0xFFFF
 _TRANSFER_IDS: Final = itertools.count(1)
 
 
@@ -85,7 +85,7 @@ _TRANSFER_IDS: Final = itertools.count(1)
 
 def _floor_units(value: float, per_unit: int) -> int:
     """A limit in wire units, rounded towards the safe side (never above the policy)."""
-    return min(_U16_MAX, math.floor(value * per_unit + 1e-9))
+    return min(U16_MAX, math.floor(value * per_unit + 1e-9))
 
 
 def program_from_routine(
@@ -211,7 +211,7 @@ async def transfer_program_bytes(
     chunk_data_bytes: int | None = None,
 ) -> None:
     """The transfer itself, for any bytes (``crc32`` defaults to the bytes' own CRC-32)."""
-    tid = transfer_id if transfer_id is not None else next(_TRANSFER_IDS) & _U16_MAX
+    tid = transfer_id if transfer_id is not None else next(_TRANSFER_IDS) & U16_MAX
     size = session.transport.max_program_chunk_bytes - CHUNK_HEADER_BYTES
     if chunk_data_bytes is not None:
         size = min(size, chunk_data_bytes)

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocols as p
-from protocols.program import HEADER_BYTES, LED_STEP_BYTES, MASSAGE_STEP_BYTES, MAX_PROGRAM_STEPS
+from protocols.constants import MAX_PROGRAM_STEPS
+from protocols.program import HEADER_BYTES, LED_STEP_BYTES, MASSAGE_STEP_BYTES
 
 # The example of docs/protocol.md section 7.
 EXAMPLE = p.Program(
