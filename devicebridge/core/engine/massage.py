@@ -166,7 +166,6 @@ class _StepRules:
 
     zone_name: str
     zone: _ZoneRules  # the step zone's
-    zone_code: int
     contact_samples: int  # the step's contact time
     # Raw pressures (whole counts, inclusive) that keep each counted pressure state as it is
     # against the step's band, below the zone's cap.
@@ -221,23 +220,16 @@ class _QuietWindow(NamedTuple):
                     return index - start
             return end - start
         low, high, code = self.pressure_min, self.pressure_max, self.zone_code
-        if not self.unknown_zone_counts:
-            for index in range(start, end):
-                if not (
-                    flags[index] & MASSAGER_FLAG_CONTACT
-                    and low <= raw_pressures[index] <= high
-                    and centi_cs[index] < below
-                    and zone_codes[index] == code
-                ):
-                    return index - start
-            return end - start
+        unknown_counts = self.unknown_zone_counts
         for index in range(start, end):
             zone = zone_codes[index]
             if not (
                 flags[index] & MASSAGER_FLAG_CONTACT
                 and low <= raw_pressures[index] <= high
                 and centi_cs[index] < below
-                and (zone == code or not MIN_ZONE_CODE <= zone <= MAX_ZONE_CODE)
+                and (
+                    zone == code or (unknown_counts and not MIN_ZONE_CODE <= zone <= MAX_ZONE_CODE)
+                )
             ):
                 return index - start
         return end - start
@@ -361,7 +353,6 @@ class MassageEngine(Engine[MassageStep]):
             rules = _StepRules(
                 step.zone,
                 zone,
-                ZONE_CODES[step.zone],
                 self._contact_samples[self._index],
                 _quiet_pressure(
                     step.pressure_min_kpa, step.pressure_max_kpa, zone.limits.cap_kpa.value
@@ -459,9 +450,10 @@ class MassageEngine(Engine[MassageStep]):
             return None
         rules = self._step_rules()
         pass_zone = self._pass_zone
-        if pass_zone == rules.zone_name:
+        on_step = pass_zone == rules.zone_name
+        if on_step:
             zone_rules = rules.zone
-            zone_code, quiet_pressure = rules.zone_code, rules.quiet_pressure
+            quiet_pressure = rules.quiet_pressure
             limit = min(
                 limit,
                 zone_rules.pass_cap_samples - self._pass_samples,
@@ -473,7 +465,7 @@ class MassageEngine(Engine[MassageStep]):
             # count toward that zone's pass and session (against its own band), not toward
             # the step. Only that zone's code is on it: an unknown one counts as the step's.
             zone_rules = self._zone_rules(pass_zone)
-            zone_code, quiet_pressure = zone_rules.zone_code, zone_rules.off_step_quiet_pressure
+            quiet_pressure = zone_rules.off_step_quiet_pressure
             limit = min(
                 limit,
                 zone_rules.pass_cap_samples - self._pass_samples,
@@ -495,7 +487,7 @@ class MassageEngine(Engine[MassageStep]):
         if limit <= 0:
             return None
         low, high = quiet_pressure[state]
-        return _QuietWindow(True, limit, below, zone_code, low, high, pass_zone == rules.zone_name)
+        return _QuietWindow(True, limit, below, zone_rules.zone_code, low, high, on_step)
 
     def _count_quiet(self, on_skin: bool, run: int) -> None:
         """What :meth:`_sample` does to ``run`` quiet samples, at once.
