@@ -41,7 +41,8 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-LOOP_ITERATIONS = 10_000_000  # the machine speed the issues quote: about 2 s on CI's kind
+# The loop size the issues name a machine's speed by (they do not say which loop body).
+LOOP_ITERATIONS = 10_000_000
 
 
 @functools.cache
