@@ -70,7 +70,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
-from devicebridge.clock import Clock, result_off_loop, wait_for
+from devicebridge.clock import Clock, background_turn, result_off_loop, wait_for
 from devicebridge.core.actuation import (
     SAFETY_KINDS,
     LedApplied,
@@ -869,6 +869,14 @@ class RoutineRunner:
                 command = self._next_command()
                 if command is None:
                     break
+                if not isinstance(command, StopAll):
+                    # Not a stop: frames of every device are read first (see
+                    # background_turn), then what is wanted now is sent.
+                    await background_turn(self.clock)
+                    await self._stops_settled()
+                    command = self._next_command()
+                    if command is None:
+                        break
                 engine = self.engine
                 # What a START_LED starts is the treatment wanted when it is sent.
                 sent_for = led_target(engine) if isinstance(engine, LedEngine) else None
@@ -912,6 +920,7 @@ class RoutineRunner:
     async def _finish(self, status: SessionStatus, end_reason: str | None) -> RunSummary:
         engine = self.engine
         assert engine is not None
+        await background_turn(self.clock)  # the device is stopped: its record can wait
         summary = self.summary_dict()
         session_id, writer = self.session_id, self._writer
         ended_at = self._now()

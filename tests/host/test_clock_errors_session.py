@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import socket
 
 import pytest
 
 import devicebridge.errors as errors_module
-from devicebridge.clock import Clock, SystemClock, wait_for
+from devicebridge.clock import Clock, SystemClock, background_turn, wait_for
 from devicebridge.core.states import ConnectionState
 from devicebridge.device.session import MassagerSession
 from devicebridge.device.transport.ble import find_device
@@ -61,6 +63,55 @@ async def test_wait_for_on_the_wall_clock_keeps_the_same_contract() -> None:
     with pytest.raises(TimeoutError, match="the awaitable's own"):
         await wait_for(system, own_timeout(), 5.0)
     assert await wait_for(system, asyncio.sleep(0, result=7), 5.0) == 7
+
+
+async def test_background_turns_let_the_loop_read_between_them() -> None:
+    """Work waiting for a turn runs one piece per pass of the loop, with the readable fds
+    served between two pieces (a device's frame never waits for every run's record)."""
+    loop = asyncio.get_running_loop()
+    reader, writer = socket.socketpair()
+    writer.send(b"x")  # readable on every pass until the end
+    log: list[str] = []
+    loop.add_reader(reader.fileno(), log.append, "read")
+
+    async def piece(name: str) -> None:
+        await background_turn(SystemClock())
+        log.append(name)
+
+    try:
+        await asyncio.gather(*(piece(f"piece {n}") for n in range(4)))
+    finally:
+        loop.remove_reader(reader.fileno())
+        reader.close()
+        writer.close()
+    pieces = [entry for entry in log if entry != "read"]
+    assert pieces == [f"piece {n}" for n in range(4)]  # in the order they asked
+    between = [log[log.index(a) + 1 : log.index(b)] for a, b in itertools.pairwise(pieces)]
+    assert all("read" in entries for entries in between), log
+
+
+async def test_a_cancelled_background_turn_passes_to_the_next() -> None:
+    clock = SystemClock()
+    done: list[int] = []
+
+    async def piece(number: int) -> None:
+        await background_turn(clock)
+        done.append(number)
+
+    tasks = [asyncio.ensure_future(piece(n)) for n in range(3)]
+    await asyncio.sleep(0)  # all three wait for their turn
+    tasks[1].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert done == [0, 2]
+    assert isinstance(results[1], asyncio.CancelledError)
+    await background_turn(clock)  # the lane still turns after the cancellation
+
+
+async def test_background_turn_does_not_wait_on_virtual_time(clock: VirtualClock) -> None:
+    """A simulated run stays deterministic: on the virtual clock a turn is no wait."""
+    turn = background_turn(clock).__await__()
+    with pytest.raises(StopIteration):
+        turn.send(None)  # finished without yielding to the loop
 
 
 async def test_system_clock_satisfies_the_protocol() -> None:
