@@ -82,19 +82,30 @@ DEMO_ZONES: Final = (Zone.CHEEK_LEFT, Zone.FOREHEAD)
 # latency`` and the writer's thread of the time: the bridge's read -> STOP p99 at 100
 # devices went from about 2.2 ms to 0.9 ms).
 THREAD_SWITCH_INTERVAL_S: Final = 0.0005
+# Once a long-running command has started (freeze_start_up), the collector's youngest
+# generation is collected every this many new containers instead of every 700: what a
+# routine's commands and records make for a few milliseconds then dies before the
+# collector sees it, instead of moving to the older generations, whose passes held the
+# event loop for 3-6 ms each (``python -m bench latency``, 100 devices, 2 cores: one
+# pass of the older generations in a run instead of five; the runner's p99 1.6-4.6 ms,
+# median 2.6, in eleven runs, against 2.0-5.3 ms, median 3.5, in seven at 700: a noisy
+# machine, where the pty's own hand-over of each frame also waits for a core).
+YOUNG_COLLECTION_CONTAINERS: Final = 5000
 
 
 @contextlib.contextmanager
 def event_loop_first() -> Iterator[None]:
     """Within it, a thread waiting for the GIL waits at most THREAD_SWITCH_INTERVAL_S, and
-    what :func:`freeze_start_up` froze is given back to the collector at the end."""
+    what :func:`freeze_start_up` froze and set is given back to the collector at the end."""
     before = sys.getswitchinterval()
     frozen_before = gc.get_freeze_count()
+    thresholds_before = gc.get_threshold()
     sys.setswitchinterval(min(before, THREAD_SWITCH_INTERVAL_S))
     try:
         yield
     finally:
         sys.setswitchinterval(before)
+        gc.set_threshold(*thresholds_before)
         if frozen_before == 0:
             gc.unfreeze()
 
@@ -102,10 +113,12 @@ def event_loop_first() -> Iterator[None]:
 def freeze_start_up() -> None:
     """Leave what start-up made (modules, the policy, sessions, workers) out of the garbage
     collector's full passes from now on: it lives as long as the command, and scanning it
-    all held the event loop for 10-20 ms at a time (``python -m bench latency``). Called
-    once a long-running command has started; :func:`event_loop_first` undoes it."""
+    all held the event loop for 10-20 ms at a time (``python -m bench latency``); and
+    collect the youngest generation less often (:data:`YOUNG_COLLECTION_CONTAINERS`).
+    Called once a long-running command has started; :func:`event_loop_first` undoes it."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_CONTAINERS, *gc.get_threshold()[1:])
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,17 @@ from __future__ import annotations
 import gc
 import sys
 
-from devicebridge.app import THREAD_SWITCH_INTERVAL_S, event_loop_first, freeze_start_up
+from devicebridge.app import (
+    THREAD_SWITCH_INTERVAL_S,
+    YOUNG_COLLECTION_CONTAINERS,
+    event_loop_first,
+    freeze_start_up,
+)
 
 
-def test_a_command_bounds_the_gil_wait_and_gives_back_what_start_up_froze() -> None:
+def test_a_command_bounds_the_gil_wait_and_gives_back_what_start_up_froze_and_set() -> None:
     before = sys.getswitchinterval()
+    thresholds = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     with event_loop_first():
         assert sys.getswitchinterval() == min(before, THREAD_SWITCH_INTERVAL_S)
@@ -19,5 +25,7 @@ def test_a_command_bounds_the_gil_wait_and_gives_back_what_start_up_froze() -> N
         assert gc.get_freeze_count() > len(made_at_start_up)
         oldest = {id(o) for o in gc.get_objects(generation=2)}
         assert not any(id(o) in oldest for o in made_at_start_up)
+        assert gc.get_threshold() == (YOUNG_COLLECTION_CONTAINERS, *thresholds[1:])
     assert sys.getswitchinterval() == before
     assert gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds
