@@ -858,6 +858,7 @@ class RoutineRunner:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            turn_taken = False
             while True:
                 # Nothing overtakes a safety stop: it is acknowledged before the next write.
                 await self._stops_settled()
@@ -869,14 +870,13 @@ class RoutineRunner:
                 command = self._next_command()
                 if command is None:
                     break
-                if not isinstance(command, StopAll):
-                    # Not a stop: frames of every device are read first (see
-                    # background_turn), then what is wanted now is sent.
+                if not isinstance(command, StopAll) and not turn_taken:
+                    # Not a stop: every device's frames are read first (background_turn);
+                    # then all of the above again, as what is wanted may have changed.
                     await background_turn(self.clock)
-                    await self._stops_settled()
-                    command = self._next_command()
-                    if command is None:
-                        break
+                    turn_taken = True
+                    continue
+                turn_taken = False
                 engine = self.engine
                 # What a START_LED starts is the treatment wanted when it is sent.
                 sent_for = led_target(engine) if isinstance(engine, LedEngine) else None
@@ -920,7 +920,7 @@ class RoutineRunner:
     async def _finish(self, status: SessionStatus, end_reason: str | None) -> RunSummary:
         engine = self.engine
         assert engine is not None
-        await background_turn(self.clock)  # the device is stopped: its record can wait
+        await background_turn(self.clock)  # after the last stop: the record can wait a pass
         summary = self.summary_dict()
         session_id, writer = self.session_id, self._writer
         ended_at = self._now()
