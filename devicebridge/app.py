@@ -87,9 +87,9 @@ THREAD_SWITCH_INTERVAL_S: Final = 0.0005
 # routine's commands and records make for a few milliseconds then dies before the
 # collector sees it, instead of moving to the older generations, whose passes held the
 # event loop for 3-6 ms each (``python -m bench latency``, 100 devices, 2 cores: one
-# pass of the older generations in a run instead of five; the runner's p99 1.6-4.6 ms,
-# median 2.6, in eleven runs, against 2.0-5.3 ms, median 3.5, in seven at 700: a noisy
-# machine, where the pty's own hand-over of each frame also waits for a core).
+# pass of the older generations in an 8-s run instead of five). On that noisy machine the
+# runner's p99 read 1.6-9.3 ms, median 2.6, in nineteen runs, against 1.5-5.3 ms, median
+# 2.9, in nineteen at 700: fewer long pauses, a gain smaller than the machine's noise.
 YOUNG_COLLECTION_CONTAINERS: Final = 5000
 
 
