@@ -109,12 +109,12 @@ async def background_turn(clock: Clock) -> None:
     two of them the loop reads what the devices sent. When a hundred runs end on the same
     sample (every device's session ends at its third excursion above the cap), their
     pieces otherwise came in one pass, and the frames that came meanwhile waited for all
-    of them: ``python -m bench latency``, 100 devices (2 cores), gave a p99 of 6-10 ms
-    behind such bursts, and 2.4-4.4 ms with the turns (1.0-1.7 ms for the same runs with
-    no store, which end and start with fewer pieces; six runs each). Safety stops never wait
-    for a turn. On a clock whose time moves only when driven (the simulators' virtual
-    clock), and in a task being cancelled, there is no wait: a simulated run stays
-    deterministic, and a cancelled one finishes its work at once.
+    of them: ``python -m bench latency``'s runs at 100 devices (2 cores, one 8-s window
+    each) gave a p99 of 2.3-10.6 ms, median 8.3, in eight runs, and 1.5-5.3 ms, median
+    2.9, in nineteen with the turns. Safety stops never wait for a turn. On a clock whose
+    time moves only when driven (the simulators' virtual clock), and in a task being
+    cancelled, there is no wait: a simulated run stays deterministic, and a cancelled one
+    finishes its work at once.
     """
     task = asyncio.current_task()
     if not isinstance(clock, SystemClock) or (task is not None and task.cancelling()):
