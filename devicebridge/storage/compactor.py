@@ -182,6 +182,10 @@ class Compactor:
 
 COMPACTOR: Final = Compactor()
 
+# What a compaction uses (SessionStore.compact_telemetry: the store, the sample formats,
+# numpy), loaded by the child as it starts.
+_JOB_MODULES: Final = ("devicebridge.storage.sessions", "protocols.telemetry", "numpy")
+
 
 # --------------------------------------------------------------------------- the child
 
@@ -225,5 +229,9 @@ if __name__ == "__main__":
     lowest_priority()
     # What every job reads and writes, loaded before the first one comes (the child is
     # started ahead: the job that waits for it, at a run's end, does not wait for this).
-    importlib.import_module("devicebridge.storage.sessions")
+    # The store loads numpy and the sample formats only when telemetry is read, and numpy
+    # alone takes a tenth of a second or more to load: a 15-minute run on the virtual
+    # clock waited 84-130 ms for its one compaction (15-25 ms of work) at its end.
+    for module in _JOB_MODULES:
+        importlib.import_module(module)
     serve(sys.stdin.buffer, sys.stdout.buffer)

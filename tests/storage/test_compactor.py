@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from devicebridge.storage.compactor import COMPACTOR, serve
 from devicebridge.storage.sessions import SessionStore
 from devicebridge.storage.writer import COMPACT_IDLE_S, COMPACT_WAIT_S, StoreWriter
 
-from .test_compressed_samples import chunk_rows, sensor_like
+from .test_compressed_samples import chunk_rows, open_session, sensor_like
 from .writer_jobs import append_samples_job, nothing_job, open_session_job
 
 
@@ -209,3 +211,29 @@ def test_many_finished_sessions_go_in_jobs_of_a_bounded_size(
         assert raw_chunks(path) == 0
         for session in sessions:
             assert np.array_equal(store.telemetry(session)[1], samples)
+
+
+def test_the_child_loads_what_a_compaction_uses_before_its_first_job(tmp_path: Path) -> None:
+    # A run's end waits for its compaction: a module loaded then (numpy: a tenth of a
+    # second) would be waited for too.
+    path = tmp_path / "s.sqlite3"
+    with SessionStore(path) as store:
+        session = open_session(store)
+        samples = sensor_like(300, seed=3)
+        for first in range(0, 300, 100):
+            store.append_samples(session, first, samples[first : first + 100])
+    probe = (
+        "import importlib, json, sys\n"
+        "from pathlib import Path\n"
+        "from devicebridge.storage import compactor\n"
+        "for module in compactor._JOB_MODULES:\n"
+        "    importlib.import_module(module)\n"
+        "before = set(sys.modules)\n"
+        f"compactor._compact(Path({str(path)!r}), [{session}])\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(done.stdout) == []
+    assert raw_chunks(path) == 0  # it compacted
