@@ -28,6 +28,7 @@ from devicebridge.device.session import SessionStats
 from devicebridge.errors import DeviceBridgeError, QaError
 from devicebridge.qa.bridge import QaBridge, TimelineEntry, load_routine, telemetry_digest
 from devicebridge.run.summary import RunSummary
+from devicebridge.storage.writer import start_store_writer
 from protocols import Zone
 from protocols.constants import zone_named
 from simulators import SimulatedWorld, VirtualClock
@@ -317,6 +318,11 @@ async def _run_shard(
     world = SimulatedWorld(seed=seed, clock=clock, fleet_generation=fleet_generation)
     probe = QaBridge(world, workdir=workdir)  # for the policy and routine loading only
     routine = scenario_routine(scenario, probe, base_dir)
+    if routine is not None:
+        # Its runs store their sessions: the store's helper processes start now, while the
+        # world and the bridge come up, not when the first run's record waits for them
+        # (a tenth of a second or more each to start).
+        start_store_writer()
     bands = _routine_bands(routine)
     label_of_serial: dict[str, str] = {}
     timeline_entries: list[TimelineEntry] = []
