@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from devicebridge.qa import run_scenario
+from devicebridge.qa import scenario as scenario_module
+from devicebridge.qa.bridge import QaBridge
 from simulators.scenario.spec import load_scenario, parse_scenario
 from tests.qa.conftest import SCENARIOS, scenario_text
 
@@ -69,3 +74,32 @@ async def test_fifty_devices_with_mixed_faults_on_the_virtual_clock(tmp_path: Pa
     # The whole scenario ran on the virtual clock (how fast against the wall clock is
     # bench virtual_time's business, not a functional test's).
     assert result.virtual_s >= scenario.duration_s
+
+
+@pytest.mark.parametrize("with_routine", [True, False])
+async def test_the_store_helpers_start_before_the_bridge_connects_when_runs_will_store(
+    monkeypatch: pytest.MonkeyPatch, with_routine: bool
+) -> None:
+    # The first run's record waits for the store writer's process: started before the
+    # devices are built and connected, it is up sooner. A scenario with no routine stores
+    # nothing and starts no process.
+    order: list[str] = []
+    start = scenario_module.start_store_writer
+    connect = QaBridge.connect
+
+    def started() -> None:
+        order.append("store helpers")
+        start()
+
+    async def connecting(bridge: QaBridge, *args: Any, **kwargs: Any) -> Any:
+        order.append("connect")
+        return await connect(bridge, *args, **kwargs)
+
+    monkeypatch.setattr(scenario_module, "start_store_writer", started)
+    monkeypatch.setattr(QaBridge, "connect", connecting)
+    text = scenario_text(duration_s=5)
+    if not with_routine:
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("routine"))
+    result = await run_scenario(parse_scenario(text))
+    assert result.failures == []
+    assert order == (["store helpers", "connect"] if with_routine else ["connect"])
