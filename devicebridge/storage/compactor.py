@@ -11,8 +11,10 @@ another process did the same, so nothing of the bridge waits for them.
 
 One child process per bridge process (``python -m devicebridge.storage.compactor``)
 compacts, at the lowest OS priority (SCHED_IDLE on Linux: only on a core nothing else
-wants). It starts when the first sessions are handed to it (the store writer waits for a
-pause in the telemetry first) and reads one line per job on its stdin:
+wants). It starts with the store writer's process (``start_store_writer``), or else when
+the first sessions are handed to it (the store writer waits for a pause in the telemetry
+first), and loads what a compaction uses before its first job. It reads one line per job
+on its stdin:
 ``{"compact": [path, [session_id, ...]]}`` (it opens the store for the job and closes it
 after, and logs what it could not compact: those sessions' raw chunks stay, and read the
 same) or ``{"sync": token}``, which it answers on its stdout once every job before it is
