@@ -77,6 +77,14 @@ async def wait_for(clock: Clock, awaitable: Awaitable[T], timeout_s: float | Non
     raise TimeoutError(f"timed out after {timeout_s:g} s")
 
 
+def _may_yield(clock: Clock) -> bool:
+    """Whether the running task may let the loop run while it waits: on the wall clock,
+    and not while it is being cancelled (a clock whose time moves only when driven would
+    jump ahead meanwhile; a cancelled task finishes its work at once)."""
+    task = asyncio.current_task()
+    return isinstance(clock, SystemClock) and not (task is not None and task.cancelling())
+
+
 async def result_off_loop(clock: Clock, job: Future[T]) -> T:
     """The result of ``job``, which runs on another thread (a store's writer).
 
@@ -87,8 +95,7 @@ async def result_off_loop(clock: Clock, job: Future[T]) -> T:
     run still stores what it must. A cancellation that arrives while waiting lets the
     job finish first, then goes on.
     """
-    task = asyncio.current_task()
-    if not isinstance(clock, SystemClock) or (task is not None and task.cancelling()):
+    if not _may_yield(clock):
         return job.result()
     try:
         result = await asyncio.shield(asyncio.wrap_future(job))
@@ -116,8 +123,7 @@ async def background_turn(clock: Clock) -> None:
     cancelled, there is no wait: a simulated run stays deterministic, and a cancelled one
     finishes its work at once.
     """
-    task = asyncio.current_task()
-    if not isinstance(clock, SystemClock) or (task is not None and task.cancelling()):
+    if not _may_yield(clock):
         return
     loop = asyncio.get_running_loop()
     lane = _LANES.get(loop)
