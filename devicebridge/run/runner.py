@@ -229,6 +229,9 @@ class RoutineRunner:
         self.admission: Admission | None = None
         self.session_id: int | None = None
         self.engine: MassageEngine | LedEngine | TimedMassageEngine | None = None
+        # The engine the samples are fed to (``engine`` unless the routine runs by time):
+        # set once, so that judging a batch asks no isinstance of the engines' ABC.
+        self._sample_engine: MassageEngine | LedEngine | None = None
         self.support: KindSupport | None = None  # what the connected device can do
         self._checks: dict[str, str] | None = None
         self._timed_start_s = 0.0
@@ -513,7 +516,7 @@ class RoutineRunner:
         if by_time:
             engine = self.engine = TimedMassageEngine(self.routine, self.policy)
         else:
-            engine = self.engine = new_engine(
+            engine = self.engine = self._sample_engine = new_engine(
                 self.routine,
                 self.policy,
                 sample_rate_hz=rate_hz,
@@ -720,8 +723,6 @@ class RoutineRunner:
 
     def _judge(self, item: TelemetryItem) -> list[Decision]:
         """Engine on one item; a safety decision starts STOP_ALL before this returns."""
-        engine = self.engine
-        assert engine is not None
         if isinstance(item, TelemetryGap):
             self.gaps += 1
             self.lost_samples += item.sample_count
@@ -732,7 +733,8 @@ class RoutineRunner:
             return []
         if item.sample_format is not self._sample_format:
             return []
-        if isinstance(engine, TimedMassageEngine):
+        engine = self._sample_engine
+        if engine is None:
             return []  # recorded, but a routine by time is timed by the host's clock
         decisions = engine.feed(item.samples, item.first_sequence)
         # Most batches decide nothing: no generator for them.
