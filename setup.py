@@ -1,4 +1,4 @@
-"""The optional compiled build of the pure cores.
+"""The optional compiled build of the pure cores and the telemetry path's edges.
 
 ``pip install -e .`` (the README's install) is pure Python and needs no compiler. With
 ``DEVICEBRIDGE_COMPILE=1`` the modules listed under ``[tool.devicebridge.compile]`` in

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
+
+from mypy_extensions import mypyc_attr
 
 from devicebridge.clock import Clock, wait_for
 from devicebridge.core.backoff import Backoff, BackoffPolicy
@@ -89,6 +91,9 @@ S = ConnectionState
 T = TypeVar("T")
 
 
+# A plain Python class in the compiled build too: QA workers send it to the parent process
+# by pickle, and a compiled frozen dataclass cannot be unpickled.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class SessionStats:
     """Counters of one session (a snapshot; read ``session.stats`` again for fresh ones)."""
@@ -834,12 +839,3 @@ def session_class_for(kind: DeviceKind | int | None) -> type[DeviceSession]:
     if kind == DeviceKind.LED_MASK:
         return MaskSession
     return DeviceSession
-
-
-async def iterate_batches(
-    subscription: Subscription[TelemetryItem],
-) -> AsyncIterator[TelemetryBatch]:
-    """Only the batches of a telemetry subscription (gaps skipped)."""
-    async for item in subscription:
-        if isinstance(item, TelemetryBatch):
-            yield item

@@ -9,15 +9,25 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from devicebridge.device.session import iterate_batches, session_class_for
+from devicebridge.core.reassembly import TelemetryItem
+from devicebridge.device.session import Subscription, session_class_for
 from devicebridge.device.transport.ble import BleBackends, BleTransport, scan
-from protocols import DeviceKind
+from protocols import DeviceKind, TelemetryBatch
 from simulators.linklevel import link_level_clock
 from simulators.linklevel.remote import HCI_LINE_PREFIX, RemoteLinkLevel
 
 from .conftest import HANG_SAFETY_S, SEED, within_safety
 
 DEVICE_COUNT = 2
+
+
+async def iterate_batches(
+    subscription: Subscription[TelemetryItem],
+) -> AsyncIterator[TelemetryBatch]:
+    """Only the batches of a telemetry subscription (gaps skipped)."""
+    async for item in subscription:
+        if isinstance(item, TelemetryBatch):
+            yield item
 
 
 @pytest.fixture
