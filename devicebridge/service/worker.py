@@ -141,6 +141,11 @@ class DeviceWorker:
     # ------------------------------------------------------------------ state
 
     def check_state(self) -> None:
+        """Publish a change of the connection state (the status loop asks every device).
+
+        A change of the battery level goes out with the telemetry message that carries it
+        (:meth:`_publish_telemetry`, about once a second): reading it here too, for every
+        device four times a second, cost more than the rest of this poll."""
         state = self.session.state
         if state is not self.published_state:
             previous, self.published_state = self.published_state, state
@@ -151,8 +156,6 @@ class DeviceWorker:
                 self._jobs.put_nowait(self._on_ready)
             self.publish_state()
             self.service.status_changed()
-        elif self.session.battery_percent != self.published_battery:
-            self.publish_state()
 
     def state_body(self) -> dict[str, Any]:
         try:
@@ -202,12 +205,15 @@ class DeviceWorker:
                 self._publish_telemetry(self.batcher.gap(item))
             return
         self.samples_received += len(item.samples)
-        if self.batcher is not None:
-            self._publish_telemetry(self.batcher.add(item))
+        batcher = self.batcher
+        if batcher is not None:
+            messages = batcher.add(item)
+            if messages:  # most batches complete no message: nothing more to do
+                self._publish_telemetry(messages)
 
     def _publish_telemetry(self, messages: list[dict[str, Any]]) -> None:
         if not messages:
-            return  # most batches complete no message: nothing to look up
+            return
         topic = self.service.topics.telemetry(self.serial)
         runner = self.runner
         session_id = runner.session_id if runner is not None else None
