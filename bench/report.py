@@ -86,10 +86,10 @@ def describe_machine() -> str:
 
 
 def describe_build() -> str:
-    """Which build of the pure cores ran (``[tool.devicebridge.compile]`` in pyproject.toml):
+    """Which build ran (the modules of ``[tool.devicebridge.compile]`` in pyproject.toml):
     the same bench gives other figures on the pure-Python install and on the mypyc build."""
     engine = importlib.import_module("devicebridge.core.engine.massage")
     path = getattr(engine, "__file__", None) or ""
     if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-        return "pure cores compiled with mypyc"
-    return "pure-Python install (cores not compiled)"
+        return "compiled build (mypyc: the pure cores, the session, worker and batcher)"
+    return "pure-Python install (nothing compiled)"
