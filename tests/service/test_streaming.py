@@ -138,6 +138,28 @@ async def test_a_clean_stop_stops_devices_finishes_sessions_and_goes_offline(
     assert not status["alive"]
 
 
+async def test_a_battery_change_is_published_in_the_device_state(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    async with service_rig(tmp_path, broker_port=mosquitto.port) as rig:
+        massager = rig.devices[0]
+        subscriber = Subscriber(mosquitto.port, TOPICS.device_state(massager.serial_number))
+        async with running(subscriber.run()):
+            await rig.wait(subscriber.subscribed.is_set)
+            await rig.start()
+            await rig.wait(lambda: any(b["state"] == "ready" for b in subscriber.on("/state")))
+            before = subscriber.on("/state")[-1]["battery_percent"]
+            level = before - 7
+            massager.drop_battery_charge(level)
+            # Published with the telemetry message whose samples carry the new level.
+            await rig.wait(
+                lambda: any(b["battery_percent"] == level for b in subscriber.on("/state"))
+            )
+            state = subscriber.on("/state")[-1]
+            assert (state["state"], state["battery_percent"]) == ("ready", level)
+        await rig.stop()
+
+
 async def test_without_a_broker_the_service_records_locally(tmp_path: Path) -> None:
     routine = parse_routine(routine_text().decode(), default_policy())
     async with service_rig(tmp_path) as rig:
