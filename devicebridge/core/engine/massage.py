@@ -22,8 +22,10 @@ Quiet samples: from the engine's state, :meth:`MassageEngine._quiet_window` work
 of the next samples the rules would only count (no threshold, step end, state change on
 them); such samples are counted together (:meth:`MassageEngine._count_quiet`) instead of
 going through :meth:`MassageEngine._sample`. The window is derived from the same limits as
-the rules, and ``quiet_runs=False`` sends every sample through the rules: the hypothesis
-tests in ``tests/core/test_engine_vectorised.py`` check that both decide the same.
+the rules, and carried over to the next batch when nothing but its run was counted (a steady
+pass works it out once, not once per notification). ``quiet_runs=False`` sends every sample
+through the rules: the hypothesis tests in ``tests/core/test_engine_vectorised.py`` check that
+both decide the same.
 """
 
 from __future__ import annotations
@@ -211,8 +213,8 @@ class _QuietWindow(NamedTuple):
         start: int,
         end: int,
     ) -> int:
-        """How many samples from ``start`` (before ``end``, at most ``limit``) are quiet."""
-        end = min(end, start + self.limit)
+        """How many samples from ``start`` (before ``end``) are quiet; the caller keeps
+        ``end`` within the window's ``limit``."""
         below = self.temperature_below
         if not self.on_skin:
             for index in range(start, end):
@@ -294,6 +296,14 @@ class MassageEngine(Engine[MassageStep]):
         stop_centi_c = first_count_at_least(policy.temperature_stop_c.value, TEMPERATURE_C_PER_UNIT)
         warn_centi_c = first_count_at_least(policy.temperature_warn_c.value, TEMPERATURE_C_PER_UNIT)
         self._quiet_below_centi_c = (min(warn_centi_c, stop_centi_c), stop_centi_c)
+        # The window of the last quiet run, when nothing but that run was counted since it
+        # was worked out: (window, the sequence right after the run, the sequence at which
+        # its limit ends). Counting a run advances every counter its limit was taken from
+        # by the run's length (see _count_quiet), and changes nothing else it was derived
+        # from, so for the next sample, with the same contact flag, _quiet_window would
+        # give the same window with its limit shortened by the run: the next batch of a
+        # steady pass starts from it instead of working it out again.
+        self._carried: tuple[_QuietWindow, int, int] | None = None
 
     @property
     def paused(self) -> bool:
@@ -384,12 +394,20 @@ class MassageEngine(Engine[MassageStep]):
         )
         quiet_runs = self._quiet_runs
         i = 0
-        while i < count and not self.finished:
+        while i < count and not self._finished:
             sequence = first_sequence + i
             contact = flags[i] & MASSAGER_FLAG_CONTACT != 0
-            window = self._quiet_window(contact, sequence) if quiet_runs else None
-            if window is not None:
-                end = count
+            window: _QuietWindow | None = None
+            limit_end = 0
+            carried, self._carried = self._carried, None
+            if carried is not None and carried[1] == sequence and carried[0].on_skin == contact:
+                window, _, limit_end = carried
+            elif quiet_runs:
+                window = self._quiet_window(contact, sequence)
+                if window is not None:
+                    limit_end = sequence + window.limit
+            if window is not None and limit_end > sequence:
+                end = min(count, i + limit_end - sequence)
                 if actuators is not None and actuators.commanded_from is not None:
                     # The run must not straddle the sample from which the motor counts as
                     # commanded on: before it, the actuator check expects nothing.
@@ -399,6 +417,7 @@ class MassageEngine(Engine[MassageStep]):
                 run = window.quiet_count(raws, temperatures, zones, flags, i, end)
                 if run:
                     skip = False
+                    decided = len(out)
                     if actuators is not None:
                         run, skip = self._device_faults(
                             sequence, raws[i : i + run], motor[i : i + run], contact, out
@@ -406,6 +425,8 @@ class MassageEngine(Engine[MassageStep]):
                     quiet = run - 1 if skip else run
                     if quiet:
                         self._count_quiet(contact, quiet)
+                    if not skip and len(out) == decided:  # counted, and nothing else
+                        self._carried = (window, sequence + run, limit_end)
                     i += run
                     continue
             # One sample through the fault checks and the rules.
