@@ -29,6 +29,13 @@ own, at the same QoS: work the floor does not do, in the bridge's own cost). Tar
 streaming only. Also kept from issue 4: 100 devices at 100 samples/s on time, on one
 core, with no loss (checked on the bridge's paths), and the bridge's own cost at least
 10x below what one BLE radio delivers.
+
+A second table takes the MQTT messages apart from the rest: what one telemetry message
+costs the process, published at a steady rate until acknowledged, the floor's way
+(:func:`bench.floor.messages`) and the bridge's (batcher, publisher, outbox and link of a
+running :class:`BridgeService`); with the messages each published per second at 100
+devices in the first table, it tells how much of the bridge's own cost over the floor's is
+its extra messages (the devices' events) rather than a dearer message.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
 from bench import ble_proxy, floor
 from bench.report import describe_machine, print_table
 from devicebridge.clock import SystemClock
@@ -54,15 +63,23 @@ from devicebridge.device.session import DeviceSession, session_class_for
 from devicebridge.device.transport.ble import BleBackends, BleTransport
 from devicebridge.integrations.mqtt import MqttSettings
 from devicebridge.service.supervisor import BridgeService
+from devicebridge.service.telemetry import TelemetryBatcher
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.storage.writer import writer_cpu_s
-from protocols import DeviceKind
+from protocols import DeviceKind, SampleFormat, TelemetryBatch
+from protocols.telemetry import MASSAGER_SAMPLE_DTYPE
 from simulators import SimulatedWorld, VirtualClock
 
 DEVICE_COUNTS: Final = (10, 100)
 DURATION_S: Final = float(os.environ.get("BENCH_SERVICE_S", "5"))
 REPEATS: Final = int(os.environ.get("BENCH_SERVICE_REPEATS", "5"))
 ROUTINE_SETTLE_S: Final = 1.0
+# The per-message table: telemetry messages of one second at 100 Hz, 15 every 0.1 s (the
+# rate of the bridge's messages at 100 devices, events included), interleaved repeats.
+MESSAGE_COUNT: Final = int(os.environ.get("BENCH_SERVICE_MESSAGES", "1000"))
+MESSAGES_PER_TICK: Final = 15
+MESSAGE_TICK_S: Final = 0.1
+MESSAGE_REPEATS: Final = 5
 SAMPLE_RATE_HZ: Final = 100
 BYTES_PER_SAMPLE: Final = 9
 BLE_RADIO_BITS_PER_S: Final = 1.4e6
@@ -76,6 +93,8 @@ STREAM: Final = "bridge: stream to MQTT"
 FLOOR_RECORD: Final = "floor, record (minimal script)"
 ROUTINE_CASE: Final = "bridge: + routine recorded"
 CASES: Final = (BARE, FLOOR_STREAM, STREAM, FLOOR_RECORD, ROUTINE_CASE)
+FLOOR_MESSAGES: Final = "floor: aiomqtt publish, QoS 1"
+BRIDGE_MESSAGES: Final = "bridge: batcher, publisher, outbox, link"
 BRIDGE: Final = "bench"
 # The starter drainage routine: its category has no frequency limit. The devices of one
 # bridge are one person's, and admission counts every run from its admission, so a routine
@@ -330,6 +349,66 @@ async def _service(
     }
 
 
+async def _bridge_messages(broker: Broker, data_dir: Path, sample_bytes: bytes) -> float:
+    """Process CPU seconds for ``MESSAGE_COUNT`` telemetry messages through a running
+    service with no devices (a device worker's batcher, the service's publisher, outbox
+    and link), until the broker acknowledged them all."""
+    rng = random.Random(1)
+    clock = SystemClock()
+    service = BridgeService(
+        bridge_id=BRIDGE,
+        data_dir=data_dir,
+        policy=default_policy(),
+        clock=clock,
+        devices=[],
+        session_factory=lambda p: _session(BleBackends(), p, rng, clock),
+        mqtt=MqttSettings("127.0.0.1", broker.port),
+        rng=rng,
+    )
+    task = asyncio.create_task(service.run())
+    await service.wait_started()
+    assert service.link is not None
+    await service.link.wait_connected()
+    serial = "MESSAGES"
+    batcher = TelemetryBatcher(serial, SampleFormat.MASSAGER_V1, SAMPLE_RATE_HZ, 1.0)
+    topic = service.topics.telemetry(serial)
+    samples = np.frombuffer(sample_bytes, MASSAGER_SAMPLE_DTYPE)
+    next_sequence = 0
+    published0 = service.link.published
+
+    def send() -> None:  # what DeviceWorker._publish_telemetry does with a batch
+        nonlocal next_sequence
+        batch = TelemetryBatch(SampleFormat.MASSAGER_V1, next_sequence, next_sequence * 10, samples)
+        next_sequence += len(samples)
+        for body in batcher.add(batch):
+            body["session_id"] = None
+            service.publisher.publish(topic, body)
+
+    cpu0 = time.process_time()
+    await floor.paced(send, MESSAGE_COUNT, MESSAGES_PER_TICK, MESSAGE_TICK_S)
+    service.publisher.flush()
+    while service.link.published - published0 < MESSAGE_COUNT:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)  # the last acknowledgements
+    cpu_s = time.process_time() - cpu0
+    service.request_stop()
+    await task
+    return cpu_s
+
+
+async def _message_costs(broker: Broker, workdir: Path) -> dict[str, list[float]]:
+    """CPU per message (seconds) of the floor's publishing and the bridge's, interleaved."""
+    sample_bytes = random.Random(2).randbytes(SAMPLE_RATE_HZ * BYTES_PER_SAMPLE)
+    costs: dict[str, list[float]] = {FLOOR_MESSAGES: [], BRIDGE_MESSAGES: []}
+    for repeat in range(MESSAGE_REPEATS):
+        floor_s = await floor.messages(
+            broker.port, sample_bytes, MESSAGE_COUNT, MESSAGES_PER_TICK, MESSAGE_TICK_S
+        )
+        costs[FLOOR_MESSAGES].append(floor_s / MESSAGE_COUNT)
+        bridge_s = await _bridge_messages(broker, workdir / f"messages-{repeat}", sample_bytes)
+        costs[BRIDGE_MESSAGES].append(bridge_s / MESSAGE_COUNT)
+    return costs
+
+
 def _per_sample_s(run: dict[str, Any]) -> float:
     return float(run["cpu_s"]) / max(int(run["samples"]), 1)
 
@@ -377,6 +456,8 @@ async def _run() -> bool:
         return False
     rows: list[tuple[object, ...]] = []
     verdict: dict[str, bool] = {}
+    message_costs: dict[str, list[float]] = {}
+    messages_per_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for count in DEVICE_COUNTS:
             runs: dict[str, list[dict[str, Any]]] = {case: [] for case in CASES}
@@ -399,6 +480,8 @@ async def _run() -> bool:
                     runs[ROUTINE_CASE].append(
                         await _service(count, broker, folder / "r", with_routine=True)
                     )
+                if count == TARGET_DEVICES:
+                    message_costs = await _message_costs(broker, Path(tmp))
             finally:
                 await broker.stop()
             bare_s = _per_sample_s(_median_run(runs[BARE]))
@@ -427,6 +510,9 @@ async def _run() -> bool:
             )
             rows += [floor_stream_row, stream_row, floor_record_row, routine_row]
             if count == TARGET_DEVICES:
+                for case in (FLOOR_STREAM, STREAM):
+                    run = _median_run(runs[case])
+                    messages_per_s[case] = run["messages"] / run["wall_s"]
                 bridge_runs = runs[STREAM] + runs[ROUTINE_CASE]
                 stream_own_s = _per_sample_s(_median_run(runs[STREAM])) - bare_s
                 radio = (
@@ -476,10 +562,37 @@ async def _run() -> bool:
     )
     for name, ok in verdict.items():
         print(f"  {name}: {'met' if ok else 'MISSED'}")
+    _print_message_costs(message_costs, messages_per_s)
     print(describe_machine())
     passed = all(verdict.values())
     print(f"service target {'met' if passed else 'MISSED'}")
     return passed
+
+
+def _print_message_costs(costs: dict[str, list[float]], messages_per_s: dict[str, float]) -> None:
+    if not costs:
+        return
+    floor_s = sorted(costs[FLOOR_MESSAGES])[len(costs[FLOOR_MESSAGES]) // 2]
+    rows = []
+    for case, runs in costs.items():
+        median_s = sorted(runs)[len(runs) // 2]
+        rows.append(
+            (case, _us(median_s), f"{median_s / floor_s:.2f}", " ".join(_us(r) for r in runs))
+        )
+    print_table(
+        f"one telemetry message ({SAMPLE_RATE_HZ * BYTES_PER_SAMPLE} sample bytes), "
+        f"{MESSAGE_COUNT} at {MESSAGES_PER_TICK / MESSAGE_TICK_S:.0f}/s through the same "
+        f"Mosquitto, until acknowledged; median of {MESSAGE_REPEATS} interleaved runs",
+        ["case", "process CPU us/message", "x floor", "runs"],
+        rows,
+    )
+    if len(messages_per_s) == 2:
+        bridge, floor_rate = messages_per_s[STREAM], messages_per_s[FLOOR_STREAM]
+        print(
+            f"  at {TARGET_DEVICES} devices, streaming: the bridge published {bridge:.0f} "
+            f"messages/s, the floor {floor_rate:.0f} ({bridge / floor_rate:.2f}x: the "
+            "devices' events, which the floor does not publish)"
+        )
 
 
 def run() -> bool:

@@ -14,6 +14,9 @@ simulated massagers in a process of their own, behind :mod:`bench.ble_proxy`).
   their sequence) published to the broker at QoS 1, several in flight.
 
 ``bridge - bare`` is the bridge's own cost per sample, ``floor - bare`` the floor's.
+
+:func:`messages` is the floor's publishing alone, for what one MQTT message costs it
+(``bench service``'s second table).
 """
 
 from __future__ import annotations
@@ -182,6 +185,42 @@ class _Floor:
                 with self.db:
                     self.db.execute("BEGIN")
                     self.db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?)", rows)
+
+
+async def paced(send: Callable[[], None], count: int, per_tick: int, tick_s: float) -> None:
+    """``send()`` ``count`` times, ``per_tick`` every ``tick_s`` wall seconds: a steady
+    rate, as a fleet of devices gives."""
+    for index in range(count):
+        send()
+        if index % per_tick == per_tick - 1:
+            await asyncio.sleep(tick_s)  # pacing
+
+
+async def messages(
+    broker_port: int, sample_bytes: bytes, count: int, per_tick: int, tick_s: float
+) -> float:
+    """Process CPU seconds for ``count`` telemetry messages of ``sample_bytes`` each,
+    published as :func:`floor` publishes them (``_FloorDevice.message`` and
+    ``aiomqtt.Client.publish`` at QoS 1, several in flight), until all are acknowledged."""
+    async with aiomqtt.Client("127.0.0.1", broker_port) as client:
+        client.pending_calls_threshold = 10_000
+        state = _Floor(client, None)
+        device = _FloorDevice(state, "FLOOR")
+        samples = len(sample_bytes) // MASSAGER_SAMPLE_DTYPE.itemsize
+
+        def send() -> None:
+            device.buffer += sample_bytes
+            device.count = samples
+            state.publish(device)
+
+        cpu0 = time.process_time()
+        await paced(send, count, per_tick, tick_s)
+        if state.in_flight:
+            await asyncio.wait(state.in_flight)
+        cpu_s = time.process_time() - cpu0
+    if state.published != count:
+        raise RuntimeError(f"floor: {state.published} of {count} messages acknowledged")
+    return cpu_s
 
 
 def _samples_db(data_dir: Path) -> sqlite3.Connection:
