@@ -20,7 +20,11 @@ window must not decide a verdict):
 
 Columns: ``whole`` is the bench process's CPU per sample (the host: bleak's proxy client,
 and the bridge or the floor script); ``own`` is the whole minus bare's (the cost per
-sample of the bridge or of the floor script);
+sample of the bridge or of the floor script); ``devices CPU`` the devices' process's, in no
+other figure: the machine's other load, which is not the same in every case (massagers
+driven by a routine, their motors and hands at work, took three times the CPU of the
+streaming ones in the first runs of this column: 0.18-0.21 s/s against 0.05-0.08 at 100
+devices), and two cores share it with the host;
 ``x floor`` is the bridge's own over the floor's own; ``MQTT msgs/s`` the messages each
 published in the window (the floor's are the telemetry alone; the bridge also forwards
 the devices' events, contact and zone changes, and their states, each a message of its
@@ -64,6 +68,7 @@ from devicebridge.device.transport.ble import BleBackends, BleTransport
 from devicebridge.integrations.mqtt import MqttSettings
 from devicebridge.service.supervisor import BridgeService
 from devicebridge.service.telemetry import TelemetryBatcher
+from devicebridge.storage.children import process_cpu_s
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.storage.writer import writer_cpu_s
 from protocols import DeviceKind, SampleFormat, TelemetryBatch
@@ -203,6 +208,10 @@ class Devices:
         ]
         return self
 
+    def cpu_s(self) -> float:
+        """CPU seconds the devices' process has used so far."""
+        return 0.0 if self.process is None else process_cpu_s(self.process.pid)
+
     async def __aexit__(self, *exc: object) -> None:
         assert self.process is not None
         assert self.process.stdin is not None
@@ -246,8 +255,13 @@ async def _bare(count: int) -> dict[str, float]:
     """bleak delivering the notifications, a callback that only counts the samples."""
     async with Devices(count) as devices:
         addresses = [d.last_address or "" for d in devices.paired]
-        measured = await floor.bare(devices.backends, addresses, DURATION_S)
-    return {"cpu_s": measured.cpu_s, "wall_s": measured.wall_s, "samples": measured.samples}
+        measured = await floor.bare(devices.backends, addresses, DURATION_S, devices.cpu_s)
+    return {
+        "cpu_s": measured.cpu_s,
+        "wall_s": measured.wall_s,
+        "samples": measured.samples,
+        "devices_cpu_s": measured.extra["devices_cpu_s"],
+    }
 
 
 async def _floor(count: int, broker: Broker, data_dir: Path, *, record: bool) -> dict[str, float]:
@@ -259,12 +273,14 @@ async def _floor(count: int, broker: Broker, data_dir: Path, *, record: bool) ->
             data_dir,
             record=record,
             duration_s=DURATION_S,
+            devices_cpu_s=devices.cpu_s,
         )
     return {
         "cpu_s": measured.cpu_s,
         "wall_s": measured.wall_s,
         "samples": measured.samples,
         "messages": measured.extra["messages"],
+        "devices_cpu_s": measured.extra["devices_cpu_s"],
     }
 
 
@@ -311,12 +327,14 @@ async def _service(
             await asyncio.sleep(ROUTINE_SETTLE_S)  # its first commands and guidance
         # The store writer's process works for the bridge: its CPU is the bridge's.
         cpu0, wall0 = time.process_time() + writer_cpu_s(), time.perf_counter()
+        devices_cpu0 = simulated.cpu_s()
         received0 = sum(w.samples_received for w in service.workers.values())
         assert service.outbox is not None
         messages0 = service.outbox.next_sequence()  # every message the bridge publishes
         await asyncio.sleep(DURATION_S)  # measuring a realtime stream
         cpu = time.process_time() + writer_cpu_s() - cpu0
         wall = time.perf_counter() - wall0
+        devices_cpu = simulated.cpu_s() - devices_cpu0
         measured = sum(w.samples_received for w in service.workers.values()) - received0
         messages = service.outbox.next_sequence() - messages0
         lost_on_links = sum(w.session.stats.lost_samples for w in service.workers.values())
@@ -346,6 +364,7 @@ async def _service(
         "received": report["samples"],
         "ordered": report["ordered"],
         "lost_on_links": lost_on_links,
+        "devices_cpu_s": devices_cpu,
     }
 
 
@@ -439,6 +458,7 @@ def _run_row(
         label,
         run["samples"] / run["wall_s"],
         run["cpu_s"] / run["wall_s"],
+        run["devices_cpu_s"] / run["wall_s"],
         f"{run['messages'] / run['wall_s']:.0f}",
         _us(whole_s),
         _us(own_s) if floor_own_s is not None or label.startswith("floor") else "-",
@@ -494,6 +514,7 @@ async def _run() -> bool:
                     BARE,
                     bare_run["samples"] / bare_run["wall_s"],
                     bare_run["cpu_s"] / bare_run["wall_s"],
+                    bare_run["devices_cpu_s"] / bare_run["wall_s"],
                     "-",
                     _us(bare_s),
                     "-",
@@ -544,13 +565,16 @@ async def _run() -> bool:
         f"service end to end: massagers at {SAMPLE_RATE_HZ} Hz, {DURATION_S:g} s realtime, "
         f"through Mosquitto; median of {REPEATS} interleaved runs. whole = process CPU per "
         "sample (the host's process: the devices run in another); own = whole - bare's; "
-        "x floor = bridge own / floor own; MQTT msgs/s = messages published (the bridge's "
-        "include the devices' events and states, which the floor does not publish)",
+        "x floor = bridge own / floor own; devices CPU s/s = the simulated devices' process "
+        "(not in any figure: the machine's other load); MQTT msgs/s = messages published "
+        "(the bridge's include the devices' events and states, which the floor does not "
+        "publish)",
         [
             "devices",
             "case",
             "samples/s",
             "process CPU s/s",
+            "devices CPU s/s",
             "MQTT msgs/s",
             "whole us/sample",
             "own us/sample",

@@ -76,26 +76,37 @@ async def _connect(
 
 
 async def _window(
-    duration_s: float, samples: Callable[[], int], messages: Callable[[], int] = lambda: 0
+    duration_s: float,
+    samples: Callable[[], int],
+    messages: Callable[[], int] = lambda: 0,
+    devices_cpu_s: Callable[[], float] = lambda: 0.0,
 ) -> Measured:
-    """CPU, wall time, samples and (in ``extra``) MQTT messages over ``duration_s``."""
-    cpu0, wall0, samples0, messages0 = (
+    """CPU, wall time, samples and (in ``extra``) MQTT messages and the CPU seconds of the
+    devices' process over ``duration_s``."""
+    cpu0, wall0, samples0, messages0, devices0 = (
         time.process_time(),
         time.perf_counter(),
         samples(),
         messages(),
+        devices_cpu_s(),
     )
     await asyncio.sleep(duration_s)  # measuring a realtime stream
     return Measured(
         time.process_time() - cpu0,
         time.perf_counter() - wall0,
         samples() - samples0,
-        {"messages": messages() - messages0},
+        {"messages": messages() - messages0, "devices_cpu_s": devices_cpu_s() - devices0},
     )
 
 
-async def bare(backends: BleBackends, addresses: list[str], duration_s: float) -> Measured:
-    """Counts the samples of every notification; nothing else."""
+async def bare(
+    backends: BleBackends,
+    addresses: list[str],
+    duration_s: float,
+    devices_cpu_s: Callable[[], float] = lambda: 0.0,
+) -> Measured:
+    """Counts the samples of every notification; nothing else. ``devices_cpu_s``: CPU
+    seconds of the devices' process so far (for ``extra``)."""
     received = 0
     sample_bytes = MASSAGER_SAMPLE_DTYPE.itemsize
 
@@ -104,7 +115,7 @@ async def bare(backends: BleBackends, addresses: list[str], duration_s: float) -
         received += (len(data) - _HEADER.size) // sample_bytes
 
     clients = [await _connect(backends, a, count) for a in addresses]
-    measured = await _window(duration_s, lambda: received)
+    measured = await _window(duration_s, lambda: received, devices_cpu_s=devices_cpu_s)
     for client in clients:
         await client.disconnect()
     return measured
@@ -243,8 +254,10 @@ async def floor(
     *,
     record: bool,
     duration_s: float,
+    devices_cpu_s: Callable[[], float] = lambda: 0.0,
 ) -> Measured:
-    """``devices``: (address, serial) pairs. ``record``: cap check and SQLite too."""
+    """``devices``: (address, serial) pairs. ``record``: cap check and SQLite too.
+    ``devices_cpu_s``: as for :func:`bare`."""
     db = _samples_db(data_dir) if record else None
     async with aiomqtt.Client("127.0.0.1", broker_port) as client:
         client.pending_calls_threshold = 10_000
@@ -254,7 +267,9 @@ async def floor(
         for address, serial in devices:
             device = _FloorDevice(state, serial)
             clients.append(await _connect(backends, address, device.on_telemetry))
-        measured = await _window(duration_s, lambda: state.samples, lambda: state.sequence)
+        measured = await _window(
+            duration_s, lambda: state.samples, lambda: state.sequence, devices_cpu_s
+        )
         for ble in clients:
             await ble.disconnect()
         if writer is not None:
