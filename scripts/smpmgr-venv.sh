@@ -5,6 +5,9 @@
 # tests use it as a referee and `python -m bench firmware` as the baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Its own environment sees no other's packages: with PYTHONPATH on a checkout (as
+# `python -m bench` runs from one), pip checked devicebridge's requirements there too.
+unset PYTHONPATH
 
 PYTHON="${PYTHON:-python3}"
 SMPMGR_VENV="${SMPMGR_VENV:-.venv-smpmgr}"
