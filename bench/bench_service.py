@@ -40,11 +40,19 @@ costs the process, published at a steady rate until acknowledged, the floor's wa
 running :class:`BridgeService`); with the messages each published per second at 100
 devices in the first table, it tells how much of the bridge's own cost over the floor's is
 its extra messages (the devices' events) rather than a dearer message.
+
+A third table says where each case's CPU goes at 100 devices: every case once more, apart
+from the runs the ratios come from, with every event-loop callback timed on the thread's
+CPU clock (:class:`bench.loop_cpu.LoopCpu`), by what it ran: the devices' frames (the bleak
+proxy's reader, which runs the notification callback: the bare count, the floor's decode,
+the bridge's transport, session, runner and batcher), the MQTT client's socket work, the
+publisher, the store; what the process spent outside callbacks; the store writer's process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -59,6 +67,7 @@ from typing import Any, Final
 import numpy as np
 
 from bench import ble_proxy, floor
+from bench.loop_cpu import LoopCpu
 from bench.report import describe_machine, print_table
 from devicebridge.clock import SystemClock
 from devicebridge.core.policy import default_policy
@@ -98,6 +107,18 @@ STREAM: Final = "bridge: stream to MQTT"
 FLOOR_RECORD: Final = "floor, record (minimal script)"
 ROUTINE_CASE: Final = "bridge: + routine recorded"
 CASES: Final = (BARE, FLOOR_STREAM, STREAM, FLOOR_RECORD, ROUTINE_CASE)
+# The table of where the host's CPU goes: its largest kinds of callback, then the rest.
+WHERE_ROWS: Final = 8
+SHORT_NAMES: Final = {
+    BARE: "bare",
+    FLOOR_STREAM: "floor stream",
+    STREAM: "bridge stream",
+    FLOOR_RECORD: "floor record",
+    ROUTINE_CASE: "bridge routine",
+}
+OUTSIDE_CALLBACKS: Final = "outside callbacks (the loop's polling, other threads)"
+WRITER_PROCESS: Final = "the store writer's process"
+WHOLE: Final = "whole (process CPU + writer)"
 FLOOR_MESSAGES: Final = "floor: aiomqtt publish, QoS 1"
 BRIDGE_MESSAGES: Final = "bridge: batcher, publisher, outbox, link"
 BRIDGE: Final = "bench"
@@ -251,11 +272,11 @@ def _session(
     return cls(transport, clock, rng=random.Random(rng.random()), name=device.name)
 
 
-async def _bare(count: int) -> dict[str, float]:
+async def _bare(count: int, during: LoopCpu | None = None) -> dict[str, float]:
     """bleak delivering the notifications, a callback that only counts the samples."""
     async with Devices(count) as devices:
         addresses = [d.last_address or "" for d in devices.paired]
-        measured = await floor.bare(devices.backends, addresses, DURATION_S, devices.cpu_s)
+        measured = await floor.bare(devices.backends, addresses, DURATION_S, devices.cpu_s, during)
     return {
         "cpu_s": measured.cpu_s,
         "wall_s": measured.wall_s,
@@ -264,7 +285,9 @@ async def _bare(count: int) -> dict[str, float]:
     }
 
 
-async def _floor(count: int, broker: Broker, data_dir: Path, *, record: bool) -> dict[str, float]:
+async def _floor(
+    count: int, broker: Broker, data_dir: Path, *, record: bool, during: LoopCpu | None = None
+) -> dict[str, float]:
     async with Devices(count) as devices:
         measured = await floor.floor(
             devices.backends,
@@ -274,6 +297,7 @@ async def _floor(count: int, broker: Broker, data_dir: Path, *, record: bool) ->
             record=record,
             duration_s=DURATION_S,
             devices_cpu_s=devices.cpu_s,
+            during=during,
         )
     return {
         "cpu_s": measured.cpu_s,
@@ -285,7 +309,12 @@ async def _floor(count: int, broker: Broker, data_dir: Path, *, record: bool) ->
 
 
 async def _service(
-    count: int, broker: Broker, data_dir: Path, *, with_routine: bool
+    count: int,
+    broker: Broker,
+    data_dir: Path,
+    *,
+    with_routine: bool,
+    during: LoopCpu | None = None,
 ) -> dict[str, Any]:
     rng = random.Random(1)
     clock = SystemClock()
@@ -331,7 +360,10 @@ async def _service(
         received0 = sum(w.samples_received for w in service.workers.values())
         assert service.outbox is not None
         messages0 = service.outbox.next_sequence()  # every message the bridge publishes
-        await asyncio.sleep(DURATION_S)  # measuring a realtime stream
+        writer0 = writer_cpu_s()
+        with during or contextlib.nullcontext():
+            await asyncio.sleep(DURATION_S)  # measuring a realtime stream
+        writer_s = writer_cpu_s() - writer0
         cpu = time.process_time() + writer_cpu_s() - cpu0
         wall = time.perf_counter() - wall0
         devices_cpu = simulated.cpu_s() - devices_cpu0
@@ -365,7 +397,67 @@ async def _service(
         "ordered": report["ordered"],
         "lost_on_links": lost_on_links,
         "devices_cpu_s": devices_cpu,
+        "writer_cpu_s": writer_s,
     }
+
+
+async def _where_cpu_goes(broker: Broker, workdir: Path) -> dict[str, dict[str, float]]:
+    """Each case once more at ``TARGET_DEVICES`` devices with a :class:`LoopCpu` over its
+    window: the host's CPU per sample (seconds) by what the loop ran, what it spent outside
+    callbacks, and the bridge's store writer's process."""
+    cases: dict[str, dict[str, float]] = {}
+    for case in CASES:
+        loop_cpu = LoopCpu()
+        folder = workdir / f"where-{len(cases)}"
+        if case == BARE:
+            run = await _bare(TARGET_DEVICES, loop_cpu)
+        elif case in (FLOOR_STREAM, FLOOR_RECORD):
+            record = case == FLOOR_RECORD
+            run = await _floor(TARGET_DEVICES, broker, folder, record=record, during=loop_cpu)
+        else:
+            routine = case == ROUTINE_CASE
+            run = await _service(
+                TARGET_DEVICES, broker, folder, with_routine=routine, during=loop_cpu
+            )
+        samples = run["samples"]
+        parts = {label: cpu_s / samples for label, cpu_s in loop_cpu.cpu_s.items()}
+        writer_s = run.get("writer_cpu_s", 0.0)
+        process_s = run["cpu_s"] - writer_s
+        parts[OUTSIDE_CALLBACKS] = (process_s - sum(loop_cpu.cpu_s.values())) / samples
+        parts[WRITER_PROCESS] = writer_s / samples
+        parts[WHOLE] = run["cpu_s"] / samples
+        cases[case] = parts
+    return cases
+
+
+def _print_where_cpu_goes(cases: dict[str, dict[str, float]]) -> None:
+    if not cases:
+        return
+    fixed = (OUTSIDE_CALLBACKS, WRITER_PROCESS, WHOLE)
+    labels = {label for parts in cases.values() for label in parts if label not in fixed}
+    largest = sorted(labels, key=lambda label: -max(p.get(label, 0.0) for p in cases.values()))
+    rows: list[tuple[object, ...]] = [
+        (label, *(_us(p.get(label, 0.0)) for p in cases.values())) for label in largest[:WHERE_ROWS]
+    ]
+    rest = largest[WHERE_ROWS:]
+    rows.append(
+        (
+            f"{len(rest)} other kinds of callback",
+            *(_us(sum(p.get(label, 0.0) for label in rest)) for p in cases.values()),
+        )
+    )
+    rows += [(label, *(_us(p.get(label, 0.0)) for p in cases.values())) for label in fixed]
+    print_table(
+        f"where the host's CPU goes, us/sample, {TARGET_DEVICES} devices: each case once more"
+        " (not in the figures above), every event-loop callback timed with the thread's CPU"
+        " clock (bench/loop_cpu.py; its two clock reads per callback are in these figures);"
+        " task X = the steps of the task running X. The devices' frames arrive in"
+        " `task _Connection._read` (the bleak proxy's reader, which runs the notification"
+        " callback: the bare count, the floor's decode, or the bridge's transport, session,"
+        " runner and batcher); the MQTT client's socket work is in paho's callbacks",
+        ["what the loop ran", *(SHORT_NAMES[case] for case in cases)],
+        rows,
+    )
 
 
 async def _bridge_messages(broker: Broker, data_dir: Path, sample_bytes: bytes) -> float:
@@ -477,6 +569,7 @@ async def _run() -> bool:
     rows: list[tuple[object, ...]] = []
     verdict: dict[str, bool] = {}
     message_costs: dict[str, list[float]] = {}
+    where_cpu_goes: dict[str, dict[str, float]] = {}
     messages_per_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for count in DEVICE_COUNTS:
@@ -502,6 +595,7 @@ async def _run() -> bool:
                     )
                 if count == TARGET_DEVICES:
                     message_costs = await _message_costs(broker, Path(tmp))
+                    where_cpu_goes = await _where_cpu_goes(broker, Path(tmp))
             finally:
                 await broker.stop()
             bare_s = _per_sample_s(_median_run(runs[BARE]))
@@ -587,6 +681,7 @@ async def _run() -> bool:
     for name, ok in verdict.items():
         print(f"  {name}: {'met' if ok else 'MISSED'}")
     _print_message_costs(message_costs, messages_per_s)
+    _print_where_cpu_goes(where_cpu_goes)
     print(describe_machine())
     passed = all(verdict.values())
     print(f"service target {'met' if passed else 'MISSED'}")

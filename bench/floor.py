@@ -28,6 +28,7 @@ import sqlite3
 import struct
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -80,9 +81,11 @@ async def _window(
     samples: Callable[[], int],
     messages: Callable[[], int] = lambda: 0,
     devices_cpu_s: Callable[[], float] = lambda: 0.0,
+    during: AbstractContextManager[object] | None = None,
 ) -> Measured:
     """CPU, wall time, samples and (in ``extra``) MQTT messages and the CPU seconds of the
-    devices' process over ``duration_s``."""
+    devices' process over ``duration_s``; ``during`` is entered for the window (a
+    :class:`bench.loop_cpu.LoopCpu`)."""
     cpu0, wall0, samples0, messages0, devices0 = (
         time.process_time(),
         time.perf_counter(),
@@ -90,7 +93,8 @@ async def _window(
         messages(),
         devices_cpu_s(),
     )
-    await asyncio.sleep(duration_s)  # measuring a realtime stream
+    with during or nullcontext():
+        await asyncio.sleep(duration_s)  # measuring a realtime stream
     return Measured(
         time.process_time() - cpu0,
         time.perf_counter() - wall0,
@@ -104,9 +108,11 @@ async def bare(
     addresses: list[str],
     duration_s: float,
     devices_cpu_s: Callable[[], float] = lambda: 0.0,
+    during: AbstractContextManager[object] | None = None,
 ) -> Measured:
     """Counts the samples of every notification; nothing else. ``devices_cpu_s``: CPU
-    seconds of the devices' process so far (for ``extra``)."""
+    seconds of the devices' process so far (for ``extra``); ``during``: as for
+    :func:`_window`."""
     received = 0
     sample_bytes = MASSAGER_SAMPLE_DTYPE.itemsize
 
@@ -115,7 +121,9 @@ async def bare(
         received += (len(data) - _HEADER.size) // sample_bytes
 
     clients = [await _connect(backends, a, count) for a in addresses]
-    measured = await _window(duration_s, lambda: received, devices_cpu_s=devices_cpu_s)
+    measured = await _window(
+        duration_s, lambda: received, devices_cpu_s=devices_cpu_s, during=during
+    )
     for client in clients:
         await client.disconnect()
     return measured
@@ -255,9 +263,10 @@ async def floor(
     record: bool,
     duration_s: float,
     devices_cpu_s: Callable[[], float] = lambda: 0.0,
+    during: AbstractContextManager[object] | None = None,
 ) -> Measured:
     """``devices``: (address, serial) pairs. ``record``: cap check and SQLite too.
-    ``devices_cpu_s``: as for :func:`bare`."""
+    ``devices_cpu_s``, ``during``: as for :func:`bare`."""
     db = _samples_db(data_dir) if record else None
     async with aiomqtt.Client("127.0.0.1", broker_port) as client:
         client.pending_calls_threshold = 10_000
@@ -268,7 +277,7 @@ async def floor(
             device = _FloorDevice(state, serial)
             clients.append(await _connect(backends, address, device.on_telemetry))
         measured = await _window(
-            duration_s, lambda: state.samples, lambda: state.sequence, devices_cpu_s
+            duration_s, lambda: state.samples, lambda: state.sequence, devices_cpu_s, during
         )
         for ble in clients:
             await ble.disconnect()
