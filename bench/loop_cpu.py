@@ -21,7 +21,6 @@ import asyncio.events
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 
@@ -63,12 +62,7 @@ class LoopCpu:
         asyncio.events.Handle._run = timed_run  # type: ignore[method-assign,assignment]
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._original is not None:
             asyncio.events.Handle._run = self._original  # type: ignore[method-assign,assignment]
             self._original = None
