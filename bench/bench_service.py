@@ -355,16 +355,15 @@ async def _service(
                 await asyncio.sleep(0.01)  # waiting for every routine to start
             await asyncio.sleep(ROUTINE_SETTLE_S)  # its first commands and guidance
         # The store writer's process works for the bridge: its CPU is the bridge's.
-        cpu0, wall0 = time.process_time() + writer_cpu_s(), time.perf_counter()
+        cpu0, writer0, wall0 = time.process_time(), writer_cpu_s(), time.perf_counter()
         devices_cpu0 = simulated.cpu_s()
         received0 = sum(w.samples_received for w in service.workers.values())
         assert service.outbox is not None
         messages0 = service.outbox.next_sequence()  # every message the bridge publishes
-        writer0 = writer_cpu_s()
         with during or contextlib.nullcontext():
             await asyncio.sleep(DURATION_S)  # measuring a realtime stream
         writer_s = writer_cpu_s() - writer0
-        cpu = time.process_time() + writer_cpu_s() - cpu0
+        cpu = time.process_time() - cpu0 + writer_s
         wall = time.perf_counter() - wall0
         devices_cpu = simulated.cpu_s() - devices_cpu0
         measured = sum(w.samples_received for w in service.workers.values()) - received0
