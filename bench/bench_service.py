@@ -61,6 +61,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -435,17 +436,14 @@ def _print_where_cpu_goes(cases: dict[str, dict[str, float]]) -> None:
     fixed = (OUTSIDE_CALLBACKS, WRITER_PROCESS, WHOLE)
     labels = {label for parts in cases.values() for label in parts if label not in fixed}
     largest = sorted(labels, key=lambda label: -max(p.get(label, 0.0) for p in cases.values()))
-    rows: list[tuple[object, ...]] = [
-        (label, *(_us(p.get(label, 0.0)) for p in cases.values())) for label in largest[:WHERE_ROWS]
-    ]
     rest = largest[WHERE_ROWS:]
-    rows.append(
-        (
-            f"{len(rest)} other kinds of callback",
-            *(_us(sum(p.get(label, 0.0) for label in rest)) for p in cases.values()),
-        )
-    )
-    rows += [(label, *(_us(p.get(label, 0.0)) for p in cases.values())) for label in fixed]
+
+    def row(name: str, labels: Sequence[str]) -> tuple[object, ...]:
+        return (name, *(_us(sum(p.get(label, 0.0) for label in labels)) for p in cases.values()))
+
+    rows = [row(label, (label,)) for label in largest[:WHERE_ROWS]]
+    rows.append(row(f"{len(rest)} other kinds of callback", rest))
+    rows += [row(label, (label,)) for label in fixed]
     print_table(
         f"where the host's CPU goes, us/sample, {TARGET_DEVICES} devices: each case once more"
         " (not in the figures above), every event-loop callback timed with the thread's CPU"
