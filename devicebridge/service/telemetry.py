@@ -1,4 +1,5 @@
-"""Telemetry as MQTT messages: about one per device per second, cut by device time."""
+"""Telemetry as MQTT messages: about one per device per second, cut by device time, with
+the device's events that restate its samples."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import numpy.typing as npt
 
 from devicebridge.core.reassembly import TelemetryGap
 from protocols import (
+    Event,
+    EventCode,
     SampleFormat,
     TelemetryBatch,
 )
@@ -21,6 +24,23 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_TELEMETRY_BATCH_S: Final = 1.0
 
+# Device events that say again what every sample carries (a massager's contact flag and
+# zone field, a mask's worn flag): they ride in the device's next telemetry message, in its
+# ``events``, instead of a message each (docs/mqtt.md). Every other event is one message
+# on the device's events topic, at once.
+SAMPLE_STATE_EVENTS: Final = frozenset({EventCode.CONTACT_CHANGED, EventCode.ZONE_CHANGED})
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """One device event as it is published (on the events topic or in ``events``)."""
+    code = event.code
+    return {
+        "code": code.name.lower() if isinstance(code, EventCode) else int(code),
+        "event_sequence": event.event_sequence,
+        "device_time_ms": event.device_time_ms,
+        "payload_hex": event.payload.hex(),
+    }
+
 
 class TelemetryBatcher:
     """Cuts one device's ordered sample stream into messages of ``batch_s`` of samples.
@@ -28,7 +48,8 @@ class TelemetryBatcher:
     Messages are cut by sample count (device time), not by host time, so their size and
     boundaries do not depend on when batches reach the host. A gap ends the current
     message; it is reported in the ``gaps`` of the next one (samples before its
-    ``first_sequence`` that are lost for good).
+    ``first_sequence`` that are lost for good). Events given to :meth:`event` go out in the
+    ``events`` of the next message, in the order they came.
     """
 
     def __init__(
@@ -47,7 +68,12 @@ class TelemetryBatcher:
         self._first_sequence = 0
         self._device_time_ms = 0
         self._gaps: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
         self.samples_published = 0
+
+    def event(self, event: Event) -> None:
+        """A device event for the next message (see :data:`SAMPLE_STATE_EVENTS`)."""
+        self._events.append(event_fields(event))
 
     def add(self, batch: TelemetryBatch) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -90,13 +116,19 @@ class TelemetryBatcher:
         return out
 
     def flush(self, *, final: bool = False) -> list[dict[str, Any]]:
+        """What is held, as a message: the samples gathered so far, or (without samples)
+        the events waiting; the gaps waiting go out with the next samples, or now if
+        ``final``."""
         if self._count:
             raw = bytes(self._buffer)
             message = self._message(self._first_sequence, self._device_time_ms, self._count, raw)
             self._buffer.clear()
+            # Where the next samples would start, for a message without samples.
+            self._first_sequence += self._count
+            self._device_time_ms += round(self._count * 1000 / self.sample_rate_hz)
             self._count = 0
             return [message]
-        if final and self._gaps:
+        if self._events or (final and self._gaps):
             return [self._message(self._first_sequence, self._device_time_ms, 0, b"")]
         return []
 
@@ -104,6 +136,7 @@ class TelemetryBatcher:
         self, first_sequence: int, device_time_ms: int, count: int, raw: bytes
     ) -> dict[str, Any]:
         gaps, self._gaps = self._gaps, []
+        events, self._events = self._events, []
         self.samples_published += count
         return {
             "serial": self.serial,
@@ -114,6 +147,7 @@ class TelemetryBatcher:
             "count": count,
             "samples_b64": base64.b64encode(raw).decode("ascii"),
             "gaps": gaps,
+            "events": events,
         }
 
 

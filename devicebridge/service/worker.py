@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,7 +30,7 @@ from devicebridge.run.recovery import Resumable, SessionResumption
 from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.run.summary import RunSummary
 from devicebridge.run.view import RunnerState
-from devicebridge.service.telemetry import TelemetryBatcher
+from devicebridge.service.telemetry import SAMPLE_STATE_EVENTS, TelemetryBatcher, event_fields
 from devicebridge.storage.registry import PairedDevice
 from devicebridge.storage.sessions import SessionRecord
 from protocols import (
@@ -52,6 +53,10 @@ LOG = logging.getLogger(__name__)
 
 
 STOP_ALL_TIMEOUT_S: Final = 2.0
+# Contact and zone events held until the device's first telemetry message can carry them
+# (its batcher is made once it is first ready); a device that never gets there keeps only
+# its latest few.
+EARLY_EVENTS_KEPT: Final = 64
 CONNECT_RETRY: Final = BackoffPolicy(initial_s=1.0, max_s=30.0)
 
 
@@ -97,6 +102,7 @@ class DeviceWorker:
         # the recording and batching together.
         self._remove_telemetry_observer: Callable[[], None] | None = None
         self._events = session.events()
+        self._early_events: deque[Event] = deque(maxlen=EARLY_EVENTS_KEPT)
         # Connection states are polled by the service's one status loop for all devices
         # (one timer instead of one per device); a stopping worker is left out of it.
         self.stopping = False
@@ -193,6 +199,8 @@ class DeviceWorker:
                 float(info.profile.sample_rate_hz),
                 self.service.telemetry_batch_s,
             )
+            while self._early_events:
+                self.batcher.event(self._early_events.popleft())
         self.kind = _kind_name(info.kind)
         self.service.announce_device(self)
         await self.service.install_pending(self)
@@ -246,16 +254,15 @@ class DeviceWorker:
                 started = _program_started(event)
                 if started is not None:
                     self.enqueue(functools.partial(self._device_started_program, started))
-            code = event.code
+            if event.code in SAMPLE_STATE_EVENTS:  # with the next telemetry message
+                if self.batcher is not None:
+                    self.batcher.event(event)
+                else:
+                    self._early_events.append(event)
+                continue
             self.service.publisher.publish(
                 self.service.topics.events(self.serial),
-                {
-                    "type": "device_event",
-                    "code": code.name.lower() if isinstance(code, EventCode) else int(code),
-                    "event_sequence": event.event_sequence,
-                    "device_time_ms": event.device_time_ms,
-                    "payload_hex": event.payload.hex(),
-                },
+                {"type": "device_event", **event_fields(event)},
             )
 
     async def _device_started_program(self, program_crc32: int) -> None:

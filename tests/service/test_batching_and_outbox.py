@@ -17,7 +17,7 @@ from devicebridge.errors import OutboxFullError
 from devicebridge.service.publishing import Publisher
 from devicebridge.service.telemetry import TelemetryBatcher, decode_telemetry_message
 from devicebridge.storage.outbox import Outbox
-from protocols import SampleFormat, TelemetryBatch
+from protocols import Event, EventCode, SampleFormat, TelemetryBatch
 from protocols.telemetry import SAMPLE_DTYPES
 
 
@@ -55,6 +55,34 @@ def test_a_gap_ends_the_message_and_is_reported_in_the_next() -> None:
     assert batcher.add(_batch(35, 100))[0]["gaps"] == [
         {"first_sequence": 30, "count": 5, "reason": reason.value}
     ]
+
+
+def test_events_ride_in_the_next_message_in_order_or_alone_when_flushed() -> None:
+    batcher = TelemetryBatcher("SN1", SampleFormat.MASSAGER_V1, 100.0, 1.0)
+    assert batcher.add(_batch(0, 60)) == []
+    batcher.event(Event(7, 450, EventCode.CONTACT_CHANGED, b"\x01"))
+    batcher.event(Event(8, 590, EventCode.ZONE_CHANGED, b"\x03"))
+    (first,) = batcher.add(_batch(60, 50))
+    assert first["events"] == [
+        {
+            "code": "contact_changed",
+            "event_sequence": 7,
+            "device_time_ms": 450,
+            "payload_hex": "01",
+        },
+        {"code": "zone_changed", "event_sequence": 8, "device_time_ms": 590, "payload_hex": "03"},
+    ]
+    # Carried once: the next message starts with none.
+    assert batcher.flush()[0]["events"] == []
+    # With no samples held (the link dropped), a flush sends the waiting events alone.
+    assert batcher.flush() == []
+    batcher.event(Event(9, 1200, 0x42, b""))
+    (alone,) = batcher.flush()
+    assert (alone["first_sequence"], alone["count"], alone["samples_b64"]) == (110, 0, "")
+    assert alone["events"] == [
+        {"code": 0x42, "event_sequence": 9, "device_time_ms": 1200, "payload_hex": ""}
+    ]
+    assert batcher.samples_published == 110
 
 
 def test_grouped_appends_are_one_transaction_in_order(tmp_path: Path) -> None:

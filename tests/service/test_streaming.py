@@ -138,6 +138,44 @@ async def test_a_clean_stop_stops_devices_finishes_sessions_and_goes_offline(
     assert not status["alive"]
 
 
+async def test_contact_and_zone_events_ride_in_telemetry_and_the_others_go_at_once(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    routine = parse_routine(routine_text().decode(), default_policy())
+    subscriber = Subscriber(mosquitto.port, TOPICS.telemetry("+"), TOPICS.events("+"))
+    async with (
+        running(subscriber.run()),
+        service_rig(tmp_path, broker_port=mosquitto.port, guide_hands=True) as rig,
+    ):
+        await rig.wait(subscriber.subscribed.is_set)
+        await rig.start()
+        worker = next(iter(rig.service.workers.values()))
+        await rig.service.start_routine(worker.serial, routine)
+
+        def carried() -> list[dict[str, object]]:
+            return [e for body in subscriber.on("/telemetry") for e in body["events"]]
+
+        # The guided hand touches the skin and moves from zone to zone.
+        await rig.wait(
+            lambda: {"contact_changed", "zone_changed"} <= {e["code"] for e in carried()}
+        )
+        massager = rig.devices[0]
+        assert isinstance(massager, SimulatedMassager)
+        massager.press_mode()
+        await rig.wait(
+            lambda: any(body.get("code") == "button" for body in subscriber.on("/events"))
+        )
+        await rig.stop()
+    on_events_topic = {
+        body["code"] for body in subscriber.on("/events") if body["type"] == "device_event"
+    }
+    assert "button" in on_events_topic
+    assert not on_events_topic & {"contact_changed", "zone_changed"}
+    sequences = [e["event_sequence"] for e in carried()]
+    assert sequences == sorted(sequences)
+    assert len(set(sequences)) == len(sequences)
+
+
 async def test_a_battery_change_is_published_in_the_device_state(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
