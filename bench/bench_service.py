@@ -26,9 +26,10 @@ driven by a routine, their motors and hands at work, took three times the CPU of
 streaming ones in the first runs of this column: 0.18-0.21 s/s against 0.05-0.08 at 100
 devices), and two cores share it with the host;
 ``x floor`` is the bridge's own over the floor's own; ``MQTT msgs/s`` the messages each
-published in the window (the floor's are the telemetry alone; the bridge also forwards
-the devices' events, contact and zone changes, and their states, each a message of its
-own, at the same QoS: work the floor does not do, in the bridge's own cost). Targets
+published in the window (the floor's are the telemetry alone; the bridge's telemetry
+messages also carry the devices' contact and zone events, and it publishes the devices'
+states, their other events and, with a routine, the engine's decisions, each a message of
+its own at the same QoS: work the floor does not do, in the bridge's own cost). Targets
 (issue 15): at most 1.5x the floor with a routine on each of 100 devices, at most 1.2x
 streaming only. Also kept from issue 4: 100 devices at 100 samples/s on time, on one
 core, with no loss (checked on the bridge's paths), and the bridge's own cost at least
@@ -39,7 +40,7 @@ costs the process, published at a steady rate until acknowledged, the floor's wa
 (:func:`bench.floor.messages`) and the bridge's (batcher, publisher, outbox and link of a
 running :class:`BridgeService`); with the messages each published per second at 100
 devices in the first table, it tells how much of the bridge's own cost over the floor's is
-its extra messages (the devices' events) rather than a dearer message.
+its extra messages (states, events, decisions) rather than a dearer message.
 
 A third table says where each case's CPU goes at 100 devices: every case once more, apart
 from the runs the ratios come from, with every event-loop callback timed on the thread's
@@ -658,8 +659,8 @@ async def _run() -> bool:
         "sample (the host's process: the devices run in another); own = whole - bare's; "
         "x floor = bridge own / floor own; devices CPU s/s = the simulated devices' process "
         "(not in any figure: the machine's other load); MQTT msgs/s = messages published "
-        "(the bridge's include the devices' events and states, which the floor does not "
-        "publish)",
+        "(the bridge's include the devices' states and events and the engine's decisions, "
+        "which the floor does not publish)",
         [
             "devices",
             "case",
@@ -707,7 +708,7 @@ def _print_message_costs(costs: dict[str, list[float]], messages_per_s: dict[str
         print(
             f"  at {TARGET_DEVICES} devices, streaming: the bridge published {bridge:.0f} "
             f"messages/s, the floor {floor_rate:.0f} ({bridge / floor_rate:.2f}x: the "
-            "devices' events, which the floor does not publish)"
+            "devices' states and events, which the floor does not publish)"
         )
 
 
