@@ -16,7 +16,8 @@ the :class:`~devicebridge.storage.sessions.SessionStore` and a clock:
    and then to the store. Gap records (samples lost for good) store nothing and are counted.
    The engine sees each batch at once, where the session receives it (a telemetry observer,
    :meth:`DeviceSession.observe_telemetry`), not after a hop through a queue and a task:
-   with many devices the safety check never waits behind the other devices' work.
+   with many devices the safety check never waits behind the other devices' work. That
+   per-batch path is :class:`~devicebridge.run.judging.TelemetryJudge`.
 3. Decisions become commands in one place, :mod:`devicebridge.core.actuation`. Safety
    first: a PAUSE, STOP or STOP_STEP starts STOP_ALL inside the observer, before the batch
    is stored or any other command is sent (over serial the frame is on the line before the
@@ -64,7 +65,6 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -94,7 +94,7 @@ from devicebridge.core.engine import (
 )
 from devicebridge.core.faults_detect import FaultChecks
 from devicebridge.core.policy import LED_CHANNELS, SafetyPolicy, policy_zone
-from devicebridge.core.reassembly import GapReason, TelemetryGap, TelemetryItem
+from devicebridge.core.reassembly import TelemetryItem
 from devicebridge.core.routine import (
     DeviceKindName,
     LedStep,
@@ -119,6 +119,7 @@ from devicebridge.errors import (
 )
 from devicebridge.run import store_jobs
 from devicebridge.run.history import check_routine_admission, refusal_json
+from devicebridge.run.judging import TelemetryJudge
 from devicebridge.run.summary import RunSummary, session_summary
 from devicebridge.run.view import Guidance, RunnerState
 from devicebridge.storage.desk import StoreDesk
@@ -133,7 +134,6 @@ from protocols import (
     EventCode,
     SampleFormat,
     StopAll,
-    TelemetryBatch,
 )
 from protocols.constants import ZONE_NAMES
 from protocols.telemetry import (
@@ -211,7 +211,6 @@ class RoutineRunner:
     ) -> None:
         self.session = session
         self.routine = routine
-        self._sample_format = SAMPLE_FORMAT_OF[routine.device_kind]  # of the batches it judges
         self.policy = policy
         self.store = store
         if store is not None:
@@ -229,9 +228,6 @@ class RoutineRunner:
         self.admission: Admission | None = None
         self.session_id: int | None = None
         self.engine: MassageEngine | LedEngine | TimedMassageEngine | None = None
-        # The engine the samples are fed to (``engine`` unless the routine runs by time):
-        # set once, so that judging a batch asks no isinstance of the engines' ABC.
-        self._sample_engine: MassageEngine | LedEngine | None = None
         self.support: KindSupport | None = None  # what the connected device can do
         self._checks: dict[str, str] | None = None
         self._timed_start_s = 0.0
@@ -239,10 +235,6 @@ class RoutineRunner:
         self._link_lost_at_s: float | None = None
         self._final_stop_sent = False
         self._ticker: asyncio.Task[None] | None = None  # a routine by time's clock
-        self.gaps = 0
-        self.lost_samples = 0
-        self.samples_recorded = 0
-        self.device_ended: str | None = None  # the device rebooted or shut down mid-routine
         self.stop_all_writes = 0
         self.command_errors: list[str] = []
         self._final_note: str | None = None
@@ -253,20 +245,22 @@ class RoutineRunner:
         self._led = LedApplied()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._last_batch: TelemetryBatch | None = None
-        self._reconnects_seen = 0
         self._state: RunnerState | None = None
-        self._state_stale = False  # something changed since ``_state`` was built
         self._program_active = False
         self._program_watch: asyncio.Task[None] | None = None
-        # Telemetry that came before the engine started, taken in order when it has.
-        self._backlog: deque[TelemetryItem] = deque()
-        self._armed = False  # the engine started: the observer takes batches as they come
-        self._ended: str | None = None  # why the run ended: finished, device, error, requested
         self._stop_reason: str | None = None  # given to request_stop
         self._ended_event = asyncio.Event()
-        self._failure: Exception | None = None  # raised again in the runner's task
-        self._observing = False
+        # The safety path: every telemetry item of the run, judged and recorded where the
+        # session receives it (what ended the run, and why, is kept there too).
+        self._judge = TelemetryJudge(
+            session,
+            SAMPLE_FORMAT_OF[routine.device_kind],
+            safety_stop=self._safety_stop,
+            handle=self._handle,
+            after_reconnect=self._after_reconnect,
+            on_end=self._ended_event.set,
+            publish=None if on_update is None else self._publish,
+        )
         self._stops: set[asyncio.Task[Ack]] = set()  # STOP_ALL commands in flight
         self._writer: StoreWriter | None = writer
         self._own_writer = False
@@ -349,22 +343,40 @@ class RoutineRunner:
         """The engine judges every batch as it arrives: from the moment the run drives the
         device (its record stored, the engine started) until the run ends. Before that the
         device has been told nothing by this run; what came meanwhile is judged first."""
-        return self._armed and self._ended is None
+        return self._judge.judging
+
+    @property
+    def gaps(self) -> int:
+        return self._judge.gaps
+
+    @property
+    def lost_samples(self) -> int:
+        return self._judge.lost_samples
+
+    @property
+    def samples_recorded(self) -> int:
+        return self._judge.samples_recorded
+
+    @property
+    def device_ended(self) -> str | None:
+        """Why the device ended the run (it rebooted or shut down mid-routine), if it did."""
+        return self._judge.device_ended
 
     # ------------------------------------------------------------------ state for the UI
 
     @property
     def state(self) -> RunnerState | None:
         """What a live view shows: built when asked for, not on every batch."""
-        if self._state_stale:
-            self._state_stale = False
+        judge = self._judge
+        if judge.state_stale:
+            judge.state_stale = False
             self._state = self._build_state()
         return self._state
 
     def _publish(self) -> None:
         if self.engine is None:
             return
-        self._state_stale = True
+        self._judge.state_stale = True
         if self._on_update is not None:
             state = self.state
             assert state is not None  # built: the engine exists
@@ -375,7 +387,7 @@ class RoutineRunner:
         assert engine is not None  # marked stale only once the engine exists
         if isinstance(engine, TimedMassageEngine):
             return self._timed_state(engine)
-        batch = self._last_batch
+        batch = self._judge.last_batch
         last = batch.samples[-1] if batch is not None and len(batch) else None
         first = engine.first_sequence
         elapsed_s = 0.0
@@ -474,18 +486,18 @@ class RoutineRunner:
         if self.admission is None:
             await self.admit()
         # Every item is judged and recorded by the observer, inside the transport's receive
-        # callback: no hand-off to this task per batch (see _take).
-        remove_observer = self.session.observe_telemetry(self._observe)
-        self._observing = True
+        # callback: no hand-off to this task per batch (see TelemetryJudge).
+        judge = self._judge
+        remove_observer = self.session.observe_telemetry(judge.observe)
+        judge.observing = True
         try:
             if self.session.state is ConnectionState.DISCONNECTED:
                 await self.session.start()
             await self.session.wait_ready()
             return await self._run(max_duration_s)
         finally:
-            self._observing = self._armed = False
+            judge.stop_observing()
             remove_observer()
-            self._backlog.clear()
             self.release_admission()
 
     def release_admission(self) -> None:
@@ -499,7 +511,7 @@ class RoutineRunner:
         """End the run as ``stopped`` with ``reason`` (the device is stopped, the record kept)."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        self._end("requested")
+        self._judge.end("requested")
 
     async def _run(self, max_duration_s: float | None) -> RunSummary:
         info = self.session.device_info
@@ -515,14 +527,16 @@ class RoutineRunner:
         engine: MassageEngine | LedEngine | TimedMassageEngine
         if by_time:
             engine = self.engine = TimedMassageEngine(self.routine, self.policy)
+            self._judge.engine_started(engine, None)
         else:
-            engine = self.engine = self._sample_engine = new_engine(
+            engine = self.engine = new_engine(
                 self.routine,
                 self.policy,
                 sample_rate_hz=rate_hz,
                 dose_today_j_cm2=self.admission.dose_today_j_cm2,
                 fault_checks=FaultChecks(),
             )
+            self._judge.engine_started(engine, engine)
         # Nothing is commanded yet: the device is not expected to run its motor.
         self._set_motor_commanded(False)
         if self.store is not None:
@@ -540,7 +554,8 @@ class RoutineRunner:
             except BaseException:
                 self._close_writer()
                 raise
-        self._reconnects_seen = self.session.reconnects
+            self._judge.record_to(self._writer, self.session_id)
+        self._judge.reconnects_seen = self.session.reconnects
         self._worker = asyncio.get_running_loop().create_task(
             self._command_task(), name=f"routine commands {self.session.name}"
         )
@@ -553,7 +568,7 @@ class RoutineRunner:
                 self._start_by_time(engine)
             else:
                 self._handle(engine.start())
-            self._arm()
+            self._judge.arm()
             ended = await self._until_ended(max_duration_s)
             summary = engine.summary
             if summary.completed:
@@ -565,14 +580,14 @@ class RoutineRunner:
             elif ended == "requested":
                 status, end_reason = "stopped", self._stop_reason
             elif ended == "device":
-                status, end_reason = "interrupted", self.device_ended
+                status, end_reason = "interrupted", self._judge.device_ended
             elif ended == "duration":
                 status, end_reason = "stopped", "time limit of the run reached"
         except asyncio.CancelledError:
             status, end_reason = "stopped", self._stop_reason or "cancelled by the user"
             raise
         finally:
-            self._observing = self._armed = False
+            self._judge.stop_observing()
             if isinstance(engine, TimedMassageEngine):
                 engine.interrupt(self.clock.now_s() - self._timed_start_s)
             await self._shutdown()
@@ -620,10 +635,9 @@ class RoutineRunner:
                         continue  # the link went: the top of the loop ends the session
                 self._take_decisions(engine.tick(self.clock.now_s() - self._timed_start_s))
         except Exception as exc:  # raised again in the runner's task, which ends the run
-            self._failure = exc
-            self._end("error")
+            self._judge.fail(exc)
             return
-        self._end("finished")
+        self._judge.end("finished")
 
     def _link_ready(self) -> bool:
         return self.session.state is ConnectionState.READY
@@ -631,7 +645,7 @@ class RoutineRunner:
     def _take_decisions(self, decisions: list[Decision]) -> None:
         """Decisions that came from time, not telemetry: a safety stop at once, then the
         same path as the others."""
-        if self._ended is not None:
+        if self._judge.ended is not None:
             return
         if any(d.kind in SAFETY_KINDS for d in decisions):
             self._safety_stop()
@@ -650,6 +664,7 @@ class RoutineRunner:
 
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
+        self._judge.record_to(None, None)
         if writer is not None and self._own_writer:
             writer.close()
 
@@ -667,96 +682,24 @@ class RoutineRunner:
             for wait in waits:
                 wait.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
-        if self._failure is not None:
-            raise self._failure
-        if self._ended is not None:
-            return self._ended
+        if self._judge.failure is not None:
+            raise self._judge.failure
+        if self._judge.ended is not None:
+            return self._judge.ended
         return "closed" if waits[1].done() and not waits[1].cancelled() else "duration"
 
     async def feed(self, item: TelemetryItem) -> list[Decision]:
         """One telemetry item by hand: engine first, safety stop at once, then the rest.
 
-        :meth:`run` does the same in the session's telemetry observer (:meth:`_take`).
+        :meth:`run` does the same in the session's telemetry observer
+        (:class:`~devicebridge.run.judging.TelemetryJudge`).
         """
-        decisions = self._judge(item)
-        self._record(item, decisions)
+        decisions = self._judge.judge(item)
+        self._judge.record(item, decisions)
         return decisions
 
     # ------------------------------------------------------------------ the safety path
-
-    def _observe(self, item: TelemetryItem) -> None:
-        """The session's telemetry observer: runs inside the transport's receive callback."""
-        if not self._observing:
-            return
-        if self._armed:
-            self._take(item)
-        else:
-            self._backlog.append(item)
-
-    def _arm(self) -> None:
-        """The engine has started: take what came meanwhile, in order, then live."""
-        self._armed = True
-        while self._backlog:
-            self._take(self._backlog.popleft())
-
-    def _take(self, item: TelemetryItem) -> None:
-        """Judge (a safety stop starts at once), then record one item; end the run if due."""
-        if self._ended is not None:
-            return  # the run is over: nothing after its end belongs to it
-        engine = self.engine
-        assert engine is not None
-        try:
-            self._record(item, self._judge(item))
-        except Exception as exc:  # raised again in the runner's task, which ends the run
-            self._failure = exc
-            self._end("error")
-            return
-        if engine.finished:
-            self._end("finished")
-        elif self.device_ended is not None:
-            self._end("device")
-
-    def _end(self, reason: str) -> None:
-        if self._ended is None:
-            self._ended = reason
-            self._ended_event.set()
-
-    def _judge(self, item: TelemetryItem) -> list[Decision]:
-        """Engine on one item; a safety decision starts STOP_ALL before this returns."""
-        if isinstance(item, TelemetryGap):
-            self.gaps += 1
-            self.lost_samples += item.sample_count
-            if item.reason is GapReason.DEVICE_REBOOTED:
-                self.device_ended = "device rebooted"
-            elif item.reason is GapReason.DEVICE_SHUT_DOWN:
-                self.device_ended = "device shut down"
-            return []
-        if item.sample_format is not self._sample_format:
-            return []
-        engine = self._sample_engine
-        if engine is None:
-            return []  # recorded, but a routine by time is timed by the host's clock
-        decisions = engine.feed(item.samples, item.first_sequence)
-        # Most batches decide nothing: no generator for them.
-        if decisions and any(d.kind in SAFETY_KINDS for d in decisions):
-            self._safety_stop()
-        return decisions
-
-    def _record(self, item: TelemetryItem, decisions: list[Decision]) -> None:
-        """The rest of one judged item: store, reconnect handling, commands, UI state."""
-        if isinstance(item, TelemetryGap):
-            return
-        if item.sample_format is not self._sample_format:
-            return
-        self._last_batch = item
-        self.samples_recorded += len(item.samples)
-        if self._writer is not None and self.session_id is not None:
-            self._writer.add_samples(self.session_id, item.first_sequence, item.samples)
-        reconnects = self.session.reconnects
-        if reconnects != self._reconnects_seen:
-            self._reconnects_seen = reconnects
-            self._after_reconnect()
-        self._handle(decisions)
+    # (per item in TelemetryJudge; what it asks of the runner below)
 
     def _handle(self, decisions: Sequence[Decision]) -> None:
         if decisions:
@@ -845,7 +788,7 @@ class RoutineRunner:
             at_s = self.clock.now_s() - self._timed_start_s
             self._take_decisions(engine.device_fault(at_s, f"{type(command).__name__}: {exc}"))
             if engine.finished:
-                self._end("finished")
+                self._judge.end("finished")
         self._wake.set()
 
     def _set_motor_commanded(self, on: bool) -> None:
