@@ -79,6 +79,7 @@ from typing import Final
 
 import numpy as np
 
+from bench.phases import boot_delays_s
 from bench.report import describe_machine, print_table
 from devicebridge.app import event_loop_first, freeze_start_up
 from devicebridge.clock import SystemClock
@@ -161,13 +162,6 @@ def hand() -> HandScript:
     )
 
 
-def boot_delays_s(count: int) -> list[float]:
-    """Waits between device boots: random phases within one batch interval (seeded)."""
-    rng = random.Random(SEED)
-    phases_s = sorted(rng.uniform(0, BATCH_INTERVAL_S) for _ in range(count))
-    return [b - a for a, b in zip([0.0, *phases_s], phases_s, strict=False)]
-
-
 def _telemetry_span(data: bytes) -> tuple[int, int]:
     _, _, first, _ = BATCH_HEADER.unpack_from(data)
     return first, (len(data) - BATCH_HEADER.size) // SAMPLE_BYTES
@@ -199,7 +193,7 @@ async def _serve(count: int) -> None:
     ports: list[StampedPort] = []
     async with world:
         clock.start()
-        for delay_s in boot_delays_s(count):
+        for delay_s in boot_delays_s(count, BATCH_INTERVAL_S, SEED):
             await clock.sleep(delay_s)
             port = StampedPort(world.add_massager(hand=hand()))
             await port.start()
@@ -514,7 +508,7 @@ async def _measure_ble(count: int, variant: str) -> Result:
     world = SimulatedWorld(seed=SEED, clock=clock)
     async with world:
         clock.start()
-        for delay_s in boot_delays_s(count):
+        for delay_s in boot_delays_s(count, BATCH_INTERVAL_S, SEED):
             await clock.sleep(delay_s)
             world.add_massager(hand=hand())
         backends = BleBackends(world.scanner_backend, world.client_backend)
