@@ -91,5 +91,8 @@ def describe_build() -> str:
     engine = importlib.import_module("devicebridge.core.engine.massage")
     path = getattr(engine, "__file__", None) or ""
     if path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-        return "compiled build (mypyc: the pure cores, the session, worker and batcher)"
+        return (
+            "compiled build (mypyc: the pure cores, the session, a run's safety path, "
+            "worker and batcher)"
+        )
     return "pure-Python install (nothing compiled)"
