@@ -166,13 +166,17 @@ class TelemetryJudge:
         if engine is None:
             return []  # recorded, but a routine by time is timed by the host's clock
         decisions = engine.feed(item.samples, item.first_sequence)
-        # Most batches decide nothing.
-        if decisions:
-            for decision in decisions:
-                if decision.kind in SAFETY_KINDS:
-                    self._safety_stop()
-                    break
+        if decisions:  # most batches decide nothing
+            self.stop_if_unsafe(decisions)
         return decisions
+
+    def stop_if_unsafe(self, decisions: Sequence[Decision]) -> None:
+        """Safety first: STOP_ALL starts now if any decision is a safety stop (the one place
+        that says so, for decisions from telemetry and from time alike)."""
+        for decision in decisions:
+            if decision.kind in SAFETY_KINDS:
+                self._safety_stop()
+                return
 
     def record(self, item: TelemetryItem, decisions: list[Decision]) -> None:
         """The rest of one judged item: store, reconnect handling, decisions, live view."""

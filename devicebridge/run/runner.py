@@ -72,7 +72,6 @@ from typing import Any, Final, TypeVar
 
 from devicebridge.clock import Clock, background_turn, result_off_loop, wait_for
 from devicebridge.core.actuation import (
-    SAFETY_KINDS,
     LedApplied,
     LedTarget,
     MassagerApplied,
@@ -647,8 +646,7 @@ class RoutineRunner:
         same path as the others."""
         if self._judge.ended is not None:
             return
-        if any(d.kind in SAFETY_KINDS for d in decisions):
-            self._safety_stop()
+        self._judge.stop_if_unsafe(decisions)
         self._handle(decisions)
 
     def _link_loss_reason(self, at_s: float) -> str:
