@@ -482,22 +482,25 @@ class RoutineRunner:
         Starts the session if it has not been started (subscribing first, so no sample is
         missed). Raises :class:`RoutineRefusedError` before anything reaches the device.
         """
-        if self.admission is None:
-            await self.admit()
-        # Every item is judged and recorded by the observer, inside the transport's receive
-        # callback: no hand-off to this task per batch (see TelemetryJudge).
         judge = self._judge
-        remove_observer = self.session.observe_telemetry(judge.observe)
-        judge.observing = True
         try:
-            if self.session.state is ConnectionState.DISCONNECTED:
-                await self.session.start()
-            await self.session.wait_ready()
-            return await self._run(max_duration_s)
+            if self.admission is None:
+                await self.admit()
+            # Every item is judged and recorded by the observer, inside the transport's
+            # receive callback: no hand-off to this task per batch (see TelemetryJudge).
+            remove_observer = self.session.observe_telemetry(judge.observe)
+            judge.observing = True
+            try:
+                if self.session.state is ConnectionState.DISCONNECTED:
+                    await self.session.start()
+                await self.session.wait_ready()
+                return await self._run(max_duration_s)
+            finally:
+                judge.stop_observing()
+                remove_observer()
+                self.release_admission()
         finally:
-            judge.stop_observing()
-            remove_observer()
-            self.release_admission()
+            judge.release()  # the run is over: runner and judge no longer hold each other
 
     def release_admission(self) -> None:
         """This run no longer counts as admitted (it ended, or it will not run): later

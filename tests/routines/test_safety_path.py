@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from devicebridge.core.actuation import SAFETY_KINDS
 from devicebridge.core.engine import MassageEngine
@@ -15,7 +18,7 @@ from devicebridge.core.policy import SafetyPolicy
 from devicebridge.core.reassembly import TelemetryItem
 from devicebridge.device.session import MassagerSession
 from devicebridge.device.transport.serial import SerialTransport
-from devicebridge.run.runner import RunMode
+from devicebridge.run.runner import RoutineRunner, RunMode
 from devicebridge.storage.sessions import SessionStore
 from devicebridge.storage.writer import StoreWriter
 from protocols import Command, Opcode, SampleFormat, StopAll, TelemetryBatch, Zone
@@ -212,3 +215,37 @@ async def _poll(predicate: Callable[[], bool]) -> bool:
             return True
         await asyncio.sleep(0.001)
     return False
+
+
+@pytest.mark.parametrize("mode", [RunMode.HOST, RunMode.DEVICE])
+async def test_a_finished_run_is_freed_without_the_garbage_collector(
+    world: SimulatedWorld,
+    clock: VirtualClock,
+    policy: SafetyPolicy,
+    store: SessionStore,
+    mode: RunMode,
+) -> None:
+    # With a hundred devices ending runs, what a run left in reference cycles waited for
+    # the collector's older-generation passes, which held the event loop for 10-20 ms
+    # (and every safety stop due meanwhile): a run must be freed as soon as it is dropped.
+    massager = world.add_massager(hand=HAND)
+    routine = routine_from(massage_routine(massage_step("cheek_left", 5, 4.0, 12.0)), policy)
+    async with world:
+        clock.start()
+        session = await connect(world, massager)
+        writer = StoreWriter(store)
+        gc.collect()
+        gc.disable()
+        try:
+            runner = RoutineRunner(session, routine, policy, store=store, writer=writer, mode=mode)
+            result = await runner.run(max_duration_s=60)
+            assert result.status == "completed", result
+            assert any(d.kind in SAFETY_KINDS for d in result.decisions)
+            run_freed, engine_freed = weakref.ref(runner), weakref.ref(runner.engine)
+            del runner
+            assert run_freed() is None, gc.get_referrers(run_freed())
+            assert engine_freed() is None
+        finally:
+            gc.enable()
+        writer.close()
+        await session.close()
