@@ -114,6 +114,10 @@ def share_object(token: int, obj: object) -> None:
     _SHARED_OBJECTS[token] = obj
 
 
+def forget_object(token: int) -> None:
+    _SHARED_OBJECTS.pop(token, None)
+
+
 # --------------------------------------------------------------------------- jobs
 # The writer's own (StoreWriter): each runs in the writer's process, with the writer's desk.
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from devicebridge.core.engine import Decision
 from devicebridge.core.policy import SafetyPolicy
+from devicebridge.core.routine import Routine
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.children import process_cpu_s, start_helper
 from devicebridge.storage.compactor import COMPACTOR
@@ -87,23 +88,43 @@ def _utc_now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+# How many shared objects (policies, routines) the writer's process keeps at most: the
+# least recently named is forgotten past this, here and there. A routine per device of a
+# hundred (``python -m bench latency``) fits; a routine parsed again for each run (a
+# pushed program) takes a slot each time, and is forgotten in turn.
+SHARED_OBJECTS: Final = 256
+
+
 class _Shared:
-    """Objects jobs name again and again (a policy: ten kilobytes to pickle, for every
-    admission), sent to the writer's process once and named by a token afterwards."""
+    """Objects jobs name again and again, sent to the writer's process once and named by a
+    token afterwards: a policy (ten kilobytes to pickle) and a routine (a dozen
+    dataclasses), both in every admission. At 100 devices ending and starting runs
+    (``python -m bench latency``), pickling the routine was the biggest part of a run's
+    start on the event loop. At most ``SHARED_OBJECTS`` are kept, by identity (each kept
+    alive while it has its token): the least recently named is forgotten."""
 
     def __init__(self) -> None:
-        self.tokens: dict[int, tuple[object, int]] = {}  # by id(): the object kept alive
+        self.tokens: dict[int, tuple[object, int]] = {}  # by id(), least recent first
+        self.forgotten: list[int] = []  # tokens the writer's process may drop
+        self._next_token = itertools.count()
 
     def token(self, obj: object) -> int:
-        known = self.tokens.get(id(obj))
+        known = self.tokens.pop(id(obj), None)
         if known is None:
-            known = self.tokens[id(obj)] = (obj, len(self.tokens))
+            known = (obj, next(self._next_token))
+            if len(self.tokens) >= SHARED_OBJECTS:
+                oldest = next(iter(self.tokens))
+                self.forgotten.append(self.tokens.pop(oldest)[1])
+        self.tokens[id(obj)] = known  # the most recent, last
         return known[1]
 
 
+_SHARED_TYPES: Final = (SafetyPolicy, Routine)
+
+
 class _JobPickler(pickle.Pickler):
-    """Pickles a job, naming every safety policy in it by its token (:class:`_Shared`)
-    (used for the jobs given a policy: the others, only the C pickler).
+    """Pickles a job, naming every safety policy and routine in it by its token
+    (:class:`_Shared`) (used for the jobs given one: the others, only the C pickler).
 
     ``reducer_override`` is called only for objects other than numbers, strings, bytes
     and the builtin containers (``persistent_id`` would be called for every one of a
@@ -116,7 +137,7 @@ class _JobPickler(pickle.Pickler):
         self.named: dict[int, object] = {}  # the objects named, by token
 
     def reducer_override(self, obj: Any) -> Any:
-        if not isinstance(obj, SafetyPolicy):
+        if not isinstance(obj, _SHARED_TYPES):
             return NotImplemented
         token = self._shared.token(obj)
         self.named[token] = obj
@@ -220,7 +241,7 @@ class _WriterProcess:
             child = self._child
             try:
                 named: dict[int, object] = {}
-                if any(isinstance(arg, SafetyPolicy) for arg in args):
+                if any(isinstance(arg, _SHARED_TYPES) for arg in args):
                     buffer = io.BytesIO()
                     pickler = _JobPickler(buffer, self._shared)
                     pickler.dump((function, args))
@@ -235,6 +256,11 @@ class _WriterProcess:
                             pickle.dumps(("share", token, obj), pickle.HIGHEST_PROTOCOL)
                         )
                         child.shared.add(token)
+                forgotten, self._shared.forgotten = self._shared.forgotten, []
+                for token in forgotten:  # after every job that named it
+                    if token in child.shared:
+                        child.jobs.send_bytes(pickle.dumps(("forget", token)))
+                        child.shared.discard(token)
                 job_id = next(self._job_ids)
                 with self._waiting_lock:
                     self._waiting[job_id] = (future, path, child)

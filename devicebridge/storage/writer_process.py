@@ -4,7 +4,8 @@ store writer of the bridge's process, one at a time, in the order they arrive.
 It reads framed pickles on its stdin (``multiprocessing.connection`` framing) from the
 bridge's process that started it, and only from it:
 
-- ``("share", token, obj)``: an object later jobs name by ``token`` (a safety policy);
+- ``("share", token, obj)``: an object later jobs name by ``token`` (a safety policy, a
+  routine); ``("forget", token)``: no later job names it;
 - ``("job", job_id, writer_id, path, body)``: ``body`` pickles ``(function, args)``;
   ``function(desk, *args)`` runs with the :class:`StoreDesk` of writer ``writer_id`` (its
   store at ``path``, opened at its first job), and ``(job_id, True, result)`` or
@@ -31,7 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from devicebridge.storage.children import lowest_priority
-from devicebridge.storage.desk import StoreDesk, cross_core_dataclasses, share_object
+from devicebridge.storage.desk import (
+    StoreDesk,
+    cross_core_dataclasses,
+    forget_object,
+    share_object,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -62,6 +68,9 @@ def serve(jobs: Connection, answers: Connection) -> None:
         if message[0] == "share":
             _, token, obj = message
             share_object(token, obj)
+            continue
+        if message[0] == "forget":
+            forget_object(message[1])
             continue
         _, job_id, writer_id, path, body = message
         desk = desks.get(writer_id)

@@ -18,7 +18,7 @@ import pytest
 from devicebridge.errors import SessionStoreError
 from devicebridge.storage.compactor import COMPACTOR
 from devicebridge.storage.sessions import SessionStore
-from devicebridge.storage.writer import _WRITER_PROCESS, StoreWriter
+from devicebridge.storage.writer import _WRITER_PROCESS, SHARED_OBJECTS, StoreWriter
 
 from .writer_jobs import (
     bug_job,
@@ -26,6 +26,7 @@ from .writer_jobs import (
     nothing_job,
     open_session_job,
     policy_limits_job,
+    shared_count_job,
     spin_job,
     where_job,
 )
@@ -213,6 +214,31 @@ def test_a_policy_goes_once_to_each_writer_process_and_comes_back_whole(tmp_path
             # A new process gets the policy again before the job that names it.
             assert writer.run_now(policy_limits_job, policy) == policy
             assert writer.run_now(where_job)[0] != first
+        finally:
+            writer.close()
+
+
+def test_routines_are_shared_like_policies_and_the_least_recent_are_forgotten(
+    tmp_path: Path,
+) -> None:
+    # Every admission sends its routine and policy: each goes once, and a bridge that
+    # runs ever new routines (a clinic's programs) keeps only the most recent ones.
+    from devicebridge.core.policy import default_policy
+    from devicebridge.core.routine import parse_routine
+    from tests.routines.conftest import massage_routine, massage_step
+
+    policy = default_policy()
+    text = massage_routine(massage_step("cheek_left", 5, 4.0, 12.0))
+    routines = [parse_routine(text, policy, label=f"r{n}.toml") for n in range(SHARED_OBJECTS + 6)]
+    with SessionStore(tmp_path / "s.sqlite3") as store:
+        writer = StoreWriter(store)
+        try:
+            for routine in routines:
+                assert writer.run_now(policy_limits_job, routine, policy) == (routine, policy)
+            assert writer.run_now(shared_count_job) == SHARED_OBJECTS
+            # The first routine was forgotten: named again, it is sent again.
+            assert writer.run_now(policy_limits_job, routines[0]) == routines[0]
+            assert writer.run_now(shared_count_job) == SHARED_OBJECTS
         finally:
             writer.close()
 

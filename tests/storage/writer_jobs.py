@@ -53,6 +53,14 @@ def spin_job(desk: StoreDesk, cpu_s: float) -> None:
         pass
 
 
-def policy_limits_job(desk: StoreDesk, policy: Any) -> Any:
-    """The policy as the writer's process got it (sent once, then named by a token)."""
-    return policy
+def policy_limits_job(desk: StoreDesk, *shared: Any) -> Any:
+    """The policies and routines as the writer's process got them (sent once, then named
+    by a token): the one given alone, or all of them."""
+    return shared[0] if len(shared) == 1 else shared
+
+
+def shared_count_job(desk: StoreDesk) -> int:
+    """How many shared objects (policies, routines) the writer's process keeps."""
+    from devicebridge.storage import desk as desk_module
+
+    return len(desk_module._SHARED_OBJECTS)
